@@ -1,0 +1,174 @@
+//! `meridian up`: a local three-region deployment with one gateway.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use meridian_gateway::{Gateway, RegionConfig};
+use meridian_launcher::{PostgresOptions, PostgresServer, RedisOptions, RedisServer};
+use meridian_regional::RegionalNode;
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// Where Redis and PostgreSQL keep their data between runs.
+    #[arg(long, default_value = ".meridian")]
+    state_dir: PathBuf,
+    /// The gateway's port on 127.0.0.1.
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// First regional API port; the regions take consecutive ports.
+    #[arg(long, default_value_t = 7101)]
+    region_port: u16,
+    /// Regions to start.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "us-east,eu-west,ap-south"
+    )]
+    regions: Vec<String>,
+}
+
+struct Region {
+    name: String,
+    redis: RedisServer,
+    postgres: PostgresServer,
+    node: Option<RegionalNode>,
+}
+
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("cannot create {}", args.state_dir.display()))?;
+    let state_dir = args
+        .state_dir
+        .canonicalize()
+        .with_context(|| format!("cannot open {}", args.state_dir.display()))?;
+
+    // Stores start concurrently: initdb dominates and runs in child processes.
+    let mut regions = futures::future::try_join_all(
+        args.regions
+            .iter()
+            .map(|name| start_stores(&state_dir, name)),
+    )
+    .await?;
+
+    let mut gateway_regions = Vec::new();
+    for (i, region) in regions.iter_mut().enumerate() {
+        let listen = SocketAddr::from(([127, 0, 0, 1], args.region_port + i as u16));
+        let config_path = write_region_config(&state_dir, region, listen)?;
+        let config = meridian_regional::Config::from_file(&config_path)?;
+        let node = RegionalNode::start(config)
+            .await
+            .with_context(|| format!("region {}", region.name))?;
+        gateway_regions.push(RegionConfig {
+            name: region.name.clone(),
+            address: node.local_addr(),
+        });
+        region.node = Some(node);
+    }
+    let listen = SocketAddr::from(([127, 0, 0, 1], args.port));
+    let mut gateway_config = meridian_gateway::Config::new(listen, gateway_regions)?;
+    gateway_config.shutdown_grace = std::time::Duration::from_secs(1);
+    let gateway = Gateway::start(gateway_config)?;
+
+    print_banner(&gateway, &regions);
+    crate::shutdown_signal().await;
+
+    println!("stopping...");
+    gateway.shutdown();
+    for region in &mut regions {
+        if let Some(node) = region.node.take()
+            && let Err(e) = node.shutdown().await
+        {
+            tracing::warn!(region = %region.name, error = %e, "node shutdown");
+        }
+        region.postgres.stop().await.ok();
+        region.redis.stop().await.ok();
+    }
+    println!("stopped");
+    Ok(())
+}
+
+async fn start_stores(state_dir: &Path, name: &str) -> anyhow::Result<Region> {
+    let dir = state_dir.join(name);
+    let redis = RedisServer::start(RedisOptions {
+        dir: Some(dir.join("redis")),
+        appendonly: true,
+        ..RedisOptions::default()
+    })
+    .await
+    .with_context(|| format!("region {name}: redis"))?;
+    let postgres = PostgresServer::start(PostgresOptions {
+        dir: Some(dir.join("postgres")),
+        ..PostgresOptions::default()
+    })
+    .await
+    .with_context(|| format!("region {name}: postgres"))?;
+    Ok(Region {
+        name: name.to_string(),
+        redis,
+        postgres,
+        node: None,
+    })
+}
+
+/// Writes the region's config where an operator can read (and copy) it.
+fn write_region_config(
+    state_dir: &Path,
+    region: &Region,
+    listen: SocketAddr,
+) -> anyhow::Result<PathBuf> {
+    let path = state_dir.join(&region.name).join("regional.toml");
+    let text = format!(
+        "# Written by `meridian up`; rewritten at every start.\n\
+         region = \"{name}\"\n\n\
+         [server]\nlisten = \"{listen}\"\nshutdown_grace_ms = 1000\n\n\
+         [redis]\nurl = \"{redis}\"\n\n\
+         [postgres]\nurl = \"{postgres}\"\n\n\
+         [[models]]\nid = \"sim-small\"\nbackend = {{ kind = \"sim\", ttft_ms = 20, per_token_ms = 5 }}\n\n\
+         [[models]]\nid = \"sim-large\"\ncontext_window_tokens = 32768\nbackend = {{ kind = \"sim\", ttft_ms = 80, per_token_ms = 20, max_concurrency = 16 }}\n",
+        name = region.name,
+        redis = region.redis.url(),
+        postgres = region.postgres.url(),
+    );
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+fn print_banner(gateway: &Gateway, regions: &[Region]) {
+    let addr = gateway.local_addr();
+    println!();
+    println!(
+        "Meridian is up: {} regions behind http://{addr}",
+        regions.len()
+    );
+    println!();
+    for r in regions {
+        let api = r
+            .node
+            .as_ref()
+            .map(|n| n.local_addr().to_string())
+            .unwrap_or_default();
+        println!(
+            "  {:<10} api {api:<16} redis {:<28} postgres {}",
+            r.name,
+            r.redis.url(),
+            r.postgres.url()
+        );
+    }
+    let body =
+        r#"{"model":"sim-small","messages":[{"role":"user","content":"Hello from the edge"}]}"#;
+    println!();
+    println!("Chat completion (OpenAI-compatible):");
+    println!(
+        "  curl -s http://{addr}/v1/chat/completions -H 'content-type: application/json' -d '{body}'"
+    );
+    println!("Pin a region and see which one served it:");
+    println!(
+        "  curl -si http://{addr}/v1/chat/completions -H 'x-meridian-region: {}' -H 'content-type: application/json' -d '{body}'",
+        regions.last().map(|r| r.name.as_str()).unwrap_or("us-east")
+    );
+    println!("gRPC through the gateway:");
+    println!("  grpcurl -plaintext -d '{body}' {addr} meridian.v1.Inference/Generate");
+    println!();
+    println!("Ctrl-C stops everything.");
+}

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs what `make up` and `make test` need and is missing; safe to run again.
+# Debian packages: cmake (Pingora's build), protobuf-compiler (proto crate),
+# redis-server and postgresql (one of each per region, started by the launcher
+# and by the test harness), postgresql-15-partman when the release has it.
+set -euo pipefail
+
+say() { printf 'setup: %s\n' "$*"; }
+
+need=()
+command -v cmake >/dev/null 2>&1 || need+=(cmake)
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+  need+=(postgresql)
+fi
+command -v make >/dev/null 2>&1 || need+=(make)
+command -v gcc >/dev/null 2>&1 || need+=(build-essential)
+
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    SUDO=sudo
+  else
+    SUDO=
+  fi
+  say "installing Debian packages: ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # The Debian package starts a system-wide cluster and Redis on the default
+  # ports; Meridian runs its own instances, so the system ones are stopped.
+  if command -v service >/dev/null 2>&1; then
+    $SUDO service redis-server stop >/dev/null 2>&1 || true
+    $SUDO service postgresql stop >/dev/null 2>&1 || true
+  fi
+else
+  say "Debian packages present (cmake, protoc, redis-server, postgresql)"
+fi
+
+if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
+  say "installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+
+say "ready: $(redis-server --version | cut -d' ' -f3), postgres $(ls -d /usr/lib/postgresql/*/ 2>/dev/null | xargs -n1 basename | tr '\n' ' ')"

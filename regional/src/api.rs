@@ -1,0 +1,106 @@
+//! The node's API surface: the OpenAI-compatible HTTP routes and the
+//! `meridian.v1` gRPC services, on one axum router so a single port serves
+//! both (gRPC is told apart by path and content type).
+
+mod grpc;
+mod http;
+mod openai;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderValue, Request, header};
+use axum::response::{IntoResponse, Response};
+use tonic::server::NamedService;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tower::ServiceExt;
+
+use crate::error::Error;
+use crate::inference::Inference;
+
+/// What every handler shares.
+pub(crate) struct AppState {
+    pub region: String,
+    pub region_header: HeaderValue,
+    pub inference: Inference,
+}
+
+/// The response header that names the region which produced an answer. The
+/// gateway adds its own `x-meridian-region` for the region it chose; the two
+/// agree unless routing is broken.
+pub(crate) const SERVED_BY: &str = "x-meridian-served-by";
+
+/// Builds the whole API as a router, so tests can drive it without a socket.
+pub(crate) fn app<H>(state: Arc<AppState>, health: HealthServer<H>) -> Router
+where
+    H: Health,
+{
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(meridian_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor sets are valid");
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(meridian_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("the embedded descriptor sets are valid");
+    let router = http::routes(state.clone());
+    let router = grpc_service(router, grpc::inference(state.clone()));
+    let router = grpc_service(router, reflection_v1);
+    let router = grpc_service(router, reflection_v1alpha);
+    let router = grpc_service(router, health);
+    let region_header = state.region_header.clone();
+    router
+        .fallback(fallback)
+        .layer(axum::middleware::map_response(move |mut res: Response| {
+            let value = region_header.clone();
+            async move {
+                res.headers_mut().insert(SERVED_BY, value);
+                res
+            }
+        }))
+}
+
+/// Mounts a tonic service under `/{package.Service}/*`, the way tonic's own
+/// router does, so it can sit beside HTTP routes that have their own fallback.
+fn grpc_service<S>(router: Router, svc: S) -> Router
+where
+    S: tower::Service<
+            Request<tonic::body::Body>,
+            Response = axum::http::Response<tonic::body::Body>,
+            Error = Infallible,
+        > + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    router.route_service(
+        &format!("/{}/{{*rest}}", S::NAME),
+        svc.map_request(|req: Request<Body>| req.map(tonic::body::Body::new)),
+    )
+}
+
+fn is_grpc(req: &Request<Body>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+async fn fallback(req: Request<Body>) -> Response {
+    if is_grpc(&req) {
+        let status = tonic::Status::unimplemented(format!("no such method {}", req.uri().path()));
+        return status.into_http::<Body>().into_response();
+    }
+    Error::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
+    .into_response()
+}

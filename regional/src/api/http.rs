@@ -1,0 +1,151 @@
+//! OpenAI-compatible HTTP routes.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::StreamExt;
+
+use super::AppState;
+use super::openai::{
+    ChatCompletion, ChatCompletionBody, ChatCompletionChunk, Choice, ChunkChoice, Delta,
+    MessageOut, ModelEntry, ModelList, UsageBody, finish_reason,
+};
+use crate::error::Error;
+use crate::inference::Chunk;
+
+pub(super) fn routes(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(list_models))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(state)
+}
+
+pub(super) fn completion_id() -> String {
+    format!("chatcmpl-{}", uuid::Uuid::now_v7().simple())
+}
+
+async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    match chat(state, &body).await {
+        Ok(res) => res,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat(state: Arc<AppState>, body: &[u8]) -> Result<Response, Error> {
+    let body = ChatCompletionBody::parse(body)?;
+    let stream = body.stream;
+    let include_usage = body
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    let req = body.into_request()?;
+    let id = completion_id();
+    let created = chrono::Utc::now().timestamp();
+    if stream {
+        let chunks = state.inference.stream(req.clone())?;
+        return Ok(sse(id, created, req.model, include_usage, chunks).into_response());
+    }
+    let done = state.inference.complete(&req).await?;
+    let body = ChatCompletion {
+        id: &id,
+        object: "chat.completion",
+        created,
+        model: &req.model,
+        choices: [Choice {
+            index: 0,
+            message: MessageOut {
+                role: "assistant",
+                content: &done.text,
+            },
+            finish_reason: finish_reason(done.finish),
+        }],
+        usage: done.usage.into(),
+    };
+    Ok(axum::Json(body).into_response())
+}
+
+/// Streams chunks as OpenAI server-sent events: a first chunk with the role,
+/// one per token, a last one with the finish reason, the usage chunk when asked
+/// for, then `[DONE]`.
+fn sse(
+    id: String,
+    created: i64,
+    model: String,
+    include_usage: bool,
+    chunks: futures::stream::BoxStream<'static, Chunk>,
+) -> impl IntoResponse {
+    let event = move |choices: Vec<ChunkChoice<'_>>, usage: Option<UsageBody>| {
+        let chunk = ChatCompletionChunk {
+            id: &id,
+            object: "chat.completion.chunk",
+            created,
+            model: &model,
+            choices,
+            usage,
+        };
+        Event::default().json_data(chunk).expect("chunks serialize")
+    };
+    let first = event(
+        vec![ChunkChoice {
+            index: 0,
+            delta: Delta {
+                role: Some("assistant"),
+                content: Some(""),
+            },
+            finish_reason: None,
+        }],
+        None,
+    );
+    let body = async_stream::stream! {
+        yield Ok::<_, Infallible>(first);
+        let mut chunks = chunks;
+        while let Some(chunk) = chunks.next().await {
+            match chunk {
+                Chunk::Delta(text) => {
+                    yield Ok(event(vec![ChunkChoice {
+                        index: 0,
+                        delta: Delta { role: None, content: Some(&text) },
+                        finish_reason: None,
+                    }], None));
+                }
+                Chunk::Done { finish, usage } => {
+                    yield Ok(event(vec![ChunkChoice {
+                        index: 0,
+                        delta: Delta { role: None, content: None },
+                        finish_reason: Some(finish_reason(finish)),
+                    }], None));
+                    if include_usage {
+                        yield Ok(event(vec![], Some(usage.into())));
+                    }
+                }
+            }
+        }
+        yield Ok(Event::default().data("[DONE]"));
+    };
+    Sse::new(body).keep_alive(KeepAlive::default())
+}
+
+async fn list_models(State(state): State<Arc<AppState>>) -> Response {
+    let data = state
+        .inference
+        .models()
+        .map(|m| ModelEntry {
+            id: &m.id,
+            object: "model",
+            created: 0,
+            owned_by: "meridian",
+        })
+        .collect();
+    axum::Json(ModelList {
+        object: "list",
+        data,
+    })
+    .into_response()
+}

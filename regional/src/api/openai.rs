@@ -1,0 +1,232 @@
+//! OpenAI wire types for `/v1/chat/completions` and `/v1/models`. Requests
+//! accept and ignore fields Meridian does not use, as OpenAI's SDKs send many.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::inference::{ChatRequest, Finish, Message, Usage};
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ChatCompletionBody {
+    model: String,
+    messages: Vec<MessageBody>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Option<Stop>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    n: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f32>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct MessageBody {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
+
+impl ChatCompletionBody {
+    /// Parses a request body, naming the problem when it is not one.
+    pub(super) fn parse(bytes: &[u8]) -> Result<Self, Error> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| Error::invalid(format!("invalid request body: {e}"), None))
+    }
+
+    /// Checks the request and turns it into the inference request.
+    pub(super) fn into_request(self) -> Result<ChatRequest, Error> {
+        if self.model.is_empty() {
+            return Err(Error::invalid("`model` must not be empty", Some("model")));
+        }
+        if self.messages.is_empty() {
+            return Err(Error::invalid(
+                "`messages` must contain at least one message",
+                Some("messages"),
+            ));
+        }
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(Error::invalid("only `n` = 1 is supported", Some("n")));
+        }
+        if self.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+            return Err(Error::invalid(
+                "`temperature` must be between 0 and 2",
+                Some("temperature"),
+            ));
+        }
+        let max_tokens = self.max_completion_tokens.or(self.max_tokens);
+        if max_tokens == Some(0) {
+            return Err(Error::invalid(
+                "`max_tokens` must be at least 1",
+                Some("max_tokens"),
+            ));
+        }
+        let messages = self
+            .messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| {
+                if !ROLES.contains(&m.role.as_str()) {
+                    return Err(Error::invalid(
+                        format!(
+                            "`messages[{i}].role` must be one of {}, got {:?}",
+                            ROLES.join(", "),
+                            m.role
+                        ),
+                        Some("messages"),
+                    ));
+                }
+                let content = match m.content {
+                    None => String::new(),
+                    Some(Content::Text(t)) => t,
+                    Some(Content::Parts(parts)) => parts
+                        .into_iter()
+                        .filter(|p| p.kind == "text")
+                        .filter_map(|p| p.text)
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                };
+                Ok(Message {
+                    role: m.role,
+                    content,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ChatRequest {
+            model: self.model,
+            messages,
+            max_tokens,
+            seed: self.seed,
+            stop: match self.stop {
+                None => vec![],
+                Some(Stop::One(s)) => vec![s],
+                Some(Stop::Many(v)) => v,
+            },
+        })
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct ChatCompletion<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: i64,
+    pub model: &'a str,
+    pub choices: [Choice<'a>; 1],
+    pub usage: UsageBody,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct Choice<'a> {
+    pub index: u32,
+    pub message: MessageOut<'a>,
+    pub finish_reason: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct MessageOut<'a> {
+    pub role: &'static str,
+    pub content: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct ChatCompletionChunk<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: i64,
+    pub model: &'a str,
+    pub choices: Vec<ChunkChoice<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageBody>,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct ChunkChoice<'a> {
+    pub index: u32,
+    pub delta: Delta<'a>,
+    pub finish_reason: Option<&'static str>,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<&'a str>,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct UsageBody {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+impl From<Usage> for UsageBody {
+    fn from(u: Usage) -> Self {
+        Self {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+        }
+    }
+}
+
+pub(super) fn finish_reason(f: Finish) -> &'static str {
+    match f {
+        Finish::Stop => "stop",
+        Finish::Length => "length",
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct ModelList<'a> {
+    pub object: &'static str,
+    pub data: Vec<ModelEntry<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct ModelEntry<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: i64,
+    pub owned_by: &'static str,
+}

@@ -1,0 +1,250 @@
+//! Node configuration: a serde shape read from TOML, then validated into [`Config`].
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::Error;
+
+/// A validated regional node configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This region's name, e.g. `eu-west`.
+    pub region: String,
+    /// Address the HTTP and gRPC API listens on.
+    pub listen: SocketAddr,
+    /// How long in-flight requests may take to finish after shutdown starts.
+    pub shutdown_grace: Duration,
+    /// Redis URL of this region.
+    pub redis_url: String,
+    /// PostgreSQL URL of this region.
+    pub postgres_url: String,
+    /// Most PostgreSQL connections this node holds.
+    pub postgres_max_connections: u32,
+    /// How long to wait for Redis and PostgreSQL at start.
+    pub connect_timeout: Duration,
+    /// Models served by this region.
+    pub models: Vec<ModelConfig>,
+}
+
+/// The TOML shape of the configuration. Every field has a default except the
+/// ones that name this region's own Redis and PostgreSQL.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    /// This region's name: lowercase letters, digits and dashes.
+    region: String,
+    #[serde(default)]
+    server: RawServer,
+    redis: RawRedis,
+    postgres: RawPostgres,
+    /// Models served by this region; one simulated model when absent.
+    #[serde(default = "default_models")]
+    models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    /// Address for the HTTP and gRPC API.
+    listen: SocketAddr,
+    /// Grace period for in-flight requests at shutdown, in milliseconds.
+    shutdown_grace_ms: u64,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7100)),
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    /// `redis://host:port/db`.
+    url: String,
+    /// Time allowed to connect at start, in milliseconds.
+    #[serde(default = "default_connect_timeout_ms")]
+    connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPostgres {
+    /// `postgres://user@host:port/database`.
+    url: String,
+    /// Most connections in the pool.
+    #[serde(default = "default_max_connections")]
+    max_connections: u32,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+
+fn default_max_connections() -> u32 {
+    10
+}
+
+fn default_models() -> Vec<ModelConfig> {
+    vec![ModelConfig {
+        id: "sim-small".into(),
+        context_window_tokens: 8192,
+        backend: BackendConfig::Sim(SimConfig::default()),
+    }]
+}
+
+/// One model this region serves and the backend that serves it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The model name clients send, e.g. `sim-small`.
+    pub id: String,
+    /// Longest prompt plus completion the model accepts, in tokens.
+    #[serde(default = "default_context_window")]
+    pub context_window_tokens: u32,
+    /// What serves the model.
+    pub backend: BackendConfig,
+}
+
+fn default_context_window() -> u32 {
+    8192
+}
+
+/// The backend behind a model.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum BackendConfig {
+    /// The built-in simulated LLM: realistic timing without a GPU.
+    Sim(SimConfig),
+}
+
+/// Timing and limits of the built-in simulated LLM.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimConfig {
+    /// Prefill time per prompt token, in microseconds.
+    pub prefill_us_per_token: u64,
+    /// Fixed time before the first output token, in milliseconds.
+    pub ttft_ms: u64,
+    /// Time per output token after the first, in milliseconds.
+    pub per_token_ms: u64,
+    /// Requests generated at once; more wait in a queue.
+    pub max_concurrency: u32,
+    /// Completion length when the request gives no `max_tokens`.
+    pub default_max_tokens: u32,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            prefill_us_per_token: 50,
+            ttft_ms: 20,
+            per_token_ms: 5,
+            max_concurrency: 64,
+            default_max_tokens: 32,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            origin: path.display().to_string(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, Error> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            Error::Config {
+                origin: match line {
+                    Some(l) => format!("{origin} line {l}"),
+                    None => origin.to_string(),
+                },
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        raw.validate().map_err(|message| Error::Config {
+            origin: origin.to_string(),
+            message,
+        })
+    }
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, String> {
+        if self.region.is_empty()
+            || !self
+                .region
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(format!(
+                "`region` must be lowercase letters, digits and dashes, got {:?}",
+                self.region
+            ));
+        }
+        if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {
+            return Err(format!(
+                "`redis.url` must start with redis:// or rediss://, got {:?}",
+                self.redis.url
+            ));
+        }
+        if !self.postgres.url.starts_with("postgres://")
+            && !self.postgres.url.starts_with("postgresql://")
+        {
+            return Err(format!(
+                "`postgres.url` must start with postgres://, got {:?}",
+                self.postgres.url
+            ));
+        }
+        if self.postgres.max_connections == 0 {
+            return Err("`postgres.max_connections` must be at least 1".into());
+        }
+        if self.models.is_empty() {
+            return Err("`models` must name at least one model".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            if m.id.is_empty() {
+                return Err(format!("`models[{i}].id` must not be empty"));
+            }
+            if !seen.insert(m.id.as_str()) {
+                return Err(format!("`models[{i}].id` repeats model {:?}", m.id));
+            }
+            match &m.backend {
+                BackendConfig::Sim(sim) if sim.max_concurrency == 0 => {
+                    return Err(format!(
+                        "`models[{i}].backend.max_concurrency` must be at least 1"
+                    ));
+                }
+                BackendConfig::Sim(_) => {}
+            }
+        }
+        Ok(Config {
+            region: self.region,
+            listen: self.server.listen,
+            shutdown_grace: Duration::from_millis(self.server.shutdown_grace_ms),
+            redis_url: self.redis.url,
+            postgres_url: self.postgres.url,
+            postgres_max_connections: self.postgres.max_connections,
+            connect_timeout: Duration::from_millis(self.redis.connect_timeout_ms),
+            models: self.models,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

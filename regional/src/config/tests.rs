@@ -1,0 +1,61 @@
+use super::*;
+
+const MINIMAL: &str = r#"
+region = "eu-west"
+[redis]
+url = "redis://127.0.0.1:6379/"
+[postgres]
+url = "postgres://meridian@127.0.0.1:5432/meridian"
+"#;
+
+fn err(text: &str) -> String {
+    Config::from_toml(text, "regional.toml")
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let c = Config::from_toml(MINIMAL, "t").unwrap();
+    assert_eq!(c.region, "eu-west");
+    assert_eq!(c.listen.port(), 7100);
+    assert_eq!(c.models.len(), 1);
+    assert_eq!(c.models[0].id, "sim-small");
+}
+
+#[test]
+fn unknown_key_is_named_with_its_line() {
+    let e = err(&format!(
+        "{MINIMAL}\n[server]\nlisten_addr = \"127.0.0.1:1\"\n"
+    ));
+    assert!(e.contains("listen_addr"), "{e}");
+    assert!(e.contains("regional.toml line 8"), "{e}");
+}
+
+#[test]
+fn missing_field_is_named() {
+    let e = err("region = \"x\"\n[redis]\nurl = \"redis://a/\"\n");
+    assert!(e.contains("missing field `postgres`"), "{e}");
+}
+
+#[test]
+fn bad_values_name_their_key() {
+    let e = err(&MINIMAL.replace("eu-west", "EU West"));
+    assert!(e.contains("`region`"), "{e}");
+    let e = err(&MINIMAL.replace("redis://", "http://"));
+    assert!(e.contains("`redis.url`"), "{e}");
+    let e = err(&format!(
+        "{MINIMAL}\n[[models]]\nid = \"a\"\nbackend = {{ kind = \"sim\", max_concurrency = 0 }}\n"
+    ));
+    assert!(e.contains("`models[0].backend.max_concurrency`"), "{e}");
+    let e = err(&format!(
+        "{MINIMAL}\n[[models]]\nid = \"a\"\nbackend = {{ kind = \"gpu\" }}\n"
+    ));
+    assert!(e.contains("unknown variant `gpu`"), "{e}");
+}
+
+#[test]
+fn errors_are_one_line() {
+    let e = err(&format!("{MINIMAL}\nbogus = 1\n"));
+    assert_eq!(e.lines().count(), 1, "{e}");
+}

@@ -1,0 +1,212 @@
+//! The built-in simulated LLM. It answers with deterministic text for a given
+//! prompt and seed, and takes the time a real engine would: prefill per prompt
+//! token, a time to first token, a time per output token, and a concurrency
+//! limit beyond which requests wait.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::Semaphore;
+
+use super::{ChatRequest, Chunk, Completion, Finish, Usage};
+use crate::config::SimConfig;
+use crate::error::Error;
+
+const VOCABULARY: &[&str] = &[
+    "the",
+    "model",
+    "answers",
+    "with",
+    "a",
+    "short",
+    "reply",
+    "about",
+    "edge",
+    "inference",
+    "regions",
+    "latency",
+    "tokens",
+    "request",
+    "cache",
+    "queue",
+    "replica",
+    "gateway",
+    "routes",
+    "nearest",
+    "healthy",
+    "cluster",
+    "stream",
+    "of",
+    "and",
+    "to",
+    "in",
+    "for",
+    "is",
+    "fast",
+    "stable",
+    "data",
+];
+
+pub(crate) struct SimBackend {
+    config: SimConfig,
+    slots: Arc<Semaphore>,
+}
+
+impl SimBackend {
+    pub(crate) fn new(config: SimConfig) -> Self {
+        let slots = Arc::new(Semaphore::new(config.max_concurrency as usize));
+        Self { config, slots }
+    }
+
+    pub(crate) async fn complete(&self, req: &ChatRequest) -> Result<Completion, Error> {
+        let started = Instant::now();
+        let mut stream = plan(&self.config, req).run(self.slots.clone());
+        let mut text = String::new();
+        let mut first = None;
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Chunk::Delta(d) => {
+                    first.get_or_insert_with(|| started.elapsed());
+                    text.push_str(&d);
+                }
+                Chunk::Done { finish, usage } => {
+                    return Ok(Completion {
+                        text,
+                        finish,
+                        usage,
+                        time_to_first_token: first.unwrap_or_else(|| started.elapsed()),
+                    });
+                }
+            }
+        }
+        Err(Error::Unavailable("simulated backend stopped early".into()))
+    }
+
+    pub(crate) fn stream(&self, req: ChatRequest) -> BoxStream<'static, Chunk> {
+        plan(&self.config, &req).run(self.slots.clone())
+    }
+}
+
+/// Everything about one generation decided up front, so the output depends
+/// only on the request, never on timing.
+struct Plan {
+    tokens: Vec<&'static str>,
+    finish: Finish,
+    usage: Usage,
+    prefill: Duration,
+    ttft: Duration,
+    per_token: Duration,
+}
+
+/// Prompt tokens are counted as whitespace-separated words: close enough to a
+/// real tokenizer for timing and usage accounting.
+fn prompt_tokens(req: &ChatRequest) -> u32 {
+    req.messages
+        .iter()
+        .map(|m| m.content.split_whitespace().count() as u32 + 4)
+        .sum()
+}
+
+fn plan(config: &SimConfig, req: &ChatRequest) -> Plan {
+    let mut hash = Fnv::new();
+    hash.write(&req.seed.unwrap_or(0).to_le_bytes());
+    hash.write(req.model.as_bytes());
+    for m in &req.messages {
+        hash.write(m.role.as_bytes());
+        hash.write(&[0]);
+        hash.write(m.content.as_bytes());
+        hash.write(&[0]);
+    }
+    let mut rng = StdRng::seed_from_u64(hash.finish());
+    let max = req.max_tokens.unwrap_or(config.default_max_tokens).max(1);
+    let natural = rng.random_range(max.min(8)..=max);
+    let mut tokens = Vec::with_capacity(natural as usize);
+    let mut finish = if natural == max {
+        Finish::Length
+    } else {
+        Finish::Stop
+    };
+    let mut text_so_far = String::new();
+    for _ in 0..natural {
+        let word = VOCABULARY[rng.random_range(0..VOCABULARY.len())];
+        text_so_far.push(' ');
+        text_so_far.push_str(word);
+        if req
+            .stop
+            .iter()
+            .any(|s| !s.is_empty() && text_so_far.contains(s.as_str()))
+        {
+            finish = Finish::Stop;
+            break;
+        }
+        tokens.push(word);
+    }
+    let prompt = prompt_tokens(req);
+    Plan {
+        usage: Usage {
+            prompt_tokens: prompt,
+            completion_tokens: tokens.len() as u32,
+        },
+        tokens,
+        finish,
+        prefill: Duration::from_micros(config.prefill_us_per_token * u64::from(prompt)),
+        ttft: Duration::from_millis(config.ttft_ms),
+        per_token: Duration::from_millis(config.per_token_ms),
+    }
+}
+
+impl Plan {
+    fn run(self, slots: Arc<Semaphore>) -> BoxStream<'static, Chunk> {
+        async_stream::stream! {
+            // The permit lives as long as the stream: a client that stops
+            // reading frees its slot when the stream is dropped.
+            let Ok(_permit) = slots.acquire_owned().await else {
+                return;
+            };
+            sleep(self.prefill + self.ttft).await;
+            for (i, word) in self.tokens.iter().enumerate() {
+                if i > 0 {
+                    sleep(self.per_token).await;
+                }
+                let piece = if i == 0 { (*word).to_string() } else { format!(" {word}") };
+                yield Chunk::Delta(piece);
+            }
+            yield Chunk::Done { finish: self.finish, usage: self.usage };
+        }
+        .boxed()
+    }
+}
+
+async fn sleep(d: Duration) {
+    if !d.is_zero() {
+        tokio::time::sleep(d).await;
+    }
+}
+
+/// FNV-1a: a stable hash, so the same request gives the same text across
+/// builds and platforms (std's hasher makes no such promise).
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests;

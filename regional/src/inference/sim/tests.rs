@@ -1,0 +1,122 @@
+use super::*;
+use crate::inference::Message;
+
+fn fast() -> SimConfig {
+    SimConfig {
+        prefill_us_per_token: 0,
+        ttft_ms: 0,
+        per_token_ms: 0,
+        max_concurrency: 4,
+        default_max_tokens: 16,
+    }
+}
+
+fn request(content: &str, seed: Option<u64>, max_tokens: Option<u32>) -> ChatRequest {
+    ChatRequest {
+        model: "sim".into(),
+        messages: vec![Message {
+            role: "user".into(),
+            content: content.into(),
+        }],
+        max_tokens,
+        seed,
+        stop: vec![],
+    }
+}
+
+#[tokio::test]
+async fn same_request_same_answer_and_seed_changes_it() {
+    let sim = SimBackend::new(fast());
+    let a = sim
+        .complete(&request("hello there", Some(1), None))
+        .await
+        .unwrap();
+    let b = sim
+        .complete(&request("hello there", Some(1), None))
+        .await
+        .unwrap();
+    let c = sim
+        .complete(&request("hello there", Some(2), None))
+        .await
+        .unwrap();
+    assert_eq!(a.text, b.text);
+    assert_ne!(a.text, c.text);
+    assert_eq!(
+        a.usage.completion_tokens as usize,
+        a.text.split(' ').count()
+    );
+    assert_eq!(a.usage.prompt_tokens, 2 + 4);
+}
+
+#[tokio::test]
+async fn max_tokens_bounds_output_and_reports_length() {
+    let sim = SimBackend::new(fast());
+    let c = sim
+        .complete(&request("count", None, Some(3)))
+        .await
+        .unwrap();
+    assert!(c.usage.completion_tokens <= 3);
+    if c.usage.completion_tokens == 3 {
+        assert_eq!(c.finish, Finish::Length);
+    }
+}
+
+#[tokio::test]
+async fn stream_concatenates_to_the_completion() {
+    let sim = SimBackend::new(fast());
+    let whole = sim
+        .complete(&request("stream me", Some(9), None))
+        .await
+        .unwrap();
+    let chunks: Vec<Chunk> = sim
+        .stream(request("stream me", Some(9), None))
+        .collect()
+        .await;
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| match c {
+            Chunk::Delta(d) => Some(d.as_str()),
+            Chunk::Done { .. } => None,
+        })
+        .collect();
+    assert_eq!(text, whole.text);
+    assert!(matches!(chunks.last(), Some(Chunk::Done { usage, .. }) if *usage == whole.usage));
+}
+
+#[tokio::test(start_paused = true)]
+async fn timing_follows_config() {
+    let sim = SimBackend::new(SimConfig {
+        prefill_us_per_token: 1000,
+        ttft_ms: 100,
+        per_token_ms: 10,
+        max_concurrency: 1,
+        default_max_tokens: 8,
+    });
+    let req = request("one two three four five six", Some(3), Some(8));
+    let started = tokio::time::Instant::now();
+    let c = sim.complete(&req).await.unwrap();
+    let prefill = Duration::from_millis(u64::from(c.usage.prompt_tokens));
+    let expected = prefill
+        + Duration::from_millis(100)
+        + Duration::from_millis(10) * (c.usage.completion_tokens - 1);
+    assert_eq!(started.elapsed(), expected);
+    assert_eq!(c.time_to_first_token, prefill + Duration::from_millis(100));
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrency_limit_queues_requests() {
+    let sim = Arc::new(SimBackend::new(SimConfig {
+        prefill_us_per_token: 0,
+        ttft_ms: 50,
+        per_token_ms: 0,
+        max_concurrency: 1,
+        default_max_tokens: 1,
+    }));
+    let started = tokio::time::Instant::now();
+    let (ra, rb) = (request("a", None, Some(1)), request("b", None, Some(1)));
+    let (a, b) = tokio::join!(sim.complete(&ra), sim.complete(&rb));
+    a.unwrap();
+    b.unwrap();
+    // One slot: the second request waits for the first.
+    assert_eq!(started.elapsed(), Duration::from_millis(100));
+}

@@ -1,0 +1,20 @@
+//! The Meridian regional node.
+//!
+//! A region is a self-contained cluster that serves inference for the clients the
+//! gateway sends it. One node serves the OpenAI-compatible HTTP API and the
+//! `meridian.v1` gRPC services on a single port (HTTP/1.1 and HTTP/2 cleartext,
+//! told apart per connection), backed by its own Redis and PostgreSQL.
+//!
+//! Start one with [`RegionalNode::start`] from a [`Config`], usually read with
+//! [`Config::from_file`].
+
+mod api;
+mod config;
+mod error;
+mod inference;
+mod node;
+mod store;
+
+pub use self::config::{BackendConfig, Config, ModelConfig, SimConfig};
+pub use self::error::Error;
+pub use self::node::RegionalNode;

@@ -1,0 +1,166 @@
+//! A running regional node: binds, connects its Redis and PostgreSQL, serves,
+//! and shuts down within its grace period.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::http::HeaderValue;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::error::Error;
+use crate::inference::Inference;
+use crate::store;
+
+/// A started node. Dropping it without [`RegionalNode::shutdown`] cancels it.
+pub struct RegionalNode {
+    region: String,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    server: Option<JoinHandle<Result<(), Error>>>,
+    pool: sqlx::PgPool,
+    health: tonic_health::server::HealthReporter,
+}
+
+impl RegionalNode {
+    /// Binds the API address, connects to Redis and PostgreSQL (failing fast
+    /// with the cause when either is unreachable), migrates, and starts serving.
+    pub async fn start(config: Config) -> Result<Self, Error> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| Error::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener.local_addr()?;
+        check_redis(&config).await?;
+        let pool = store::connect(
+            &config.postgres_url,
+            &config.region,
+            config.postgres_max_connections,
+            config.connect_timeout,
+        )
+        .await?;
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for service in ["", "meridian.v1.Inference"] {
+            health
+                .set_service_status(service, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+        let state = Arc::new(AppState {
+            region_header: HeaderValue::from_str(&config.region)
+                .expect("validated region names are header-safe"),
+            region: config.region.clone(),
+            inference: Inference::new(&config.models),
+        });
+        let app = api::app(state, health_service);
+
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let grace = config.shutdown_grace;
+        let region = config.region.clone();
+        let server = tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown({
+                let token = token.clone();
+                async move { token.cancelled().await }
+            });
+            let serve = serve.into_future();
+            tokio::pin!(serve);
+            tokio::select! {
+                res = &mut serve => res.map_err(Error::Io),
+                () = async {
+                    token.cancelled().await;
+                    tokio::time::sleep(grace).await;
+                } => {
+                    tracing::warn!(region = %region, grace_ms = grace.as_millis() as u64, "grace period over, closing remaining connections");
+                    Ok(())
+                }
+            }
+        });
+        tracing::info!(region = %config.region, %addr, "regional node serving");
+        Ok(Self {
+            region: config.region,
+            addr,
+            shutdown,
+            server: Some(server),
+            pool,
+            health,
+        })
+    }
+
+    /// The address the API listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// This node's region.
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    /// Stops accepting, lets in-flight requests finish within the grace
+    /// period, and closes the database pool.
+    pub async fn shutdown(mut self) -> Result<(), Error> {
+        // Health checkers see NOT_SERVING first, so a gateway stops sending
+        // new work while in-flight requests drain.
+        for service in ["", "meridian.v1.Inference"] {
+            self.health
+                .set_service_status(service, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+        self.shutdown.cancel();
+        let result = match self.server.take() {
+            Some(server) => server
+                .await
+                .unwrap_or_else(|e| Err(Error::Unavailable(format!("server task failed: {e}")))),
+            None => Ok(()),
+        };
+        self.pool.close().await;
+        tracing::info!(region = %self.region, "regional node stopped");
+        result
+    }
+
+    /// Waits until the server stops on its own (an I/O failure) or `signal`
+    /// resolves, then shuts down.
+    pub async fn run_until(mut self, signal: impl Future<Output = ()>) -> Result<(), Error> {
+        let server = self.server.as_mut().expect("server runs until shutdown");
+        tokio::select! {
+            res = server => {
+                self.server = None;
+                res.unwrap_or_else(|e| Err(Error::Unavailable(format!("server task failed: {e}"))))
+            }
+            () = signal => self.shutdown().await,
+        }
+    }
+}
+
+impl Drop for RegionalNode {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn check_redis(config: &Config) -> Result<(), Error> {
+    let unreachable = |message: String| Error::RedisUnreachable {
+        url: store::redact(&config.redis_url),
+        message,
+    };
+    let client =
+        redis::Client::open(config.redis_url.as_str()).map_err(|e| unreachable(e.to_string()))?;
+    let mut conn = tokio::time::timeout(
+        config.connect_timeout,
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .map_err(|_| unreachable(format!("no answer within {:?}", config.connect_timeout)))?
+    .map_err(|e| unreachable(e.to_string()))?;
+    let _: String = redis::cmd("PING")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    Ok(())
+}

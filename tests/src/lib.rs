@@ -1,0 +1,24 @@
+//! The Meridian test harness.
+//!
+//! Integration tests run against real parts: each [`RegionSandbox`] starts its
+//! own `redis-server` and PostgreSQL cluster (through `meridian-launcher`) and a
+//! regional node on a free port; a [`ClusterSandbox`] starts several regions and
+//! the gateway in front of them. Every handle can be stopped and restarted, and
+//! everything is torn down on drop, even when a test panics.
+
+mod sandbox;
+
+pub use meridian_launcher::{PostgresServer, RedisServer};
+
+pub use self::sandbox::{ClusterSandbox, RegionSandbox};
+
+/// Sends the harness's and the system's logs to the test output, once per
+/// process; `RUST_LOG` selects what is shown (default: warnings).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
