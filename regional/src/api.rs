@@ -5,6 +5,7 @@
 mod grpc;
 mod http;
 mod openai;
+mod tenant;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -20,11 +21,22 @@ use tower::ServiceExt;
 use crate::error::Error;
 use crate::inference::Inference;
 
+pub(crate) use self::tenant::{TENANT_HEADER, Tenant};
+
 /// What every handler shares.
 pub(crate) struct AppState {
     pub region: String,
     pub region_header: HeaderValue,
     pub inference: Inference,
+    /// The region's PostgreSQL.
+    pub pool: sqlx::PgPool,
+    /// The region's Redis; reconnects by itself after an outage.
+    pub redis: redis::aio::ConnectionManager,
+    /// Cancelled when the node starts shutting down.
+    pub shutdown: tokio_util::sync::CancellationToken,
+    /// Background tasks (workers, batch writers); the node waits for them,
+    /// within its grace period, at shutdown.
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 /// The response header that names the region which produced an answer. The

@@ -8,6 +8,7 @@ use axum::http::HeaderValue;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
@@ -23,6 +24,8 @@ pub struct RegionalNode {
     server: Option<JoinHandle<Result<(), Error>>>,
     pool: sqlx::PgPool,
     health: tonic_health::server::HealthReporter,
+    tasks: TaskTracker,
+    grace: std::time::Duration,
 }
 
 impl RegionalNode {
@@ -36,7 +39,7 @@ impl RegionalNode {
                 source,
             })?;
         let addr = listener.local_addr()?;
-        check_redis(&config).await?;
+        let redis = connect_redis(&config).await?;
         let pool = store::connect(
             &config.postgres_url,
             &config.region,
@@ -45,6 +48,7 @@ impl RegionalNode {
         )
         .await?;
 
+        let shutdown = CancellationToken::new();
         let (health, health_service) = tonic_health::server::health_reporter();
         for service in ["", "meridian.v1.Inference"] {
             health
@@ -56,10 +60,14 @@ impl RegionalNode {
                 .expect("validated region names are header-safe"),
             region: config.region.clone(),
             inference: Inference::new(&config.models),
+            pool: pool.clone(),
+            redis,
+            shutdown: shutdown.clone(),
+            tasks: TaskTracker::new(),
         });
+        let tasks = state.tasks.clone();
         let app = api::app(state, health_service);
 
-        let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let grace = config.shutdown_grace;
         let region = config.region.clone();
@@ -89,6 +97,8 @@ impl RegionalNode {
             server: Some(server),
             pool,
             health,
+            tasks,
+            grace: config.shutdown_grace,
         })
     }
 
@@ -119,6 +129,12 @@ impl RegionalNode {
                 .unwrap_or_else(|e| Err(Error::Unavailable(format!("server task failed: {e}")))),
             None => Ok(()),
         };
+        // Background tasks saw the same cancellation; they get what is left
+        // of the grace period to flush and hand back their work.
+        self.tasks.close();
+        if tokio::time::timeout(self.grace, self.tasks.wait()).await.is_err() {
+            tracing::warn!(region = %self.region, "background tasks still running after the grace period");
+        }
         self.pool.close().await;
         tracing::info!(region = %self.region, "regional node stopped");
         result
@@ -144,16 +160,23 @@ impl Drop for RegionalNode {
     }
 }
 
-async fn check_redis(config: &Config) -> Result<(), Error> {
+/// Connects to the region's Redis and checks it answers. The connection
+/// manager reconnects on its own later, so a Redis restart does not need a
+/// node restart; commands fail fast (response timeout) while it is away.
+async fn connect_redis(config: &Config) -> Result<redis::aio::ConnectionManager, Error> {
     let unreachable = |message: String| Error::RedisUnreachable {
         url: store::redact(&config.redis_url),
         message,
     };
     let client =
         redis::Client::open(config.redis_url.as_str()).map_err(|e| unreachable(e.to_string()))?;
+    let manager_config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(config.connect_timeout))
+        .set_response_timeout(Some(config.connect_timeout))
+        .set_number_of_retries(2);
     let mut conn = tokio::time::timeout(
         config.connect_timeout,
-        client.get_multiplexed_async_connection(),
+        client.get_connection_manager_with_config(manager_config),
     )
     .await
     .map_err(|_| unreachable(format!("no answer within {:?}", config.connect_timeout)))?
@@ -162,5 +185,5 @@ async fn check_redis(config: &Config) -> Result<(), Error> {
         .query_async(&mut conn)
         .await
         .map_err(|e| unreachable(e.to_string()))?;
-    Ok(())
+    Ok(conn)
 }

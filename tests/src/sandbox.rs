@@ -20,11 +20,18 @@ pub struct RegionSandbox {
     pub postgres: PostgresServer,
     node: Option<RegionalNode>,
     addr: Option<SocketAddr>,
+    extra_config: String,
 }
 
 impl RegionSandbox {
     /// Starts Redis, PostgreSQL and a node for `name`.
     pub async fn start(name: &str) -> Self {
+        Self::start_with_config(name, "").await
+    }
+
+    /// Like [`RegionSandbox::start`], with `extra` TOML tables appended to the
+    /// node's config (e.g. `"[jobs]\nworkers = 2\n"`).
+    pub async fn start_with_config(name: &str, extra: &str) -> Self {
         let (redis, postgres) = tokio::join!(
             RedisServer::start(RedisOptions::default()),
             PostgresServer::start(PostgresOptions::default())
@@ -35,6 +42,7 @@ impl RegionSandbox {
             postgres: postgres.unwrap_or_else(|e| panic!("region {name}: {e}")),
             node: None,
             addr: None,
+            extra_config: extra.to_string(),
         };
         region.start_node().await;
         region
@@ -48,8 +56,10 @@ impl RegionSandbox {
              [redis]\nurl = \"{redis}\"\nconnect_timeout_ms = 2000\n\
              [postgres]\nurl = \"{pg}\"\nmax_connections = 5\n\
              [[models]]\nid = \"{TEST_MODEL}\"\n\
-             backend = {{ kind = \"sim\", prefill_us_per_token = 0, ttft_ms = 0, per_token_ms = 0 }}\n",
+             backend = {{ kind = \"sim\", prefill_us_per_token = 0, ttft_ms = 0, per_token_ms = 0 }}\n\
+             {extra}",
             name = self.name,
+            extra = self.extra_config,
             redis = self.redis.url(),
             pg = self.postgres.url(),
         )
