@@ -22,9 +22,10 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-## Benchmarks (criterion), kept out of `make test`.
+## Benchmarks, kept out of `make test`: each reports ratios against a
+## baseline measured in the same run.
 bench: setup
-	$(CARGO) bench --workspace
+	$(CARGO) bench -p meridian-tests
 
 build: setup
 	$(CARGO) build --workspace

@@ -33,6 +33,37 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Manage tenants' API keys (in a region's PostgreSQL).
+    #[command(subcommand)]
+    Keys(Keys),
+}
+
+#[derive(Subcommand)]
+enum Keys {
+    /// Create a key for a tenant (creating the tenant, or updating the limits
+    /// given); prints the key, which is shown only this once.
+    Create {
+        /// The database the gateway reads keys from.
+        #[arg(long, env = "MERIDIAN_POSTGRES_URL")]
+        postgres_url: String,
+        /// Tenant id: 1 to 64 letters, digits, '-', '_' or '.'.
+        #[arg(long)]
+        tenant: String,
+        /// Requests per second (default: the gateway's `[rate_limit]`).
+        #[arg(long)]
+        rps: Option<u32>,
+        /// Tokens per minute (default: the gateway's `[rate_limit]`).
+        #[arg(long)]
+        tpm: Option<u64>,
+    },
+    /// Revoke a key; gateways stop accepting it at their next reload.
+    Revoke {
+        /// The database the gateway reads keys from.
+        #[arg(long, env = "MERIDIAN_POSTGRES_URL")]
+        postgres_url: String,
+        /// The key (`mk-...`).
+        key: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -69,6 +100,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             })
         }
+        Command::Keys(keys) => runtime()?.block_on(manage_keys(keys)),
         Command::Gateway { config } => {
             let config = meridian_gateway::Config::from_file(&config)?;
             let gateway = meridian_gateway::Gateway::start(config)?;
@@ -77,6 +109,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn manage_keys(keys: Keys) -> anyhow::Result<()> {
+    use meridian_gateway::auth;
+    match keys {
+        Keys::Create {
+            postgres_url,
+            tenant,
+            rps,
+            tpm,
+        } => {
+            let pool = auth::connect(&postgres_url).await?;
+            let limits = meridian_gateway::TenantLimits {
+                requests_per_second: rps,
+                tokens_per_minute: tpm,
+            };
+            auth::create_tenant(&pool, &tenant, limits).await?;
+            println!("{}", auth::create_api_key(&pool, &tenant).await?);
+        }
+        Keys::Revoke { postgres_url, key } => {
+            let pool = auth::connect(&postgres_url).await?;
+            if !auth::revoke_api_key(&pool, &key).await? {
+                anyhow::bail!("no live key matches (unknown, or revoked already)");
+            }
+            eprintln!("revoked");
+        }
+    }
+    Ok(())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

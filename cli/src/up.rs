@@ -16,6 +16,9 @@ pub(crate) struct Args {
     /// The gateway's port on 127.0.0.1.
     #[arg(long, default_value_t = 8080)]
     port: u16,
+    /// The gateway's admin port (`/metrics`, `/routing`, `/readyz`).
+    #[arg(long, default_value_t = 9080)]
+    admin_port: u16,
     /// First regional API port; the regions take consecutive ports.
     #[arg(long, default_value_t = 7101)]
     region_port: u16,
@@ -59,18 +62,28 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         let node = RegionalNode::start(config)
             .await
             .with_context(|| format!("region {}", region.name))?;
-        gateway_regions.push(RegionConfig {
-            name: region.name.clone(),
-            address: node.local_addr(),
-        });
+        let mut entry = RegionConfig::new(region.name.clone(), node.local_addr());
+        if let Some((lat, lon)) = location(&region.name) {
+            entry = entry.at(lat, lon);
+        }
+        gateway_regions.push(entry);
         region.node = Some(node);
     }
     let listen = SocketAddr::from(([127, 0, 0, 1], args.port));
     let mut gateway_config = meridian_gateway::Config::new(listen, gateway_regions)?;
     gateway_config.shutdown_grace = std::time::Duration::from_secs(1);
+    gateway_config.admin_listen = Some(SocketAddr::from(([127, 0, 0, 1], args.admin_port)));
+    // Local clients may say where they are, to try geo routing by hand.
+    gateway_config.geo.trusted_proxies = vec!["127.0.0.0/8".parse().expect("a valid network")];
+    // Keys and limits live in the first region's stores (every region will
+    // hold the keys once replication carries them).
+    let home = &regions[0];
+    gateway_config.auth = Some(meridian_gateway::AuthConfig::new(home.postgres.url()));
+    gateway_config.rate_limit.redis_url = Some(home.redis.url());
+    let api_key = local_api_key(&state_dir, &home.postgres.url()).await?;
     let gateway = Gateway::start(gateway_config)?;
 
-    print_banner(&gateway, &regions);
+    print_banner(&gateway, &regions, &api_key);
     crate::shutdown_signal().await;
 
     println!("stopping...");
@@ -86,6 +99,17 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("stopped");
     Ok(())
+}
+
+/// Where the local regions pretend to be, so geo routing has something to
+/// rank: Virginia, Dublin, Mumbai.
+fn location(region: &str) -> Option<(f64, f64)> {
+    match region {
+        "us-east" => Some((39.0, -77.5)),
+        "eu-west" => Some((53.3, -6.3)),
+        "ap-south" => Some((19.1, 72.9)),
+        _ => None,
+    }
 }
 
 async fn start_stores(state_dir: &Path, name: &str) -> anyhow::Result<Region> {
@@ -134,7 +158,24 @@ fn write_region_config(
     Ok(path)
 }
 
-fn print_banner(gateway: &Gateway, regions: &[Region]) {
+/// The key of the `local` tenant: made once, then kept in the state
+/// directory so it survives restarts along with the database that knows it.
+async fn local_api_key(state_dir: &Path, postgres_url: &str) -> anyhow::Result<String> {
+    let path = state_dir.join("api-key");
+    if let Ok(key) = std::fs::read_to_string(&path) {
+        return Ok(key.trim().to_string());
+    }
+    let pool = sqlx::PgPool::connect(postgres_url)
+        .await
+        .context("cannot reach the first region's postgres to create an API key")?;
+    meridian_gateway::create_tenant(&pool, "local", Default::default()).await?;
+    let key = meridian_gateway::create_api_key(&pool, "local").await?;
+    pool.close().await;
+    std::fs::write(&path, &key).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(key)
+}
+
+fn print_banner(gateway: &Gateway, regions: &[Region], api_key: &str) {
     let addr = gateway.local_addr();
     println!();
     println!(
@@ -157,18 +198,26 @@ fn print_banner(gateway: &Gateway, regions: &[Region]) {
     }
     let body =
         r#"{"model":"sim-small","messages":[{"role":"user","content":"Hello from the edge"}]}"#;
+    let auth = format!("-H 'authorization: Bearer {api_key}'");
+    let json = "-H 'content-type: application/json'";
+    let url = format!("http://{addr}/v1/chat/completions");
+    let last = regions.last().map(|r| r.name.as_str()).unwrap_or("us-east");
     println!();
+    println!("API key of the `local` tenant (kept in .meridian/api-key); for OpenAI SDKs:");
+    println!("  export OPENAI_API_KEY={api_key} OPENAI_BASE_URL=http://{addr}/v1");
     println!("Chat completion (OpenAI-compatible):");
-    println!(
-        "  curl -s http://{addr}/v1/chat/completions -H 'content-type: application/json' -d '{body}'"
-    );
+    println!("  curl -s {url} {auth} {json} -d '{body}'");
     println!("Pin a region and see which one served it:");
-    println!(
-        "  curl -si http://{addr}/v1/chat/completions -H 'x-meridian-region: {}' -H 'content-type: application/json' -d '{body}'",
-        regions.last().map(|r| r.name.as_str()).unwrap_or("us-east")
-    );
+    println!("  curl -si {url} {auth} -H 'x-meridian-region: {last}' {json} -d '{body}'");
+    println!("Pretend to be in Paris (loopback is a trusted proxy here):");
+    println!("  curl -si {url} {auth} -H 'x-meridian-client-country: FR' {json} -d '{body}'");
     println!("gRPC through the gateway:");
-    println!("  grpcurl -plaintext -d '{body}' {addr} meridian.v1.Inference/Generate");
+    println!(
+        "  grpcurl -plaintext -H 'authorization: Bearer {api_key}' -d '{body}' {addr} meridian.v1.Inference/Generate"
+    );
+    if let Some(admin) = gateway.admin_addr() {
+        println!("Gateway admin: http://{admin}/routing  /metrics  /readyz");
+    }
     println!();
     println!("Ctrl-C stops everything.");
 }

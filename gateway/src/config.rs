@@ -4,9 +4,13 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::Deserialize;
 
+pub use crate::auth::AuthConfig;
 use crate::error::Error;
+use crate::geo::LatLon;
+pub use crate::ratelimit::RateLimitConfig;
 
 /// A validated gateway configuration.
 #[derive(Debug, Clone)]
@@ -25,6 +29,147 @@ pub struct Config {
     pub read_timeout: Duration,
     /// Time in-flight requests get to finish at shutdown.
     pub shutdown_grace: Duration,
+    /// Address of the admin endpoints (`/healthz`, `/readyz`, `/metrics`,
+    /// `/routing`); none when absent.
+    pub admin_listen: Option<SocketAddr>,
+    /// A TLS listener (HTTP/1.1 and HTTP/2 by ALPN) beside the cleartext one.
+    pub tls: Option<TlsConfig>,
+    /// Whether HTTP (non-gRPC) requests reach regions over pooled HTTP/1.1
+    /// connections or multiplexed HTTP/2; gRPC always uses HTTP/2.
+    pub http_upstream: UpstreamProtocol,
+    /// Active health checking of regions.
+    pub health: HealthConfig,
+    /// Retrying failed requests in another region.
+    pub failover: FailoverConfig,
+    /// Locating clients.
+    pub geo: GeoConfig,
+    /// Kilometres of distance one millisecond of observed latency (EWMA) is
+    /// worth when ranking regions.
+    pub latency_km_per_ms: f64,
+    /// Kilometres of distance a fully loaded region is penalised by, in
+    /// proportion to its reported in-flight over capacity.
+    pub load_penalty_km: f64,
+    /// API keys and tenants (`[auth]`); when absent every request is the
+    /// `default` tenant and no key is asked for.
+    pub auth: Option<AuthConfig>,
+    /// Per-tenant rate limits (`[rate_limit]`).
+    pub rate_limit: RateLimitConfig,
+}
+
+/// How the gateway talks HTTP to regions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// Pooled HTTP/1.1 keep-alive connections: the cheapest per request in
+    /// Pingora for small JSON requests (see `make bench`).
+    H1,
+    /// HTTP/2 with prior knowledge, multiplexed: fewer connections.
+    H2,
+}
+
+/// The client-facing TLS listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Address of the TLS listener, e.g. `0.0.0.0:443`.
+    pub listen: SocketAddr,
+    /// PEM certificate chain.
+    pub cert_path: std::path::PathBuf,
+    /// PEM private key.
+    pub key_path: std::path::PathBuf,
+}
+
+/// How regions are health-checked (`grpc.health.v1` plus `Admin.RegionStatus`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Time between checks of one region, in milliseconds.
+    pub interval_ms: u64,
+    /// Time one check may take, in milliseconds.
+    pub timeout_ms: u64,
+    /// Consecutive failures (active checks, or connect errors, timeouts and
+    /// 5xx seen by requests) that eject a healthy region.
+    pub failures_to_eject: u32,
+    /// Consecutive successful active checks that bring an ejected region back.
+    pub successes_to_recover: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 250,
+            timeout_ms: 200,
+            failures_to_eject: 2,
+            successes_to_recover: 2,
+        }
+    }
+}
+
+/// Retries in the next region, for requests that failed before any byte of
+/// the answer reached the client.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverConfig {
+    /// Most regions one request is tried in.
+    pub max_attempts: u32,
+    /// Retries allowed as a fraction of recent requests, so a total outage
+    /// does not multiply the load (0.2 = one retry per five requests).
+    pub retry_budget_ratio: f64,
+    /// Retries per second always allowed, so a quiet gateway can still fail over.
+    pub retry_budget_min_per_second: u32,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            retry_budget_ratio: 0.2,
+            retry_budget_min_per_second: 10,
+        }
+    }
+}
+
+/// Where clients are located from.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GeoConfig {
+    /// Peers whose `x-meridian-client-country` / `x-meridian-client-geo`
+    /// headers are believed (a CDN or load balancer in front of the gateway).
+    pub trusted_proxies: Vec<IpNet>,
+    /// Networks with known locations; the most specific match wins.
+    pub cidr: Vec<CidrLocation>,
+    /// A MaxMind GeoIP2/GeoLite2 City database, consulted before `cidr`.
+    pub geoip_database: Option<std::path::PathBuf>,
+    /// Location of clients found by nothing else; none means "use the
+    /// default region".
+    #[serde(deserialize_with = "latlon_opt", default)]
+    pub default_location: Option<LatLon>,
+}
+
+/// A network and where its clients are.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CidrLocation {
+    /// For example `203.0.113.0/24`.
+    pub cidr: IpNet,
+    /// Latitude in degrees.
+    pub lat: f64,
+    /// Longitude in degrees.
+    pub lon: f64,
+}
+
+fn latlon_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<LatLon>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Raw {
+        lat: f64,
+        lon: f64,
+    }
+    let raw = Option::<Raw>::deserialize(d)?;
+    Ok(raw.map(|r| LatLon {
+        lat: r.lat,
+        lon: r.lon,
+    }))
 }
 
 /// One region the gateway can send requests to.
@@ -35,6 +180,39 @@ pub struct RegionConfig {
     pub name: String,
     /// `host:port` of the region's API (HTTP and gRPC on one port).
     pub address: SocketAddr,
+    /// Latitude of the region in degrees; regions without coordinates rank
+    /// after those with, for located clients.
+    #[serde(default)]
+    pub lat: Option<f64>,
+    /// Longitude of the region in degrees.
+    #[serde(default)]
+    pub lon: Option<f64>,
+}
+
+impl RegionConfig {
+    /// A region without coordinates.
+    pub fn new(name: impl Into<String>, address: SocketAddr) -> Self {
+        Self {
+            name: name.into(),
+            address,
+            lat: None,
+            lon: None,
+        }
+    }
+
+    /// The same region placed at `lat`, `lon`.
+    pub fn at(mut self, lat: f64, lon: f64) -> Self {
+        self.lat = Some(lat);
+        self.lon = Some(lon);
+        self
+    }
+
+    pub(crate) fn location(&self) -> Option<LatLon> {
+        Some(LatLon {
+            lat: self.lat?,
+            lon: self.lon?,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -46,6 +224,16 @@ struct RawConfig {
     regions: Vec<RegionConfig>,
     #[serde(default)]
     routing: RawRouting,
+    #[serde(default)]
+    health: HealthConfig,
+    #[serde(default)]
+    failover: FailoverConfig,
+    #[serde(default)]
+    geo: GeoConfig,
+    #[serde(default)]
+    auth: Option<AuthConfig>,
+    #[serde(default)]
+    rate_limit: RateLimitConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -61,6 +249,12 @@ struct RawServer {
     read_timeout_ms: u64,
     /// Grace period for in-flight requests at shutdown, in milliseconds.
     shutdown_grace_ms: u64,
+    /// Address of the admin endpoints; off when absent.
+    admin_listen: Option<SocketAddr>,
+    /// A TLS listener; off when absent.
+    tls: Option<TlsConfig>,
+    /// `h1` (default) or `h2` for HTTP requests to regions.
+    http_upstream: UpstreamProtocol,
 }
 
 impl Default for RawServer {
@@ -71,15 +265,32 @@ impl Default for RawServer {
             connect_timeout_ms: 1_000,
             read_timeout_ms: 60_000,
             shutdown_grace_ms: 10_000,
+            admin_listen: None,
+            tls: None,
+            http_upstream: UpstreamProtocol::H1,
         }
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawRouting {
-    /// Region used when a request names none; the first region when absent.
+    /// Region used when nothing else decides; the first region when absent.
     default_region: Option<String>,
+    /// Kilometres one millisecond of observed latency is worth in ranking.
+    latency_km_per_ms: f64,
+    /// Kilometres a fully loaded region is penalised by.
+    load_penalty_km: f64,
+}
+
+impl Default for RawRouting {
+    fn default() -> Self {
+        Self {
+            default_region: None,
+            latency_km_per_ms: 50.0,
+            load_penalty_km: 3_000.0,
+        }
+    }
 }
 
 impl Config {
@@ -121,6 +332,11 @@ impl Config {
             },
             regions,
             routing: RawRouting::default(),
+            health: HealthConfig::default(),
+            failover: FailoverConfig::default(),
+            geo: GeoConfig::default(),
+            auth: None,
+            rate_limit: RateLimitConfig::default(),
         }
         .validate()
         .map_err(|message| Error::Config {
@@ -151,6 +367,50 @@ impl RawConfig {
                 .position(|r| &r.name == name)
                 .ok_or_else(|| format!("`routing.default_region` names unknown region {name:?}"))?,
         };
+        for (i, r) in self.regions.iter().enumerate() {
+            match (r.lat, r.lon) {
+                (None, None) => {}
+                (Some(lat), Some(lon))
+                    if (-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon) => {}
+                (Some(_), Some(_)) => {
+                    return Err(format!("`regions[{i}]` coordinates are off the globe"));
+                }
+                _ => {
+                    return Err(format!(
+                        "`regions[{i}]` needs both `lat` and `lon`, or neither"
+                    ));
+                }
+            }
+        }
+        if self.health.interval_ms == 0 || self.health.timeout_ms == 0 {
+            return Err("`health.interval_ms` and `health.timeout_ms` must be at least 1".into());
+        }
+        if self.health.failures_to_eject == 0 || self.health.successes_to_recover == 0 {
+            return Err(
+                "`health.failures_to_eject` and `health.successes_to_recover` must be at least 1"
+                    .into(),
+            );
+        }
+        if self.failover.max_attempts == 0 {
+            return Err("`failover.max_attempts` must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.failover.retry_budget_ratio) {
+            return Err("`failover.retry_budget_ratio` must be between 0 and 1".into());
+        }
+        if let Some(tls) = &self.server.tls {
+            for (key, path) in [("cert_path", &tls.cert_path), ("key_path", &tls.key_path)] {
+                if !path.is_file() {
+                    return Err(format!(
+                        "`server.tls.{key}` {} is not a readable file",
+                        path.display()
+                    ));
+                }
+            }
+        }
+        if let Some(auth) = &self.auth {
+            auth.validate()?;
+        }
+        self.rate_limit.validate()?;
         if self.server.threads == 0 {
             return Err("`server.threads` must be at least 1".into());
         }
@@ -162,6 +422,16 @@ impl RawConfig {
             connect_timeout: Duration::from_millis(self.server.connect_timeout_ms),
             read_timeout: Duration::from_millis(self.server.read_timeout_ms),
             shutdown_grace: Duration::from_millis(self.server.shutdown_grace_ms),
+            admin_listen: self.server.admin_listen,
+            tls: self.server.tls,
+            http_upstream: self.server.http_upstream,
+            health: self.health,
+            failover: self.failover,
+            geo: self.geo,
+            latency_km_per_ms: self.routing.latency_km_per_ms,
+            load_penalty_km: self.routing.load_penalty_km,
+            auth: self.auth,
+            rate_limit: self.rate_limit,
         })
     }
 }

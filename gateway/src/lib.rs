@@ -1,23 +1,45 @@
 //! The Meridian edge gateway.
 //!
 //! One endpoint for every client: it accepts HTTP/1.1 and HTTP/2 (cleartext
-//! h2c for gRPC), picks the region that serves each request, and proxies to it
-//! over pooled HTTP/2 connections. Built on Pingora.
+//! h2c for gRPC), picks the region that serves each request (pin, session
+//! affinity, nearest healthy region), proxies to it over pooled HTTP/2
+//! connections, and fails over to the next region when a try fails before the
+//! client has seen a byte. Built on Pingora.
 //!
 //! Start one with [`Gateway::start`] from a [`Config`].
 
+mod admin;
+pub mod auth;
+mod budget;
 mod config;
 mod error;
+mod geo;
+mod health;
+mod metrics;
 mod proxy;
+mod ratelimit;
+mod regions;
 mod route;
 mod server;
 
-pub use self::config::{Config, RegionConfig};
+pub use self::auth::{
+    AuthConfig, TENANT_HEADER, TenantLimits, create_api_key, create_tenant, revoke_api_key,
+};
+pub use self::config::{
+    CidrLocation, Config, FailoverConfig, GeoConfig, HealthConfig, RegionConfig, TlsConfig,
+    UpstreamProtocol,
+};
 pub use self::error::Error;
+pub use self::geo::{COUNTRY_HEADER, LATLON_HEADER, LatLon};
+pub use self::ratelimit::{RateLimitConfig, USAGE_TOKENS_HEADER};
 pub use self::server::Gateway;
 
 /// Request header (or gRPC metadata) that pins a request to a region, and the
 /// response header that names the region the gateway chose.
 pub const REGION_HEADER: &str = "x-meridian-region";
-/// Response header that says why the region was chosen.
+/// Response header that says why the region was chosen: `pin`, `affinity`,
+/// `nearest`, `default` or `failover`.
 pub const ROUTE_HEADER: &str = "x-meridian-route";
+/// Request header (or gRPC metadata) naming a session: requests of one
+/// session go to the same region while it is healthy.
+pub const SESSION_HEADER: &str = "x-meridian-session";

@@ -1,8 +1,10 @@
-//! The Pingora proxy: choose the region in `request_filter`, connect to it over
-//! h2c in `upstream_peer`, name it in `response_filter`, and answer errors in
-//! the client's own protocol (OpenAI JSON for HTTP, a status for gRPC).
+//! The Pingora proxy: plan the regions in `request_filter`, connect to the
+//! next one over h2c in `upstream_peer`, retry in the next region when a try
+//! fails before any byte reached the client, name the region in
+//! `response_filter`, and answer errors in the client's own protocol (OpenAI
+//! JSON for HTTP, a status for gRPC).
 
-use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -10,56 +12,114 @@ use bytes::Bytes;
 use http::header;
 use pingora_core::protocols::ALPN;
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_error::{Error, ErrorType, Result};
-use pingora_http::ResponseHeader;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
-use crate::config::Config;
-use crate::route::{Reason, Router};
-use crate::{REGION_HEADER, ROUTE_HEADER};
+use crate::auth::gate::{Admitted, Gate};
+use crate::budget::RetryBudget;
+use crate::config::{Config, HealthConfig, UpstreamProtocol};
+use crate::geo::{COUNTRY_HEADER, LATLON_HEADER, Locator};
+use crate::health;
+use crate::metrics::Metrics;
+use crate::regions::Regions;
+use crate::route::{Plan, Reason, RequestFacts, Router};
+use crate::{REGION_HEADER, ROUTE_HEADER, SESSION_HEADER};
 
 /// Most concurrent streams on one upstream HTTP/2 connection. Pingora's
 /// default is 1, which would open a connection per request.
 const MAX_H2_STREAMS: usize = 128;
 
 pub(crate) struct Proxy {
+    pub(crate) regions: Arc<Regions>,
+    pub(crate) metrics: Arc<Metrics>,
     router: Router,
-    addresses: Vec<SocketAddr>,
+    locator: Locator,
+    budget: RetryBudget,
+    health: HealthConfig,
+    max_attempts: usize,
     connect_timeout: Duration,
+    http_upstream: UpstreamProtocol,
     read_timeout: Duration,
+    /// API keys and rate limits.
+    pub(crate) gate: Gate,
 }
 
 /// Per-request state.
 pub(crate) struct Ctx {
     started: Instant,
     grpc: bool,
-    region: Option<(usize, Reason)>,
+    plan: Option<Plan>,
+    /// Tries made so far; the next try uses `plan.order[attempts]`.
+    attempts: usize,
+    current: Option<usize>,
+    reason: Option<Reason>,
+    /// Set once the response header is on its way to the client: no retry
+    /// after that.
+    responded: bool,
+    /// The tenant and its rate-limit decision.
+    admitted: Admitted,
 }
 
 impl Proxy {
-    pub(crate) fn new(config: &Config) -> Self {
-        Self {
+    pub(crate) fn new(
+        config: &Config,
+        regions: Arc<Regions>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
+        Ok(Self {
             router: Router::new(config),
-            addresses: config.regions.iter().map(|r| r.address).collect(),
+            locator: Locator::new(&config.geo)?,
+            budget: RetryBudget::new(&config.failover),
+            health: config.health.clone(),
+            max_attempts: config.failover.max_attempts as usize,
             connect_timeout: config.connect_timeout,
+            http_upstream: config.http_upstream,
             read_timeout: config.read_timeout,
-        }
+            gate: Gate::new(config, metrics.clone())?,
+            regions,
+            metrics,
+        })
     }
 
     fn region_name(&self, ctx: &Ctx) -> &str {
-        ctx.region
-            .map(|(i, _)| self.router.names()[i].as_str())
+        ctx.current
+            .map(|i| self.regions.list[i].name.as_str())
             .unwrap_or("-")
+    }
+
+    fn passive_failure(&self, ctx: &Ctx, cause: &str) {
+        if let Some(i) = ctx.current {
+            let region = &self.regions.list[i];
+            let t = region.failure(&self.health);
+            health::apply(&self.metrics, region, t, cause);
+        }
+    }
+
+    /// Whether another region may be tried now; spends from the retry budget.
+    fn may_retry(&self, ctx: &Ctx) -> bool {
+        let remaining = ctx
+            .plan
+            .as_ref()
+            .is_some_and(|p| ctx.attempts < p.order.len().min(self.max_attempts));
+        if !remaining || ctx.responded {
+            return false;
+        }
+        let allowed = self.budget.try_withdraw();
+        self.metrics
+            .retries
+            .with_label_values(&[if allowed { "allowed" } else { "denied" }])
+            .inc();
+        allowed
     }
 }
 
-fn is_grpc(session: &Session) -> bool {
+fn header_str<'a>(session: &'a Session, name: &str) -> Option<&'a str> {
     session
         .req_header()
         .headers
-        .get(header::CONTENT_TYPE)
+        .get(name)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
 /// Answers with an error the client understands: a trailers-only gRPC status
@@ -72,18 +132,50 @@ async fn respond_error(
     kind: &str,
     message: &str,
 ) -> Result<()> {
+    respond_error_with(
+        session,
+        grpc,
+        http_status,
+        grpc_code,
+        kind,
+        None,
+        message,
+        &[],
+    )
+    .await
+}
+
+/// [`respond_error`] with an OpenAI error `code` and extra response headers
+/// (`Retry-After`, `x-ratelimit-*`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn respond_error_with(
+    session: &mut Session,
+    grpc: bool,
+    http_status: u16,
+    grpc_code: u8,
+    kind: &str,
+    code: Option<&str>,
+    message: &str,
+    extra: &[(&'static str, http::HeaderValue)],
+) -> Result<()> {
     if grpc {
-        let mut resp = ResponseHeader::build(200, Some(3))?;
+        let mut resp = ResponseHeader::build(200, Some(3 + extra.len()))?;
         resp.insert_header(header::CONTENT_TYPE, "application/grpc")?;
         resp.insert_header("grpc-status", grpc_code.to_string())?;
         resp.insert_header("grpc-message", percent_encode(message))?;
+        for (name, value) in extra {
+            resp.insert_header(*name, value)?;
+        }
         return session.write_response_header(Box::new(resp), true).await;
     }
     let body = serde_json::json!({
-        "error": { "message": message, "type": kind, "param": null, "code": null }
+        "error": { "message": message, "type": kind, "param": null, "code": code }
     });
     let body = Bytes::from(body.to_string());
-    let mut resp = ResponseHeader::build(http_status, Some(2))?;
+    let mut resp = ResponseHeader::build(http_status, Some(2 + extra.len()))?;
+    for (name, value) in extra {
+        resp.insert_header(*name, value)?;
+    }
     resp.insert_header(header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
     session.write_response_header(Box::new(resp), false).await?;
@@ -108,30 +200,60 @@ impl ProxyHttp for Proxy {
     type CTX = Ctx;
 
     fn new_ctx(&self) -> Ctx {
+        let now = Instant::now();
         Ctx {
-            started: Instant::now(),
+            started: now,
             grpc: false,
-            region: None,
+            plan: None,
+            attempts: 0,
+            current: None,
+            reason: None,
+            responded: false,
+            admitted: Admitted::default(),
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        ctx.grpc = is_grpc(session);
-        let pin = session
-            .req_header()
-            .headers
-            .get(REGION_HEADER)
-            .and_then(|v| v.to_str().ok());
-        match self.router.choose(pin) {
-            Ok(choice) => {
-                ctx.region = Some(choice);
+        ctx.grpc = header_str(session, header::CONTENT_TYPE.as_str())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+        match self.gate.admit(session, ctx.grpc).await? {
+            Some(admitted) => ctx.admitted = admitted,
+            None => return Ok(true),
+        }
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let location = self
+            .locator
+            .locate(
+                peer,
+                header_str(session, LATLON_HEADER),
+                header_str(session, COUNTRY_HEADER),
+            )
+            .map(|(p, _)| p);
+        let facts = RequestFacts {
+            pin: header_str(session, REGION_HEADER),
+            session: header_str(session, SESSION_HEADER),
+            location,
+        };
+        match self.router.plan(&self.regions, facts) {
+            Ok(plan) => {
+                ctx.reason = Some(plan.reason);
+                ctx.plan = Some(plan);
+                self.budget.deposit();
+                // Keep the request body so a retry in another region can
+                // replay it (Pingora buffers up to its retry limit and marks
+                // larger bodies as not retryable).
+                session.as_downstream_mut().enable_retry_buffering();
                 Ok(false)
             }
             Err(unknown) => {
+                let names: Vec<&str> = self.regions.list.iter().map(|r| r.name.as_str()).collect();
                 let message = format!(
                     "unknown region {:?} in {REGION_HEADER}; known regions: {}",
                     unknown.0,
-                    self.router.names().join(", ")
+                    names.join(", ")
                 );
                 // INVALID_ARGUMENT = 3
                 respond_error(session, ctx.grpc, 400, 3, "invalid_request_error", &message).await?;
@@ -141,17 +263,106 @@ impl ProxyHttp for Proxy {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let (index, _) = ctx
-            .region
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no region chosen"))?;
-        let mut peer = HttpPeer::new(self.addresses[index], false, String::new());
-        // Regions speak HTTP/2 with prior knowledge (h2c): one pooled,
-        // multiplexed connection carries HTTP and gRPC alike.
-        peer.options.alpn = ALPN::H2;
+        let plan = ctx
+            .plan
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no region planned"))?;
+        let index = *plan
+            .order
+            .get(ctx.attempts)
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no region left to try"))?;
+        if ctx.attempts > 0 {
+            ctx.reason = Some(Reason::Failover);
+        }
+        ctx.attempts += 1;
+        ctx.current = Some(index);
+        let mut peer = HttpPeer::new(self.regions.list[index].address, false, String::new());
+        // gRPC needs HTTP/2 (trailers): prior knowledge (h2c), multiplexed
+        // on pooled connections. Plain HTTP defaults to pooled HTTP/1.1,
+        // which costs Pingora less per small request than HTTP/2 framing.
+        peer.options.alpn = if ctx.grpc || self.http_upstream == UpstreamProtocol::H2 {
+            ALPN::H2
+        } else {
+            ALPN::H1
+        };
         peer.options.max_h2_streams = MAX_H2_STREAMS;
         peer.options.connection_timeout = Some(self.connect_timeout);
         peer.options.read_timeout = Some(self.read_timeout);
         Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        self.passive_failure(ctx, e.etype().as_str());
+        e.set_retry(self.may_retry(ctx));
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("region {}", self.region_name(ctx)));
+        let upstream_fault = matches!(e.esource(), ErrorSource::Upstream);
+        if upstream_fault {
+            self.passive_failure(ctx, e.etype().as_str());
+        }
+        // Bodies are replayable unless Pingora's retry buffer overflowed;
+        // nothing is retried once the client has seen a byte.
+        let retry = if e.etype() == &ErrorType::HTTPStatus(503) && e.retry() {
+            // Decided (and paid for) in upstream_response_filter.
+            true
+        } else {
+            upstream_fault
+                && !session.as_downstream().retry_buffer_truncated()
+                && self.may_retry(ctx)
+        };
+        e.set_retry(retry);
+        tracing::debug!(peer = %peer, retry, error = %e, "try failed");
+        e
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let status = upstream_response.status.as_u16();
+        if let Some(i) = ctx.current {
+            let region = &self.regions.list[i];
+            if matches!(status, 500 | 502 | 503 | 504) {
+                self.passive_failure(ctx, "5xx");
+            } else {
+                region.request_ok();
+            }
+        }
+        // A saturated region says 503 before producing anything: try the
+        // next one if there is one, or pass the 503 (and its Retry-After) on.
+        if status == 503 && self.may_retry(ctx) {
+            let mut e = Error::explain(ErrorType::HTTPStatus(503), "region saturated");
+            e.set_retry(true);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        self.gate.upstream_request(&ctx.admitted, upstream_request)
     }
 
     async fn response_filter(
@@ -160,7 +371,9 @@ impl ProxyHttp for Proxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if let Some((_, reason)) = ctx.region {
+        ctx.responded = true;
+        self.gate.response(&ctx.admitted, upstream_response)?;
+        if let Some(reason) = ctx.reason {
             upstream_response.insert_header(REGION_HEADER, self.region_name(ctx).to_string())?;
             upstream_response.insert_header(ROUTE_HEADER, reason.as_str())?;
         }
@@ -170,6 +383,12 @@ impl ProxyHttp for Proxy {
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let region = self.region_name(ctx).to_string();
         let (status, code, kind, message) = match e.etype() {
+            _ if matches!(e.esource(), ErrorSource::Downstream) => {
+                return FailToProxy {
+                    error_code: 0,
+                    can_reuse_downstream: false,
+                };
+            }
             ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError => (
                 502,
                 14,
@@ -182,12 +401,6 @@ impl ProxyHttp for Proxy {
                 "server_error",
                 format!("region {region} did not answer in time"),
             ),
-            _ if matches!(e.esource(), pingora_error::ErrorSource::Downstream) => {
-                return FailToProxy {
-                    error_code: 0,
-                    can_reuse_downstream: false,
-                };
-            }
             _ => (
                 502,
                 14,
@@ -195,8 +408,10 @@ impl ProxyHttp for Proxy {
                 format!("region {region} failed: {}", e.etype().as_str()),
             ),
         };
-        tracing::warn!(region = %region, error = %e, "proxy to region failed");
-        if let Err(write) = respond_error(session, ctx.grpc, status, code, kind, &message).await {
+        tracing::warn!(region = %region, attempts = ctx.attempts, error = %e, "request failed in every region tried");
+        if !ctx.responded
+            && let Err(write) = respond_error(session, ctx.grpc, status, code, kind, &message).await
+        {
             tracing::debug!(error = %write, "could not send the error response");
         }
         FailToProxy {
@@ -210,16 +425,28 @@ impl ProxyHttp for Proxy {
             .response_written()
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
+        let region = self.region_name(ctx);
+        let reason = ctx.reason.map(Reason::as_str).unwrap_or("-");
+        let elapsed = ctx.started.elapsed();
+        self.metrics
+            .requests
+            .with_label_values(&[region, reason, status.to_string().as_str()])
+            .inc();
+        self.metrics
+            .duration
+            .with_label_values(&[region])
+            .observe(elapsed.as_secs_f64());
         let req = session.req_header();
         tracing::info!(
             target: "meridian_gateway::access",
             method = %req.method,
             path = %req.uri.path(),
             status,
-            region = self.region_name(ctx),
-            route = ctx.region.map(|(_, r)| r.as_str()).unwrap_or("-"),
+            region,
+            route = reason,
+            attempts = ctx.attempts,
             grpc = ctx.grpc,
-            duration_us = ctx.started.elapsed().as_micros() as u64,
+            duration_us = elapsed.as_micros() as u64,
             error = e.map(|e| e.etype().as_str()),
             "request"
         );

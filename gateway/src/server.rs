@@ -3,19 +3,27 @@
 //! Unix signals.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora_core::apps::HttpServerOptions;
+use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora_core::services::background::background_service;
+use pingora_core::services::listening::Service as ListeningService;
 use pingora_proxy::http_proxy_service_with_name;
 use tokio::sync::oneshot;
 
+use crate::admin::Admin;
 use crate::config::Config;
 use crate::error::Error;
+use crate::health::HealthChecker;
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::regions::Regions;
 
 /// How long [`Gateway::start`] waits for the listener to accept connections.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -24,6 +32,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// lets in-flight requests finish first.
 pub struct Gateway {
     addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<Stop>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -75,11 +84,17 @@ impl Gateway {
             ..ServerConf::default()
         };
         let mut server = Server::new_with_opt_and_conf(None, conf);
-        let mut service = http_proxy_service_with_name(
-            &server.configuration,
-            Proxy::new(&config),
-            "meridian gateway",
-        );
+        let regions = Arc::new(Regions::new(&config));
+        let metrics = Arc::new(Metrics::new());
+        let proxy = Proxy::new(&config, regions.clone(), metrics.clone()).map_err(|message| {
+            Error::Config {
+                origin: "gateway config".into(),
+                message,
+            }
+        })?;
+        let key_loader = proxy.gate.key_loader();
+        let mut service =
+            http_proxy_service_with_name(&server.configuration, proxy, "meridian gateway");
         let mut options = HttpServerOptions::default();
         // Cleartext HTTP/2 (gRPC with prior knowledge) next to HTTP/1.1 on
         // one port: Pingora tells them apart by the connection preface.
@@ -88,7 +103,49 @@ impl Gateway {
             app.server_options = Some(options);
         }
         service.add_tcp(&config.listen.to_string());
+        if let Some(tls) = &config.tls {
+            drop(
+                TcpListener::bind(tls.listen).map_err(|source| Error::Listen {
+                    addr: tls.listen,
+                    source,
+                })?,
+            );
+            let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+            let mut settings =
+                TlsSettings::intermediate(&path(&tls.cert_path), &path(&tls.key_path)).map_err(
+                    |e| Error::Config {
+                        origin: "server.tls".into(),
+                        message: format!("cannot load the certificate or key: {e}"),
+                    },
+                )?;
+            settings.enable_h2();
+            service.add_tls_with_settings(&tls.listen.to_string(), None, settings);
+        }
         server.add_service(service);
+        if let Some(loader) = key_loader {
+            server.add_service(background_service("api keys", loader));
+        }
+        server.add_service(background_service(
+            "region health",
+            HealthChecker::new(regions.clone(), config.health.clone(), metrics.clone()),
+        ));
+        if let Some(admin_addr) = config.admin_listen {
+            drop(
+                TcpListener::bind(admin_addr).map_err(|source| Error::Listen {
+                    addr: admin_addr,
+                    source,
+                })?,
+            );
+            let mut admin = ListeningService::new(
+                "meridian gateway admin".to_string(),
+                Admin {
+                    regions: regions.clone(),
+                    metrics: metrics.clone(),
+                },
+            );
+            admin.add_tcp(&admin_addr.to_string());
+            server.add_service(admin);
+        }
 
         let (stop, rx) = oneshot::channel();
         let signal = StopSignal(std::sync::Mutex::new(Some(rx)));
@@ -101,6 +158,7 @@ impl Gateway {
             })?;
         let gateway = Self {
             addr: config.listen,
+            admin_addr: config.admin_listen,
             stop: Some(stop),
             thread: Some(thread),
         };
@@ -126,6 +184,11 @@ impl Gateway {
     /// The client-facing address.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The admin endpoints' address, when configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// Stops accepting, gives in-flight requests the configured grace

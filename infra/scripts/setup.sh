@@ -15,7 +15,16 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
   need+=(postgresql)
 fi
 command -v make >/dev/null 2>&1 || need+=(make)
+# Telemetry keeps its partitions with pg_partman when TimescaleDB (no Debian
+# package) is absent; the extension must match the installed server version.
+if ! ls /usr/share/postgresql/*/extension/pg_partman.control >/dev/null 2>&1 \
+  && ! ls /usr/share/postgresql/*/extension/timescaledb.control >/dev/null 2>&1; then
+  pg_major=$(ls /usr/lib/postgresql 2>/dev/null | sort -n | tail -1)
+  need+=("postgresql-${pg_major:-15}-partman")
+fi
 command -v gcc >/dev/null 2>&1 || need+=(build-essential)
+# `make bench` measures the gateway next to HAProxy doing plain proxying.
+command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
@@ -32,9 +41,10 @@ if [ ${#need[@]} -gt 0 ]; then
   if command -v service >/dev/null 2>&1; then
     $SUDO service redis-server stop >/dev/null 2>&1 || true
     $SUDO service postgresql stop >/dev/null 2>&1 || true
+    $SUDO service haproxy stop >/dev/null 2>&1 || true
   fi
 else
-  say "Debian packages present (cmake, protoc, redis-server, postgresql)"
+  say "Debian packages present (cmake, protoc, redis-server, postgresql, pg_partman)"
 fi
 
 if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then

@@ -2,9 +2,12 @@
 //! `meridian.v1` gRPC services, on one axum router so a single port serves
 //! both (gRPC is told apart by path and content type).
 
+mod admin;
 mod grpc;
 mod http;
+mod jobs;
 mod openai;
+mod telemetry;
 mod tenant;
 
 use std::convert::Infallible;
@@ -21,7 +24,7 @@ use tower::ServiceExt;
 use crate::error::Error;
 use crate::inference::Inference;
 
-pub(crate) use self::tenant::{TENANT_HEADER, Tenant};
+pub(crate) use self::tenant::Tenant;
 
 /// What every handler shares.
 pub(crate) struct AppState {
@@ -37,6 +40,12 @@ pub(crate) struct AppState {
     /// Background tasks (workers, batch writers); the node waits for them,
     /// within its grace period, at shutdown.
     pub tasks: tokio_util::task::TaskTracker,
+    /// In-flight count, capacity and drain state, for `Admin.RegionStatus`.
+    pub status: Arc<crate::status::NodeStatus>,
+    /// Time-series storage: reading writer, usage recorder, limits.
+    pub telemetry: crate::telemetry::Telemetry,
+    /// Asynchronous jobs: submission, lookups and the worker pool's handles.
+    pub jobs: Arc<crate::queue::Queue>,
 }
 
 /// The response header that names the region which produced an answer. The
@@ -59,14 +68,23 @@ where
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("the embedded descriptor sets are valid");
-    let router = http::routes(state.clone());
+    let router = http::routes(state.clone())
+        .merge(telemetry::routes(state.clone()))
+        .merge(jobs::routes(state.clone()));
     let router = grpc_service(router, grpc::inference(state.clone()));
     let router = grpc_service(router, reflection_v1);
     let router = grpc_service(router, reflection_v1alpha);
     let router = grpc_service(router, health);
+    let router = grpc_service(router, admin::service(state.clone()));
+    let router = grpc_service(router, telemetry::service(state.clone()));
+    let router = grpc_service(router, jobs::grpc(state.clone()));
     let region_header = state.region_header.clone();
     router
         .fallback(fallback)
+        .layer(axum::middleware::from_fn_with_state(
+            state.status.clone(),
+            crate::status::track_in_flight,
+        ))
         .layer(axum::middleware::map_response(move |mut res: Response| {
             let value = region_header.clone();
             async move {

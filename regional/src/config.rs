@@ -8,6 +8,12 @@ use serde::Deserialize;
 
 use crate::error::Error;
 
+mod jobs;
+pub(crate) mod telemetry;
+
+pub use self::jobs::JobsConfig;
+pub use self::telemetry::TelemetryConfig;
+
 /// A validated regional node configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -17,6 +23,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// How long in-flight requests may take to finish after shutdown starts.
     pub shutdown_grace: Duration,
+    /// Requests the node is sized to hold at once.
+    pub max_in_flight: u32,
     /// Redis URL of this region.
     pub redis_url: String,
     /// PostgreSQL URL of this region.
@@ -27,6 +35,10 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Models served by this region.
     pub models: Vec<ModelConfig>,
+    /// Time-series storage: partitions, retention, ingest and query limits.
+    pub telemetry: TelemetryConfig,
+    /// Asynchronous jobs: workers, retries, leases, queue limits.
+    pub jobs: JobsConfig,
 }
 
 /// The TOML shape of the configuration. Every field has a default except the
@@ -43,6 +55,10 @@ struct RawConfig {
     /// Models served by this region; one simulated model when absent.
     #[serde(default = "default_models")]
     models: Vec<ModelConfig>,
+    #[serde(default)]
+    telemetry: TelemetryConfig,
+    #[serde(default)]
+    jobs: JobsConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -52,6 +68,9 @@ struct RawServer {
     listen: SocketAddr,
     /// Grace period for in-flight requests at shutdown, in milliseconds.
     shutdown_grace_ms: u64,
+    /// Requests the node is sized to hold at once; gateways weigh its load
+    /// as in-flight requests over this.
+    max_in_flight: u32,
 }
 
 impl Default for RawServer {
@@ -59,6 +78,7 @@ impl Default for RawServer {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7100)),
             shutdown_grace_ms: 10_000,
+            max_in_flight: 1024,
         }
     }
 }
@@ -138,6 +158,12 @@ pub struct SimConfig {
     pub max_concurrency: u32,
     /// Completion length when the request gives no `max_tokens`.
     pub default_max_tokens: u32,
+    /// Fraction (0 to 1) of whole (non-streamed) completions that fail with
+    /// a retryable error, for testing failure handling; 0 in production.
+    pub fail_rate: f64,
+    /// Seed of the failure draws: the n-th completion of a backend fails or
+    /// not depending only on this seed, n and `fail_rate`.
+    pub fail_seed: u64,
 }
 
 impl Default for SimConfig {
@@ -148,6 +174,8 @@ impl Default for SimConfig {
             per_token_ms: 5,
             max_concurrency: 64,
             default_max_tokens: 32,
+            fail_rate: 0.0,
+            fail_seed: 0,
         }
     }
 }
@@ -210,6 +238,9 @@ impl RawConfig {
                 self.postgres.url
             ));
         }
+        if self.server.max_in_flight == 0 {
+            return Err("`server.max_in_flight` must be at least 1".into());
+        }
         if self.postgres.max_connections == 0 {
             return Err("`postgres.max_connections` must be at least 1".into());
         }
@@ -230,18 +261,28 @@ impl RawConfig {
                         "`models[{i}].backend.max_concurrency` must be at least 1"
                     ));
                 }
+                BackendConfig::Sim(sim) if !(0.0..=1.0).contains(&sim.fail_rate) => {
+                    return Err(format!(
+                        "`models[{i}].backend.fail_rate` must be between 0 and 1"
+                    ));
+                }
                 BackendConfig::Sim(_) => {}
             }
         }
+        self.telemetry.validate()?;
+        self.jobs.validate()?;
         Ok(Config {
             region: self.region,
             listen: self.server.listen,
             shutdown_grace: Duration::from_millis(self.server.shutdown_grace_ms),
+            max_in_flight: self.server.max_in_flight,
             redis_url: self.redis.url,
             postgres_url: self.postgres.url,
             postgres_max_connections: self.postgres.max_connections,
             connect_timeout: Duration::from_millis(self.redis.connect_timeout_ms),
             models: self.models,
+            telemetry: self.telemetry,
+            jobs: self.jobs,
         })
     }
 }

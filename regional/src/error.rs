@@ -36,6 +36,28 @@ pub enum Error {
     /// A query failed.
     #[error("postgres: {0}")]
     Postgres(#[from] sqlx::Error),
+    /// The server offers no extension to keep time series with.
+    #[error(
+        "postgres has neither timescaledb nor pg_partman: install one, e.g. \
+         `apt-get install postgresql-15-partman` (or timescaledb, preloaded \
+         through shared_preload_libraries)"
+    )]
+    NoTimeSeriesExtension,
+    /// The database keeps time series with an extension the server lost.
+    #[error(
+        "the telemetry tables of this database use {0}, which this postgres server \
+         no longer provides: install it again"
+    )]
+    TimeSeriesModeUnavailable(&'static str),
+    /// The config asks for another time-series mode than the database has.
+    #[error(
+        "`telemetry.storage` asks for {configured}, but this database was set up with \
+         {recorded}: set it to {recorded} or auto"
+    )]
+    TimeSeriesModeMismatch {
+        recorded: &'static str,
+        configured: &'static str,
+    },
     /// The request is malformed; `param` names the offending field when known.
     #[error("{message}")]
     InvalidRequest {
@@ -51,6 +73,21 @@ pub enum Error {
     /// The node is shutting down or cannot take the request now.
     #[error("{0}")]
     Unavailable(String),
+    /// There is no such job for this tenant (or the id is malformed).
+    #[error("no job {0:?}")]
+    JobNotFound(String),
+    /// The job queue of the tenant or the region is full.
+    #[error("the {scope} job queue is full: retry later")]
+    QueueFull {
+        scope: &'static str,
+        retry_after: std::time::Duration,
+    },
+    /// An idempotency key was reused with a different request.
+    #[error("idempotency key {0:?} was already used for a different request")]
+    IdempotencyKeyReused(String),
+    /// The job already reached a terminal state.
+    #[error("job {id} already finished: {state}")]
+    JobAlreadyFinished { id: String, state: &'static str },
     /// An I/O failure not covered above.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
@@ -68,7 +105,10 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Self::InvalidRequest { .. } => Code::InvalidArgument,
-            Self::ModelNotFound(_) | Self::NotFound(_) => Code::NotFound,
+            Self::ModelNotFound(_) | Self::NotFound(_) | Self::JobNotFound(_) => Code::NotFound,
+            Self::QueueFull { .. } => Code::ResourceExhausted,
+            Self::IdempotencyKeyReused(_) => Code::AlreadyExists,
+            Self::JobAlreadyFinished { .. } => Code::FailedPrecondition,
             Self::Unavailable(_)
             | Self::RedisUnreachable { .. }
             | Self::PostgresUnreachable { .. } => Code::Unavailable,
@@ -85,9 +125,44 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The `ErrorDetail.reason` of errors that carry one on gRPC.
+    fn reason(&self) -> Option<&'static str> {
+        use meridian_proto::error::reason;
+        match self {
+            Self::JobNotFound(_) => Some(reason::JOB_NOT_FOUND),
+            Self::QueueFull { .. } => Some(reason::QUEUE_FULL),
+            Self::IdempotencyKeyReused(_) => Some(reason::IDEMPOTENCY_KEY_REUSED),
+            Self::JobAlreadyFinished { .. } => Some(reason::JOB_ALREADY_FINISHED),
+            _ => None,
+        }
+    }
+
+    fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Self::QueueFull { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+}
+
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        tonic::Status::new(e.code(), e.to_string())
+        match e.reason() {
+            Some(reason) => {
+                let retry_after = e.retry_after();
+                let detail = meridian_proto::v1::ErrorDetail {
+                    reason: reason.to_string(),
+                    message: e.to_string(),
+                    retryable: retry_after.is_some(),
+                    retry_after_ms: retry_after
+                        .map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX)),
+                    region: String::new(),
+                };
+                meridian_proto::status_with_detail(e.code(), e.to_string(), detail)
+            }
+            None => tonic::Status::new(e.code(), e.to_string()),
+        }
     }
 }
 
@@ -111,6 +186,13 @@ impl IntoResponse for Error {
                 "code": self.openai_code(),
             }
         });
-        (status, axum::Json(body)).into_response()
+        let mut res = (status, axum::Json(body)).into_response();
+        if let Some(after) = self.retry_after() {
+            // Whole seconds, rounded up: `Retry-After` has no finer unit.
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            res.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.max(1).into());
+        }
+        res
     }
 }

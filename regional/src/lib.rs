@@ -13,8 +13,11 @@ mod config;
 mod error;
 mod inference;
 mod node;
+mod queue;
+mod status;
 mod store;
+mod telemetry;
 
-pub use self::config::{BackendConfig, Config, ModelConfig, SimConfig};
+pub use self::config::{BackendConfig, Config, ModelConfig, SimConfig, TelemetryConfig};
 pub use self::error::Error;
 pub use self::node::RegionalNode;

@@ -49,8 +49,18 @@ impl RegionalNode {
         .await?;
 
         let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let telemetry =
+            crate::telemetry::start(&pool, &config.region, &config.telemetry, &shutdown, &tasks)
+                .await?;
         let (health, health_service) = tonic_health::server::health_reporter();
-        for service in ["", "meridian.v1.Inference"] {
+        for service in [
+            "",
+            "meridian.v1.Inference",
+            "meridian.v1.Admin",
+            "meridian.v1.Telemetry",
+            "meridian.v1.Jobs",
+        ] {
             health
                 .set_service_status(service, tonic_health::ServingStatus::Serving)
                 .await;
@@ -61,10 +71,20 @@ impl RegionalNode {
             region: config.region.clone(),
             inference: Inference::new(&config.models),
             pool: pool.clone(),
+            jobs: Arc::new(crate::queue::Queue::new(
+                pool.clone(),
+                redis.clone(),
+                config.jobs.clone(),
+                &config.region,
+                shutdown.clone(),
+            )),
             redis,
             shutdown: shutdown.clone(),
-            tasks: TaskTracker::new(),
+            tasks: tasks.clone(),
+            telemetry,
+            status: Arc::new(crate::status::NodeStatus::new(config.max_in_flight)),
         });
+        crate::queue::start(&state);
         let tasks = state.tasks.clone();
         let app = api::app(state, health_service);
 
@@ -117,7 +137,13 @@ impl RegionalNode {
     pub async fn shutdown(mut self) -> Result<(), Error> {
         // Health checkers see NOT_SERVING first, so a gateway stops sending
         // new work while in-flight requests drain.
-        for service in ["", "meridian.v1.Inference"] {
+        for service in [
+            "",
+            "meridian.v1.Inference",
+            "meridian.v1.Admin",
+            "meridian.v1.Telemetry",
+            "meridian.v1.Jobs",
+        ] {
             self.health
                 .set_service_status(service, tonic_health::ServingStatus::NotServing)
                 .await;
@@ -132,7 +158,10 @@ impl RegionalNode {
         // Background tasks saw the same cancellation; they get what is left
         // of the grace period to flush and hand back their work.
         self.tasks.close();
-        if tokio::time::timeout(self.grace, self.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(self.grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(region = %self.region, "background tasks still running after the grace period");
         }
         self.pool.close().await;

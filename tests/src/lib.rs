@@ -10,7 +10,9 @@ mod sandbox;
 
 pub use meridian_launcher::{PostgresServer, RedisServer};
 
-pub use self::sandbox::{ClusterSandbox, RegionSandbox};
+pub use self::sandbox::{
+    ClusterSandbox, RegionSandbox, TEST_MODEL, TEST_SLOW_MODEL, region_location, start_gateway,
+};
 
 /// Sends the harness's and the system's logs to the test output, once per
 /// process; `RUST_LOG` selects what is shown (default: warnings).

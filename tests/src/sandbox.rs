@@ -2,13 +2,16 @@
 
 use std::net::SocketAddr;
 
-use meridian_gateway::{Gateway, RegionConfig};
+use meridian_gateway::{Config as GatewayConfig, Gateway, RegionConfig};
 use meridian_launcher::{PostgresOptions, PostgresServer, RedisOptions, RedisServer};
 use meridian_regional::{Config, RegionalNode};
 
 /// The model every sandbox region serves: the simulator without delays, so
 /// tests wait for nothing but the system itself.
 pub const TEST_MODEL: &str = "sim-fast";
+/// A second model that takes its time: 50 ms to the first token, 150 ms per
+/// token after it, for tests of streaming and in-flight behaviour.
+pub const TEST_SLOW_MODEL: &str = "sim-slow";
 
 /// One region: its Redis, its PostgreSQL and its node.
 pub struct RegionSandbox {
@@ -18,9 +21,27 @@ pub struct RegionSandbox {
     pub redis: RedisServer,
     /// The region's own PostgreSQL.
     pub postgres: PostgresServer,
-    node: Option<RegionalNode>,
+    node: Option<NodeHandle>,
     addr: Option<SocketAddr>,
     extra_config: String,
+}
+
+/// A node and the runtime it runs on.
+struct NodeHandle {
+    runtime: Option<tokio::runtime::Runtime>,
+    node: Option<RegionalNode>,
+}
+
+impl Drop for NodeHandle {
+    fn drop(&mut self) {
+        // Dropping the runtime's tasks closes the node's listener and every
+        // connection; shutdown_background does not block, so this is safe
+        // inside the test's own runtime.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+        drop(self.node.take());
+    }
 }
 
 impl RegionSandbox {
@@ -57,6 +78,8 @@ impl RegionSandbox {
              [postgres]\nurl = \"{pg}\"\nmax_connections = 5\n\
              [[models]]\nid = \"{TEST_MODEL}\"\n\
              backend = {{ kind = \"sim\", prefill_us_per_token = 0, ttft_ms = 0, per_token_ms = 0 }}\n\
+             [[models]]\nid = \"{TEST_SLOW_MODEL}\"\n\
+             backend = {{ kind = \"sim\", prefill_us_per_token = 0, ttft_ms = 50, per_token_ms = 150 }}\n\
              {extra}",
             name = self.name,
             extra = self.extra_config,
@@ -65,7 +88,9 @@ impl RegionSandbox {
         )
     }
 
-    /// Starts the node, on the port it had before if it ran already.
+    /// Starts the node, on the port it had before if it ran already. The node
+    /// gets a runtime of its own, so [`RegionSandbox::kill_node`] can end it
+    /// the way a crash would: every socket closed at once, nothing flushed.
     pub async fn start_node(&mut self) {
         assert!(self.node.is_none(), "region {} already runs", self.name);
         let listen = self
@@ -73,20 +98,45 @@ impl RegionSandbox {
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
         let config = Config::from_toml(&self.config_toml(listen), "sandbox")
             .unwrap_or_else(|e| panic!("region {}: {e}", self.name));
-        let node = RegionalNode::start(config)
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(format!("region-{}", self.name))
+            .enable_all()
+            .build()
+            .expect("a runtime for the node");
+        let node = runtime
+            .spawn(RegionalNode::start(config))
             .await
+            .expect("node start does not panic")
             .unwrap_or_else(|e| panic!("region {}: {e}", self.name));
         self.addr = Some(node.local_addr());
-        self.node = Some(node);
+        self.node = Some(NodeHandle {
+            runtime: Some(runtime),
+            node: Some(node),
+        });
     }
 
     /// Shuts the node down gracefully; its stores keep running.
     pub async fn stop_node(&mut self) {
-        if let Some(node) = self.node.take() {
-            node.shutdown()
+        if let Some(mut handle) = self.node.take() {
+            let node = handle.node.take().expect("a running node");
+            let runtime = handle.runtime.as_ref().expect("a running node");
+            runtime
+                .spawn(node.shutdown())
                 .await
+                .expect("node shutdown does not panic")
                 .unwrap_or_else(|e| panic!("region {}: {e}", self.name));
         }
+    }
+
+    /// Ends the node at once, as a crash would; its stores keep running.
+    pub fn kill_node(&mut self) {
+        drop(self.node.take());
+    }
+
+    /// Whether the node runs.
+    pub fn node_running(&self) -> bool {
+        self.node.is_some()
     }
 
     /// The node's API address (HTTP and gRPC).
@@ -100,59 +150,77 @@ impl RegionSandbox {
     }
 }
 
+/// Where the sandbox places well-known region names, so geography works.
+pub fn region_location(name: &str) -> Option<(f64, f64)> {
+    match name {
+        "us-east" => Some((39.0, -77.5)),
+        "us-west" => Some((45.6, -121.2)),
+        "eu-west" => Some((53.3, -6.3)),
+        "eu-central" => Some((50.1, 8.7)),
+        "ap-south" => Some((19.1, 72.9)),
+        "ap-northeast" => Some((35.7, 139.7)),
+        _ => None,
+    }
+}
+
 /// Several regions and a gateway in front of them.
 pub struct ClusterSandbox {
     /// The regions, in the order given to [`ClusterSandbox::start`]; the first
     /// is the gateway's default region.
     pub regions: Vec<RegionSandbox>,
     gateway: Option<Gateway>,
+    gateway_config: Option<GatewayConfig>,
 }
 
 impl ClusterSandbox {
-    /// Starts every region (concurrently), then the gateway.
+    /// Starts every region (concurrently), then the gateway with defaults
+    /// tuned for tests (one thread, no shutdown grace, an admin port).
     pub async fn start(names: &[&str]) -> Self {
-        let regions = futures_join(names).await;
-        let mut sandbox = Self {
-            regions,
-            gateway: None,
-        };
-        sandbox.start_gateway().await;
-        sandbox
+        Self::start_with(names, |_| {}).await
     }
 
-    async fn start_gateway(&mut self) {
-        let regions: Vec<RegionConfig> = self
-            .regions
-            .iter()
-            .map(|r| RegionConfig {
-                name: r.name.clone(),
-                address: r.addr(),
-            })
-            .collect();
-        // A free port can be taken by a parallel test between the probe and
-        // the bind; try a few.
-        let mut last_error = None;
-        for _ in 0..5 {
-            let port = meridian_launcher::free_port().expect("a free port");
-            let mut config = meridian_gateway::Config::new(
-                SocketAddr::from(([127, 0, 0, 1], port)),
-                regions.clone(),
-            )
-            .expect("a valid gateway config");
-            config.threads = 1;
-            config.shutdown_grace = std::time::Duration::from_secs(0);
-            match tokio::task::spawn_blocking(move || Gateway::start(config))
-                .await
-                .expect("gateway start does not panic")
-            {
-                Ok(g) => {
-                    self.gateway = Some(g);
-                    return;
-                }
-                Err(e) => last_error = Some(e),
-            }
+    /// Like [`ClusterSandbox::start`], letting the test adjust the gateway's
+    /// config (geo, health, failover) before it starts.
+    pub async fn start_with(names: &[&str], adjust: impl FnOnce(&mut GatewayConfig)) -> Self {
+        Self::start_with_regions(names, |_, config| adjust(config)).await
+    }
+
+    /// Like [`ClusterSandbox::start_with`], with the started regions at hand
+    /// (to point the gateway at their PostgreSQL or Redis).
+    pub async fn start_with_regions(
+        names: &[&str],
+        adjust: impl FnOnce(&[RegionSandbox], &mut GatewayConfig),
+    ) -> Self {
+        let regions = futures_join(names).await;
+        let mut config = GatewayConfig::new(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            regions
+                .iter()
+                .map(|r| {
+                    let region = RegionConfig::new(r.name.clone(), r.addr());
+                    match region_location(&r.name) {
+                        Some((lat, lon)) => region.at(lat, lon),
+                        None => region,
+                    }
+                })
+                .collect(),
+        )
+        .expect("a valid gateway config");
+        config.threads = 1;
+        config.shutdown_grace = std::time::Duration::from_secs(0);
+        adjust(&regions, &mut config);
+        let gateway = start_gateway(config.clone()).await;
+        Self {
+            regions,
+            gateway_config: Some(config),
+            gateway: Some(gateway),
         }
-        panic!("gateway did not start: {}", last_error.expect("an error"));
+    }
+
+    /// Starts one more gateway with the same config on other ports: gateways
+    /// share nothing, so this is how a test sees two instances agree.
+    pub async fn start_another_gateway(&self) -> Gateway {
+        start_gateway(self.gateway_config.clone().expect("gateway config")).await
     }
 
     /// The gateway's address.
@@ -165,6 +233,16 @@ impl ClusterSandbox {
         format!("http://{}", self.gateway_addr())
     }
 
+    /// `http://` URL of the gateway's admin endpoints.
+    pub fn admin_url(&self) -> String {
+        let addr = self
+            .gateway
+            .as_ref()
+            .and_then(|g| g.admin_addr())
+            .expect("the sandbox gateway has an admin port");
+        format!("http://{addr}")
+    }
+
     /// The region called `name`.
     pub fn region(&mut self, name: &str) -> &mut RegionSandbox {
         self.regions
@@ -172,6 +250,27 @@ impl ClusterSandbox {
             .find(|r| r.name == name)
             .unwrap_or_else(|| panic!("no region {name} in this sandbox"))
     }
+}
+
+/// Starts a gateway on free ports (client and admin). A free port can be
+/// taken by a parallel test between the probe and the bind; try a few.
+pub async fn start_gateway(mut config: GatewayConfig) -> Gateway {
+    let mut last_error = None;
+    for _ in 0..5 {
+        let port = meridian_launcher::free_port().expect("a free port");
+        config.listen = SocketAddr::from(([127, 0, 0, 1], port));
+        let admin = meridian_launcher::free_port().expect("a free port");
+        config.admin_listen = Some(SocketAddr::from(([127, 0, 0, 1], admin)));
+        let attempt = config.clone();
+        match tokio::task::spawn_blocking(move || Gateway::start(attempt))
+            .await
+            .expect("gateway start does not panic")
+        {
+            Ok(g) => return g,
+            Err(e) => last_error = Some(e),
+        }
+    }
+    panic!("gateway did not start: {}", last_error.expect("an error"));
 }
 
 async fn futures_join(names: &[&str]) -> Vec<RegionSandbox> {

@@ -256,6 +256,11 @@ impl Launcher<'_> {
         ] {
             cmd.arg("-c").arg(setting);
         }
+        // TimescaleDB only loads when preloaded; where it is installed, the
+        // regions' time series use it (see regional/src/telemetry/schema.rs).
+        if self.bin.path("../lib/timescaledb.so").exists() {
+            cmd.args(["-c", "shared_preload_libraries=timescaledb"]);
+        }
         cmd.current_dir(self.dir);
         if let Some(user) = self.run_as {
             cmd.uid(user.uid).gid(user.gid);

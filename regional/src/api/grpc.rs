@@ -11,8 +11,8 @@ use meridian_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use super::AppState;
 use super::http::completion_id;
+use super::{AppState, Tenant};
 use crate::error::Error;
 use crate::inference::{ChatRequest, Chunk, Finish, Message, Usage};
 
@@ -24,7 +24,7 @@ pub(super) struct InferenceApi {
     state: Arc<AppState>,
 }
 
-fn chat_request(req: GenerateRequest) -> Result<ChatRequest, Error> {
+pub(super) fn chat_request(req: GenerateRequest) -> Result<ChatRequest, Error> {
     if req.model.is_empty() {
         return Err(Error::invalid("`model` must not be empty", Some("model")));
     }
@@ -82,10 +82,24 @@ impl Inference for InferenceApi {
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
         let started = tokio::time::Instant::now();
+        let tenant = Tenant::from_metadata(request.metadata())?;
         let req = chat_request(request.into_inner())?;
-        let done = self.state.inference.complete(&req).await?;
+        let record = self
+            .state
+            .telemetry
+            .usage
+            .begin(tenant.as_str(), &req.model);
+        let done = self
+            .state
+            .inference
+            .complete(&req)
+            .await
+            .inspect_err(|e| record.failed(e))?;
+        record.completed(done.usage, done.time_to_first_token, "bypass");
         let now = std::time::SystemTime::now();
-        Ok(Response::new(GenerateResponse {
+        // Tokens used, for the gateway's tokens-per-minute accounting.
+        let total = done.usage.prompt_tokens + done.usage.completion_tokens;
+        let mut response = Response::new(GenerateResponse {
             id: completion_id(),
             model: req.model,
             message: Some(ChatMessage {
@@ -100,7 +114,11 @@ impl Inference for InferenceApi {
             time_to_first_token_ms: millis(done.time_to_first_token),
             latency_ms: millis(started.elapsed()),
             cache: CacheResult::Bypass.into(),
-        }))
+        });
+        response
+            .metadata_mut()
+            .insert("x-meridian-usage-tokens", total.into());
+        Ok(response)
     }
 
     type GenerateStreamStream = BoxStream<'static, Result<GenerateChunk, Status>>;
@@ -109,9 +127,16 @@ impl Inference for InferenceApi {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let tenant = Tenant::from_metadata(request.metadata())?;
         let req = chat_request(request.into_inner())?;
         let model = req.model.clone();
-        let chunks = self.state.inference.stream(req)?;
+        let record = self.state.telemetry.usage.begin(tenant.as_str(), &model);
+        let chunks = self
+            .state
+            .inference
+            .stream(req)
+            .inspect_err(|e| record.failed(e))?;
+        let mut ttft = None;
         let id = completion_id();
         let region = self.state.region.clone();
         let mut index = 0;
@@ -125,11 +150,15 @@ impl Inference for InferenceApi {
             };
             index += 1;
             match chunk {
-                Chunk::Delta(text) => out.delta = text,
+                Chunk::Delta(text) => {
+                    ttft.get_or_insert_with(|| record.elapsed());
+                    out.delta = text;
+                }
                 Chunk::Done {
                     finish: f,
                     usage: u,
                 } => {
+                    record.completed(u, ttft.unwrap_or_else(|| record.elapsed()), "bypass");
                     out.finish_reason = finish(f).into();
                     out.usage = Some(usage(u));
                 }

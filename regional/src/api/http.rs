@@ -11,13 +11,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
 
-use super::AppState;
 use super::openai::{
     ChatCompletion, ChatCompletionBody, ChatCompletionChunk, Choice, ChunkChoice, Delta,
     MessageOut, ModelEntry, ModelList, UsageBody, finish_reason,
 };
+use super::{AppState, Tenant};
 use crate::error::Error;
 use crate::inference::Chunk;
+use crate::telemetry::usage::UsageDraft;
 
 pub(super) fn routes(state: Arc<AppState>) -> Router {
     Router::new()
@@ -31,14 +32,18 @@ pub(super) fn completion_id() -> String {
     format!("chatcmpl-{}", uuid::Uuid::now_v7().simple())
 }
 
-async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    match chat(state, &body).await {
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    tenant: Tenant,
+    body: Bytes,
+) -> Response {
+    match chat(state, &tenant, &body).await {
         Ok(res) => res,
         Err(e) => e.into_response(),
     }
 }
 
-async fn chat(state: Arc<AppState>, body: &[u8]) -> Result<Response, Error> {
+async fn chat(state: Arc<AppState>, tenant: &Tenant, body: &[u8]) -> Result<Response, Error> {
     let body = ChatCompletionBody::parse(body)?;
     let stream = body.stream;
     let include_usage = body
@@ -46,13 +51,22 @@ async fn chat(state: Arc<AppState>, body: &[u8]) -> Result<Response, Error> {
         .as_ref()
         .is_some_and(|o| o.include_usage);
     let req = body.into_request()?;
+    let record = state.telemetry.usage.begin(tenant.as_str(), &req.model);
     let id = completion_id();
     let created = chrono::Utc::now().timestamp();
     if stream {
-        let chunks = state.inference.stream(req.clone())?;
-        return Ok(sse(id, created, req.model, include_usage, chunks).into_response());
+        let chunks = state
+            .inference
+            .stream(req.clone())
+            .inspect_err(|e| record.failed(e))?;
+        return Ok(sse(id, created, req.model, include_usage, chunks, record).into_response());
     }
-    let done = state.inference.complete(&req).await?;
+    let done = state
+        .inference
+        .complete(&req)
+        .await
+        .inspect_err(|e| record.failed(e))?;
+    record.completed(done.usage, done.time_to_first_token, "bypass");
     let body = ChatCompletion {
         id: &id,
         object: "chat.completion",
@@ -68,7 +82,13 @@ async fn chat(state: Arc<AppState>, body: &[u8]) -> Result<Response, Error> {
         }],
         usage: done.usage.into(),
     };
-    Ok(axum::Json(body).into_response())
+    // Tokens used, for the gateway's tokens-per-minute accounting.
+    let total = done.usage.prompt_tokens + done.usage.completion_tokens;
+    Ok((
+        [("x-meridian-usage-tokens", total.to_string())],
+        axum::Json(body),
+    )
+        .into_response())
 }
 
 /// Streams chunks as OpenAI server-sent events: a first chunk with the role,
@@ -80,6 +100,7 @@ fn sse(
     model: String,
     include_usage: bool,
     chunks: futures::stream::BoxStream<'static, Chunk>,
+    record: UsageDraft,
 ) -> impl IntoResponse {
     let event = move |choices: Vec<ChunkChoice<'_>>, usage: Option<UsageBody>| {
         let chunk = ChatCompletionChunk {
@@ -106,9 +127,11 @@ fn sse(
     let body = async_stream::stream! {
         yield Ok::<_, Infallible>(first);
         let mut chunks = chunks;
+        let mut ttft = None;
         while let Some(chunk) = chunks.next().await {
             match chunk {
                 Chunk::Delta(text) => {
+                    ttft.get_or_insert_with(|| record.elapsed());
                     yield Ok(event(vec![ChunkChoice {
                         index: 0,
                         delta: Delta { role: None, content: Some(&text) },
@@ -116,6 +139,7 @@ fn sse(
                     }], None));
                 }
                 Chunk::Done { finish, usage } => {
+                    record.completed(usage, ttft.unwrap_or_else(|| record.elapsed()), "bypass");
                     yield Ok(event(vec![ChunkChoice {
                         index: 0,
                         delta: Delta { role: None, content: None },

@@ -25,8 +25,7 @@ impl Tenant {
         };
         let valid = !v.is_empty()
             && v.len() <= 64
-            && v
-                .bytes()
+            && v.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
         if !valid {
             return Err(Error::invalid(
@@ -72,7 +71,10 @@ mod tests {
     #[test]
     fn absent_is_default_and_bad_values_are_refused() {
         assert_eq!(Tenant::parse(None).unwrap().as_str(), DEFAULT_TENANT);
-        assert_eq!(Tenant::parse(Some("acme-1.prod")).unwrap().as_str(), "acme-1.prod");
+        assert_eq!(
+            Tenant::parse(Some("acme-1.prod")).unwrap().as_str(),
+            "acme-1.prod"
+        );
         assert!(Tenant::parse(Some("")).is_err());
         assert!(Tenant::parse(Some("a b")).is_err());
         assert!(Tenant::parse(Some(&"x".repeat(65))).is_err());

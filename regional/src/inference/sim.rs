@@ -4,6 +4,7 @@
 //! limit beyond which requests wait.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -56,15 +57,40 @@ const VOCABULARY: &[&str] = &[
 pub(crate) struct SimBackend {
     config: SimConfig,
     slots: Arc<Semaphore>,
+    /// Completions started, numbering the failure-injection draws.
+    calls: AtomicU64,
 }
 
 impl SimBackend {
     pub(crate) fn new(config: SimConfig) -> Self {
         let slots = Arc::new(Semaphore::new(config.max_concurrency as usize));
-        Self { config, slots }
+        Self {
+            config,
+            slots,
+            calls: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the next completion fails, by `fail_rate`; the n-th draw of a
+    /// given `fail_seed` always comes out the same.
+    fn inject_failure(&self) -> bool {
+        if self.config.fail_rate <= 0.0 {
+            return false;
+        }
+        let n = self.calls.fetch_add(1, Ordering::Relaxed);
+        let mut hash = Fnv::new();
+        hash.write(&self.config.fail_seed.to_le_bytes());
+        hash.write(&n.to_le_bytes());
+        let draw = StdRng::seed_from_u64(hash.finish()).random::<f64>();
+        draw < self.config.fail_rate
     }
 
     pub(crate) async fn complete(&self, req: &ChatRequest) -> Result<Completion, Error> {
+        if self.inject_failure() {
+            return Err(Error::Unavailable(
+                "simulated backend failure (fail_rate)".into(),
+            ));
+        }
         let started = Instant::now();
         let mut stream = plan(&self.config, req).run(self.slots.clone());
         let mut text = String::new();

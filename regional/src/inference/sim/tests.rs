@@ -8,6 +8,7 @@ fn fast() -> SimConfig {
         per_token_ms: 0,
         max_concurrency: 4,
         default_max_tokens: 16,
+        ..SimConfig::default()
     }
 }
 
@@ -91,6 +92,7 @@ async fn timing_follows_config() {
         per_token_ms: 10,
         max_concurrency: 1,
         default_max_tokens: 8,
+        ..SimConfig::default()
     });
     let req = request("one two three four five six", Some(3), Some(8));
     let started = tokio::time::Instant::now();
@@ -111,6 +113,7 @@ async fn concurrency_limit_queues_requests() {
         per_token_ms: 0,
         max_concurrency: 1,
         default_max_tokens: 1,
+        ..SimConfig::default()
     }));
     let started = tokio::time::Instant::now();
     let (ra, rb) = (request("a", None, Some(1)), request("b", None, Some(1)));
@@ -119,4 +122,33 @@ async fn concurrency_limit_queues_requests() {
     b.unwrap();
     // One slot: the second request waits for the first.
     assert_eq!(started.elapsed(), Duration::from_millis(100));
+}
+
+#[tokio::test]
+async fn failure_injection_follows_rate_and_seed() {
+    let draws = |seed| {
+        let sim = SimBackend::new(SimConfig {
+            fail_rate: 0.5,
+            fail_seed: seed,
+            ..fast()
+        });
+        (0..64).map(|_| sim.inject_failure()).collect::<Vec<_>>()
+    };
+    let a = draws(7);
+    assert_eq!(a, draws(7), "same seed, same sequence");
+    assert_ne!(a, draws(8), "another seed, another sequence");
+    let failed = a.iter().filter(|f| **f).count();
+    assert!((16..=48).contains(&failed), "about half fail: {failed}");
+
+    let always = SimBackend::new(SimConfig {
+        fail_rate: 1.0,
+        ..fast()
+    });
+    let err = always
+        .complete(&request("x", None, None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    let never = SimBackend::new(fast());
+    assert!((0..64).all(|_| !never.inject_failure()));
 }

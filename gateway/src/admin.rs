@@ -1,0 +1,86 @@
+//! The gateway's admin endpoints, on their own port so they are never
+//! exposed with the client-facing one: `/healthz` (the process runs),
+//! `/readyz` (some region can take work), `/metrics` (Prometheus), `/routing`
+//! (the live region table as JSON).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{Response, StatusCode, header};
+use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::protocols::http::ServerSession;
+use serde_json::json;
+
+use crate::metrics::Metrics;
+use crate::regions::Regions;
+
+pub(crate) struct Admin {
+    pub regions: Arc<Regions>,
+    pub metrics: Arc<Metrics>,
+}
+
+fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(body)
+        .expect("static response parts are valid")
+}
+
+impl Admin {
+    fn routing(&self) -> serde_json::Value {
+        let regions: Vec<_> = self
+            .regions
+            .list
+            .iter()
+            .map(|r| {
+                json!({
+                    "name": r.name,
+                    "address": r.address.to_string(),
+                    "healthy": r.is_healthy(),
+                    "draining": r.is_draining(),
+                    "ewma_latency_ms": r.ewma_ms(),
+                    "load": r.load(),
+                    "location": r.location.map(|l| json!({ "lat": l.lat, "lon": l.lon })),
+                })
+            })
+            .collect();
+        json!({ "regions": regions })
+    }
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        match session.req_header().uri.path() {
+            "/healthz" => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            "/readyz" => {
+                if self.regions.list.iter().any(|r| r.is_available()) {
+                    reply(StatusCode::OK, "text/plain", b"ready\n".to_vec())
+                } else {
+                    reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        b"no region is available\n".to_vec(),
+                    )
+                }
+            }
+            "/metrics" => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                self.metrics.render(),
+            ),
+            "/routing" => reply(
+                StatusCode::OK,
+                "application/json",
+                self.routing().to_string().into_bytes(),
+            ),
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                b"try /healthz, /readyz, /metrics or /routing\n".to_vec(),
+            ),
+        }
+    }
+}

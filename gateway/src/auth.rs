@@ -1,0 +1,476 @@
+//! Tenants and API keys.
+//!
+//! A key is `mk-` and 40 random URL-safe characters. PostgreSQL keeps only
+//! its SHA-256 (and a short prefix for display); the gateway loads every live
+//! key into an immutable snapshot every `auth.reload_interval_ms` and swaps it
+//! in atomically ([`arc_swap`]), so a request looks its key up without a lock
+//! and a revocation (`revoked_at` set) takes effect at the next reload. The
+//! gateway never migrates: the schema is `regional/migrations/0004_tenants.sql`.
+//!
+//! A PostgreSQL outage keeps the last snapshot in force (keys keep working,
+//! revocations wait), which is the choice that keeps an edge serving.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use http::HeaderValue;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use rand::Rng;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::sync::watch;
+
+use crate::ratelimit::{Limits, LocalState, RateLimitConfig};
+
+pub(crate) mod gate;
+
+/// Request header (and gRPC metadata key) the gateway names the tenant in
+/// towards regions. Whatever a client sends in it is discarded.
+pub const TENANT_HEADER: &str = "x-meridian-tenant";
+/// Tenant of every request when `[auth]` is not configured.
+pub const DEFAULT_TENANT: &str = "default";
+/// What every key starts with.
+pub const KEY_PREFIX: &str = "mk-";
+/// Random characters after [`KEY_PREFIX`].
+const KEY_RANDOM_CHARS: usize = 40;
+/// Characters of a key stored in clear (`mk-` and six more): enough to tell
+/// keys apart in a listing, 36 of 240 random bits.
+const DISPLAY_PREFIX_CHARS: usize = 9;
+const URL_SAFE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/// Where API keys come from (`[auth]`).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// PostgreSQL database the keys are read from (any region's: keys
+    /// replicate to every region). The gateway only reads; regions migrate.
+    pub postgres_url: String,
+    /// Time between reloads of the keys, in milliseconds; a new or revoked
+    /// key takes effect within about this long.
+    #[serde(default = "default_reload_interval_ms")]
+    pub reload_interval_ms: u64,
+}
+
+fn default_reload_interval_ms() -> u64 {
+    1_000
+}
+
+impl AuthConfig {
+    /// Keys read from `postgres_url`, reloaded every second.
+    pub fn new(postgres_url: impl Into<String>) -> Self {
+        Self {
+            postgres_url: postgres_url.into(),
+            reload_interval_ms: default_reload_interval_ms(),
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        self.postgres_url
+            .parse::<PgConnectOptions>()
+            .map_err(|e| format!("`auth.postgres_url` is not a PostgreSQL URL: {e}"))?;
+        if self.reload_interval_ms == 0 {
+            return Err("`auth.reload_interval_ms` must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+// The URL may carry a password.
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("postgres_url", &"<redacted>")
+            .field("reload_interval_ms", &self.reload_interval_ms)
+            .finish()
+    }
+}
+
+/// A tenant's own limits; `None` means the gateway's `[rate_limit]` default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TenantLimits {
+    /// Requests per second.
+    pub requests_per_second: Option<u32>,
+    /// Tokens (prompt and completion) per minute.
+    pub tokens_per_minute: Option<u64>,
+}
+
+/// What managing tenants and keys can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database refused or could not be reached.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A tenant id must be 1 to 64 letters, digits, `-`, `_` or `.`.
+    #[error("invalid tenant id {0:?}: use 1 to 64 letters, digits, '-', '_' or '.'")]
+    InvalidTenant(String),
+    /// Limits must be at least 1 (leave them out for the default).
+    #[error("limits must be at least 1")]
+    InvalidLimits,
+    /// No tenant with this id.
+    #[error("no tenant {0:?}: create it first")]
+    UnknownTenant(String),
+}
+
+fn valid_tenant_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A pool for the key-management functions (a few connections, for tools).
+pub async fn connect(postgres_url: &str) -> Result<PgPool, Error> {
+    Ok(PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(postgres_url)
+        .await?)
+}
+
+/// Creates tenant `id`, or updates its limits if it exists: limits given
+/// replace the tenant's, limits left `None` keep what it had (a new tenant
+/// then gets the gateway's defaults).
+pub async fn create_tenant(pool: &PgPool, id: &str, limits: TenantLimits) -> Result<(), Error> {
+    if !valid_tenant_id(id) {
+        return Err(Error::InvalidTenant(id.to_string()));
+    }
+    if limits.requests_per_second == Some(0) || limits.tokens_per_minute == Some(0) {
+        return Err(Error::InvalidLimits);
+    }
+    let rps = limits
+        .requests_per_second
+        .map(|r| i32::try_from(r).unwrap_or(i32::MAX));
+    let tpm = limits
+        .tokens_per_minute
+        .map(|t| i64::try_from(t).unwrap_or(i64::MAX));
+    sqlx::query(
+        "INSERT INTO tenants (id, display_name, requests_per_second, tokens_per_minute)
+         VALUES ($1, $1, $2, $3)
+         ON CONFLICT (id) DO UPDATE SET
+             requests_per_second = COALESCE(EXCLUDED.requests_per_second, tenants.requests_per_second),
+             tokens_per_minute = COALESCE(EXCLUDED.tokens_per_minute, tenants.tokens_per_minute),
+             updated_at = now()",
+    )
+    .bind(id)
+    .bind(rps)
+    .bind(tpm)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Creates a key for `tenant` and returns it: the only time the key exists
+/// in clear.
+pub async fn create_api_key(pool: &PgPool, tenant: &str) -> Result<String, Error> {
+    let mut rng = rand::rng();
+    let mut key = String::with_capacity(KEY_PREFIX.len() + KEY_RANDOM_CHARS);
+    key.push_str(KEY_PREFIX);
+    for _ in 0..KEY_RANDOM_CHARS {
+        key.push(URL_SAFE[rng.random_range(0..URL_SAFE.len())] as char);
+    }
+    let inserted = sqlx::query(
+        "INSERT INTO api_keys (id, tenant_id, prefix, key_hash)
+         SELECT $1, id, $3, $4 FROM tenants WHERE id = $2",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .bind(tenant)
+    .bind(&key[..DISPLAY_PREFIX_CHARS])
+    .bind(&hash_key(&key)[..])
+    .execute(pool)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Err(Error::UnknownTenant(tenant.to_string()));
+    }
+    Ok(key)
+}
+
+/// Revokes `key`; returns whether a live key was revoked (false when it was
+/// unknown or revoked already). Gateways stop accepting it at their next
+/// reload.
+pub async fn revoke_api_key(pool: &PgPool, key: &str) -> Result<bool, Error> {
+    let done = sqlx::query(
+        "UPDATE api_keys SET revoked_at = now() WHERE key_hash = $1 AND revoked_at IS NULL",
+    )
+    .bind(&hash_key(key.trim())[..])
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+fn hash_key(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// A tenant as the proxy sees it: id, the header value to forward, limits
+/// resolved against the defaults, and its local rate-limit state.
+pub(crate) struct Tenant {
+    pub(crate) id: Arc<str>,
+    pub(crate) header: HeaderValue,
+    pub(crate) limits: Limits,
+    pub(crate) local: Arc<LocalState>,
+    /// Its limits' keys in the shared Redis, built once.
+    pub(crate) redis_keys: [String; 2],
+}
+
+impl Tenant {
+    fn new(id: &str, limits: Limits, local: Arc<LocalState>) -> Option<Self> {
+        Some(Self {
+            header: HeaderValue::from_str(id).ok()?,
+            id: Arc::from(id),
+            limits,
+            local,
+            redis_keys: crate::ratelimit::redis_keys(id),
+        })
+    }
+}
+
+/// SHA-256 digests are uniformly distributed already: their first bytes are
+/// a good hash, no need to run SipHash over them.
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for (i, b) in bytes.iter().take(8).enumerate() {
+            self.0 ^= u64::from(*b) << (8 * i);
+        }
+    }
+}
+
+type KeyMap = HashMap<[u8; 32], Arc<Tenant>, BuildHasherDefault<DigestHasher>>;
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Refusal {
+    Missing,
+    Invalid,
+    NotLoaded,
+}
+
+impl Refusal {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::Invalid => "invalid",
+            Self::NotLoaded => "not_loaded",
+        }
+    }
+}
+
+/// How long a request waits for the first load of the keys after start.
+const FIRST_LOAD_WAIT: Duration = Duration::from_secs(5);
+
+/// The proxy's view of authentication.
+pub(crate) struct Auth {
+    keys: Option<Arc<KeyStore>>,
+    /// The tenant of every request when auth is off.
+    default: Arc<Tenant>,
+}
+
+pub(crate) struct KeyStore {
+    snapshot: ArcSwap<KeyMap>,
+    loaded: watch::Sender<bool>,
+    config: AuthConfig,
+    defaults: Limits,
+    /// Local limiter state per tenant, kept across reloads.
+    states: Mutex<HashMap<Arc<str>, Arc<LocalState>>>,
+}
+
+impl Auth {
+    pub(crate) fn new(auth: Option<&AuthConfig>, rate_limit: &RateLimitConfig) -> Self {
+        let defaults = rate_limit.default_limits();
+        let default = Tenant::new(DEFAULT_TENANT, defaults, Arc::new(LocalState::default()))
+            .expect("the default tenant is a valid header value");
+        Self {
+            keys: auth.map(|config| {
+                Arc::new(KeyStore {
+                    snapshot: ArcSwap::from_pointee(KeyMap::default()),
+                    loaded: watch::channel(false).0,
+                    config: config.clone(),
+                    defaults,
+                    states: Mutex::new(HashMap::new()),
+                })
+            }),
+            default: Arc::new(default),
+        }
+    }
+
+    /// Whether clients must present a key.
+    pub(crate) fn enabled(&self) -> bool {
+        self.keys.is_some()
+    }
+
+    /// The background service that reloads the keys, when auth is on.
+    pub(crate) fn loader(&self) -> Option<KeyLoader> {
+        self.keys.clone().map(KeyLoader)
+    }
+
+    /// The SHA-256 of the key in an `authorization` value (`Bearer <key>`).
+    pub(crate) fn digest(authorization: Option<&[u8]>) -> Option<[u8; 32]> {
+        authorization
+            .and_then(bearer)
+            .map(|key| Sha256::digest(key).into())
+    }
+
+    /// The tenant of a request, from the digest of its key.
+    pub(crate) async fn authenticate(
+        &self,
+        digest: Option<[u8; 32]>,
+    ) -> Result<Arc<Tenant>, Refusal> {
+        let Some(keys) = &self.keys else {
+            return Ok(self.default.clone());
+        };
+        let digest = digest.ok_or(Refusal::Missing)?;
+        if !*keys.loaded.borrow() {
+            let mut rx = keys.loaded.subscribe();
+            match tokio::time::timeout(FIRST_LOAD_WAIT, rx.wait_for(|l| *l)).await {
+                Ok(Ok(_)) => {}
+                _ => return Err(Refusal::NotLoaded),
+            }
+        }
+        keys.snapshot
+            .load()
+            .get(&digest)
+            .cloned()
+            .ok_or(Refusal::Invalid)
+    }
+}
+
+/// The key of `Bearer <key>` (scheme case-insensitive).
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    let key = rest.trim_ascii();
+    (!key.is_empty()).then_some(key)
+}
+
+/// Reloads the keys every `reload_interval_ms` (a Pingora background service).
+pub(crate) struct KeyLoader(Arc<KeyStore>);
+
+type KeyRow = (Vec<u8>, String, Option<i32>, Option<i64>);
+
+impl KeyStore {
+    async fn reload(&self, pool: &PgPool) -> Result<usize, sqlx::Error> {
+        let rows: Vec<KeyRow> = sqlx::query_as(
+            "SELECT k.key_hash, t.id, t.requests_per_second, t.tokens_per_minute
+               FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
+              WHERE k.revoked_at IS NULL",
+        )
+        .fetch_all(pool)
+        .await?;
+        let mut map = KeyMap::with_capacity_and_hasher(rows.len(), Default::default());
+        let mut tenants: HashMap<&str, Arc<Tenant>> = HashMap::new();
+        let mut states = self.states.lock().expect("tenant states lock");
+        for (hash, id, rps, tpm) in &rows {
+            let Ok(digest) = <[u8; 32]>::try_from(hash.as_slice()) else {
+                continue;
+            };
+            let tenant = match tenants.get(id.as_str()) {
+                Some(t) => t.clone(),
+                None => {
+                    let limits = Limits {
+                        requests_per_second: rps
+                            .and_then(|r| u32::try_from(r).ok())
+                            .or(self.defaults.requests_per_second),
+                        tokens_per_minute: tpm
+                            .and_then(|t| u64::try_from(t).ok())
+                            .or(self.defaults.tokens_per_minute),
+                    };
+                    let local = states.entry(Arc::from(id.as_str())).or_default().clone();
+                    let Some(tenant) = Tenant::new(id, limits, local) else {
+                        continue;
+                    };
+                    let tenant = Arc::new(tenant);
+                    tenants.insert(id, tenant.clone());
+                    tenant
+                }
+            };
+            map.insert(digest, tenant);
+        }
+        // Forget the state of tenants that have no live key any more.
+        states.retain(|id, _| tenants.contains_key(&**id));
+        drop(states);
+        let count = map.len();
+        self.snapshot.store(Arc::new(map));
+        self.loaded.send_replace(true);
+        Ok(count)
+    }
+}
+
+#[async_trait]
+impl BackgroundService for KeyLoader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let store = &self.0;
+        let interval = Duration::from_millis(store.config.reload_interval_ms);
+        let pool = match PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(interval.max(Duration::from_secs(1)))
+            .connect_lazy(&store.config.postgres_url)
+        {
+            Ok(pool) => pool,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot use auth.postgres_url: no API key will work");
+                return;
+            }
+        };
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            match store.reload(&pool).await {
+                Ok(count) => {
+                    if failing {
+                        tracing::info!(keys = count, "API keys reloaded again");
+                    }
+                    failing = false;
+                }
+                Err(e) => {
+                    // Log the first failure of a run, not one per interval.
+                    if !failing {
+                        tracing::warn!(error = %e, "cannot reload API keys; the last ones loaded stay in force");
+                    }
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_values() {
+        assert_eq!(bearer(b"Bearer mk-abc"), Some(&b"mk-abc"[..]));
+        assert_eq!(bearer(b"bearer  mk-abc "), Some(&b"mk-abc"[..]));
+        assert_eq!(bearer(b"Basic mk-abc"), None);
+        assert_eq!(bearer(b"Bearer "), None);
+        assert_eq!(bearer(b"mk-abc"), None);
+    }
+
+    #[test]
+    fn tenant_ids() {
+        assert!(valid_tenant_id("acme-1.prod_x"));
+        assert!(!valid_tenant_id(""));
+        assert!(!valid_tenant_id("a b"));
+        assert!(!valid_tenant_id(&"x".repeat(65)));
+    }
+}

@@ -1,0 +1,260 @@
+//! The proxy's gate: who is calling (API key → tenant) and whether the
+//! tenant's limits let the request through, before any region is involved;
+//! then what the region is told (`x-meridian-tenant`, never the key) and what
+//! the client is told (`x-ratelimit-*`).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, header};
+use pingora_error::Result;
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::Session;
+
+use super::{Auth, KeyLoader, Refusal, TENANT_HEADER, Tenant};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::respond_error_with;
+use crate::ratelimit::{self, Decision, Limiter, SCAN_BODY_LIMIT, USAGE_TOKENS_HEADER};
+
+/// Paths open without a key: health checks and server reflection.
+const OPEN_PREFIXES: [&str; 3] = [
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+];
+
+/// What the gate decided for one request.
+#[derive(Default)]
+pub(crate) struct Admitted {
+    /// None on open paths.
+    tenant: Option<Arc<Tenant>>,
+    /// None when the tenant has no limits.
+    decision: Option<Decision>,
+}
+
+pub(crate) struct Gate {
+    auth: Auth,
+    limiter: Limiter,
+    metrics: Arc<Metrics>,
+}
+
+impl Gate {
+    pub(crate) fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Self, String> {
+        Ok(Self {
+            auth: Auth::new(config.auth.as_ref(), &config.rate_limit),
+            limiter: Limiter::new(&config.rate_limit, metrics.clone())?,
+            metrics,
+        })
+    }
+
+    /// The background service reloading API keys, when auth is on.
+    pub(crate) fn key_loader(&self) -> Option<KeyLoader> {
+        self.auth.loader()
+    }
+
+    /// Authenticates and rate-limits a request. `None`: the gate answered
+    /// (401, 429, 503) and the request goes no further.
+    pub(crate) async fn admit(
+        &self,
+        session: &mut Session,
+        grpc: bool,
+    ) -> Result<Option<Admitted>> {
+        let req = session.req_header();
+        let path = req.uri.path();
+        if OPEN_PREFIXES.iter().any(|p| path.starts_with(p)) {
+            return Ok(Some(Admitted::default()));
+        }
+        let digest = Auth::digest(
+            req.headers
+                .get(header::AUTHORIZATION)
+                .map(HeaderValue::as_bytes),
+        );
+        let tenant = match self.auth.authenticate(digest).await {
+            Ok(tenant) => tenant,
+            Err(refusal) => {
+                self.metrics
+                    .auth_failures
+                    .with_label_values(&[refusal.as_str()])
+                    .inc();
+                let (status, grpc_code, kind, code, message) = match refusal {
+                    Refusal::Missing => (
+                        401,
+                        16,
+                        "invalid_request_error",
+                        "invalid_api_key",
+                        "You didn't provide an API key. Send it as `Authorization: Bearer <key>` \
+                         (gRPC: `authorization` metadata).",
+                    ),
+                    Refusal::Invalid => (
+                        401,
+                        16,
+                        "invalid_request_error",
+                        "invalid_api_key",
+                        "Incorrect API key provided.",
+                    ),
+                    Refusal::NotLoaded => (
+                        503,
+                        14,
+                        "server_error",
+                        "keys_unavailable",
+                        "API keys are not loaded yet; try again shortly.",
+                    ),
+                };
+                respond_error_with(
+                    session,
+                    grpc,
+                    status,
+                    grpc_code,
+                    kind,
+                    Some(code),
+                    message,
+                    &[],
+                )
+                .await?;
+                return Ok(None);
+            }
+        };
+        if !Limiter::applies(&tenant) {
+            return Ok(Some(Admitted {
+                tenant: Some(tenant),
+                decision: None,
+            }));
+        }
+        let tokens = if Limiter::counts_tokens(&tenant) {
+            self.estimate_tokens(session, grpc).await?
+        } else {
+            0
+        };
+        let decision = self.limiter.check(&tenant, tokens).await;
+        if let Some(kind) = decision.rejected {
+            self.metrics
+                .rate_limited
+                .with_label_values(&[&*tenant.id, kind.as_str()])
+                .inc();
+            let retry_after = decision.retry_after_us.div_ceil(1_000_000).max(1);
+            let mut extra: Vec<(&'static str, HeaderValue)> = Vec::with_capacity(7);
+            extra.push(("retry-after", HeaderValue::from(retry_after)));
+            extra.extend(ratelimit::headers(&decision));
+            let message = match kind {
+                ratelimit::Kind::Requests => format!(
+                    "Rate limit reached for requests of tenant {}: limit {} per second. \
+                     Please try again in {}.",
+                    tenant.id,
+                    tenant.limits.requests_per_second.unwrap_or_default(),
+                    ratelimit::duration_text(decision.retry_after_us),
+                ),
+                ratelimit::Kind::Tokens => format!(
+                    "Rate limit reached for tokens of tenant {}: limit {} per minute, \
+                     requested about {}. Please try again in {}.",
+                    tenant.id,
+                    tenant.limits.tokens_per_minute.unwrap_or_default(),
+                    tokens,
+                    ratelimit::duration_text(decision.retry_after_us),
+                ),
+            };
+            // RESOURCE_EXHAUSTED = 8
+            respond_error_with(
+                session,
+                grpc,
+                429,
+                8,
+                kind.as_str(),
+                Some("rate_limit_exceeded"),
+                &message,
+                &extra,
+            )
+            .await?;
+            return Ok(None);
+        }
+        Ok(Some(Admitted {
+            tenant: Some(tenant),
+            decision: Some(decision),
+        }))
+    }
+
+    /// Tokens to charge before the region reports usage: a quarter of the
+    /// body's length plus `max_tokens`. Small JSON bodies are read here to
+    /// find `max_tokens` (Pingora's retry buffer then replays them upstream);
+    /// gRPC, chunked and large bodies are not read.
+    async fn estimate_tokens(&self, session: &mut Session, grpc: bool) -> Result<u64> {
+        let length = session
+            .req_header()
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let mut max_tokens = None;
+        if !grpc && length.is_some_and(|l| l > 0 && l <= SCAN_BODY_LIMIT as u64) {
+            let downstream = session.as_downstream_mut();
+            downstream.enable_retry_buffering();
+            // Usually one chunk: scanned in place, copied only when split.
+            let mut first: Option<Bytes> = None;
+            let mut joined: Vec<u8> = Vec::new();
+            while let Some(chunk) = downstream.read_request_body().await? {
+                if first.is_none() && joined.is_empty() {
+                    first = Some(chunk);
+                } else {
+                    if let Some(f) = first.take() {
+                        joined.extend_from_slice(&f);
+                    }
+                    joined.extend_from_slice(&chunk);
+                }
+            }
+            max_tokens = ratelimit::scan_max_tokens(first.as_deref().unwrap_or(&joined));
+        }
+        Ok(ratelimit::estimate(
+            length,
+            max_tokens,
+            self.limiter.default_completion_tokens,
+        ))
+    }
+
+    /// The request to the region: the tenant the gateway established, never
+    /// the client's own claim, and never the key.
+    pub(crate) fn upstream_request(
+        &self,
+        admitted: &Admitted,
+        request: &mut RequestHeader,
+    ) -> Result<()> {
+        request.remove_header(&header::AUTHORIZATION);
+        request.remove_header(TENANT_HEADER);
+        if self.auth.enabled()
+            && let Some(tenant) = &admitted.tenant
+        {
+            request.insert_header(TENANT_HEADER, tenant.header.clone())?;
+        }
+        Ok(())
+    }
+
+    /// The response to the client: `x-ratelimit-*`, and the estimate
+    /// corrected from the usage the region reported.
+    pub(crate) fn response(
+        &self,
+        admitted: &Admitted,
+        response: &mut ResponseHeader,
+    ) -> Result<()> {
+        let used = response
+            .headers
+            .get(USAGE_TOKENS_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if used.is_some() {
+            response.remove_header(USAGE_TOKENS_HEADER);
+        }
+        let (Some(tenant), Some(decision)) = (&admitted.tenant, &admitted.decision) else {
+            return Ok(());
+        };
+        for (name, value) in ratelimit::headers(decision) {
+            response.insert_header(name, value)?;
+        }
+        if let Some(used) = used
+            && Limiter::counts_tokens(tenant)
+        {
+            let delta = i64::try_from(used).unwrap_or(i64::MAX)
+                - i64::try_from(decision.tokens).unwrap_or(i64::MAX);
+            self.limiter.adjust_tokens(tenant, delta);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,123 @@
+//! Prometheus metrics of one gateway. Each gateway has its own registry, so
+//! two gateways in one process (tests, `meridian up`) do not mix counts.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+    pub retries: IntCounterVec,
+    pub region_healthy: IntGaugeVec,
+    pub ejections: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    pub auth_failures: IntCounterVec,
+    pub rate_limit_redis_errors: IntCounter,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "meridian_gateway_requests_total",
+                "Requests answered, by region, routing reason and status.",
+            ),
+            &["region", "reason", "status"],
+        )
+        .expect("valid metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "meridian_gateway_request_duration_seconds",
+                "Time from request to the end of the response, by region.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ]),
+            &["region"],
+        )
+        .expect("valid metric");
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "meridian_gateway_retries_total",
+                "Retries in another region, by whether the retry budget allowed them.",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let region_healthy = IntGaugeVec::new(
+            Opts::new(
+                "meridian_gateway_region_healthy",
+                "1 when the region passes health checks, 0 when ejected.",
+            ),
+            &["region"],
+        )
+        .expect("valid metric");
+        let ejections = IntCounterVec::new(
+            Opts::new(
+                "meridian_gateway_region_ejections_total",
+                "Times a region was ejected by health checks or failed requests.",
+            ),
+            &["region"],
+        )
+        .expect("valid metric");
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "meridian_gateway_rate_limited_total",
+                "Requests refused with 429, by tenant and the limit that refused (requests, tokens).",
+            ),
+            &["tenant", "kind"],
+        )
+        .expect("valid metric");
+        let auth_failures = IntCounterVec::new(
+            Opts::new(
+                "meridian_gateway_auth_failures_total",
+                "Requests refused for their API key, by reason (missing, invalid, not_loaded).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let rate_limit_redis_errors = IntCounter::new(
+            "meridian_gateway_rate_limit_redis_errors_total",
+            "Rate-limit decisions Redis failed or was too slow for (then decided locally).",
+        )
+        .expect("valid metric");
+        for m in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duration.clone()),
+            Box::new(retries.clone()),
+            Box::new(region_healthy.clone()),
+            Box::new(ejections.clone()),
+            Box::new(rate_limited.clone()),
+            Box::new(auth_failures.clone()),
+            Box::new(rate_limit_redis_errors.clone()),
+        ] {
+            registry.register(m).expect("metric names are unique");
+        }
+        Self {
+            registry,
+            requests,
+            duration,
+            retries,
+            region_healthy,
+            ejections,
+            rate_limited,
+            auth_failures,
+            rate_limit_redis_errors,
+        }
+    }
+
+    /// The text exposition format.
+    pub(crate) fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        out
+    }
+}

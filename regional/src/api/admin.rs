@@ -1,0 +1,78 @@
+//! `meridian.v1.Admin`: the region's status for gateways and operators, and
+//! drain. A draining region keeps serving everything it receives (in-flight
+//! requests, sessions pinned to it); gateways stop sending it new work.
+
+use std::sync::Arc;
+
+use meridian_proto::v1::admin_server::{Admin, AdminServer};
+use meridian_proto::v1::{
+    DrainRequest, DrainResponse, ModelBackends, RegionState, RegionStatusRequest,
+    RegionStatusResponse,
+};
+use tonic::{Request, Response, Status};
+
+use super::AppState;
+
+pub(super) fn service(state: Arc<AppState>) -> AdminServer<AdminApi> {
+    AdminServer::new(AdminApi { state })
+}
+
+pub(super) struct AdminApi {
+    state: Arc<AppState>,
+}
+
+impl AdminApi {
+    fn state(&self) -> RegionState {
+        if self.state.shutdown.is_cancelled() {
+            RegionState::NotServing
+        } else if self.state.status.draining() {
+            RegionState::Draining
+        } else {
+            RegionState::Serving
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminApi {
+    async fn region_status(
+        &self,
+        _request: Request<RegionStatusRequest>,
+    ) -> Result<Response<RegionStatusResponse>, Status> {
+        let status = &self.state.status;
+        let models = self
+            .state
+            .inference
+            .models()
+            .map(|m| ModelBackends {
+                model: m.id.clone(),
+                healthy_backends: 1,
+                total_backends: 1,
+            })
+            .collect();
+        Ok(Response::new(RegionStatusResponse {
+            region: self.state.region.clone(),
+            state: self.state().into(),
+            // This call is itself in flight; report the others.
+            in_flight_requests: status.in_flight().saturating_sub(1),
+            capacity_requests: status.capacity,
+            models,
+            started_at: Some(status.started_at.into()),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        }))
+    }
+
+    async fn drain(
+        &self,
+        request: Request<DrainRequest>,
+    ) -> Result<Response<DrainResponse>, Status> {
+        let drain = request.into_inner().drain;
+        self.state.status.set_draining(drain);
+        tracing::info!(region = %self.state.region, drain, "drain state changed");
+        Ok(Response::new(DrainResponse {
+            state: self.state().into(),
+            region: self.state.region.clone(),
+        }))
+    }
+}

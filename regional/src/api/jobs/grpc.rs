@@ -1,0 +1,189 @@
+//! `meridian.v1.Jobs` over gRPC.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use meridian_proto::v1 as pb;
+use meridian_proto::v1::jobs_server::{Jobs, JobsServer};
+use tonic::{Request, Response, Status};
+
+use super::super::grpc::chat_request;
+use super::super::{AppState, Tenant};
+use super::check_model;
+use crate::queue::{Job, JobState, Priority, Submission};
+
+pub(in crate::api) fn service(state: Arc<AppState>) -> JobsServer<JobsApi> {
+    JobsServer::new(JobsApi { state })
+}
+
+pub(in crate::api) struct JobsApi {
+    state: Arc<AppState>,
+}
+
+#[tonic::async_trait]
+impl Jobs for JobsApi {
+    async fn submit(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let tenant = Tenant::from_metadata(request.metadata())?;
+        let req = request.into_inner();
+        let generate = req.request.ok_or_else(|| {
+            crate::error::Error::invalid("`request` is required", Some("request"))
+        })?;
+        let chat = chat_request(generate)?;
+        check_model(&self.state, &chat.model)?;
+        let priority = match pb::JobPriority::try_from(req.priority) {
+            Ok(pb::JobPriority::Interactive) => Priority::Interactive,
+            _ => Priority::Batch,
+        };
+        let submission = Submission {
+            request: chat.into(),
+            priority,
+            idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
+        };
+        let (job, _created) = self.state.jobs.submit(&tenant, submission).await?;
+        Ok(Response::new(job_pb(&job, &self.state.region)))
+    }
+
+    async fn get(&self, request: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let tenant = Tenant::from_metadata(request.metadata())?;
+        let job = self
+            .state
+            .jobs
+            .get(&tenant, &request.into_inner().job_id)
+            .await?;
+        Ok(Response::new(job_pb(&job, &self.state.region)))
+    }
+
+    type WatchStream = BoxStream<'static, Result<pb::JobEvent, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let tenant = Tenant::from_metadata(request.metadata())?;
+        let id = request.into_inner().job_id;
+        let changes = self.state.jobs.clone().watch(tenant, &id).await?;
+        let region = self.state.region.clone();
+        let events = changes.map(move |change| {
+            let change = change?;
+            Ok(pb::JobEvent {
+                job: Some(job_pb(&change.job, &region)),
+                previous_state: change
+                    .previous
+                    .map_or(pb::JobState::Unspecified, state_pb)
+                    .into(),
+                occurred_at: Some(std::time::SystemTime::from(change.at).into()),
+            })
+        });
+        Ok(Response::new(events.boxed()))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let tenant = Tenant::from_metadata(request.metadata())?;
+        let job = self
+            .state
+            .jobs
+            .cancel(&tenant, &request.into_inner().job_id)
+            .await?;
+        Ok(Response::new(job_pb(&job, &self.state.region)))
+    }
+}
+
+fn state_pb(s: JobState) -> pb::JobState {
+    match s {
+        JobState::Queued => pb::JobState::Queued,
+        JobState::Running => pb::JobState::Running,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::DeadLettered => pb::JobState::DeadLettered,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+    std::time::SystemTime::from(t).into()
+}
+
+fn saturate(ms: u64) -> u32 {
+    u32::try_from(ms).unwrap_or(u32::MAX)
+}
+
+fn job_pb(job: &Job, region: &str) -> pb::Job {
+    let request = pb::GenerateRequest {
+        model: job.request.model.clone(),
+        messages: job
+            .request
+            .messages
+            .iter()
+            .map(|m| pb::ChatMessage {
+                role: m.role.clone(),
+                content: m.content.clone(),
+                name: String::new(),
+            })
+            .collect(),
+        max_tokens: job.request.max_tokens,
+        seed: job.request.seed,
+        stop: job.request.stop.clone(),
+        ..Default::default()
+    };
+    let result = job.result.as_ref().map(|r| pb::GenerateResponse {
+        id: r.completion_id.clone(),
+        model: job.request.model.clone(),
+        message: Some(pb::ChatMessage {
+            role: "assistant".into(),
+            content: r.text.clone(),
+            name: String::new(),
+        }),
+        finish_reason: if r.finish == "length" {
+            pb::FinishReason::Length
+        } else {
+            pb::FinishReason::Stop
+        }
+        .into(),
+        usage: Some(pb::Usage {
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+            total_tokens: r.prompt_tokens + r.completion_tokens,
+        }),
+        region: region.to_string(),
+        created_at: Some(prost_types::Timestamp {
+            seconds: r.created,
+            nanos: 0,
+        }),
+        time_to_first_token_ms: r.time_to_first_token_ms,
+        latency_ms: r.latency_ms,
+        cache: pb::CacheResult::Bypass.into(),
+    });
+    pb::Job {
+        id: job.id.to_string(),
+        state: state_pb(job.state).into(),
+        priority: match job.priority {
+            Priority::Interactive => pb::JobPriority::Interactive,
+            Priority::Batch => pb::JobPriority::Batch,
+        }
+        .into(),
+        idempotency_key: job.idempotency_key.clone().unwrap_or_default(),
+        request: Some(request),
+        result,
+        attempts: job.attempts,
+        last_error: job.last_error.as_ref().map(|e| pb::ErrorDetail {
+            reason: e.reason.clone(),
+            message: e.message.clone(),
+            retryable: e.retryable,
+            retry_after_ms: 0,
+            region: region.to_string(),
+        }),
+        created_at: Some(timestamp(job.created_at)),
+        started_at: job.started_at.map(timestamp),
+        finished_at: job.finished_at.map(timestamp),
+        queued_ms: saturate(job.queued_ms),
+        running_ms: saturate(job.running_ms),
+        region: region.to_string(),
+    }
+}

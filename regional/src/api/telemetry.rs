@@ -1,0 +1,537 @@
+//! Telemetry over HTTP (`POST /v1/telemetry`, `GET /v1/telemetry/query`,
+//! `GET /v1/usage/summary`) and gRPC (`meridian.v1.Telemetry`). Both turn
+//! their wire shapes into [`Reading`]s and [`ReadingsQuery`]s and share
+//! everything after that.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{HeaderMap, header};
+use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use meridian_proto::v1 as pb;
+use meridian_proto::v1::telemetry_server::{Telemetry as TelemetryService, TelemetryServer};
+use serde::{Deserialize, Serialize};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{AppState, Tenant};
+use crate::error::Error;
+use crate::telemetry::Reading;
+use crate::telemetry::ingest::sort_out;
+use crate::telemetry::query::{self, Aggregate, Aggregates, ReadingsQuery, Series, UsageSummary};
+
+/// Rejections listed in one answer at most; the count is always complete.
+const MAX_LISTED_REJECTIONS: usize = 1_000;
+/// Room for `max_batch` readings with generous labels.
+const MAX_INGEST_BODY_BYTES: usize = 64 << 20;
+
+pub(super) fn routes(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route(
+            "/v1/telemetry",
+            post(ingest).layer(DefaultBodyLimit::max(MAX_INGEST_BODY_BYTES)),
+        )
+        .route("/v1/telemetry/query", get(query_readings))
+        .route("/v1/usage/summary", get(usage_summary))
+        .with_state(state)
+}
+
+pub(super) fn service(state: Arc<AppState>) -> TelemetryServer<TelemetryApi> {
+    TelemetryServer::new(TelemetryApi { state })
+}
+
+// ---- HTTP ------------------------------------------------------------------
+
+/// One reading as JSON. Every field is optional here so that a missing one
+/// is reported like the other per-item problems, not as a parse error.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonReading {
+    #[serde(default)]
+    device_id: String,
+    ts: Option<String>,
+    #[serde(default)]
+    metric: String,
+    value: Option<serde_json::Value>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+fn json_reading(item: serde_json::Value) -> Result<Reading, String> {
+    let r: JsonReading = serde_json::from_value(item).map_err(|e| e.to_string())?;
+    let ts = r.ts.ok_or("missing ts")?;
+    let ts = DateTime::parse_from_rfc3339(&ts)
+        .map_err(|_| format!("ts {ts:?} is not an RFC 3339 timestamp"))?
+        .with_timezone(&Utc);
+    let value = match r.value.ok_or("missing value")? {
+        serde_json::Value::Number(n) => n.as_f64().ok_or("value is not a number")?,
+        // JSON has no NaN or infinity; encoders that emit them as strings
+        // get the same answer as gRPC clients that send them.
+        serde_json::Value::String(s) => s
+            .parse::<f64>()
+            .ok()
+            .filter(|v| !v.is_finite())
+            .ok_or("value is not a number")?,
+        _ => return Err("value is not a number".into()),
+    };
+    Ok(Reading {
+        device_id: r.device_id,
+        ts,
+        metric: r.metric,
+        value,
+        labels: r.labels,
+    })
+}
+
+/// The items of a JSON array body, or of an NDJSON body (one per non-empty
+/// line). A JSON body that is not an array fails the request; an NDJSON
+/// line that is not JSON fails only its item.
+fn body_items(headers: &HeaderMap, body: &[u8]) -> Result<Vec<Result<Reading, String>>, Error> {
+    let ndjson = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-ndjson"));
+    if ndjson {
+        return Ok(body
+            .split(|b| *b == b'\n')
+            .filter(|line| !line.trim_ascii().is_empty())
+            .map(|line| {
+                serde_json::from_slice(line)
+                    .map_err(|e| format!("not valid JSON: {e}"))
+                    .and_then(json_reading)
+            })
+            .collect());
+    }
+    let items: Vec<serde_json::Value> = serde_json::from_slice(body).map_err(|e| {
+        Error::invalid(
+            format!("the body must be a JSON array of readings: {e}"),
+            None,
+        )
+    })?;
+    Ok(items.into_iter().map(json_reading).collect())
+}
+
+#[derive(Serialize)]
+struct IngestReport {
+    accepted: u64,
+    rejected: u64,
+    rejections: Vec<ItemRejection>,
+    region: String,
+}
+
+#[derive(Serialize)]
+struct ItemRejection {
+    index: usize,
+    reason: String,
+}
+
+async fn ingest(
+    State(state): State<Arc<AppState>>,
+    tenant: Tenant,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<axum::Json<IngestReport>, Error> {
+    let items = body_items(&headers, &body)?;
+    let t = &state.telemetry;
+    let (good, bad) = sort_out(items, &t.limits, t.config.max_batch, Utc::now());
+    let accepted = good.len() as u64;
+    t.writer.submit(tenant.as_str(), good).await?.wait().await?;
+    Ok(axum::Json(IngestReport {
+        accepted,
+        rejected: bad.len() as u64,
+        rejections: bad
+            .into_iter()
+            .take(MAX_LISTED_REJECTIONS)
+            .map(|(index, reason)| ItemRejection { index, reason })
+            .collect(),
+        region: state.region.clone(),
+    }))
+}
+
+/// `90s`, `15m`, `1h`, `1d`, `500ms`.
+fn parse_duration(text: &str) -> Option<Duration> {
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let unit_ms = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    Some(Duration::from_millis(n.checked_mul(unit_ms)?))
+}
+
+fn parse_time(name: &'static str, text: &str) -> Result<DateTime<Utc>, Error> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| {
+            Error::invalid(
+                format!("`{name}` must be an RFC 3339 timestamp"),
+                Some(name),
+            )
+        })
+}
+
+/// Reads `device_id`, `metric`, `start`, `end`, `bucket`, `aggregates`
+/// (comma-separated) and `label.<name>` parameters.
+fn readings_query(params: Vec<(String, String)>) -> Result<ReadingsQuery, Error> {
+    let mut device_id = None;
+    let mut metric = String::new();
+    let (mut start, mut end, mut bucket) = (None, None, None);
+    let mut labels = BTreeMap::new();
+    let mut aggregates = Vec::new();
+    for (key, value) in params {
+        match key.as_str() {
+            "device_id" => device_id = Some(value),
+            "metric" => metric = value,
+            "start" => start = Some(parse_time("start", &value)?),
+            "end" => end = Some(parse_time("end", &value)?),
+            "bucket" => {
+                bucket = Some(parse_duration(&value).ok_or_else(|| {
+                    Error::invalid(
+                        "`bucket` must be a whole number with a unit: ms, s, m, h or d (e.g. 15m)",
+                        Some("bucket"),
+                    )
+                })?);
+            }
+            "aggregates" => {
+                for name in value.split(',').filter(|n| !n.is_empty()) {
+                    aggregates.push(Aggregate::parse(name).ok_or_else(|| {
+                        Error::invalid(
+                            format!("unknown aggregate {name:?}: use avg, min, max, count or last"),
+                            Some("aggregates"),
+                        )
+                    })?);
+                }
+            }
+            other => match other.strip_prefix("label.") {
+                Some(label) if !label.is_empty() => {
+                    labels.insert(label.to_string(), value);
+                }
+                _ => {
+                    return Err(Error::invalid(
+                        format!("unknown query parameter `{other}`"),
+                        None,
+                    ));
+                }
+            },
+        }
+    }
+    Ok(ReadingsQuery {
+        device_id: device_id.filter(|d| !d.is_empty()),
+        labels,
+        metric,
+        start: start.ok_or_else(|| Error::invalid("`start` is required", Some("start")))?,
+        end: end.ok_or_else(|| Error::invalid("`end` is required", Some("end")))?,
+        bucket,
+        aggregates: Aggregates::of(&aggregates),
+    })
+}
+
+fn query_params<T>(params: Result<Query<T>, QueryRejection>) -> Result<T, Error> {
+    params
+        .map(|Query(p)| p)
+        .map_err(|e| Error::invalid(e.body_text(), None))
+}
+
+#[derive(Serialize)]
+struct QueryReport {
+    series: Vec<SeriesBody>,
+    region: String,
+}
+
+#[derive(Serialize)]
+struct SeriesBody {
+    device_id: String,
+    metric: String,
+    buckets: Vec<BucketBody>,
+}
+
+#[derive(Serialize)]
+struct BucketBody {
+    start: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    count: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    avg: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    min: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last: Option<f64>,
+}
+
+async fn run_query(
+    state: &AppState,
+    tenant: &Tenant,
+    q: &ReadingsQuery,
+) -> Result<Vec<Series>, Error> {
+    let t = &state.telemetry;
+    q.check(t.config.max_query_buckets)?;
+    query::readings(&state.pool, t.mode, tenant.as_str(), q).await
+}
+
+async fn query_readings(
+    State(state): State<Arc<AppState>>,
+    tenant: Tenant,
+    params: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<axum::Json<QueryReport>, Error> {
+    let q = readings_query(query_params(params)?)?;
+    let series = run_query(&state, &tenant, &q).await?;
+    Ok(axum::Json(QueryReport {
+        series: series
+            .into_iter()
+            .map(|s| SeriesBody {
+                device_id: s.device_id,
+                metric: q.metric.clone(),
+                buckets: s
+                    .buckets
+                    .into_iter()
+                    .map(|b| BucketBody {
+                        start: b.start,
+                        count: b.count,
+                        avg: b.avg,
+                        min: b.min,
+                        max: b.max,
+                        last: b.last,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        region: state.region.clone(),
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageParams {
+    start: String,
+    end: String,
+    model: Option<String>,
+}
+
+#[derive(Serialize)]
+struct UsageReport {
+    tenant: String,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    models: Vec<UsageSummary>,
+    region: String,
+}
+
+async fn usage_summary(
+    State(state): State<Arc<AppState>>,
+    tenant: Tenant,
+    params: Result<Query<UsageParams>, QueryRejection>,
+) -> Result<axum::Json<UsageReport>, Error> {
+    let p = query_params(params)?;
+    let start = parse_time("start", &p.start)?;
+    let end = parse_time("end", &p.end)?;
+    let models = query::usage(&state.pool, tenant.as_str(), start, end, p.model.as_deref()).await?;
+    Ok(axum::Json(UsageReport {
+        tenant: tenant.as_str().to_string(),
+        start,
+        end,
+        models,
+        region: state.region.clone(),
+    }))
+}
+
+// ---- gRPC ------------------------------------------------------------------
+
+pub(super) struct TelemetryApi {
+    state: Arc<AppState>,
+}
+
+fn timestamp(ts: Option<prost_types::Timestamp>) -> Option<Result<DateTime<Utc>, ()>> {
+    ts.map(|t| {
+        u32::try_from(t.nanos)
+            .ok()
+            .and_then(|nanos| DateTime::from_timestamp(t.seconds, nanos))
+            .ok_or(())
+    })
+}
+
+fn proto_reading(r: pb::Reading) -> Result<Reading, String> {
+    let ts = match timestamp(r.ts) {
+        None => return Err("missing ts".into()),
+        Some(ts) => ts.map_err(|()| "ts is out of range".to_string())?,
+    };
+    Ok(Reading {
+        device_id: r.device_id,
+        ts,
+        metric: r.metric,
+        value: r.value,
+        labels: r.labels.into_iter().collect(),
+    })
+}
+
+fn required_time(
+    name: &'static str,
+    ts: Option<prost_types::Timestamp>,
+) -> Result<DateTime<Utc>, Error> {
+    match timestamp(ts) {
+        None => Err(Error::invalid(format!("`{name}` is required"), Some(name))),
+        Some(t) => t.map_err(|()| Error::invalid(format!("`{name}` is out of range"), Some(name))),
+    }
+}
+
+fn proto_query(q: pb::QueryRequest) -> Result<ReadingsQuery, Error> {
+    let bucket = q
+        .bucket
+        .map(|d| {
+            Duration::try_from(d)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| Error::invalid("`bucket` must be positive", Some("bucket")))
+        })
+        .transpose()?;
+    let aggregates = q
+        .aggregates
+        .iter()
+        .map(|a| match pb::Aggregate::try_from(*a) {
+            Ok(pb::Aggregate::Avg) => Ok(Aggregate::Avg),
+            Ok(pb::Aggregate::Min) => Ok(Aggregate::Min),
+            Ok(pb::Aggregate::Max) => Ok(Aggregate::Max),
+            Ok(pb::Aggregate::Count) => Ok(Aggregate::Count),
+            Ok(pb::Aggregate::Last) => Ok(Aggregate::Last),
+            Ok(pb::Aggregate::Unspecified) | Err(_) => Err(Error::invalid(
+                format!("`aggregates` holds an invalid value {a}"),
+                Some("aggregates"),
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ReadingsQuery {
+        device_id: Some(q.device_id).filter(|d| !d.is_empty()),
+        labels: q.labels.into_iter().collect(),
+        metric: q.metric,
+        start: required_time("start", q.start)?,
+        end: required_time("end", q.end)?,
+        bucket,
+        aggregates: Aggregates::of(&aggregates),
+    })
+}
+
+#[tonic::async_trait]
+impl TelemetryService for TelemetryApi {
+    async fn ingest(
+        &self,
+        request: Request<Streaming<pb::IngestRequest>>,
+    ) -> Result<Response<pb::IngestResponse>, Status> {
+        let tenant = Tenant::from_metadata(request.metadata())?;
+        let mut stream = request.into_inner();
+        let t = &self.state.telemetry;
+        let mut commits = FuturesUnordered::new();
+        let (mut accepted, mut rejected) = (0u64, 0u64);
+        let mut rejections = Vec::new();
+        let mut batch_index = 0u32;
+        while let Some(batch) = stream.message().await? {
+            let items = batch.readings.into_iter().map(proto_reading).collect();
+            let (good, bad) = sort_out(items, &t.limits, t.config.max_batch, Utc::now());
+            accepted += good.len() as u64;
+            rejected += bad.len() as u64;
+            let room = MAX_LISTED_REJECTIONS.saturating_sub(rejections.len());
+            rejections.extend(bad.into_iter().take(room).map(|(i, reason)| pb::Rejection {
+                batch_index,
+                item_index: u32::try_from(i).unwrap_or(u32::MAX),
+                reason,
+            }));
+            // Later batches are read while earlier ones are written; the
+            // buffer's backpressure bounds how far ahead the stream gets.
+            commits.push(t.writer.submit(tenant.as_str(), good).await?.wait());
+            while let Some(Some(done)) = commits.next().now_or_never() {
+                done?;
+            }
+            batch_index = batch_index.saturating_add(1);
+        }
+        while let Some(done) = commits.next().await {
+            done?;
+        }
+        Ok(Response::new(pb::IngestResponse {
+            accepted_count: accepted,
+            rejections,
+            rejected_count: rejected,
+            region: self.state.region.clone(),
+        }))
+    }
+
+    async fn query(
+        &self,
+        request: Request<pb::QueryRequest>,
+    ) -> Result<Response<pb::QueryResponse>, Status> {
+        let tenant = Tenant::from_metadata(request.metadata())?;
+        let q = proto_query(request.into_inner())?;
+        let series = run_query(&self.state, &tenant, &q).await?;
+        Ok(Response::new(pb::QueryResponse {
+            series: series
+                .into_iter()
+                .map(|s| pb::Series {
+                    device_id: s.device_id,
+                    metric: q.metric.clone(),
+                    buckets: s
+                        .buckets
+                        .into_iter()
+                        .map(|b| pb::Bucket {
+                            start: Some(prost_types::Timestamp {
+                                seconds: b.start.timestamp(),
+                                nanos: i32::try_from(b.start.timestamp_subsec_nanos()).unwrap_or(0),
+                            }),
+                            count: b.count,
+                            avg: b.avg,
+                            min: b.min,
+                            max: b.max,
+                            last: b.last,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            region: self.state.region.clone(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_need_a_unit() {
+        assert_eq!(parse_duration("15m"), Some(Duration::from_secs(900)));
+        assert_eq!(parse_duration("1d"), Some(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("15"), None);
+        assert_eq!(parse_duration("m"), None);
+        assert_eq!(parse_duration("1w"), None);
+    }
+
+    #[test]
+    fn json_items_report_their_own_problem() {
+        let item = |v: serde_json::Value| json_reading(v).unwrap_err();
+        let ok = serde_json::json!({"device_id": "d", "ts": "2026-01-01T00:00:00Z",
+            "metric": "m", "value": 1.0});
+        assert!(json_reading(ok.clone()).is_ok());
+        let mut extra = ok.clone();
+        extra["colour"] = "red".into();
+        assert!(item(extra).contains("unknown field `colour`"));
+        let mut nan = ok.clone();
+        nan["value"] = "NaN".into();
+        assert!(json_reading(nan).unwrap().value.is_nan());
+        let mut text = ok.clone();
+        text["value"] = "12".into();
+        assert!(item(text).contains("not a number"));
+        let mut ts = ok;
+        ts["ts"] = "yesterday".into();
+        assert!(item(ts).contains("RFC 3339"));
+    }
+}

@@ -1,0 +1,264 @@
+//! Asynchronous jobs. A job is a row in the region's PostgreSQL, committed
+//! before Submit answers; Redis Streams only carry job ids to the workers of
+//! the region's nodes (one stream per priority lane, one consumer group).
+//!
+//! - **Exactly once.** Starting an attempt, recording its result and
+//!   cancelling are conditional UPDATEs: an attempt takes a fresh lease id,
+//!   and only the holder of the current lease may move a running job to a
+//!   terminal state. A message delivered twice finds the job taken or done
+//!   and is dropped.
+//! - **Nothing acknowledged is lost.** Whatever Redis forgets (a flush, a
+//!   restart without persistence, an enqueue that failed after the commit)
+//!   the sweeper puts back: it compares the runnable jobs of PostgreSQL with
+//!   the set of ids Redis holds. A worker that dies leaves its message
+//!   pending and its lease to lapse; `XAUTOCLAIM` (or the sweeper, if the
+//!   message is gone too) hands the job to another attempt.
+
+mod metrics;
+mod store;
+mod stream;
+mod sweeper;
+mod worker;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+use tokio::sync::{Notify, broadcast};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::api::{AppState, Tenant};
+use crate::config::JobsConfig;
+use crate::error::Error;
+
+pub(crate) use self::metrics::Metrics;
+pub(crate) use self::store::{Job, JobError, JobRequest, JobState, Priority};
+
+/// How often a watcher re-reads its job when no local change woke it; the
+/// change may have happened on another node of the region.
+const WATCH_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Longest idempotency key accepted (the proto allows servers this limit).
+const MAX_KEY_BYTES: usize = 255;
+
+/// The jobs of one node: submission, lookups, cancellation, and the handles
+/// its workers and sweeper share.
+pub(crate) struct Queue {
+    pool: PgPool,
+    redis: ConnectionManager,
+    config: JobsConfig,
+    shutdown: CancellationToken,
+    /// This node's consumer name in the stream group: new per start, so a
+    /// restarted node never mistakes the dead one's pending messages for its own.
+    consumer: String,
+    /// Attempts running on this node, so a cancel stops their inference at
+    /// once rather than at the next lease renewal.
+    running: Mutex<HashMap<Uuid, CancellationToken>>,
+    /// Ids of jobs whose state this node changed, for watchers.
+    changes: broadcast::Sender<Uuid>,
+    /// Wakes the dispatcher when this node enqueued work.
+    wake: Notify,
+    pub(crate) metrics: Metrics,
+}
+
+/// A validated job submission.
+pub(crate) struct Submission {
+    pub request: JobRequest,
+    pub priority: Priority,
+    pub idempotency_key: Option<String>,
+}
+
+/// One change of a job, as Watch reports it.
+pub(crate) struct JobEvent {
+    pub job: Job,
+    /// `None` on the first event, which reports the current state.
+    pub previous: Option<JobState>,
+    pub at: DateTime<Utc>,
+}
+
+impl Queue {
+    pub(crate) fn new(
+        pool: PgPool,
+        redis: ConnectionManager,
+        config: JobsConfig,
+        region: &str,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            pool,
+            redis,
+            config,
+            shutdown,
+            consumer: format!("{region}-{}", Uuid::new_v4().simple()),
+            running: Mutex::new(HashMap::new()),
+            changes: broadcast::channel(1024).0,
+            wake: Notify::new(),
+            metrics: Metrics::new(region),
+        }
+    }
+
+    /// Records the job, then hands it to Redis. Returns the job and whether
+    /// this call created it (false: an idempotent replay).
+    pub(crate) async fn submit(
+        &self,
+        tenant: &Tenant,
+        submission: Submission,
+    ) -> Result<(Job, bool), Error> {
+        let Submission {
+            request,
+            priority,
+            idempotency_key: key,
+        } = submission;
+        if let Some(k) = &key
+            && (k.is_empty() || k.len() > MAX_KEY_BYTES)
+        {
+            return Err(Error::invalid(
+                format!("`idempotency_key` must be 1 to {MAX_KEY_BYTES} bytes"),
+                Some("idempotency_key"),
+            ));
+        }
+        let mut tx = self.pool.begin().await?;
+        let inserted = store::insert(
+            &mut tx,
+            Uuid::now_v7(),
+            tenant.as_str(),
+            key.as_deref(),
+            priority,
+            &request,
+        )
+        .await?;
+        let Some(job) = inserted else {
+            drop(tx);
+            let key = key.expect("only a keyed insert can conflict");
+            let existing = store::by_key(&self.pool, tenant.as_str(), &key)
+                .await?
+                .ok_or_else(|| Error::Unavailable("job submission raced, retry".into()))?;
+            if existing.request != request || existing.priority != priority {
+                return Err(Error::IdempotencyKeyReused(key));
+            }
+            return Ok((existing, false));
+        };
+        // The trigger counted the new job under row locks held until commit,
+        // so concurrent submitters see each other and a limit holds exactly.
+        let (tenant_depth, region_depth) = store::depth(&mut tx, tenant.as_str()).await?;
+        let retry_after = std::time::Duration::from_millis(self.config.queue_full_retry_after_ms);
+        if tenant_depth > self.config.max_queued_per_tenant {
+            return Err(Error::QueueFull {
+                scope: "tenant",
+                retry_after,
+            });
+        }
+        if region_depth > self.config.max_queued_per_region {
+            return Err(Error::QueueFull {
+                scope: "region",
+                retry_after,
+            });
+        }
+        tx.commit().await?;
+        self.metrics.submitted.inc();
+        // Committed means accepted: if Redis fails now, the sweeper enqueues
+        // the job later, so the client still gets its 202.
+        if let Err(e) = stream::enqueue(&mut self.redis.clone(), job.id, priority).await {
+            tracing::warn!(job = %job.id, error = %e, "enqueue failed; the sweeper will retry");
+        }
+        self.wake.notify_one();
+        Ok((job, true))
+    }
+
+    pub(crate) async fn get(&self, tenant: &Tenant, id: &str) -> Result<Job, Error> {
+        let uuid = parse_id(id)?;
+        store::get(&self.pool, tenant.as_str(), uuid)
+            .await?
+            .ok_or_else(|| Error::JobNotFound(id.to_string()))
+    }
+
+    /// Cancels a job. Cancelling a cancelled job returns it unchanged; one in
+    /// another terminal state cannot be cancelled.
+    pub(crate) async fn cancel(&self, tenant: &Tenant, id: &str) -> Result<Job, Error> {
+        let uuid = parse_id(id)?;
+        if let Some(job) = store::cancel(&self.pool, tenant.as_str(), uuid).await? {
+            let token = self
+                .running
+                .lock()
+                .expect("not poisoned")
+                .get(&uuid)
+                .cloned();
+            if let Some(token) = token {
+                token.cancel();
+            }
+            self.metrics
+                .finished
+                .with_label_values(&[JobState::Cancelled.as_str()])
+                .inc();
+            let _ = self.changes.send(uuid);
+            return Ok(job);
+        }
+        let job = self.get(tenant, id).await?;
+        match job.state {
+            JobState::Cancelled => Ok(job),
+            state => Err(Error::JobAlreadyFinished {
+                id: id.to_string(),
+                state: state.as_str(),
+            }),
+        }
+    }
+
+    /// The job's current state, then one event per change, ending after a
+    /// terminal state.
+    pub(crate) async fn watch(
+        self: Arc<Self>,
+        tenant: Tenant,
+        id: &str,
+    ) -> Result<BoxStream<'static, Result<JobEvent, Error>>, Error> {
+        // Subscribed before the first read, so no change slips in between.
+        let mut changes = self.changes.subscribe();
+        let first = self.get(&tenant, id).await?;
+        let id = id.to_string();
+        let stream = async_stream::try_stream! {
+            let uuid = first.id;
+            let mut last = first.state;
+            yield JobEvent { job: first, previous: None, at: Utc::now() };
+            let mut poll = tokio::time::interval(WATCH_POLL);
+            while !last.is_terminal() {
+                tokio::select! {
+                    changed = changes.recv() => match changed {
+                        Ok(changed) if changed != uuid => continue,
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    },
+                    _ = poll.tick() => {}
+                    () = self.shutdown.cancelled() => break,
+                }
+                let job = self.get(&tenant, &id).await?;
+                if job.state != last {
+                    let previous = std::mem::replace(&mut last, job.state);
+                    yield JobEvent { job, previous: Some(previous), at: Utc::now() };
+                }
+            }
+        };
+        Ok(Box::pin(stream))
+    }
+
+    fn changed(&self, id: Uuid) {
+        let _ = self.changes.send(id);
+    }
+}
+
+/// Starts the node's workers and sweeper on its task tracker.
+pub(crate) fn start(state: &Arc<AppState>) {
+    sweeper::spawn(state.clone());
+    worker::spawn(state.clone());
+}
+
+/// A malformed id names no job: 404 like an unknown one.
+fn parse_id(id: &str) -> Result<Uuid, Error> {
+    Uuid::parse_str(id).map_err(|_| Error::JobNotFound(id.to_string()))
+}
+
+fn redis_error(e: redis::RedisError) -> Error {
+    Error::Unavailable(format!("redis: {e}"))
+}

@@ -1,0 +1,351 @@
+//! The worker pool of a node: a dispatcher takes messages from Redis only
+//! when a worker is free, interactive lane first, and runs each job as a
+//! task holding one of `jobs.workers` permits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::store::{self, Claim, JobError, JobResult, JobState};
+use super::stream::{self, Delivery, LANES};
+use crate::api::AppState;
+use crate::error::Error;
+use crate::inference::{Completion, Finish};
+
+/// How long an idle dispatcher waits before looking at Redis again when no
+/// local submission woke it: jobs submitted on other nodes of the region,
+/// and retries that came due, are found within this.
+const IDLE_POLL: Duration = Duration::from_millis(100);
+/// Pause after Redis failed, so an outage is not a busy loop.
+const REDIS_PAUSE: Duration = Duration::from_millis(500);
+
+pub(super) fn spawn(state: Arc<AppState>) {
+    if state.jobs.config.workers > 0 {
+        let tasks = state.tasks.clone();
+        tasks.spawn(dispatch(state));
+    }
+}
+
+async fn dispatch(state: Arc<AppState>) {
+    let q = &state.jobs;
+    let slots = Arc::new(Semaphore::new(q.config.workers as usize));
+    let mut redis = state.redis.clone();
+    let reclaim_every = q.config.sweep_interval();
+    let mut last_reclaim: Option<Instant> = None;
+    loop {
+        // A free worker first, then a message: taking messages only when
+        // they can start keeps the rest in Redis, where a later interactive
+        // job still overtakes them.
+        let first = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = state.shutdown.cancelled() => return,
+        };
+        let mut permits = vec![first];
+        while let Ok(p) = slots.clone().try_acquire_owned() {
+            permits.push(p);
+        }
+        let reclaim = last_reclaim.is_none_or(|t| t.elapsed() >= reclaim_every);
+        let next = async {
+            let mut got = Vec::new();
+            if reclaim {
+                last_reclaim = Some(Instant::now());
+                got = take_abandoned(&mut redis, q, permits.len()).await?;
+            }
+            for lane in LANES {
+                let want = permits.len() - got.len();
+                if want == 0 {
+                    break;
+                }
+                got.extend(stream::read(&mut redis, &q.consumer, lane, want).await?);
+            }
+            Ok::<_, redis::RedisError>(got)
+        };
+        let deliveries = match next.await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the job streams failed");
+                drop(permits);
+                pause(&state.shutdown, REDIS_PAUSE).await;
+                continue;
+            }
+        };
+        if deliveries.is_empty() {
+            drop(permits);
+            tokio::select! {
+                () = q.wake.notified() => {}
+                () = tokio::time::sleep(IDLE_POLL) => {}
+                () = state.shutdown.cancelled() => return,
+            }
+            continue;
+        }
+        for d in deliveries {
+            let permit = permits.pop().expect("never more deliveries than permits");
+            state.tasks.spawn(run(state.clone(), d, permit));
+        }
+    }
+}
+
+/// Messages pending longer than a lease: their worker died (a live one
+/// renews its lease in PostgreSQL, not in Redis, so a slow job's message can
+/// be taken too; its claim then fails and it is dropped, which is harmless).
+async fn take_abandoned(
+    redis: &mut redis::aio::ConnectionManager,
+    q: &super::Queue,
+    count: usize,
+) -> redis::RedisResult<Vec<Delivery>> {
+    let mut got = Vec::new();
+    for lane in LANES {
+        let want = count - got.len();
+        if want == 0 {
+            break;
+        }
+        got.extend(stream::autoclaim(redis, &q.consumer, lane, q.config.lease_ms, want).await?);
+    }
+    if !got.is_empty() {
+        q.metrics.recovered.inc_by(got.len() as u64);
+        tracing::info!(count = got.len(), "reclaimed job messages of a dead worker");
+    }
+    Ok(got)
+}
+
+async fn pause(shutdown: &CancellationToken, d: Duration) {
+    tokio::select! {
+        () = tokio::time::sleep(d) => {}
+        () = shutdown.cancelled() => {}
+    }
+}
+
+enum Outcome {
+    Done(Completion, Duration),
+    Failed(Error),
+    /// The attempt lost its job: cancelled, or its lease was taken over.
+    Lost,
+    /// The node is stopping: the job is left running with its lease, to be
+    /// reclaimed once the lease lapses.
+    Shutdown,
+}
+
+async fn run(state: Arc<AppState>, d: Delivery, _permit: OwnedSemaphorePermit) {
+    let q = &state.jobs;
+    let mut redis = state.redis.clone();
+    let Some(id) = d.job else {
+        let _ = stream::ack(&mut redis, &d).await;
+        return;
+    };
+    let owner = Uuid::new_v4();
+    let lease_ms = i64::try_from(q.config.lease_ms).unwrap_or(i64::MAX);
+    let claim = match store::claim(&state.pool, id, owner, lease_ms).await {
+        Ok(Some(claim)) => claim,
+        // Done, cancelled, not yet due, or another attempt holds it: the
+        // message is a duplicate, and PostgreSQL (with the sweeper) has the job.
+        Ok(None) => {
+            ack(&mut redis, &d).await;
+            return;
+        }
+        // Left pending: reclaimed once it has been idle for a lease.
+        Err(e) => {
+            tracing::warn!(job = %id, error = %e, "claiming a job failed");
+            return;
+        }
+    };
+    q.changed(id);
+    if let Some(wait) = claim.first_wait_s {
+        q.metrics.queue_wait.observe(wait);
+    }
+    if claim.attempts > q.config.max_attempts {
+        // Earlier attempts died with their workers until the budget ran out;
+        // a job that kills its worker must not loop forever.
+        let error = JobError {
+            reason: meridian_proto::error::reason::INTERNAL.into(),
+            message: "the job's workers stopped during every allowed attempt".into(),
+            retryable: true,
+        };
+        match dead_letter(&state, id, owner, &error).await {
+            Ok(()) => ack(&mut redis, &d).await,
+            Err(e) => tracing::warn!(job = %id, error = %e, "dead-lettering a job failed"),
+        }
+        return;
+    }
+
+    let token = CancellationToken::new();
+    q.running
+        .lock()
+        .expect("not poisoned")
+        .insert(id, token.clone());
+    let started = Instant::now();
+    let outcome = attempt(&state, id, owner, &claim, &token).await;
+    q.running.lock().expect("not poisoned").remove(&id);
+    q.metrics.run_time.observe(started.elapsed().as_secs_f64());
+
+    let recorded = match outcome {
+        Outcome::Shutdown => return,
+        Outcome::Lost => Ok(()),
+        Outcome::Done(done, latency) => {
+            store::succeed(&state.pool, id, owner, &result(done, latency))
+                .await
+                .map(|won| {
+                    if won {
+                        q.metrics
+                            .finished
+                            .with_label_values(&[JobState::Succeeded.as_str()])
+                            .inc();
+                    }
+                })
+        }
+        Outcome::Failed(e) => failed(&state, &d, id, owner, &claim, &e).await,
+    };
+    match recorded {
+        Ok(()) => {
+            ack(&mut redis, &d).await;
+            q.changed(id);
+        }
+        // Not acknowledged: the message is reclaimed after a lease, and the
+        // lapsed lease lets that attempt run the job again.
+        Err(e) => tracing::warn!(job = %id, error = %e, "recording a job's outcome failed"),
+    }
+}
+
+async fn attempt(
+    state: &AppState,
+    id: Uuid,
+    owner: Uuid,
+    claim: &Claim,
+    token: &CancellationToken,
+) -> Outcome {
+    let q = &state.jobs;
+    let request = claim.request.to_chat();
+    let started = Instant::now();
+    let lease_ms = i64::try_from(q.config.lease_ms).unwrap_or(i64::MAX);
+    // Renewal doubles as the cross-node cancel check: a cancel on another
+    // node takes the lease away, and the next renewal finds out.
+    let renew = async {
+        loop {
+            tokio::time::sleep(q.config.lease() / 3).await;
+            match store::renew(&state.pool, id, owner, lease_ms).await {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => tracing::warn!(job = %id, error = %e, "renewing a job lease failed"),
+            }
+        }
+    };
+    tokio::select! {
+        biased;
+        () = state.shutdown.cancelled() => Outcome::Shutdown,
+        () = token.cancelled() => Outcome::Lost,
+        () = renew => Outcome::Lost,
+        done = state.inference.complete(&request) => match done {
+            Ok(done) => Outcome::Done(done, started.elapsed()),
+            Err(e) => Outcome::Failed(e),
+        },
+    }
+}
+
+/// Records a failed attempt: queued again after a backoff while attempts
+/// remain and the error is retryable, else failed or dead-lettered.
+async fn failed(
+    state: &Arc<AppState>,
+    d: &Delivery,
+    id: Uuid,
+    owner: Uuid,
+    claim: &Claim,
+    e: &Error,
+) -> Result<(), Error> {
+    let q = &state.jobs;
+    let retryable = e.code() == tonic::Code::Unavailable;
+    let error = JobError {
+        reason: match e {
+            Error::ModelNotFound(_) => meridian_proto::error::reason::MODEL_NOT_FOUND,
+            Error::InvalidRequest { .. } => meridian_proto::error::reason::INVALID_REQUEST,
+            _ if retryable => meridian_proto::error::reason::BACKEND_ERROR,
+            _ => meridian_proto::error::reason::INTERNAL,
+        }
+        .into(),
+        message: e.to_string(),
+        retryable,
+    };
+    if !retryable {
+        if store::fail(&state.pool, id, owner, JobState::Failed, &error).await? {
+            q.metrics
+                .finished
+                .with_label_values(&[JobState::Failed.as_str()])
+                .inc();
+        }
+        return Ok(());
+    }
+    if claim.attempts >= q.config.max_attempts {
+        return dead_letter(state, id, owner, &error).await;
+    }
+    let backoff = q
+        .config
+        .backoff(claim.attempts, rand::rng().random::<f64>());
+    let backoff_ms = i64::try_from(backoff.as_millis()).unwrap_or(i64::MAX);
+    if store::retry(&state.pool, id, owner, &error, backoff_ms).await? {
+        q.metrics.retries.inc();
+        // Re-enqueued when due; if this node stops first, the sweeper does it.
+        let state = state.clone();
+        let lane = d.lane;
+        let tasks = state.tasks.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {
+                    let mut redis = state.redis.clone();
+                    if let Err(e) = stream::enqueue(&mut redis, id, lane).await {
+                        tracing::warn!(job = %id, error = %e, "re-enqueue failed; the sweeper will retry");
+                    }
+                    state.jobs.wake.notify_one();
+                }
+                () = state.shutdown.cancelled() => {}
+            }
+        });
+    }
+    Ok(())
+}
+
+async fn dead_letter(
+    state: &AppState,
+    id: Uuid,
+    owner: Uuid,
+    error: &JobError,
+) -> Result<(), Error> {
+    if store::fail(&state.pool, id, owner, JobState::DeadLettered, error).await? {
+        state.jobs.metrics.dead_lettered.inc();
+        state
+            .jobs
+            .metrics
+            .finished
+            .with_label_values(&[JobState::DeadLettered.as_str()])
+            .inc();
+        tracing::warn!(job = %id, error = %error.message, "job dead-lettered");
+    }
+    Ok(())
+}
+
+async fn ack(redis: &mut redis::aio::ConnectionManager, d: &Delivery) {
+    // A failed ack only leaves a duplicate behind, which its claim drops.
+    if let Err(e) = stream::ack(redis, d).await {
+        tracing::warn!(message = %d.message, error = %e, "acknowledging a job message failed");
+    }
+}
+
+fn result(done: Completion, latency: Duration) -> JobResult {
+    let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+    JobResult {
+        completion_id: format!("chatcmpl-{}", Uuid::now_v7().simple()),
+        created: chrono::Utc::now().timestamp(),
+        text: done.text,
+        finish: match done.finish {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+        }
+        .into(),
+        prompt_tokens: done.usage.prompt_tokens,
+        completion_tokens: done.usage.completion_tokens,
+        time_to_first_token_ms: ms(done.time_to_first_token),
+        latency_ms: ms(latency),
+    }
+}

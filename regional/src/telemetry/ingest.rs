@@ -1,0 +1,347 @@
+//! Readings in: per-item checks, then a bounded buffer drained by one
+//! collector that coalesces whatever is queued into multi-row inserts, so
+//! many small requests cost few statements and one large one is not split.
+//!
+//! Duplicates (same tenant, device, metric and ts) keep the row written
+//! first (`ON CONFLICT DO NOTHING`): a client retrying a batch after a lost
+//! answer changes nothing, and duplicates inside one insert are harmless,
+//! where `DO UPDATE` would fail the whole insert on them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use sqlx::types::Json;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::TelemetryConfig;
+use crate::error::Error;
+
+/// Longest device id or metric name, in bytes.
+const MAX_NAME_BYTES: usize = 256;
+/// Rows in one insert statement at most; bigger statements gain little.
+const MAX_ROWS_PER_INSERT: usize = 20_000;
+/// Inserts running at once: one fills the next while another commits.
+const CONCURRENT_INSERTS: usize = 2;
+
+/// One reading, as every API hands it in.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Reading {
+    pub device_id: String,
+    pub ts: DateTime<Utc>,
+    pub metric: String,
+    pub value: f64,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The checks of one reading that do not depend on its wire format.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    max_future_skew: chrono::Duration,
+    retention: chrono::Duration,
+    retention_days: u32,
+    future_skew_s: u64,
+}
+
+impl Limits {
+    pub(crate) fn new(config: &TelemetryConfig) -> Self {
+        Self {
+            max_future_skew: chrono::Duration::from_std(config.max_future_skew())
+                .unwrap_or(chrono::Duration::MAX),
+            retention: chrono::Duration::from_std(config.retention())
+                .unwrap_or(chrono::Duration::MAX),
+            retention_days: config.retention_days,
+            future_skew_s: config.max_future_skew_s,
+        }
+    }
+
+    /// Why `r` cannot be stored at `now`, if it cannot.
+    pub(crate) fn check(&self, r: &Reading, now: DateTime<Utc>) -> Result<(), String> {
+        if r.device_id.is_empty() {
+            return Err("missing device_id".into());
+        }
+        if r.metric.is_empty() {
+            return Err("missing metric".into());
+        }
+        for (name, value) in [("device_id", &r.device_id), ("metric", &r.metric)] {
+            if value.len() > MAX_NAME_BYTES {
+                return Err(format!("{name} is longer than {MAX_NAME_BYTES} bytes"));
+            }
+        }
+        if !r.value.is_finite() {
+            return Err("value is not finite".into());
+        }
+        if r.ts > now + self.max_future_skew {
+            return Err(format!(
+                "ts is more than {} s in the future",
+                self.future_skew_s
+            ));
+        }
+        if r.ts < now - self.retention {
+            return Err(format!(
+                "ts is older than the retention of {} days",
+                self.retention_days
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Splits one batch into what can be stored and what cannot, with each
+/// rejected item's position and reason. `items` hold the readings that
+/// parsed, or why they did not. A batch over `max_batch` is rejected whole,
+/// as the Ingest proto allows: storing its head would make the client find
+/// and resend the tail.
+pub(crate) fn sort_out(
+    items: Vec<Result<Reading, String>>,
+    limits: &Limits,
+    max_batch: u32,
+    now: DateTime<Utc>,
+) -> (Vec<Reading>, Vec<(usize, String)>) {
+    if items.len() > max_batch as usize {
+        let reason = format!(
+            "batch of {} readings is over the limit of {max_batch}",
+            items.len()
+        );
+        return (
+            Vec::new(),
+            (0..items.len()).map(|i| (i, reason.clone())).collect(),
+        );
+    }
+    let mut good = Vec::with_capacity(items.len());
+    let mut bad = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        match item.and_then(|r| limits.check(&r, now).map(|()| r)) {
+            Ok(r) => good.push(r),
+            Err(reason) => bad.push((i, reason)),
+        }
+    }
+    (good, bad)
+}
+
+/// Queues readings for the writer; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct ReadingWriter {
+    queue: mpsc::Sender<Pending>,
+    room: Arc<Semaphore>,
+    capacity: usize,
+}
+
+/// Readings of one call, and who waits for their commit.
+struct Pending {
+    tenant: String,
+    readings: Vec<Reading>,
+    done: oneshot::Sender<Result<(), String>>,
+    /// Held until written: the buffer is bounded in readings, not calls.
+    _room: OwnedSemaphorePermit,
+}
+
+/// Resolves once the submitted readings are committed.
+pub(crate) struct Commit(Option<oneshot::Receiver<Result<(), String>>>);
+
+impl Commit {
+    pub(crate) async fn wait(self) -> Result<(), Error> {
+        let Some(rx) = self.0 else { return Ok(()) };
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::Unavailable(format!("readings not stored: {e}"))),
+            Err(_) => Err(Error::Unavailable(
+                "readings not stored: the node is shutting down".into(),
+            )),
+        }
+    }
+}
+
+impl ReadingWriter {
+    /// Starts the collector on `tasks`; it flushes what is queued and stops
+    /// when `shutdown` is cancelled.
+    pub(crate) fn start(
+        pool: PgPool,
+        config: &TelemetryConfig,
+        shutdown: CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Self {
+        let capacity = config.write_buffer_readings as usize;
+        let (queue, rx) = mpsc::channel(capacity);
+        tasks.spawn(collect(pool, rx, shutdown, tasks.clone()));
+        Self {
+            queue,
+            room: Arc::new(Semaphore::new(capacity)),
+            capacity,
+        }
+    }
+
+    /// Waits for room in the buffer (backpressure), then queues `readings`.
+    /// At most `write_buffer_readings` may be submitted at once.
+    pub(crate) async fn submit(
+        &self,
+        tenant: &str,
+        readings: Vec<Reading>,
+    ) -> Result<Commit, Error> {
+        if readings.is_empty() {
+            return Ok(Commit(None));
+        }
+        let closed = || Error::Unavailable("the node is shutting down".into());
+        // More than the whole buffer would wait for room forever.
+        let n = u32::try_from(readings.len())
+            .ok()
+            .filter(|_| readings.len() <= self.capacity)
+            .ok_or_else(|| Error::invalid("too many readings in one call", None))?;
+        let room = self
+            .room
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .map_err(|_| closed())?;
+        let (done, rx) = oneshot::channel();
+        let pending = Pending {
+            tenant: tenant.to_string(),
+            readings,
+            done,
+            _room: room,
+        };
+        self.queue.send(pending).await.map_err(|_| closed())?;
+        Ok(Commit(Some(rx)))
+    }
+}
+
+async fn collect(
+    pool: PgPool,
+    mut rx: mpsc::Receiver<Pending>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let inserts = Arc::new(Semaphore::new(CONCURRENT_INSERTS));
+    loop {
+        let first = tokio::select! {
+            biased;
+            p = rx.recv() => p,
+            () = shutdown.cancelled() => {
+                // Calls that already queued get their answer; later ones are
+                // refused by the closed channel.
+                rx.close();
+                rx.recv().await
+            }
+        };
+        let Some(first) = first else { break };
+        let mut batch = vec![first];
+        let mut rows = batch[0].readings.len();
+        while rows < MAX_ROWS_PER_INSERT {
+            match rx.try_recv() {
+                Ok(p) => {
+                    rows += p.readings.len();
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let Ok(permit) = inserts.clone().acquire_owned().await else {
+            break;
+        };
+        let pool = pool.clone();
+        tasks.spawn(async move {
+            let result = insert(&pool, &batch).await.map_err(|e| {
+                tracing::warn!(error = %e, rows, "telemetry insert failed");
+                e.to_string()
+            });
+            for p in batch {
+                let _ = p.done.send(result.clone());
+            }
+            drop(permit);
+        });
+    }
+}
+
+const INSERT_READINGS: &str = "
+    INSERT INTO telemetry_readings (tenant, device_id, metric, ts, value, labels)
+    SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[],
+                         $5::float8[], $6::jsonb[])
+    ON CONFLICT (tenant, device_id, metric, ts) DO NOTHING";
+
+/// Writes every reading of `batch` in one statement.
+async fn insert(pool: &PgPool, batch: &[Pending]) -> Result<(), sqlx::Error> {
+    let mut rows: Vec<(&str, &Reading)> = batch
+        .iter()
+        .flat_map(|p| p.readings.iter().map(|r| (p.tenant.as_str(), r)))
+        .collect();
+    // Concurrent inserts take row locks in key order, so two of them that
+    // share keys wait for each other instead of deadlocking. The sort is
+    // stable: of duplicates in one insert, the one that arrived first wins.
+    rows.sort_by(|a, b| {
+        (a.0, &a.1.device_id, &a.1.metric, a.1.ts).cmp(&(b.0, &b.1.device_id, &b.1.metric, b.1.ts))
+    });
+    let n = rows.len();
+    let mut tenants = Vec::with_capacity(n);
+    let mut devices = Vec::with_capacity(n);
+    let mut metrics = Vec::with_capacity(n);
+    let mut times = Vec::with_capacity(n);
+    let mut values = Vec::with_capacity(n);
+    let mut labels = Vec::with_capacity(n);
+    for (tenant, r) in rows {
+        tenants.push(tenant);
+        devices.push(r.device_id.as_str());
+        metrics.push(r.metric.as_str());
+        times.push(r.ts);
+        values.push(r.value);
+        labels.push(Json(&r.labels));
+    }
+    sqlx::query(INSERT_READINGS)
+        .bind(tenants)
+        .bind(devices)
+        .bind(metrics)
+        .bind(times)
+        .bind(values)
+        .bind(labels)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(ts: DateTime<Utc>) -> Reading {
+        Reading {
+            device_id: "d1".into(),
+            ts,
+            metric: "temp_c".into(),
+            value: 1.5,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn each_bad_reading_gets_its_reason() {
+        let limits = Limits::new(&TelemetryConfig::default());
+        let now = Utc::now();
+        assert_eq!(limits.check(&reading(now), now), Ok(()));
+        type Spoil = fn(&mut Reading, DateTime<Utc>);
+        let cases: [(Spoil, &str); 6] = [
+            (|r, _| r.device_id.clear(), "missing device_id"),
+            (|r, _| r.metric.clear(), "missing metric"),
+            (|r, _| r.metric = "m".repeat(300), "metric is longer"),
+            (|r, _| r.value = f64::NAN, "not finite"),
+            (
+                |r, now| r.ts = now + chrono::Duration::minutes(6),
+                "in the future",
+            ),
+            (
+                |r, now| r.ts = now - chrono::Duration::days(31),
+                "older than the retention",
+            ),
+        ];
+        for (spoil, reason) in cases {
+            let mut r = reading(now);
+            spoil(&mut r, now);
+            let e = limits.check(&r, now).unwrap_err();
+            assert!(e.contains(reason), "{e} vs {reason}");
+        }
+        let mut r = reading(now + chrono::Duration::minutes(4));
+        r.value = f64::MAX;
+        assert_eq!(limits.check(&r, now), Ok(()));
+    }
+}

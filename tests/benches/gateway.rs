@@ -1,0 +1,235 @@
+//! Edge overhead, side by side in one run on one machine: the same chat
+//! completion sent straight to a region, through HAProxy doing plain
+//! round-robin proxying (HTTP/1.1 keep-alive upstream, like the gateway for HTTP), and through the
+//! Meridian gateway. Reports added latency at a fixed request rate and the
+//! saturation throughput of each.
+//!
+//! Run with `make bench` or `cargo bench -p meridian-tests --bench gateway`.
+//! `BENCH_RATE` (default 2000 req/s), `BENCH_SECONDS` (default 5) and
+//! `BENCH_CONCURRENCY` (default 32) tune it. HAProxy comes from Debian
+//! (`infra/scripts/setup.sh` installs it); without it that column is skipped.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meridian_tests::{ClusterSandbox, TEST_MODEL};
+use serde_json::json;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn body() -> bytes_body::Body {
+    bytes_body::Body(
+        json!({ "model": TEST_MODEL, "messages": [{ "role": "user", "content": "bench" }], "max_tokens": 8 })
+            .to_string(),
+    )
+}
+
+mod bytes_body {
+    pub struct Body(pub String);
+}
+
+async fn one(client: &reqwest::Client, url: &str, body: &str) -> bool {
+    match client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+    {
+        Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Open loop at `rate` per second: latency counts from when the request was
+/// due, so a stall shows up instead of slowing the load (no coordinated
+/// omission). Returns sorted latencies and the number of failures.
+async fn fixed_rate(url: &str, rate: u64, seconds: u64) -> (Vec<Duration>, usize) {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap();
+    let body = Arc::new(body().0);
+    let url = Arc::new(url.to_string());
+    let total = rate * seconds;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        let due = start + interval * i as u32;
+        tokio::time::sleep_until(due.into()).await;
+        let (client, url, body) = (client.clone(), url.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let ok = one(&client, &url, &body).await;
+            (ok, due.elapsed())
+        }));
+    }
+    let mut latencies = Vec::with_capacity(tasks.len());
+    let mut failures = 0;
+    for t in tasks {
+        let (ok, latency) = t.await.unwrap();
+        if ok {
+            latencies.push(latency);
+        } else {
+            failures += 1;
+        }
+    }
+    latencies.sort();
+    (latencies, failures)
+}
+
+/// Closed loop with `concurrency` clients: requests per second at saturation.
+async fn saturation(url: &str, concurrency: u64, seconds: u64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let body = Arc::new(body().0);
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (url, body) = (url.to_string(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut done = 0u64;
+            while Instant::now() < deadline {
+                if one(&client, &url, &body).await {
+                    done += 1;
+                }
+            }
+            done
+        }));
+    }
+    let mut done = 0;
+    for t in tasks {
+        done += t.await.unwrap();
+    }
+    done as f64 / seconds as f64
+}
+
+struct Haproxy {
+    child: Child,
+    _dir: tempfile::TempDir,
+    addr: SocketAddr,
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_haproxy(region: SocketAddr) -> Option<Haproxy> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    let dir = tempfile::tempdir().ok()?;
+    let config = dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &config,
+        format!(
+            "global\n  nbthread 1\n  maxconn 4096\n\
+             defaults\n  mode http\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend edge\n  bind 127.0.0.1:{port}\n  default_backend regions\n\
+             backend regions\n  balance roundrobin\n  server r1 {region}\n"
+        ),
+    )
+    .ok()?;
+    let child = Command::new("haproxy")
+        .arg("-f")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Some(Haproxy {
+                child,
+                _dir: dir,
+                addr,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[tokio::main]
+async fn main() {
+    let rate = env_or("BENCH_RATE", 2000);
+    let seconds = env_or("BENCH_SECONDS", 5);
+    let concurrency = env_or("BENCH_CONCURRENCY", 32);
+    // One proxy thread each, so neither takes the other's core.
+    let sandbox = ClusterSandbox::start_with(&["us-east"], |c| c.threads = 1).await;
+    let region = sandbox.regions[0].addr();
+    let haproxy = start_haproxy(region);
+    if haproxy.is_none() {
+        println!(
+            "haproxy not found or did not start: run infra/scripts/setup.sh; its column is skipped"
+        );
+    }
+    let path = "/v1/chat/completions";
+    let mut targets = vec![("direct", format!("http://{region}{path}"))];
+    if let Some(h) = &haproxy {
+        targets.push(("haproxy", format!("http://{}{path}", h.addr)));
+    }
+    targets.push(("gateway", format!("{}{path}", sandbox.gateway_url())));
+
+    for (_, url) in &targets {
+        saturation(url, 4, 1).await;
+    }
+    println!("fixed rate {rate} req/s for {seconds} s each (sim at zero latency, 1 proxy thread)");
+    println!(
+        "{:<9} {:>9} {:>9} {:>12} {:>12} {:>9}",
+        "target", "p50 ms", "p99 ms", "added p50", "added p99", "failed"
+    );
+    let mut base = None;
+    for (name, url) in &targets {
+        let (lat, failed) = fixed_rate(url, rate, seconds).await;
+        let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
+        let (b50, b99) = *base.get_or_insert((p50, p99));
+        println!(
+            "{name:<9} {:>9.3} {:>9.3} {:>12.3} {:>12.3} {failed:>9}",
+            ms(p50),
+            ms(p99),
+            ms(p50) - ms(b50),
+            ms(p99) - ms(b99),
+        );
+    }
+    println!("saturation, {concurrency} concurrent clients, {seconds} s each");
+    let mut results = Vec::new();
+    for (name, url) in &targets {
+        let rps = saturation(url, concurrency, seconds).await;
+        results.push((name, rps));
+    }
+    let direct = results[0].1;
+    let haproxy_rps = results.iter().find(|(n, _)| **n == "haproxy").map(|r| r.1);
+    for (name, rps) in &results {
+        let vs_haproxy = haproxy_rps
+            .map(|h| format!(" ({:.2} of haproxy)", rps / h))
+            .unwrap_or_default();
+        println!(
+            "{name:<9} {rps:>9.0} req/s ({:.2} of direct){vs_haproxy}",
+            rps / direct
+        );
+    }
+}

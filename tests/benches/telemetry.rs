@@ -1,0 +1,203 @@
+//! Telemetry: sustained ingest through one region over gRPC client streaming
+//! and over HTTP, and the latency of a one-day bucketed query over many rows.
+//! Run with `make bench` (or `cargo bench -p meridian-tests --bench
+//! telemetry`). `TELEMETRY_BENCH_INGEST_ROWS` (default 400,000) sets the
+//! readings sent per protocol, `TELEMETRY_BENCH_QUERY_ROWS` (default
+//! 10,000,000) the rows the query reads; those are generated in the database
+//! with `generate_series`, not sent.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use meridian_proto::v1::telemetry_client::TelemetryClient;
+use meridian_proto::v1::{IngestRequest, QueryRequest, Reading};
+use meridian_tests::RegionSandbox;
+
+const BATCH: usize = 5_000;
+const CLIENTS: usize = 4;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn ts(t: chrono::DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+/// `rows` readings of one client, one per millisecond back from now.
+fn readings(client: usize, rows: usize) -> Vec<Reading> {
+    let now = Utc::now();
+    (0..rows)
+        .map(|i| Reading {
+            device_id: format!("dev-{client}-{}", i % 100),
+            ts: Some(ts(now - chrono::Duration::milliseconds(i as i64))),
+            metric: "temp_celsius".into(),
+            value: (i % 1000) as f64 / 10.0,
+            labels: [("site".to_string(), format!("lab-{}", client))].into(),
+        })
+        .collect()
+}
+
+async fn grpc_ingest(url: &str, rows: usize) -> f64 {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let url = url.to_string();
+        let data = readings(c, rows / CLIENTS);
+        tasks.push(tokio::spawn(async move {
+            let mut client = TelemetryClient::connect(url).await.expect("connect");
+            let batches: Vec<IngestRequest> = data
+                .chunks(BATCH)
+                .map(|b| IngestRequest {
+                    readings: b.to_vec(),
+                })
+                .collect();
+            let res = client
+                .ingest(futures::stream::iter(batches))
+                .await
+                .expect("ingest")
+                .into_inner();
+            assert_eq!(res.rejected_count, 0, "{res:?}");
+            res.accepted_count
+        }));
+    }
+    let mut done = 0;
+    for t in tasks {
+        done += t.await.expect("client task");
+    }
+    done as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn http_ingest(url: &str, rows: usize) -> f64 {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let url = format!("{url}/v1/telemetry");
+        let now = Utc::now();
+        let bodies: Vec<Vec<u8>> = (0..rows / CLIENTS)
+            .map(|i| {
+                serde_json::json!({
+                    "device_id": format!("http-{c}-{}", i % 100),
+                    "ts": (now - chrono::Duration::milliseconds(i as i64)).to_rfc3339(),
+                    "metric": "temp_celsius",
+                    "value": (i % 1000) as f64 / 10.0,
+                    "labels": {"site": format!("lab-{c}")},
+                })
+            })
+            .collect::<Vec<_>>()
+            .chunks(BATCH)
+            .map(|b| serde_json::to_vec(b).expect("json"))
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut accepted = 0;
+            for body in bodies {
+                let res: serde_json::Value = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("post")
+                    .json()
+                    .await
+                    .expect("answer");
+                accepted += res["accepted"].as_u64().expect("accepted count");
+            }
+            accepted
+        }));
+    }
+    let mut done = 0;
+    for t in tasks {
+        done += t.await.expect("client task");
+    }
+    done as f64 / started.elapsed().as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() {
+    // reqwest is built with `rustls-no-provider` in this crate.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ingest_rows = env("TELEMETRY_BENCH_INGEST_ROWS", 400_000);
+    let query_rows = env("TELEMETRY_BENCH_QUERY_ROWS", 10_000_000);
+    let region = RegionSandbox::start_with_config(
+        "eu-west",
+        "[telemetry]\nwrite_buffer_readings = 200000\n",
+    )
+    .await;
+    let url = region.url();
+
+    let grpc = grpc_ingest(&url, ingest_rows).await;
+    println!(
+        "ingest gRPC stream: {grpc:>9.0} rows/s  ({ingest_rows} rows, {CLIENTS} streams, {BATCH} per batch)"
+    );
+    let http = http_ingest(&url, ingest_rows).await;
+    println!(
+        "ingest HTTP JSON:   {http:>9.0} rows/s  ({ingest_rows} rows, {CLIENTS} clients, {BATCH} per request)"
+    );
+
+    // One device, `query_rows` readings evenly over the last 28 days.
+    let pool = sqlx::PgPool::connect(&region.postgres.url())
+        .await
+        .expect("postgres");
+    let span = Duration::from_secs(28 * 86_400);
+    let step_us = (span.as_micros() as u64 / query_rows as u64).max(1);
+    let started = Instant::now();
+    sqlx::query(
+        "INSERT INTO telemetry_readings (tenant, device_id, metric, ts, value)
+         SELECT 'default', 'bench', 'temp_celsius',
+                now() - make_interval(secs => i * $2::float8 / 1e6), (i % 1000) / 10.0
+           FROM generate_series(1, $1::int8) AS i",
+    )
+    .bind(query_rows as i64)
+    .bind(step_us as f64)
+    .execute(&pool)
+    .await
+    .expect("generate rows");
+    sqlx::query("ANALYZE telemetry_readings")
+        .execute(&pool)
+        .await
+        .expect("analyze");
+    println!(
+        "generated {query_rows} rows server-side in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let mut client = TelemetryClient::connect(url).await.expect("connect");
+    let now = Utc::now();
+    let query = QueryRequest {
+        device_id: "bench".into(),
+        metric: "temp_celsius".into(),
+        start: Some(ts(now - chrono::Duration::days(29))),
+        end: Some(ts(now + chrono::Duration::minutes(1))),
+        bucket: Some(prost_types::Duration {
+            seconds: 86_400,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let res = client
+            .query(query.clone())
+            .await
+            .expect("query")
+            .into_inner();
+        times.push(t.elapsed());
+        let counted: u64 = res.series[0].buckets.iter().filter_map(|b| b.count).sum();
+        assert_eq!(counted, query_rows as u64);
+    }
+    times.sort();
+    println!(
+        "query 1-day buckets, all aggregates, over {query_rows} rows: median {:.0} ms, best {:.0} ms (5 runs)",
+        times[2].as_secs_f64() * 1e3,
+        times[0].as_secs_f64() * 1e3
+    );
+}
