@@ -1,6 +1,7 @@
 //! `meridian`: start a local multi-region deployment (`meridian up`), or run
 //! one regional node or gateway from its config file.
 
+mod certs;
 mod up;
 
 use std::path::PathBuf;
@@ -33,9 +34,38 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Make a development CA and certificates for regions, gateways and
+    /// operators (mutual TLS between Meridian's services).
+    Certs(certs::Args),
     /// Manage tenants' API keys (in a region's PostgreSQL).
     #[command(subcommand)]
     Keys(Keys),
+    /// Serve the simulated LLM as an OpenAI-compatible server
+    /// (`/v1/chat/completions`, `/v1/models`, `/metrics`): an upstream for
+    /// `kind = "openai"` models without a GPU.
+    Sim(SimArgs),
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    listen: std::net::SocketAddr,
+    /// Fixed time before the first output token, in milliseconds.
+    #[arg(long)]
+    ttft_ms: Option<u64>,
+    /// Time per output token after the first, in milliseconds.
+    #[arg(long)]
+    per_token_ms: Option<u64>,
+    /// Prefill time per uncached prompt token, in microseconds.
+    #[arg(long)]
+    prefill_us_per_token: Option<u64>,
+    /// Requests generated at once; more wait in a queue.
+    #[arg(long)]
+    max_concurrency: Option<u32>,
+    /// Prompt-prefix blocks the prefix cache holds (0: off).
+    #[arg(long)]
+    prefix_cache_blocks: Option<u32>,
 }
 
 #[derive(Subcommand)]
@@ -101,6 +131,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Keys(keys) => runtime()?.block_on(manage_keys(keys)),
+        Command::Certs(args) => certs::run(args),
+        Command::Sim(args) => runtime()?.block_on(sim(args)),
         Command::Gateway { config } => {
             let config = meridian_gateway::Config::from_file(&config)?;
             let gateway = meridian_gateway::Gateway::start(config)?;
@@ -109,6 +141,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn sim(args: SimArgs) -> anyhow::Result<()> {
+    let mut config = meridian_regional::SimConfig::default();
+    let set = |field: &mut u64, value: Option<u64>| *field = value.unwrap_or(*field);
+    set(&mut config.ttft_ms, args.ttft_ms);
+    set(&mut config.per_token_ms, args.per_token_ms);
+    set(&mut config.prefill_us_per_token, args.prefill_us_per_token);
+    config.max_concurrency = args
+        .max_concurrency
+        .unwrap_or(config.max_concurrency)
+        .max(1);
+    config.prefix_cache_blocks = args
+        .prefix_cache_blocks
+        .unwrap_or(config.prefix_cache_blocks);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    eprintln!("simulated LLM on http://{}/v1", listener.local_addr()?);
+    meridian_regional::serve_sim(config, listener, shutdown_signal()).await?;
+    Ok(())
 }
 
 async fn manage_keys(keys: Keys) -> anyhow::Result<()> {

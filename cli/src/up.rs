@@ -54,10 +54,21 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     )
     .await?;
 
+    // Internal hops use mutual TLS, as in production: a development CA and
+    // certificates, made on the first run and kept in the state directory.
+    let certs_dir = state_dir.join("certs");
+    let gateway_identity = meridian_mesh::Identity::gateway("local").map_err(anyhow::Error::msg)?;
+    let operator = meridian_mesh::Identity::operator("admin").map_err(anyhow::Error::msg)?;
+    let mut identities = crate::certs::identities(&args.regions, &[], &[])?;
+    identities.extend([gateway_identity.clone(), operator]);
+    crate::certs::ensure_local(&certs_dir, &identities)?;
+
     let mut gateway_regions = Vec::new();
     for (i, region) in regions.iter_mut().enumerate() {
         let listen = SocketAddr::from(([127, 0, 0, 1], args.region_port + i as u16));
-        let config_path = write_region_config(&state_dir, region, listen)?;
+        let identity = meridian_mesh::Identity::region(&region.name).map_err(anyhow::Error::msg)?;
+        let mesh = crate::certs::files(&certs_dir, &identity);
+        let config_path = write_region_config(&state_dir, region, listen, &mesh)?;
         let config = meridian_regional::Config::from_file(&config_path)?;
         let node = RegionalNode::start(config)
             .await
@@ -75,6 +86,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     gateway_config.admin_listen = Some(SocketAddr::from(([127, 0, 0, 1], args.admin_port)));
     // Local clients may say where they are, to try geo routing by hand.
     gateway_config.geo.trusted_proxies = vec!["127.0.0.0/8".parse().expect("a valid network")];
+    gateway_config.mesh =
+        meridian_gateway::MeshConfig::tls(crate::certs::files(&certs_dir, &gateway_identity));
     // Keys and limits live in the first region's stores (every region will
     // hold the keys once replication carries them).
     let home = &regions[0];
@@ -84,6 +97,15 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let gateway = Gateway::start(gateway_config)?;
 
     print_banner(&gateway, &regions, &api_key);
+    if let Some(node) = regions.first().and_then(|r| r.node.as_ref()) {
+        let c = certs_dir.display();
+        println!("Regions accept mutual TLS only (certificates in {c}); as an operator:");
+        println!(
+            "  grpcurl -cacert {c}/ca.pem -cert {c}/operator-admin.pem -key {c}/operator-admin.key {} meridian.v1.Admin/RegionStatus",
+            node.local_addr()
+        );
+        println!();
+    }
     crate::shutdown_signal().await;
 
     println!("stopping...");
@@ -140,6 +162,7 @@ fn write_region_config(
     state_dir: &Path,
     region: &Region,
     listen: SocketAddr,
+    mesh: &meridian_mesh::CertFiles,
 ) -> anyhow::Result<PathBuf> {
     let path = state_dir.join(&region.name).join("regional.toml");
     let text = format!(
@@ -148,14 +171,39 @@ fn write_region_config(
          [server]\nlisten = \"{listen}\"\nshutdown_grace_ms = 1000\n\n\
          [redis]\nurl = \"{redis}\"\n\n\
          [postgres]\nurl = \"{postgres}\"\n\n\
+         # Mutual TLS: the gateway, other regions and operators must present a\n\
+         # certificate from this CA; `[mesh.policy]` says who may call what.\n\
+         [mesh]\nca_path = {ca:?}\ncert_path = {cert:?}\nkey_path = {key:?}\n\n\
          [[models]]\nid = \"sim-small\"\nbackend = {{ kind = \"sim\", ttft_ms = 20, per_token_ms = 5 }}\n\n\
-         [[models]]\nid = \"sim-large\"\ncontext_window_tokens = 32768\nbackend = {{ kind = \"sim\", ttft_ms = 80, per_token_ms = 20, max_concurrency = 16 }}\n",
+         [[models]]\nid = \"sim-large\"\ncontext_window_tokens = 32768\nbackend = {{ kind = \"sim\", ttft_ms = 80, per_token_ms = 20, max_concurrency = 16 }}\n\
+         {embeddings}",
+        embeddings = embeddings_section(),
         name = region.name,
         redis = region.redis.url(),
         postgres = region.postgres.url(),
+        ca = mesh.ca_path.display().to_string(),
+        cert = mesh.cert_path.display().to_string(),
+        key = mesh.key_path.display().to_string(),
     );
     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
+}
+
+/// The built-in embedding model, when `infra/scripts/setup.sh` has put its
+/// weights where `make up` runs; without them the regions serve chat only.
+fn embeddings_section() -> String {
+    let dir = Path::new(".meridian/models/all-minilm-l6-v2");
+    match dir.canonicalize() {
+        Ok(dir) if dir.join("model.safetensors").is_file() => format!(
+            "\n# The built-in embedding model (all-MiniLM-L6-v2 on candle).\n\
+             [embeddings]\nmodel_dir = {:?}\n",
+            dir.display().to_string()
+        ),
+        _ => {
+            tracing::warn!(dir = %dir.display(), "no embedding model; run infra/scripts/setup.sh for /v1/embeddings");
+            String::new()
+        }
+    }
 }
 
 /// The key of the `local` tenant: made once, then kept in the state

@@ -40,6 +40,8 @@ url = "redis://127.0.0.1:1/"
 connect_timeout_ms = 500
 [postgres]
 url = "postgres://meridian@127.0.0.1:1/meridian"
+[mesh]
+plaintext = true
 "#;
 
 #[test]
@@ -83,7 +85,7 @@ fn gateway_port_taken() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
     let f = config_file(&format!(
-        "[server]\nlisten = \"{addr}\"\n[[regions]]\nname = \"us-east\"\naddress = \"127.0.0.1:1\"\n"
+        "[server]\nlisten = \"{addr}\"\n[mesh]\nplaintext = true\n[[regions]]\nname = \"us-east\"\naddress = \"127.0.0.1:1\"\n"
     ));
     let out = meridian(&["gateway", "--config", f.path().to_str().unwrap()]);
     assert_fails_with(&out, &["cannot listen on", &addr.to_string()]);

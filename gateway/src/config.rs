@@ -54,6 +54,9 @@ pub struct Config {
     pub auth: Option<AuthConfig>,
     /// Per-tenant rate limits (`[rate_limit]`).
     pub rate_limit: RateLimitConfig,
+    /// Mutual TLS to regions (`[mesh]`); required in TOML unless
+    /// `plaintext = true`. [`Config::new`] starts in plain text.
+    pub mesh: crate::mesh::MeshConfig,
 }
 
 /// How the gateway talks HTTP to regions.
@@ -234,6 +237,8 @@ struct RawConfig {
     auth: Option<AuthConfig>,
     #[serde(default)]
     rate_limit: RateLimitConfig,
+    #[serde(default)]
+    mesh: crate::mesh::MeshConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -337,6 +342,9 @@ impl Config {
             geo: GeoConfig::default(),
             auth: None,
             rate_limit: RateLimitConfig::default(),
+            // Embedders (tests, `meridian up`) set `mesh` themselves;
+            // Gateway::start warns while it is plain text.
+            mesh: crate::mesh::MeshConfig::plaintext(),
         }
         .validate()
         .map_err(|message| Error::Config {
@@ -411,6 +419,7 @@ impl RawConfig {
             auth.validate()?;
         }
         self.rate_limit.validate()?;
+        self.mesh.files()?;
         if self.server.threads == 0 {
             return Err("`server.threads` must be at least 1".into());
         }
@@ -432,6 +441,7 @@ impl RawConfig {
             load_penalty_km: self.routing.load_penalty_km,
             auth: self.auth,
             rate_limit: self.rate_limit,
+            mesh: self.mesh,
         })
     }
 }
@@ -441,6 +451,8 @@ mod tests {
     use super::*;
 
     const TWO: &str = r#"
+[mesh]
+plaintext = true
 [[regions]]
 name = "us-east"
 address = "127.0.0.1:7101"
@@ -475,7 +487,7 @@ address = "127.0.0.1:7102"
         .unwrap_err()
         .to_string();
         assert!(
-            e.contains("g.toml line 10") && e.contains("invalid socket address"),
+            e.contains("g.toml line 12") && e.contains("invalid socket address"),
             "{e}"
         );
         let e = Config::from_toml("[server]\n", "g")

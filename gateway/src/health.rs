@@ -23,14 +23,22 @@ pub(crate) struct HealthChecker {
     regions: Arc<Regions>,
     config: HealthConfig,
     metrics: Arc<Metrics>,
+    /// mTLS to regions; plain h2c when `None`.
+    mesh: Option<crate::mesh::Upstream>,
 }
 
 impl HealthChecker {
-    pub(crate) fn new(regions: Arc<Regions>, config: HealthConfig, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(
+        regions: Arc<Regions>,
+        config: HealthConfig,
+        metrics: Arc<Metrics>,
+        mesh: Option<crate::mesh::Upstream>,
+    ) -> Self {
         Self {
             regions,
             config,
             metrics,
+            mesh,
         }
     }
 }
@@ -84,6 +92,13 @@ async fn check(channel: Channel, timeout: Duration) -> Result<Option<(bool, u32,
         .map_err(|_| format!("no answer within {timeout:?}"))?
 }
 
+fn plain_channel(address: std::net::SocketAddr, timeout: Duration) -> Channel {
+    Endpoint::from_shared(format!("http://{address}"))
+        .expect("socket addresses make valid URIs")
+        .connect_timeout(timeout)
+        .connect_lazy()
+}
+
 #[async_trait]
 impl BackgroundService for HealthChecker {
     async fn start(&self, mut shutdown: ShutdownWatch) {
@@ -92,11 +107,16 @@ impl BackgroundService for HealthChecker {
             .regions
             .list
             .iter()
-            .map(|r| {
-                Endpoint::from_shared(format!("http://{}", r.address))
-                    .expect("socket addresses make valid URIs")
-                    .connect_timeout(timeout)
-                    .connect_lazy()
+            .map(|r| match &self.mesh {
+                // A region name that cannot be an identity cannot pass a
+                // check either: its channel is plain and every check fails.
+                Some(mesh) => mesh
+                    .channel(&r.name, r.address, timeout)
+                    .unwrap_or_else(|e| {
+                        tracing::error!(region = %r.name, error = %e, "no mesh channel for region");
+                        plain_channel(r.address, timeout)
+                    }),
+                None => plain_channel(r.address, timeout),
             })
             .collect();
         for r in &self.regions.list {

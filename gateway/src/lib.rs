@@ -15,6 +15,7 @@ mod config;
 mod error;
 mod geo;
 mod health;
+mod mesh;
 mod metrics;
 mod proxy;
 mod ratelimit;
@@ -31,6 +32,7 @@ pub use self::config::{
 };
 pub use self::error::Error;
 pub use self::geo::{COUNTRY_HEADER, LATLON_HEADER, LatLon};
+pub use self::mesh::MeshConfig;
 pub use self::ratelimit::{RateLimitConfig, USAGE_TOKENS_HEADER};
 pub use self::server::Gateway;
 

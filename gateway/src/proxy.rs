@@ -43,6 +43,8 @@ pub(crate) struct Proxy {
     read_timeout: Duration,
     /// API keys and rate limits.
     pub(crate) gate: Gate,
+    /// mTLS to regions; plain text when `None`.
+    mesh: Option<crate::mesh::Upstream>,
 }
 
 /// Per-request state.
@@ -66,6 +68,7 @@ impl Proxy {
         config: &Config,
         regions: Arc<Regions>,
         metrics: Arc<Metrics>,
+        mesh: Option<crate::mesh::Upstream>,
     ) -> Result<Self, String> {
         Ok(Self {
             router: Router::new(config),
@@ -77,6 +80,7 @@ impl Proxy {
             http_upstream: config.http_upstream,
             read_timeout: config.read_timeout,
             gate: Gate::new(config, metrics.clone())?,
+            mesh,
             regions,
             metrics,
         })
@@ -216,6 +220,20 @@ impl ProxyHttp for Proxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         ctx.grpc = header_str(session, header::CONTENT_TYPE.as_str())
             .is_some_and(|v| v.starts_with("application/grpc"));
+        // Regions' operator endpoints are for operators on the mesh, never
+        // for clients at the edge.
+        if session.req_header().uri.path().starts_with("/admin/") {
+            respond_error(
+                session,
+                ctx.grpc,
+                404,
+                5,
+                "not_found_error",
+                "no such route at the edge: /admin/ is for operators on the mesh",
+            )
+            .await?;
+            return Ok(true);
+        }
         match self.gate.admit(session, ctx.grpc).await? {
             Some(admitted) => ctx.admitted = admitted,
             None => return Ok(true),
@@ -276,7 +294,11 @@ impl ProxyHttp for Proxy {
         }
         ctx.attempts += 1;
         ctx.current = Some(index);
-        let mut peer = HttpPeer::new(self.regions.list[index].address, false, String::new());
+        let region = &self.regions.list[index];
+        let mut peer = match &self.mesh {
+            Some(mesh) => mesh.peer(region.address, &region.name),
+            None => HttpPeer::new(region.address, false, String::new()),
+        };
         // gRPC needs HTTP/2 (trailers): prior knowledge (h2c), multiplexed
         // on pooled connections. Plain HTTP defaults to pooled HTTP/1.1,
         // which costs Pingora less per small request than HTTP/2 framing.

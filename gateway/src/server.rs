@@ -86,12 +86,16 @@ impl Gateway {
         let mut server = Server::new_with_opt_and_conf(None, conf);
         let regions = Arc::new(Regions::new(&config));
         let metrics = Arc::new(Metrics::new());
-        let proxy = Proxy::new(&config, regions.clone(), metrics.clone()).map_err(|message| {
-            Error::Config {
+        let mesh = crate::mesh::Upstream::start(&config.mesh).map_err(|message| Error::Config {
+            origin: "mesh".into(),
+            message,
+        })?;
+        let proxy = Proxy::new(&config, regions.clone(), metrics.clone(), mesh.clone()).map_err(
+            |message| Error::Config {
                 origin: "gateway config".into(),
                 message,
-            }
-        })?;
+            },
+        )?;
         let key_loader = proxy.gate.key_loader();
         let mut service =
             http_proxy_service_with_name(&server.configuration, proxy, "meridian gateway");
@@ -127,7 +131,12 @@ impl Gateway {
         }
         server.add_service(background_service(
             "region health",
-            HealthChecker::new(regions.clone(), config.health.clone(), metrics.clone()),
+            HealthChecker::new(
+                regions.clone(),
+                config.health.clone(),
+                metrics.clone(),
+                mesh,
+            ),
         ));
         if let Some(admin_addr) = config.admin_listen {
             drop(

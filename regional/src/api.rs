@@ -3,8 +3,10 @@
 //! both (gRPC is told apart by path and content type).
 
 mod admin;
+mod embeddings;
 mod grpc;
 mod http;
+mod infer;
 mod jobs;
 mod openai;
 mod telemetry;
@@ -24,7 +26,7 @@ use tower::ServiceExt;
 use crate::error::Error;
 use crate::inference::Inference;
 
-pub(crate) use self::tenant::Tenant;
+pub(crate) use self::tenant::{TENANT_HEADER, Tenant};
 
 /// What every handler shares.
 pub(crate) struct AppState {
@@ -46,6 +48,8 @@ pub(crate) struct AppState {
     pub telemetry: crate::telemetry::Telemetry,
     /// Asynchronous jobs: submission, lookups and the worker pool's handles.
     pub jobs: Arc<crate::queue::Queue>,
+    /// The built-in embedding model, when `[embeddings]` turns it on.
+    pub embedder: Option<Arc<crate::inference::Embedder>>,
 }
 
 /// The response header that names the region which produced an answer. The
@@ -70,7 +74,9 @@ where
         .expect("the embedded descriptor sets are valid");
     let router = http::routes(state.clone())
         .merge(telemetry::routes(state.clone()))
-        .merge(jobs::routes(state.clone()));
+        .merge(jobs::routes(state.clone()))
+        .merge(embeddings::routes(state.clone()))
+        .merge(infer::routes(state.clone()));
     let router = grpc_service(router, grpc::inference(state.clone()));
     let router = grpc_service(router, reflection_v1);
     let router = grpc_service(router, reflection_v1alpha);

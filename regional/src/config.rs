@@ -8,9 +8,13 @@ use serde::Deserialize;
 
 use crate::error::Error;
 
+mod embeddings;
+pub(crate) mod inference;
 mod jobs;
 pub(crate) mod telemetry;
 
+pub use self::embeddings::EmbeddingsConfig;
+pub use self::inference::{AliasConfig, InferenceConfig, OpenAiConfig, UpstreamConfig};
 pub use self::jobs::JobsConfig;
 pub use self::telemetry::TelemetryConfig;
 
@@ -35,10 +39,22 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Models served by this region.
     pub models: Vec<ModelConfig>,
+    /// Names that route to models by request size or by weight.
+    pub aliases: Vec<AliasConfig>,
+    /// Request deadlines and per-tenant admission control.
+    pub inference: InferenceConfig,
+    /// The file this config was read from, if any: `POST /admin/reload`
+    /// reads its models and aliases again.
+    pub source: Option<std::path::PathBuf>,
     /// Time-series storage: partitions, retention, ingest and query limits.
     pub telemetry: TelemetryConfig,
     /// Asynchronous jobs: workers, retries, leases, queue limits.
     pub jobs: JobsConfig,
+    /// The built-in embedding model; `None` when `[embeddings]` is absent
+    /// or disabled.
+    pub embeddings: Option<EmbeddingsConfig>,
+    /// Mutual TLS on the node's port and who may call what (`[mesh]`).
+    pub mesh: crate::mesh::Mesh,
 }
 
 /// The TOML shape of the configuration. Every field has a default except the
@@ -55,10 +71,21 @@ struct RawConfig {
     /// Models served by this region; one simulated model when absent.
     #[serde(default = "default_models")]
     models: Vec<ModelConfig>,
+    /// Names that route to models; none by default.
+    #[serde(default)]
+    aliases: Vec<AliasConfig>,
+    #[serde(default)]
+    inference: InferenceConfig,
     #[serde(default)]
     telemetry: TelemetryConfig,
     #[serde(default)]
     jobs: JobsConfig,
+    /// The built-in embedding model; off unless the section is present.
+    #[serde(default)]
+    embeddings: Option<EmbeddingsConfig>,
+    /// Mutual TLS and policy; required unless `plaintext = true`.
+    #[serde(default)]
+    mesh: crate::mesh::MeshConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,7 +147,7 @@ fn default_models() -> Vec<ModelConfig> {
 }
 
 /// One model this region serves and the backend that serves it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// The model name clients send, e.g. `sim-small`.
@@ -137,15 +164,18 @@ fn default_context_window() -> u32 {
 }
 
 /// The backend behind a model.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum BackendConfig {
     /// The built-in simulated LLM: realistic timing without a GPU.
     Sim(SimConfig),
+    /// A pool of OpenAI-compatible HTTP servers.
+    #[serde(rename = "openai")]
+    OpenAi(OpenAiConfig),
 }
 
 /// Timing and limits of the built-in simulated LLM.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SimConfig {
     /// Prefill time per prompt token, in microseconds.
@@ -164,6 +194,11 @@ pub struct SimConfig {
     /// Seed of the failure draws: the n-th completion of a backend fails or
     /// not depending only on this seed, n and `fail_rate`.
     pub fail_seed: u64,
+    /// Prompt-prefix blocks the prefix cache holds (least recently used
+    /// evicted first); 0 turns the cache off. Cached blocks cost no prefill.
+    pub prefix_cache_blocks: u32,
+    /// Prompt tokens per prefix-cache block; only whole blocks are cached.
+    pub prefix_block_tokens: u32,
 }
 
 impl Default for SimConfig {
@@ -176,6 +211,8 @@ impl Default for SimConfig {
             default_max_tokens: 32,
             fail_rate: 0.0,
             fail_seed: 0,
+            prefix_cache_blocks: 4096,
+            prefix_block_tokens: 16,
         }
     }
 }
@@ -187,7 +224,9 @@ impl Config {
             origin: path.display().to_string(),
             message: format!("cannot read: {e}"),
         })?;
-        Self::from_toml(&text, &path.display().to_string())
+        let mut config = Self::from_toml(&text, &path.display().to_string())?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Parses and validates TOML text; `origin` names it in errors.
@@ -266,11 +305,22 @@ impl RawConfig {
                         "`models[{i}].backend.fail_rate` must be between 0 and 1"
                     ));
                 }
-                BackendConfig::Sim(_) => {}
+                BackendConfig::Sim(sim) if sim.prefix_block_tokens == 0 => {
+                    return Err(format!(
+                        "`models[{i}].backend.prefix_block_tokens` must be at least 1"
+                    ));
+                }
+                BackendConfig::Sim(_) | BackendConfig::OpenAi(_) => {}
             }
         }
+        inference::validate(&self.models, &self.aliases)?;
         self.telemetry.validate()?;
         self.jobs.validate()?;
+        let embeddings = self.embeddings.filter(|e| e.enabled);
+        if let Some(e) = &embeddings {
+            e.validate()?;
+        }
+        let mesh = self.mesh.validate()?;
         Ok(Config {
             region: self.region,
             listen: self.server.listen,
@@ -281,8 +331,13 @@ impl RawConfig {
             postgres_max_connections: self.postgres.max_connections,
             connect_timeout: Duration::from_millis(self.redis.connect_timeout_ms),
             models: self.models,
+            aliases: self.aliases,
+            inference: self.inference,
+            source: None,
             telemetry: self.telemetry,
             jobs: self.jobs,
+            embeddings,
+            mesh,
         })
     }
 }

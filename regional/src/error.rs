@@ -88,6 +88,38 @@ pub enum Error {
     /// The job already reached a terminal state.
     #[error("job {id} already finished: {state}")]
     JobAlreadyFinished { id: String, state: &'static str },
+    /// The prompt, plus `max_tokens` when given, does not fit the model.
+    #[error(
+        "this model's context window is {window} tokens; the request needs {tokens} \
+         (prompt plus max_tokens)"
+    )]
+    ContextLengthExceeded { tokens: u32, window: u32 },
+    /// The request's deadline passed before the answer was complete.
+    #[error("the request deadline passed before the model finished")]
+    DeadlineExceeded,
+    /// Admission control: the region or the tenant has as many inference
+    /// requests in flight as it may.
+    #[error("too many inference requests in flight for this {scope}: retry later")]
+    Overloaded {
+        scope: &'static str,
+        retry_after: std::time::Duration,
+    },
+    /// No upstream of the model could take the request.
+    #[error("no healthy backend for model `{0}`")]
+    NoHealthyBackend(String),
+    /// `[embeddings]` is on but its model files are not there.
+    #[error(
+        "the embedding model is missing {missing} in {dir}: run infra/scripts/setup.sh, \
+         or point `embeddings.model_dir` at a directory with config.json, tokenizer.json \
+         and model.safetensors"
+    )]
+    EmbeddingModelMissing {
+        dir: std::path::PathBuf,
+        missing: String,
+    },
+    /// The embedding model could not be loaded or failed to run.
+    #[error("embedding model: {0}")]
+    EmbeddingModel(String),
     /// An I/O failure not covered above.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
@@ -106,10 +138,13 @@ impl Error {
         match self {
             Self::InvalidRequest { .. } => Code::InvalidArgument,
             Self::ModelNotFound(_) | Self::NotFound(_) | Self::JobNotFound(_) => Code::NotFound,
-            Self::QueueFull { .. } => Code::ResourceExhausted,
+            Self::QueueFull { .. } | Self::Overloaded { .. } => Code::ResourceExhausted,
+            Self::ContextLengthExceeded { .. } => Code::InvalidArgument,
+            Self::DeadlineExceeded => Code::DeadlineExceeded,
             Self::IdempotencyKeyReused(_) => Code::AlreadyExists,
             Self::JobAlreadyFinished { .. } => Code::FailedPrecondition,
             Self::Unavailable(_)
+            | Self::NoHealthyBackend(_)
             | Self::RedisUnreachable { .. }
             | Self::PostgresUnreachable { .. } => Code::Unavailable,
             _ => Code::Internal,
@@ -120,6 +155,7 @@ impl Error {
     fn openai_code(&self) -> Option<&'static str> {
         match self {
             Self::ModelNotFound(_) => Some("model_not_found"),
+            Self::ContextLengthExceeded { .. } => Some("context_length_exceeded"),
             _ => None,
         }
     }
@@ -132,6 +168,8 @@ impl Error {
         match self {
             Self::JobNotFound(_) => Some(reason::JOB_NOT_FOUND),
             Self::QueueFull { .. } => Some(reason::QUEUE_FULL),
+            Self::Overloaded { .. } => Some(reason::RATE_LIMITED),
+            Self::NoHealthyBackend(_) => Some(reason::NO_HEALTHY_BACKEND),
             Self::IdempotencyKeyReused(_) => Some(reason::IDEMPOTENCY_KEY_REUSED),
             Self::JobAlreadyFinished { .. } => Some(reason::JOB_ALREADY_FINISHED),
             _ => None,
@@ -140,7 +178,9 @@ impl Error {
 
     fn retry_after(&self) -> Option<std::time::Duration> {
         match self {
-            Self::QueueFull { retry_after, .. } => Some(*retry_after),
+            Self::QueueFull { retry_after, .. } | Self::Overloaded { retry_after, .. } => {
+                Some(*retry_after)
+            }
             _ => None,
         }
     }
@@ -166,6 +206,24 @@ impl From<Error> for tonic::Status {
     }
 }
 
+impl Error {
+    /// The OpenAI error object, for a response body or a last stream event.
+    pub(crate) fn openai_body(&self) -> serde_json::Value {
+        let param = match self {
+            Self::InvalidRequest { param, .. } => *param,
+            _ => None,
+        };
+        serde_json::json!({
+            "error": {
+                "message": self.to_string(),
+                "type": meridian_proto::openai_error_type(self.code()),
+                "param": param,
+                "code": self.openai_code(),
+            }
+        })
+    }
+}
+
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let code = self.code();
@@ -174,19 +232,7 @@ impl IntoResponse for Error {
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
-        let param = match &self {
-            Self::InvalidRequest { param, .. } => *param,
-            _ => None,
-        };
-        let body = serde_json::json!({
-            "error": {
-                "message": self.to_string(),
-                "type": meridian_proto::openai_error_type(code),
-                "param": param,
-                "code": self.openai_code(),
-            }
-        });
-        let mut res = (status, axum::Json(body)).into_response();
+        let mut res = (status, axum::Json(self.openai_body())).into_response();
         if let Some(after) = self.retry_after() {
             // Whole seconds, rounded up: `Retry-After` has no finer unit.
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);

@@ -1,17 +1,41 @@
-//! Inference: the request shape both APIs convert into, and the backends that
-//! serve it. Today the only backend is the built-in simulator.
+//! Inference: the request shape both APIs convert into, the model table
+//! (models, aliases, their backends) and the backends that serve it: the
+//! built-in simulator and pools of OpenAI-compatible HTTP upstreams.
+//!
+//! A request is admitted ([`Inference::admit`]), routed to a real model
+//! ([`Inference::route`]: aliases resolved, context window checked), then
+//! completed or streamed by that model's backend under its deadline. The
+//! table sits behind an `ArcSwap`, so `POST /admin/reload` swaps it whole
+//! while in-flight requests finish on the table they started with.
 
+mod admission;
+mod embed;
+mod metrics;
+mod openai;
+mod pool;
+mod route;
 mod sim;
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use crate::config::{BackendConfig, ModelConfig};
+use crate::config::{AliasConfig, BackendConfig, Config, ModelConfig};
 use crate::error::Error;
 
+use self::admission::Admission;
+pub(crate) use self::admission::Permit;
+pub(crate) use self::embed::{EMBEDDING_MODEL_ID, Embedder};
+use self::metrics::Metrics;
+pub(crate) use self::route::SizeHint;
+use self::route::Table;
 pub(crate) use self::sim::SimBackend;
+pub use self::sim::serve_sim;
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +52,18 @@ pub(crate) struct ChatRequest {
     pub max_tokens: Option<u32>,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
+}
+
+impl ChatRequest {
+    /// Prompt tokens, counted as whitespace-separated words plus 4 per
+    /// message: close enough to a real tokenizer for routing, context checks
+    /// and the simulator's accounting, and the same everywhere.
+    pub(crate) fn prompt_tokens(&self) -> u32 {
+        self.messages
+            .iter()
+            .map(|m| m.content.split_whitespace().count() as u32 + 4)
+            .sum()
+    }
 }
 
 /// Why generation ended.
@@ -51,6 +87,11 @@ pub(crate) enum Chunk {
     Done { finish: Finish, usage: Usage },
 }
 
+/// A streamed completion: chunks ending with [`Chunk::Done`], or an error
+/// once the client has seen part of the answer (a failed upstream, the
+/// deadline).
+pub(crate) type ChunkStream = BoxStream<'static, Result<Chunk, Error>>;
+
 /// A whole completion.
 #[derive(Debug, Clone)]
 pub(crate) struct Completion {
@@ -60,57 +101,320 @@ pub(crate) struct Completion {
     pub time_to_first_token: std::time::Duration,
 }
 
-/// The models of a region and their backends.
-pub(crate) struct Inference {
-    models: HashMap<String, Model>,
-    order: Vec<String>,
+/// What routes a request besides its body: the parts of a request that
+/// only an alias looks at.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Hints {
+    /// The body carries tools (`tools` in the OpenAI body).
+    pub has_tools: bool,
+    /// `x-meridian-routing-hint` / `routing_hint`.
+    pub size: Option<SizeHint>,
 }
 
-pub(crate) struct Model {
-    pub config: ModelConfig,
-    backend: Arc<SimBackend>,
+/// A model as the APIs list it.
+#[derive(Debug, Clone)]
+pub(crate) struct ModelInfo {
+    pub id: String,
+    pub context_window_tokens: u32,
+    /// An alias rather than a model.
+    pub alias: bool,
+    /// Upstreams able to take requests now, and all of them (1 and 1 for
+    /// the simulator).
+    pub healthy_backends: u32,
+    pub total_backends: u32,
+}
+
+/// The models of a region, their backends, and admission control.
+pub(crate) struct Inference {
+    table: ArcSwap<Table>,
+    admission: Admission,
+    metrics: Arc<Metrics>,
+    /// One HTTP client for every upstream pool, made when the first pool is.
+    client: OnceLock<reqwest::Client>,
+    /// Stops the health checkers of every pool at shutdown.
+    shutdown: CancellationToken,
+    /// Where `reload` reads models and aliases from.
+    source: Option<std::path::PathBuf>,
+    /// Deadline of HTTP requests that name none.
+    pub default_timeout: Duration,
+}
+
+/// A request's model, chosen: the backend that serves it and its config.
+#[derive(Clone)]
+pub(crate) struct Routed {
+    model: Arc<route::Model>,
 }
 
 impl Inference {
-    pub(crate) fn new(models: &[ModelConfig]) -> Self {
-        let order = models.iter().map(|m| m.id.clone()).collect();
-        let models = models
-            .iter()
-            .map(|m| {
-                let backend = match &m.backend {
-                    BackendConfig::Sim(sim) => Arc::new(SimBackend::new(sim.clone())),
-                };
-                (
-                    m.id.clone(),
-                    Model {
-                        config: m.clone(),
-                        backend,
-                    },
-                )
-            })
-            .collect();
-        Self { models, order }
+    pub(crate) fn new(config: &Config, shutdown: CancellationToken) -> Result<Self, Error> {
+        let metrics = Arc::new(Metrics::new(&config.region));
+        let inference = Self {
+            table: ArcSwap::from_pointee(Table::default()),
+            admission: Admission::new(
+                config.max_in_flight,
+                config.inference.max_in_flight_per_tenant,
+                Duration::from_millis(config.inference.retry_after_ms),
+            ),
+            metrics,
+            client: OnceLock::new(),
+            shutdown,
+            source: config.source.clone(),
+            default_timeout: Duration::from_millis(config.inference.request_timeout_ms),
+        };
+        let table = inference.build(&config.models, &config.aliases, None)?;
+        inference.table.store(Arc::new(table));
+        Ok(inference)
     }
 
-    /// The configured models, in config order.
-    pub(crate) fn models(&self) -> impl Iterator<Item = &ModelConfig> {
-        self.order.iter().map(|id| &self.models[id].config)
+    /// Makes a table; backends whose config did not change are taken over
+    /// from `old`, so a reload keeps their caches, breakers and queues.
+    fn build(
+        &self,
+        models: &[ModelConfig],
+        aliases: &[AliasConfig],
+        old: Option<&Table>,
+    ) -> Result<Table, Error> {
+        let mut built = Vec::with_capacity(models.len());
+        for m in models {
+            let reused = old
+                .and_then(|t| t.model(&m.id))
+                .filter(|o| o.config.backend == m.backend)
+                .map(|o| o.backend.clone());
+            let backend = match (reused, &m.backend) {
+                (Some(b), _) => b,
+                (None, BackendConfig::Sim(sim)) => route::Backend::Sim(Arc::new(SimBackend::new(
+                    sim.clone(),
+                    self.metrics.sim(&m.id),
+                ))),
+                (None, BackendConfig::OpenAi(cfg)) => {
+                    let client = match self.client.get() {
+                        Some(c) => c.clone(),
+                        None => {
+                            let c = reqwest::Client::builder()
+                                .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
+                                .build()
+                                .map_err(|e| {
+                                    Error::Unavailable(format!("cannot build the HTTP client: {e}"))
+                                })?;
+                            self.client.get_or_init(|| c).clone()
+                        }
+                    };
+                    route::Backend::Pool(pool::Pool::start(
+                        &m.id,
+                        cfg.clone(),
+                        client,
+                        self.metrics.clone(),
+                        self.shutdown.clone(),
+                    ))
+                }
+            };
+            built.push(route::Model {
+                config: m.clone(),
+                backend,
+            });
+        }
+        Ok(Table::new(built, aliases))
     }
 
-    fn model(&self, id: &str) -> Result<&Model, Error> {
-        self.models
-            .get(id)
-            .ok_or_else(|| Error::ModelNotFound(id.to_string()))
+    /// Reads the config file again and swaps in its models and aliases;
+    /// requests already running finish on the table they started with.
+    /// Other settings need a restart.
+    pub(crate) fn reload(&self) -> Result<Vec<ModelInfo>, Error> {
+        let Some(path) = &self.source else {
+            return Err(Error::invalid(
+                "this node was not started from a config file: nothing to reload",
+                None,
+            ));
+        };
+        // A bad file is the operator's request gone wrong: say why, keep
+        // serving the old table.
+        let config = Config::from_file(path).map_err(|e| Error::invalid(e.to_string(), None))?;
+        let old = self.table.load_full();
+        let table = self.build(&config.models, &config.aliases, Some(&old))?;
+        self.table.store(Arc::new(table));
+        tracing::info!(path = %path.display(), "models and aliases reloaded");
+        Ok(self.models().collect())
     }
 
-    /// Generates a whole completion.
+    /// The configured models, then the aliases, in config order.
+    pub(crate) fn models(&self) -> std::vec::IntoIter<ModelInfo> {
+        self.table.load().list().into_iter()
+    }
+
+    /// Takes an in-flight slot for `tenant`, or refuses at once.
+    pub(crate) fn admit(&self, tenant: &str) -> Result<Permit, Error> {
+        self.admission.admit(tenant)
+    }
+
+    /// Resolves an alias to a real model (rewriting `req.model`) and checks
+    /// the request fits that model.
+    pub(crate) fn route(&self, req: &mut ChatRequest, hints: &Hints) -> Result<Routed, Error> {
+        let model = self.table.load().route(req, hints)?;
+        req.model = model.config.id.clone();
+        let tokens = req.prompt_tokens() + req.max_tokens.unwrap_or(0);
+        if tokens > model.config.context_window_tokens {
+            return Err(Error::ContextLengthExceeded {
+                tokens,
+                window: model.config.context_window_tokens,
+            });
+        }
+        Ok(Routed { model })
+    }
+
+    /// Routes and completes with no deadline, for callers with their own
+    /// limits (the job workers).
     pub(crate) async fn complete(&self, req: &ChatRequest) -> Result<Completion, Error> {
-        self.model(&req.model)?.backend.complete(req).await
+        let mut req = req.clone();
+        let routed = self.route(&mut req, &Hints::default())?;
+        routed.complete(&req, None).await
     }
 
-    /// Generates a completion as a stream of chunks ending with [`Chunk::Done`].
-    pub(crate) fn stream(&self, req: ChatRequest) -> Result<BoxStream<'static, Chunk>, Error> {
-        let backend = self.model(&req.model)?.backend.clone();
-        Ok(backend.stream(req))
+    /// The Prometheus text of the inference metrics.
+    pub(crate) fn render_metrics(&self) -> String {
+        self.metrics.render()
     }
 }
+
+impl Routed {
+    /// Generates a whole completion, cut at `deadline`.
+    pub(crate) async fn complete(
+        &self,
+        req: &ChatRequest,
+        deadline: Option<Instant>,
+    ) -> Result<Completion, Error> {
+        let work = async {
+            match &self.model.backend {
+                route::Backend::Sim(sim) => sim.complete(req).await,
+                route::Backend::Pool(pool) => collect(pool.stream(req.clone()).await?).await,
+            }
+        };
+        match deadline {
+            Some(d) => tokio::time::timeout_at(d, work)
+                .await
+                .map_err(|_| Error::DeadlineExceeded)?,
+            None => work.await,
+        }
+    }
+
+    /// Generates a completion as a stream. Resolves once the first chunk is
+    /// ready, so everything that fails before the client sees a byte (and
+    /// every retry) happens here and gets a proper status; the stream ends
+    /// with an error if `deadline` passes while it runs.
+    pub(crate) async fn stream(
+        &self,
+        req: ChatRequest,
+        deadline: Option<Instant>,
+    ) -> Result<ChunkStream, Error> {
+        let work = async {
+            let stream = match &self.model.backend {
+                route::Backend::Sim(sim) => sim.stream(req).map(Ok).boxed(),
+                route::Backend::Pool(pool) => pool.stream(req).await?,
+            };
+            first_chunk(stream).await
+        };
+        let Some(deadline) = deadline else {
+            return work.await;
+        };
+        let stream = tokio::time::timeout_at(deadline, work)
+            .await
+            .map_err(|_| Error::DeadlineExceeded)??;
+        Ok(cut_at(stream, deadline))
+    }
+}
+
+/// Waits for the first item, then hands back the whole stream.
+async fn first_chunk(mut stream: ChunkStream) -> Result<ChunkStream, Error> {
+    match stream.next().await {
+        Some(Ok(first)) => Ok(futures::stream::once(async { Ok(first) })
+            .chain(stream)
+            .boxed()),
+        Some(Err(e)) => Err(e),
+        None => Err(Error::Unavailable(
+            "the backend ended without answering".into(),
+        )),
+    }
+}
+
+/// Ends `stream` with [`Error::DeadlineExceeded`] at `deadline`; dropping
+/// the inner stream cancels the backend's work (closes the upstream call).
+fn cut_at(stream: ChunkStream, deadline: Instant) -> ChunkStream {
+    async_stream::stream! {
+        let mut stream = stream;
+        loop {
+            tokio::select! {
+                item = stream.next() => match item {
+                    Some(item) => yield item,
+                    None => break,
+                },
+                () = tokio::time::sleep_until(deadline) => {
+                    yield Err(Error::DeadlineExceeded);
+                    break;
+                }
+            }
+        }
+    }
+    .boxed()
+}
+
+/// Collects a stream into a whole completion.
+async fn collect(stream: ChunkStream) -> Result<Completion, Error> {
+    let started = Instant::now();
+    let mut stream = stream;
+    let mut text = String::new();
+    let mut first = None;
+    while let Some(chunk) = stream.try_next().await? {
+        match chunk {
+            Chunk::Delta(d) => {
+                first.get_or_insert_with(|| started.elapsed());
+                text.push_str(&d);
+            }
+            Chunk::Done { finish, usage } => {
+                return Ok(Completion {
+                    text,
+                    finish,
+                    usage,
+                    time_to_first_token: first.unwrap_or_else(|| started.elapsed()),
+                });
+            }
+        }
+    }
+    Err(Error::Unavailable("the backend stopped early".into()))
+}
+
+/// Reads an `x-meridian-timeout-ms` value.
+pub(crate) fn parse_timeout_ms(value: &str) -> Result<Duration, Error> {
+    value
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis)
+        .ok_or_else(|| {
+            Error::invalid(
+                "`x-meridian-timeout-ms` must be a whole number of milliseconds above 0",
+                None,
+            )
+        })
+}
+
+/// Reads a `grpc-timeout` value: at most 8 digits and a unit (H, M, S, m,
+/// u, n), per the gRPC HTTP/2 protocol.
+pub(crate) fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -12,12 +12,18 @@ mod api;
 mod config;
 mod error;
 mod inference;
+mod mesh;
 mod node;
 mod queue;
 mod status;
 mod store;
 mod telemetry;
 
-pub use self::config::{BackendConfig, Config, ModelConfig, SimConfig, TelemetryConfig};
+pub use self::config::{
+    AliasConfig, BackendConfig, Config, InferenceConfig, ModelConfig, OpenAiConfig, SimConfig,
+    TelemetryConfig, UpstreamConfig,
+};
 pub use self::error::Error;
+pub use self::inference::serve_sim;
+pub use self::mesh::{AllowRule, Mesh, MeshConfig, PolicyConfig};
 pub use self::node::RegionalNode;

@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::error::Error;
-use crate::inference::Inference;
+use crate::inference::{Embedder, Inference};
 use crate::store;
 
 /// A started node. Dropping it without [`RegionalNode::shutdown`] cancels it.
@@ -32,6 +32,22 @@ impl RegionalNode {
     /// Binds the API address, connects to Redis and PostgreSQL (failing fast
     /// with the cause when either is unreachable), migrates, and starts serving.
     pub async fn start(config: Config) -> Result<Self, Error> {
+        // Certificates first: a bad file fails the start before any port or
+        // store is touched.
+        let tls = crate::mesh::server_tls(&config.mesh, &config.region)?;
+        // The embedding model loads while the stores connect, and the node
+        // serves only once it has: readiness never reports a node whose
+        // first embedding request would wait for a load.
+        let embedder = match &config.embeddings {
+            Some(embeddings) => {
+                Embedder::check_files(embeddings)?;
+                let (embeddings, region) = (embeddings.clone(), config.region.clone());
+                Some(tokio::task::spawn_blocking(move || {
+                    Embedder::start(&embeddings, &region)
+                }))
+            }
+            None => None,
+        };
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| Error::Listen {
@@ -53,6 +69,14 @@ impl RegionalNode {
         let telemetry =
             crate::telemetry::start(&pool, &config.region, &config.telemetry, &shutdown, &tasks)
                 .await?;
+        let embedder = match embedder {
+            Some(load) => {
+                Some(Arc::new(load.await.map_err(|e| {
+                    Error::EmbeddingModel(format!("loading failed: {e}"))
+                })??))
+            }
+            None => None,
+        };
         let (health, health_service) = tonic_health::server::health_reporter();
         for service in [
             "",
@@ -69,7 +93,7 @@ impl RegionalNode {
             region_header: HeaderValue::from_str(&config.region)
                 .expect("validated region names are header-safe"),
             region: config.region.clone(),
-            inference: Inference::new(&config.models),
+            inference: Inference::new(&config, shutdown.clone())?,
             pool: pool.clone(),
             jobs: Arc::new(crate::queue::Queue::new(
                 pool.clone(),
@@ -83,20 +107,17 @@ impl RegionalNode {
             tasks: tasks.clone(),
             telemetry,
             status: Arc::new(crate::status::NodeStatus::new(config.max_in_flight)),
+            embedder,
         });
         crate::queue::start(&state);
         let tasks = state.tasks.clone();
-        let app = api::app(state, health_service);
+        let app = crate::mesh::protect(api::app(state, health_service), &config.mesh);
 
         let token = shutdown.clone();
         let grace = config.shutdown_grace;
         let region = config.region.clone();
         let server = tokio::spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown({
-                let token = token.clone();
-                async move { token.cancelled().await }
-            });
-            let serve = serve.into_future();
+            let serve = crate::mesh::serve(listener, app, tls, token.clone());
             tokio::pin!(serve);
             tokio::select! {
                 res = &mut serve => res.map_err(Error::Io),

@@ -46,10 +46,17 @@ mod bytes_body {
     pub struct Body(pub String);
 }
 
+/// Sent to every target; only the gateway checks it.
+static API_KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 async fn one(client: &reqwest::Client, url: &str, body: &str) -> bool {
     match client
         .post(url)
         .header("content-type", "application/json")
+        .header(
+            "authorization",
+            format!("Bearer {}", API_KEY.get().map(String::as_str).unwrap_or("")),
+        )
         .body(body.to_string())
         .send()
         .await
@@ -178,8 +185,48 @@ async fn main() {
     let rate = env_or("BENCH_RATE", 2000);
     let seconds = env_or("BENCH_SECONDS", 5);
     let concurrency = env_or("BENCH_CONCURRENCY", 32);
-    // One proxy thread each, so neither takes the other's core.
-    let sandbox = ClusterSandbox::start_with(&["us-east"], |c| c.threads = 1).await;
+    // One proxy thread each, so neither takes the other's core. The gateway
+    // does all its work: API keys, rate limits shared through Redis, health
+    // checks, geo, metrics.
+    let mut plain_config = None;
+    let sandbox = ClusterSandbox::start_with_regions(&["us-east"], |regions, c| {
+        c.threads = 1;
+        plain_config = Some(c.clone());
+        c.auth = Some(meridian_gateway::AuthConfig::new(regions[0].postgres.url()));
+        c.rate_limit.redis_url = Some(regions[0].redis.url());
+    })
+    .await;
+    // The same gateway without its optional work, and with limits kept
+    // locally instead of in Redis, to show what each costs.
+    let plain_config = plain_config.expect("the sandbox ran the closure");
+    let plain = meridian_tests::start_gateway(plain_config.clone()).await;
+    let mut local_config = plain_config;
+    local_config.auth = Some(meridian_gateway::AuthConfig::new(
+        sandbox.regions[0].postgres.url(),
+    ));
+    let local = meridian_tests::start_gateway(local_config).await;
+    let pool = sqlx::PgPool::connect(&sandbox.regions[0].postgres.url())
+        .await
+        .unwrap();
+    let limits = meridian_gateway::TenantLimits {
+        requests_per_second: Some(1_000_000),
+        tokens_per_minute: Some(1_000_000_000),
+    };
+    meridian_gateway::create_tenant(&pool, "bench", limits)
+        .await
+        .unwrap();
+    let key = meridian_gateway::create_api_key(&pool, "bench")
+        .await
+        .unwrap();
+    API_KEY.set(key).unwrap();
+    // Wait for the gateway to load the key.
+    let probe = reqwest::Client::new();
+    for gateway in [sandbox.gateway_addr(), local.local_addr()] {
+        let chat = format!("http://{gateway}/v1/chat/completions");
+        while !one(&probe, &chat, &body().0).await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let region = sandbox.regions[0].addr();
     let haproxy = start_haproxy(region);
     if haproxy.is_none() {
@@ -192,12 +239,18 @@ async fn main() {
     if let Some(h) = &haproxy {
         targets.push(("haproxy", format!("http://{}{path}", h.addr)));
     }
-    targets.push(("gateway", format!("{}{path}", sandbox.gateway_url())));
+    targets.push(("gw-plain", format!("http://{}{path}", plain.local_addr())));
+    targets.push(("gw-local", format!("http://{}{path}", local.local_addr())));
+    targets.push(("gw-redis", format!("{}{path}", sandbox.gateway_url())));
 
     for (_, url) in &targets {
         saturation(url, 4, 1).await;
     }
-    println!("fixed rate {rate} req/s for {seconds} s each (sim at zero latency, 1 proxy thread)");
+    println!(
+        "fixed rate {rate} req/s for {seconds} s each (sim at zero latency, 1 proxy thread)\n\
+         gw-plain: routing, health, metrics; gw-local: + API keys and in-process limits; \
+         gw-redis: + limits shared through Redis"
+    );
     println!(
         "{:<9} {:>9} {:>9} {:>12} {:>12} {:>9}",
         "target", "p50 ms", "p99 ms", "added p50", "added p99", "failed"

@@ -6,17 +6,23 @@
 //! the gateway in front of them. Every handle can be stopped and restarted, and
 //! everything is torn down on drop, even when a test panics.
 
+mod pki;
 mod sandbox;
 
 pub use meridian_launcher::{PostgresServer, RedisServer};
 
+pub use self::pki::{TestPki, mesh_channel};
 pub use self::sandbox::{
-    ClusterSandbox, RegionSandbox, TEST_MODEL, TEST_SLOW_MODEL, region_location, start_gateway,
+    ClusterSandbox, RegionSandbox, TEST_MODEL, TEST_SLOW_MODEL, embedding_model_dir,
+    region_location, start_gateway,
 };
 
-/// Sends the harness's and the system's logs to the test output, once per
-/// process; `RUST_LOG` selects what is shown (default: warnings).
+/// Per-process test setup: sends the harness's and the system's logs to the
+/// test output (`RUST_LOG` selects what is shown; default: warnings), and
+/// installs rustls' ring provider, which HTTP clients built with
+/// `rustls-no-provider` (the tests' TLS clients) need before first use.
 pub fn init_logging() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()

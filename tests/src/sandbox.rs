@@ -13,6 +13,13 @@ pub const TEST_MODEL: &str = "sim-fast";
 /// token after it, for tests of streaming and in-flight behaviour.
 pub const TEST_SLOW_MODEL: &str = "sim-slow";
 
+/// Where `infra/scripts/setup.sh` puts the built-in embedding model (the
+/// node's default `embeddings.model_dir`), found from this crate so tests
+/// get the same files whatever their working directory.
+pub fn embedding_model_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.meridian/models/all-minilm-l6-v2")
+}
+
 /// One region: its Redis, its PostgreSQL and its node.
 pub struct RegionSandbox {
     /// The region's name.
@@ -80,8 +87,19 @@ impl RegionSandbox {
              backend = {{ kind = \"sim\", prefill_us_per_token = 0, ttft_ms = 0, per_token_ms = 0 }}\n\
              [[models]]\nid = \"{TEST_SLOW_MODEL}\"\n\
              backend = {{ kind = \"sim\", prefill_us_per_token = 0, ttft_ms = 50, per_token_ms = 150 }}\n\
-             {extra}",
+             {mesh}{extra}",
             name = self.name,
+            // Plain text unless the test brings its own `[mesh]`: most
+            // tests are about something else and start faster without TLS.
+            mesh = if self
+                .extra_config
+                .lines()
+                .any(|l| l.trim_start().starts_with("[mesh"))
+            {
+                ""
+            } else {
+                "[mesh]\nplaintext = true\n"
+            },
             extra = self.extra_config,
             redis = self.redis.url(),
             pg = self.postgres.url(),
@@ -96,8 +114,12 @@ impl RegionSandbox {
         let listen = self
             .addr
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
-        let config = Config::from_toml(&self.config_toml(listen), "sandbox")
-            .unwrap_or_else(|e| panic!("region {}: {e}", self.name));
+        // From a file, as `meridian regional` reads it, so that
+        // `POST /admin/reload` has one to read again.
+        let path = self.config_path();
+        std::fs::write(&path, self.config_toml(listen)).expect("the node's config is written");
+        let config =
+            Config::from_file(&path).unwrap_or_else(|e| panic!("region {}: {e}", self.name));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name(format!("region-{}", self.name))
@@ -114,6 +136,19 @@ impl RegionSandbox {
             runtime: Some(runtime),
             node: Some(node),
         });
+    }
+
+    /// The node's config file (in the region's PostgreSQL directory).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.postgres.dir().join("regional.toml")
+    }
+
+    /// Replaces the extra TOML and rewrites the config file; the running
+    /// node sees it at `POST /admin/reload` (models and aliases) or restart.
+    pub fn rewrite_config(&mut self, extra: &str) {
+        self.extra_config = extra.to_string();
+        std::fs::write(self.config_path(), self.config_toml(self.addr()))
+            .expect("the node's config is written");
     }
 
     /// Shuts the node down gracefully; its stores keep running.
@@ -191,7 +226,17 @@ impl ClusterSandbox {
         names: &[&str],
         adjust: impl FnOnce(&[RegionSandbox], &mut GatewayConfig),
     ) -> Self {
-        let regions = futures_join(names).await;
+        Self::start_configured(names, |_| String::new(), adjust).await
+    }
+
+    /// Like [`ClusterSandbox::start_with_regions`], with `region_extra(name)`
+    /// appended to each region's config (e.g. a `[mesh]` section).
+    pub async fn start_configured(
+        names: &[&str],
+        region_extra: impl Fn(&str) -> String,
+        adjust: impl FnOnce(&[RegionSandbox], &mut GatewayConfig),
+    ) -> Self {
+        let regions = futures_join(names, region_extra).await;
         let mut config = GatewayConfig::new(
             SocketAddr::from(([127, 0, 0, 1], 0)),
             regions
@@ -273,12 +318,12 @@ pub async fn start_gateway(mut config: GatewayConfig) -> Gateway {
     panic!("gateway did not start: {}", last_error.expect("an error"));
 }
 
-async fn futures_join(names: &[&str]) -> Vec<RegionSandbox> {
+async fn futures_join(names: &[&str], extra: impl Fn(&str) -> String) -> Vec<RegionSandbox> {
     let handles: Vec<_> = names
         .iter()
         .map(|n| {
-            let n = n.to_string();
-            tokio::spawn(async move { RegionSandbox::start(&n).await })
+            let (n, extra) = (n.to_string(), extra(n));
+            tokio::spawn(async move { RegionSandbox::start_with_config(&n, &extra).await })
         })
         .collect();
     let mut regions = Vec::with_capacity(handles.len());

@@ -9,7 +9,7 @@ fn config(region: &str, redis: &str, postgres: &str) -> Config {
         &format!(
             "region = \"{region}\"\n[server]\nlisten = \"127.0.0.1:0\"\n\
              [redis]\nurl = \"{redis}\"\nconnect_timeout_ms = 1000\n\
-             [postgres]\nurl = \"{postgres}\"\n"
+             [postgres]\nurl = \"{postgres}\"\n[mesh]\nplaintext = true\n"
         ),
         "test",
     )

@@ -214,6 +214,14 @@ async fn bad_requests_get_clear_errors_and_the_service_keeps_running() {
         "{message}"
     );
 
+    // Operator endpoints of regions are not reachable through the edge.
+    let res = http
+        .post(format!("{}/admin/reload", sandbox.gateway_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+
     let res = http
         .get(format!("{}/v1/nothing-here", sandbox.gateway_url()))
         .send()

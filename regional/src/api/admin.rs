@@ -44,10 +44,11 @@ impl Admin for AdminApi {
             .state
             .inference
             .models()
+            .filter(|m| !m.alias)
             .map(|m| ModelBackends {
-                model: m.id.clone(),
-                healthy_backends: 1,
-                total_backends: 1,
+                model: m.id,
+                healthy_backends: m.healthy_backends,
+                total_backends: m.total_backends,
             })
             .collect();
         Ok(Response::new(RegionStatusResponse {

@@ -14,7 +14,10 @@ use tonic::{Request, Response, Status};
 use super::http::completion_id;
 use super::{AppState, Tenant};
 use crate::error::Error;
-use crate::inference::{ChatRequest, Chunk, Finish, Message, Usage};
+use crate::inference::{
+    ChatRequest, Chunk, Finish, Hints, Message, SizeHint, Usage, parse_grpc_timeout,
+    parse_timeout_ms,
+};
 
 pub(super) fn inference(state: Arc<AppState>) -> InferenceServer<InferenceApi> {
     InferenceServer::new(InferenceApi { state })
@@ -22,6 +25,37 @@ pub(super) fn inference(state: Arc<AppState>) -> InferenceServer<InferenceApi> {
 
 pub(super) struct InferenceApi {
     state: Arc<AppState>,
+}
+
+/// The deadline (`grpc-timeout` or `x-meridian-timeout-ms`, else the
+/// node's default) and routing hint
+/// of a request, read before the body is taken.
+fn call_facts(
+    state: &AppState,
+    request: &Request<GenerateRequest>,
+) -> (tokio::time::Instant, Hints) {
+    let header = |name| request.metadata().get(name).and_then(|v| v.to_str().ok());
+    // The HTTP API's header counts too, the shorter of the two winning.
+    let timeout = [
+        header("grpc-timeout").and_then(parse_grpc_timeout),
+        header("x-meridian-timeout-ms").and_then(|v| parse_timeout_ms(v).ok()),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .unwrap_or(state.inference.default_timeout);
+    let hints = Hints {
+        // The proto has no tools field.
+        has_tools: false,
+        size: SizeHint::parse(&request.get_ref().routing_hint),
+    };
+    (tokio::time::Instant::now() + timeout, hints)
+}
+
+fn model_metadata<T>(response: &mut Response<T>, model: &str) {
+    if let Ok(v) = model.parse() {
+        response.metadata_mut().insert("x-meridian-model", v);
+    }
 }
 
 pub(super) fn chat_request(req: GenerateRequest) -> Result<ChatRequest, Error> {
@@ -83,16 +117,24 @@ impl Inference for InferenceApi {
     ) -> Result<Response<GenerateResponse>, Status> {
         let started = tokio::time::Instant::now();
         let tenant = Tenant::from_metadata(request.metadata())?;
-        let req = chat_request(request.into_inner())?;
+        let (deadline, hints) = call_facts(&self.state, &request);
+        let mut req = chat_request(request.into_inner())?;
+        let _permit = self.state.inference.admit(tenant.as_str())?;
+        let routed = self
+            .state
+            .inference
+            .route(&mut req, &hints)
+            .inspect_err(|e| {
+                let usage = &self.state.telemetry.usage;
+                usage.begin(tenant.as_str(), &req.model).failed(e);
+            })?;
         let record = self
             .state
             .telemetry
             .usage
             .begin(tenant.as_str(), &req.model);
-        let done = self
-            .state
-            .inference
-            .complete(&req)
+        let done = routed
+            .complete(&req, Some(deadline))
             .await
             .inspect_err(|e| record.failed(e))?;
         record.completed(done.usage, done.time_to_first_token, "bypass");
@@ -118,6 +160,8 @@ impl Inference for InferenceApi {
         response
             .metadata_mut()
             .insert("x-meridian-usage-tokens", total.into());
+        let model = response.get_ref().model.clone();
+        model_metadata(&mut response, &model);
         Ok(response)
     }
 
@@ -128,19 +172,38 @@ impl Inference for InferenceApi {
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let tenant = Tenant::from_metadata(request.metadata())?;
-        let req = chat_request(request.into_inner())?;
-        let model = req.model.clone();
-        let record = self.state.telemetry.usage.begin(tenant.as_str(), &model);
-        let chunks = self
+        let (deadline, hints) = call_facts(&self.state, &request);
+        let mut req = chat_request(request.into_inner())?;
+        let permit = self.state.inference.admit(tenant.as_str())?;
+        let routed = self
             .state
             .inference
-            .stream(req)
+            .route(&mut req, &hints)
+            .inspect_err(|e| {
+                let usage = &self.state.telemetry.usage;
+                usage.begin(tenant.as_str(), &req.model).failed(e);
+            })?;
+        let model = req.model.clone();
+        let record = self.state.telemetry.usage.begin(tenant.as_str(), &model);
+        let chunks = routed
+            .stream(req, Some(deadline))
+            .await
             .inspect_err(|e| record.failed(e))?;
         let mut ttft = None;
         let id = completion_id();
         let region = self.state.region.clone();
         let mut index = 0;
+        let response_model = model.clone();
         let stream = chunks.map(move |chunk| {
+            // Admitted for as long as the stream runs.
+            let _permit = &permit;
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    record.failed(&e);
+                    return Err(Status::from(e));
+                }
+            };
             let mut out = GenerateChunk {
                 id: id.clone(),
                 model: model.clone(),
@@ -165,31 +228,39 @@ impl Inference for InferenceApi {
             }
             Ok(out)
         });
-        Ok(Response::new(stream.boxed()))
+        let mut response = Response::new(stream.boxed());
+        model_metadata(&mut response, &response_model);
+        Ok(response)
     }
 
     async fn embed(
         &self,
         request: Request<EmbedRequest>,
     ) -> Result<Response<EmbedResponse>, Status> {
-        Err(Error::ModelNotFound(request.into_inner().model).into())
+        super::embeddings::embed_grpc(&self.state, request).await
     }
 
     async fn list_models(
         &self,
         _request: Request<ListModelsRequest>,
     ) -> Result<Response<ListModelsResponse>, Status> {
-        let models = self
+        let mut models: Vec<_> = self
             .state
             .inference
             .models()
             .map(|m| Model {
-                id: m.id.clone(),
+                id: m.id,
                 owned_by: "meridian".into(),
                 kind: ModelKind::Chat.into(),
                 context_window_tokens: m.context_window_tokens,
             })
             .collect();
+        models.extend(self.state.embedder.as_ref().map(|e| Model {
+            id: crate::inference::EMBEDDING_MODEL_ID.into(),
+            owned_by: "meridian".into(),
+            kind: ModelKind::Embedding.into(),
+            context_window_tokens: e.max_input_tokens(),
+        }));
         Ok(Response::new(ListModelsResponse {
             models,
             region: self.state.region.clone(),

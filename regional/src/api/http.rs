@@ -11,13 +11,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
 
+use super::infer::{RequestFacts, error_event, model_header};
 use super::openai::{
     ChatCompletion, ChatCompletionBody, ChatCompletionChunk, Choice, ChunkChoice, Delta,
     MessageOut, ModelEntry, ModelList, UsageBody, finish_reason,
 };
 use super::{AppState, Tenant};
 use crate::error::Error;
-use crate::inference::Chunk;
+use crate::inference::{Chunk, ChunkStream, Permit};
 use crate::telemetry::usage::UsageDraft;
 
 pub(super) fn routes(state: Arc<AppState>) -> Router {
@@ -35,37 +36,64 @@ pub(super) fn completion_id() -> String {
 async fn chat_completions(
     State(state): State<Arc<AppState>>,
     tenant: Tenant,
+    facts: RequestFacts,
     body: Bytes,
 ) -> Response {
-    match chat(state, &tenant, &body).await {
+    match chat(state, &tenant, facts, &body).await {
         Ok(res) => res,
         Err(e) => e.into_response(),
     }
 }
 
-async fn chat(state: Arc<AppState>, tenant: &Tenant, body: &[u8]) -> Result<Response, Error> {
+async fn chat(
+    state: Arc<AppState>,
+    tenant: &Tenant,
+    facts: RequestFacts,
+    body: &[u8],
+) -> Result<Response, Error> {
     let body = ChatCompletionBody::parse(body)?;
     let stream = body.stream;
     let include_usage = body
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let req = body.into_request()?;
+    let hints = facts.hints(body.has_tools());
+    let mut req = body.into_request()?;
+    let permit = state.inference.admit(tenant.as_str())?;
+    // Refusals of the request itself are usage too (under the name asked for).
+    let routed = state.inference.route(&mut req, &hints).inspect_err(|e| {
+        state
+            .telemetry
+            .usage
+            .begin(tenant.as_str(), &req.model)
+            .failed(e)
+    })?;
+    let deadline = facts.deadline(&state);
     let record = state.telemetry.usage.begin(tenant.as_str(), &req.model);
     let id = completion_id();
     let created = chrono::Utc::now().timestamp();
     if stream {
-        let chunks = state
-            .inference
-            .stream(req.clone())
+        let chunks = routed
+            .stream(req.clone(), Some(deadline))
+            .await
             .inspect_err(|e| record.failed(e))?;
-        return Ok(sse(id, created, req.model, include_usage, chunks, record).into_response());
+        let header = model_header(&req.model);
+        let body = sse(
+            id,
+            created,
+            req.model,
+            include_usage,
+            chunks,
+            record,
+            permit,
+        );
+        return Ok((header, body).into_response());
     }
-    let done = state
-        .inference
-        .complete(&req)
+    let done = routed
+        .complete(&req, Some(deadline))
         .await
         .inspect_err(|e| record.failed(e))?;
+    drop(permit);
     record.completed(done.usage, done.time_to_first_token, "bypass");
     let body = ChatCompletion {
         id: &id,
@@ -85,6 +113,7 @@ async fn chat(state: Arc<AppState>, tenant: &Tenant, body: &[u8]) -> Result<Resp
     // Tokens used, for the gateway's tokens-per-minute accounting.
     let total = done.usage.prompt_tokens + done.usage.completion_tokens;
     Ok((
+        model_header(&req.model),
         [("x-meridian-usage-tokens", total.to_string())],
         axum::Json(body),
     )
@@ -99,8 +128,9 @@ fn sse(
     created: i64,
     model: String,
     include_usage: bool,
-    chunks: futures::stream::BoxStream<'static, Chunk>,
+    chunks: ChunkStream,
     record: UsageDraft,
+    permit: Permit,
 ) -> impl IntoResponse {
     let event = move |choices: Vec<ChunkChoice<'_>>, usage: Option<UsageBody>| {
         let chunk = ChatCompletionChunk {
@@ -125,12 +155,20 @@ fn sse(
         None,
     );
     let body = async_stream::stream! {
+        // Admitted for as long as the stream runs.
+        let _permit = permit;
         yield Ok::<_, Infallible>(first);
         let mut chunks = chunks;
         let mut ttft = None;
         while let Some(chunk) = chunks.next().await {
             match chunk {
-                Chunk::Delta(text) => {
+                Err(e) => {
+                    // Headers are gone: the error travels as the last event.
+                    record.failed(&e);
+                    yield Ok(error_event(&e));
+                    return;
+                }
+                Ok(Chunk::Delta(text)) => {
                     ttft.get_or_insert_with(|| record.elapsed());
                     yield Ok(event(vec![ChunkChoice {
                         index: 0,
@@ -138,7 +176,7 @@ fn sse(
                         finish_reason: None,
                     }], None));
                 }
-                Chunk::Done { finish, usage } => {
+                Ok(Chunk::Done { finish, usage }) => {
                     record.completed(usage, ttft.unwrap_or_else(|| record.elapsed()), "bypass");
                     yield Ok(event(vec![ChunkChoice {
                         index: 0,
@@ -157,9 +195,9 @@ fn sse(
 }
 
 async fn list_models(State(state): State<Arc<AppState>>) -> Response {
-    let data = state
-        .inference
-        .models()
+    let models: Vec<_> = state.inference.models().collect();
+    let mut data: Vec<_> = models
+        .iter()
         .map(|m| ModelEntry {
             id: &m.id,
             object: "model",
@@ -167,6 +205,15 @@ async fn list_models(State(state): State<Arc<AppState>>) -> Response {
             owned_by: "meridian",
         })
         .collect();
+    // The built-in embedding model lives beside the model table, not in it.
+    if state.embedder.is_some() {
+        data.push(ModelEntry {
+            id: crate::inference::EMBEDDING_MODEL_ID,
+            object: "model",
+            created: 0,
+            owned_by: "meridian",
+        });
+    }
     axum::Json(ModelList {
         object: "list",
         data,

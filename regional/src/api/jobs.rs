@@ -160,7 +160,13 @@ async fn events(
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.jobs.metrics.render(),
+        state.jobs.metrics.render()
+            + &state.inference.render_metrics()
+            + &state
+                .embedder
+                .as_ref()
+                .map(|e| e.render_metrics())
+                .unwrap_or_default(),
     )
         .into_response()
 }

@@ -10,10 +10,12 @@ use crate::inference::{ChatRequest, Finish, Message, Usage};
 pub(super) struct ChatCompletionBody {
     model: String,
     messages: Vec<MessageBody>,
+    // Signed, so a negative value gets an error naming the field rather
+    // than a serde message about u32.
     #[serde(default)]
-    max_tokens: Option<u32>,
+    max_tokens: Option<i64>,
     #[serde(default)]
-    max_completion_tokens: Option<u32>,
+    max_completion_tokens: Option<i64>,
     #[serde(default)]
     seed: Option<u64>,
     #[serde(default)]
@@ -26,6 +28,10 @@ pub(super) struct ChatCompletionBody {
     n: Option<u32>,
     #[serde(default)]
     temperature: Option<f32>,
+    /// Only its presence matters: an alias routes requests with tools to
+    /// its large model.
+    #[serde(default)]
+    tools: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,6 +78,13 @@ impl ChatCompletionBody {
             .map_err(|e| Error::invalid(format!("invalid request body: {e}"), None))
     }
 
+    /// Whether the request offers the model tools.
+    pub(super) fn has_tools(&self) -> bool {
+        self.tools
+            .as_ref()
+            .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
+    }
+
     /// Checks the request and turns it into the inference request.
     pub(super) fn into_request(self) -> Result<ChatRequest, Error> {
         if self.model.is_empty() {
@@ -92,13 +105,7 @@ impl ChatCompletionBody {
                 Some("temperature"),
             ));
         }
-        let max_tokens = self.max_completion_tokens.or(self.max_tokens);
-        if max_tokens == Some(0) {
-            return Err(Error::invalid(
-                "`max_tokens` must be at least 1",
-                Some("max_tokens"),
-            ));
-        }
+        let max_tokens = max_tokens(self.max_completion_tokens.or(self.max_tokens))?;
         let messages = self
             .messages
             .into_iter()
@@ -141,6 +148,23 @@ impl ChatCompletionBody {
                 Some(Stop::Many(v)) => v,
             },
         })
+    }
+}
+
+/// Checks `max_tokens`: at least 1, and within u32.
+pub(super) fn max_tokens(value: Option<i64>) -> Result<Option<u32>, Error> {
+    match value {
+        None => Ok(None),
+        Some(n) => u32::try_from(n)
+            .ok()
+            .filter(|n| *n >= 1)
+            .map(Some)
+            .ok_or_else(|| {
+                Error::invalid(
+                    format!("`max_tokens` must be at least 1, got {n}"),
+                    Some("max_tokens"),
+                )
+            }),
     }
 }
 

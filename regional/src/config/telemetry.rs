@@ -152,7 +152,7 @@ fn days(d: u32) -> Duration {
 mod tests {
     use crate::config::Config;
 
-    const MINIMAL: &str = "region = \"eu-west\"\n[redis]\nurl = \"redis://127.0.0.1:6379/\"\n\
+    const MINIMAL: &str = "region = \"eu-west\"\n[mesh]\nplaintext = true\n[redis]\nurl = \"redis://127.0.0.1:6379/\"\n\
                            [postgres]\nurl = \"postgres://meridian@127.0.0.1:5432/meridian\"\n";
 
     fn parse(telemetry: &str) -> Result<Config, String> {

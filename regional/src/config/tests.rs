@@ -2,6 +2,8 @@ use super::*;
 
 const MINIMAL: &str = r#"
 region = "eu-west"
+[mesh]
+plaintext = true
 [redis]
 url = "redis://127.0.0.1:6379/"
 [postgres]
@@ -29,7 +31,7 @@ fn unknown_key_is_named_with_its_line() {
         "{MINIMAL}\n[server]\nlisten_addr = \"127.0.0.1:1\"\n"
     ));
     assert!(e.contains("listen_addr"), "{e}");
-    assert!(e.contains("regional.toml line 8"), "{e}");
+    assert!(e.contains("regional.toml line 10"), "{e}");
 }
 
 #[test]

@@ -1,10 +1,19 @@
 //! The built-in simulated LLM. It answers with deterministic text for a given
 //! prompt and seed, and takes the time a real engine would: prefill per prompt
 //! token, a time to first token, a time per output token, and a concurrency
-//! limit beyond which requests wait.
+//! limit beyond which requests wait. A prefix cache remembers the prompt
+//! blocks it prefilled lately, and prefill is charged only for the blocks it
+//! does not hold, as in an engine with automatic prefix caching; so routing
+//! that keeps shared prefixes together shows up as a lower time to first
+//! token. [`serve_sim`] serves it over HTTP as an OpenAI-compatible server.
 
-use std::sync::Arc;
+mod cache;
+mod server;
+
+pub use self::server::serve_sim;
+
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -15,6 +24,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::Semaphore;
 
+use self::cache::PrefixCache;
+use super::metrics::SimMetrics;
 use super::{ChatRequest, Chunk, Completion, Finish, Usage};
 use crate::config::SimConfig;
 use crate::error::Error;
@@ -56,17 +67,28 @@ const VOCABULARY: &[&str] = &[
 
 pub(crate) struct SimBackend {
     config: SimConfig,
-    slots: Arc<Semaphore>,
+    engine: Arc<Engine>,
     /// Completions started, numbering the failure-injection draws.
     calls: AtomicU64,
 }
 
+/// What the generations of one backend share.
+struct Engine {
+    slots: Semaphore,
+    cache: Mutex<PrefixCache>,
+    metrics: SimMetrics,
+}
+
 impl SimBackend {
-    pub(crate) fn new(config: SimConfig) -> Self {
-        let slots = Arc::new(Semaphore::new(config.max_concurrency as usize));
+    pub(crate) fn new(config: SimConfig, metrics: SimMetrics) -> Self {
+        let engine = Arc::new(Engine {
+            slots: Semaphore::new(config.max_concurrency as usize),
+            cache: Mutex::new(PrefixCache::new(config.prefix_cache_blocks as usize)),
+            metrics,
+        });
         Self {
             config,
-            slots,
+            engine,
             calls: AtomicU64::new(0),
         }
     }
@@ -92,7 +114,7 @@ impl SimBackend {
             ));
         }
         let started = Instant::now();
-        let mut stream = plan(&self.config, req).run(self.slots.clone());
+        let mut stream = plan(&self.config, req).run(self.engine.clone());
         let mut text = String::new();
         let mut first = None;
         while let Some(chunk) = stream.next().await {
@@ -115,7 +137,7 @@ impl SimBackend {
     }
 
     pub(crate) fn stream(&self, req: ChatRequest) -> BoxStream<'static, Chunk> {
-        plan(&self.config, &req).run(self.slots.clone())
+        plan(&self.config, &req).run(self.engine.clone())
     }
 }
 
@@ -125,18 +147,36 @@ struct Plan {
     tokens: Vec<&'static str>,
     finish: Finish,
     usage: Usage,
-    prefill: Duration,
+    /// Prefill time per prompt token not in the prefix cache.
+    prefill_per_token: Duration,
+    /// Chained hashes of the prompt's whole blocks, first block first.
+    blocks: Vec<u64>,
+    block_tokens: u32,
     ttft: Duration,
     per_token: Duration,
 }
 
-/// Prompt tokens are counted as whitespace-separated words: close enough to a
-/// real tokenizer for timing and usage accounting.
-fn prompt_tokens(req: &ChatRequest) -> u32 {
-    req.messages
+/// The chained hash of each whole block of `block_tokens` prompt tokens
+/// (each message's role, then its words): block k's hash covers blocks 1 to
+/// k, so equal hashes mean equal prefixes.
+fn prefix_blocks(req: &ChatRequest, block_tokens: u32) -> Vec<u64> {
+    let mut blocks = Vec::new();
+    let mut hash = Fnv::new();
+    let mut in_block = 0;
+    let tokens = req
+        .messages
         .iter()
-        .map(|m| m.content.split_whitespace().count() as u32 + 4)
-        .sum()
+        .flat_map(|m| std::iter::once(m.role.as_str()).chain(m.content.split_whitespace()));
+    for token in tokens {
+        hash.write(token.as_bytes());
+        hash.write(&[0]);
+        in_block += 1;
+        if in_block == block_tokens {
+            blocks.push(hash.finish());
+            in_block = 0;
+        }
+    }
+    blocks
 }
 
 fn plan(config: &SimConfig, req: &ChatRequest) -> Plan {
@@ -173,7 +213,7 @@ fn plan(config: &SimConfig, req: &ChatRequest) -> Plan {
         }
         tokens.push(word);
     }
-    let prompt = prompt_tokens(req);
+    let prompt = req.prompt_tokens();
     Plan {
         usage: Usage {
             prompt_tokens: prompt,
@@ -181,21 +221,35 @@ fn plan(config: &SimConfig, req: &ChatRequest) -> Plan {
         },
         tokens,
         finish,
-        prefill: Duration::from_micros(config.prefill_us_per_token * u64::from(prompt)),
+        prefill_per_token: Duration::from_micros(config.prefill_us_per_token),
+        blocks: prefix_blocks(req, config.prefix_block_tokens),
+        block_tokens: config.prefix_block_tokens,
         ttft: Duration::from_millis(config.ttft_ms),
         per_token: Duration::from_millis(config.per_token_ms),
     }
 }
 
 impl Plan {
-    fn run(self, slots: Arc<Semaphore>) -> BoxStream<'static, Chunk> {
+    fn run(self, engine: Arc<Engine>) -> BoxStream<'static, Chunk> {
         async_stream::stream! {
-            // The permit lives as long as the stream: a client that stops
-            // reading frees its slot when the stream is dropped.
-            let Ok(_permit) = slots.acquire_owned().await else {
+            let arrived = Instant::now();
+            let metrics = &engine.metrics;
+            metrics.waiting.inc();
+            let permit = engine.slots.acquire().await;
+            metrics.waiting.dec();
+            // The permit and the running count live as long as the stream: a
+            // client that stops reading frees its slot when it is dropped.
+            let Ok(_permit) = permit else {
                 return;
             };
-            sleep(self.prefill + self.ttft).await;
+            let _running = Running::new(metrics);
+            let cached_blocks = engine.cache.lock().expect("prefix cache lock").lookup_insert(&self.blocks);
+            let cached = cached_blocks as u32 * self.block_tokens;
+            metrics.prefix_queries.inc_by(u64::from(self.usage.prompt_tokens));
+            metrics.prefix_hits.inc_by(u64::from(cached));
+            let uncached = self.usage.prompt_tokens.saturating_sub(cached);
+            sleep(self.prefill_per_token * uncached + self.ttft).await;
+            metrics.ttft.observe(arrived.elapsed().as_secs_f64());
             for (i, word) in self.tokens.iter().enumerate() {
                 if i > 0 {
                     sleep(self.per_token).await;
@@ -209,6 +263,22 @@ impl Plan {
     }
 }
 
+/// Counts a generation as running while it lives.
+struct Running(prometheus::IntGauge);
+
+impl Running {
+    fn new(metrics: &SimMetrics) -> Self {
+        metrics.running.inc();
+        Self(metrics.running.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 async fn sleep(d: Duration) {
     if !d.is_zero() {
         tokio::time::sleep(d).await;
@@ -217,19 +287,19 @@ async fn sleep(d: Duration) {
 
 /// FNV-1a: a stable hash, so the same request gives the same text across
 /// builds and platforms (std's hasher makes no such promise).
-struct Fnv(u64);
+pub(super) struct Fnv(u64);
 
 impl Fnv {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self(0xcbf2_9ce4_8422_2325)
     }
-    fn write(&mut self, bytes: &[u8]) {
+    pub(super) fn write(&mut self, bytes: &[u8]) {
         for b in bytes {
             self.0 ^= u64::from(*b);
             self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
         }
     }
-    fn finish(&self) -> u64 {
+    pub(super) fn finish(&self) -> u64 {
         self.0
     }
 }

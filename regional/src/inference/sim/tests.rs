@@ -1,5 +1,10 @@
 use super::*;
 use crate::inference::Message;
+use crate::inference::metrics::Metrics;
+
+fn sim(config: SimConfig) -> SimBackend {
+    SimBackend::new(config, Metrics::with_labels(None).sim("sim"))
+}
 
 fn fast() -> SimConfig {
     SimConfig {
@@ -27,7 +32,7 @@ fn request(content: &str, seed: Option<u64>, max_tokens: Option<u32>) -> ChatReq
 
 #[tokio::test]
 async fn same_request_same_answer_and_seed_changes_it() {
-    let sim = SimBackend::new(fast());
+    let sim = sim(fast());
     let a = sim
         .complete(&request("hello there", Some(1), None))
         .await
@@ -51,7 +56,7 @@ async fn same_request_same_answer_and_seed_changes_it() {
 
 #[tokio::test]
 async fn max_tokens_bounds_output_and_reports_length() {
-    let sim = SimBackend::new(fast());
+    let sim = sim(fast());
     let c = sim
         .complete(&request("count", None, Some(3)))
         .await
@@ -64,7 +69,7 @@ async fn max_tokens_bounds_output_and_reports_length() {
 
 #[tokio::test]
 async fn stream_concatenates_to_the_completion() {
-    let sim = SimBackend::new(fast());
+    let sim = sim(fast());
     let whole = sim
         .complete(&request("stream me", Some(9), None))
         .await
@@ -86,7 +91,7 @@ async fn stream_concatenates_to_the_completion() {
 
 #[tokio::test(start_paused = true)]
 async fn timing_follows_config() {
-    let sim = SimBackend::new(SimConfig {
+    let sim = sim(SimConfig {
         prefill_us_per_token: 1000,
         ttft_ms: 100,
         per_token_ms: 10,
@@ -107,7 +112,7 @@ async fn timing_follows_config() {
 
 #[tokio::test(start_paused = true)]
 async fn concurrency_limit_queues_requests() {
-    let sim = Arc::new(SimBackend::new(SimConfig {
+    let sim = Arc::new(sim(SimConfig {
         prefill_us_per_token: 0,
         ttft_ms: 50,
         per_token_ms: 0,
@@ -127,7 +132,7 @@ async fn concurrency_limit_queues_requests() {
 #[tokio::test]
 async fn failure_injection_follows_rate_and_seed() {
     let draws = |seed| {
-        let sim = SimBackend::new(SimConfig {
+        let sim = sim(SimConfig {
             fail_rate: 0.5,
             fail_seed: seed,
             ..fast()
@@ -140,7 +145,7 @@ async fn failure_injection_follows_rate_and_seed() {
     let failed = a.iter().filter(|f| **f).count();
     assert!((16..=48).contains(&failed), "about half fail: {failed}");
 
-    let always = SimBackend::new(SimConfig {
+    let always = sim(SimConfig {
         fail_rate: 1.0,
         ..fast()
     });
@@ -149,6 +154,38 @@ async fn failure_injection_follows_rate_and_seed() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable);
-    let never = SimBackend::new(fast());
+    let never = sim(fast());
     assert!((0..64).all(|_| !never.inject_failure()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn prefix_cache_hits_skip_prefill() {
+    let metrics = Metrics::with_labels(None);
+    let sim = SimBackend::new(
+        SimConfig {
+            prefill_us_per_token: 1000,
+            ttft_ms: 10,
+            per_token_ms: 0,
+            default_max_tokens: 1,
+            prefix_block_tokens: 16,
+            ..SimConfig::default()
+        },
+        metrics.sim("sim"),
+    );
+    let shared = "shared system prompt words ".repeat(16);
+    let ask = |q: &str| request(&format!("{shared} {q}"), Some(1), Some(1));
+    let cold = sim.complete(&ask("first question")).await.unwrap();
+    let warm = sim.complete(&ask("second question")).await.unwrap();
+    let prompt = u64::from(cold.usage.prompt_tokens);
+    assert_eq!(cold.time_to_first_token, Duration::from_millis(prompt + 10));
+    // 1 role + 64 shared words: 4 whole blocks of 16 were cached.
+    assert_eq!(
+        warm.time_to_first_token,
+        Duration::from_millis(u64::from(warm.usage.prompt_tokens) - 64 + 10)
+    );
+    let text = metrics.render();
+    assert!(
+        text.contains("meridian_sim_prefix_cache_hits_total{model=\"sim\"} 64"),
+        "{text}"
+    );
 }

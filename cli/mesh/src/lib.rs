@@ -1,0 +1,27 @@
+//! The Meridian service mesh: who a service is (a `spiffe://meridian/...`
+//! URI SAN in its certificate), a development CA to issue such
+//! certificates, certificate files reloaded on change, and the rustls
+//! configurations every internal hop (gateway → region, health checks,
+//! region → region) uses for mutual TLS.
+//!
+//! It lives beside `meridian-launcher` because the CLI, the regions, the
+//! gateway and the tests all need the same identity rules; keeping them in
+//! one crate means the CA and the policy cannot drift apart.
+
+mod files;
+mod identity;
+mod issue;
+mod tls;
+
+pub use self::files::{CertFiles, Loaded, watch};
+pub use self::identity::{
+    Identity, Role, TRUST_DOMAIN, region_server_name, serial_of, validate_pattern,
+};
+pub use self::issue::{Ca, DEV_VALIDITY, Issued, file_stem};
+pub use self::tls::{
+    ConfigSource, MeshConnector, client_config, peer_identity, provider, server_config,
+};
+
+pub use arc_swap::ArcSwap;
+pub use rustls;
+pub use tokio_rustls;

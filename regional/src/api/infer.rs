@@ -1,0 +1,244 @@
+//! What the HTTP inference routes share beyond the body (deadline and
+//! routing hint headers, the served-model header, stream error events), the
+//! legacy `POST /v1/completions`, and `POST /admin/reload`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::time::Instant;
+
+use super::openai::{UsageBody, finish_reason, max_tokens};
+use super::{AppState, Tenant};
+use crate::error::Error;
+use crate::inference::{ChatRequest, Chunk, Hints, Message, SizeHint, parse_timeout_ms};
+
+/// Request header: the client's deadline for this request, in milliseconds.
+pub(crate) const TIMEOUT_HEADER: &str = "x-meridian-timeout-ms";
+/// Request header: `small` or `large`, for aliases that route by size.
+pub(crate) const ROUTING_HINT_HEADER: &str = "x-meridian-routing-hint";
+/// Response header: the model that served the request (an alias resolved).
+pub(crate) const MODEL_HEADER: &str = "x-meridian-model";
+
+pub(super) fn routes(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/admin/reload", post(reload))
+        .with_state(state)
+}
+
+/// The request's deadline and routing hint, read from its headers on
+/// arrival (the deadline counts from then).
+pub(super) struct RequestFacts {
+    arrived: Instant,
+    timeout: Option<Duration>,
+    size: Option<SizeHint>,
+}
+
+impl RequestFacts {
+    pub(super) fn hints(&self, has_tools: bool) -> Hints {
+        Hints {
+            has_tools,
+            size: self.size,
+        }
+    }
+
+    pub(super) fn deadline(&self, state: &AppState) -> Instant {
+        self.arrived + self.timeout.unwrap_or(state.inference.default_timeout)
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestFacts {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Error> {
+        let header = |name| {
+            parts
+                .headers
+                .get(name)
+                .map(|v| {
+                    v.to_str()
+                        .map_err(|_| Error::invalid(format!("`{name}` must be ASCII"), None))
+                })
+                .transpose()
+        };
+        Ok(Self {
+            arrived: Instant::now(),
+            timeout: header(TIMEOUT_HEADER)?.map(parse_timeout_ms).transpose()?,
+            size: header(ROUTING_HINT_HEADER)?.and_then(SizeHint::parse),
+        })
+    }
+}
+
+pub(super) fn model_header(model: &str) -> [(&'static str, String); 1] {
+    [(MODEL_HEADER, model.to_string())]
+}
+
+/// An error after the stream started: the OpenAI error object as the last
+/// event, as OpenAI's own API does.
+pub(super) fn error_event(e: &Error) -> Event {
+    Event::default().data(e.openai_body().to_string())
+}
+
+#[derive(Deserialize)]
+struct CompletionBody {
+    model: String,
+    prompt: Prompt,
+    #[serde(default)]
+    max_tokens: Option<i64>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Option<Stop>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<super::openai::StreamOptions>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `POST /v1/completions`: a text completion, served by the chat backends
+/// with the prompt as one user message.
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    tenant: Tenant,
+    facts: RequestFacts,
+    body: Bytes,
+) -> Result<Response, Error> {
+    let body: CompletionBody = serde_json::from_slice(&body)
+        .map_err(|e| Error::invalid(format!("invalid request body: {e}"), None))?;
+    if body.model.is_empty() {
+        return Err(Error::invalid("`model` must not be empty", Some("model")));
+    }
+    let prompt = match body.prompt {
+        Prompt::One(p) => p,
+        Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
+        Prompt::Many(_) => {
+            return Err(Error::invalid(
+                "`prompt` must be a string or an array of exactly one string",
+                Some("prompt"),
+            ));
+        }
+    };
+    if prompt.is_empty() {
+        return Err(Error::invalid("`prompt` must not be empty", Some("prompt")));
+    }
+    let mut req = ChatRequest {
+        model: body.model,
+        messages: vec![Message {
+            role: "user".into(),
+            content: prompt,
+        }],
+        max_tokens: max_tokens(body.max_tokens)?,
+        seed: body.seed,
+        stop: match body.stop {
+            None => vec![],
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        },
+    };
+    let permit = state.inference.admit(tenant.as_str())?;
+    let routed = state
+        .inference
+        .route(&mut req, &facts.hints(false))
+        .inspect_err(|e| {
+            state
+                .telemetry
+                .usage
+                .begin(tenant.as_str(), &req.model)
+                .failed(e)
+        })?;
+    let deadline = facts.deadline(&state);
+    let record = state.telemetry.usage.begin(tenant.as_str(), &req.model);
+    let id = format!("cmpl-{}", uuid::Uuid::now_v7().simple());
+    let created = chrono::Utc::now().timestamp();
+    let model = req.model.clone();
+    let object = move |text: &str, finish: Option<&str>, usage: Option<UsageBody>| {
+        let mut v = json!({ "id": id, "object": "text_completion", "created": created,
+            "model": model, "choices": [{ "text": text, "index": 0, "logprobs": null,
+            "finish_reason": finish }] });
+        if let Some(u) = usage {
+            v["usage"] = json!(u);
+        }
+        v
+    };
+    if !body.stream {
+        let done = routed
+            .complete(&req, Some(deadline))
+            .await
+            .inspect_err(|e| record.failed(e))?;
+        record.completed(done.usage, done.time_to_first_token, "bypass");
+        let body = object(
+            &done.text,
+            Some(finish_reason(done.finish)),
+            Some(done.usage.into()),
+        );
+        return Ok((model_header(&req.model), axum::Json(body)).into_response());
+    }
+    let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
+    let chunks = routed
+        .stream(req.clone(), Some(deadline))
+        .await
+        .inspect_err(|e| record.failed(e))?;
+    let events = async_stream::stream! {
+        let _permit = permit;
+        let mut chunks = chunks;
+        let mut ttft = None;
+        while let Some(chunk) = chunks.next().await {
+            match chunk {
+                Err(e) => {
+                    record.failed(&e);
+                    yield error_event(&e);
+                    return;
+                }
+                Ok(Chunk::Delta(text)) => {
+                    ttft.get_or_insert_with(|| record.elapsed());
+                    yield Event::default().data(object(&text, None, None).to_string());
+                }
+                Ok(Chunk::Done { finish, usage }) => {
+                    record.completed(usage, ttft.unwrap_or_else(|| record.elapsed()), "bypass");
+                    let usage = include_usage.then(|| usage.into());
+                    yield Event::default().data(object("", Some(finish_reason(finish)), usage).to_string());
+                }
+            }
+        }
+        yield Event::default().data("[DONE]");
+    };
+    let body = Sse::new(events.map(Ok::<_, Infallible>)).keep_alive(KeepAlive::default());
+    Ok((model_header(&req.model), body).into_response())
+}
+
+/// `POST /admin/reload`: models and aliases read again from the config
+/// file, swapped in whole.
+async fn reload(State(state): State<Arc<AppState>>) -> Result<Response, Error> {
+    let models: Vec<_> = state
+        .inference
+        .reload()?
+        .into_iter()
+        .map(|m| json!({ "id": m.id, "alias": m.alias }))
+        .collect();
+    Ok(axum::Json(json!({ "reloaded": true, "models": models })).into_response())
+}

@@ -1,0 +1,264 @@
+//! Inference configuration beyond one simulated model: pools of
+//! OpenAI-compatible upstreams, aliases that route between models, and the
+//! per-request limits of the `[inference]` table.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::Deserialize;
+
+use super::{BackendConfig, ModelConfig};
+
+/// The `[inference]` table: request deadlines and admission control.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferenceConfig {
+    /// Deadline of an HTTP inference request when it names none in
+    /// `x-meridian-timeout-ms`, in milliseconds (gRPC uses `grpc-timeout`).
+    pub request_timeout_ms: u64,
+    /// Inference requests one tenant may have in flight in this region; 0
+    /// means no limit besides `server.max_in_flight`.
+    pub max_in_flight_per_tenant: u32,
+    /// What `Retry-After` tells a client refused by admission control, in
+    /// milliseconds (rounded up to whole seconds on HTTP).
+    pub retry_after_ms: u64,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        Self {
+            request_timeout_ms: 60_000,
+            max_in_flight_per_tenant: 0,
+            retry_after_ms: 1_000,
+        }
+    }
+}
+
+/// A pool of OpenAI-compatible HTTP servers (vLLM, Ollama, TGI, llama.cpp,
+/// hosted APIs) serving one model.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiConfig {
+    /// The servers; requests are balanced across them.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Model name sent upstream; the model's `id` when absent.
+    #[serde(default)]
+    pub upstream_model: Option<String>,
+    /// Leading prompt bytes hashed for prefix affinity: requests sharing
+    /// this many go to the same upstream while it is not overloaded. 0 turns
+    /// affinity off (least outstanding requests only).
+    #[serde(default = "default_affinity_prefix_bytes")]
+    pub affinity_prefix_bytes: usize,
+    /// An upstream counts as overloaded for affinity when its outstanding
+    /// requests exceed this factor times the pool mean (a mean below 1
+    /// counts as 1).
+    #[serde(default = "default_affinity_overload_factor")]
+    pub affinity_overload_factor: f64,
+    /// Consecutive failures that open an upstream's circuit breaker.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// How long an open breaker keeps the upstream out before one probe
+    /// request, in milliseconds.
+    #[serde(default = "default_breaker_cooldown_ms")]
+    pub breaker_cooldown_ms: u64,
+    /// Interval of the active health check (`GET {base_url}/models`), in
+    /// milliseconds.
+    #[serde(default = "default_health_interval_ms")]
+    pub health_interval_ms: u64,
+    /// Attempts after the first one, each on another upstream when there is
+    /// one, made only while the client has received nothing.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Base of the exponential backoff between attempts, in milliseconds
+    /// (full jitter).
+    #[serde(default = "default_retry_backoff_ms")]
+    pub retry_backoff_ms: u64,
+    /// Time allowed to connect to an upstream, in milliseconds.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+/// One OpenAI-compatible server.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL up to and including the API version, e.g.
+    /// `http://10.0.0.5:8000/v1`; requests go to `{base_url}/chat/completions`.
+    pub base_url: String,
+    /// Bearer token sent as `Authorization`, when the server needs one.
+    #[serde(default)]
+    pub api_key: Option<String>,
+}
+
+fn default_affinity_prefix_bytes() -> usize {
+    256
+}
+fn default_affinity_overload_factor() -> f64 {
+    1.5
+}
+fn default_breaker_failures() -> u32 {
+    3
+}
+fn default_breaker_cooldown_ms() -> u64 {
+    2_000
+}
+fn default_health_interval_ms() -> u64 {
+    1_000
+}
+fn default_retries() -> u32 {
+    2
+}
+fn default_retry_backoff_ms() -> u64 {
+    20
+}
+fn default_connect_timeout_ms() -> u64 {
+    1_000
+}
+
+/// A model name that routes to real models: by request size (`small` and
+/// `large`) or by weight (`weights`), never both.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AliasConfig {
+    /// The name clients send, e.g. `auto`.
+    pub id: String,
+    /// Model for simple requests.
+    #[serde(default)]
+    pub small: Option<String>,
+    /// Model for complex requests: long prompts, tools, or hint `large`.
+    #[serde(default)]
+    pub large: Option<String>,
+    /// Prompts of more tokens than this go to `large`.
+    #[serde(default = "default_large_above_prompt_tokens")]
+    pub large_above_prompt_tokens: u32,
+    /// Traffic split between models by relative weight, e.g.
+    /// `{ "sim-v1" = 90, "sim-v2" = 10 }`.
+    #[serde(default)]
+    pub weights: BTreeMap<String, u32>,
+}
+
+fn default_large_above_prompt_tokens() -> u32 {
+    512
+}
+
+/// Checks what `config.rs` does not: upstream pools and aliases.
+pub(super) fn validate(models: &[ModelConfig], aliases: &[AliasConfig]) -> Result<(), String> {
+    for (i, m) in models.iter().enumerate() {
+        let BackendConfig::OpenAi(pool) = &m.backend else {
+            continue;
+        };
+        if pool.upstreams.is_empty() {
+            return Err(format!(
+                "`models[{i}].backend.upstreams` must name at least one upstream"
+            ));
+        }
+        for (j, u) in pool.upstreams.iter().enumerate() {
+            if !u.base_url.starts_with("http://") {
+                return Err(format!(
+                    "`models[{i}].backend.upstreams[{j}].base_url` must start with http:// \
+                     (this build has no TLS client), got {:?}",
+                    u.base_url
+                ));
+            }
+        }
+        if pool.affinity_overload_factor < 1.0 {
+            return Err(format!(
+                "`models[{i}].backend.affinity_overload_factor` must be at least 1"
+            ));
+        }
+        if pool.breaker_failures == 0 {
+            return Err(format!(
+                "`models[{i}].backend.breaker_failures` must be at least 1"
+            ));
+        }
+        if pool.health_interval_ms == 0 {
+            return Err(format!(
+                "`models[{i}].backend.health_interval_ms` must be at least 1"
+            ));
+        }
+    }
+    let model_ids: HashSet<&str> = models.iter().map(|m| m.id.as_str()).collect();
+    let mut alias_ids = HashSet::new();
+    for (i, a) in aliases.iter().enumerate() {
+        if a.id.is_empty() {
+            return Err(format!("`aliases[{i}].id` must not be empty"));
+        }
+        if model_ids.contains(a.id.as_str()) || !alias_ids.insert(a.id.as_str()) {
+            return Err(format!(
+                "`aliases[{i}].id` repeats the name {:?} of a model or alias",
+                a.id
+            ));
+        }
+        let by_size = a.small.is_some() || a.large.is_some();
+        match (by_size, a.weights.is_empty()) {
+            (true, false) => {
+                return Err(format!(
+                    "`aliases[{i}]` routes by size (`small`, `large`) or by `weights`, not both"
+                ));
+            }
+            (false, true) => {
+                return Err(format!(
+                    "`aliases[{i}]` needs `small` and `large`, or `weights`"
+                ));
+            }
+            (true, true) if a.small.is_none() || a.large.is_none() => {
+                return Err(format!("`aliases[{i}]` needs both `small` and `large`"));
+            }
+            _ => {}
+        }
+        if !a.weights.is_empty() && a.weights.values().all(|w| *w == 0) {
+            return Err(format!(
+                "`aliases[{i}].weights` must give some model a weight above 0"
+            ));
+        }
+        let targets = [("small", &a.small), ("large", &a.large)]
+            .into_iter()
+            .filter_map(|(k, t)| t.as_deref().map(|t| (k, t)))
+            .chain(a.weights.keys().map(|t| ("weights", t.as_str())));
+        for (key, target) in targets {
+            if !model_ids.contains(target) {
+                return Err(format!(
+                    "`aliases[{i}].{key}` names {target:?}, which is not a model of this region"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    const BASE: &str = "region = \"eu-west\"\n[redis]\nurl = \"redis://127.0.0.1:1/\"\n\
+        [postgres]\nurl = \"postgres://m@127.0.0.1:1/m\"\n[mesh]\nplaintext = true\n\
+        [[models]]\nid = \"a\"\nbackend = { kind = \"sim\" }\n";
+
+    fn err(extra: &str) -> String {
+        Config::from_toml(&format!("{BASE}{extra}"), "t")
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn pools_and_aliases_are_checked_by_key() {
+        let e = err("[[models]]\nid = \"p\"\nbackend = { kind = \"openai\", upstreams = [] }\n");
+        assert!(e.contains("`models[1].backend.upstreams`"), "{e}");
+        let e = err(
+            "[[models]]\nid = \"p\"\nbackend = { kind = \"openai\", upstreams = [{ base_url = \"https://x/v1\" }] }\n",
+        );
+        assert!(
+            e.contains("`models[1].backend.upstreams[0].base_url`"),
+            "{e}"
+        );
+        let e = err("[[aliases]]\nid = \"auto\"\nsmall = \"a\"\n");
+        assert!(e.contains("`aliases[0]` needs both"), "{e}");
+        let e = err("[[aliases]]\nid = \"auto\"\nsmall = \"a\"\nlarge = \"zz\"\n");
+        assert!(e.contains("`aliases[0].large`"), "{e}");
+        let e = err("[[aliases]]\nid = \"a\"\nweights = { a = 1 }\n");
+        assert!(e.contains("`aliases[0].id`"), "{e}");
+        let e = err("[[aliases]]\nid = \"w\"\nweights = { a = 0 }\n");
+        assert!(e.contains("`aliases[0].weights`"), "{e}");
+        let e = err("[inference]\nbogus = 1\n");
+        assert!(e.contains("bogus"), "{e}");
+    }
+}

@@ -1,0 +1,460 @@
+//! A pool of OpenAI-compatible upstreams serving one model.
+//!
+//! Choice: prefix affinity first (a request whose prompt starts like an
+//! earlier one goes where that one went, so the upstream's prefix cache
+//! hits), unless that upstream is overloaded; otherwise the less loaded of
+//! two random upstreams (power of two choices on outstanding requests).
+//! Affinity alone would pile a popular prefix onto one server.
+//!
+//! An upstream takes requests while its health check passes and its
+//! circuit breaker is not open. A failure before the first token (connect
+//! error, 5xx, 429, a stream that ends before its first token) is retried
+//! on another upstream after a jittered backoff; once a token went to the
+//! client, a failure ends the client's stream instead.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures::StreamExt;
+use rand::Rng;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::metrics::{Metrics, UpstreamMetrics};
+use super::sim::Fnv;
+use super::{ChatRequest, ChunkStream, first_chunk, openai};
+use crate::config::OpenAiConfig;
+use crate::error::Error;
+
+/// Affinity slots: a direct-mapped table of prefix hash → upstream, so its
+/// size is fixed whatever the traffic; a collision only costs a cache miss.
+const AFFINITY_SLOTS: usize = 4096;
+
+pub(crate) struct Pool {
+    model: String,
+    upstream_model: String,
+    config: OpenAiConfig,
+    upstreams: Vec<Upstream>,
+    /// Upstream index + 1 per slot; 0 is empty.
+    affinity: Vec<AtomicU32>,
+    client: reqwest::Client,
+}
+
+struct Upstream {
+    base_url: String,
+    api_key: Option<String>,
+    outstanding: AtomicU32,
+    /// The latest health check passed (true until the first one says no).
+    healthy: AtomicBool,
+    breaker: Mutex<Breaker>,
+    metrics: UpstreamMetrics,
+}
+
+/// A circuit breaker: consecutive failures open it for a cooldown; then one
+/// probe request is let through, whose outcome closes or reopens it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Breaker {
+    Closed { failures: u32 },
+    Open { until: Instant },
+    HalfOpen { probing: bool },
+}
+
+impl Breaker {
+    fn usable(&self, now: Instant) -> bool {
+        match *self {
+            Self::Closed { .. } => true,
+            Self::Open { until } => now >= until,
+            Self::HalfOpen { probing } => !probing,
+        }
+    }
+
+    /// Lets a request through, taking the probe slot when half open.
+    fn admit(&mut self, now: Instant) -> bool {
+        match *self {
+            Self::Closed { .. } => true,
+            Self::Open { until } if now >= until => {
+                *self = Self::HalfOpen { probing: true };
+                true
+            }
+            Self::HalfOpen { probing: false } => {
+                *self = Self::HalfOpen { probing: true };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn failure(&mut self, now: Instant, threshold: u32, cooldown: Duration) {
+        *self = match *self {
+            Self::Closed { failures } if failures + 1 < threshold => Self::Closed {
+                failures: failures + 1,
+            },
+            Self::Open { until } => Self::Open { until },
+            _ => Self::Open {
+                until: now + cooldown,
+            },
+        };
+    }
+}
+
+enum Failure {
+    /// Worth another upstream: connect errors, 5xx, 429, early ends.
+    Retry(Error),
+    /// The request itself is at fault; every upstream would refuse it.
+    Fatal(Error),
+}
+
+impl Pool {
+    /// Makes the pool and starts its health checker, which stops with
+    /// `shutdown` or when the pool is dropped (replaced by a reload).
+    pub(super) fn start(
+        model: &str,
+        config: OpenAiConfig,
+        client: reqwest::Client,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                let base_url = u.base_url.trim_end_matches('/').to_string();
+                let metrics = metrics.upstream(model, &base_url);
+                metrics.up.set(1);
+                Upstream {
+                    base_url,
+                    api_key: u.api_key.clone(),
+                    outstanding: AtomicU32::new(0),
+                    healthy: AtomicBool::new(true),
+                    breaker: Mutex::new(Breaker::Closed { failures: 0 }),
+                    metrics,
+                }
+            })
+            .collect();
+        let pool = Arc::new(Self {
+            model: model.to_string(),
+            upstream_model: config.upstream_model.clone().unwrap_or(model.to_string()),
+            upstreams,
+            affinity: (0..AFFINITY_SLOTS).map(|_| AtomicU32::new(0)).collect(),
+            config,
+            client,
+        });
+        tokio::spawn(check_health(Arc::downgrade(&pool), shutdown));
+        pool
+    }
+
+    /// Upstreams taking requests now, and all of them.
+    pub(super) fn health(&self) -> (u32, u32) {
+        let now = Instant::now();
+        let up = self.upstreams.iter().filter(|u| u.usable(now)).count();
+        (up as u32, self.upstreams.len() as u32)
+    }
+
+    /// Streams a completion from one upstream, retrying on others until one
+    /// produced its first chunk.
+    pub(super) async fn stream(self: &Arc<Self>, req: ChatRequest) -> Result<ChunkStream, Error> {
+        let key = self.affinity_key(&req);
+        let body = openai::request_body(&req, &self.upstream_model);
+        let prompt_tokens = req.prompt_tokens();
+        let mut tried = Vec::new();
+        let mut last = None;
+        for attempt in 0..=self.config.retries {
+            if attempt > 0 {
+                // Full jitter: retries from many requests do not line up.
+                let cap = self.config.retry_backoff_ms << (attempt - 1).min(10);
+                let wait = rand::rng().random_range(0..=cap);
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+            }
+            let Some(i) = self.pick(key, &tried) else {
+                break;
+            };
+            tried.push(i);
+            let mut guard = Outstanding::new(self.clone(), i);
+            let up = &self.upstreams[i];
+            let result = match self.send(up, &body, prompt_tokens).await {
+                Ok(stream) => first_chunk(stream).await.map_err(Failure::Retry),
+                Err(f) => Err(f),
+            };
+            match result {
+                Ok(stream) => {
+                    guard.decided = true;
+                    self.outcome(i, true);
+                    if let Some(key) = key {
+                        self.affinity[key as usize % AFFINITY_SLOTS]
+                            .store(i as u32 + 1, Ordering::Relaxed);
+                    }
+                    return Ok(self.watch(stream, guard));
+                }
+                Err(Failure::Retry(e)) => {
+                    guard.decided = true;
+                    tracing::warn!(model = %self.model, upstream = %up.base_url, error = %e, attempt, "upstream attempt failed");
+                    self.outcome(i, false);
+                    last = Some(e);
+                }
+                Err(Failure::Fatal(e)) => {
+                    // The upstream answered: it is alive.
+                    guard.decided = true;
+                    self.outcome(i, true);
+                    return Err(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::NoHealthyBackend(self.model.clone())))
+    }
+
+    /// The prompt's first `affinity_prefix_bytes` bytes, hashed.
+    fn affinity_key(&self, req: &ChatRequest) -> Option<u64> {
+        let mut left = self.config.affinity_prefix_bytes;
+        if left == 0 {
+            return None;
+        }
+        let mut hash = Fnv::new();
+        'messages: for m in &req.messages {
+            for part in [m.role.as_bytes(), b"\n", m.content.as_bytes(), b"\n"] {
+                let take = part.len().min(left);
+                hash.write(&part[..take]);
+                left -= take;
+                if left == 0 {
+                    break 'messages;
+                }
+            }
+        }
+        Some(hash.finish())
+    }
+
+    /// The upstream for the next attempt, not one already tried while an
+    /// untried one is usable; `None` when none is usable.
+    fn pick(&self, key: Option<u64>, tried: &[usize]) -> Option<usize> {
+        let now = Instant::now();
+        let usable: Vec<usize> = (0..self.upstreams.len())
+            .filter(|i| self.upstreams[*i].usable(now))
+            .collect();
+        let mut candidates: Vec<usize> = usable
+            .iter()
+            .copied()
+            .filter(|i| !tried.contains(i))
+            .collect();
+        if candidates.is_empty() {
+            candidates = usable.clone();
+        }
+        let load = |i: usize| self.upstreams[i].outstanding.load(Ordering::Relaxed);
+        let mean =
+            usable.iter().map(|i| f64::from(load(*i))).sum::<f64>() / usable.len().max(1) as f64;
+        while !candidates.is_empty() {
+            let affine = key
+                .map(|k| self.affinity[k as usize % AFFINITY_SLOTS].load(Ordering::Relaxed))
+                .filter(|slot| *slot > 0)
+                .map(|slot| slot as usize - 1)
+                .filter(|i| candidates.contains(i))
+                .filter(|i| {
+                    f64::from(load(*i)) <= self.config.affinity_overload_factor * mean.max(1.0)
+                });
+            let choice = affine.unwrap_or_else(|| {
+                if candidates.len() == 1 {
+                    return candidates[0];
+                }
+                let mut rng = rand::rng();
+                let a = rng.random_range(0..candidates.len());
+                let mut b = rng.random_range(0..candidates.len() - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (a, b) = (candidates[a], candidates[b]);
+                if load(b) < load(a) { b } else { a }
+            });
+            if self.upstreams[choice]
+                .breaker
+                .lock()
+                .expect("breaker lock")
+                .admit(now)
+            {
+                return Some(choice);
+            }
+            candidates.retain(|c| *c != choice);
+        }
+        None
+    }
+
+    async fn send(
+        &self,
+        up: &Upstream,
+        body: &serde_json::Value,
+        prompt_tokens: u32,
+    ) -> Result<ChunkStream, Failure> {
+        let mut request = self
+            .client
+            .post(format!("{}/chat/completions", up.base_url))
+            .json(body);
+        if let Some(key) = &up.api_key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.map_err(|e| {
+            Failure::Retry(Error::Unavailable(format!("upstream {}: {e}", up.base_url)))
+        })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(openai::chunks(response, prompt_tokens, up.base_url.clone()));
+        }
+        let message = openai::error_message(&response.text().await.unwrap_or_default());
+        let message = format!("upstream {} answered {status}: {message}", up.base_url);
+        Err(match status.as_u16() {
+            400 | 413 | 422 => Failure::Fatal(Error::invalid(message, None)),
+            _ => Failure::Retry(Error::Unavailable(message)),
+        })
+    }
+
+    fn outcome(&self, i: usize, ok: bool) {
+        let up = &self.upstreams[i];
+        let now = Instant::now();
+        {
+            let mut breaker = up.breaker.lock().expect("breaker lock");
+            if ok {
+                *breaker = Breaker::Closed { failures: 0 };
+            } else {
+                breaker.failure(
+                    now,
+                    self.config.breaker_failures,
+                    Duration::from_millis(self.config.breaker_cooldown_ms),
+                );
+            }
+        }
+        if ok {
+            up.metrics.ok.inc();
+        } else {
+            up.metrics.failed.inc();
+        }
+        up.metrics.up.set(i64::from(up.usable(now)));
+    }
+
+    /// Counts a failure that ends a stream already started against its
+    /// upstream; the outstanding count lasts as long as the stream.
+    fn watch(self: &Arc<Self>, stream: ChunkStream, guard: Outstanding) -> ChunkStream {
+        async_stream::stream! {
+            let guard = guard;
+            let mut stream = stream;
+            while let Some(item) = stream.next().await {
+                if item.is_err() {
+                    guard.pool.outcome(guard.index, false);
+                }
+                yield item;
+            }
+        }
+        .boxed()
+    }
+}
+
+impl Upstream {
+    fn usable(&self, now: Instant) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+            && self.breaker.lock().expect("breaker lock").usable(now)
+    }
+}
+
+/// One request counted against an upstream while it lives.
+struct Outstanding {
+    pool: Arc<Pool>,
+    index: usize,
+    /// The attempt's outcome reached the breaker. An attempt dropped before
+    /// (deadline, client gone) gives back the half-open probe slot it may
+    /// hold, or the breaker would wait for its verdict forever.
+    decided: bool,
+}
+
+impl Outstanding {
+    fn new(pool: Arc<Pool>, index: usize) -> Self {
+        let up = &pool.upstreams[index];
+        up.outstanding.fetch_add(1, Ordering::Relaxed);
+        up.metrics.outstanding.inc();
+        Self {
+            pool,
+            index,
+            decided: false,
+        }
+    }
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        let up = &self.pool.upstreams[self.index];
+        up.outstanding.fetch_sub(1, Ordering::Relaxed);
+        up.metrics.outstanding.dec();
+        if !self.decided {
+            let mut breaker = up.breaker.lock().expect("breaker lock");
+            if *breaker == (Breaker::HalfOpen { probing: true }) {
+                *breaker = Breaker::HalfOpen { probing: false };
+            }
+        }
+    }
+}
+
+/// Checks every upstream each `health_interval_ms` with `GET {base_url}/models`.
+async fn check_health(pool: Weak<Pool>, shutdown: CancellationToken) {
+    let Some(interval) = pool
+        .upgrade()
+        .map(|p| Duration::from_millis(p.config.health_interval_ms))
+    else {
+        return;
+    };
+    let timeout = interval.clamp(Duration::from_millis(200), Duration::from_secs(5));
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let model = pool.model.as_str();
+        let checks = pool.upstreams.iter().map(|up| {
+            let mut request = pool
+                .client
+                .get(format!("{}/models", up.base_url))
+                .timeout(timeout);
+            if let Some(key) = &up.api_key {
+                request = request.bearer_auth(key);
+            }
+            async move {
+                let ok = request
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+                let was = up.healthy.swap(ok, Ordering::Relaxed);
+                if was != ok {
+                    tracing::warn!(model, upstream = %up.base_url, healthy = ok, "upstream health changed");
+                }
+                up.metrics.up.set(i64::from(up.usable(Instant::now())));
+            }
+        });
+        futures::future::join_all(checks).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn breaker_opens_probes_and_closes() {
+        let cooldown = Duration::from_millis(100);
+        let mut b = Breaker::Closed { failures: 0 };
+        let now = Instant::now();
+        b.failure(now, 2, cooldown);
+        assert!(b.usable(now), "one failure of two");
+        b.failure(now, 2, cooldown);
+        assert!(!b.usable(now) && !b.admit(now), "open");
+        let later = now + cooldown;
+        assert!(b.usable(later));
+        assert!(b.admit(later), "the probe");
+        assert!(!b.admit(later), "one probe at a time");
+        b.failure(later, 2, cooldown);
+        assert_eq!(
+            b,
+            Breaker::Open {
+                until: later + cooldown
+            }
+        );
+    }
+}

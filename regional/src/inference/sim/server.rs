@@ -1,0 +1,196 @@
+//! The simulator as a standalone OpenAI-compatible server: real HTTP
+//! upstreams for tests, benchmarks and demos, without a GPU.
+//! `POST /v1/chat/completions` (JSON or SSE), `GET /v1/models`, `GET /metrics`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use super::SimBackend;
+use crate::config::SimConfig;
+use crate::inference::metrics::Metrics;
+use crate::inference::{ChatRequest, Chunk, Finish, Message};
+
+/// The model name `/v1/models` lists; requests may name any model.
+const MODEL: &str = "sim";
+
+struct Sim {
+    backend: SimBackend,
+    metrics: Metrics,
+}
+
+/// Serves the simulator on `listener` until `shutdown` resolves, then
+/// finishes the requests in flight.
+pub async fn serve_sim(
+    config: SimConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let metrics = Metrics::with_labels(None);
+    let sim = Arc::new(Sim {
+        backend: SimBackend::new(config, metrics.sim(MODEL)),
+        metrics,
+    });
+    let app = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route("/metrics", get(metrics_text))
+        .with_state(sim);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[derive(Deserialize)]
+struct Body {
+    model: String,
+    messages: Vec<MessageBody>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Option<Value>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize)]
+struct MessageBody {
+    role: String,
+    #[serde(default)]
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    let body = json!({ "error": { "message": message, "type": "invalid_request_error",
+        "param": null, "code": null } });
+    (status, axum::Json(body)).into_response()
+}
+
+fn finish_reason(f: Finish) -> &'static str {
+    match f {
+        Finish::Stop => "stop",
+        Finish::Length => "length",
+    }
+}
+
+async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
+    let body: Body = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid body: {e}")),
+    };
+    if body.messages.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "`messages` is empty".into());
+    }
+    let stop = match body.stop {
+        Some(Value::String(s)) => vec![s],
+        Some(Value::Array(a)) => a
+            .into_iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        _ => vec![],
+    };
+    let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
+    let req = ChatRequest {
+        model: body.model,
+        messages: body
+            .messages
+            .into_iter()
+            .map(|m| Message {
+                role: m.role,
+                content: m.content.unwrap_or_default(),
+            })
+            .collect(),
+        max_tokens: body.max_completion_tokens.or(body.max_tokens),
+        seed: body.seed,
+        stop,
+    };
+    let id = format!("chatcmpl-sim-{}", uuid::Uuid::now_v7().simple());
+    let created = chrono::Utc::now().timestamp();
+    if !body.stream {
+        return match sim.backend.complete(&req).await {
+            Ok(done) => axum::Json(json!({
+                "id": id, "object": "chat.completion", "created": created, "model": req.model,
+                "choices": [{ "index": 0, "finish_reason": finish_reason(done.finish),
+                    "message": { "role": "assistant", "content": done.text } }],
+                "usage": usage(done.usage),
+            }))
+            .into_response(),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        };
+    }
+    let model = req.model.clone();
+    let chunk = move |delta: Value, finish: Option<&str>| {
+        json!({ "id": id, "object": "chat.completion.chunk", "created": created,
+            "model": model, "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] })
+    };
+    let chunks = sim.backend.stream(req);
+    let events = async_stream::stream! {
+        yield chunk(json!({ "role": "assistant", "content": "" }), None);
+        let mut chunks = chunks;
+        while let Some(c) = chunks.next().await {
+            match c {
+                Chunk::Delta(text) => yield chunk(json!({ "content": text }), None),
+                Chunk::Done { finish, usage: u } => {
+                    yield chunk(json!({}), Some(finish_reason(finish)));
+                    if include_usage {
+                        let mut last = chunk(json!({}), None);
+                        last["choices"] = json!([]);
+                        last["usage"] = usage(u);
+                        yield last;
+                    }
+                }
+            }
+        }
+    };
+    let events = events
+        .map(|v| Ok::<_, Infallible>(Event::default().data(v.to_string())))
+        .chain(futures::stream::once(async {
+            Ok(Event::default().data("[DONE]"))
+        }));
+    Sse::new(events).into_response()
+}
+
+fn usage(u: crate::inference::Usage) -> Value {
+    json!({ "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens })
+}
+
+async fn models() -> Response {
+    axum::Json(json!({ "object": "list",
+        "data": [{ "id": MODEL, "object": "model", "created": 0, "owned_by": "meridian" }] }))
+    .into_response()
+}
+
+async fn metrics_text(State(sim): State<Arc<Sim>>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        sim.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,180 @@
+//! The authorisation table, enforced per request on the caller's identity
+//! (a request extension set by the TLS accept loop).
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use meridian_mesh::{Identity, Role};
+
+use super::config::PolicyConfig;
+
+/// The verified identity of the connection a request came on.
+#[derive(Debug, Clone)]
+pub(crate) struct Peer(pub(crate) Arc<Identity>);
+
+/// Services every authenticated peer may call: liveness and the API's own
+/// description are no secret inside the mesh.
+const OPEN: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// The compiled `[mesh.policy]`.
+#[derive(Debug)]
+pub(crate) struct Policy {
+    rules: Vec<(String, Vec<String>)>,
+}
+
+impl Policy {
+    pub(crate) fn new(config: &PolicyConfig) -> Self {
+        Self {
+            rules: config
+                .allow
+                .iter()
+                .map(|r| (r.identity.clone(), r.services.clone()))
+                .collect(),
+        }
+    }
+
+    /// Whether `identity` may call `service` (and `method`, for gRPC).
+    pub(crate) fn allows(&self, identity: &Identity, service: &str, method: Option<&str>) -> bool {
+        if OPEN.contains(&service) {
+            return true;
+        }
+        self.rules
+            .iter()
+            .filter(|(pattern, _)| identity.matches(pattern))
+            .flat_map(|(_, services)| services)
+            .any(|s| match (s.split_once('/'), method) {
+                (Some((svc, m)), Some(method)) => svc == service && m == method,
+                (Some(_), None) => false,
+                (None, _) => s == service,
+            })
+    }
+}
+
+/// The service a request path addresses: `/package.Service/Method` is
+/// gRPC (by path, not content type: the router sends such paths to the
+/// gRPC service whatever the content type says); anything else is `http`.
+pub(crate) fn classify(path: &str) -> (&str, Option<&str>) {
+    // The router mounts gRPC services at `/{Service}/{*rest}`, so any path
+    // whose first segment is dotted reaches a service: classify it as one
+    // (a method with a `/` then matches no method rule, only whole-service
+    // rules, and tonic answers UNIMPLEMENTED).
+    let mut parts = path.trim_start_matches('/').splitn(2, '/');
+    match (parts.next(), parts.next()) {
+        (Some(service), method) if service.contains('.') => (service, Some(method.unwrap_or(""))),
+        // Operator actions over HTTP (`/admin/reload`) are Admin methods, so
+        // the table governs them like `Admin/Drain`, never as plain `http`.
+        (Some("admin"), method) => ("meridian.v1.Admin", Some(method.unwrap_or(""))),
+        _ => ("http", None),
+    }
+}
+
+/// Denies what the table does not allow, and a tenant header from anyone
+/// but a gateway: the tenant is the gateway's finding after checking an API
+/// key, so from another caller it would be a claim nobody checked. Refused
+/// rather than ignored, so a misbehaving caller learns it at once instead
+/// of acting on the `default` tenant's data.
+pub(crate) async fn enforce(
+    State(policy): State<Arc<Policy>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let grpc = is_grpc(&req);
+    // Fail closed: the accept loop sets the identity on every TLS connection.
+    let Some(Peer(identity)) = req.extensions().get::<Peer>().cloned() else {
+        return deny(grpc, "no verified peer identity on this connection");
+    };
+    let (service, method) = classify(req.uri().path());
+    if !policy.allows(&identity, service, method) {
+        tracing::warn!(caller = %identity, service, method = method.unwrap_or("-"), path = req.uri().path(), "mesh policy denied a call");
+        let what = match method {
+            Some(m) => format!("{service}/{m}"),
+            None => format!("HTTP {}", req.uri().path()),
+        };
+        return deny(grpc, &format!("{identity} may not call {what}"));
+    }
+    if identity.role() != Role::Gateway && req.headers().contains_key(crate::api::TENANT_HEADER) {
+        tracing::warn!(caller = %identity, path = req.uri().path(), "tenant header from a caller that is not a gateway refused");
+        return deny(
+            grpc,
+            &format!(
+                "{identity} may not name a tenant: only gateways set `{}`",
+                crate::api::TENANT_HEADER
+            ),
+        );
+    }
+    next.run(req).await
+}
+
+fn is_grpc(req: &Request) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+fn deny(grpc: bool, message: &str) -> Response {
+    if grpc {
+        return tonic::Status::permission_denied(message)
+            .into_http::<Body>()
+            .into_response();
+    }
+    let body = serde_json::json!({ "error": {
+        "message": message,
+        "type": meridian_proto::openai_error_type(tonic::Code::PermissionDenied),
+        "param": null,
+        "code": "mesh_policy_denied",
+    }});
+    let mut res = (StatusCode::FORBIDDEN, body.to_string()).into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_table() {
+        let p = Policy::new(&PolicyConfig::default());
+        let gw = Identity::gateway("edge-1").unwrap();
+        let region = Identity::region("eu-west").unwrap();
+        let op = Identity::operator("alice").unwrap();
+        let call = |id: &Identity, path: &str| {
+            let (s, m) = classify(path);
+            p.allows(id, s, m)
+        };
+        assert!(call(&gw, "/meridian.v1.Inference/Generate"));
+        assert!(call(&gw, "/v1/chat/completions"));
+        assert!(call(&gw, "/meridian.v1.Admin/RegionStatus"));
+        assert!(!call(&gw, "/meridian.v1.Admin/Drain"));
+        assert!(!call(&gw, "/meridian.v1.Replication/Pull"));
+        assert!(call(&region, "/meridian.v1.Replication/Pull"));
+        assert!(!call(&region, "/meridian.v1.Inference/Generate"));
+        assert!(!call(&region, "/v1/models"));
+        assert!(call(&op, "/meridian.v1.Admin/Drain"));
+        assert!(!call(&op, "/v1/models"));
+        for id in [&gw, &region, &op] {
+            assert!(call(id, "/grpc.health.v1.Health/Check"));
+        }
+        assert_eq!(classify("/v1/jobs/abc"), ("http", None));
+        assert_eq!(
+            classify("/admin/reload"),
+            ("meridian.v1.Admin", Some("reload"))
+        );
+        assert!(!call(&gw, "/admin/reload"));
+        assert!(call(&op, "/admin/reload"));
+        assert_eq!(classify("/a.B/C/d"), ("a.B", Some("C/d")));
+        assert!(!call(&gw, "/meridian.v1.Admin/RegionStatus/x"));
+    }
+}
