@@ -61,3 +61,36 @@ fn errors_are_one_line() {
     let e = err(&format!("{MINIMAL}\nbogus = 1\n"));
     assert_eq!(e.lines().count(), 1, "{e}");
 }
+
+/// The documented example stays a valid config: a renamed or removed key
+/// breaks this test, not an operator's deployment.
+#[test]
+fn the_example_config_is_valid() {
+    let dir = tempfile_dir("regional");
+    let text = with_local_files(
+        include_str!("../../../infra/config/regional.example.toml"),
+        &dir,
+    );
+    let c = Config::from_toml(&text, "regional.example.toml").unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(c.region, "eu-west");
+    assert!(c.models.len() >= 2 && !c.aliases.is_empty());
+    assert!(c.embeddings.is_some());
+}
+
+/// Points the example's `/etc/meridian/...` files at empty files in a fresh
+/// temporary directory: validation checks that certificate files exist.
+fn with_local_files(text: &str, dir: &std::path::Path) -> String {
+    for path in text.split('"').filter(|s| s.starts_with("/etc/meridian/")) {
+        let local = dir.join(path.trim_start_matches("/etc/meridian/"));
+        std::fs::create_dir_all(local.parent().unwrap()).unwrap();
+        std::fs::write(local, "").unwrap();
+    }
+    text.replace("/etc/meridian", &dir.display().to_string())
+}
+
+fn tempfile_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("meridian-example-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
