@@ -80,4 +80,13 @@ else
   say "embedding model all-minilm-l6-v2 copied from $src to $minilm"
 fi
 
+# The official OpenAI Python SDK: `make test` checks that it works against
+# the gateway unchanged (tests/tests/openai_sdk.rs).
+if python3 -c 'import openai' >/dev/null 2>&1; then
+  say "OpenAI Python SDK present"
+else
+  say "installing the OpenAI Python SDK from PyPI (for the SDK compatibility test)"
+  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q openai
+fi
+
 say "ready: $(redis-server --version | cut -d' ' -f3), postgres $(ls -d /usr/lib/postgresql/*/ 2>/dev/null | xargs -n1 basename | tr '\n' ' ')"

@@ -1,0 +1,59 @@
+//! The official OpenAI Python SDK works against the gateway unchanged: chat,
+//! streaming with usage, model listing, embeddings, and errors raised as the
+//! SDK's own exception types. `infra/scripts/setup.sh` installs the SDK.
+
+use std::process::Command;
+
+use meridian_tests::{ClusterSandbox, embedding_model_dir, init_logging};
+use serde_json::Value;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_python_sdk_works_unchanged() {
+    init_logging();
+    let embeddings = format!("[embeddings]\nmodel_dir = {:?}\n", embedding_model_dir());
+    let sandbox =
+        ClusterSandbox::start_configured(&["eu-west"], |_| embeddings.clone(), |_, _| {}).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/data/openai_sdk_check.py");
+    let base_url = format!("{}/v1", sandbox.gateway_url());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(script)
+            .env("OPENAI_BASE_URL", base_url)
+            // The sandbox gateway runs without [auth]; the SDK insists on a key.
+            .env("OPENAI_API_KEY", "sk-unused")
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("python3 runs (infra/scripts/setup.sh installs it and the SDK)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the SDK script failed (is the SDK installed? run infra/scripts/setup.sh):\n{stderr}"
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).expect("the script prints JSON");
+    eprintln!("openai sdk {}", seen["sdk_version"]);
+
+    let chat = &seen["chat"];
+    assert_eq!(chat["object"], "chat.completion");
+    assert_eq!(chat["model"], "sim-fast");
+    assert!(!chat["content"].as_str().unwrap().is_empty());
+    assert!(chat["total_tokens"].as_u64().unwrap() > 0);
+    // Streaming with the same seed gives the same text, and the usage chunk.
+    assert_eq!(seen["stream"]["text"], chat["content"]);
+    assert_eq!(seen["stream"]["total_tokens"], chat["total_tokens"]);
+    let models: Vec<&str> = seen["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    assert!(
+        models.contains(&"sim-fast") && models.contains(&"all-minilm-l6-v2"),
+        "{models:?}"
+    );
+    assert_eq!(seen["embeddings"]["count"], 2);
+    assert_eq!(seen["embeddings"]["dims"], 384);
+    assert_eq!(seen["not_found"], 404);
+    assert_eq!(seen["bad_request"], 400);
+}
