@@ -11,122 +11,10 @@
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use meridian_tests::{ClusterSandbox, TEST_MODEL};
-use serde_json::json;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn body() -> bytes_body::Body {
-    bytes_body::Body(
-        json!({ "model": TEST_MODEL, "messages": [{ "role": "user", "content": "bench" }], "max_tokens": 8 })
-            .to_string(),
-    )
-}
-
-mod bytes_body {
-    pub struct Body(pub String);
-}
-
-/// Sent to every target; only the gateway checks it.
-static API_KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-
-async fn one(client: &reqwest::Client, url: &str, body: &str) -> bool {
-    match client
-        .post(url)
-        .header("content-type", "application/json")
-        .header(
-            "authorization",
-            format!("Bearer {}", API_KEY.get().map(String::as_str).unwrap_or("")),
-        )
-        .body(body.to_string())
-        .send()
-        .await
-    {
-        Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
-        Err(_) => false,
-    }
-}
-
-/// Open loop at `rate` per second: latency counts from when the request was
-/// due, so a stall shows up instead of slowing the load (no coordinated
-/// omission). Returns sorted latencies and the number of failures.
-async fn fixed_rate(url: &str, rate: u64, seconds: u64) -> (Vec<Duration>, usize) {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
-        .build()
-        .unwrap();
-    let body = Arc::new(body().0);
-    let url = Arc::new(url.to_string());
-    let total = rate * seconds;
-    let interval = Duration::from_secs_f64(1.0 / rate as f64);
-    let start = Instant::now();
-    let mut tasks = Vec::with_capacity(total as usize);
-    for i in 0..total {
-        let due = start + interval * i as u32;
-        tokio::time::sleep_until(due.into()).await;
-        let (client, url, body) = (client.clone(), url.clone(), body.clone());
-        tasks.push(tokio::spawn(async move {
-            let ok = one(&client, &url, &body).await;
-            (ok, due.elapsed())
-        }));
-    }
-    let mut latencies = Vec::with_capacity(tasks.len());
-    let mut failures = 0;
-    for t in tasks {
-        let (ok, latency) = t.await.unwrap();
-        if ok {
-            latencies.push(latency);
-        } else {
-            failures += 1;
-        }
-    }
-    latencies.sort();
-    (latencies, failures)
-}
-
-/// Closed loop with `concurrency` clients: requests per second at saturation.
-async fn saturation(url: &str, concurrency: u64, seconds: u64) -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let body = Arc::new(body().0);
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (url, body) = (url.to_string(), body.clone());
-        tasks.push(tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            let mut done = 0u64;
-            while Instant::now() < deadline {
-                if one(&client, &url, &body).await {
-                    done += 1;
-                }
-            }
-            done
-        }));
-    }
-    let mut done = 0;
-    for t in tasks {
-        done += t.await.unwrap();
-    }
-    done as f64 / seconds as f64
-}
+use meridian_tests::ClusterSandbox;
+use meridian_tests::load::{Load, env_or, ms, percentile};
 
 struct Haproxy {
     child: Child,
@@ -218,12 +106,12 @@ async fn main() {
     let key = meridian_gateway::create_api_key(&pool, "bench")
         .await
         .unwrap();
-    API_KEY.set(key).unwrap();
+    let load = Load::new().with_key(&key);
     // Wait for the gateway to load the key.
     let probe = reqwest::Client::new();
     for gateway in [sandbox.gateway_addr(), local.local_addr()] {
         let chat = format!("http://{gateway}/v1/chat/completions");
-        while !one(&probe, &chat, &body().0).await {
+        while !load.one(&probe, &chat).await {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -244,7 +132,7 @@ async fn main() {
     targets.push(("gw-redis", format!("{}{path}", sandbox.gateway_url())));
 
     for (_, url) in &targets {
-        saturation(url, 4, 1).await;
+        load.saturation(url, 4, 1).await;
     }
     println!(
         "fixed rate {rate} req/s for {seconds} s each (sim at zero latency, 1 proxy thread)\n\
@@ -257,7 +145,7 @@ async fn main() {
     );
     let mut base = None;
     for (name, url) in &targets {
-        let (lat, failed) = fixed_rate(url, rate, seconds).await;
+        let (lat, failed) = load.fixed_rate(url, rate, seconds).await;
         let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
         let (b50, b99) = *base.get_or_insert((p50, p99));
         println!(
@@ -271,7 +159,7 @@ async fn main() {
     println!("saturation, {concurrency} concurrent clients, {seconds} s each");
     let mut results = Vec::new();
     for (name, url) in &targets {
-        let rps = saturation(url, concurrency, seconds).await;
+        let rps = load.saturation(url, concurrency, seconds).await;
         results.push((name, rps));
     }
     let direct = results[0].1;

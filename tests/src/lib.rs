@@ -6,6 +6,7 @@
 //! the gateway in front of them. Every handle can be stopped and restarted, and
 //! everything is torn down on drop, even when a test panics.
 
+pub mod load;
 mod pki;
 mod sandbox;
 
