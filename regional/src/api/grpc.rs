@@ -119,20 +119,7 @@ impl Inference for InferenceApi {
         let tenant = Tenant::from_metadata(request.metadata())?;
         let (deadline, hints) = call_facts(&self.state, &request);
         let mut req = chat_request(request.into_inner())?;
-        let _permit = self.state.inference.admit(tenant.as_str())?;
-        let routed = self
-            .state
-            .inference
-            .route(&mut req, &hints)
-            .inspect_err(|e| {
-                let usage = &self.state.telemetry.usage;
-                usage.begin(tenant.as_str(), &req.model).failed(e);
-            })?;
-        let record = self
-            .state
-            .telemetry
-            .usage
-            .begin(tenant.as_str(), &req.model);
+        let (_permit, routed, record) = self.state.admit_and_route(&tenant, &mut req, &hints)?;
         let done = routed
             .complete(&req, Some(deadline))
             .await
@@ -174,17 +161,8 @@ impl Inference for InferenceApi {
         let tenant = Tenant::from_metadata(request.metadata())?;
         let (deadline, hints) = call_facts(&self.state, &request);
         let mut req = chat_request(request.into_inner())?;
-        let permit = self.state.inference.admit(tenant.as_str())?;
-        let routed = self
-            .state
-            .inference
-            .route(&mut req, &hints)
-            .inspect_err(|e| {
-                let usage = &self.state.telemetry.usage;
-                usage.begin(tenant.as_str(), &req.model).failed(e);
-            })?;
+        let (permit, routed, record) = self.state.admit_and_route(&tenant, &mut req, &hints)?;
         let model = req.model.clone();
-        let record = self.state.telemetry.usage.begin(tenant.as_str(), &model);
         let chunks = routed
             .stream(req, Some(deadline))
             .await

@@ -59,17 +59,8 @@ async fn chat(
         .is_some_and(|o| o.include_usage);
     let hints = facts.hints(body.has_tools());
     let mut req = body.into_request()?;
-    let permit = state.inference.admit(tenant.as_str())?;
-    // Refusals of the request itself are usage too (under the name asked for).
-    let routed = state.inference.route(&mut req, &hints).inspect_err(|e| {
-        state
-            .telemetry
-            .usage
-            .begin(tenant.as_str(), &req.model)
-            .failed(e)
-    })?;
+    let (permit, routed, record) = state.admit_and_route(tenant, &mut req, &hints)?;
     let deadline = facts.deadline(&state);
-    let record = state.telemetry.usage.begin(tenant.as_str(), &req.model);
     let id = completion_id();
     let created = chrono::Utc::now().timestamp();
     if stream {

@@ -160,19 +160,8 @@ async fn completions(
             Some(Stop::Many(v)) => v,
         },
     };
-    let permit = state.inference.admit(tenant.as_str())?;
-    let routed = state
-        .inference
-        .route(&mut req, &facts.hints(false))
-        .inspect_err(|e| {
-            state
-                .telemetry
-                .usage
-                .begin(tenant.as_str(), &req.model)
-                .failed(e)
-        })?;
+    let (permit, routed, record) = state.admit_and_route(&tenant, &mut req, &facts.hints(false))?;
     let deadline = facts.deadline(&state);
-    let record = state.telemetry.usage.begin(tenant.as_str(), &req.model);
     let id = format!("cmpl-{}", uuid::Uuid::now_v7().simple());
     let created = chrono::Utc::now().timestamp();
     let model = req.model.clone();
