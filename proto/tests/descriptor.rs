@@ -85,6 +85,13 @@ const SERVICES: &[(&str, &str, &[Rpc])] = &[
                 false,
             ),
             ("Drain", "DrainRequest", "DrainResponse", false, false),
+            (
+                "PurgeCache",
+                "PurgeCacheRequest",
+                "PurgeCacheResponse",
+                false,
+                false,
+            ),
         ],
     ),
     (

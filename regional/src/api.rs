@@ -3,6 +3,7 @@
 //! both (gRPC is told apart by path and content type).
 
 mod admin;
+mod cached;
 mod embeddings;
 mod grpc;
 mod http;
@@ -50,35 +51,8 @@ pub(crate) struct AppState {
     pub jobs: Arc<crate::queue::Queue>,
     /// The built-in embedding model, when `[embeddings]` turns it on.
     pub embedder: Option<Arc<crate::inference::Embedder>>,
-}
-
-impl AppState {
-    /// Admits a chat request for `tenant` and resolves its model, the prelude
-    /// every inference entry point shares. A refusal by routing (unknown
-    /// model, prompt too long) is recorded as a usage row under the name the
-    /// client asked for; the returned draft records the request itself.
-    pub(crate) fn admit_and_route(
-        &self,
-        tenant: &Tenant,
-        req: &mut crate::inference::ChatRequest,
-        hints: &crate::inference::Hints,
-    ) -> Result<
-        (
-            crate::inference::Permit,
-            crate::inference::Routed,
-            crate::telemetry::usage::UsageDraft,
-        ),
-        Error,
-    > {
-        let permit = self.inference.admit(tenant.as_str())?;
-        let usage = &self.telemetry.usage;
-        let routed = self
-            .inference
-            .route(req, hints)
-            .inspect_err(|e| usage.begin(tenant.as_str(), &req.model).failed(e))?;
-        let record = usage.begin(tenant.as_str(), &req.model);
-        Ok((permit, routed, record))
-    }
+    /// The response cache (exact and semantic).
+    pub cache: Arc<crate::cache::ResponseCache>,
 }
 
 /// The response header that names the region which produced an answer. The

@@ -8,11 +8,13 @@ use serde::Deserialize;
 
 use crate::error::Error;
 
+mod cache;
 mod embeddings;
 pub(crate) mod inference;
 mod jobs;
 pub(crate) mod telemetry;
 
+pub use self::cache::{CacheConfig, DEFAULT_SEMANTIC_THRESHOLD, SemanticCacheConfig};
 pub use self::embeddings::EmbeddingsConfig;
 pub use self::inference::{AliasConfig, InferenceConfig, OpenAiConfig, UpstreamConfig};
 pub use self::jobs::JobsConfig;
@@ -55,6 +57,8 @@ pub struct Config {
     pub embeddings: Option<EmbeddingsConfig>,
     /// Mutual TLS on the node's port and who may call what (`[mesh]`).
     pub mesh: crate::mesh::Mesh,
+    /// The response cache (`[cache]`).
+    pub cache: CacheConfig,
 }
 
 /// The TOML shape of the configuration. Every field has a default except the
@@ -83,6 +87,8 @@ struct RawConfig {
     /// The built-in embedding model; off unless the section is present.
     #[serde(default)]
     embeddings: Option<EmbeddingsConfig>,
+    #[serde(default)]
+    cache: CacheConfig,
     /// Mutual TLS and policy; required unless `plaintext = true`.
     #[serde(default)]
     mesh: crate::mesh::MeshConfig,
@@ -320,6 +326,7 @@ impl RawConfig {
         if let Some(e) = &embeddings {
             e.validate()?;
         }
+        self.cache.validate(embeddings.is_some())?;
         let mesh = self.mesh.validate()?;
         Ok(Config {
             region: self.region,
@@ -338,6 +345,7 @@ impl RawConfig {
             jobs: self.jobs,
             embeddings,
             mesh,
+            cache: self.cache,
         })
     }
 }

@@ -126,6 +126,30 @@ pub enum Error {
 }
 
 impl Error {
+    /// A copy of an error that several requests share (the waiters of one
+    /// coalesced cache miss): the same variant for the errors a request can
+    /// meet, else the message as [`Error::Unavailable`].
+    pub(crate) fn shared(e: &std::sync::Arc<Error>) -> Self {
+        match &**e {
+            Self::InvalidRequest { message, param } => Self::InvalidRequest {
+                message: message.clone(),
+                param: *param,
+            },
+            Self::ModelNotFound(m) => Self::ModelNotFound(m.clone()),
+            Self::ContextLengthExceeded { tokens, window } => Self::ContextLengthExceeded {
+                tokens: *tokens,
+                window: *window,
+            },
+            Self::DeadlineExceeded => Self::DeadlineExceeded,
+            Self::Overloaded { scope, retry_after } => Self::Overloaded {
+                scope,
+                retry_after: *retry_after,
+            },
+            Self::NoHealthyBackend(m) => Self::NoHealthyBackend(m.clone()),
+            other => Self::Unavailable(other.to_string()),
+        }
+    }
+
     pub(crate) fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
         Self::InvalidRequest {
             message: message.into(),

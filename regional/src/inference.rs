@@ -52,6 +52,8 @@ pub(crate) struct ChatRequest {
     pub max_tokens: Option<u32>,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
+    /// Sampling temperature, 0 to 2; the backend's default when unset.
+    pub temperature: Option<f32>,
 }
 
 impl ChatRequest {
@@ -67,7 +69,8 @@ impl ChatRequest {
 }
 
 /// Why generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub(crate) enum Finish {
     Stop,
     Length,

@@ -9,6 +9,7 @@
 //! [`Config::from_file`].
 
 mod api;
+mod cache;
 mod config;
 mod error;
 mod inference;
@@ -19,9 +20,10 @@ mod status;
 mod store;
 mod telemetry;
 
+pub use self::cache::compatible as semantic_questions_compatible;
 pub use self::config::{
-    AliasConfig, BackendConfig, Config, InferenceConfig, ModelConfig, OpenAiConfig, SimConfig,
-    TelemetryConfig, UpstreamConfig,
+    AliasConfig, BackendConfig, CacheConfig, Config, DEFAULT_SEMANTIC_THRESHOLD, InferenceConfig,
+    ModelConfig, OpenAiConfig, SemanticCacheConfig, SimConfig, TelemetryConfig, UpstreamConfig,
 };
 pub use self::error::Error;
 pub use self::inference::serve_sim;

@@ -102,14 +102,23 @@ impl RegionalNode {
                 &config.region,
                 shutdown.clone(),
             )),
-            redis,
+            redis: redis.clone(),
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
             telemetry,
             status: Arc::new(crate::status::NodeStatus::new(config.max_in_flight)),
+            cache: Arc::new(crate::cache::ResponseCache::new(
+                &config.cache,
+                &config.region,
+                redis.clone(),
+                embedder.clone(),
+            )),
             embedder,
         });
         crate::queue::start(&state);
+        state
+            .tasks
+            .spawn(state.cache.clone().follow(shutdown.clone()));
         let tasks = state.tasks.clone();
         let app = crate::mesh::protect(api::app(state, health_service), &config.mesh);
 

@@ -9,6 +9,7 @@
 pub mod load;
 mod pki;
 mod sandbox;
+mod upstream;
 
 pub use meridian_launcher::{PostgresServer, RedisServer};
 
@@ -17,6 +18,7 @@ pub use self::sandbox::{
     ClusterSandbox, RegionSandbox, TEST_MODEL, TEST_SLOW_MODEL, embedding_model_dir,
     region_location, start_gateway,
 };
+pub use self::upstream::{SimServer, metric};
 
 /// Per-process test setup: sends the harness's and the system's logs to the
 /// test output (`RUST_LOG` selects what is shown; default: warnings), and

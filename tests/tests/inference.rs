@@ -7,62 +7,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use meridian_proto::v1::inference_client::InferenceClient;
 use meridian_proto::v1::{ChatMessage, GenerateRequest};
-use meridian_regional::{SimConfig, serve_sim};
-use meridian_tests::{RegionSandbox, TEST_SLOW_MODEL, init_logging};
+use meridian_regional::SimConfig;
+use meridian_tests::{RegionSandbox, SimServer, TEST_SLOW_MODEL, init_logging, metric};
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
-
-/// A simulator behind real HTTP on a free port.
-struct SimServer {
-    addr: std::net::SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl SimServer {
-    async fn start(config: SimConfig) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            serve_sim(config, listener, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-        Self {
-            addr,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    /// The `base_url` a region's config names.
-    fn base_url(&self) -> String {
-        format!("http://{}/v1", self.addr)
-    }
-
-    /// Stops accepting and closes every connection once in-flight requests end.
-    async fn kill(&mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap();
-    }
-
-    async fn metric(&self, name: &str) -> f64 {
-        metric(&format!("http://{}/metrics", self.addr), name, &[]).await
-    }
-}
-
-/// The sum of the samples of `name` whose labels contain every one of `labels`.
-async fn metric(url: &str, name: &str, labels: &[&str]) -> f64 {
-    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| labels.iter().all(|label| l.contains(label)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .fold(0.0, |sum, v| sum + v)
-}
 
 fn slow_sim() -> SimConfig {
     SimConfig {

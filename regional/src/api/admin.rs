@@ -6,12 +6,12 @@ use std::sync::Arc;
 
 use meridian_proto::v1::admin_server::{Admin, AdminServer};
 use meridian_proto::v1::{
-    DrainRequest, DrainResponse, ModelBackends, RegionState, RegionStatusRequest,
-    RegionStatusResponse,
+    DrainRequest, DrainResponse, ModelBackends, PurgeCacheRequest, PurgeCacheResponse, RegionState,
+    RegionStatusRequest, RegionStatusResponse, TenantCacheStats,
 };
 use tonic::{Request, Response, Status};
 
-use super::AppState;
+use super::{AppState, Tenant};
 
 pub(super) fn service(state: Arc<AppState>) -> AdminServer<AdminApi> {
     AdminServer::new(AdminApi { state })
@@ -51,6 +51,28 @@ impl Admin for AdminApi {
                 total_backends: m.total_backends,
             })
             .collect();
+        let cache = self.state.cache.stats();
+        let cache_tenants = cache
+            .tenants
+            .into_iter()
+            .map(|t| {
+                let hits = t.hits_l1 + t.hits_l2 + t.hits_semantic;
+                let looked_up = hits + t.misses;
+                TenantCacheStats {
+                    hit_ratio: if looked_up == 0 {
+                        0.0
+                    } else {
+                        hits as f64 / looked_up as f64
+                    },
+                    tenant: t.tenant,
+                    hits_l1: t.hits_l1,
+                    hits_l2: t.hits_l2,
+                    hits_semantic: t.hits_semantic,
+                    misses: t.misses,
+                    bypassed: t.bypassed,
+                }
+            })
+            .collect();
         Ok(Response::new(RegionStatusResponse {
             region: self.state.region.clone(),
             state: self.state().into(),
@@ -60,6 +82,9 @@ impl Admin for AdminApi {
             models,
             started_at: Some(status.started_at.into()),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            cache_tenants,
+            cache_l1_entries: cache.l1_entries,
+            cache_semantic_entries: cache.semantic_entries,
             ..Default::default()
         }))
     }
@@ -73,6 +98,22 @@ impl Admin for AdminApi {
         tracing::info!(region = %self.state.region, drain, "drain state changed");
         Ok(Response::new(DrainResponse {
             state: self.state().into(),
+            region: self.state.region.clone(),
+        }))
+    }
+
+    async fn purge_cache(
+        &self,
+        request: Request<PurgeCacheRequest>,
+    ) -> Result<Response<PurgeCacheResponse>, Status> {
+        let tenant = request.into_inner().tenant;
+        if tenant.is_empty() {
+            return Err(Status::invalid_argument("`tenant` is required"));
+        }
+        let tenant = Tenant::parse(Some(&tenant))?;
+        let removed = self.state.cache.purge(tenant.as_str()).await?;
+        Ok(Response::new(PurgeCacheResponse {
+            removed_entries: removed,
             region: self.state.region.clone(),
         }))
     }

@@ -6,13 +6,15 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use meridian_proto::v1::inference_server::{Inference, InferenceServer};
 use meridian_proto::v1::{
-    CacheResult, ChatMessage, EmbedRequest, EmbedResponse, FinishReason, GenerateChunk,
-    GenerateRequest, GenerateResponse, ListModelsRequest, ListModelsResponse, Model, ModelKind,
+    ChatMessage, EmbedRequest, EmbedResponse, FinishReason, GenerateChunk, GenerateRequest,
+    GenerateResponse, ListModelsRequest, ListModelsResponse, Model, ModelKind,
 };
+use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
 use super::http::completion_id;
 use super::{AppState, Tenant};
+use crate::cache::{Directives, RESULT_HEADER};
 use crate::error::Error;
 use crate::inference::{
     ChatRequest, Chunk, Finish, Hints, Message, SizeHint, Usage, parse_grpc_timeout,
@@ -33,7 +35,7 @@ pub(super) struct InferenceApi {
 fn call_facts(
     state: &AppState,
     request: &Request<GenerateRequest>,
-) -> (tokio::time::Instant, Hints) {
+) -> (tokio::time::Instant, Hints, Directives) {
     let header = |name| request.metadata().get(name).and_then(|v| v.to_str().ok());
     // The HTTP API's header counts too, the shorter of the two winning.
     let timeout = [
@@ -49,7 +51,10 @@ fn call_facts(
         has_tools: false,
         size: SizeHint::parse(&request.get_ref().routing_hint),
     };
-    (tokio::time::Instant::now() + timeout, hints)
+    let mut cache =
+        Directives::parse(|name: &str| request.metadata().get(name).and_then(|v| v.to_str().ok()));
+    cache.no_store |= request.get_ref().no_cache;
+    (tokio::time::Instant::now() + timeout, hints, cache)
 }
 
 fn model_metadata<T>(response: &mut Response<T>, model: &str) {
@@ -66,6 +71,12 @@ pub(super) fn chat_request(req: GenerateRequest) -> Result<ChatRequest, Error> {
         return Err(Error::invalid(
             "`messages` must contain at least one message",
             Some("messages"),
+        ));
+    }
+    if req.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+        return Err(Error::invalid(
+            "`temperature` must be between 0 and 2",
+            Some("temperature"),
         ));
     }
     if req.max_tokens == Some(0) {
@@ -87,6 +98,7 @@ pub(super) fn chat_request(req: GenerateRequest) -> Result<ChatRequest, Error> {
         max_tokens: req.max_tokens,
         seed: req.seed,
         stop: req.stop,
+        temperature: req.temperature,
     })
 }
 
@@ -117,33 +129,41 @@ impl Inference for InferenceApi {
     ) -> Result<Response<GenerateResponse>, Status> {
         let started = tokio::time::Instant::now();
         let tenant = Tenant::from_metadata(request.metadata())?;
-        let (deadline, hints) = call_facts(&self.state, &request);
+        let (deadline, hints, cache) = call_facts(&self.state, &request);
         let mut req = chat_request(request.into_inner())?;
-        let (_permit, routed, record) = self.state.admit_and_route(&tenant, &mut req, &hints)?;
-        let done = routed
-            .complete(&req, Some(deadline))
-            .await
-            .inspect_err(|e| record.failed(e))?;
-        record.completed(done.usage, done.time_to_first_token, "bypass");
+        let done = self
+            .state
+            .answer(&tenant, &mut req, &hints, cache, deadline)
+            .await?;
         let now = std::time::SystemTime::now();
-        // Tokens used, for the gateway's tokens-per-minute accounting.
-        let total = done.usage.prompt_tokens + done.usage.completion_tokens;
+        let answer_usage = done.answer.usage();
+        // Tokens used, for the gateway's tokens-per-minute accounting; a hit
+        // used none.
+        let total = if done.outcome.is_hit() {
+            0
+        } else {
+            answer_usage.prompt_tokens + answer_usage.completion_tokens
+        };
         let mut response = Response::new(GenerateResponse {
             id: completion_id(),
             model: req.model,
             message: Some(ChatMessage {
                 role: "assistant".into(),
-                content: done.text,
+                content: done.answer.text.clone(),
                 name: String::new(),
             }),
-            finish_reason: finish(done.finish).into(),
-            usage: Some(usage(done.usage)),
+            finish_reason: finish(done.answer.finish).into(),
+            usage: Some(usage(answer_usage)),
             region: self.state.region.clone(),
             created_at: Some(now.into()),
             time_to_first_token_ms: millis(done.time_to_first_token),
             latency_ms: millis(started.elapsed()),
-            cache: CacheResult::Bypass.into(),
+            cache: done.outcome.proto().into(),
         });
+        response.metadata_mut().insert(
+            RESULT_HEADER,
+            MetadataValue::from_static(done.outcome.header()),
+        );
         response
             .metadata_mut()
             .insert("x-meridian-usage-tokens", total.into());
@@ -159,14 +179,19 @@ impl Inference for InferenceApi {
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let tenant = Tenant::from_metadata(request.metadata())?;
-        let (deadline, hints) = call_facts(&self.state, &request);
+        let (deadline, hints, cache) = call_facts(&self.state, &request);
         let mut req = chat_request(request.into_inner())?;
-        let (permit, routed, record) = self.state.admit_and_route(&tenant, &mut req, &hints)?;
+        let streamed = self
+            .state
+            .answer_stream(&tenant, &mut req, &hints, cache, deadline)
+            .await?;
         let model = req.model.clone();
-        let chunks = routed
-            .stream(req, Some(deadline))
-            .await
-            .inspect_err(|e| record.failed(e))?;
+        let (chunks, outcome, record, permit) = (
+            streamed.chunks,
+            streamed.outcome,
+            streamed.record,
+            streamed.permit,
+        );
         let mut ttft = None;
         let id = completion_id();
         let region = self.state.region.clone();
@@ -199,7 +224,7 @@ impl Inference for InferenceApi {
                     finish: f,
                     usage: u,
                 } => {
-                    record.completed(u, ttft.unwrap_or_else(|| record.elapsed()), "bypass");
+                    record.completed(u, ttft.unwrap_or_else(|| record.elapsed()), outcome.label());
                     out.finish_reason = finish(f).into();
                     out.usage = Some(usage(u));
                 }
@@ -208,6 +233,9 @@ impl Inference for InferenceApi {
         });
         let mut response = Response::new(stream.boxed());
         model_metadata(&mut response, &response_model);
+        response
+            .metadata_mut()
+            .insert(RESULT_HEADER, MetadataValue::from_static(outcome.header()));
         Ok(response)
     }
 

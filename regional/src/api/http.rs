@@ -11,15 +11,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
 
+use super::cached::Streamed;
 use super::infer::{RequestFacts, error_event, model_header};
 use super::openai::{
     ChatCompletion, ChatCompletionBody, ChatCompletionChunk, Choice, ChunkChoice, Delta,
     MessageOut, ModelEntry, ModelList, UsageBody, finish_reason,
 };
 use super::{AppState, Tenant};
+use crate::cache::RESULT_HEADER;
 use crate::error::Error;
-use crate::inference::{Chunk, ChunkStream, Permit};
-use crate::telemetry::usage::UsageDraft;
+use crate::inference::Chunk;
 
 pub(super) fn routes(state: Arc<AppState>) -> Router {
     Router::new()
@@ -59,33 +60,24 @@ async fn chat(
         .is_some_and(|o| o.include_usage);
     let hints = facts.hints(body.has_tools());
     let mut req = body.into_request()?;
-    let (permit, routed, record) = state.admit_and_route(tenant, &mut req, &hints)?;
     let deadline = facts.deadline(&state);
     let id = completion_id();
     let created = chrono::Utc::now().timestamp();
     if stream {
-        let chunks = routed
-            .stream(req.clone(), Some(deadline))
-            .await
-            .inspect_err(|e| record.failed(e))?;
-        let header = model_header(&req.model);
-        let body = sse(
-            id,
-            created,
-            req.model,
-            include_usage,
-            chunks,
-            record,
-            permit,
+        let streamed = state
+            .answer_stream(tenant, &mut req, &hints, facts.cache, deadline)
+            .await?;
+        let headers = (
+            model_header(&req.model),
+            [(RESULT_HEADER, streamed.outcome.header())],
         );
-        return Ok((header, body).into_response());
+        let body = sse(id, created, req.model, include_usage, streamed);
+        return Ok((headers, body).into_response());
     }
-    let done = routed
-        .complete(&req, Some(deadline))
-        .await
-        .inspect_err(|e| record.failed(e))?;
-    drop(permit);
-    record.completed(done.usage, done.time_to_first_token, "bypass");
+    let done = state
+        .answer(tenant, &mut req, &hints, facts.cache, deadline)
+        .await?;
+    let usage = done.answer.usage();
     let body = ChatCompletion {
         id: &id,
         object: "chat.completion",
@@ -95,17 +87,25 @@ async fn chat(
             index: 0,
             message: MessageOut {
                 role: "assistant",
-                content: &done.text,
+                content: &done.answer.text,
             },
-            finish_reason: finish_reason(done.finish),
+            finish_reason: finish_reason(done.answer.finish),
         }],
-        usage: done.usage.into(),
+        usage: usage.into(),
     };
-    // Tokens used, for the gateway's tokens-per-minute accounting.
-    let total = done.usage.prompt_tokens + done.usage.completion_tokens;
+    // Tokens used, for the gateway's tokens-per-minute accounting; a hit
+    // used none.
+    let total = if done.outcome.is_hit() {
+        0
+    } else {
+        usage.prompt_tokens + usage.completion_tokens
+    };
     Ok((
         model_header(&req.model),
-        [("x-meridian-usage-tokens", total.to_string())],
+        [
+            ("x-meridian-usage-tokens", total.to_string()),
+            (RESULT_HEADER, done.outcome.header().to_string()),
+        ],
         axum::Json(body),
     )
         .into_response())
@@ -119,10 +119,14 @@ fn sse(
     created: i64,
     model: String,
     include_usage: bool,
-    chunks: ChunkStream,
-    record: UsageDraft,
-    permit: Permit,
+    streamed: Streamed,
 ) -> impl IntoResponse {
+    let Streamed {
+        chunks,
+        outcome,
+        record,
+        permit,
+    } = streamed;
     let event = move |choices: Vec<ChunkChoice<'_>>, usage: Option<UsageBody>| {
         let chunk = ChatCompletionChunk {
             id: &id,
@@ -168,7 +172,7 @@ fn sse(
                     }], None));
                 }
                 Ok(Chunk::Done { finish, usage }) => {
-                    record.completed(usage, ttft.unwrap_or_else(|| record.elapsed()), "bypass");
+                    record.completed(usage, ttft.unwrap_or_else(|| record.elapsed()), outcome.label());
                     yield Ok(event(vec![ChunkChoice {
                         index: 0,
                         delta: Delta { role: None, content: None },

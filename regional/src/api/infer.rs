@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use super::openai::{UsageBody, finish_reason, max_tokens};
 use super::{AppState, Tenant};
+use crate::cache::{Directives, RESULT_HEADER};
 use crate::error::Error;
 use crate::inference::{ChatRequest, Chunk, Hints, Message, SizeHint, parse_timeout_ms};
 
@@ -34,6 +35,7 @@ pub(super) fn routes(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/admin/reload", post(reload))
+        .route("/admin/cache/{tenant}", axum::routing::delete(purge_cache))
         .with_state(state)
 }
 
@@ -43,6 +45,8 @@ pub(super) struct RequestFacts {
     arrived: Instant,
     timeout: Option<Duration>,
     size: Option<SizeHint>,
+    /// `Cache-Control` and `x-meridian-cache`.
+    pub cache: Directives,
 }
 
 impl RequestFacts {
@@ -76,6 +80,7 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestFacts {
             arrived: Instant::now(),
             timeout: header(TIMEOUT_HEADER)?.map(parse_timeout_ms).transpose()?,
             size: header(ROUTING_HINT_HEADER)?.and_then(SizeHint::parse),
+            cache: Directives::parse(|name| parts.headers.get(name).and_then(|v| v.to_str().ok())),
         })
     }
 }
@@ -104,6 +109,8 @@ struct CompletionBody {
     stream: bool,
     #[serde(default)]
     stream_options: Option<super::openai::StreamOptions>,
+    #[serde(default)]
+    temperature: Option<f32>,
 }
 
 #[derive(Deserialize)]
@@ -143,6 +150,12 @@ async fn completions(
             ));
         }
     };
+    if body.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+        return Err(Error::invalid(
+            "`temperature` must be between 0 and 2",
+            Some("temperature"),
+        ));
+    }
     if prompt.is_empty() {
         return Err(Error::invalid("`prompt` must not be empty", Some("prompt")));
     }
@@ -159,9 +172,10 @@ async fn completions(
             Some(Stop::One(s)) => vec![s],
             Some(Stop::Many(v)) => v,
         },
+        temperature: body.temperature,
     };
-    let (permit, routed, record) = state.admit_and_route(&tenant, &mut req, &facts.hints(false))?;
     let deadline = facts.deadline(&state);
+    let hints = facts.hints(false);
     let id = format!("cmpl-{}", uuid::Uuid::now_v7().simple());
     let created = chrono::Utc::now().timestamp();
     let model = req.model.clone();
@@ -175,23 +189,25 @@ async fn completions(
         v
     };
     if !body.stream {
-        let done = routed
-            .complete(&req, Some(deadline))
-            .await
-            .inspect_err(|e| record.failed(e))?;
-        record.completed(done.usage, done.time_to_first_token, "bypass");
+        let done = state
+            .answer(&tenant, &mut req, &hints, facts.cache, deadline)
+            .await?;
         let body = object(
-            &done.text,
-            Some(finish_reason(done.finish)),
-            Some(done.usage.into()),
+            &done.answer.text,
+            Some(finish_reason(done.answer.finish)),
+            Some(done.answer.usage().into()),
         );
-        return Ok((model_header(&req.model), axum::Json(body)).into_response());
+        let cache = [(RESULT_HEADER, done.outcome.header())];
+        return Ok((model_header(&req.model), cache, axum::Json(body)).into_response());
     }
     let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
-    let chunks = routed
-        .stream(req.clone(), Some(deadline))
-        .await
-        .inspect_err(|e| record.failed(e))?;
+    let streamed = state
+        .answer_stream(&tenant, &mut req, &hints, facts.cache, deadline)
+        .await?;
+    let outcome = streamed.outcome;
+    let record = streamed.record;
+    let chunks = streamed.chunks;
+    let permit = streamed.permit;
     let events = async_stream::stream! {
         let _permit = permit;
         let mut chunks = chunks;
@@ -208,7 +224,7 @@ async fn completions(
                     yield Event::default().data(object(&text, None, None).to_string());
                 }
                 Ok(Chunk::Done { finish, usage }) => {
-                    record.completed(usage, ttft.unwrap_or_else(|| record.elapsed()), "bypass");
+                    record.completed(usage, ttft.unwrap_or_else(|| record.elapsed()), outcome.label());
                     let usage = include_usage.then(|| usage.into());
                     yield Event::default().data(object("", Some(finish_reason(finish)), usage).to_string());
                 }
@@ -217,7 +233,22 @@ async fn completions(
         yield Event::default().data("[DONE]");
     };
     let body = Sse::new(events.map(Ok::<_, Infallible>)).keep_alive(KeepAlive::default());
-    Ok((model_header(&req.model), body).into_response())
+    let cache = [(RESULT_HEADER, outcome.header())];
+    Ok((model_header(&req.model), cache, body).into_response())
+}
+
+/// `DELETE /admin/cache/{tenant}`: the tenant's response-cache entries
+/// removed from the whole region (as `Admin.PurgeCache`).
+async fn purge_cache(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(tenant): axum::extract::Path<String>,
+) -> Result<Response, Error> {
+    let tenant = Tenant::parse(Some(&tenant))?;
+    let removed = state.cache.purge(tenant.as_str()).await?;
+    Ok(
+        axum::Json(json!({ "tenant": tenant.as_str(), "removed_entries": removed }))
+            .into_response(),
+    )
 }
 
 /// `POST /admin/reload`: models and aliases read again from the config

@@ -147,6 +147,7 @@ impl ChatCompletionBody {
                 Some(Stop::One(s)) => vec![s],
                 Some(Stop::Many(v)) => v,
             },
+            temperature: self.temperature,
         })
     }
 }

@@ -31,6 +31,9 @@ pub(super) fn request_body(req: &ChatRequest, upstream_model: &str) -> Value {
     if !req.stop.is_empty() {
         body["stop"] = req.stop.clone().into();
     }
+    if let Some(t) = req.temperature {
+        body["temperature"] = t.into();
+    }
     body
 }
 

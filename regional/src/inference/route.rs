@@ -231,6 +231,7 @@ mod tests {
             max_tokens: None,
             seed,
             stop: vec![],
+            temperature: None,
         }
     }
 

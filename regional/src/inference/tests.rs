@@ -48,6 +48,7 @@ fn request() -> ChatRequest {
         max_tokens: Some(50),
         seed: Some(1),
         stop: vec![],
+        temperature: None,
     }
 }
 

@@ -130,6 +130,7 @@ impl JobRequest {
             max_tokens: self.max_tokens,
             seed: self.seed,
             stop: self.stop.clone(),
+            temperature: None,
         }
     }
 }

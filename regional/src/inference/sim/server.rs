@@ -68,6 +68,8 @@ struct Body {
     stream: bool,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    temperature: Option<f32>,
 }
 
 #[derive(Deserialize)]
@@ -126,6 +128,7 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
         max_tokens: body.max_completion_tokens.or(body.max_tokens),
         seed: body.seed,
         stop,
+        temperature: body.temperature,
     };
     let id = format!("chatcmpl-sim-{}", uuid::Uuid::now_v7().simple());
     let created = chrono::Utc::now().timestamp();

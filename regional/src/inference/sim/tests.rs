@@ -27,6 +27,7 @@ fn request(content: &str, seed: Option<u64>, max_tokens: Option<u32>) -> ChatReq
         max_tokens,
         seed,
         stop: vec![],
+        temperature: None,
     }
 }
 

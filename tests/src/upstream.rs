@@ -1,0 +1,58 @@
+//! Real OpenAI-compatible upstreams for tests: the built-in simulator served
+//! over HTTP on a free port, and a reader of Prometheus metrics, so tests
+//! can count what reached an upstream.
+
+use meridian_regional::{SimConfig, serve_sim};
+use tokio::sync::oneshot;
+
+/// A simulator behind real HTTP on a free port.
+pub struct SimServer {
+    addr: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl SimServer {
+    pub async fn start(config: SimConfig) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            serve_sim(config, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// The `base_url` a region's config names.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Stops accepting and closes every connection once in-flight requests end.
+    pub async fn kill(&mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap();
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        metric(&format!("http://{}/metrics", self.addr), name, &[]).await
+    }
+}
+
+/// The sum of the samples of `name` whose labels contain every one of `labels`.
+pub async fn metric(url: &str, name: &str, labels: &[&str]) -> f64 {
+    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |sum, v| sum + v)
+}
