@@ -11,6 +11,7 @@ mod jobs;
 mod openai;
 mod telemetry;
 mod tenant;
+mod trace;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use crate::error::Error;
 use crate::inference::Inference;
 
 pub(crate) use self::tenant::{TENANT_HEADER, Tenant};
+pub(crate) use self::trace::{CACHE_BYPASS, note_model};
 
 /// What every handler shares.
 pub(crate) struct AppState {
@@ -50,6 +52,9 @@ pub(crate) struct AppState {
     pub jobs: Arc<crate::queue::Queue>,
     /// The built-in embedding model, when `[embeddings]` turns it on.
     pub embedder: Option<Arc<crate::inference::Embedder>>,
+    /// This node's traces; its spans' contexts carry it to the queue and
+    /// the upstream pools.
+    pub tracer: meridian_mesh::Tracer,
 }
 
 impl AppState {
@@ -72,10 +77,14 @@ impl AppState {
     > {
         let permit = self.inference.admit(tenant.as_str())?;
         let usage = &self.telemetry.usage;
+        let requested = self.tracer.is_enabled().then(|| req.model.clone());
         let routed = self
             .inference
             .route(req, hints)
             .inspect_err(|e| usage.begin(tenant.as_str(), &req.model).failed(e))?;
+        if let Some(requested) = requested {
+            note_model(&requested, &req.model, CACHE_BYPASS);
+        }
         let record = usage.begin(tenant.as_str(), &req.model);
         Ok((permit, routed, record))
     }
@@ -114,6 +123,7 @@ where
     let router = grpc_service(router, telemetry::service(state.clone()));
     let router = grpc_service(router, jobs::grpc(state.clone()));
     let region_header = state.region_header.clone();
+    let traced = state.clone();
     router
         .fallback(fallback)
         .layer(axum::middleware::from_fn_with_state(
@@ -127,6 +137,11 @@ where
                 res
             }
         }))
+        // Outermost, so the span covers the whole answer and every log line.
+        .layer(axum::middleware::from_fn_with_state(
+            traced,
+            trace::request_span,
+        ))
 }
 
 /// Mounts a tonic service under `/{package.Service}/*`, the way tonic's own

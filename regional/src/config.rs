@@ -55,6 +55,8 @@ pub struct Config {
     pub embeddings: Option<EmbeddingsConfig>,
     /// Mutual TLS on the node's port and who may call what (`[mesh]`).
     pub mesh: crate::mesh::Mesh,
+    /// Traces exported to an OTLP collector (`[tracing]`); off by default.
+    pub tracing: meridian_mesh::TraceConfig,
 }
 
 /// The TOML shape of the configuration. Every field has a default except the
@@ -86,6 +88,9 @@ struct RawConfig {
     /// Mutual TLS and policy; required unless `plaintext = true`.
     #[serde(default)]
     mesh: crate::mesh::MeshConfig,
+    /// OpenTelemetry traces; off unless `otlp_endpoint` is set.
+    #[serde(default)]
+    tracing: meridian_mesh::TraceConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -321,6 +326,7 @@ impl RawConfig {
             e.validate()?;
         }
         let mesh = self.mesh.validate()?;
+        self.tracing.validate()?;
         Ok(Config {
             region: self.region,
             listen: self.server.listen,
@@ -338,6 +344,7 @@ impl RawConfig {
             jobs: self.jobs,
             embeddings,
             mesh,
+            tracing: self.tracing,
         })
     }
 }

@@ -24,6 +24,6 @@ pub use self::config::{
     TelemetryConfig, UpstreamConfig,
 };
 pub use self::error::Error;
-pub use self::inference::serve_sim;
+pub use self::inference::{serve_sim, serve_sim_traced};
 pub use self::mesh::{AllowRule, Mesh, MeshConfig, PolicyConfig};
 pub use self::node::RegionalNode;

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer as _, TracerProvider as _};
+use opentelemetry::trace::{SpanKind, Tracer as _, TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -27,7 +27,7 @@ use serde::Deserialize;
 /// What users of this module need from OpenTelemetry, so they share its
 /// version without naming it.
 pub use opentelemetry::context::FutureExt;
-pub use opentelemetry::trace::SpanKind as Kind;
+pub use opentelemetry::trace::{SpanKind as Kind, TraceContextExt};
 pub use opentelemetry::{Context, KeyValue};
 
 /// The W3C header (and gRPC metadata key) that carries a trace context.
@@ -401,7 +401,11 @@ mod tests {
     #[test]
     fn config_is_checked() {
         assert!(TraceConfig::default().validate().is_ok());
-        assert!(TraceConfig::otlp("http://127.0.0.1:4317").validate().is_ok());
+        assert!(
+            TraceConfig::otlp("http://127.0.0.1:4317")
+                .validate()
+                .is_ok()
+        );
         let bad = |c: TraceConfig| c.validate().unwrap_err();
         let e = bad(TraceConfig {
             sample_ratio: 1.5,
@@ -442,11 +446,6 @@ mod tests {
         inject(&cx, &mut headers);
         assert_eq!(headers[TRACEPARENT], value);
         assert!(!headers.contains_key(TRACESTATE));
-        assert!(
-            !from_traceparent("garbage")
-                .span()
-                .span_context()
-                .is_valid()
-        );
+        assert!(!from_traceparent("garbage").span().span_context().is_valid());
     }
 }
