@@ -32,9 +32,12 @@ impl Upstream {
     async fn start(collector: &OtlpCollector) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
-        let tracer =
-            Tracer::start(&TraceConfig::otlp(collector.endpoint()), "meridian-sim", vec![])
-                .unwrap();
+        let tracer = Tracer::start(
+            &TraceConfig::otlp(collector.endpoint()),
+            "meridian-sim",
+            vec![],
+        )
+        .unwrap();
         let config = SimConfig {
             prefill_us_per_token: 0,
             ttft_ms: 0,
@@ -100,7 +103,10 @@ async fn cluster(
 }
 
 fn traceparent(trace_id: &str, span_id: &str, sampled: bool) -> String {
-    format!("00-{trace_id}-{span_id}-{}", if sampled { "01" } else { "00" })
+    format!(
+        "00-{trace_id}-{span_id}-{}",
+        if sampled { "01" } else { "00" }
+    )
 }
 
 /// The one span called `name` (panics, listing all, unless exactly one).
