@@ -66,6 +66,10 @@ struct SimArgs {
     /// Prompt-prefix blocks the prefix cache holds (0: off).
     #[arg(long)]
     prefix_cache_blocks: Option<u32>,
+    /// OTLP/gRPC collector for spans of requests that arrive with a
+    /// `traceparent` (from a region's upstream pool), e.g. http://127.0.0.1:4317.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -109,14 +113,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs to stderr, filtered by `MERIDIAN_LOG`; one JSON object per line
+/// when `MERIDIAN_LOG_FORMAT=json`, each listing its spans' fields, so a
+/// line written while serving a traced request carries its `trace_id`.
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,pingora_core=warn,pingora_proxy=warn,sqlx=warn")
     });
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if std::env::var("MERIDIAN_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -159,8 +170,16 @@ async fn sim(args: SimArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let tracing = meridian_mesh::TraceConfig {
+        otlp_endpoint: args.otlp_endpoint,
+        ..Default::default()
+    };
+    let tracer = meridian_mesh::Tracer::start(&tracing, "meridian-sim", vec![])
+        .map_err(anyhow::Error::msg)?;
     eprintln!("simulated LLM on http://{}/v1", listener.local_addr()?);
-    meridian_regional::serve_sim(config, listener, shutdown_signal()).await?;
+    meridian_regional::serve_sim_traced(config, listener, shutdown_signal(), tracer.clone())
+        .await?;
+    tokio::task::spawn_blocking(move || tracer.shutdown()).await?;
     Ok(())
 }
 

@@ -22,6 +22,10 @@ pub(crate) struct Args {
     /// First regional API port; the regions take consecutive ports.
     #[arg(long, default_value_t = 7101)]
     region_port: u16,
+    /// OTLP/gRPC collector the gateway and regions send traces to, e.g.
+    /// http://127.0.0.1:4317 (a local Jaeger or OpenTelemetry Collector).
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
     /// Regions to start.
     #[arg(
         long,
@@ -68,7 +72,13 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         let listen = SocketAddr::from(([127, 0, 0, 1], args.region_port + i as u16));
         let identity = meridian_mesh::Identity::region(&region.name).map_err(anyhow::Error::msg)?;
         let mesh = crate::certs::files(&certs_dir, &identity);
-        let config_path = write_region_config(&state_dir, region, listen, &mesh)?;
+        let config_path = write_region_config(
+            &state_dir,
+            region,
+            listen,
+            &mesh,
+            args.otlp_endpoint.as_deref(),
+        )?;
         let config = meridian_regional::Config::from_file(&config_path)?;
         let node = RegionalNode::start(config)
             .await
@@ -93,6 +103,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let home = &regions[0];
     gateway_config.auth = Some(meridian_gateway::AuthConfig::new(home.postgres.url()));
     gateway_config.rate_limit.redis_url = Some(home.redis.url());
+    if let Some(endpoint) = &args.otlp_endpoint {
+        gateway_config.tracing = meridian_mesh::TraceConfig::otlp(endpoint.clone());
+    }
     let api_key = local_api_key(&state_dir, &home.postgres.url()).await?;
     let gateway = Gateway::start(gateway_config)?;
 
@@ -163,6 +176,7 @@ fn write_region_config(
     region: &Region,
     listen: SocketAddr,
     mesh: &meridian_mesh::CertFiles,
+    otlp_endpoint: Option<&str>,
 ) -> anyhow::Result<PathBuf> {
     let path = state_dir.join(&region.name).join("regional.toml");
     let text = format!(
@@ -176,8 +190,11 @@ fn write_region_config(
          [mesh]\nca_path = {ca:?}\ncert_path = {cert:?}\nkey_path = {key:?}\n\n\
          [[models]]\nid = \"sim-small\"\nbackend = {{ kind = \"sim\", ttft_ms = 20, per_token_ms = 5 }}\n\n\
          [[models]]\nid = \"sim-large\"\ncontext_window_tokens = 32768\nbackend = {{ kind = \"sim\", ttft_ms = 80, per_token_ms = 20, max_concurrency = 16 }}\n\
-         {embeddings}",
+         {embeddings}{tracing}",
         embeddings = embeddings_section(),
+        tracing = otlp_endpoint
+            .map(|e| format!("\n# Traces, every request's (`meridian up --otlp-endpoint`).\n[tracing]\notlp_endpoint = {e:?}\n"))
+            .unwrap_or_default(),
         name = region.name,
         redis = region.redis.url(),
         postgres = region.postgres.url(),

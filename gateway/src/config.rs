@@ -57,6 +57,8 @@ pub struct Config {
     /// Mutual TLS to regions (`[mesh]`); required in TOML unless
     /// `plaintext = true`. [`Config::new`] starts in plain text.
     pub mesh: crate::mesh::MeshConfig,
+    /// Traces exported to an OTLP collector (`[tracing]`); off by default.
+    pub tracing: meridian_mesh::TraceConfig,
 }
 
 /// How the gateway talks HTTP to regions.
@@ -239,6 +241,9 @@ struct RawConfig {
     rate_limit: RateLimitConfig,
     #[serde(default)]
     mesh: crate::mesh::MeshConfig,
+    /// OpenTelemetry traces; off unless `otlp_endpoint` is set.
+    #[serde(default)]
+    tracing: meridian_mesh::TraceConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -345,6 +350,7 @@ impl Config {
             // Embedders (tests, `meridian up`) set `mesh` themselves;
             // Gateway::start warns while it is plain text.
             mesh: crate::mesh::MeshConfig::plaintext(),
+            tracing: meridian_mesh::TraceConfig::default(),
         }
         .validate()
         .map_err(|message| Error::Config {
@@ -420,6 +426,7 @@ impl RawConfig {
         }
         self.rate_limit.validate()?;
         self.mesh.files()?;
+        self.tracing.validate()?;
         if self.server.threads == 0 {
             return Err("`server.threads` must be at least 1".into());
         }
@@ -442,6 +449,7 @@ impl RawConfig {
             auth: self.auth,
             rate_limit: self.rate_limit,
             mesh: self.mesh,
+            tracing: self.tracing,
         })
     }
 }
@@ -498,6 +506,10 @@ address = "127.0.0.1:7102"
             .unwrap_err()
             .to_string();
         assert!(e.contains("`regions[1].name` repeats"), "{e}");
+        let e = Config::from_toml(&format!("{TWO}\n[tracing]\nsample_ratio = -1\n"), "g")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`tracing.sample_ratio`"), "{e}");
     }
 
     /// The documented example stays a valid config; its certificate paths
@@ -518,6 +530,7 @@ address = "127.0.0.1:7102"
         let c = Config::from_toml(&text, "gateway.example.toml").unwrap();
         assert_eq!(c.regions.len(), 2);
         assert!(c.tls.is_some() && c.auth.is_some() && c.admin_listen.is_some());
+        assert!(c.tracing.otlp_endpoint.is_some());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

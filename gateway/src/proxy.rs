@@ -16,6 +16,10 @@ use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+use meridian_mesh::Tracer;
+use meridian_mesh::trace::{self, KeyValue, TraceContextExt};
+
+use crate::auth::DEFAULT_TENANT;
 use crate::auth::gate::{Admitted, Gate};
 use crate::budget::RetryBudget;
 use crate::config::{Config, HealthConfig, UpstreamProtocol};
@@ -45,6 +49,7 @@ pub(crate) struct Proxy {
     pub(crate) gate: Gate,
     /// mTLS to regions; plain text when `None`.
     mesh: Option<crate::mesh::Upstream>,
+    tracer: Tracer,
 }
 
 /// Per-request state.
@@ -61,6 +66,9 @@ pub(crate) struct Ctx {
     responded: bool,
     /// The tenant and its rate-limit decision.
     admitted: Admitted,
+    /// The request's span, when tracing is on; regions get it as their
+    /// parent in `traceparent`.
+    trace: Option<trace::Context>,
 }
 
 impl Proxy {
@@ -69,6 +77,7 @@ impl Proxy {
         regions: Arc<Regions>,
         metrics: Arc<Metrics>,
         mesh: Option<crate::mesh::Upstream>,
+        tracer: Tracer,
     ) -> Result<Self, String> {
         Ok(Self {
             router: Router::new(config),
@@ -81,9 +90,31 @@ impl Proxy {
             read_timeout: config.read_timeout,
             gate: Gate::new(config, metrics.clone())?,
             mesh,
+            tracer,
             regions,
             metrics,
         })
+    }
+
+    /// Starts the request's span, continuing the client's trace when it
+    /// sent a `traceparent`.
+    fn start_span(&self, session: &Session, grpc: bool) -> Option<trace::Context> {
+        if !self.tracer.is_enabled() {
+            return None;
+        }
+        let req = session.req_header();
+        let parent = self.tracer.extract(&req.headers);
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", req.method.to_string()),
+            KeyValue::new("url.path", req.uri.path().to_string()),
+        ];
+        if grpc {
+            attributes.push(KeyValue::new("rpc.system", "grpc"));
+        }
+        Some(
+            self.tracer
+                .start_span("gateway.request", trace::Kind::Server, &parent, attributes),
+        )
     }
 
     fn region_name(&self, ctx: &Ctx) -> &str {
@@ -214,12 +245,14 @@ impl ProxyHttp for Proxy {
             reason: None,
             responded: false,
             admitted: Admitted::default(),
+            trace: None,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         ctx.grpc = header_str(session, header::CONTENT_TYPE.as_str())
             .is_some_and(|v| v.starts_with("application/grpc"));
+        ctx.trace = self.start_span(session, ctx.grpc);
         // Regions' operator endpoints are for operators on the mesh, never
         // for clients at the edge.
         if session.req_header().uri.path().starts_with("/admin/") {
@@ -237,6 +270,10 @@ impl ProxyHttp for Proxy {
         match self.gate.admit(session, ctx.grpc).await? {
             Some(admitted) => ctx.admitted = admitted,
             None => return Ok(true),
+        }
+        if let Some(cx) = &ctx.trace {
+            let tenant = ctx.admitted.tenant().unwrap_or(DEFAULT_TENANT);
+            trace::set_attributes(cx, [KeyValue::new("meridian.tenant", tenant.to_string())]);
         }
         let peer = session
             .client_addr()
@@ -295,6 +332,13 @@ impl ProxyHttp for Proxy {
         ctx.attempts += 1;
         ctx.current = Some(index);
         let region = &self.regions.list[index];
+        if let Some(cx) = &ctx.trace {
+            // The region of the latest try: the one that answered, or the
+            // last that failed.
+            let name = KeyValue::new("meridian.region", region.name.clone());
+            cx.span().add_event("try region", vec![name.clone()]);
+            trace::set_attributes(cx, [name]);
+        }
         let mut peer = match &self.mesh {
             Some(mesh) => mesh.peer(region.address, &region.name),
             None => HttpPeer::new(region.address, false, String::new()),
@@ -384,6 +428,11 @@ impl ProxyHttp for Proxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        // The region's spans are children of this request's; a client's own
+        // `traceparent` is replaced (its trace continues through ours).
+        if let Some(value) = ctx.trace.as_ref().and_then(trace::traceparent) {
+            upstream_request.insert_header(trace::TRACEPARENT, value)?;
+        }
         self.gate.upstream_request(&ctx.admitted, upstream_request)
     }
 
@@ -458,19 +507,43 @@ impl ProxyHttp for Proxy {
             .duration
             .with_label_values(&[region])
             .observe(elapsed.as_secs_f64());
+        let log = match &ctx.trace {
+            Some(cx) => {
+                let mut attributes = vec![
+                    KeyValue::new("http.response.status_code", i64::from(status)),
+                    KeyValue::new("meridian.route", reason),
+                    KeyValue::new("meridian.attempts", ctx.attempts as i64),
+                ];
+                if let Some(i) = ctx.current {
+                    let name = self.regions.list[i].name.clone();
+                    attributes.push(KeyValue::new("meridian.region", name));
+                }
+                trace::set_attributes(cx, attributes);
+                if let Some(e) = e {
+                    trace::set_error(cx, e.etype().as_str().to_string());
+                } else if status >= 500 {
+                    trace::set_error(cx, format!("answered {status}"));
+                }
+                trace::end(cx);
+                trace::log_span(cx)
+            }
+            None => tracing::Span::none(),
+        };
         let req = session.req_header();
-        tracing::info!(
-            target: "meridian_gateway::access",
-            method = %req.method,
-            path = %req.uri.path(),
-            status,
-            region,
-            route = reason,
-            attempts = ctx.attempts,
-            grpc = ctx.grpc,
-            duration_us = elapsed.as_micros() as u64,
-            error = e.map(|e| e.etype().as_str()),
-            "request"
-        );
+        log.in_scope(|| {
+            tracing::info!(
+                target: "meridian_gateway::access",
+                method = %req.method,
+                path = %req.uri.path(),
+                status,
+                region,
+                route = reason,
+                attempts = ctx.attempts,
+                grpc = ctx.grpc,
+                duration_us = elapsed.as_micros() as u64,
+                error = e.map(|e| e.etype().as_str()),
+                "request"
+            );
+        });
     }
 }

@@ -35,6 +35,7 @@ pub struct Gateway {
     admin_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<Stop>>,
     thread: Option<JoinHandle<()>>,
+    tracer: meridian_mesh::Tracer,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -83,6 +84,11 @@ impl Gateway {
             upgrade_sock: format!("/tmp/meridian-gateway-{}.sock", config.listen.port()),
             ..ServerConf::default()
         };
+        let tracer = meridian_mesh::Tracer::start(&config.tracing, "meridian-gateway", vec![])
+            .map_err(|message| Error::Config {
+                origin: "tracing".into(),
+                message,
+            })?;
         let mut server = Server::new_with_opt_and_conf(None, conf);
         let regions = Arc::new(Regions::new(&config));
         let metrics = Arc::new(Metrics::new());
@@ -90,12 +96,17 @@ impl Gateway {
             origin: "mesh".into(),
             message,
         })?;
-        let proxy = Proxy::new(&config, regions.clone(), metrics.clone(), mesh.clone()).map_err(
-            |message| Error::Config {
-                origin: "gateway config".into(),
-                message,
-            },
-        )?;
+        let proxy = Proxy::new(
+            &config,
+            regions.clone(),
+            metrics.clone(),
+            mesh.clone(),
+            tracer.clone(),
+        )
+        .map_err(|message| Error::Config {
+            origin: "gateway config".into(),
+            message,
+        })?;
         let key_loader = proxy.gate.key_loader();
         let mut service =
             http_proxy_service_with_name(&server.configuration, proxy, "meridian gateway");
@@ -170,6 +181,7 @@ impl Gateway {
             admin_addr: config.admin_listen,
             stop: Some(stop),
             thread: Some(thread),
+            tracer,
         };
         gateway.wait_ready()?;
         tracing::info!(addr = %gateway.addr, regions = config.regions.len(), "gateway serving");
@@ -200,10 +212,18 @@ impl Gateway {
         self.admin_addr
     }
 
+    /// This gateway's tracer, to flush its spans (tests do, before they
+    /// look at a collector).
+    pub fn tracer(&self) -> &meridian_mesh::Tracer {
+        &self.tracer
+    }
+
     /// Stops accepting, gives in-flight requests the configured grace
-    /// period, and waits for the proxy thread to end.
+    /// period, and waits for the proxy thread to end; then exports the
+    /// last spans (blocking, like the rest of this call).
     pub fn shutdown(mut self) {
         self.stop_with(Stop::Graceful);
+        self.tracer.shutdown();
     }
 
     fn stop_with(&mut self, how: Stop) {

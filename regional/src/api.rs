@@ -12,6 +12,7 @@ mod jobs;
 mod openai;
 mod telemetry;
 mod tenant;
+mod trace;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use crate::error::Error;
 use crate::inference::Inference;
 
 pub(crate) use self::tenant::{TENANT_HEADER, Tenant};
+pub(crate) use self::trace::{note_cache, note_model};
 
 /// What every handler shares.
 pub(crate) struct AppState {
@@ -53,6 +55,9 @@ pub(crate) struct AppState {
     pub embedder: Option<Arc<crate::inference::Embedder>>,
     /// The response cache (exact and semantic).
     pub cache: Arc<crate::cache::ResponseCache>,
+    /// This node's traces; its spans' contexts carry it to the queue and
+    /// the upstream pools.
+    pub tracer: meridian_mesh::Tracer,
 }
 
 /// The response header that names the region which produced an answer. The
@@ -88,6 +93,7 @@ where
     let router = grpc_service(router, telemetry::service(state.clone()));
     let router = grpc_service(router, jobs::grpc(state.clone()));
     let region_header = state.region_header.clone();
+    let traced = state.clone();
     router
         .fallback(fallback)
         .layer(axum::middleware::from_fn_with_state(
@@ -101,6 +107,11 @@ where
                 res
             }
         }))
+        // Outermost, so the span covers the whole answer and every log line.
+        .layer(axum::middleware::from_fn_with_state(
+            traced,
+            trace::request_span,
+        ))
 }
 
 /// Mounts a tonic service under `/{package.Service}/*`, the way tonic's own

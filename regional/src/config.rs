@@ -59,6 +59,8 @@ pub struct Config {
     pub mesh: crate::mesh::Mesh,
     /// The response cache (`[cache]`).
     pub cache: CacheConfig,
+    /// Traces exported to an OTLP collector (`[tracing]`); off by default.
+    pub tracing: meridian_mesh::TraceConfig,
 }
 
 /// The TOML shape of the configuration. Every field has a default except the
@@ -92,6 +94,9 @@ struct RawConfig {
     /// Mutual TLS and policy; required unless `plaintext = true`.
     #[serde(default)]
     mesh: crate::mesh::MeshConfig,
+    /// OpenTelemetry traces; off unless `otlp_endpoint` is set.
+    #[serde(default)]
+    tracing: meridian_mesh::TraceConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -328,6 +333,7 @@ impl RawConfig {
         }
         self.cache.validate(embeddings.is_some())?;
         let mesh = self.mesh.validate()?;
+        self.tracing.validate()?;
         Ok(Config {
             region: self.region,
             listen: self.server.listen,
@@ -346,6 +352,7 @@ impl RawConfig {
             embeddings,
             mesh,
             cache: self.cache,
+            tracing: self.tracing,
         })
     }
 }

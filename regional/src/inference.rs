@@ -35,7 +35,7 @@ use self::metrics::Metrics;
 pub(crate) use self::route::SizeHint;
 use self::route::Table;
 pub(crate) use self::sim::SimBackend;
-pub use self::sim::serve_sim;
+pub use self::sim::{serve_sim, serve_sim_traced};
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq)]

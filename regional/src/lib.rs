@@ -26,6 +26,6 @@ pub use self::config::{
     ModelConfig, OpenAiConfig, SemanticCacheConfig, SimConfig, TelemetryConfig, UpstreamConfig,
 };
 pub use self::error::Error;
-pub use self::inference::serve_sim;
+pub use self::inference::{serve_sim, serve_sim_traced};
 pub use self::mesh::{AllowRule, Mesh, MeshConfig, PolicyConfig};
 pub use self::node::RegionalNode;

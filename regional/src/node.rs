@@ -26,6 +26,7 @@ pub struct RegionalNode {
     health: tonic_health::server::HealthReporter,
     tasks: TaskTracker,
     grace: std::time::Duration,
+    tracer: meridian_mesh::Tracer,
 }
 
 impl RegionalNode {
@@ -35,6 +36,18 @@ impl RegionalNode {
         // Certificates first: a bad file fails the start before any port or
         // store is touched.
         let tls = crate::mesh::server_tls(&config.mesh, &config.region)?;
+        let tracer = meridian_mesh::Tracer::start(
+            &config.tracing,
+            "meridian-regional",
+            vec![meridian_mesh::trace::KeyValue::new(
+                "meridian.region",
+                config.region.clone(),
+            )],
+        )
+        .map_err(|message| Error::Config {
+            origin: "tracing".into(),
+            message,
+        })?;
         // The embedding model loads while the stores connect, and the node
         // serves only once it has: readiness never reports a node whose
         // first embedding request would wait for a load.
@@ -114,6 +127,7 @@ impl RegionalNode {
                 embedder.clone(),
             )),
             embedder,
+            tracer: tracer.clone(),
         });
         crate::queue::start(&state);
         state
@@ -149,7 +163,14 @@ impl RegionalNode {
             health,
             tasks,
             grace: config.shutdown_grace,
+            tracer,
         })
+    }
+
+    /// This node's tracer, to flush its spans (tests do, before they look
+    /// at a collector).
+    pub fn tracer(&self) -> &meridian_mesh::Tracer {
+        &self.tracer
     }
 
     /// The address the API listens on.
@@ -195,6 +216,9 @@ impl RegionalNode {
             tracing::warn!(region = %self.region, "background tasks still running after the grace period");
         }
         self.pool.close().await;
+        // The last spans go out before the node reports itself stopped.
+        let tracer = self.tracer.clone();
+        let _ = tokio::task::spawn_blocking(move || tracer.shutdown()).await;
         tracing::info!(region = %self.region, "regional node stopped");
         result
     }

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
+use meridian_mesh::trace::{self, FutureExt, KeyValue};
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tokio::sync::{Notify, broadcast};
@@ -108,6 +109,43 @@ impl Queue {
         tenant: &Tenant,
         submission: Submission,
     ) -> Result<(Job, bool), Error> {
+        let model = KeyValue::new("meridian.model", submission.request.model.clone());
+        trace::set_attributes(&trace::Context::current(), [model.clone()]);
+        let cx = trace::child_span(
+            "job.submit",
+            trace::Kind::Producer,
+            vec![
+                KeyValue::new("meridian.tenant", tenant.as_str().to_string()),
+                model,
+                KeyValue::new("meridian.job.priority", submission.priority.as_str()),
+            ],
+        );
+        // Stored with the job: the worker's span continues this one.
+        let traceparent = trace::traceparent(&cx);
+        let result = self
+            .record(tenant, submission, traceparent.as_deref())
+            .with_context(cx.clone())
+            .await;
+        match &result {
+            Ok((job, created)) => trace::set_attributes(
+                &cx,
+                [
+                    KeyValue::new("meridian.job.id", job.id.to_string()),
+                    KeyValue::new("meridian.job.created", *created),
+                ],
+            ),
+            Err(e) => trace::set_error(&cx, e.to_string()),
+        }
+        trace::end(&cx);
+        result
+    }
+
+    async fn record(
+        &self,
+        tenant: &Tenant,
+        submission: Submission,
+        traceparent: Option<&str>,
+    ) -> Result<(Job, bool), Error> {
         let Submission {
             request,
             priority,
@@ -129,6 +167,7 @@ impl Queue {
             key.as_deref(),
             priority,
             &request,
+            traceparent,
         )
         .await?;
         let Some(job) = inserted else {

@@ -6,6 +6,7 @@
 //! the gateway in front of them. Every handle can be stopped and restarted, and
 //! everything is torn down on drop, even when a test panics.
 
+mod collector;
 pub mod load;
 mod pki;
 mod sandbox;
@@ -13,6 +14,7 @@ mod upstream;
 
 pub use meridian_launcher::{PostgresServer, RedisServer};
 
+pub use self::collector::{OtlpCollector, ReceivedSpan};
 pub use self::pki::{TestPki, mesh_channel};
 pub use self::sandbox::{
     ClusterSandbox, RegionSandbox, TEST_MODEL, TEST_SLOW_MODEL, embedding_model_dir,

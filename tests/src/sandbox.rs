@@ -169,6 +169,18 @@ impl RegionSandbox {
         drop(self.node.take());
     }
 
+    /// Exports the spans the node has ended (a no-op without `[tracing]`).
+    pub async fn flush_traces(&self) {
+        let tracer = self
+            .node
+            .as_ref()
+            .and_then(|h| h.node.as_ref())
+            .map(|n| n.tracer().clone());
+        if let Some(tracer) = tracer {
+            flush(tracer).await;
+        }
+    }
+
     /// Whether the node runs.
     pub fn node_running(&self) -> bool {
         self.node.is_some()
@@ -288,6 +300,16 @@ impl ClusterSandbox {
         format!("http://{addr}")
     }
 
+    /// Exports the spans the gateway and every region have ended.
+    pub async fn flush_traces(&self) {
+        if let Some(gateway) = &self.gateway {
+            flush(gateway.tracer().clone()).await;
+        }
+        for region in &self.regions {
+            region.flush_traces().await;
+        }
+    }
+
     /// The region called `name`.
     pub fn region(&mut self, name: &str) -> &mut RegionSandbox {
         self.regions
@@ -316,6 +338,14 @@ pub async fn start_gateway(mut config: GatewayConfig) -> Gateway {
         }
     }
     panic!("gateway did not start: {}", last_error.expect("an error"));
+}
+
+/// `force_flush` blocks until the collector answered: off the runtime.
+async fn flush(tracer: meridian_mesh::Tracer) {
+    tokio::task::spawn_blocking(move || tracer.force_flush())
+        .await
+        .expect("flush does not panic")
+        .expect("the collector takes the spans");
 }
 
 async fn futures_join(names: &[&str], extra: impl Fn(&str) -> String) -> Vec<RegionSandbox> {

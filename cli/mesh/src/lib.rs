@@ -2,7 +2,9 @@
 //! URI SAN in its certificate), a development CA to issue such
 //! certificates, certificate files reloaded on change, and the rustls
 //! configurations every internal hop (gateway → region, health checks,
-//! region → region) uses for mutual TLS.
+//! region → region) uses for mutual TLS; and the OpenTelemetry tracer each
+//! component exports its spans with, with `traceparent` propagation
+//! between them ([`trace`]).
 //!
 //! It lives beside `meridian-launcher` because the CLI, the regions, the
 //! gateway and the tests all need the same identity rules; keeping them in
@@ -12,6 +14,7 @@ mod files;
 mod identity;
 mod issue;
 mod tls;
+pub mod trace;
 
 pub use self::files::{CertFiles, Loaded, watch};
 pub use self::identity::{
@@ -21,6 +24,8 @@ pub use self::issue::{Ca, DEV_VALIDITY, Issued, file_stem};
 pub use self::tls::{
     ConfigSource, MeshConnector, client_config, peer_identity, provider, server_config,
 };
+
+pub use self::trace::{TraceConfig, Tracer};
 
 pub use arc_swap::ArcSwap;
 pub use rustls;

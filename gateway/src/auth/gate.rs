@@ -33,6 +33,13 @@ pub(crate) struct Admitted {
     decision: Option<Decision>,
 }
 
+impl Admitted {
+    /// The tenant's id; `None` on open paths and when auth is off.
+    pub(crate) fn tenant(&self) -> Option<&str> {
+        self.tenant.as_ref().map(|t| &*t.id)
+    }
+}
+
 pub(crate) struct Gate {
     auth: Auth,
     limiter: Limiter,

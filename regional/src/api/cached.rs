@@ -33,6 +33,12 @@ pub(crate) struct Streamed {
 }
 
 impl AppState {
+    fn note_cache(&self, outcome: Outcome) {
+        if self.tracer.is_enabled() {
+            super::note_cache(outcome.label());
+        }
+    }
+
     /// Resolves the model of `req` and begins its usage record. A refusal by
     /// routing (unknown model, prompt too long) is recorded under the name
     /// the client asked for.
@@ -43,10 +49,14 @@ impl AppState {
         hints: &Hints,
     ) -> Result<(Routed, UsageDraft), Error> {
         let usage = &self.telemetry.usage;
+        let requested = self.tracer.is_enabled().then(|| req.model.clone());
         let routed = self
             .inference
             .route(req, hints)
             .inspect_err(|e| usage.begin(tenant.as_str(), &req.model).failed(e))?;
+        if let Some(requested) = requested {
+            super::note_model(&requested, &req.model);
+        }
         Ok((routed, usage.begin(tenant.as_str(), &req.model)))
     }
 
@@ -80,6 +90,7 @@ impl AppState {
             .await
             .inspect_err(|e| record.failed(e))?;
         record.completed(answer.usage(), ttft, outcome.label());
+        self.note_cache(outcome);
         Ok(Answered {
             answer,
             outcome,
@@ -101,6 +112,7 @@ impl AppState {
         let policy = self.cache.policy(req, directives);
         let probe = self.cache.lookup(tenant.as_str(), req, policy).await;
         if let Some((answer, outcome)) = probe.hit {
+            self.note_cache(outcome);
             return Ok(Streamed {
                 chunks: answer.stream(),
                 outcome,
@@ -121,6 +133,7 @@ impl AppState {
         } else {
             Outcome::Miss
         };
+        self.note_cache(outcome);
         let chunks = if policy == Policy::Bypass {
             chunks
         } else {

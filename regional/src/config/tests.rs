@@ -54,6 +54,12 @@ fn bad_values_name_their_key() {
         "{MINIMAL}\n[[models]]\nid = \"a\"\nbackend = {{ kind = \"gpu\" }}\n"
     ));
     assert!(e.contains("unknown variant `gpu`"), "{e}");
+    let e = err(&format!("{MINIMAL}\n[tracing]\nsample_ratio = 2.0\n"));
+    assert!(e.contains("`tracing.sample_ratio`"), "{e}");
+    let e = err(&format!(
+        "{MINIMAL}\n[tracing]\notlp_endpoint = \"collector:4317\"\n"
+    ));
+    assert!(e.contains("`tracing.otlp_endpoint`"), "{e}");
 }
 
 #[test]
@@ -76,6 +82,8 @@ fn the_example_config_is_valid() {
     assert_eq!(c.region, "eu-west");
     assert!(c.models.len() >= 2 && !c.aliases.is_empty());
     assert!(c.embeddings.is_some());
+    assert_eq!(c.tracing.sample_ratio, 0.1);
+    assert!(c.tracing.otlp_endpoint.is_some());
 }
 
 /// Points the example's `/etc/meridian/...` files at empty files in a fresh

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
+use meridian_mesh::trace::{self, KeyValue};
 use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -276,8 +277,34 @@ impl Pool {
         None
     }
 
+    /// One attempt at one upstream, in a client span that ends with the
+    /// response head; the upstream gets the span's `traceparent`, so an
+    /// upstream that traces (the simulator can) continues the trace.
     async fn send(
         &self,
+        up: &Upstream,
+        body: &serde_json::Value,
+        prompt_tokens: u32,
+    ) -> Result<ChunkStream, Failure> {
+        let cx = trace::child_span(
+            "upstream.chat",
+            trace::Kind::Client,
+            vec![
+                KeyValue::new("meridian.model", self.model.clone()),
+                KeyValue::new("meridian.upstream", up.base_url.clone()),
+            ],
+        );
+        let result = self.send_in(&cx, up, body, prompt_tokens).await;
+        if let Err(Failure::Retry(e) | Failure::Fatal(e)) = &result {
+            trace::set_error(&cx, e.to_string());
+        }
+        trace::end(&cx);
+        result
+    }
+
+    async fn send_in(
+        &self,
+        cx: &trace::Context,
         up: &Upstream,
         body: &serde_json::Value,
         prompt_tokens: u32,
@@ -289,10 +316,20 @@ impl Pool {
         if let Some(key) = &up.api_key {
             request = request.bearer_auth(key);
         }
+        if let Some(traceparent) = trace::traceparent(cx) {
+            request = request.header(trace::TRACEPARENT, traceparent);
+        }
         let response = request.send().await.map_err(|e| {
             Failure::Retry(Error::Unavailable(format!("upstream {}: {e}", up.base_url)))
         })?;
         let status = response.status();
+        trace::set_attributes(
+            cx,
+            [KeyValue::new(
+                "http.response.status_code",
+                i64::from(status.as_u16()),
+            )],
+        );
         if status.is_success() {
             return Ok(openai::chunks(response, prompt_tokens, up.base_url.clone()));
         }

@@ -255,10 +255,12 @@ pub(super) async fn insert(
     key: Option<&str>,
     priority: Priority,
     request: &JobRequest,
+    traceparent: Option<&str>,
 ) -> Result<Option<Job>, Error> {
     let row = sqlx::query_as::<_, JobRow>(
-        "INSERT INTO jobs (id, tenant, idempotency_key, priority, state, request, queued_since)
-         VALUES ($1, $2, $3, $4, 'queued', $5, now())
+        "INSERT INTO jobs (id, tenant, idempotency_key, priority, state, request, queued_since,
+                           traceparent)
+         VALUES ($1, $2, $3, $4, 'queued', $5, now(), $6)
          ON CONFLICT (tenant, idempotency_key) DO NOTHING
          RETURNING *, now() AS now",
     )
@@ -267,6 +269,7 @@ pub(super) async fn insert(
     .bind(key)
     .bind(priority.as_str())
     .bind(Json(request))
+    .bind(traceparent)
     .fetch_optional(&mut **tx)
     .await?;
     job(row)
@@ -336,7 +339,10 @@ pub(super) async fn cancel(pool: &PgPool, tenant: &str, id: Uuid) -> Result<Opti
 
 /// A job an attempt now owns.
 pub(super) struct Claim {
+    pub tenant: String,
     pub request: JobRequest,
+    /// The submitting request's trace context.
+    pub traceparent: Option<String>,
     pub attempts: u32,
     /// Seconds from submission to this start, for the first attempt only.
     pub first_wait_s: Option<f64>,
@@ -350,7 +356,8 @@ pub(super) async fn claim(
     owner: Uuid,
     lease_ms: i64,
 ) -> Result<Option<Claim>, Error> {
-    let row: Option<(Json<JobRequest>, i32, f64)> = sqlx::query_as(concat!(
+    type Row = (String, Json<JobRequest>, Option<String>, i32, f64);
+    let row: Option<Row> = sqlx::query_as(concat!(
         "UPDATE jobs SET state = 'running', attempts = attempts + 1,
            lease_owner = $2, lease_expires_at = now() + $3::bigint * interval '1 millisecond',
            queued_ms = queued_ms + CASE WHEN state = 'queued' THEN ",
@@ -362,7 +369,7 @@ pub(super) async fn claim(
            started_at = now(), queued_since = NULL
          WHERE id = $1 AND ((state = 'queued' AND run_after <= now())
                          OR (state = 'running' AND lease_expires_at < now()))
-         RETURNING request, attempts,
+         RETURNING tenant, request, traceparent, attempts,
            extract(epoch FROM now() - created_at)::float8"
     ))
     .bind(id)
@@ -370,11 +377,15 @@ pub(super) async fn claim(
     .bind(lease_ms)
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(|(request, attempts, wait)| Claim {
-        request: request.0,
-        attempts: u32::try_from(attempts).unwrap_or(0),
-        first_wait_s: (attempts == 1).then_some(wait),
-    }))
+    Ok(
+        row.map(|(tenant, request, traceparent, attempts, wait)| Claim {
+            tenant,
+            request: request.0,
+            traceparent,
+            attempts: u32::try_from(attempts).unwrap_or(0),
+            first_wait_s: (attempts == 1).then_some(wait),
+        }),
+    )
 }
 
 /// Extends the attempt's lease; false when the attempt lost the job

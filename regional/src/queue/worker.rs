@@ -13,6 +13,9 @@ use uuid::Uuid;
 
 use super::store::{self, Claim, JobError, JobResult, JobState};
 use super::stream::{self, Delivery, LANES};
+use meridian_mesh::trace::{self, FutureExt, KeyValue};
+use tracing::Instrument;
+
 use crate::api::AppState;
 use crate::error::Error;
 use crate::inference::{Completion, Finish};
@@ -178,9 +181,24 @@ async fn run(state: Arc<AppState>, d: Delivery, _permit: OwnedSemaphorePermit) {
         .expect("not poisoned")
         .insert(id, token.clone());
     let started = Instant::now();
-    let outcome = attempt(&state, id, owner, &claim, &token).await;
+    let cx = attempt_span(&state, id, &claim);
+    let outcome = attempt(&state, id, owner, &claim, &token)
+        .with_context(cx.clone())
+        .instrument(trace::log_span(&cx))
+        .await;
     q.running.lock().expect("not poisoned").remove(&id);
     q.metrics.run_time.observe(started.elapsed().as_secs_f64());
+    let (ended, error) = match &outcome {
+        Outcome::Done(..) => ("succeeded", None),
+        Outcome::Failed(e) => ("failed", Some(e.to_string())),
+        Outcome::Lost => ("lost", None),
+        Outcome::Shutdown => ("shutdown", None),
+    };
+    trace::set_attributes(&cx, [KeyValue::new("meridian.job.outcome", ended)]);
+    if let Some(e) = error {
+        trace::set_error(&cx, e);
+    }
+    trace::end(&cx);
 
     let recorded = match outcome {
         Outcome::Shutdown => return,
@@ -208,6 +226,31 @@ async fn run(state: Arc<AppState>, d: Delivery, _permit: OwnedSemaphorePermit) {
         // lapsed lease lets that attempt run the job again.
         Err(e) => tracing::warn!(job = %id, error = %e, "recording a job's outcome failed"),
     }
+}
+
+/// The attempt's span: a child of the span that submitted the job, so the
+/// trace runs from the client's request to the work done for it later.
+fn attempt_span(state: &AppState, id: Uuid, claim: &Claim) -> trace::Context {
+    if !state.tracer.is_enabled() {
+        return trace::Context::new();
+    }
+    let parent = claim
+        .traceparent
+        .as_deref()
+        .map(trace::from_traceparent)
+        .unwrap_or_default();
+    state.tracer.start_span(
+        "job.run",
+        trace::Kind::Consumer,
+        &parent,
+        vec![
+            KeyValue::new("meridian.region", state.region.clone()),
+            KeyValue::new("meridian.tenant", claim.tenant.clone()),
+            KeyValue::new("meridian.model", claim.request.model.clone()),
+            KeyValue::new("meridian.job.id", id.to_string()),
+            KeyValue::new("meridian.job.attempt", i64::from(claim.attempts)),
+        ],
+    )
 }
 
 async fn attempt(

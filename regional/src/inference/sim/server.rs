@@ -13,6 +13,8 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
+use meridian_mesh::Tracer;
+use meridian_mesh::trace::{self, FutureExt, KeyValue, TraceContextExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -37,6 +39,18 @@ pub async fn serve_sim(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_sim_traced(config, listener, shutdown, Tracer::disabled()).await
+}
+
+/// [`serve_sim`], recording a span for each request that arrives with a
+/// `traceparent`, as an instrumented inference server would. Requests
+/// without one (health checks) start no trace.
+pub async fn serve_sim_traced(
+    config: SimConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    tracer: Tracer,
+) -> std::io::Result<()> {
     let metrics = Metrics::with_labels(None);
     let sim = Arc::new(Sim {
         backend: SimBackend::new(config, metrics.sim(MODEL)),
@@ -46,10 +60,33 @@ pub async fn serve_sim(
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics_text))
-        .with_state(sim);
+        .with_state(sim)
+        .layer(axum::middleware::from_fn_with_state(tracer, request_span));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+async fn request_span(
+    State(tracer): State<Tracer>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let parent = tracer.extract(req.headers());
+    if !parent.has_active_span() {
+        return next.run(req).await;
+    }
+    let cx = tracer.start_span(
+        "sim.request",
+        trace::Kind::Server,
+        &parent,
+        vec![KeyValue::new("url.path", req.uri().path().to_string())],
+    );
+    let res = next.run(req).with_context(cx.clone()).await;
+    let status = i64::from(res.status().as_u16());
+    trace::set_attributes(&cx, [KeyValue::new("http.response.status_code", status)]);
+    trace::end(&cx);
+    res
 }
 
 #[derive(Deserialize)]
