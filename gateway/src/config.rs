@@ -11,6 +11,7 @@ pub use crate::auth::AuthConfig;
 use crate::error::Error;
 use crate::geo::LatLon;
 pub use crate::ratelimit::RateLimitConfig;
+pub use meridian_mesh::DiscoveryConfig;
 
 /// A validated gateway configuration.
 #[derive(Debug, Clone)]
@@ -57,6 +58,8 @@ pub struct Config {
     /// Mutual TLS to regions (`[mesh]`); required in TOML unless
     /// `plaintext = true`. [`Config::new`] starts in plain text.
     pub mesh: crate::mesh::MeshConfig,
+    /// How regions given by `srv` are resolved (`[discovery]`).
+    pub discovery: DiscoveryConfig,
 }
 
 /// How the gateway talks HTTP to regions.
@@ -181,8 +184,17 @@ fn latlon_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<LatLon>, 
 pub struct RegionConfig {
     /// Region name, as clients pin it in `x-meridian-region`.
     pub name: String,
-    /// `host:port` of the region's API (HTTP and gRPC on one port).
-    pub address: SocketAddr,
+    /// `host:port` of the region's API (HTTP and gRPC on one port), for a
+    /// region of one node at a fixed address. Exactly one of `address` and
+    /// `srv` is given.
+    #[serde(default)]
+    pub address: Option<SocketAddr>,
+    /// DNS SRV name of the region's nodes, e.g.
+    /// `_meridian._tcp.us-east.meridian.internal.`: each record's target
+    /// (A/AAAA) and port is a node, re-resolved when the TTL runs out (see
+    /// `[discovery]`).
+    #[serde(default)]
+    pub srv: Option<String>,
     /// Latitude of the region in degrees; regions without coordinates rank
     /// after those with, for located clients.
     #[serde(default)]
@@ -193,11 +205,24 @@ pub struct RegionConfig {
 }
 
 impl RegionConfig {
-    /// A region without coordinates.
+    /// A region of one node at `address`, without coordinates.
     pub fn new(name: impl Into<String>, address: SocketAddr) -> Self {
         Self {
             name: name.into(),
-            address,
+            address: Some(address),
+            srv: None,
+            lat: None,
+            lon: None,
+        }
+    }
+
+    /// A region whose nodes DNS SRV records under `srv` name, without
+    /// coordinates.
+    pub fn srv(name: impl Into<String>, srv: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            address: None,
+            srv: Some(srv.into()),
             lat: None,
             lon: None,
         }
@@ -215,6 +240,34 @@ impl RegionConfig {
             lat: self.lat?,
             lon: self.lon?,
         })
+    }
+}
+
+/// `[discovery]`: resolving the regions given by `srv`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDiscovery {
+    /// Name servers (`ip:port`) asked for SRV, A and AAAA records; empty
+    /// means the system's, from `/etc/resolv.conf`.
+    nameservers: Vec<SocketAddr>,
+    /// Shortest time between two resolutions of one name, whatever the TTL
+    /// says; also the retry interval after a failed resolution.
+    min_refresh_ms: u64,
+    /// Longest time an answer is used before asking again, whatever the TTL.
+    max_refresh_ms: u64,
+    /// Time one query may take before the next name server is asked.
+    timeout_ms: u64,
+}
+
+impl Default for RawDiscovery {
+    fn default() -> Self {
+        let d = DiscoveryConfig::default();
+        Self {
+            nameservers: d.nameservers,
+            min_refresh_ms: d.min_refresh.as_millis() as u64,
+            max_refresh_ms: d.max_refresh.as_millis() as u64,
+            timeout_ms: d.timeout.as_millis() as u64,
+        }
     }
 }
 
@@ -239,6 +292,8 @@ struct RawConfig {
     rate_limit: RateLimitConfig,
     #[serde(default)]
     mesh: crate::mesh::MeshConfig,
+    #[serde(default)]
+    discovery: RawDiscovery,
 }
 
 #[derive(Debug, Deserialize)]
@@ -345,6 +400,7 @@ impl Config {
             // Embedders (tests, `meridian up`) set `mesh` themselves;
             // Gateway::start warns while it is plain text.
             mesh: crate::mesh::MeshConfig::plaintext(),
+            discovery: RawDiscovery::default(),
         }
         .validate()
         .map_err(|message| Error::Config {
@@ -365,6 +421,21 @@ impl RawConfig {
             }
             if self.regions[..i].iter().any(|o| o.name == r.name) {
                 return Err(format!("`regions[{i}].name` repeats region {:?}", r.name));
+            }
+            match (&r.address, &r.srv) {
+                (Some(_), None) => {}
+                (None, Some(srv)) if valid_srv_name(srv) => {}
+                (None, Some(srv)) => {
+                    return Err(format!(
+                        "`regions[{i}].srv` {srv:?} is not a DNS name (e.g. \"_meridian._tcp.{}.example.\")",
+                        r.name
+                    ));
+                }
+                _ => {
+                    return Err(format!(
+                        "`regions[{i}]` needs exactly one of `address` and `srv`"
+                    ));
+                }
             }
         }
         let default_region = match &self.routing.default_region {
@@ -420,6 +491,17 @@ impl RawConfig {
         }
         self.rate_limit.validate()?;
         self.mesh.files()?;
+        let d = &self.discovery;
+        if d.min_refresh_ms == 0 || d.timeout_ms == 0 {
+            return Err(
+                "`discovery.min_refresh_ms` and `discovery.timeout_ms` must be at least 1".into(),
+            );
+        }
+        if d.max_refresh_ms < d.min_refresh_ms {
+            return Err(
+                "`discovery.max_refresh_ms` must be at least `discovery.min_refresh_ms`".into(),
+            );
+        }
         if self.server.threads == 0 {
             return Err("`server.threads` must be at least 1".into());
         }
@@ -442,8 +524,29 @@ impl RawConfig {
             auth: self.auth,
             rate_limit: self.rate_limit,
             mesh: self.mesh,
+            discovery: DiscoveryConfig {
+                nameservers: self.discovery.nameservers,
+                min_refresh: Duration::from_millis(self.discovery.min_refresh_ms),
+                max_refresh: Duration::from_millis(self.discovery.max_refresh_ms),
+                timeout: Duration::from_millis(self.discovery.timeout_ms),
+            },
         })
     }
+}
+
+/// Labels of letters, digits, `-` and `_` (SRV names start with `_service`),
+/// at most 63 bytes each, 253 in all, a final dot allowed.
+fn valid_srv_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 #[cfg(test)]
