@@ -603,6 +603,49 @@ address = "127.0.0.1:7102"
         assert!(e.contains("`regions[1].name` repeats"), "{e}");
     }
 
+    #[test]
+    fn a_region_has_an_address_or_an_srv_name() {
+        let srv = TWO.replace(
+            "address = \"127.0.0.1:7102\"",
+            "srv = \"_meridian._tcp.eu-west.meridian.test.\"",
+        );
+        let c = Config::from_toml(
+            &format!("{srv}\n[discovery]\nnameservers = [\"127.0.0.1:5353\"]\nmin_refresh_ms = 100\n"),
+            "g",
+        )
+        .unwrap();
+        assert_eq!(
+            c.regions[1].srv.as_deref(),
+            Some("_meridian._tcp.eu-west.meridian.test.")
+        );
+        assert_eq!(c.discovery.min_refresh, Duration::from_millis(100));
+        assert_eq!(c.discovery.max_refresh, Duration::from_secs(300));
+        for (text, key) in [
+            (
+                TWO.replace("address = \"127.0.0.1:7102\"", ""),
+                "`regions[1]` needs exactly one of `address` and `srv`",
+            ),
+            (
+                TWO.replace(
+                    "address = \"127.0.0.1:7102\"",
+                    "address = \"127.0.0.1:7102\"\nsrv = \"_m._tcp.x.\"",
+                ),
+                "`regions[1]` needs exactly one of `address` and `srv`",
+            ),
+            (
+                TWO.replace("address = \"127.0.0.1:7102\"", "srv = \"not a name\""),
+                "`regions[1].srv`",
+            ),
+            (
+                format!("{TWO}\n[discovery]\nmin_refresh_ms = 500\nmax_refresh_ms = 100\n"),
+                "`discovery.max_refresh_ms`",
+            ),
+        ] {
+            let e = Config::from_toml(&text, "g").unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
+    }
+
     /// The documented example stays a valid config; its certificate paths
     /// point at files that exist only in production, so they are swapped for
     /// temporary ones.
@@ -620,6 +663,8 @@ address = "127.0.0.1:7102"
         let text = text.replace("/etc/meridian", &dir.display().to_string());
         let c = Config::from_toml(&text, "gateway.example.toml").unwrap();
         assert_eq!(c.regions.len(), 2);
+        assert!(c.regions[1].srv.is_some(), "the example shows an SRV region");
+        assert_eq!(c.discovery.nameservers.len(), 1);
         assert!(c.tls.is_some() && c.auth.is_some() && c.admin_listen.is_some());
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -144,7 +144,9 @@ impl HealthChecker {
 impl BackgroundService for HealthChecker {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let timeout = Duration::from_millis(self.config.timeout_ms);
-        let mut channels: HashMap<SocketAddr, Channel> = HashMap::new();
+        // Keyed by region too: a channel verifies the region's identity, and
+        // one address listed under two regions must pass only as its own.
+        let mut channels: HashMap<(usize, SocketAddr), Channel> = HashMap::new();
         for r in &self.regions.list {
             self.metrics
                 .region_healthy
@@ -159,17 +161,19 @@ impl BackgroundService for HealthChecker {
                 _ = shutdown.changed() => return,
             }
             let mut targets = Vec::new();
-            for region in &self.regions.list {
+            let mut live = Vec::new();
+            for (i, region) in self.regions.list.iter().enumerate() {
                 for node in region.nodes().iter() {
                     let channel = channels
-                        .entry(node.address)
+                        .entry((i, node.address))
                         .or_insert_with(|| self.channel(region, node.address, timeout))
                         .clone();
+                    live.push((i, node.address));
                     targets.push((region, node.clone(), channel));
                 }
             }
             // Nodes DNS removed are not checked again.
-            channels.retain(|address, _| targets.iter().any(|(_, n, _)| n.address == *address));
+            channels.retain(|key, _| live.contains(key));
             let checks = targets.into_iter().map(|(region, node, channel)| async move {
                 let started = std::time::Instant::now();
                 let result = check(channel, timeout).await;
