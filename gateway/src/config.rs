@@ -610,7 +610,9 @@ address = "127.0.0.1:7102"
             "srv = \"_meridian._tcp.eu-west.meridian.test.\"",
         );
         let c = Config::from_toml(
-            &format!("{srv}\n[discovery]\nnameservers = [\"127.0.0.1:5353\"]\nmin_refresh_ms = 100\n"),
+            &format!(
+                "{srv}\n[discovery]\nnameservers = [\"127.0.0.1:5353\"]\nmin_refresh_ms = 100\n"
+            ),
             "g",
         )
         .unwrap();
@@ -663,7 +665,10 @@ address = "127.0.0.1:7102"
         let text = text.replace("/etc/meridian", &dir.display().to_string());
         let c = Config::from_toml(&text, "gateway.example.toml").unwrap();
         assert_eq!(c.regions.len(), 2);
-        assert!(c.regions[1].srv.is_some(), "the example shows an SRV region");
+        assert!(
+            c.regions[1].srv.is_some(),
+            "the example shows an SRV region"
+        );
         assert_eq!(c.discovery.nameservers.len(), 1);
         assert!(c.tls.is_some() && c.auth.is_some() && c.admin_listen.is_some());
         std::fs::remove_dir_all(&dir).unwrap();

@@ -69,7 +69,12 @@ pub(crate) fn apply(
 
 /// Logs and counts a region's own transition (its last healthy node went,
 /// or its first came back).
-pub(crate) fn apply_region(metrics: &Metrics, region: &Region, transition: Transition, cause: &str) {
+pub(crate) fn apply_region(
+    metrics: &Metrics,
+    region: &Region,
+    transition: Transition,
+    cause: &str,
+) {
     match transition {
         Transition::None => return,
         Transition::Ejected => {
@@ -174,11 +179,13 @@ impl BackgroundService for HealthChecker {
             }
             // Nodes DNS removed are not checked again.
             channels.retain(|key, _| live.contains(key));
-            let checks = targets.into_iter().map(|(region, node, channel)| async move {
-                let started = std::time::Instant::now();
-                let result = check(channel, timeout).await;
-                (region, node, result, started.elapsed())
-            });
+            let checks = targets
+                .into_iter()
+                .map(|(region, node, channel)| async move {
+                    let started = std::time::Instant::now();
+                    let result = check(channel, timeout).await;
+                    (region, node, result, started.elapsed())
+                });
             for (region, node, result, rtt) in futures::future::join_all(checks).await {
                 match result {
                     Ok(status) => {

@@ -179,7 +179,11 @@ impl Region {
     pub(crate) fn refresh_age(&self) -> Option<Duration> {
         match self.refreshed_ms.load(Ordering::Relaxed) {
             0 => None,
-            ms => Some(self.born.elapsed().saturating_sub(Duration::from_millis(ms))),
+            ms => Some(
+                self.born
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(ms)),
+            ),
         }
     }
 
@@ -234,7 +238,11 @@ impl Region {
                 std::cmp::Ordering::Less => a,
                 std::cmp::Ordering::Greater => b,
                 std::cmp::Ordering::Equal => {
-                    if self.cursor.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+                    if self
+                        .cursor
+                        .fetch_add(1, Ordering::Relaxed)
+                        .is_multiple_of(2)
+                    {
                         a
                     } else {
                         b

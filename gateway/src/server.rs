@@ -130,10 +130,12 @@ impl Gateway {
         if let Some(loader) = key_loader {
             server.add_service(background_service("api keys", loader));
         }
-        let discovery = Discovery::new(&config, regions.clone(), metrics.clone())
-            .map_err(|message| Error::Config {
-                origin: "discovery".into(),
-                message,
+        let discovery =
+            Discovery::new(&config, regions.clone(), metrics.clone()).map_err(|message| {
+                Error::Config {
+                    origin: "discovery".into(),
+                    message,
+                }
             })?;
         if let Some(discovery) = discovery {
             server.add_service(background_service("region discovery", discovery));

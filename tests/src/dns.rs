@@ -115,7 +115,10 @@ impl TestDns {
                 .await;
             let srv = SRV::new(t.priority, t.weight, t.addr.port(), host);
             self.authority
-                .upsert(Record::from_rdata(name.clone(), ttl, RData::SRV(srv)), serial)
+                .upsert(
+                    Record::from_rdata(name.clone(), ttl, RData::SRV(srv)),
+                    serial,
+                )
                 .await;
         }
     }

@@ -12,9 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use meridian_gateway::{Config as GatewayConfig, RegionConfig};
-use meridian_tests::{
-    RegionSandbox, SrvTarget, TEST_MODEL, TestDns, init_logging, start_gateway,
-};
+use meridian_tests::{RegionSandbox, SrvTarget, TEST_MODEL, TestDns, init_logging, start_gateway};
 use serde_json::{Value, json};
 
 const ZONE: &str = "meridian.test.";
@@ -204,7 +202,8 @@ async fn dns_changes_reach_routing_within_a_ttl_without_failed_requests() {
     let third = region.start_extra_node().await;
     let (a, b, c) = (region.addr(), second.addr(), third.addr());
     let dns = TestDns::start(ZONE, TTL).await;
-    dns.set_srv(SRV_NAME, TTL, &[target(1, a), target(2, b)]).await;
+    dns.set_srv(SRV_NAME, TTL, &[target(1, a), target(2, b)])
+        .await;
 
     let gateway = start_gateway(gateway_config(&dns)).await;
     let admin = gateway.admin_addr().expect("an admin port");
@@ -244,7 +243,8 @@ async fn dns_changes_reach_routing_within_a_ttl_without_failed_requests() {
 
     // Remove a node: within a TTL routing drops it; what was in flight to it
     // finishes, and after that it gets nothing.
-    dns.set_srv(SRV_NAME, TTL, &[target(1, a), target(3, c)]).await;
+    dns.set_srv(SRV_NAME, TTL, &[target(1, a), target(3, c)])
+        .await;
     let mut kept = vec![a, c];
     kept.sort();
     within(
@@ -300,7 +300,10 @@ async fn dns_changes_reach_routing_within_a_ttl_without_failed_requests() {
     )
     .await
     .expect("the refresh age is exported");
-    assert!(age < f64::from(TTL) + MARGIN.as_secs_f64(), "refreshed {age} s ago");
+    assert!(
+        age < f64::from(TTL) + MARGIN.as_secs_f64(),
+        "refreshed {age} s ago"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -310,7 +313,8 @@ async fn a_dns_outage_keeps_the_nodes_and_an_authoritative_empty_answer_removes_
     let second = region.start_extra_node().await;
     let (a, b) = (region.addr(), second.addr());
     let mut dns = TestDns::start(ZONE, TTL).await;
-    dns.set_srv(SRV_NAME, TTL, &[target(1, a), target(2, b)]).await;
+    dns.set_srv(SRV_NAME, TTL, &[target(1, a), target(2, b)])
+        .await;
 
     let gateway = start_gateway(gateway_config(&dns)).await;
     let admin = gateway.admin_addr().expect("an admin port");
@@ -357,7 +361,9 @@ async fn a_dns_outage_keeps_the_nodes_and_an_authoritative_empty_answer_removes_
     .await;
     let res = reqwest::Client::new()
         .post(format!("{url}/v1/chat/completions"))
-        .json(&json!({ "model": TEST_MODEL, "messages": [{ "role": "user", "content": "anyone?" }] }))
+        .json(
+            &json!({ "model": TEST_MODEL, "messages": [{ "role": "user", "content": "anyone?" }] }),
+        )
         .send()
         .await
         .unwrap();

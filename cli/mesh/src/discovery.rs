@@ -192,5 +192,8 @@ impl SrvWatch {
 /// has let go of it.
 pub(crate) fn refresh_after(ttl: Duration, config: &DiscoveryConfig) -> Duration {
     const PAST_EXPIRY: Duration = Duration::from_millis(10);
-    (ttl + PAST_EXPIRY).clamp(config.min_refresh, config.max_refresh.max(config.min_refresh))
+    (ttl + PAST_EXPIRY).clamp(
+        config.min_refresh,
+        config.max_refresh.max(config.min_refresh),
+    )
 }

@@ -42,8 +42,7 @@ impl Node {
     }
 
     pub(crate) fn set_srv(&self, priority: u16, weight: u16) {
-        self.priority
-            .store(u32::from(priority), Ordering::Relaxed);
+        self.priority.store(u32::from(priority), Ordering::Relaxed);
         self.weight.store(u32::from(weight), Ordering::Relaxed);
     }
 

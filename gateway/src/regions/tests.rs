@@ -63,7 +63,11 @@ fn a_region_is_healthy_while_any_node_is_and_draining_while_all_are() {
     assert_eq!(r.refresh(), Transition::None);
     assert!(r.is_available());
     for _ in 0..20 {
-        assert_eq!(r.pick().unwrap().address, addr(2), "ejected nodes are skipped");
+        assert_eq!(
+            r.pick().unwrap().address,
+            addr(2),
+            "ejected nodes are skipped"
+        );
     }
     nodes[1].report(true, 50, 100);
     r.refresh();
@@ -91,9 +95,7 @@ fn picks_spread_over_idle_nodes_and_prefer_the_less_busy() {
     assert!(counts.iter().all(|&c| c > 100), "{counts:?}");
     // Leases count as outstanding: with node 1 busy, two draws that land on
     // both pick node 2 every time.
-    let busy: Vec<Lease> = (0..50)
-        .map(|_| Lease::new(r.nodes()[0].clone()))
-        .collect();
+    let busy: Vec<Lease> = (0..50).map(|_| Lease::new(r.nodes()[0].clone())).collect();
     assert_eq!(r.nodes()[0].outstanding(), 50);
     let to_two = (0..400)
         .filter(|_| r.pick().unwrap().address == addr(2))
@@ -131,7 +133,10 @@ fn dns_changes_keep_known_nodes_and_hold_back_new_ones() {
     let lease = r.pick().unwrap();
     // A node added later waits for its checks.
     r.set_nodes(&[srv(1, 0, 1), srv(2, 0, 1)], &h);
-    assert!(Arc::ptr_eq(&r.nodes()[0], &first), "a known node keeps its state");
+    assert!(
+        Arc::ptr_eq(&r.nodes()[0], &first),
+        "a known node keeps its state"
+    );
     let added = r.nodes()[1].clone();
     assert!(!added.is_healthy());
     for _ in 0..20 {
