@@ -35,9 +35,20 @@ impl Admin {
             .list
             .iter()
             .map(|r| {
+                let nodes = r.nodes();
                 json!({
                     "name": r.name,
-                    "address": r.address.to_string(),
+                    // The first node's, as before regions had several.
+                    "address": nodes.first().map(|n| n.address.to_string()),
+                    "srv": r.srv,
+                    "nodes": nodes.iter().map(|n| json!({
+                        "address": n.address.to_string(),
+                        "priority": n.priority(),
+                        "weight": n.weight(),
+                        "healthy": n.is_healthy(),
+                        "draining": n.is_draining(),
+                        "outstanding": n.outstanding(),
+                    })).collect::<Vec<_>>(),
                     "healthy": r.is_healthy(),
                     "draining": r.is_draining(),
                     "ewma_latency_ms": r.ewma_ms(),
@@ -66,11 +77,14 @@ impl ServeHttp for Admin {
                     )
                 }
             }
-            "/metrics" => reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                self.metrics.render(),
-            ),
+            "/metrics" => {
+                self.metrics.observe_regions(&self.regions);
+                reply(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    self.metrics.render(),
+                )
+            }
             "/routing" => reply(
                 StatusCode::OK,
                 "application/json",

@@ -11,6 +11,7 @@ pub use crate::auth::AuthConfig;
 use crate::error::Error;
 use crate::geo::LatLon;
 pub use crate::ratelimit::RateLimitConfig;
+pub use meridian_mesh::DiscoveryConfig;
 
 /// A validated gateway configuration.
 #[derive(Debug, Clone)]
@@ -59,6 +60,8 @@ pub struct Config {
     pub mesh: crate::mesh::MeshConfig,
     /// Traces exported to an OTLP collector (`[tracing]`); off by default.
     pub tracing: meridian_mesh::TraceConfig,
+    /// How regions given by `srv` are resolved (`[discovery]`).
+    pub discovery: DiscoveryConfig,
 }
 
 /// How the gateway talks HTTP to regions.
@@ -183,8 +186,17 @@ fn latlon_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<LatLon>, 
 pub struct RegionConfig {
     /// Region name, as clients pin it in `x-meridian-region`.
     pub name: String,
-    /// `host:port` of the region's API (HTTP and gRPC on one port).
-    pub address: SocketAddr,
+    /// `host:port` of the region's API (HTTP and gRPC on one port), for a
+    /// region of one node at a fixed address. Exactly one of `address` and
+    /// `srv` is given.
+    #[serde(default)]
+    pub address: Option<SocketAddr>,
+    /// DNS SRV name of the region's nodes, e.g.
+    /// `_meridian._tcp.us-east.meridian.internal.`: each record's target
+    /// (A/AAAA) and port is a node, re-resolved when the TTL runs out (see
+    /// `[discovery]`).
+    #[serde(default)]
+    pub srv: Option<String>,
     /// Latitude of the region in degrees; regions without coordinates rank
     /// after those with, for located clients.
     #[serde(default)]
@@ -195,11 +207,24 @@ pub struct RegionConfig {
 }
 
 impl RegionConfig {
-    /// A region without coordinates.
+    /// A region of one node at `address`, without coordinates.
     pub fn new(name: impl Into<String>, address: SocketAddr) -> Self {
         Self {
             name: name.into(),
-            address,
+            address: Some(address),
+            srv: None,
+            lat: None,
+            lon: None,
+        }
+    }
+
+    /// A region whose nodes DNS SRV records under `srv` name, without
+    /// coordinates.
+    pub fn srv(name: impl Into<String>, srv: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            address: None,
+            srv: Some(srv.into()),
             lat: None,
             lon: None,
         }
@@ -217,6 +242,34 @@ impl RegionConfig {
             lat: self.lat?,
             lon: self.lon?,
         })
+    }
+}
+
+/// `[discovery]`: resolving the regions given by `srv`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDiscovery {
+    /// Name servers (`ip:port`) asked for SRV, A and AAAA records; empty
+    /// means the system's, from `/etc/resolv.conf`.
+    nameservers: Vec<SocketAddr>,
+    /// Shortest time between two resolutions of one name, whatever the TTL
+    /// says; also the retry interval after a failed resolution.
+    min_refresh_ms: u64,
+    /// Longest time an answer is used before asking again, whatever the TTL.
+    max_refresh_ms: u64,
+    /// Time one query may take before the next name server is asked.
+    timeout_ms: u64,
+}
+
+impl Default for RawDiscovery {
+    fn default() -> Self {
+        let d = DiscoveryConfig::default();
+        Self {
+            nameservers: d.nameservers,
+            min_refresh_ms: d.min_refresh.as_millis() as u64,
+            max_refresh_ms: d.max_refresh.as_millis() as u64,
+            timeout_ms: d.timeout.as_millis() as u64,
+        }
     }
 }
 
@@ -244,6 +297,8 @@ struct RawConfig {
     /// OpenTelemetry traces; off unless `otlp_endpoint` is set.
     #[serde(default)]
     tracing: meridian_mesh::TraceConfig,
+    #[serde(default)]
+    discovery: RawDiscovery,
 }
 
 #[derive(Debug, Deserialize)]
@@ -351,6 +406,7 @@ impl Config {
             // Gateway::start warns while it is plain text.
             mesh: crate::mesh::MeshConfig::plaintext(),
             tracing: meridian_mesh::TraceConfig::default(),
+            discovery: RawDiscovery::default(),
         }
         .validate()
         .map_err(|message| Error::Config {
@@ -371,6 +427,21 @@ impl RawConfig {
             }
             if self.regions[..i].iter().any(|o| o.name == r.name) {
                 return Err(format!("`regions[{i}].name` repeats region {:?}", r.name));
+            }
+            match (&r.address, &r.srv) {
+                (Some(_), None) => {}
+                (None, Some(srv)) if valid_srv_name(srv) => {}
+                (None, Some(srv)) => {
+                    return Err(format!(
+                        "`regions[{i}].srv` {srv:?} is not a DNS name (e.g. \"_meridian._tcp.{}.example.\")",
+                        r.name
+                    ));
+                }
+                _ => {
+                    return Err(format!(
+                        "`regions[{i}]` needs exactly one of `address` and `srv`"
+                    ));
+                }
             }
         }
         let default_region = match &self.routing.default_region {
@@ -427,6 +498,17 @@ impl RawConfig {
         self.rate_limit.validate()?;
         self.mesh.files()?;
         self.tracing.validate()?;
+        let d = &self.discovery;
+        if d.min_refresh_ms == 0 || d.timeout_ms == 0 {
+            return Err(
+                "`discovery.min_refresh_ms` and `discovery.timeout_ms` must be at least 1".into(),
+            );
+        }
+        if d.max_refresh_ms < d.min_refresh_ms {
+            return Err(
+                "`discovery.max_refresh_ms` must be at least `discovery.min_refresh_ms`".into(),
+            );
+        }
         if self.server.threads == 0 {
             return Err("`server.threads` must be at least 1".into());
         }
@@ -450,8 +532,29 @@ impl RawConfig {
             rate_limit: self.rate_limit,
             mesh: self.mesh,
             tracing: self.tracing,
+            discovery: DiscoveryConfig {
+                nameservers: self.discovery.nameservers,
+                min_refresh: Duration::from_millis(self.discovery.min_refresh_ms),
+                max_refresh: Duration::from_millis(self.discovery.max_refresh_ms),
+                timeout: Duration::from_millis(self.discovery.timeout_ms),
+            },
         })
     }
+}
+
+/// Labels of letters, digits, `-` and `_` (SRV names start with `_service`),
+/// at most 63 bytes each, 253 in all, a final dot allowed.
+fn valid_srv_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 #[cfg(test)]
@@ -512,6 +615,51 @@ address = "127.0.0.1:7102"
         assert!(e.contains("`tracing.sample_ratio`"), "{e}");
     }
 
+    #[test]
+    fn a_region_has_an_address_or_an_srv_name() {
+        let srv = TWO.replace(
+            "address = \"127.0.0.1:7102\"",
+            "srv = \"_meridian._tcp.eu-west.meridian.test.\"",
+        );
+        let c = Config::from_toml(
+            &format!(
+                "{srv}\n[discovery]\nnameservers = [\"127.0.0.1:5353\"]\nmin_refresh_ms = 100\n"
+            ),
+            "g",
+        )
+        .unwrap();
+        assert_eq!(
+            c.regions[1].srv.as_deref(),
+            Some("_meridian._tcp.eu-west.meridian.test.")
+        );
+        assert_eq!(c.discovery.min_refresh, Duration::from_millis(100));
+        assert_eq!(c.discovery.max_refresh, Duration::from_secs(300));
+        for (text, key) in [
+            (
+                TWO.replace("address = \"127.0.0.1:7102\"", ""),
+                "`regions[1]` needs exactly one of `address` and `srv`",
+            ),
+            (
+                TWO.replace(
+                    "address = \"127.0.0.1:7102\"",
+                    "address = \"127.0.0.1:7102\"\nsrv = \"_m._tcp.x.\"",
+                ),
+                "`regions[1]` needs exactly one of `address` and `srv`",
+            ),
+            (
+                TWO.replace("address = \"127.0.0.1:7102\"", "srv = \"not a name\""),
+                "`regions[1].srv`",
+            ),
+            (
+                format!("{TWO}\n[discovery]\nmin_refresh_ms = 500\nmax_refresh_ms = 100\n"),
+                "`discovery.max_refresh_ms`",
+            ),
+        ] {
+            let e = Config::from_toml(&text, "g").unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
+    }
+
     /// The documented example stays a valid config; its certificate paths
     /// point at files that exist only in production, so they are swapped for
     /// temporary ones.
@@ -529,6 +677,11 @@ address = "127.0.0.1:7102"
         let text = text.replace("/etc/meridian", &dir.display().to_string());
         let c = Config::from_toml(&text, "gateway.example.toml").unwrap();
         assert_eq!(c.regions.len(), 2);
+        assert!(
+            c.regions[1].srv.is_some(),
+            "the example shows an SRV region"
+        );
+        assert_eq!(c.discovery.nameservers.len(), 1);
         assert!(c.tls.is_some() && c.auth.is_some() && c.admin_listen.is_some());
         assert!(c.tracing.otlp_endpoint.is_some());
         std::fs::remove_dir_all(&dir).unwrap();

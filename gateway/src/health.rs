@@ -1,7 +1,10 @@
-//! Active health checks: every interval, each region's `grpc.health.v1` and
-//! `Admin.RegionStatus` over one lazily (re)connected h2c channel per region.
-//! Runs as a Pingora background service next to the proxy.
+//! Active health checks: every interval, each node's `grpc.health.v1` and
+//! `Admin.RegionStatus` over one lazily (re)connected h2c channel per node.
+//! Runs as a Pingora background service next to the proxy. Nodes come and go
+//! with DNS, so channels are kept by address and dropped with their node.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +20,7 @@ use tonic_health::pb::health_client::HealthClient;
 
 use crate::config::HealthConfig;
 use crate::metrics::Metrics;
-use crate::regions::{Region, Regions, Transition};
+use crate::regions::{Node, Region, Regions, Transition};
 
 pub(crate) struct HealthChecker {
     regions: Arc<Regions>,
@@ -43,8 +46,35 @@ impl HealthChecker {
     }
 }
 
-/// Applies a health transition: log it and count it.
-pub(crate) fn apply(metrics: &Metrics, region: &Region, transition: Transition, cause: &str) {
+/// Applies a node's health transition, and whatever it or a drain or load
+/// report did to its region: log them and count them.
+pub(crate) fn apply(
+    metrics: &Metrics,
+    region: &Region,
+    node: &Node,
+    transition: Transition,
+    cause: &str,
+) {
+    match transition {
+        Transition::None => {}
+        Transition::Ejected => {
+            tracing::warn!(region = %region.name, node = %node.address, cause, "node ejected");
+        }
+        Transition::Recovered => {
+            tracing::info!(region = %region.name, node = %node.address, "node recovered");
+        }
+    }
+    apply_region(metrics, region, region.refresh(), cause);
+}
+
+/// Logs and counts a region's own transition (its last healthy node went,
+/// or its first came back).
+pub(crate) fn apply_region(
+    metrics: &Metrics,
+    region: &Region,
+    transition: Transition,
+    cause: &str,
+) {
     match transition {
         Transition::None => return,
         Transition::Ejected => {
@@ -99,31 +129,34 @@ fn plain_channel(address: std::net::SocketAddr, timeout: Duration) -> Channel {
         .connect_lazy()
 }
 
+impl HealthChecker {
+    fn channel(&self, region: &Region, address: SocketAddr, timeout: Duration) -> Channel {
+        match &self.mesh {
+            // A region name that cannot be an identity cannot pass a check
+            // either: its channel is plain and every check fails.
+            Some(mesh) => mesh
+                .channel(&region.name, address, timeout)
+                .unwrap_or_else(|e| {
+                    tracing::error!(region = %region.name, error = %e, "no mesh channel for region");
+                    plain_channel(address, timeout)
+                }),
+            None => plain_channel(address, timeout),
+        }
+    }
+}
+
 #[async_trait]
 impl BackgroundService for HealthChecker {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let timeout = Duration::from_millis(self.config.timeout_ms);
-        let channels: Vec<Channel> = self
-            .regions
-            .list
-            .iter()
-            .map(|r| match &self.mesh {
-                // A region name that cannot be an identity cannot pass a
-                // check either: its channel is plain and every check fails.
-                Some(mesh) => mesh
-                    .channel(&r.name, r.address, timeout)
-                    .unwrap_or_else(|e| {
-                        tracing::error!(region = %r.name, error = %e, "no mesh channel for region");
-                        plain_channel(r.address, timeout)
-                    }),
-                None => plain_channel(r.address, timeout),
-            })
-            .collect();
+        // Keyed by region too: a channel verifies the region's identity, and
+        // one address listed under two regions must pass only as its own.
+        let mut channels: HashMap<(usize, SocketAddr), Channel> = HashMap::new();
         for r in &self.regions.list {
             self.metrics
                 .region_healthy
                 .with_label_values(&[&r.name])
-                .set(1);
+                .set(i64::from(r.is_healthy()));
         }
         let mut ticker = tokio::time::interval(Duration::from_millis(self.config.interval_ms));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -132,31 +165,42 @@ impl BackgroundService for HealthChecker {
                 _ = ticker.tick() => {}
                 _ = shutdown.changed() => return,
             }
-            let checks =
-                self.regions
-                    .list
-                    .iter()
-                    .zip(&channels)
-                    .map(|(region, channel)| async move {
-                        let started = std::time::Instant::now();
-                        let result = check(channel.clone(), timeout).await;
-                        (region, result, started.elapsed())
-                    });
-            for (region, result, rtt) in futures::future::join_all(checks).await {
+            let mut targets = Vec::new();
+            let mut live = Vec::new();
+            for (i, region) in self.regions.list.iter().enumerate() {
+                for node in region.nodes().iter() {
+                    let channel = channels
+                        .entry((i, node.address))
+                        .or_insert_with(|| self.channel(region, node.address, timeout))
+                        .clone();
+                    live.push((i, node.address));
+                    targets.push((region, node.clone(), channel));
+                }
+            }
+            // Nodes DNS removed are not checked again.
+            channels.retain(|key, _| live.contains(key));
+            let checks = targets
+                .into_iter()
+                .map(|(region, node, channel)| async move {
+                    let started = std::time::Instant::now();
+                    let result = check(channel, timeout).await;
+                    (region, node, result, started.elapsed())
+                });
+            for (region, node, result, rtt) in futures::future::join_all(checks).await {
                 match result {
                     Ok(status) => {
                         // The check's round trip, not requests' time to first
                         // byte: that mixes in how long each model takes.
                         region.observe_latency(rtt.as_micros() as u64);
                         if let Some((draining, in_flight, capacity)) = status {
-                            region.report(draining, in_flight, capacity);
+                            node.report(draining, in_flight, capacity);
                         }
-                        let t = region.success(&self.config);
-                        apply(&self.metrics, region, t, "");
+                        let t = node.success(&self.config);
+                        apply(&self.metrics, region, &node, t, "");
                     }
                     Err(cause) => {
-                        let t = region.failure(&self.config);
-                        apply(&self.metrics, region, t, &cause);
+                        let t = node.failure(&self.config);
+                        apply(&self.metrics, region, &node, t, &cause);
                     }
                 }
             }

@@ -2,9 +2,11 @@
 //! two gateways in one process (tests, `meridian up`) do not mix counts.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+
+use crate::regions::Regions;
 
 #[derive(Debug)]
 pub(crate) struct Metrics {
@@ -17,6 +19,9 @@ pub(crate) struct Metrics {
     pub rate_limited: IntCounterVec,
     pub auth_failures: IntCounterVec,
     pub rate_limit_redis_errors: IntCounter,
+    region_nodes: IntGaugeVec,
+    pub discovery_failures: IntCounterVec,
+    discovery_refresh_age: GaugeVec,
 }
 
 impl Metrics {
@@ -87,6 +92,30 @@ impl Metrics {
             "Rate-limit decisions Redis failed or was too slow for (then decided locally).",
         )
         .expect("valid metric");
+        let region_nodes = IntGaugeVec::new(
+            Opts::new(
+                "meridian_gateway_region_nodes",
+                "Nodes the gateway knows for a region (static or from DNS), by health (healthy, ejected).",
+            ),
+            &["region", "state"],
+        )
+        .expect("valid metric");
+        let discovery_failures = IntCounterVec::new(
+            Opts::new(
+                "meridian_gateway_discovery_failures_total",
+                "SRV resolutions of a region that failed; the last good nodes were kept.",
+            ),
+            &["region"],
+        )
+        .expect("valid metric");
+        let discovery_refresh_age = GaugeVec::new(
+            Opts::new(
+                "meridian_gateway_discovery_last_refresh_age_seconds",
+                "Time since a region's SRV name last resolved well; absent before the first answer.",
+            ),
+            &["region"],
+        )
+        .expect("valid metric");
         for m in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -96,6 +125,9 @@ impl Metrics {
             Box::new(rate_limited.clone()),
             Box::new(auth_failures.clone()),
             Box::new(rate_limit_redis_errors.clone()),
+            Box::new(region_nodes.clone()),
+            Box::new(discovery_failures.clone()),
+            Box::new(discovery_refresh_age.clone()),
         ] {
             registry.register(m).expect("metric names are unique");
         }
@@ -109,6 +141,29 @@ impl Metrics {
             rate_limited,
             auth_failures,
             rate_limit_redis_errors,
+            region_nodes,
+            discovery_failures,
+            discovery_refresh_age,
+        }
+    }
+
+    /// Sets the gauges read from the region table, just before a scrape, so
+    /// nothing on the request path keeps them.
+    pub(crate) fn observe_regions(&self, regions: &Regions) {
+        for r in &regions.list {
+            let nodes = r.nodes();
+            let healthy = nodes.iter().filter(|n| n.is_healthy()).count() as i64;
+            self.region_nodes
+                .with_label_values(&[r.name.as_str(), "healthy"])
+                .set(healthy);
+            self.region_nodes
+                .with_label_values(&[r.name.as_str(), "ejected"])
+                .set(nodes.len() as i64 - healthy);
+            if let Some(age) = r.refresh_age() {
+                self.discovery_refresh_age
+                    .with_label_values(&[&r.name])
+                    .set(age.as_secs_f64());
+            }
         }
     }
 

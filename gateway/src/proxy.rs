@@ -1,5 +1,5 @@
-//! The Pingora proxy: plan the regions in `request_filter`, connect to the
-//! next one over h2c in `upstream_peer`, retry in the next region when a try
+//! The Pingora proxy: plan the regions in `request_filter`, connect to a
+//! node of the next one over h2c in `upstream_peer`, retry in the next region when a try
 //! fails before any byte reached the client, name the region in
 //! `response_filter`, and answer errors in the client's own protocol (OpenAI
 //! JSON for HTTP, a status for gRPC).
@@ -26,7 +26,7 @@ use crate::config::{Config, HealthConfig, UpstreamProtocol};
 use crate::geo::{COUNTRY_HEADER, LATLON_HEADER, Locator};
 use crate::health;
 use crate::metrics::Metrics;
-use crate::regions::Regions;
+use crate::regions::{Lease, Regions};
 use crate::route::{Plan, Reason, RequestFacts, Router};
 use crate::{REGION_HEADER, ROUTE_HEADER, SESSION_HEADER};
 
@@ -60,6 +60,9 @@ pub(crate) struct Ctx {
     /// Tries made so far; the next try uses `plan.order[attempts]`.
     attempts: usize,
     current: Option<usize>,
+    /// The node of `current` this try went to; counts as outstanding on it
+    /// until the request ends or a retry picks another.
+    node: Option<Lease>,
     reason: Option<Reason>,
     /// Set once the response header is on its way to the client: no retry
     /// after that.
@@ -124,10 +127,10 @@ impl Proxy {
     }
 
     fn passive_failure(&self, ctx: &Ctx, cause: &str) {
-        if let Some(i) = ctx.current {
+        if let (Some(i), Some(node)) = (ctx.current, &ctx.node) {
             let region = &self.regions.list[i];
-            let t = region.failure(&self.health);
-            health::apply(&self.metrics, region, t, cause);
+            let t = node.failure(&self.health);
+            health::apply(&self.metrics, region, node, t, cause);
         }
     }
 
@@ -242,6 +245,7 @@ impl ProxyHttp for Proxy {
             plan: None,
             attempts: 0,
             current: None,
+            node: None,
             reason: None,
             responded: false,
             admitted: Admitted::default(),
@@ -322,14 +326,28 @@ impl ProxyHttp for Proxy {
             .plan
             .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no region planned"))?;
-        let index = *plan
-            .order
-            .get(ctx.attempts)
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no region left to try"))?;
-        if ctx.attempts > 0 {
+        // A region without nodes (its SRV name has none, or has not been
+        // resolved yet) is passed over like one that refused to connect.
+        let (index, node) = loop {
+            let index = *plan
+                .order
+                .get(ctx.attempts)
+                .ok_or_else(|| Error::explain(ErrorType::InternalError, "no region left to try"))?;
+            ctx.attempts += 1;
+            if let Some(node) = self.regions.list[index].pick() {
+                break (index, node);
+            }
+            ctx.current = Some(index);
+            if ctx.attempts >= plan.order.len().min(self.max_attempts) {
+                return Err(Error::explain(
+                    ErrorType::ConnectNoRoute,
+                    format!("region {} has no nodes", self.regions.list[index].name),
+                ));
+            }
+        };
+        if ctx.attempts > 1 {
             ctx.reason = Some(Reason::Failover);
         }
-        ctx.attempts += 1;
         ctx.current = Some(index);
         let region = &self.regions.list[index];
         if let Some(cx) = &ctx.trace {
@@ -340,9 +358,10 @@ impl ProxyHttp for Proxy {
             trace::set_attributes(cx, [name]);
         }
         let mut peer = match &self.mesh {
-            Some(mesh) => mesh.peer(region.address, &region.name),
-            None => HttpPeer::new(region.address, false, String::new()),
+            Some(mesh) => mesh.peer(node.address, &region.name),
+            None => HttpPeer::new(node.address, false, String::new()),
         };
+        ctx.node = Some(node);
         // gRPC needs HTTP/2 (trailers): prior knowledge (h2c), multiplexed
         // on pooled connections. Plain HTTP defaults to pooled HTTP/1.1,
         // which costs Pingora less per small request than HTTP/2 framing.
@@ -404,12 +423,11 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
-        if let Some(i) = ctx.current {
-            let region = &self.regions.list[i];
+        if let Some(node) = &ctx.node {
             if matches!(status, 500 | 502 | 503 | 504) {
                 self.passive_failure(ctx, "5xx");
             } else {
-                region.request_ok();
+                node.request_ok();
             }
         }
         // A saturated region says 503 before producing anything: try the
@@ -460,7 +478,10 @@ impl ProxyHttp for Proxy {
                     can_reuse_downstream: false,
                 };
             }
-            ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError => (
+            ErrorType::ConnectTimedout
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectError
+            | ErrorType::ConnectNoRoute => (
                 502,
                 14,
                 "server_error",

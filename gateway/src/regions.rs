@@ -1,10 +1,27 @@
-//! The live region table: what health checks, requests and the regions' own
-//! status reports have taught the gateway. Read on every request, so all of it
-//! is atomics: no lock on the request path.
+//! The live region table: what health checks, requests, DNS and the nodes'
+//! own status reports have taught the gateway. Read on every request, so all
+//! of it is atomics and one `ArcSwap` per region for its node list: no lock
+//! on the request path.
+//!
+//! A region is one or more nodes: one static `address`, or whatever its SRV
+//! name resolves to. The region's own health, drain and load are derived
+//! from its nodes' whenever one of them changes ([`Region::refresh`]): a
+//! region is healthy while any node is, draining while every healthy node
+//! is.
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+mod node;
+#[cfg(test)]
+mod tests;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use meridian_mesh::SrvNode;
+use rand::Rng;
+
+pub(crate) use self::node::{Lease, Node};
 use crate::config::{Config, HealthConfig};
 use crate::geo::LatLon;
 
@@ -12,22 +29,28 @@ use crate::geo::LatLon;
 #[derive(Debug)]
 pub(crate) struct Region {
     pub name: String,
-    pub address: SocketAddr,
     pub location: Option<LatLon>,
+    /// The SRV name the nodes come from; none for a static address.
+    pub srv: Option<String>,
+    nodes: ArcSwap<Vec<Arc<Node>>>,
     healthy: AtomicBool,
     draining: AtomicBool,
-    failures: AtomicU32,
-    successes: AtomicU32,
-    /// Observed latency to first byte, microseconds, exponentially weighted.
-    ewma_us: AtomicU64,
-    /// In-flight over capacity as reported by the region, in thousandths.
+    /// Mean reported load of the available nodes, in thousandths.
     load_permille: AtomicU32,
+    /// Observed latency of health checks, microseconds, exponentially weighted.
+    ewma_us: AtomicU64,
+    /// Milliseconds after `born` of the last good DNS answer; 0 for none.
+    refreshed_ms: AtomicU64,
+    born: Instant,
+    /// Spreads ties among equally idle nodes.
+    cursor: AtomicUsize,
 }
 
 /// Weight of a new latency sample in the moving average (1/8, as TCP's SRTT).
 const EWMA_SHIFT: u32 = 3;
 
-/// What a change did to a region's health; the caller logs and counts it.
+/// What a change did to a node's or a region's health; the caller logs and
+/// counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Transition {
     None,
@@ -36,20 +59,27 @@ pub(crate) enum Transition {
 }
 
 impl Region {
-    fn new(name: String, address: SocketAddr, location: Option<LatLon>) -> Self {
-        Self {
+    fn new(name: String, location: Option<LatLon>, srv: Option<String>, nodes: Vec<Node>) -> Self {
+        let region = Self {
             name,
-            address,
             location,
-            // Optimistic until the first checks say otherwise, so a gateway
-            // that starts with its regions serves at once.
-            healthy: AtomicBool::new(true),
+            srv,
+            nodes: ArcSwap::from_pointee(nodes.into_iter().map(Arc::new).collect()),
+            healthy: AtomicBool::new(false),
             draining: AtomicBool::new(false),
-            failures: AtomicU32::new(0),
-            successes: AtomicU32::new(0),
-            ewma_us: AtomicU64::new(0),
             load_permille: AtomicU32::new(0),
-        }
+            ewma_us: AtomicU64::new(0),
+            refreshed_ms: AtomicU64::new(0),
+            born: Instant::now(),
+            cursor: AtomicUsize::new(0),
+        };
+        region.refresh();
+        region
+    }
+
+    /// The current nodes, sorted by priority then address.
+    pub(crate) fn nodes(&self) -> arc_swap::Guard<Arc<Vec<Arc<Node>>>> {
+        self.nodes.load()
     }
 
     pub(crate) fn is_healthy(&self) -> bool {
@@ -85,41 +115,143 @@ impl Region {
         self.ewma_us.store(new, Ordering::Relaxed);
     }
 
-    pub(crate) fn report(&self, draining: bool, in_flight: u32, capacity: u32) {
-        self.draining.store(draining, Ordering::Relaxed);
-        let permille = if capacity == 0 {
-            1000
-        } else {
-            (u64::from(in_flight) * 1000 / u64::from(capacity)).min(1000) as u32
-        };
-        self.load_permille.store(permille, Ordering::Relaxed);
-    }
-
-    /// A failed check or request; ejects after `failures_to_eject` in a row.
-    pub(crate) fn failure(&self, health: &HealthConfig) -> Transition {
-        self.successes.store(0, Ordering::Relaxed);
-        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures >= health.failures_to_eject && self.healthy.swap(false, Ordering::Relaxed) {
-            return Transition::Ejected;
+    /// Recomputes the region's health, drain and load from its nodes. Two
+    /// refreshes racing may publish from different moments; the next check
+    /// (one interval later) settles it, which is cheaper than a lock.
+    pub(crate) fn refresh(&self) -> Transition {
+        let nodes = self.nodes.load();
+        let healthy = nodes.iter().any(|n| n.is_healthy());
+        let (mut available, mut load) = (0u32, 0u32);
+        for n in nodes.iter().filter(|n| n.is_available()) {
+            available += 1;
+            load += n.load_permille();
         }
-        Transition::None
-    }
-
-    /// A request the region answered well: failures are no longer consecutive.
-    pub(crate) fn request_ok(&self) {
-        if self.failures.load(Ordering::Relaxed) != 0 {
-            self.failures.store(0, Ordering::Relaxed);
+        self.draining
+            .store(healthy && available == 0, Ordering::Relaxed);
+        self.load_permille
+            .store(load.checked_div(available).unwrap_or(0), Ordering::Relaxed);
+        match (self.healthy.swap(healthy, Ordering::Relaxed), healthy) {
+            (true, false) => Transition::Ejected,
+            (false, true) => Transition::Recovered,
+            _ => Transition::None,
         }
     }
 
-    /// A successful active check; recovers after `successes_to_recover` in a row.
-    pub(crate) fn success(&self, health: &HealthConfig) -> Transition {
-        self.failures.store(0, Ordering::Relaxed);
-        let successes = self.successes.fetch_add(1, Ordering::Relaxed) + 1;
-        if successes >= health.successes_to_recover && !self.healthy.swap(true, Ordering::Relaxed) {
-            return Transition::Recovered;
+    /// Replaces the node list with what DNS answered. Nodes that stay keep
+    /// their health and outstanding requests; removed nodes take no new
+    /// requests, and those in flight finish (their [`Lease`]s hold them).
+    /// Nodes of the first answer start healthy, as a static address does, so
+    /// a starting gateway serves at once; nodes added later wait for their
+    /// health checks to pass, so a node that is not up yet takes no traffic.
+    pub(crate) fn set_nodes(&self, found: &[SrvNode], health: &HealthConfig) -> Transition {
+        let first = self.refreshed_ms.load(Ordering::Relaxed) == 0;
+        let old = self.nodes.load_full();
+        let new = found
+            .iter()
+            .map(|s| match old.iter().find(|n| n.address == s.addr) {
+                Some(n) => {
+                    n.set_srv(s.priority, s.weight);
+                    n.clone()
+                }
+                None => {
+                    let node = Node::new(s.addr, s.priority, s.weight, first);
+                    if !first {
+                        // Fails until `successes_to_recover` checks pass.
+                        for _ in 0..health.failures_to_eject {
+                            node.failure(health);
+                        }
+                    }
+                    Arc::new(node)
+                }
+            })
+            .collect();
+        self.nodes.store(Arc::new(new));
+        self.refresh()
+    }
+
+    /// Notes a good DNS answer.
+    pub(crate) fn refreshed(&self, at: Instant) {
+        let ms = at.saturating_duration_since(self.born).as_millis() as u64;
+        self.refreshed_ms.store(ms.max(1), Ordering::Relaxed);
+    }
+
+    /// Time since the last good DNS answer; none before the first.
+    pub(crate) fn refresh_age(&self) -> Option<Duration> {
+        match self.refreshed_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(
+                self.born
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(ms)),
+            ),
         }
-        Transition::None
+    }
+
+    /// The node for a new request: among the available nodes of the best
+    /// SRV priority, the less busy (outstanding over weight) of two drawn at
+    /// random in proportion to their weights. A region with no available
+    /// node still offers a healthy (draining) one, then any: it is only
+    /// tried when the plan has nothing better, as before nodes existed.
+    pub(crate) fn pick(&self) -> Option<Lease> {
+        let nodes = self.nodes.load();
+        if nodes.len() <= 1 {
+            return nodes.first().cloned().map(Lease::new);
+        }
+        let tiers: [fn(&Node) -> bool; 3] = [Node::is_available, Node::is_healthy, |_| true];
+        for tier in tiers {
+            let Some(best) = nodes.iter().filter(|n| tier(n)).map(|n| n.priority()).min() else {
+                continue;
+            };
+            let candidate = |n: &&Arc<Node>| tier(n) && n.priority() == best;
+            let total: u32 = nodes.iter().filter(candidate).map(|n| n.weight()).sum();
+            // RFC 2782: weight 0 only when nothing weightier is there; all
+            // zero means all equal.
+            let weight = |n: &Node| if total == 0 { 1 } else { n.weight() };
+            let total = if total == 0 {
+                nodes.iter().filter(candidate).count() as u32
+            } else {
+                total
+            };
+            let draw = |mut r: u32| {
+                nodes
+                    .iter()
+                    .filter(candidate)
+                    .find(|n| {
+                        let w = weight(n);
+                        if r < w {
+                            return true;
+                        }
+                        r -= w;
+                        false
+                    })
+                    .expect("a draw below the total weight lands on a node")
+            };
+            let mut rng = rand::rng();
+            let a = draw(rng.random_range(0..total));
+            let b = draw(rng.random_range(0..total));
+            // (outstanding + 1) / weight, compared without dividing; the
+            // cursor breaks ties so idle nodes share sequential traffic.
+            let (wa, wb) = (u64::from(weight(a).max(1)), u64::from(weight(b).max(1)));
+            let cost_a = u64::from(a.outstanding() + 1) * wb;
+            let cost_b = u64::from(b.outstanding() + 1) * wa;
+            let chosen = match cost_a.cmp(&cost_b) {
+                std::cmp::Ordering::Less => a,
+                std::cmp::Ordering::Greater => b,
+                std::cmp::Ordering::Equal => {
+                    if self
+                        .cursor
+                        .fetch_add(1, Ordering::Relaxed)
+                        .is_multiple_of(2)
+                    {
+                        a
+                    } else {
+                        b
+                    }
+                }
+            };
+            return Some(Lease::new(chosen.clone()));
+        }
+        None
     }
 }
 
@@ -135,7 +267,17 @@ impl Regions {
             list: config
                 .regions
                 .iter()
-                .map(|r| Region::new(r.name.clone(), r.address, r.location()))
+                .map(|r| {
+                    let nodes = match r.address {
+                        // Optimistic until the first checks say otherwise,
+                        // so a gateway that starts with its regions serves
+                        // at once.
+                        Some(address) => vec![Node::new(address, 0, 1, true)],
+                        // Filled by discovery.
+                        None => Vec::new(),
+                    };
+                    Region::new(r.name.clone(), r.location(), r.srv.clone(), nodes)
+                })
                 .collect(),
         }
     }
@@ -144,50 +286,5 @@ impl Regions {
         self.list
             .iter()
             .position(|r| r.name.eq_ignore_ascii_case(name))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn region() -> Region {
-        Region::new("r".into(), ([127, 0, 0, 1], 1).into(), None)
-    }
-
-    #[test]
-    fn ejection_and_recovery_follow_thresholds() {
-        let h = HealthConfig {
-            failures_to_eject: 2,
-            successes_to_recover: 3,
-            ..HealthConfig::default()
-        };
-        let r = region();
-        assert_eq!(r.failure(&h), Transition::None);
-        assert!(r.is_healthy());
-        assert_eq!(r.failure(&h), Transition::Ejected);
-        assert!(!r.is_healthy());
-        assert_eq!(r.failure(&h), Transition::None);
-        assert_eq!(r.success(&h), Transition::None);
-        assert_eq!(r.success(&h), Transition::None);
-        // A failure in between restarts the count.
-        assert_eq!(r.failure(&h), Transition::None);
-        for _ in 0..2 {
-            assert_eq!(r.success(&h), Transition::None);
-        }
-        assert_eq!(r.success(&h), Transition::Recovered);
-        assert!(r.is_healthy());
-    }
-
-    #[test]
-    fn load_and_latency_are_tracked() {
-        let r = region();
-        r.report(true, 50, 100);
-        assert!((r.load() - 0.5).abs() < 1e-9);
-        assert!(!r.is_available());
-        r.observe_latency(8_000);
-        assert_eq!(r.ewma_ms(), 8.0);
-        r.observe_latency(16_000);
-        assert_eq!(r.ewma_ms(), 9.0);
     }
 }

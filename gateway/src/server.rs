@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 
 use crate::admin::Admin;
 use crate::config::Config;
+use crate::discovery::Discovery;
 use crate::error::Error;
 use crate::health::HealthChecker;
 use crate::metrics::Metrics;
@@ -139,6 +140,16 @@ impl Gateway {
         server.add_service(service);
         if let Some(loader) = key_loader {
             server.add_service(background_service("api keys", loader));
+        }
+        let discovery =
+            Discovery::new(&config, regions.clone(), metrics.clone()).map_err(|message| {
+                Error::Config {
+                    origin: "discovery".into(),
+                    message,
+                }
+            })?;
+        if let Some(discovery) = discovery {
+            server.add_service(background_service("region discovery", discovery));
         }
         server.add_service(background_service(
             "region health",

@@ -3,10 +3,12 @@
 //! Integration tests run against real parts: each [`RegionSandbox`] starts its
 //! own `redis-server` and PostgreSQL cluster (through `meridian-launcher`) and a
 //! regional node on a free port; a [`ClusterSandbox`] starts several regions and
-//! the gateway in front of them. Every handle can be stopped and restarted, and
+//! the gateway in front of them; a [`TestDns`] serves the SRV records a
+//! gateway discovers region nodes from. Every handle can be stopped and restarted, and
 //! everything is torn down on drop, even when a test panics.
 
 mod collector;
+mod dns;
 pub mod load;
 mod pki;
 mod sandbox;
@@ -15,9 +17,10 @@ mod upstream;
 pub use meridian_launcher::{PostgresServer, RedisServer};
 
 pub use self::collector::{OtlpCollector, ReceivedSpan};
+pub use self::dns::{SrvTarget, TestDns};
 pub use self::pki::{TestPki, mesh_channel};
 pub use self::sandbox::{
-    ClusterSandbox, RegionSandbox, TEST_MODEL, TEST_SLOW_MODEL, embedding_model_dir,
+    ClusterSandbox, RegionNode, RegionSandbox, TEST_MODEL, TEST_SLOW_MODEL, embedding_model_dir,
     region_location, start_gateway,
 };
 pub use self::upstream::{SimServer, metric};

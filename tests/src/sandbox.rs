@@ -37,6 +37,69 @@ pub struct RegionSandbox {
 struct NodeHandle {
     runtime: Option<tokio::runtime::Runtime>,
     node: Option<RegionalNode>,
+    addr: SocketAddr,
+}
+
+/// Numbers the extra nodes' config files, so they never share one.
+static EXTRA_NODES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Starts a node from its config file on a runtime of its own, so dropping
+/// the handle ends it the way a crash would: every socket closed at once,
+/// nothing flushed.
+async fn spawn_node(region: &str, path: &std::path::Path) -> NodeHandle {
+    let config = Config::from_file(path).unwrap_or_else(|e| panic!("region {region}: {e}"));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(format!("region-{region}"))
+        .enable_all()
+        .build()
+        .expect("a runtime for the node");
+    let node = runtime
+        .spawn(RegionalNode::start(config))
+        .await
+        .expect("node start does not panic")
+        .unwrap_or_else(|e| panic!("region {region}: {e}"));
+    NodeHandle {
+        addr: node.local_addr(),
+        runtime: Some(runtime),
+        node: Some(node),
+    }
+}
+
+/// Shuts a node down gracefully: in-flight requests finish, then it stops.
+async fn stop_node(region: &str, mut handle: NodeHandle) {
+    let node = handle.node.take().expect("a running node");
+    let runtime = handle.runtime.as_ref().expect("a running node");
+    runtime
+        .spawn(node.shutdown())
+        .await
+        .expect("node shutdown does not panic")
+        .unwrap_or_else(|e| panic!("region {region}: {e}"));
+}
+
+/// An extra node of a region, from [`RegionSandbox::start_extra_node`].
+pub struct RegionNode {
+    handle: Option<NodeHandle>,
+    region: String,
+}
+
+impl RegionNode {
+    /// The node's API address (HTTP and gRPC).
+    pub fn addr(&self) -> SocketAddr {
+        self.handle.as_ref().expect("the node runs").addr
+    }
+
+    /// `http://` URL of the node's API.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+
+    /// Shuts the node down gracefully.
+    pub async fn stop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            stop_node(&self.region, handle).await;
+        }
+    }
 }
 
 impl Drop for NodeHandle {
@@ -118,24 +181,25 @@ impl RegionSandbox {
         // `POST /admin/reload` has one to read again.
         let path = self.config_path();
         std::fs::write(&path, self.config_toml(listen)).expect("the node's config is written");
-        let config =
-            Config::from_file(&path).unwrap_or_else(|e| panic!("region {}: {e}", self.name));
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name(format!("region-{}", self.name))
-            .enable_all()
-            .build()
-            .expect("a runtime for the node");
-        let node = runtime
-            .spawn(RegionalNode::start(config))
-            .await
-            .expect("node start does not panic")
-            .unwrap_or_else(|e| panic!("region {}: {e}", self.name));
-        self.addr = Some(node.local_addr());
-        self.node = Some(NodeHandle {
-            runtime: Some(runtime),
-            node: Some(node),
-        });
+        let handle = spawn_node(&self.name, &path).await;
+        self.addr = Some(handle.addr);
+        self.node = Some(handle);
+    }
+
+    /// Starts another node of this region on a free port: the same Redis,
+    /// PostgreSQL and config, as a region scaled out runs. The region's own
+    /// node is unaffected; dropping the handle kills the extra one.
+    pub async fn start_extra_node(&self) -> RegionNode {
+        let listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        let path = self.postgres.dir().join(format!(
+            "regional-extra-{}.toml",
+            EXTRA_NODES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::write(&path, self.config_toml(listen)).expect("the node's config is written");
+        RegionNode {
+            handle: Some(spawn_node(&self.name, &path).await),
+            region: self.name.clone(),
+        }
     }
 
     /// The node's config file (in the region's PostgreSQL directory).
@@ -153,14 +217,8 @@ impl RegionSandbox {
 
     /// Shuts the node down gracefully; its stores keep running.
     pub async fn stop_node(&mut self) {
-        if let Some(mut handle) = self.node.take() {
-            let node = handle.node.take().expect("a running node");
-            let runtime = handle.runtime.as_ref().expect("a running node");
-            runtime
-                .spawn(node.shutdown())
-                .await
-                .expect("node shutdown does not panic")
-                .unwrap_or_else(|e| panic!("region {}: {e}", self.name));
+        if let Some(handle) = self.node.take() {
+            stop_node(&self.name, handle).await;
         }
     }
 

@@ -2,16 +2,12 @@
 //! hits, canonical keys, single-flight, tenant isolation, Redis outages,
 //! purges, and the semantic cache measured on hand-labelled pairs.
 
-use std::net::SocketAddr;
-
 use meridian_proto::v1::admin_client::AdminClient;
 use meridian_proto::v1::inference_client::InferenceClient;
 use meridian_proto::v1::{
     CacheResult, ChatMessage, GenerateRequest, PurgeCacheRequest, RegionStatusRequest,
 };
-use meridian_regional::{
-    Config, DEFAULT_SEMANTIC_THRESHOLD, RegionalNode, SimConfig, semantic_questions_compatible,
-};
+use meridian_regional::{DEFAULT_SEMANTIC_THRESHOLD, SimConfig, semantic_questions_compatible};
 use meridian_tests::{RegionSandbox, SimServer, embedding_model_dir, init_logging};
 use serde_json::{Value, json};
 
@@ -94,15 +90,6 @@ async fn ask_json(
     body: &Value,
 ) -> (String, String) {
     ask(client, url, tenant, body.to_string(), &[]).await
-}
-
-/// A second node of `region`, on its own port, sharing its Redis and
-/// PostgreSQL.
-async fn second_node(region: &RegionSandbox) -> RegionalNode {
-    let toml = region.config_toml(SocketAddr::from(([127, 0, 0, 1], 0)));
-    RegionalNode::start(Config::from_toml(&toml, "second node").unwrap())
-        .await
-        .unwrap()
 }
 
 async fn region_status(url: &str) -> meridian_proto::v1::RegionStatusResponse {
@@ -506,8 +493,8 @@ async fn semantic_hits_serve_paraphrases_within_a_tenant_across_nodes() {
 
     // A node that starts later loads the region's entries from Redis: the
     // four stored so far (the paraphrase was a hit and stored nothing).
-    let second = second_node(&region).await;
-    let second_url = format!("http://{}", second.local_addr());
+    let mut second = region.start_extra_node().await;
+    let second_url = second.url();
     wait_for_entries(&second_url, 4).await;
     let reworded = question("What is the way to reverse a list in Python?");
     let (text, c) = ask_json(&client, &second_url, "acme", &reworded).await;
@@ -540,7 +527,7 @@ async fn semantic_hits_serve_paraphrases_within_a_tenant_across_nodes() {
         ask_json(&client, &second_url, "acme", &probe).await.1,
         "miss"
     );
-    second.shutdown().await.unwrap();
+    second.stop().await;
     region.stop_node().await;
 }
 

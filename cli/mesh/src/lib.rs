@@ -9,13 +9,20 @@
 //! It lives beside `meridian-launcher` because the CLI, the regions, the
 //! gateway and the tests all need the same identity rules; keeping them in
 //! one crate means the CA and the policy cannot drift apart.
+//!
+//! [`SrvWatch`] finds a service's nodes through DNS SRV records, for the
+//! gateway's regions now and for region peers later.
 
+mod discovery;
 mod files;
 mod identity;
 mod issue;
 mod tls;
 pub mod trace;
 
+pub use self::discovery::{
+    Answer, Discovered, DiscoveryConfig, DiscoveryError, SrvNode, SrvResolver, SrvWatch,
+};
 pub use self::files::{CertFiles, Loaded, watch};
 pub use self::identity::{
     Identity, Role, TRUST_DOMAIN, region_server_name, serial_of, validate_pattern,

@@ -17,9 +17,18 @@ fn setup() -> (Router, Regions) {
 
 fn eject(regions: &Regions, i: usize) {
     let h = HealthConfig::default();
-    for _ in 0..h.failures_to_eject {
-        regions.list[i].failure(&h);
+    for node in regions.list[i].nodes().iter() {
+        for _ in 0..h.failures_to_eject {
+            node.failure(&h);
+        }
     }
+    regions.list[i].refresh();
+}
+
+/// What a region's only node reports in `Admin.RegionStatus`.
+fn report(regions: &Regions, i: usize, draining: bool, in_flight: u32, capacity: u32) {
+    regions.list[i].nodes()[0].report(draining, in_flight, capacity);
+    regions.list[i].refresh();
 }
 
 const PARIS: LatLon = LatLon {
@@ -108,7 +117,7 @@ fn unavailable_regions_go_last() {
         )
         .unwrap();
     assert_eq!(plan.order, vec![US, AP, EU]);
-    regions.list[US].report(true, 0, 10);
+    report(&regions, US, true, 0, 10);
     let plan = router
         .plan(
             &regions,
@@ -126,7 +135,7 @@ fn load_and_latency_shift_the_ranking() {
     let (router, regions) = setup();
     // Paris → eu-west 870 km, → us-east 6,200 km: a full eu-west (3,000 km)
     // plus 60 ms of latency (3,000 km) tips it.
-    regions.list[EU].report(false, 100, 100);
+    report(&regions, EU, false, 100, 100);
     regions.list[EU].observe_latency(60_000);
     let plan = router
         .plan(
