@@ -50,6 +50,8 @@ pub(crate) struct AppState {
     pub jobs: Arc<crate::queue::Queue>,
     /// The built-in embedding model, when `[embeddings]` turns it on.
     pub embedder: Option<Arc<crate::inference::Embedder>>,
+    /// This region's change log and its followers of peers' logs.
+    pub replication: Arc<crate::replication::Replication>,
 }
 
 impl AppState {
@@ -105,7 +107,8 @@ where
         .merge(telemetry::routes(state.clone()))
         .merge(jobs::routes(state.clone()))
         .merge(embeddings::routes(state.clone()))
-        .merge(infer::routes(state.clone()));
+        .merge(infer::routes(state.clone()))
+        .merge(admin::routes(state.clone()));
     let router = grpc_service(router, grpc::inference(state.clone()));
     let router = grpc_service(router, reflection_v1);
     let router = grpc_service(router, reflection_v1alpha);
@@ -113,6 +116,10 @@ where
     let router = grpc_service(router, admin::service(state.clone()));
     let router = grpc_service(router, telemetry::service(state.clone()));
     let router = grpc_service(router, jobs::grpc(state.clone()));
+    let router = grpc_service(
+        router,
+        crate::replication::service(state.replication.clone()),
+    );
     let region_header = state.region_header.clone();
     router
         .fallback(fallback)

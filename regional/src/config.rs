@@ -11,11 +11,13 @@ use crate::error::Error;
 mod embeddings;
 pub(crate) mod inference;
 mod jobs;
+mod replication;
 pub(crate) mod telemetry;
 
 pub use self::embeddings::EmbeddingsConfig;
 pub use self::inference::{AliasConfig, InferenceConfig, OpenAiConfig, UpstreamConfig};
 pub use self::jobs::JobsConfig;
+pub use self::replication::{PeerConfig, ReplicationConfig};
 pub use self::telemetry::TelemetryConfig;
 
 /// A validated regional node configuration.
@@ -55,6 +57,8 @@ pub struct Config {
     pub embeddings: Option<EmbeddingsConfig>,
     /// Mutual TLS on the node's port and who may call what (`[mesh]`).
     pub mesh: crate::mesh::Mesh,
+    /// Peers to pull changes from, and the log's limits (`[replication]`).
+    pub replication: ReplicationConfig,
 }
 
 /// The TOML shape of the configuration. Every field has a default except the
@@ -86,6 +90,9 @@ struct RawConfig {
     /// Mutual TLS and policy; required unless `plaintext = true`.
     #[serde(default)]
     mesh: crate::mesh::MeshConfig,
+    /// Cross-region replication; no peers by default.
+    #[serde(default)]
+    replication: ReplicationConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -321,6 +328,7 @@ impl RawConfig {
             e.validate()?;
         }
         let mesh = self.mesh.validate()?;
+        self.replication.validate(&self.region)?;
         Ok(Config {
             region: self.region,
             listen: self.server.listen,
@@ -338,6 +346,7 @@ impl RawConfig {
             jobs: self.jobs,
             embeddings,
             mesh,
+            replication: self.replication,
         })
     }
 }

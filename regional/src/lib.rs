@@ -15,13 +15,14 @@ mod inference;
 mod mesh;
 mod node;
 mod queue;
+pub mod replication;
 mod status;
 mod store;
 mod telemetry;
 
 pub use self::config::{
-    AliasConfig, BackendConfig, Config, InferenceConfig, ModelConfig, OpenAiConfig, SimConfig,
-    TelemetryConfig, UpstreamConfig,
+    AliasConfig, BackendConfig, Config, InferenceConfig, ModelConfig, OpenAiConfig, PeerConfig,
+    ReplicationConfig, SimConfig, TelemetryConfig, UpstreamConfig,
 };
 pub use self::error::Error;
 pub use self::inference::serve_sim;

@@ -77,6 +77,14 @@ impl RegionalNode {
             }
             None => None,
         };
+        let replication = crate::replication::Replication::start(
+            &config.region,
+            &config.replication,
+            &config.mesh,
+            &pool,
+            &shutdown,
+            &tasks,
+        )?;
         let (health, health_service) = tonic_health::server::health_reporter();
         for service in [
             "",
@@ -84,6 +92,7 @@ impl RegionalNode {
             "meridian.v1.Admin",
             "meridian.v1.Telemetry",
             "meridian.v1.Jobs",
+            "meridian.v1.Replication",
         ] {
             health
                 .set_service_status(service, tonic_health::ServingStatus::Serving)
@@ -108,6 +117,7 @@ impl RegionalNode {
             telemetry,
             status: Arc::new(crate::status::NodeStatus::new(config.max_in_flight)),
             embedder,
+            replication,
         });
         crate::queue::start(&state);
         let tasks = state.tasks.clone();
@@ -164,6 +174,7 @@ impl RegionalNode {
             "meridian.v1.Admin",
             "meridian.v1.Telemetry",
             "meridian.v1.Jobs",
+            "meridian.v1.Replication",
         ] {
             self.health
                 .set_service_status(service, tonic_health::ServingStatus::NotServing)

@@ -162,6 +162,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.jobs.metrics.render()
             + &state.inference.render_metrics()
+            + &state.replication.render_metrics()
             + &state
                 .embedder
                 .as_ref()
