@@ -70,6 +70,22 @@ CREATE FUNCTION replication_tick(OUT hlc bigint, OUT region text) LANGUAGE sql A
  RETURNING hlc, region
 $$;
 
+-- BEFORE each statement: takes the clock's lock before any row is touched.
+-- Row triggers would come too late for an UPDATE (its row is locked before
+-- BEFORE ROW triggers run) and for a conflicting INSERT (which waits on the
+-- other writer's index entry): a writer holding a row while waiting for the
+-- clock, and one holding the clock while waiting for the row, deadlock. So
+-- every replicated write, and every apply (`replication/apply.rs`), takes
+-- the clock first, then rows.
+CREATE FUNCTION replication_lock_clock() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('meridian.applying', true) IS DISTINCT FROM 'on' THEN
+        PERFORM 1 FROM region_identity FOR UPDATE;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
 -- BEFORE INSERT OR UPDATE: stamps a local write.
 CREATE FUNCTION replication_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
@@ -138,10 +154,14 @@ ALTER TABLE api_keys
     ADD COLUMN hlc           bigint NOT NULL DEFAULT 0,
     ADD COLUMN origin_region text   COLLATE "C" NOT NULL DEFAULT '';
 
+CREATE TRIGGER replication_lock BEFORE INSERT OR UPDATE OR DELETE ON tenants
+    FOR EACH STATEMENT EXECUTE FUNCTION replication_lock_clock();
 CREATE TRIGGER replication_stamp BEFORE INSERT OR UPDATE ON tenants
     FOR EACH ROW EXECUTE FUNCTION replication_stamp();
 CREATE TRIGGER replication_log AFTER INSERT OR UPDATE OR DELETE ON tenants
     FOR EACH ROW EXECUTE FUNCTION replication_log_change('id');
+CREATE TRIGGER replication_lock BEFORE INSERT OR UPDATE OR DELETE ON api_keys
+    FOR EACH STATEMENT EXECUTE FUNCTION replication_lock_clock();
 CREATE TRIGGER replication_stamp BEFORE INSERT OR UPDATE ON api_keys
     FOR EACH ROW EXECUTE FUNCTION replication_stamp();
 CREATE TRIGGER replication_log AFTER INSERT OR UPDATE OR DELETE ON api_keys

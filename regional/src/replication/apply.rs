@@ -50,6 +50,12 @@ pub async fn apply_batch(
         max_hlc = max_hlc.max(c.hlc);
     }
     let mut tx = pool.begin().await?;
+    // The clock's lock before any row, in the order local writers take them
+    // (see `replication_lock_clock` in 0005_replication.sql); the other
+    // order deadlocks against a local write to the same row.
+    sqlx::query("SELECT 1 FROM region_identity FOR UPDATE")
+        .execute(&mut *tx)
+        .await?;
     // Rows written here keep their origin's stamp and stay out of this
     // region's own log (the triggers look at this setting).
     sqlx::query("SELECT set_config('meridian.applying', 'on', true)")
