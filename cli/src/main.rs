@@ -37,7 +37,8 @@ enum Command {
     /// Make a development CA and certificates for regions, gateways and
     /// operators (mutual TLS between Meridian's services).
     Certs(certs::Args),
-    /// Manage tenants' API keys (in a region's PostgreSQL).
+    /// Manage tenants' API keys (in any region's PostgreSQL; replication
+    /// carries them to every region).
     #[command(subcommand)]
     Keys(Keys),
     /// Serve the simulated LLM as an OpenAI-compatible server

@@ -68,16 +68,29 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     crate::certs::ensure_local(&certs_dir, &identities)?;
 
     let mut gateway_regions = Vec::new();
+    let addresses: Vec<(String, SocketAddr)> = regions
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let port = args.region_port + i as u16;
+            (r.name.clone(), SocketAddr::from(([127, 0, 0, 1], port)))
+        })
+        .collect();
     for (i, region) in regions.iter_mut().enumerate() {
-        let listen = SocketAddr::from(([127, 0, 0, 1], args.region_port + i as u16));
+        let listen = addresses[i].1;
         let identity = meridian_mesh::Identity::region(&region.name).map_err(anyhow::Error::msg)?;
         let mesh = crate::certs::files(&certs_dir, &identity);
+        let peers: Vec<_> = addresses
+            .iter()
+            .filter(|(n, _)| *n != region.name)
+            .collect();
         let config_path = write_region_config(
             &state_dir,
             region,
             listen,
             &mesh,
             args.otlp_endpoint.as_deref(),
+            &peers,
         )?;
         let config = meridian_regional::Config::from_file(&config_path)?;
         let node = RegionalNode::start(config)
@@ -98,8 +111,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     gateway_config.geo.trusted_proxies = vec!["127.0.0.0/8".parse().expect("a valid network")];
     gateway_config.mesh =
         meridian_gateway::MeshConfig::tls(crate::certs::files(&certs_dir, &gateway_identity));
-    // Keys and limits live in the first region's stores (every region will
-    // hold the keys once replication carries them).
+    // Keys and limits live in the first region's stores; replication
+    // carries the keys to every region.
     let home = &regions[0];
     gateway_config.auth = Some(meridian_gateway::AuthConfig::new(home.postgres.url()));
     gateway_config.rate_limit.redis_url = Some(home.redis.url());
@@ -177,7 +190,12 @@ fn write_region_config(
     listen: SocketAddr,
     mesh: &meridian_mesh::CertFiles,
     otlp_endpoint: Option<&str>,
+    peers: &[&(String, SocketAddr)],
 ) -> anyhow::Result<PathBuf> {
+    let peers: Vec<String> = peers
+        .iter()
+        .map(|(name, addr)| format!("{{ region = \"{name}\", address = \"{addr}\" }}"))
+        .collect();
     let path = state_dir.join(&region.name).join("regional.toml");
     let text = format!(
         "# Written by `meridian up`; rewritten at every start.\n\
@@ -188,6 +206,8 @@ fn write_region_config(
          # Mutual TLS: the gateway, other regions and operators must present a\n\
          # certificate from this CA; `[mesh.policy]` says who may call what.\n\
          [mesh]\nca_path = {ca:?}\ncert_path = {cert:?}\nkey_path = {key:?}\n\n\
+         # Every region pulls every other region's changes (tenants, keys).\n\
+         [replication]\npeers = [{peers}]\n\n\
          [[models]]\nid = \"sim-small\"\nbackend = {{ kind = \"sim\", ttft_ms = 20, per_token_ms = 5 }}\n\n\
          [[models]]\nid = \"sim-large\"\ncontext_window_tokens = 32768\nbackend = {{ kind = \"sim\", ttft_ms = 80, per_token_ms = 20, max_concurrency = 16 }}\n\
          {embeddings}{tracing}",
@@ -195,6 +215,7 @@ fn write_region_config(
         tracing = otlp_endpoint
             .map(|e| format!("\n# Traces, every request's (`meridian up --otlp-endpoint`).\n[tracing]\notlp_endpoint = {e:?}\n"))
             .unwrap_or_default(),
+        peers = peers.join(", "),
         name = region.name,
         redis = region.redis.url(),
         postgres = region.postgres.url(),

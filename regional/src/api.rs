@@ -58,6 +58,8 @@ pub(crate) struct AppState {
     /// This node's traces; its spans' contexts carry it to the queue and
     /// the upstream pools.
     pub tracer: meridian_mesh::Tracer,
+    /// This region's change log and its followers of peers' logs.
+    pub replication: Arc<crate::replication::Replication>,
 }
 
 /// The response header that names the region which produced an answer. The
@@ -84,7 +86,8 @@ where
         .merge(telemetry::routes(state.clone()))
         .merge(jobs::routes(state.clone()))
         .merge(embeddings::routes(state.clone()))
-        .merge(infer::routes(state.clone()));
+        .merge(infer::routes(state.clone()))
+        .merge(admin::routes(state.clone()));
     let router = grpc_service(router, grpc::inference(state.clone()));
     let router = grpc_service(router, reflection_v1);
     let router = grpc_service(router, reflection_v1alpha);
@@ -92,6 +95,10 @@ where
     let router = grpc_service(router, admin::service(state.clone()));
     let router = grpc_service(router, telemetry::service(state.clone()));
     let router = grpc_service(router, jobs::grpc(state.clone()));
+    let router = grpc_service(
+        router,
+        crate::replication::service(state.replication.clone()),
+    );
     let region_header = state.region_header.clone();
     let traced = state.clone();
     router

@@ -12,12 +12,14 @@ mod cache;
 mod embeddings;
 pub(crate) mod inference;
 mod jobs;
+mod replication;
 pub(crate) mod telemetry;
 
 pub use self::cache::{CacheConfig, DEFAULT_SEMANTIC_THRESHOLD, SemanticCacheConfig};
 pub use self::embeddings::EmbeddingsConfig;
 pub use self::inference::{AliasConfig, InferenceConfig, OpenAiConfig, UpstreamConfig};
 pub use self::jobs::JobsConfig;
+pub use self::replication::{PeerConfig, ReplicationConfig};
 pub use self::telemetry::TelemetryConfig;
 
 /// A validated regional node configuration.
@@ -61,6 +63,8 @@ pub struct Config {
     pub cache: CacheConfig,
     /// Traces exported to an OTLP collector (`[tracing]`); off by default.
     pub tracing: meridian_mesh::TraceConfig,
+    /// Peers to pull changes from, and the log's limits (`[replication]`).
+    pub replication: ReplicationConfig,
 }
 
 /// The TOML shape of the configuration. Every field has a default except the
@@ -97,6 +101,9 @@ struct RawConfig {
     /// OpenTelemetry traces; off unless `otlp_endpoint` is set.
     #[serde(default)]
     tracing: meridian_mesh::TraceConfig,
+    /// Cross-region replication; no peers by default.
+    #[serde(default)]
+    replication: ReplicationConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -334,6 +341,7 @@ impl RawConfig {
         self.cache.validate(embeddings.is_some())?;
         let mesh = self.mesh.validate()?;
         self.tracing.validate()?;
+        self.replication.validate(&self.region)?;
         Ok(Config {
             region: self.region,
             listen: self.server.listen,
@@ -353,6 +361,7 @@ impl RawConfig {
             mesh,
             cache: self.cache,
             tracing: self.tracing,
+            replication: self.replication,
         })
     }
 }

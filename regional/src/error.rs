@@ -120,6 +120,18 @@ pub enum Error {
     /// The embedding model could not be loaded or failed to run.
     #[error("embedding model: {0}")]
     EmbeddingModel(String),
+    /// A peer's clock is too far ahead of this region's to accept its changes.
+    #[error("clock drift: {0}")]
+    ClockDrift(String),
+    /// A peer sent a change this region cannot apply.
+    #[error("replication: {0}")]
+    Replication(String),
+    /// A peer asked for changes that were trimmed from the log.
+    #[error(
+        "changes after sequence {from} were trimmed from the log (kept from {pruned_through}): \
+         the region needs a snapshot"
+    )]
+    LogTruncated { from: u64, pruned_through: u64 },
     /// An I/O failure not covered above.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
@@ -166,7 +178,7 @@ impl Error {
             Self::ContextLengthExceeded { .. } => Code::InvalidArgument,
             Self::DeadlineExceeded => Code::DeadlineExceeded,
             Self::IdempotencyKeyReused(_) => Code::AlreadyExists,
-            Self::JobAlreadyFinished { .. } => Code::FailedPrecondition,
+            Self::JobAlreadyFinished { .. } | Self::LogTruncated { .. } => Code::FailedPrecondition,
             Self::Unavailable(_)
             | Self::NoHealthyBackend(_)
             | Self::RedisUnreachable { .. }
@@ -196,6 +208,7 @@ impl Error {
             Self::NoHealthyBackend(_) => Some(reason::NO_HEALTHY_BACKEND),
             Self::IdempotencyKeyReused(_) => Some(reason::IDEMPOTENCY_KEY_REUSED),
             Self::JobAlreadyFinished { .. } => Some(reason::JOB_ALREADY_FINISHED),
+            Self::LogTruncated { .. } => Some(reason::REPLICATION_LOG_TRUNCATED),
             _ => None,
         }
     }

@@ -16,6 +16,7 @@ mod inference;
 mod mesh;
 mod node;
 mod queue;
+pub mod replication;
 mod status;
 mod store;
 mod telemetry;
@@ -23,7 +24,8 @@ mod telemetry;
 pub use self::cache::compatible as semantic_questions_compatible;
 pub use self::config::{
     AliasConfig, BackendConfig, CacheConfig, Config, DEFAULT_SEMANTIC_THRESHOLD, InferenceConfig,
-    ModelConfig, OpenAiConfig, SemanticCacheConfig, SimConfig, TelemetryConfig, UpstreamConfig,
+    ModelConfig, OpenAiConfig, PeerConfig, ReplicationConfig, SemanticCacheConfig, SimConfig,
+    TelemetryConfig, UpstreamConfig,
 };
 pub use self::error::Error;
 pub use self::inference::{serve_sim, serve_sim_traced};

@@ -90,6 +90,14 @@ impl RegionalNode {
             }
             None => None,
         };
+        let replication = crate::replication::Replication::start(
+            &config.region,
+            &config.replication,
+            &config.mesh,
+            &pool,
+            &shutdown,
+            &tasks,
+        )?;
         let (health, health_service) = tonic_health::server::health_reporter();
         for service in [
             "",
@@ -97,6 +105,7 @@ impl RegionalNode {
             "meridian.v1.Admin",
             "meridian.v1.Telemetry",
             "meridian.v1.Jobs",
+            "meridian.v1.Replication",
         ] {
             health
                 .set_service_status(service, tonic_health::ServingStatus::Serving)
@@ -128,6 +137,7 @@ impl RegionalNode {
             )),
             embedder,
             tracer: tracer.clone(),
+            replication,
         });
         crate::queue::start(&state);
         state
@@ -194,6 +204,7 @@ impl RegionalNode {
             "meridian.v1.Admin",
             "meridian.v1.Telemetry",
             "meridian.v1.Jobs",
+            "meridian.v1.Replication",
         ] {
             self.health
                 .set_service_status(service, tonic_health::ServingStatus::NotServing)

@@ -332,6 +332,42 @@ impl ClusterSandbox {
         }
     }
 
+    /// Like [`ClusterSandbox::start_configured`], with every region pulling
+    /// every other region's changes (`[replication]` with test-sized
+    /// intervals, plus `replication_extra`, e.g. more keys of that section).
+    /// Nodes learn their peers' ports only once all have started, so each
+    /// is started, then restarted on the same port with its peers.
+    pub async fn start_replicated(
+        names: &[&str],
+        replication_extra: &str,
+        adjust: impl FnOnce(&[RegionSandbox], &mut GatewayConfig),
+    ) -> Self {
+        let mut cluster = Self::start_configured(names, |_| String::new(), adjust).await;
+        let addrs: Vec<(String, SocketAddr)> = cluster
+            .regions
+            .iter()
+            .map(|r| (r.name.clone(), r.addr()))
+            .collect();
+        for region in &mut cluster.regions {
+            let peers: Vec<String> = addrs
+                .iter()
+                .filter(|(n, _)| *n != region.name)
+                .map(|(n, a)| format!("{{ region = \"{n}\", address = \"{a}\" }}"))
+                .collect();
+            let extra = format!(
+                "{}[replication]\npeers = [{}]\nheartbeat_interval_ms = 200\n\
+                 ack_interval_ms = 100\nreconnect_backoff_ms = 50\n\
+                 reconnect_backoff_max_ms = 500\n{replication_extra}",
+                region.extra_config,
+                peers.join(", "),
+            );
+            region.stop_node().await;
+            region.rewrite_config(&extra);
+            region.start_node().await;
+        }
+        cluster
+    }
+
     /// Starts one more gateway with the same config on other ports: gateways
     /// share nothing, so this is how a test sees two instances agree.
     pub async fn start_another_gateway(&self) -> Gateway {

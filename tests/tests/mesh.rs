@@ -77,8 +77,17 @@ async fn region_status(ch: Channel) -> Code {
 async fn drain(ch: Channel, drain: bool) -> Code {
     code(AdminClient::new(ch).drain(DrainRequest { drain }).await)
 }
+/// An Ack on behalf of `us-east`.
 async fn replicate(ch: Channel) -> Code {
-    code(ReplicationClient::new(ch).ack(AckRequest::default()).await)
+    replicate_as(ch, "us-east").await
+}
+
+async fn replicate_as(ch: Channel, peer_region: &str) -> Code {
+    let ack = AckRequest {
+        peer_region: peer_region.into(),
+        applied_sequence: 0,
+    };
+    code(ReplicationClient::new(ch).ack(ack).await)
 }
 
 fn assert_transport_refusal(e: &tonic::Status) {
@@ -194,9 +203,12 @@ async fn default_policy_both_ways() {
         .unwrap();
     assert_eq!(res.status(), 200);
 
-    // Regions: replication (not served yet: UNIMPLEMENTED, past the
-    // policy), not inference or admin.
-    assert_eq!(replicate(peer.clone()).await, Code::Unimplemented);
+    // Regions: replication, for themselves only; not inference or admin.
+    assert_eq!(replicate(peer.clone()).await, Code::Ok);
+    assert_eq!(
+        replicate_as(peer.clone(), "ap-south").await,
+        Code::PermissionDenied
+    );
     assert_eq!(list_models(peer.clone()).await, Code::PermissionDenied);
     assert_eq!(region_status(peer.clone()).await, Code::PermissionDenied);
 

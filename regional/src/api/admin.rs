@@ -11,7 +11,28 @@ use meridian_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+
 use super::{AppState, Tenant};
+use crate::error::Error;
+
+pub(super) fn routes(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/admin/replication/digest", get(digest))
+        .with_state(state)
+}
+
+/// `GET /admin/replication/digest`: per replicated table, its row count and
+/// a hash of its rows; equal in every region once replication converged.
+async fn digest(State(state): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, Error> {
+    let tables = crate::replication::digest(state.replication.pool()).await?;
+    Ok(Json(serde_json::json!({
+        "region": state.region,
+        "tables": tables,
+    })))
+}
 
 pub(super) fn service(state: Arc<AppState>) -> AdminServer<AdminApi> {
     AdminServer::new(AdminApi { state })
@@ -85,6 +106,7 @@ impl Admin for AdminApi {
             cache_tenants,
             cache_l1_entries: cache.l1_entries,
             cache_semantic_entries: cache.semantic_entries,
+            replication_lag: self.state.replication.lag(),
             ..Default::default()
         }))
     }

@@ -163,6 +163,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.jobs.metrics.render()
             + &state.inference.render_metrics()
             + &state.cache.render_metrics()
+            + &state.replication.render_metrics()
             + &state
                 .embedder
                 .as_ref()

@@ -84,6 +84,28 @@ fn the_example_config_is_valid() {
     assert!(c.embeddings.is_some());
     assert_eq!(c.tracing.sample_ratio, 0.1);
     assert!(c.tracing.otlp_endpoint.is_some());
+    assert_eq!(c.replication.peers.len(), 2);
+}
+
+#[test]
+fn replication_peers_are_checked() {
+    let peers = |p: &str| err(&format!("{MINIMAL}\n[replication]\npeers = [{p}]\n"));
+    let e = peers(r#"{ region = "eu-west", address = "a:1" }"#);
+    assert!(
+        e.contains("`replication.peers[0].region` is this region"),
+        "{e}"
+    );
+    let e = peers(
+        r#"{ region = "us-east", address = "a:1" }, { region = "us-east", address = "b:1" }"#,
+    );
+    assert!(e.contains("`replication.peers[1].region` repeats"), "{e}");
+    let e = peers(r#"{ region = "us-east", address = "no-port" }"#);
+    assert!(e.contains("`replication.peers[0].address`"), "{e}");
+    let ok = format!(
+        "{MINIMAL}\n[replication]\npeers = [{{ region = \"us-east\", address = \"us-east.region.meridian:7100\" }}]\n"
+    );
+    let c = Config::from_toml(&ok, "t").unwrap();
+    assert_eq!(c.replication.peers[0].region, "us-east");
 }
 
 /// Points the example's `/etc/meridian/...` files at empty files in a fresh

@@ -1,0 +1,116 @@
+//! The `[replication]` section: which peer regions this region pulls
+//! changes from, and the limits of pulling, applying and keeping the log.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Cross-region replication. Every key has a default; no peers means the
+/// region only logs its changes (for peers that may come later).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    /// The other regions, each pulled from by a task of its own.
+    pub peers: Vec<PeerConfig>,
+    /// A change whose clock is more than this far ahead of this region's
+    /// wall clock is refused (its batch is retried later): a peer with a
+    /// runaway clock must not drag every region's clock with it. In
+    /// milliseconds.
+    pub max_clock_drift_ms: u64,
+    /// Most changes per batch, asked of peers and served to them.
+    pub batch_size: u32,
+    /// First wait before reconnecting to a peer after a failure, in
+    /// milliseconds; it doubles per failure up to `reconnect_backoff_max_ms`.
+    pub reconnect_backoff_ms: u64,
+    /// Longest wait between two reconnections, in milliseconds.
+    pub reconnect_backoff_max_ms: u64,
+    /// How often a Pull stream that has nothing new sends a heartbeat (and
+    /// looks at the log, should a commit notification have been lost), in
+    /// milliseconds.
+    pub heartbeat_interval_ms: u64,
+    /// Least time between two Acks to a peer, in milliseconds.
+    pub ack_interval_ms: u64,
+    /// How often the log is trimmed of changes every peer acknowledged, in
+    /// milliseconds.
+    pub prune_interval_ms: u64,
+    /// Most changes the log keeps for a peer that does not acknowledge them:
+    /// past this, older changes are trimmed anyway and that peer needs a
+    /// snapshot (its Pull fails with REPLICATION_LOG_TRUNCATED).
+    pub max_retained_changes: u64,
+}
+
+/// One peer region.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// The peer's region name; over mTLS its certificate must name it.
+    pub region: String,
+    /// `host:port` of the peer's API (HTTP and gRPC port).
+    pub address: String,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self {
+            peers: Vec::new(),
+            max_clock_drift_ms: 5_000,
+            batch_size: 500,
+            reconnect_backoff_ms: 100,
+            reconnect_backoff_max_ms: 5_000,
+            heartbeat_interval_ms: 1_000,
+            ack_interval_ms: 500,
+            prune_interval_ms: 10_000,
+            max_retained_changes: 1_000_000,
+        }
+    }
+}
+
+impl ReplicationConfig {
+    pub(crate) fn validate(&self, region: &str) -> Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            if p.region == region {
+                return Err(format!(
+                    "`replication.peers[{i}].region` is this region itself"
+                ));
+            }
+            if !seen.insert(p.region.as_str()) {
+                return Err(format!(
+                    "`replication.peers[{i}].region` repeats peer {:?}",
+                    p.region
+                ));
+            }
+            meridian_mesh::Identity::region(&p.region)
+                .map_err(|e| format!("`replication.peers[{i}].region`: {e}"))?;
+            let uri: Result<tonic::transport::Uri, _> = format!("http://{}", p.address).parse();
+            if !uri.is_ok_and(|u| u.port_u16().is_some() && u.path() == "/") {
+                return Err(format!(
+                    "`replication.peers[{i}].address` must be host:port, got {:?}",
+                    p.address
+                ));
+            }
+        }
+        for (key, value) in [
+            ("batch_size", u64::from(self.batch_size)),
+            ("reconnect_backoff_ms", self.reconnect_backoff_ms),
+            ("heartbeat_interval_ms", self.heartbeat_interval_ms),
+            ("prune_interval_ms", self.prune_interval_ms),
+            ("max_retained_changes", self.max_retained_changes),
+        ] {
+            if value == 0 {
+                return Err(format!("`replication.{key}` must be at least 1"));
+            }
+        }
+        if self.reconnect_backoff_ms > self.reconnect_backoff_max_ms {
+            return Err(
+                "`replication.reconnect_backoff_ms` must not exceed `reconnect_backoff_max_ms`"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    pub(crate) fn max_clock_drift(&self) -> Duration {
+        Duration::from_millis(self.max_clock_drift_ms)
+    }
+}

@@ -1,0 +1,239 @@
+//! Cross-region replication: this region's change log (a transactional
+//! outbox filled by triggers), the `Replication` service peers pull it
+//! through, one follower per peer that applies the peer's log here, the
+//! digest that shows whether regions agree, and trimming of the log.
+//!
+//! See `docs/ARCHITECTURE.md` (Replication) for the choices and why.
+
+mod apply;
+mod hlc;
+mod log;
+mod metrics;
+mod pull;
+mod serve;
+mod tables;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use meridian_mesh::rustls::ClientConfig;
+use meridian_mesh::{ArcSwap, Identity, MeshConnector};
+use meridian_proto::v1::PeerLag;
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::{Channel, Endpoint};
+
+pub use self::apply::{Applied, apply_batch};
+pub use self::hlc::{ClockDrift, Hlc, check_drift};
+pub(crate) use self::serve::service;
+
+use self::metrics::Metrics;
+use self::pull::PeerState;
+use crate::config::ReplicationConfig;
+use crate::error::Error;
+use crate::mesh::Mesh;
+
+/// The node's replication: shared by the service, the followers and status.
+pub(crate) struct Replication {
+    region: String,
+    config: ReplicationConfig,
+    pool: PgPool,
+    /// Bumped on every commit to the log (LISTEN/NOTIFY).
+    commits: watch::Sender<u64>,
+    metrics: Arc<Metrics>,
+    peers: Vec<Arc<PeerState>>,
+    shutdown: CancellationToken,
+}
+
+impl Replication {
+    /// Starts the commit listener, the trimmer and one follower per peer.
+    pub(crate) fn start(
+        region: &str,
+        config: &ReplicationConfig,
+        mesh: &Mesh,
+        pool: &PgPool,
+        shutdown: &CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Result<Arc<Self>, Error> {
+        let tls = client_tls(mesh, region)?;
+        let channels = config
+            .peers
+            .iter()
+            .map(|p| channel(p, tls.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let r = Arc::new(Self {
+            region: region.to_string(),
+            config: config.clone(),
+            pool: pool.clone(),
+            commits: watch::channel(0).0,
+            metrics: Arc::new(Metrics::new(region)),
+            peers: config
+                .peers
+                .iter()
+                .map(|p| Arc::new(PeerState::new(&p.region)))
+                .collect(),
+            shutdown: shutdown.clone(),
+        });
+        tasks.spawn(log::listen(
+            pool.clone(),
+            r.commits.clone(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(log::prune_periodically(
+            pool.clone(),
+            config.clone(),
+            r.metrics.clone(),
+            shutdown.clone(),
+        ));
+        for ((peer, state), channel) in config.peers.iter().zip(&r.peers).zip(channels) {
+            tasks.spawn(pull::follow(
+                r.clone(),
+                peer.clone(),
+                state.clone(),
+                channel,
+            ));
+        }
+        Ok(r)
+    }
+
+    /// Lag behind each peer, sorted by peer, for `Admin.RegionStatus`.
+    pub(crate) fn lag(&self) -> Vec<PeerLag> {
+        let mut lag: Vec<PeerLag> = self
+            .peers
+            .iter()
+            .map(|p| {
+                let events = p
+                    .high
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(p.applied.load(Ordering::Relaxed));
+                PeerLag {
+                    peer: p.region.clone(),
+                    lag_events: events,
+                    lag_ms: if events == 0 {
+                        0
+                    } else {
+                        p.lag_ms.load(Ordering::Relaxed)
+                    },
+                }
+            })
+            .collect();
+        lag.sort_by(|a, b| a.peer.cmp(&b.peer));
+        lag
+    }
+
+    pub(crate) fn render_metrics(&self) -> String {
+        self.metrics.render()
+    }
+
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// The digest of one replicated table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TableDigest {
+    /// Table name; `replication_tombstones` for deleted keys.
+    pub table: String,
+    /// Rows in it.
+    pub rows: i64,
+    /// SHA-256 (hex) over every row's key, clock, origin and content in key
+    /// order.
+    pub sha256: String,
+}
+
+/// The digest of every replicated table (and the tombstones) of the
+/// database behind `pool`: two regions that agree have equal digests.
+pub async fn digest(pool: &PgPool) -> Result<Vec<TableDigest>, Error> {
+    let mut tx = pool.begin().await?;
+    // One snapshot for all tables, and timestamps rendered the same in every
+    // region whatever the server's time zone.
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SET LOCAL TimeZone = 'UTC'")
+        .execute(&mut *tx)
+        .await?;
+    let mut out = Vec::new();
+    for table in tables::TABLES {
+        let (rows, sha256): (i64, String) = sqlx::query_as(sqlx::AssertSqlSafe(table.digest_sql()))
+            .fetch_one(&mut *tx)
+            .await?;
+        out.push(TableDigest {
+            table: table.name.to_string(),
+            rows,
+            sha256,
+        });
+    }
+    let (rows, sha256): (i64, String) = sqlx::query_as(tables::TOMBSTONES_DIGEST)
+        .fetch_one(&mut *tx)
+        .await?;
+    out.push(TableDigest {
+        table: "replication_tombstones".into(),
+        rows,
+        sha256,
+    });
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// This region's client certificate for calling peers, reloaded as its
+/// files change; `None` in plaintext mode.
+fn client_tls(mesh: &Mesh, region: &str) -> Result<Option<Arc<ArcSwap<ClientConfig>>>, Error> {
+    let Mesh::Tls {
+        files,
+        reload_interval,
+        ..
+    } = mesh
+    else {
+        return Ok(None);
+    };
+    let expected = Identity::region(region).map_err(config_error)?;
+    let tls = meridian_mesh::watch(files.clone(), *reload_interval, move |loaded| {
+        if loaded.identity != expected {
+            return Err(format!(
+                "the certificate names {}, not {expected}",
+                loaded.identity
+            ));
+        }
+        meridian_mesh::client_config(loaded)
+    })
+    .map_err(config_error)?;
+    Ok(Some(tls))
+}
+
+fn config_error(message: String) -> Error {
+    Error::Config {
+        origin: "replication".into(),
+        message,
+    }
+}
+
+/// A lazily connecting channel to `peer`; over mTLS it checks that the
+/// server is that region (DNS name and identity URI).
+fn channel(
+    peer: &crate::config::PeerConfig,
+    tls: Option<&Arc<ArcSwap<ClientConfig>>>,
+) -> Result<Channel, Error> {
+    let endpoint = Endpoint::from_shared(format!("http://{}", peer.address))
+        .map_err(|e| config_error(format!("peer {}: {e}", peer.region)))?
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    let Some(tls) = tls else {
+        return Ok(endpoint.connect_lazy());
+    };
+    let tls = tls.clone();
+    let connector = MeshConnector::new(
+        Arc::new(move || tls.load_full()),
+        &meridian_mesh::region_server_name(&peer.region),
+        Some(Identity::region(&peer.region).map_err(config_error)?),
+    )
+    .map_err(config_error)?;
+    Ok(endpoint.connect_with_connector_lazy(connector))
+}

@@ -1,0 +1,223 @@
+//! This region's change log (`replication_outbox`): reading it for Pull,
+//! learning of new commits, and trimming what every peer has acknowledged.
+
+use std::time::Duration;
+
+use meridian_proto::v1::{Change, ChangeOp};
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::metrics::Metrics;
+use crate::config::ReplicationConfig;
+use crate::error::Error;
+
+/// The channel the outbox trigger notifies on every commit.
+const CHANNEL: &str = "meridian_replication";
+
+type Row = (
+    i64,
+    String,
+    Vec<u8>,
+    String,
+    Option<serde_json::Value>,
+    i64,
+    String,
+    chrono::DateTime<chrono::Utc>,
+);
+
+/// Up to `limit` changes after `after`, and the log's high watermark. Fails
+/// with [`Error::LogTruncated`] when changes after `after` were trimmed.
+pub(crate) async fn read(
+    pool: &PgPool,
+    after: u64,
+    limit: u32,
+) -> Result<(Vec<Change>, u64), Error> {
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT sequence, table_name, key, op, payload, hlc, origin_region, committed_at
+           FROM replication_outbox WHERE sequence > $1 ORDER BY sequence LIMIT $2",
+    )
+    .bind(i64::try_from(after).unwrap_or(i64::MAX))
+    .bind(i64::from(limit))
+    .fetch_all(pool)
+    .await?;
+    // Read after the rows: a trim that committed before the rows were read
+    // is seen here, so a gap it left is never served as if it were none.
+    let (pruned, high) = bounds(pool).await?;
+    if after < pruned {
+        return Err(Error::LogTruncated {
+            from: after,
+            pruned_through: pruned,
+        });
+    }
+    let changes = rows
+        .into_iter()
+        .map(|(seq, table, key, op, payload, hlc, origin, at)| Change {
+            sequence: u64::try_from(seq).unwrap_or(0),
+            table,
+            key,
+            payload: payload
+                .map(|p| p.to_string().into_bytes())
+                .unwrap_or_default(),
+            hlc: u64::try_from(hlc).unwrap_or(0),
+            origin_region: origin,
+            committed_at: Some(prost_types::Timestamp {
+                seconds: at.timestamp(),
+                nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0),
+            }),
+            op: if op == "delete" {
+                ChangeOp::Delete
+            } else {
+                ChangeOp::Upsert
+            }
+            .into(),
+        })
+        .collect();
+    Ok((changes, high))
+}
+
+/// (trimmed through, high watermark) of the log.
+pub(crate) async fn bounds(pool: &PgPool) -> Result<(u64, u64), Error> {
+    let (pruned, max): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT pruned_through, (SELECT max(sequence) FROM replication_outbox)
+           FROM replication_log",
+    )
+    .fetch_one(pool)
+    .await?;
+    let pruned = u64::try_from(pruned).unwrap_or(0);
+    Ok((
+        pruned,
+        max.map_or(pruned, |m| u64::try_from(m).unwrap_or(0).max(pruned)),
+    ))
+}
+
+/// Records how far `peer` has applied this region's log.
+pub(crate) async fn ack(pool: &PgPool, peer: &str, applied: u64) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO replication_peers (peer, acked_sequence, acked_at) VALUES ($1, $2, now())
+         ON CONFLICT (peer) DO UPDATE
+             SET acked_sequence = GREATEST(replication_peers.acked_sequence, EXCLUDED.acked_sequence),
+                 acked_at = now()",
+    )
+    .bind(peer)
+    .bind(i64::try_from(applied).unwrap_or(i64::MAX))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Bumps `commits` whenever the outbox trigger notifies, so Pull streams
+/// that are caught up wake at once instead of at their next heartbeat.
+/// Notifications sent while the listening connection is down are lost; a
+/// bump after every reconnect and the heartbeat's read of the log cover that.
+pub(crate) async fn listen(pool: PgPool, commits: watch::Sender<u64>, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let listener = async {
+            let mut l = PgListener::connect_with(&pool).await?;
+            l.listen(CHANNEL).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        let mut listener = tokio::select! {
+            l = listener => match l {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for outbox commits; pull streams poll meanwhile");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        backoff = Duration::from_millis(100);
+        commits.send_modify(|n| *n += 1);
+        loop {
+            let next = tokio::select! {
+                n = listener.try_recv() => n,
+                () = shutdown.cancelled() => return,
+            };
+            match next {
+                Ok(Some(_)) => commits.send_modify(|n| *n += 1),
+                // Reconnected: something may have committed meanwhile.
+                Ok(None) => commits.send_modify(|n| *n += 1),
+                Err(e) => {
+                    tracing::warn!(error = %e, "lost the outbox listener; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Trims the log every `prune_interval_ms`: through the lowest sequence every
+/// configured peer acknowledged, and never keeping more than
+/// `max_retained_changes` (a peer left behind then needs a snapshot).
+pub(crate) async fn prune_periodically(
+    pool: PgPool,
+    config: ReplicationConfig,
+    metrics: std::sync::Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(config.prune_interval_ms));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        match prune(&pool, &config).await {
+            Ok(n) => metrics.pruned.inc_by(n),
+            Err(e) => tracing::warn!(error = %e, "cannot trim the replication log"),
+        }
+    }
+}
+
+/// One trim; returns how many changes went.
+pub(crate) async fn prune(pool: &PgPool, config: &ReplicationConfig) -> Result<u64, Error> {
+    let (pruned, high) = bounds(pool).await?;
+    let peers: Vec<String> = config.peers.iter().map(|p| p.region.clone()).collect();
+    let acked: Vec<(String, i64)> =
+        sqlx::query_as("SELECT peer, acked_sequence FROM replication_peers WHERE peer = ANY($1)")
+            .bind(&peers)
+            .fetch_all(pool)
+            .await?;
+    // A configured peer that never acknowledged holds everything back.
+    let all_acked = peers
+        .iter()
+        .map(|p| {
+            acked
+                .iter()
+                .find(|(a, _)| a == p)
+                .map_or(0, |(_, s)| u64::try_from(*s).unwrap_or(0))
+        })
+        .min();
+    let retained_floor = high.saturating_sub(config.max_retained_changes);
+    let through = all_acked.unwrap_or(0).max(retained_floor).min(high);
+    if through <= pruned {
+        return Ok(0);
+    }
+    if all_acked.is_some_and(|a| a < through) {
+        tracing::warn!(
+            through,
+            max_retained_changes = config.max_retained_changes,
+            "trimming changes a peer has not acknowledged: it will need a snapshot"
+        );
+    }
+    let mut tx = pool.begin().await?;
+    let gone = sqlx::query("DELETE FROM replication_outbox WHERE sequence <= $1")
+        .bind(i64::try_from(through).unwrap_or(i64::MAX))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    sqlx::query("UPDATE replication_log SET pruned_through = $1")
+        .bind(i64::try_from(through).unwrap_or(i64::MAX))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(gone)
+}

@@ -1,0 +1,113 @@
+//! Replication metrics, in a registry of their own per node, served on
+//! `/metrics` beside the others.
+
+use prometheus::{
+    Encoder, GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub(crate) struct Metrics {
+    registry: Registry,
+    /// Peer's high watermark minus the last sequence applied from it.
+    pub lag_changes: IntGaugeVec,
+    /// Age of the newest applied change while more are waiting; 0 caught up.
+    pub lag_seconds: GaugeVec,
+    /// 1 while a Pull stream to the peer is open.
+    pub connected: IntGaugeVec,
+    /// Changes written from each peer.
+    pub applied: IntCounterVec,
+    /// Changes from each peer that lost to a newer version here.
+    pub superseded: IntCounterVec,
+    /// Batches refused because a change's clock was too far ahead.
+    pub drift_refusals: IntCounterVec,
+    /// Pull streams that failed or could not start, by peer.
+    pub stream_failures: IntCounterVec,
+    /// Changes trimmed from this region's log.
+    pub pruned: IntCounter,
+}
+
+impl Metrics {
+    pub(crate) fn new(region: &str) -> Self {
+        let registry = Registry::new_custom(
+            None,
+            Some([("region".to_string(), region.to_string())].into()),
+        )
+        .expect("static registry labels are valid");
+        let peer = &["peer"];
+        let reg = |c: Box<dyn prometheus::core::Collector>| {
+            registry.register(c).expect("registered once");
+        };
+        let lag_changes = IntGaugeVec::new(
+            Opts::new(
+                "meridian_replication_lag_changes",
+                "Changes committed in the peer not applied here yet.",
+            ),
+            peer,
+        )
+        .expect("valid metric");
+        reg(Box::new(lag_changes.clone()));
+        let lag_seconds = GaugeVec::new(
+            Opts::new(
+                "meridian_replication_lag_seconds",
+                "Age of the newest applied change while the peer has more; 0 when caught up.",
+            ),
+            peer,
+        )
+        .expect("valid metric");
+        reg(Box::new(lag_seconds.clone()));
+        let connected = IntGaugeVec::new(
+            Opts::new(
+                "meridian_replication_peer_connected",
+                "1 while a Pull stream from the peer is open.",
+            ),
+            peer,
+        )
+        .expect("valid metric");
+        reg(Box::new(connected.clone()));
+        let counter = |name: &str, help: &str| {
+            let c = IntCounterVec::new(Opts::new(name, help), peer).expect("valid metric");
+            reg(Box::new(c.clone()));
+            c
+        };
+        let applied = counter(
+            "meridian_replication_applied_changes_total",
+            "Changes from the peer written here.",
+        );
+        let superseded = counter(
+            "meridian_replication_superseded_changes_total",
+            "Changes from the peer that lost to a newer version here.",
+        );
+        let drift_refusals = counter(
+            "meridian_replication_clock_drift_refusals_total",
+            "Batches refused because a change's clock was too far ahead.",
+        );
+        let stream_failures = counter(
+            "meridian_replication_stream_failures_total",
+            "Pull streams from the peer that failed or could not start.",
+        );
+        let pruned = IntCounter::new(
+            "meridian_replication_pruned_changes_total",
+            "Changes trimmed from this region's log.",
+        )
+        .expect("valid metric");
+        reg(Box::new(pruned.clone()));
+        Self {
+            registry,
+            lag_changes,
+            lag_seconds,
+            connected,
+            applied,
+            superseded,
+            drift_refusals,
+            stream_failures,
+            pruned,
+        }
+    }
+
+    pub(crate) fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding does not fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}

@@ -1,0 +1,190 @@
+//! Following one peer: a Pull stream from the last sequence applied, each
+//! batch applied in one transaction, Acks now and then, and reconnection
+//! with capped, jittered backoff when the stream fails.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use meridian_proto::v1::replication_client::ReplicationClient;
+use meridian_proto::v1::{AckRequest, PullRequest};
+use rand::Rng;
+use tonic::transport::Channel;
+
+use super::{Replication, apply};
+use crate::config::PeerConfig;
+use crate::error::Error;
+
+/// What this region knows of one peer's log, for `Admin.RegionStatus`.
+#[derive(Debug)]
+pub(crate) struct PeerState {
+    pub region: String,
+    /// The peer's latest high watermark.
+    pub high: AtomicU64,
+    /// The last sequence of the peer's log applied here.
+    pub applied: AtomicU64,
+    /// Age of the newest applied change while more wait; 0 when caught up.
+    pub lag_ms: AtomicU32,
+}
+
+impl PeerState {
+    pub(crate) fn new(region: &str) -> Self {
+        Self {
+            region: region.to_string(),
+            high: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            lag_ms: AtomicU32::new(0),
+        }
+    }
+}
+
+/// Follows `peer` until shutdown.
+pub(crate) async fn follow(
+    r: Arc<Replication>,
+    peer: PeerConfig,
+    state: Arc<PeerState>,
+    channel: Channel,
+) {
+    let first = Duration::from_millis(r.config.reconnect_backoff_ms);
+    let max = Duration::from_millis(r.config.reconnect_backoff_max_ms);
+    let mut backoff = first;
+    loop {
+        let result = session(&r, &peer, &state, channel.clone(), &mut backoff, first).await;
+        r.metrics
+            .connected
+            .with_label_values(&[&peer.region])
+            .set(0);
+        if r.shutdown.is_cancelled() {
+            return;
+        }
+        match result {
+            Ok(()) => tracing::info!(peer = %peer.region, "replication stream ended; reconnecting"),
+            Err(e) => {
+                r.metrics
+                    .stream_failures
+                    .with_label_values(&[&peer.region])
+                    .inc();
+                tracing::warn!(peer = %peer.region, error = %e, backoff_ms = backoff.as_millis() as u64, "replication stream failed");
+            }
+        }
+        // Full jitter: regions that lost a peer together do not return in step.
+        let wait = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = r.shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(max);
+    }
+}
+
+async fn session(
+    r: &Replication,
+    peer: &PeerConfig,
+    state: &PeerState,
+    channel: Channel,
+    backoff: &mut Duration,
+    first_backoff: Duration,
+) -> Result<(), Error> {
+    let name = peer.region.as_str();
+    let mut applied = watermark(&r.pool, name).await?;
+    state.applied.store(applied, Ordering::Relaxed);
+    let mut client = ReplicationClient::new(channel);
+    let pull = client.pull(PullRequest {
+        peer_region: r.region.clone(),
+        from_sequence: applied,
+        max_batch: r.config.batch_size,
+    });
+    let mut stream = tokio::select! {
+        s = pull => s.map_err(|s| Error::Replication(format!("pull from {name}: {s}")))?.into_inner(),
+        () = r.shutdown.cancelled() => return Ok(()),
+    };
+    r.metrics.connected.with_label_values(&[name]).set(1);
+    let ack_interval = Duration::from_millis(r.config.ack_interval_ms);
+    let mut acked = 0;
+    let mut acked_at: Option<Instant> = None;
+    loop {
+        let batch = tokio::select! {
+            m = stream.message() => m.map_err(|s| Error::Replication(format!("stream from {name}: {s}")))?,
+            () = r.shutdown.cancelled() => return Ok(()),
+        };
+        let Some(batch) = batch else {
+            return Ok(());
+        };
+        *backoff = first_backoff;
+        let mut newest = None;
+        if !batch.changes.is_empty() {
+            let out = apply::apply_batch(
+                &r.pool,
+                &r.region,
+                name,
+                &batch.changes,
+                r.config.max_clock_drift(),
+            )
+            .await
+            .inspect_err(|e| {
+                if matches!(e, Error::ClockDrift(_)) {
+                    r.metrics.drift_refusals.with_label_values(&[name]).inc();
+                }
+            })?;
+            applied = out.watermark;
+            r.metrics
+                .applied
+                .with_label_values(&[name])
+                .inc_by(out.applied);
+            r.metrics
+                .superseded
+                .with_label_values(&[name])
+                .inc_by(out.superseded);
+            newest = batch.changes.last().and_then(|c| c.committed_at);
+        }
+        let lag = batch.high_watermark.saturating_sub(applied);
+        let lag_s = match newest {
+            Some(at) if lag > 0 => {
+                let at = std::time::UNIX_EPOCH
+                    + Duration::new(
+                        u64::try_from(at.seconds).unwrap_or(0),
+                        u32::try_from(at.nanos).unwrap_or(0),
+                    );
+                at.elapsed().map_or(0.0, |d| d.as_secs_f64())
+            }
+            _ if lag > 0 => r.metrics.lag_seconds.with_label_values(&[name]).get(),
+            _ => 0.0,
+        };
+        state.high.store(batch.high_watermark, Ordering::Relaxed);
+        state.applied.store(applied, Ordering::Relaxed);
+        state.lag_ms.store(
+            (lag_s * 1000.0).min(f64::from(u32::MAX)) as u32,
+            Ordering::Relaxed,
+        );
+        r.metrics
+            .lag_changes
+            .with_label_values(&[name])
+            .set(i64::try_from(lag).unwrap_or(i64::MAX));
+        r.metrics.lag_seconds.with_label_values(&[name]).set(lag_s);
+        if applied > acked && acked_at.is_none_or(|t| t.elapsed() >= ack_interval) {
+            // The log's owner trims by Acks; a lost one is only sent again.
+            let ack = client.ack(AckRequest {
+                peer_region: r.region.clone(),
+                applied_sequence: applied,
+            });
+            match tokio::time::timeout(Duration::from_secs(5), ack).await {
+                Ok(Ok(_)) => {
+                    acked = applied;
+                    acked_at = Some(Instant::now());
+                }
+                Ok(Err(s)) => tracing::warn!(peer = name, error = %s, "replication ack refused"),
+                Err(_) => tracing::warn!(peer = name, "replication ack timed out"),
+            }
+        }
+    }
+}
+
+/// The last sequence of `peer`'s log applied here.
+async fn watermark(pool: &sqlx::PgPool, peer: &str) -> Result<u64, Error> {
+    let seq: Option<i64> =
+        sqlx::query_scalar("SELECT applied_sequence FROM replication_peers WHERE peer = $1")
+            .bind(peer)
+            .fetch_optional(pool)
+            .await?;
+    Ok(seq.map_or(0, |s| u64::try_from(s).unwrap_or(0)))
+}

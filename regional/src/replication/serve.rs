@@ -1,0 +1,103 @@
+//! `meridian.v1.Replication`: peers pull this region's log and acknowledge
+//! what they applied. The mesh policy lets only region identities call it;
+//! here a caller may also only speak for its own region.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+use meridian_mesh::Role;
+use meridian_proto::v1::replication_server::{Replication as ReplicationApi, ReplicationServer};
+use meridian_proto::v1::{AckRequest, AckResponse, ChangeBatch, PullRequest};
+use tonic::{Request, Response, Status};
+
+use super::{Replication, log};
+use crate::error::Error;
+use crate::mesh::Peer;
+
+pub(crate) fn service(replication: Arc<Replication>) -> ReplicationServer<Service> {
+    ReplicationServer::new(Service { replication })
+}
+
+pub(crate) struct Service {
+    replication: Arc<Replication>,
+}
+
+/// Refuses a caller whose certificate names another region than the one it
+/// speaks for (in plaintext mode there are no identities to check).
+fn check_caller<T>(request: &Request<T>, peer_region: &str) -> Result<(), Status> {
+    if peer_region.is_empty() {
+        return Err(Error::invalid("`peer_region` is required", None).into());
+    }
+    match request.extensions().get::<Peer>() {
+        Some(Peer(identity))
+            if identity.role() != Role::Region || identity.name() != peer_region =>
+        {
+            Err(Status::permission_denied(format!(
+                "{identity} may not speak for region {peer_region:?}"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[tonic::async_trait]
+impl ReplicationApi for Service {
+    type PullStream = BoxStream<'static, Result<ChangeBatch, Status>>;
+
+    async fn pull(
+        &self,
+        request: Request<PullRequest>,
+    ) -> Result<Response<Self::PullStream>, Status> {
+        check_caller(&request, &request.get_ref().peer_region)?;
+        let req = request.into_inner();
+        let r = self.replication.clone();
+        let limit = match req.max_batch {
+            0 => r.config.batch_size,
+            n => n.min(r.config.batch_size),
+        };
+        // Subscribed before the first read, so no commit falls between.
+        let mut commits = r.commits.subscribe();
+        // The first read answers the call itself, so a truncated log fails
+        // the RPC with its status rather than a stream that ends at once.
+        let first = log::read(&r.pool, req.from_sequence, limit).await?;
+        tracing::info!(peer = %req.peer_region, from = req.from_sequence, "replication pull started");
+        let heartbeat = Duration::from_millis(r.config.heartbeat_interval_ms);
+        let stream = async_stream::try_stream! {
+            let (mut changes, mut high) = first;
+            let mut cursor = req.from_sequence;
+            loop {
+                let full = changes.len() >= limit as usize;
+                if let Some(last) = changes.last() {
+                    cursor = last.sequence;
+                }
+                // An empty batch is the heartbeat: it carries the watermark.
+                yield ChangeBatch { changes, high_watermark: high };
+                if !full {
+                    tokio::select! {
+                        _ = commits.changed() => {}
+                        () = tokio::time::sleep(heartbeat) => {}
+                        () = r.shutdown.cancelled() => break,
+                    }
+                }
+                if r.shutdown.is_cancelled() {
+                    break;
+                }
+                commits.borrow_and_update();
+                (changes, high) = log::read(&r.pool, cursor, limit).await?;
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+        check_caller(&request, &request.get_ref().peer_region)?;
+        let req = request.into_inner();
+        let pool = &self.replication.pool;
+        log::ack(pool, &req.peer_region, req.applied_sequence).await?;
+        let (_, high) = log::bounds(pool).await?;
+        Ok(Response::new(AckResponse {
+            high_watermark: high,
+        }))
+    }
+}

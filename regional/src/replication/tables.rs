@@ -1,0 +1,148 @@
+//! The replicated tables and the SQL that applies a peer's change to each.
+//! A new replicated table needs the two triggers of `0005_replication.sql`
+//! on its side and an entry here.
+
+use std::sync::LazyLock;
+
+/// One replicated table.
+pub(crate) struct Table {
+    pub name: &'static str,
+    /// The primary key column.
+    pub key: &'static str,
+    /// Its SQL type: the wire carries the key as text.
+    pub key_type: &'static str,
+    /// Every column but `hlc` and `origin_region`.
+    pub columns: &'static [&'static str],
+    /// Columns the payload carries in base64.
+    pub bytea: &'static [&'static str],
+}
+
+/// In dependency order (keys refer to tenants), which the digest keeps too.
+pub(crate) const TABLES: &[Table] = &[
+    Table {
+        name: "tenants",
+        key: "id",
+        key_type: "text",
+        columns: &[
+            "id",
+            "display_name",
+            "requests_per_second",
+            "tokens_per_minute",
+            "created_at",
+            "updated_at",
+        ],
+        bytea: &[],
+    },
+    Table {
+        name: "api_keys",
+        key: "id",
+        key_type: "uuid",
+        columns: &[
+            "id",
+            "tenant_id",
+            "prefix",
+            "key_hash",
+            "created_at",
+            "revoked_at",
+        ],
+        bytea: &["key_hash"],
+    },
+];
+
+/// Per table: the upsert and the delete, built once.
+pub(crate) struct Statements {
+    /// `$1` payload, `$2` hlc, `$3` origin; affects no row when the row here
+    /// is as new or newer.
+    pub upsert: String,
+    /// `$1` key text, `$2` hlc, `$3` origin; same condition.
+    pub delete: String,
+}
+
+pub(crate) static STATEMENTS: LazyLock<Vec<Statements>> =
+    LazyLock::new(|| TABLES.iter().map(Table::statements).collect());
+
+pub(crate) fn find(name: &str) -> Option<(&'static Table, &'static Statements)> {
+    let i = TABLES.iter().position(|t| t.name == name)?;
+    Some((&TABLES[i], &STATEMENTS[i]))
+}
+
+impl Table {
+    fn statements(&self) -> Statements {
+        let name = self.name;
+        let key = self.key;
+        let values: Vec<String> = self
+            .columns
+            .iter()
+            .map(|c| {
+                if self.bytea.contains(c) {
+                    format!("decode($1 ->> '{c}', 'base64')")
+                } else {
+                    format!("r.{c}")
+                }
+            })
+            .collect();
+        let updates: Vec<String> = self
+            .columns
+            .iter()
+            .filter(|c| **c != key)
+            .map(|c| format!("{c} = EXCLUDED.{c}"))
+            .collect();
+        // Comparing (hlc, origin_region) as a row: origin_region is
+        // COLLATE "C", so the tie-break is byte-wise in every region.
+        let upsert = format!(
+            "INSERT INTO {name} ({cols}, hlc, origin_region)
+             SELECT {values}, $2, $3 FROM jsonb_populate_record(NULL::{name}, $1) r
+             ON CONFLICT ({key}) DO UPDATE SET {updates},
+                 hlc = EXCLUDED.hlc, origin_region = EXCLUDED.origin_region
+             WHERE ({name}.hlc, {name}.origin_region) < (EXCLUDED.hlc, EXCLUDED.origin_region)",
+            cols = self.columns.join(", "),
+            values = values.join(", "),
+            updates = updates.join(", "),
+        );
+        let delete = format!(
+            "DELETE FROM {name} WHERE {key} = $1::{ty} AND (hlc, origin_region) < ($2, $3)",
+            ty = self.key_type,
+        );
+        Statements { upsert, delete }
+    }
+
+    /// Hash of every row (key, clock, origin and content) in key order:
+    /// equal in two regions exactly when they hold the same rows.
+    pub(crate) fn digest_sql(&self) -> String {
+        format!(
+            "SELECT count(*), encode(sha256(convert_to(COALESCE(string_agg(
+                 t.{key}::text || ' ' || t.hlc || ' ' || t.origin_region || ' '
+                     || (to_jsonb(t) - 'hlc' - 'origin_region')::text,
+                 E'\\n' ORDER BY t.{key}::text COLLATE \"C\"), ''), 'UTF8')), 'hex')
+             FROM {name} t",
+            key = self.key,
+            name = self.name,
+        )
+    }
+}
+
+/// The tombstones' digest, over the same shape.
+pub(crate) const TOMBSTONES_DIGEST: &str =
+    "SELECT count(*), encode(sha256(convert_to(COALESCE(string_agg(
+         t.table_name || ' ' || encode(t.key, 'hex') || ' ' || t.hlc || ' ' || t.origin_region,
+         E'\\n' ORDER BY t.table_name COLLATE \"C\", t.key), ''), 'UTF8')), 'hex')
+     FROM replication_tombstones t";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_name_every_column_once() {
+        let (t, s) = find("api_keys").unwrap();
+        for c in t.columns {
+            assert!(
+                s.upsert.contains(&format!("{c}, ")) || s.upsert.contains(&format!("{c}, hlc"))
+            );
+        }
+        assert!(s.upsert.contains("decode($1 ->> 'key_hash', 'base64')"));
+        assert!(!s.upsert.contains("id = EXCLUDED.id"));
+        assert!(s.delete.contains("$1::uuid"));
+        assert!(find("jobs").is_none());
+    }
+}
