@@ -85,6 +85,8 @@ fn the_example_config_is_valid() {
     assert_eq!(c.tracing.sample_ratio, 0.1);
     assert!(c.tracing.otlp_endpoint.is_some());
     assert_eq!(c.replication.peers.len(), 2);
+    assert_eq!(c.cache.threshold("strict-tenant"), 1.01);
+    assert!(c.cache.semantic_on(c.embeddings.is_some()));
 }
 
 #[test]
