@@ -49,7 +49,9 @@ impl ConversationId {
         let body = body.filter(|v| !v.is_empty());
         match (header, body) {
             (Some(h), Some(b)) if h != b => Err(Error::invalid(
-                format!("`{CONVERSATION_HEADER}` and `conversation_id` name different conversations"),
+                format!(
+                    "`{CONVERSATION_HEADER}` and `conversation_id` name different conversations"
+                ),
                 Some("conversation_id"),
             )),
             (Some(v), _) | (None, Some(v)) => Self::parse(v).map(Some),
@@ -118,7 +120,12 @@ impl Turn {
     /// Stores the client's messages and the answer as the next turns, in
     /// one transaction: either the whole exchange is in the history or none
     /// of it. `region` becomes the home of a conversation created here.
-    pub(crate) async fn store(&self, pool: &PgPool, region: &str, answer: &str) -> Result<(), Error> {
+    pub(crate) async fn store(
+        &self,
+        pool: &PgPool,
+        region: &str,
+        answer: &str,
+    ) -> Result<(), Error> {
         let mut tx = pool.begin().await?;
         // Takes the conversation's row lock too, so two requests of one
         // conversation in this region number their turns one after the other.
@@ -193,11 +200,7 @@ pub(crate) struct StoredMessage {
 }
 
 /// The conversation `id` of `tenant` as stored in this region.
-pub(crate) async fn transcript(
-    pool: &PgPool,
-    tenant: &str,
-    id: &str,
-) -> Result<Transcript, Error> {
+pub(crate) async fn transcript(pool: &PgPool, tenant: &str, id: &str) -> Result<Transcript, Error> {
     let id = ConversationId::parse(id)?;
     let row: Option<(String, String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
         "SELECT tenant_id, home_region, created_at, updated_at FROM conversations WHERE id = $1",

@@ -39,7 +39,13 @@ async fn ask(client: &reqwest::Client, url: &str, body: &Value) -> (Duration, St
 }
 
 /// `n` sequential requests of `body`, each expected to be answered `how`.
-async fn measure(client: &reqwest::Client, url: &str, body: &Value, how: &str, n: u64) -> Vec<Duration> {
+async fn measure(
+    client: &reqwest::Client,
+    url: &str,
+    body: &Value,
+    how: &str,
+    n: u64,
+) -> Vec<Duration> {
     let mut out = Vec::with_capacity(n as usize);
     for _ in 0..n {
         let (d, cache) = ask(client, url, body).await;
@@ -128,9 +134,15 @@ async fn main() {
         let (_, cache) = ask(&client, &url, &body(text, true)).await;
         *counts.entry(cache).or_default() += 1;
     }
-    println!("replayed workload: {requests} requests over {} question pairs, seed {seed}:", pairs.len());
+    println!(
+        "replayed workload: {requests} requests over {} question pairs, seed {seed}:",
+        pairs.len()
+    );
     for (how, count) in &counts {
-        println!("  {how:<13} {count:5}  {:.3}", *count as f64 / requests as f64);
+        println!(
+            "  {how:<13} {count:5}  {:.3}",
+            *count as f64 / requests as f64
+        );
     }
     let hits: u64 = counts
         .iter()

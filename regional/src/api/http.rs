@@ -84,7 +84,14 @@ async fn chat(
         return Ok((headers, body).into_response());
     }
     let done = state
-        .answer(tenant, &mut req, &hints, facts.cache, deadline, conversation)
+        .answer(
+            tenant,
+            &mut req,
+            &hints,
+            facts.cache,
+            deadline,
+            conversation,
+        )
         .await?;
     let usage = done.answer.usage();
     let body = ChatCompletion {

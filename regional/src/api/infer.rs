@@ -204,7 +204,14 @@ async fn completions(
     };
     if !body.stream {
         let done = state
-            .answer(&tenant, &mut req, &hints, facts.cache, deadline, conversation)
+            .answer(
+                &tenant,
+                &mut req,
+                &hints,
+                facts.cache,
+                deadline,
+                conversation,
+            )
             .await?;
         let body = object(
             &done.answer.text,
