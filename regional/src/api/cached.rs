@@ -128,7 +128,6 @@ impl AppState {
     /// A streamed completion: a hit replayed as a stream, or the model's
     /// stream, stored in the cache once it ends well. With a conversation,
     /// the exchange is stored before the last chunk goes out.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn answer_stream(
         self: &Arc<Self>,
         tenant: &Tenant,
