@@ -46,3 +46,8 @@ pub const ROUTE_HEADER: &str = "x-meridian-route";
 /// Request header (or gRPC metadata) naming a session: requests of one
 /// session go to the same region while it is healthy.
 pub const SESSION_HEADER: &str = "x-meridian-session";
+/// Request header (or gRPC metadata) naming a conversation: an affinity key
+/// like [`SESSION_HEADER`] (and preferred to it), so a conversation's turns
+/// go to the region that stores them while it is healthy. The region reads
+/// the same header to load and store the conversation's history.
+pub const CONVERSATION_HEADER: &str = "x-meridian-conversation";

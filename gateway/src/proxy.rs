@@ -28,7 +28,7 @@ use crate::health;
 use crate::metrics::Metrics;
 use crate::regions::{Lease, Regions};
 use crate::route::{Plan, Reason, RequestFacts, Router};
-use crate::{REGION_HEADER, ROUTE_HEADER, SESSION_HEADER};
+use crate::{CONVERSATION_HEADER, REGION_HEADER, ROUTE_HEADER, SESSION_HEADER};
 
 /// Most concurrent streams on one upstream HTTP/2 connection. Pingora's
 /// default is 1, which would open a connection per request.
@@ -293,7 +293,11 @@ impl ProxyHttp for Proxy {
             .map(|(p, _)| p);
         let facts = RequestFacts {
             pin: header_str(session, REGION_HEADER),
-            session: header_str(session, SESSION_HEADER),
+            // The conversation wins over a session: its turns live in one
+            // region, a session only warms caches.
+            session: header_str(session, CONVERSATION_HEADER)
+                .filter(|c| !c.is_empty())
+                .or_else(|| header_str(session, SESSION_HEADER)),
             location,
         };
         match self.router.plan(&self.regions, facts) {

@@ -10,7 +10,8 @@ use crate::regions::Regions;
 pub(crate) enum Reason {
     /// The request named the region.
     Pin,
-    /// The request named a session; rendezvous hashing gave its home.
+    /// The request named a session or conversation; rendezvous hashing
+    /// gave its home.
     Affinity,
     /// The client was located; this is the best-ranked region.
     Nearest,

@@ -11,6 +11,7 @@
 mod api;
 mod cache;
 mod config;
+mod conversation;
 mod error;
 mod inference;
 mod mesh;

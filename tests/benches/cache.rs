@@ -117,7 +117,14 @@ async fn main() {
     // from Redis when it starts.
     let other = region.start_extra_node().await;
     wait_for_entries(&other.url(), n).await;
-    let l2 = measure(&client, &other.url(), |i| body(&question(i), true), "hit-l2", n).await;
+    let l2 = measure(
+        &client,
+        &other.url(),
+        |i| body(&question(i), true),
+        "hit-l2",
+        n,
+    )
+    .await;
     let semantic = measure(
         &client,
         &other.url(),
@@ -153,9 +160,15 @@ async fn main() {
         let (_, cache) = ask(&client, &url, &body(text, true)).await;
         *counts.entry(cache).or_default() += 1;
     }
-    println!("replayed workload: {requests} requests over {} question pairs, seed {seed}:", pairs.len());
+    println!(
+        "replayed workload: {requests} requests over {} question pairs, seed {seed}:",
+        pairs.len()
+    );
     for (how, count) in &counts {
-        println!("  {how:<13} {count:5}  {:.3}", *count as f64 / requests as f64);
+        println!(
+            "  {how:<13} {count:5}  {:.3}",
+            *count as f64 / requests as f64
+        );
     }
     let hits: u64 = counts
         .iter()

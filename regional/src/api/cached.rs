@@ -1,6 +1,8 @@
 //! The path every chat entry point shares (HTTP chat and text completions,
-//! gRPC Generate and GenerateStream): route, consult the response cache,
-//! and only on a miss take an admission slot and call the model.
+//! gRPC Generate and GenerateStream): prepend a conversation's history,
+//! route, consult the response cache, and only on a miss take an admission
+//! slot and call the model; then store the conversation's new turns before
+//! the client sees the end of the answer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +12,7 @@ use tokio::time::Instant;
 
 use super::{AppState, Tenant};
 use crate::cache::{Answer, Directives, Outcome, Policy};
+use crate::conversation::{self, ConversationId, Turn};
 use crate::error::Error;
 use crate::inference::{ChatRequest, Chunk, ChunkStream, Hints, Permit, Routed};
 use crate::telemetry::usage::UsageDraft;
@@ -60,7 +63,25 @@ impl AppState {
         Ok((routed, usage.begin(tenant.as_str(), &req.model)))
     }
 
-    /// A whole completion, from the cache or the model.
+    /// The conversation's stored turns prepended to `req`, and the turn to
+    /// store once answered.
+    async fn begin_turn(
+        &self,
+        tenant: &Tenant,
+        req: &mut ChatRequest,
+        conversation: Option<ConversationId>,
+    ) -> Result<Option<Turn>, Error> {
+        match conversation {
+            None => Ok(None),
+            Some(id) => conversation::begin(&self.pool, tenant.as_str(), id, req)
+                .await
+                .map(Some),
+        }
+    }
+
+    /// A whole completion, from the cache or the model; with a
+    /// conversation, its history goes to the model and the exchange is
+    /// stored before this returns.
     pub(crate) async fn answer(
         &self,
         tenant: &Tenant,
@@ -68,7 +89,9 @@ impl AppState {
         hints: &Hints,
         directives: Directives,
         deadline: Instant,
+        conversation: Option<ConversationId>,
     ) -> Result<Answered, Error> {
+        let turn = self.begin_turn(tenant, req, conversation).await?;
         let (routed, record) = self.route(tenant, req, hints)?;
         let req = &*req;
         let policy = self.cache.policy(req, directives);
@@ -91,6 +114,10 @@ impl AppState {
             .inspect_err(|e| record.failed(e))?;
         record.completed(answer.usage(), ttft, outcome.label());
         self.note_cache(outcome);
+        if let Some(turn) = turn {
+            // A hit is stored too: the history is what the client was told.
+            turn.store(&self.pool, &self.region, &answer.text).await?;
+        }
         Ok(Answered {
             answer,
             outcome,
@@ -99,8 +126,61 @@ impl AppState {
     }
 
     /// A streamed completion: a hit replayed as a stream, or the model's
-    /// stream, stored in the cache once it ends well.
+    /// stream, stored in the cache once it ends well. With a conversation,
+    /// the exchange is stored before the last chunk goes out.
     pub(crate) async fn answer_stream(
+        self: &Arc<Self>,
+        tenant: &Tenant,
+        req: &mut ChatRequest,
+        hints: &Hints,
+        directives: Directives,
+        deadline: Instant,
+        conversation: Option<ConversationId>,
+    ) -> Result<Streamed, Error> {
+        let turn = self.begin_turn(tenant, req, conversation).await?;
+        let mut streamed = self
+            .stream_answer(tenant, req, hints, directives, deadline)
+            .await?;
+        if let Some(turn) = turn {
+            streamed.chunks = self.store_at_end(streamed.chunks, turn);
+        }
+        Ok(streamed)
+    }
+
+    /// Passes `chunks` on, storing the turn (with the streamed text as the
+    /// answer) before the final chunk: a client that saw the stream end
+    /// has its turn stored. When storing fails, the stream ends in that
+    /// error instead.
+    fn store_at_end(&self, chunks: ChunkStream, turn: Turn) -> ChunkStream {
+        let pool = self.pool.clone();
+        let region = self.region.clone();
+        async_stream::stream! {
+            let mut chunks = chunks;
+            let mut text = String::new();
+            while let Some(chunk) = chunks.next().await {
+                match chunk {
+                    Ok(Chunk::Delta(d)) => {
+                        text.push_str(&d);
+                        yield Ok(Chunk::Delta(d));
+                    }
+                    Ok(done @ Chunk::Done { .. }) => {
+                        match turn.store(&pool, &region, &text).await {
+                            Ok(()) => yield Ok(done),
+                            Err(e) => yield Err(e),
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        yield Err(e);
+                        return;
+                    }
+                }
+            }
+        }
+        .boxed()
+    }
+
+    async fn stream_answer(
         self: &Arc<Self>,
         tenant: &Tenant,
         req: &mut ChatRequest,

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use super::http::completion_id;
 use super::{AppState, Tenant};
 use crate::cache::{Directives, RESULT_HEADER};
+use crate::conversation::{CONVERSATION_HEADER, ConversationId};
 use crate::error::Error;
 use crate::inference::{
     ChatRequest, Chunk, Finish, Hints, Message, SizeHint, Usage, parse_grpc_timeout,
@@ -55,6 +56,20 @@ fn call_facts(
         Directives::parse(|name: &str| request.metadata().get(name).and_then(|v| v.to_str().ok()));
     cache.no_store |= request.get_ref().no_cache;
     (tokio::time::Instant::now() + timeout, hints, cache)
+}
+
+/// The conversation a call continues: `x-meridian-conversation` metadata
+/// (which the gateway's affinity reads) or the request's `conversation_id`.
+fn call_conversation(request: &Request<GenerateRequest>) -> Result<Option<ConversationId>, Error> {
+    let header = request
+        .metadata()
+        .get(CONVERSATION_HEADER)
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| Error::invalid(format!("`{CONVERSATION_HEADER}` must be ASCII"), None))
+        })
+        .transpose()?;
+    ConversationId::from_request(header, Some(&request.get_ref().conversation_id))
 }
 
 fn model_metadata<T>(response: &mut Response<T>, model: &str) {
@@ -130,10 +145,11 @@ impl Inference for InferenceApi {
         let started = tokio::time::Instant::now();
         let tenant = Tenant::from_metadata(request.metadata())?;
         let (deadline, hints, cache) = call_facts(&self.state, &request);
+        let conversation = call_conversation(&request)?;
         let mut req = chat_request(request.into_inner())?;
         let done = self
             .state
-            .answer(&tenant, &mut req, &hints, cache, deadline)
+            .answer(&tenant, &mut req, &hints, cache, deadline, conversation)
             .await?;
         let now = std::time::SystemTime::now();
         let answer_usage = done.answer.usage();
@@ -180,10 +196,11 @@ impl Inference for InferenceApi {
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let tenant = Tenant::from_metadata(request.metadata())?;
         let (deadline, hints, cache) = call_facts(&self.state, &request);
+        let conversation = call_conversation(&request)?;
         let mut req = chat_request(request.into_inner())?;
         let streamed = self
             .state
-            .answer_stream(&tenant, &mut req, &hints, cache, deadline)
+            .answer_stream(&tenant, &mut req, &hints, cache, deadline, conversation)
             .await?;
         let model = req.model.clone();
         let (chunks, outcome, record, permit) = (

@@ -26,6 +26,7 @@ pub(super) fn routes(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
+        .route("/v1/conversations/{id}", get(get_conversation))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(state)
 }
@@ -59,13 +60,21 @@ async fn chat(
         .as_ref()
         .is_some_and(|o| o.include_usage);
     let hints = facts.hints(body.has_tools());
+    let conversation = facts.conversation(body.conversation_id.as_deref())?;
     let mut req = body.into_request()?;
     let deadline = facts.deadline(&state);
     let id = completion_id();
     let created = chrono::Utc::now().timestamp();
     if stream {
         let streamed = state
-            .answer_stream(tenant, &mut req, &hints, facts.cache, deadline)
+            .answer_stream(
+                tenant,
+                &mut req,
+                &hints,
+                facts.cache,
+                deadline,
+                conversation,
+            )
             .await?;
         let headers = (
             model_header(&req.model),
@@ -75,7 +84,14 @@ async fn chat(
         return Ok((headers, body).into_response());
     }
     let done = state
-        .answer(tenant, &mut req, &hints, facts.cache, deadline)
+        .answer(
+            tenant,
+            &mut req,
+            &hints,
+            facts.cache,
+            deadline,
+            conversation,
+        )
         .await?;
     let usage = done.answer.usage();
     let body = ChatCompletion {
@@ -187,6 +203,17 @@ fn sse(
         yield Ok(Event::default().data("[DONE]"));
     };
     Sse::new(body).keep_alive(KeepAlive::default())
+}
+
+/// `GET /v1/conversations/{id}`: the tenant's conversation as stored in
+/// this region, turns in order.
+async fn get_conversation(
+    State(state): State<Arc<AppState>>,
+    tenant: Tenant,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, Error> {
+    let transcript = crate::conversation::transcript(&state.pool, tenant.as_str(), &id).await?;
+    Ok(axum::Json(transcript).into_response())
 }
 
 async fn list_models(State(state): State<Arc<AppState>>) -> Response {

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use super::openai::{UsageBody, finish_reason, max_tokens};
 use super::{AppState, Tenant};
 use crate::cache::{Directives, RESULT_HEADER};
+use crate::conversation::{CONVERSATION_HEADER, ConversationId};
 use crate::error::Error;
 use crate::inference::{ChatRequest, Chunk, Hints, Message, SizeHint, parse_timeout_ms};
 
@@ -47,6 +48,8 @@ pub(super) struct RequestFacts {
     size: Option<SizeHint>,
     /// `Cache-Control` and `x-meridian-cache`.
     pub cache: Directives,
+    /// `x-meridian-conversation`, as sent.
+    conversation: Option<String>,
 }
 
 impl RequestFacts {
@@ -59,6 +62,15 @@ impl RequestFacts {
 
     pub(super) fn deadline(&self, state: &AppState) -> Instant {
         self.arrived + self.timeout.unwrap_or(state.inference.default_timeout)
+    }
+
+    /// The conversation the request continues: the header, or `body_id`
+    /// (the body's `conversation_id`), which must agree when both are set.
+    pub(super) fn conversation(
+        &self,
+        body_id: Option<&str>,
+    ) -> Result<Option<ConversationId>, Error> {
+        ConversationId::from_request(self.conversation.as_deref(), body_id)
     }
 }
 
@@ -81,6 +93,7 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestFacts {
             timeout: header(TIMEOUT_HEADER)?.map(parse_timeout_ms).transpose()?,
             size: header(ROUTING_HINT_HEADER)?.and_then(SizeHint::parse),
             cache: Directives::parse(|name| parts.headers.get(name).and_then(|v| v.to_str().ok())),
+            conversation: header(CONVERSATION_HEADER)?.map(str::to_string),
         })
     }
 }
@@ -176,6 +189,7 @@ async fn completions(
     };
     let deadline = facts.deadline(&state);
     let hints = facts.hints(false);
+    let conversation = facts.conversation(None)?;
     let id = format!("cmpl-{}", uuid::Uuid::now_v7().simple());
     let created = chrono::Utc::now().timestamp();
     let model = req.model.clone();
@@ -190,7 +204,14 @@ async fn completions(
     };
     if !body.stream {
         let done = state
-            .answer(&tenant, &mut req, &hints, facts.cache, deadline)
+            .answer(
+                &tenant,
+                &mut req,
+                &hints,
+                facts.cache,
+                deadline,
+                conversation,
+            )
             .await?;
         let body = object(
             &done.answer.text,
@@ -202,7 +223,14 @@ async fn completions(
     }
     let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
     let streamed = state
-        .answer_stream(&tenant, &mut req, &hints, facts.cache, deadline)
+        .answer_stream(
+            &tenant,
+            &mut req,
+            &hints,
+            facts.cache,
+            deadline,
+            conversation,
+        )
         .await?;
     let outcome = streamed.outcome;
     let record = streamed.record;

@@ -32,6 +32,10 @@ pub(super) struct ChatCompletionBody {
     /// its large model.
     #[serde(default)]
     tools: Option<serde_json::Value>,
+    /// Meridian's own field (OpenAI's SDKs send it through `extra_body`):
+    /// the conversation this request continues, as `x-meridian-conversation`.
+    #[serde(default)]
+    pub conversation_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

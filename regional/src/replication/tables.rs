@@ -17,7 +17,8 @@ pub(crate) struct Table {
     pub bytea: &'static [&'static str],
 }
 
-/// In dependency order (keys refer to tenants), which the digest keeps too.
+/// In dependency order (keys refer to tenants; messages to conversations,
+/// by id only), which the digest keeps too.
 pub(crate) const TABLES: &[Table] = &[
     Table {
         name: "tenants",
@@ -46,6 +47,38 @@ pub(crate) const TABLES: &[Table] = &[
             "revoked_at",
         ],
         bytea: &["key_hash"],
+    },
+    Table {
+        name: "conversations",
+        key: "id",
+        key_type: "text",
+        columns: &[
+            "id",
+            "tenant_id",
+            "home_region",
+            "title",
+            "metadata",
+            "created_at",
+            "updated_at",
+        ],
+        bytea: &[],
+    },
+    // Append-only: a message's row never changes after its insert, so the
+    // last-writer-wins upsert only ever meets its own copy.
+    Table {
+        name: "conversation_messages",
+        key: "id",
+        key_type: "uuid",
+        columns: &[
+            "id",
+            "conversation_id",
+            "tenant_id",
+            "turn",
+            "role",
+            "content",
+            "created_at",
+        ],
+        bytea: &[],
     },
 ];
 

@@ -1,0 +1,251 @@
+//! Conversations: the turns a region keeps so that a client sends only its
+//! new message. Before the model call the stored turns are prepended to the
+//! request; after it, the new messages and the answer are stored in one
+//! transaction before the client hears the answer, which is what makes a
+//! turn acknowledged. Both tables replicate (0007_conversations.sql), so the
+//! history follows the conversation to another region when its home dies.
+//!
+//! See `docs/ARCHITECTURE.md` (Conversations).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::error::Error;
+use crate::inference::{ChatRequest, Message};
+
+/// Request header (and gRPC metadata key) naming the conversation. The
+/// gateway's affinity reads the same header.
+pub(crate) const CONVERSATION_HEADER: &str = "x-meridian-conversation";
+
+/// A validated conversation id: 1 to 128 ASCII letters, digits, `.`, `_`,
+/// `:` or `-` (the table's CHECK says the same).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ConversationId(String);
+
+impl ConversationId {
+    fn parse(value: &str) -> Result<Self, Error> {
+        let valid = !value.is_empty()
+            && value.len() <= 128
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+        if !valid {
+            return Err(Error::invalid(
+                "a conversation id must be 1 to 128 letters, digits, '.', '_', ':' or '-'",
+                Some("conversation_id"),
+            ));
+        }
+        Ok(Self(value.to_string()))
+    }
+
+    /// The id a request names in its header and/or its body; empty values
+    /// name none. Both may be given, but then they must agree.
+    pub(crate) fn from_request(
+        header: Option<&str>,
+        body: Option<&str>,
+    ) -> Result<Option<Self>, Error> {
+        let header = header.filter(|v| !v.is_empty());
+        let body = body.filter(|v| !v.is_empty());
+        match (header, body) {
+            (Some(h), Some(b)) if h != b => Err(Error::invalid(
+                format!(
+                    "`{CONVERSATION_HEADER}` and `conversation_id` name different conversations"
+                ),
+                Some("conversation_id"),
+            )),
+            (Some(v), _) | (None, Some(v)) => Self::parse(v).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A turn in progress: the messages the client sent, to be stored with the
+/// answer once it is complete.
+pub(crate) struct Turn {
+    id: ConversationId,
+    tenant: String,
+    new: Vec<Message>,
+}
+
+fn not_found(id: &ConversationId) -> Error {
+    // The same words whether the id is unknown or another tenant's, so an
+    // answer never tells that a conversation exists.
+    Error::NotFound(format!("no conversation {:?}", id.as_str()))
+}
+
+/// Loads the stored turns of `id` for `tenant` and prepends them to `req`.
+/// An id no one uses yet is a new conversation (created when its first turn
+/// is stored); another tenant's is NOT_FOUND.
+pub(crate) async fn begin(
+    pool: &PgPool,
+    tenant: &str,
+    id: ConversationId,
+    req: &mut ChatRequest,
+) -> Result<Turn, Error> {
+    let owner: Option<String> =
+        sqlx::query_scalar("SELECT tenant_id FROM conversations WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_optional(pool)
+            .await?;
+    if owner.is_some_and(|o| o != tenant) {
+        return Err(not_found(&id));
+    }
+    let history: Vec<(String, String)> = sqlx::query_as(
+        "SELECT role, content FROM conversation_messages
+          WHERE conversation_id = $1 AND tenant_id = $2 ORDER BY turn, id",
+    )
+    .bind(id.as_str())
+    .bind(tenant)
+    .fetch_all(pool)
+    .await?;
+    let new = std::mem::take(&mut req.messages);
+    req.messages = history
+        .into_iter()
+        .map(|(role, content)| Message { role, content })
+        .chain(new.iter().cloned())
+        .collect();
+    Ok(Turn {
+        id,
+        tenant: tenant.to_string(),
+        new,
+    })
+}
+
+impl Turn {
+    /// Stores the client's messages and the answer as the next turns, in
+    /// one transaction: either the whole exchange is in the history or none
+    /// of it. `region` becomes the home of a conversation created here.
+    pub(crate) async fn store(
+        &self,
+        pool: &PgPool,
+        region: &str,
+        answer: &str,
+    ) -> Result<(), Error> {
+        let mut tx = pool.begin().await?;
+        // Takes the conversation's row lock too, so two requests of one
+        // conversation in this region number their turns one after the other.
+        let ours: Option<i32> = sqlx::query_scalar(
+            "INSERT INTO conversations (id, tenant_id, home_region) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET updated_at = now()
+                 WHERE conversations.tenant_id = EXCLUDED.tenant_id
+             RETURNING 1",
+        )
+        .bind(self.id.as_str())
+        .bind(&self.tenant)
+        .bind(region)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if ours.is_none() {
+            // Another tenant created it between `begin` and now.
+            return Err(not_found(&self.id));
+        }
+        let last: i32 = sqlx::query_scalar(
+            "SELECT COALESCE(max(turn), 0) FROM conversation_messages WHERE conversation_id = $1",
+        )
+        .bind(self.id.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+        let answer = Message {
+            role: "assistant".into(),
+            content: answer.to_string(),
+        };
+        for (turn, m) in (last + 1..).zip(self.new.iter().chain([&answer])) {
+            sqlx::query(
+                "INSERT INTO conversation_messages
+                     (id, conversation_id, tenant_id, turn, role, content)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(uuid::Uuid::now_v7())
+            .bind(self.id.as_str())
+            .bind(&self.tenant)
+            .bind(turn)
+            .bind(&m.role)
+            .bind(&m.content)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// A conversation as `GET /v1/conversations/{id}` shows it.
+#[derive(Debug, Serialize)]
+pub(crate) struct Transcript {
+    pub id: String,
+    pub object: &'static str,
+    /// `None` while this region has messages but not yet the conversation's
+    /// row (they replicate on separate streams when regions differ).
+    pub home_region: Option<String>,
+    pub created_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
+    pub messages: Vec<StoredMessage>,
+}
+
+/// One stored message.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub(crate) struct StoredMessage {
+    pub turn: i32,
+    pub role: String,
+    pub content: String,
+    pub created_at: DateTime<Utc>,
+    /// The region that stored it.
+    #[sqlx(rename = "origin_region")]
+    pub region: String,
+}
+
+/// The conversation `id` of `tenant` as stored in this region.
+pub(crate) async fn transcript(pool: &PgPool, tenant: &str, id: &str) -> Result<Transcript, Error> {
+    let id = ConversationId::parse(id)?;
+    let row: Option<(String, String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT tenant_id, home_region, created_at, updated_at FROM conversations WHERE id = $1",
+    )
+    .bind(id.as_str())
+    .fetch_optional(pool)
+    .await?;
+    if row.as_ref().is_some_and(|r| r.0 != tenant) {
+        return Err(not_found(&id));
+    }
+    let messages: Vec<StoredMessage> = sqlx::query_as(
+        "SELECT turn, role, content, created_at, origin_region FROM conversation_messages
+          WHERE conversation_id = $1 AND tenant_id = $2 ORDER BY turn, id",
+    )
+    .bind(id.as_str())
+    .bind(tenant)
+    .fetch_all(pool)
+    .await?;
+    if row.is_none() && messages.is_empty() {
+        return Err(not_found(&id));
+    }
+    Ok(Transcript {
+        id: id.0,
+        object: "conversation",
+        home_region: row.as_ref().map(|r| r.1.clone()),
+        created_at: row.as_ref().map(|r| r.2),
+        updated_at: row.as_ref().map(|r| r.3),
+        messages,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_come_from_the_header_or_the_body_and_must_agree() {
+        let id = |h, b| ConversationId::from_request(h, b);
+        assert_eq!(id(None, None).unwrap(), None);
+        assert_eq!(id(Some(""), None).unwrap(), None);
+        assert_eq!(id(Some("c-1"), None).unwrap().unwrap().as_str(), "c-1");
+        assert_eq!(id(None, Some("c:1")).unwrap().unwrap().as_str(), "c:1");
+        assert_eq!(id(Some("c"), Some("c")).unwrap().unwrap().as_str(), "c");
+        assert!(id(Some("a"), Some("b")).is_err());
+        assert!(id(Some("a b"), None).is_err());
+        assert!(id(Some(&"x".repeat(129)), None).is_err());
+    }
+}
