@@ -436,7 +436,13 @@ impl ProxyHttp for Proxy {
         }
         // A saturated region says 503 before producing anything: try the
         // next one if there is one, or pass the 503 (and its Retry-After) on.
-        if status == 503 && self.may_retry(ctx) {
+        // A 503 that reports a durability did store a write (a synchronous
+        // turn no peer confirmed in time): replaying it elsewhere would store
+        // it twice.
+        let stored = upstream_response
+            .headers
+            .contains_key("x-meridian-durability");
+        if status == 503 && !stored && self.may_retry(ctx) {
             let mut e = Error::explain(ErrorType::HTTPStatus(503), "region saturated");
             e.set_retry(true);
             return Err(e);

@@ -46,6 +46,12 @@ pub mod reason {
     /// The requested replication sequence was trimmed from the log
     /// (FAILED_PRECONDITION).
     pub const REPLICATION_LOG_TRUNCATED: &str = "REPLICATION_LOG_TRUNCATED";
+    /// A synchronous write was stored in the region but no peer region
+    /// confirmed it in time; retrying may store it twice (UNAVAILABLE).
+    pub const SYNC_NOT_CONFIRMED: &str = "SYNC_NOT_CONFIRMED";
+    /// A synchronous write was asked of a region without peers
+    /// (UNAVAILABLE).
+    pub const SYNC_UNAVAILABLE: &str = "SYNC_UNAVAILABLE";
     /// A model backend failed (UNAVAILABLE or INTERNAL).
     pub const BACKEND_ERROR: &str = "BACKEND_ERROR";
     /// An unexpected failure (INTERNAL).

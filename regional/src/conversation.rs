@@ -120,12 +120,14 @@ impl Turn {
     /// Stores the client's messages and the answer as the next turns, in
     /// one transaction: either the whole exchange is in the history or none
     /// of it. `region` becomes the home of a conversation created here.
+    /// Returns the last sequence of the replication log the turn wrote, for
+    /// a writer that waits until a peer applied it.
     pub(crate) async fn store(
         &self,
         pool: &PgPool,
         region: &str,
         answer: &str,
-    ) -> Result<(), Error> {
+    ) -> Result<u64, Error> {
         let mut tx = pool.begin().await?;
         // Takes the conversation's row lock too, so two requests of one
         // conversation in this region number their turns one after the other.
@@ -169,8 +171,15 @@ impl Turn {
             .execute(&mut *tx)
             .await?;
         }
+        // The outbox triggers drew from the sequence in this session, so
+        // `currval` is this transaction's last change whatever else commits.
+        let sequence: i64 = sqlx::query_scalar(
+            "SELECT currval(pg_get_serial_sequence('replication_outbox', 'sequence'))",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(u64::try_from(sequence).unwrap_or(0))
     }
 }
 

@@ -132,6 +132,21 @@ pub enum Error {
          the region needs a snapshot"
     )]
     LogTruncated { from: u64, pruned_through: u64 },
+    /// A synchronous write was asked for, but no peer region is configured
+    /// to confirm it.
+    #[error(
+        "synchronous durability (`x-meridian-durability: sync`) needs a peer region, and this \
+         region has none configured in `replication.peers`"
+    )]
+    SyncUnavailable,
+    /// A synchronous write committed here, but no peer confirmed having
+    /// applied it in time.
+    #[error(
+        "the write was stored in this region but no peer region confirmed it within \
+         {waited_ms} ms: it is not lost here and may still replicate, but it is not yet \
+         safe from the loss of this region"
+    )]
+    SyncTimeout { waited_ms: u64 },
     /// An I/O failure not covered above.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
@@ -180,6 +195,8 @@ impl Error {
             Self::IdempotencyKeyReused(_) => Code::AlreadyExists,
             Self::JobAlreadyFinished { .. } | Self::LogTruncated { .. } => Code::FailedPrecondition,
             Self::Unavailable(_)
+            | Self::SyncUnavailable
+            | Self::SyncTimeout { .. }
             | Self::NoHealthyBackend(_)
             | Self::RedisUnreachable { .. }
             | Self::PostgresUnreachable { .. } => Code::Unavailable,
@@ -209,6 +226,8 @@ impl Error {
             Self::IdempotencyKeyReused(_) => Some(reason::IDEMPOTENCY_KEY_REUSED),
             Self::JobAlreadyFinished { .. } => Some(reason::JOB_ALREADY_FINISHED),
             Self::LogTruncated { .. } => Some(reason::REPLICATION_LOG_TRUNCATED),
+            Self::SyncTimeout { .. } => Some(reason::SYNC_NOT_CONFIRMED),
+            Self::SyncUnavailable => Some(reason::SYNC_UNAVAILABLE),
             _ => None,
         }
     }
@@ -270,6 +289,15 @@ impl IntoResponse for Error {
             tracing::error!(error = %self, "request failed");
         }
         let mut res = (status, axum::Json(self.openai_body())).into_response();
+        if matches!(self, Self::SyncTimeout { .. }) {
+            // Stored here, not confirmed elsewhere: the gateway must not
+            // replay the request in another region (that would store the
+            // turn twice), and the client learns what it got.
+            res.headers_mut().insert(
+                crate::replication::DURABILITY_HEADER,
+                axum::http::HeaderValue::from_static("local"),
+            );
+        }
         if let Some(after) = self.retry_after() {
             // Whole seconds, rounded up: `Retry-After` has no finer unit.
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);

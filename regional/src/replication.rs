@@ -11,6 +11,7 @@ mod log;
 mod metrics;
 mod pull;
 mod serve;
+mod sync;
 mod tables;
 
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use tonic::transport::{Channel, Endpoint};
 pub use self::apply::{Applied, apply_batch};
 pub use self::hlc::{ClockDrift, Hlc, check_drift};
 pub(crate) use self::serve::service;
+pub(crate) use self::sync::{DURABILITY_HEADER, Durability};
 
 use self::metrics::Metrics;
 use self::pull::PeerState;
@@ -44,6 +46,8 @@ pub(crate) struct Replication {
     pool: PgPool,
     /// Bumped on every commit to the log (LISTEN/NOTIFY).
     commits: watch::Sender<u64>,
+    /// What each peer acknowledged of this log, for synchronous writers.
+    acked: sync::Acked,
     metrics: Arc<Metrics>,
     peers: Vec<Arc<PeerState>>,
     shutdown: CancellationToken,
@@ -70,6 +74,7 @@ impl Replication {
             config: config.clone(),
             pool: pool.clone(),
             commits: watch::channel(0).0,
+            acked: watch::channel(Default::default()).0,
             metrics: Arc::new(Metrics::new(region)),
             peers: config
                 .peers

@@ -15,7 +15,17 @@ use crate::cache::{Answer, Directives, Outcome, Policy};
 use crate::conversation::{self, ConversationId, Turn};
 use crate::error::Error;
 use crate::inference::{ChatRequest, Chunk, ChunkStream, Hints, Permit, Routed};
+use crate::replication::Durability;
 use crate::telemetry::usage::UsageDraft;
+
+/// What a request asks of its conversation turn.
+#[derive(Debug, Default)]
+pub(crate) struct TurnOptions {
+    /// The conversation the request continues, if any.
+    pub conversation: Option<ConversationId>,
+    /// `x-meridian-durability` as asked; the tenant's default when `None`.
+    pub durability: Option<Durability>,
+}
 
 /// A whole answer and how it was found.
 pub(crate) struct Answered {
@@ -24,6 +34,8 @@ pub(crate) struct Answered {
     /// Time to the first token of this request's generation; zero when
     /// another request (or the cache) answered.
     pub time_to_first_token: Duration,
+    /// How the stored turn was acknowledged; `None` without a conversation.
+    pub durability: Option<Durability>,
 }
 
 /// A streamed answer: chunks, how they were found, and what the stream must
@@ -33,6 +45,9 @@ pub(crate) struct Streamed {
     pub outcome: Outcome,
     pub record: UsageDraft,
     pub permit: Option<Permit>,
+    /// How the turn is acknowledged (its last chunk waits for it); `None`
+    /// without a conversation.
+    pub durability: Option<Durability>,
 }
 
 impl AppState {
@@ -81,7 +96,8 @@ impl AppState {
 
     /// A whole completion, from the cache or the model; with a
     /// conversation, its history goes to the model and the exchange is
-    /// stored before this returns.
+    /// stored before this returns (and, when synchronous, applied by a peer
+    /// region).
     pub(crate) async fn answer(
         &self,
         tenant: &Tenant,
@@ -89,9 +105,12 @@ impl AppState {
         hints: &Hints,
         directives: Directives,
         deadline: Instant,
-        conversation: Option<ConversationId>,
+        turn: TurnOptions,
     ) -> Result<Answered, Error> {
-        let turn = self.begin_turn(tenant, req, conversation).await?;
+        let durability = self
+            .replication
+            .durability(tenant.as_str(), turn.durability)?;
+        let turn = self.begin_turn(tenant, req, turn.conversation).await?;
         let (routed, record) = self.route(tenant, req, hints)?;
         let req = &*req;
         let policy = self.cache.policy(req, directives);
@@ -114,20 +133,29 @@ impl AppState {
             .inspect_err(|e| record.failed(e))?;
         record.completed(answer.usage(), ttft, outcome.label());
         self.note_cache(outcome);
-        if let Some(turn) = turn {
-            // A hit is stored too: the history is what the client was told.
-            turn.store(&self.pool, &self.region, &answer.text).await?;
-        }
+        let durability = match turn {
+            Some(turn) => {
+                // A hit is stored too: the history is what the client was told.
+                let sequence = turn.store(&self.pool, &self.region, &answer.text).await?;
+                if durability == Durability::Sync {
+                    self.replication.wait_applied(sequence).await?;
+                }
+                Some(durability)
+            }
+            None => None,
+        };
         Ok(Answered {
             answer,
             outcome,
             time_to_first_token: ttft,
+            durability,
         })
     }
 
     /// A streamed completion: a hit replayed as a stream, or the model's
     /// stream, stored in the cache once it ends well. With a conversation,
-    /// the exchange is stored before the last chunk goes out.
+    /// the exchange is stored (and, when synchronous, applied by a peer
+    /// region) before the last chunk goes out.
     pub(crate) async fn answer_stream(
         self: &Arc<Self>,
         tenant: &Tenant,
@@ -135,14 +163,18 @@ impl AppState {
         hints: &Hints,
         directives: Directives,
         deadline: Instant,
-        conversation: Option<ConversationId>,
+        turn: TurnOptions,
     ) -> Result<Streamed, Error> {
-        let turn = self.begin_turn(tenant, req, conversation).await?;
+        let durability = self
+            .replication
+            .durability(tenant.as_str(), turn.durability)?;
+        let turn = self.begin_turn(tenant, req, turn.conversation).await?;
         let mut streamed = self
             .stream_answer(tenant, req, hints, directives, deadline)
             .await?;
         if let Some(turn) = turn {
-            streamed.chunks = self.store_at_end(streamed.chunks, turn);
+            streamed.chunks = self.store_at_end(streamed.chunks, turn, durability);
+            streamed.durability = Some(durability);
         }
         Ok(streamed)
     }
@@ -151,9 +183,10 @@ impl AppState {
     /// answer) before the final chunk: a client that saw the stream end
     /// has its turn stored. When storing fails, the stream ends in that
     /// error instead.
-    fn store_at_end(&self, chunks: ChunkStream, turn: Turn) -> ChunkStream {
+    fn store_at_end(&self, chunks: ChunkStream, turn: Turn, durability: Durability) -> ChunkStream {
         let pool = self.pool.clone();
         let region = self.region.clone();
+        let replication = self.replication.clone();
         async_stream::stream! {
             let mut chunks = chunks;
             let mut text = String::new();
@@ -164,7 +197,14 @@ impl AppState {
                         yield Ok(Chunk::Delta(d));
                     }
                     Ok(done @ Chunk::Done { .. }) => {
-                        match turn.store(&pool, &region, &text).await {
+                        let stored = async {
+                            let sequence = turn.store(&pool, &region, &text).await?;
+                            if durability == Durability::Sync {
+                                replication.wait_applied(sequence).await?;
+                            }
+                            Ok::<_, Error>(())
+                        };
+                        match stored.await {
                             Ok(()) => yield Ok(done),
                             Err(e) => yield Err(e),
                         }
@@ -198,6 +238,7 @@ impl AppState {
                 outcome,
                 record,
                 permit: None,
+                durability: None,
             });
         }
         let permit = self
@@ -253,6 +294,7 @@ impl AppState {
             outcome,
             record,
             permit: Some(permit),
+            durability: None,
         })
     }
 }

@@ -12,6 +12,7 @@ use meridian_proto::v1::{
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
+use super::cached::TurnOptions;
 use super::http::completion_id;
 use super::{AppState, Tenant};
 use crate::cache::{Directives, RESULT_HEADER};
@@ -21,6 +22,7 @@ use crate::inference::{
     ChatRequest, Chunk, Finish, Hints, Message, SizeHint, Usage, parse_grpc_timeout,
     parse_timeout_ms,
 };
+use crate::replication::{DURABILITY_HEADER, Durability};
 
 pub(super) fn inference(state: Arc<AppState>) -> InferenceServer<InferenceApi> {
     InferenceServer::new(InferenceApi { state })
@@ -58,18 +60,38 @@ fn call_facts(
     (tokio::time::Instant::now() + timeout, hints, cache)
 }
 
-/// The conversation a call continues: `x-meridian-conversation` metadata
-/// (which the gateway's affinity reads) or the request's `conversation_id`.
-fn call_conversation(request: &Request<GenerateRequest>) -> Result<Option<ConversationId>, Error> {
-    let header = request
-        .metadata()
-        .get(CONVERSATION_HEADER)
-        .map(|v| {
-            v.to_str()
-                .map_err(|_| Error::invalid(format!("`{CONVERSATION_HEADER}` must be ASCII"), None))
-        })
-        .transpose()?;
-    ConversationId::from_request(header, Some(&request.get_ref().conversation_id))
+/// The conversation a call continues (`x-meridian-conversation` metadata,
+/// which the gateway's affinity reads, or the request's `conversation_id`)
+/// and the durability it asks for (`x-meridian-durability`).
+fn call_turn(request: &Request<GenerateRequest>) -> Result<TurnOptions, Error> {
+    let metadata = |name: &'static str| {
+        request
+            .metadata()
+            .get(name)
+            .map(|v| {
+                v.to_str()
+                    .map_err(|_| Error::invalid(format!("`{name}` must be ASCII"), None))
+            })
+            .transpose()
+    };
+    Ok(TurnOptions {
+        conversation: ConversationId::from_request(
+            metadata(CONVERSATION_HEADER)?,
+            Some(&request.get_ref().conversation_id),
+        )?,
+        durability: metadata(DURABILITY_HEADER)?
+            .map(Durability::parse)
+            .transpose()?
+            .flatten(),
+    })
+}
+
+fn durability_metadata<T>(response: &mut Response<T>, durability: Option<Durability>) {
+    if let Some(d) = durability {
+        response
+            .metadata_mut()
+            .insert(DURABILITY_HEADER, MetadataValue::from_static(d.header()));
+    }
 }
 
 fn model_metadata<T>(response: &mut Response<T>, model: &str) {
@@ -145,11 +167,11 @@ impl Inference for InferenceApi {
         let started = tokio::time::Instant::now();
         let tenant = Tenant::from_metadata(request.metadata())?;
         let (deadline, hints, cache) = call_facts(&self.state, &request);
-        let conversation = call_conversation(&request)?;
+        let turn = call_turn(&request)?;
         let mut req = chat_request(request.into_inner())?;
         let done = self
             .state
-            .answer(&tenant, &mut req, &hints, cache, deadline, conversation)
+            .answer(&tenant, &mut req, &hints, cache, deadline, turn)
             .await?;
         let now = std::time::SystemTime::now();
         let answer_usage = done.answer.usage();
@@ -185,6 +207,7 @@ impl Inference for InferenceApi {
             .insert("x-meridian-usage-tokens", total.into());
         let model = response.get_ref().model.clone();
         model_metadata(&mut response, &model);
+        durability_metadata(&mut response, done.durability);
         Ok(response)
     }
 
@@ -196,13 +219,14 @@ impl Inference for InferenceApi {
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let tenant = Tenant::from_metadata(request.metadata())?;
         let (deadline, hints, cache) = call_facts(&self.state, &request);
-        let conversation = call_conversation(&request)?;
+        let turn = call_turn(&request)?;
         let mut req = chat_request(request.into_inner())?;
         let streamed = self
             .state
-            .answer_stream(&tenant, &mut req, &hints, cache, deadline, conversation)
+            .answer_stream(&tenant, &mut req, &hints, cache, deadline, turn)
             .await?;
         let model = req.model.clone();
+        let durability = streamed.durability;
         let (chunks, outcome, record, permit) = (
             streamed.chunks,
             streamed.outcome,
@@ -250,6 +274,7 @@ impl Inference for InferenceApi {
         });
         let mut response = Response::new(stream.boxed());
         model_metadata(&mut response, &response_model);
+        durability_metadata(&mut response, durability);
         response
             .metadata_mut()
             .insert(RESULT_HEADER, MetadataValue::from_static(outcome.header()));

@@ -12,7 +12,7 @@ use axum::routing::{get, post};
 use futures::StreamExt;
 
 use super::cached::Streamed;
-use super::infer::{RequestFacts, error_event, model_header};
+use super::infer::{RequestFacts, durability_header, error_event, model_header};
 use super::openai::{
     ChatCompletion, ChatCompletionBody, ChatCompletionChunk, Choice, ChunkChoice, Delta,
     MessageOut, ModelEntry, ModelList, UsageBody, finish_reason,
@@ -60,38 +60,25 @@ async fn chat(
         .as_ref()
         .is_some_and(|o| o.include_usage);
     let hints = facts.hints(body.has_tools());
-    let conversation = facts.conversation(body.conversation_id.as_deref())?;
+    let turn = facts.turn(body.conversation_id.as_deref())?;
     let mut req = body.into_request()?;
     let deadline = facts.deadline(&state);
     let id = completion_id();
     let created = chrono::Utc::now().timestamp();
     if stream {
         let streamed = state
-            .answer_stream(
-                tenant,
-                &mut req,
-                &hints,
-                facts.cache,
-                deadline,
-                conversation,
-            )
+            .answer_stream(tenant, &mut req, &hints, facts.cache, deadline, turn)
             .await?;
         let headers = (
             model_header(&req.model),
             [(RESULT_HEADER, streamed.outcome.header())],
+            durability_header(streamed.durability),
         );
         let body = sse(id, created, req.model, include_usage, streamed);
         return Ok((headers, body).into_response());
     }
     let done = state
-        .answer(
-            tenant,
-            &mut req,
-            &hints,
-            facts.cache,
-            deadline,
-            conversation,
-        )
+        .answer(tenant, &mut req, &hints, facts.cache, deadline, turn)
         .await?;
     let usage = done.answer.usage();
     let body = ChatCompletion {
@@ -122,6 +109,7 @@ async fn chat(
             ("x-meridian-usage-tokens", total.to_string()),
             (RESULT_HEADER, done.outcome.header().to_string()),
         ],
+        durability_header(done.durability),
         axum::Json(body),
     )
         .into_response())
@@ -142,6 +130,7 @@ fn sse(
         outcome,
         record,
         permit,
+        ..
     } = streamed;
     let event = move |choices: Vec<ChunkChoice<'_>>, usage: Option<UsageBody>| {
         let chunk = ChatCompletionChunk {

@@ -18,12 +18,14 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::time::Instant;
 
+use super::cached::TurnOptions;
 use super::openai::{UsageBody, finish_reason, max_tokens};
 use super::{AppState, Tenant};
 use crate::cache::{Directives, RESULT_HEADER};
 use crate::conversation::{CONVERSATION_HEADER, ConversationId};
 use crate::error::Error;
 use crate::inference::{ChatRequest, Chunk, Hints, Message, SizeHint, parse_timeout_ms};
+use crate::replication::{DURABILITY_HEADER, Durability};
 
 /// Request header: the client's deadline for this request, in milliseconds.
 pub(crate) const TIMEOUT_HEADER: &str = "x-meridian-timeout-ms";
@@ -50,6 +52,8 @@ pub(super) struct RequestFacts {
     pub cache: Directives,
     /// `x-meridian-conversation`, as sent.
     conversation: Option<String>,
+    /// `x-meridian-durability`, parsed.
+    durability: Option<Durability>,
 }
 
 impl RequestFacts {
@@ -64,13 +68,14 @@ impl RequestFacts {
         self.arrived + self.timeout.unwrap_or(state.inference.default_timeout)
     }
 
-    /// The conversation the request continues: the header, or `body_id`
-    /// (the body's `conversation_id`), which must agree when both are set.
-    pub(super) fn conversation(
-        &self,
-        body_id: Option<&str>,
-    ) -> Result<Option<ConversationId>, Error> {
-        ConversationId::from_request(self.conversation.as_deref(), body_id)
+    /// The conversation the request continues (the header, or `body_id`,
+    /// the body's `conversation_id`, which must agree when both are set)
+    /// and the durability it asks for.
+    pub(super) fn turn(&self, body_id: Option<&str>) -> Result<TurnOptions, Error> {
+        Ok(TurnOptions {
+            conversation: ConversationId::from_request(self.conversation.as_deref(), body_id)?,
+            durability: self.durability,
+        })
     }
 }
 
@@ -94,12 +99,24 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestFacts {
             size: header(ROUTING_HINT_HEADER)?.and_then(SizeHint::parse),
             cache: Directives::parse(|name| parts.headers.get(name).and_then(|v| v.to_str().ok())),
             conversation: header(CONVERSATION_HEADER)?.map(str::to_string),
+            durability: header(DURABILITY_HEADER)?
+                .map(Durability::parse)
+                .transpose()?
+                .flatten(),
         })
     }
 }
 
 pub(super) fn model_header(model: &str) -> [(&'static str, String); 1] {
     [(MODEL_HEADER, model.to_string())]
+}
+
+/// `x-meridian-durability` of a stored turn: how it was (or, for a stream,
+/// will be by its last chunk) acknowledged; absent when nothing was stored.
+pub(super) fn durability_header(
+    durability: Option<Durability>,
+) -> axum::response::AppendHeaders<Option<(&'static str, &'static str)>> {
+    axum::response::AppendHeaders(durability.map(|d| (DURABILITY_HEADER, d.header())))
 }
 
 /// An error after the stream started: the OpenAI error object as the last
@@ -189,7 +206,7 @@ async fn completions(
     };
     let deadline = facts.deadline(&state);
     let hints = facts.hints(false);
-    let conversation = facts.conversation(None)?;
+    let turn = facts.turn(None)?;
     let id = format!("cmpl-{}", uuid::Uuid::now_v7().simple());
     let created = chrono::Utc::now().timestamp();
     let model = req.model.clone();
@@ -204,14 +221,7 @@ async fn completions(
     };
     if !body.stream {
         let done = state
-            .answer(
-                &tenant,
-                &mut req,
-                &hints,
-                facts.cache,
-                deadline,
-                conversation,
-            )
+            .answer(&tenant, &mut req, &hints, facts.cache, deadline, turn)
             .await?;
         let body = object(
             &done.answer.text,
@@ -219,23 +229,23 @@ async fn completions(
             Some(done.answer.usage().into()),
         );
         let cache = [(RESULT_HEADER, done.outcome.header())];
-        return Ok((model_header(&req.model), cache, axum::Json(body)).into_response());
+        return Ok((
+            model_header(&req.model),
+            cache,
+            durability_header(done.durability),
+            axum::Json(body),
+        )
+            .into_response());
     }
     let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
     let streamed = state
-        .answer_stream(
-            &tenant,
-            &mut req,
-            &hints,
-            facts.cache,
-            deadline,
-            conversation,
-        )
+        .answer_stream(&tenant, &mut req, &hints, facts.cache, deadline, turn)
         .await?;
     let outcome = streamed.outcome;
     let record = streamed.record;
     let chunks = streamed.chunks;
     let permit = streamed.permit;
+    let durability = durability_header(streamed.durability);
     let events = async_stream::stream! {
         let _permit = permit;
         let mut chunks = chunks;
@@ -262,7 +272,7 @@ async fn completions(
     };
     let body = Sse::new(events.map(Ok::<_, Infallible>)).keep_alive(KeepAlive::default());
     let cache = [(RESULT_HEADER, outcome.header())];
-    Ok((model_header(&req.model), cache, body).into_response())
+    Ok((model_header(&req.model), cache, durability, body).into_response())
 }
 
 /// `DELETE /admin/cache/{tenant}`: the tenant's response-cache entries

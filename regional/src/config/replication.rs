@@ -37,6 +37,14 @@ pub struct ReplicationConfig {
     /// past this, older changes are trimmed anyway and that peer needs a
     /// snapshot (its Pull fails with REPLICATION_LOG_TRUNCATED).
     pub max_retained_changes: u64,
+    /// Tenants whose writes are synchronous unless a request asks for
+    /// `x-meridian-durability: async`: acknowledged only once a peer region
+    /// applied them. Needs at least one peer.
+    pub sync_tenants: Vec<String>,
+    /// Longest time a synchronous write waits for a peer's confirmation
+    /// after its local commit, in milliseconds; past it the client gets
+    /// UNAVAILABLE (the write stays stored here and may still replicate).
+    pub sync_timeout_ms: u64,
 }
 
 /// One peer region.
@@ -61,6 +69,8 @@ impl Default for ReplicationConfig {
             ack_interval_ms: 500,
             prune_interval_ms: 10_000,
             max_retained_changes: 1_000_000,
+            sync_tenants: Vec::new(),
+            sync_timeout_ms: 2_000,
         }
     }
 }
@@ -96,10 +106,17 @@ impl ReplicationConfig {
             ("heartbeat_interval_ms", self.heartbeat_interval_ms),
             ("prune_interval_ms", self.prune_interval_ms),
             ("max_retained_changes", self.max_retained_changes),
+            ("sync_timeout_ms", self.sync_timeout_ms),
         ] {
             if value == 0 {
                 return Err(format!("`replication.{key}` must be at least 1"));
             }
+        }
+        if !self.sync_tenants.is_empty() && self.peers.is_empty() {
+            return Err(
+                "`replication.sync_tenants` needs at least one of `replication.peers` to confirm writes"
+                    .into(),
+            );
         }
         if self.reconnect_backoff_ms > self.reconnect_backoff_max_ms {
             return Err(

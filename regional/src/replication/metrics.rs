@@ -2,7 +2,8 @@
 //! `/metrics` beside the others.
 
 use prometheus::{
-    Encoder, GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub(crate) struct Metrics {
@@ -23,6 +24,10 @@ pub(crate) struct Metrics {
     pub stream_failures: IntCounterVec,
     /// Changes trimmed from this region's log.
     pub pruned: IntCounter,
+    /// Time synchronous writers waited for a peer's confirmation.
+    pub sync_wait_seconds: Histogram,
+    /// Synchronous writes no peer confirmed within `sync_timeout_ms`.
+    pub sync_timeouts: IntCounter,
 }
 
 impl Metrics {
@@ -90,6 +95,23 @@ impl Metrics {
         )
         .expect("valid metric");
         reg(Box::new(pruned.clone()));
+        let sync_wait_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "meridian_replication_sync_wait_seconds",
+                "Time a synchronous write waited, after its commit, for a peer to apply it.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+        )
+        .expect("valid metric");
+        reg(Box::new(sync_wait_seconds.clone()));
+        let sync_timeouts = IntCounter::new(
+            "meridian_replication_sync_timeouts_total",
+            "Synchronous writes stored here that no peer confirmed within the timeout.",
+        )
+        .expect("valid metric");
+        reg(Box::new(sync_timeouts.clone()));
         Self {
             registry,
             lag_changes,
@@ -100,6 +122,8 @@ impl Metrics {
             drift_refusals,
             stream_failures,
             pruned,
+            sync_wait_seconds,
+            sync_timeouts,
         }
     }
 

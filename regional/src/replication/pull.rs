@@ -1,5 +1,5 @@
 //! Following one peer: a Pull stream from the last sequence applied, each
-//! batch applied in one transaction, Acks now and then, and reconnection
+//! batch applied in one transaction and acknowledged at once, and reconnection
 //! with capped, jittered backoff when the stream fails.
 
 use std::sync::Arc;
@@ -161,7 +161,12 @@ async fn session(
             .with_label_values(&[name])
             .set(i64::try_from(lag).unwrap_or(i64::MAX));
         r.metrics.lag_seconds.with_label_values(&[name]).set(lag_s);
-        if applied > acked && acked_at.is_none_or(|t| t.elapsed() >= ack_interval) {
+        // Right after a batch is applied, the origin's synchronous writers
+        // may be waiting for it: ack at once. Otherwise (a heartbeat after a
+        // failed ack) no more often than `ack_interval_ms`.
+        let just_applied = !batch.changes.is_empty();
+        if applied > acked && (just_applied || acked_at.is_none_or(|t| t.elapsed() >= ack_interval))
+        {
             // The log's owner trims by Acks; a lost one is only sent again.
             let ack = client.ack(AckRequest {
                 peer_region: r.region.clone(),

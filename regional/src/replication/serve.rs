@@ -93,6 +93,11 @@ impl ReplicationApi for Service {
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
         check_caller(&request, &request.get_ref().peer_region)?;
         let req = request.into_inner();
+        // Before the write to PostgreSQL: the peer's apply transaction has
+        // committed, which is all a synchronous writer waits for; the row
+        // only bounds trimming.
+        self.replication
+            .note_ack(&req.peer_region, req.applied_sequence);
         let pool = &self.replication.pool;
         log::ack(pool, &req.peer_region, req.applied_sequence).await?;
         let (_, high) = log::bounds(pool).await?;
