@@ -28,7 +28,9 @@ pub struct ReplicationConfig {
     /// looks at the log, should a commit notification have been lost), in
     /// milliseconds.
     pub heartbeat_interval_ms: u64,
-    /// Least time between two Acks to a peer, in milliseconds.
+    /// Least time between two Acks to a peer that are not right after an
+    /// applied batch (those go at once: synchronous writers wait on them),
+    /// in milliseconds.
     pub ack_interval_ms: u64,
     /// How often the log is trimmed of changes every peer acknowledged, in
     /// milliseconds.
