@@ -4,11 +4,14 @@
 //! own `redis-server` and PostgreSQL cluster (through `meridian-launcher`) and a
 //! regional node on a free port; a [`ClusterSandbox`] starts several regions and
 //! the gateway in front of them; a [`TestDns`] serves the SRV records a
-//! gateway discovers region nodes from. Every handle can be stopped and restarted, and
-//! everything is torn down on drop, even when a test panics.
+//! gateway discovers region nodes from; a [`FaultProxy`] sits between
+//! regions to delay, drop or cut their traffic. Every handle can be stopped
+//! and restarted, and everything is torn down on drop, even when a test
+//! panics.
 
 mod collector;
 mod dns;
+pub mod fault_proxy;
 pub mod load;
 mod pki;
 mod sandbox;
@@ -18,6 +21,7 @@ pub use meridian_launcher::{PostgresServer, RedisServer};
 
 pub use self::collector::{OtlpCollector, ReceivedSpan};
 pub use self::dns::{SrvTarget, TestDns};
+pub use self::fault_proxy::{Direction, FaultProxy, Link, Links, ProxyStats};
 pub use self::pki::{TestPki, mesh_channel};
 pub use self::sandbox::{
     ClusterSandbox, RegionNode, RegionSandbox, TEST_MODEL, TEST_SLOW_MODEL, embedding_model_dir,

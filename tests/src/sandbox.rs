@@ -5,6 +5,10 @@ use std::net::SocketAddr;
 use meridian_gateway::{Config as GatewayConfig, Gateway, RegionConfig};
 use meridian_launcher::{PostgresOptions, PostgresServer, RedisOptions, RedisServer};
 use meridian_regional::{Config, RegionalNode};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::fault_proxy::{FaultProxy, Link, Links};
 
 /// The model every sandbox region serves: the simulator without delays, so
 /// tests wait for nothing but the system itself.
@@ -275,6 +279,7 @@ pub struct ClusterSandbox {
     pub regions: Vec<RegionSandbox>,
     gateway: Option<Gateway>,
     gateway_config: Option<GatewayConfig>,
+    links: Links,
 }
 
 impl ClusterSandbox {
@@ -329,6 +334,7 @@ impl ClusterSandbox {
             regions,
             gateway_config: Some(config),
             gateway: Some(gateway),
+            links: Links::default(),
         }
     }
 
@@ -343,16 +349,62 @@ impl ClusterSandbox {
         adjust: impl FnOnce(&[RegionSandbox], &mut GatewayConfig),
     ) -> Self {
         let mut cluster = Self::start_configured(names, |_| String::new(), adjust).await;
-        let addrs: Vec<(String, SocketAddr)> = cluster
+        cluster.restart_with_peers(replication_extra).await;
+        cluster
+    }
+
+    /// Like [`ClusterSandbox::start_replicated`], with every directed peer
+    /// link through a [`FaultProxy`] of its own: region X's follower of
+    /// peer Y connects to a proxy that forwards to Y, so a test can cut or
+    /// slow each direction of each pair ([`ClusterSandbox::links`]).
+    /// `seed` seeds the proxies' randomness, one derived seed per link.
+    /// Only replication goes through the proxies; the gateway, the digest
+    /// endpoint and each region's own stores are reached directly.
+    pub async fn start_replicated_with_proxies(
+        names: &[&str],
+        replication_extra: &str,
+        seed: u64,
+        adjust: impl FnOnce(&[RegionSandbox], &mut GatewayConfig),
+    ) -> Self {
+        let mut cluster = Self::start_configured(names, |_| String::new(), adjust).await;
+        let mut seeds = StdRng::seed_from_u64(seed);
+        let mut links = Vec::new();
+        for follower in &cluster.regions {
+            for peer in cluster.regions.iter().filter(|p| p.name != follower.name) {
+                let proxy = FaultProxy::start(peer.addr(), seeds.random())
+                    .await
+                    .expect("a fault proxy starts");
+                links.push(Link {
+                    follower: follower.name.clone(),
+                    peer: peer.name.clone(),
+                    proxy,
+                });
+            }
+        }
+        cluster.links = Links(links);
+        cluster.restart_with_peers(replication_extra).await;
+        cluster
+    }
+
+    /// Restarts every node with `[replication]` naming the others as peers,
+    /// through their proxies when the cluster has some.
+    async fn restart_with_peers(&mut self, replication_extra: &str) {
+        let addrs: Vec<(String, SocketAddr)> = self
             .regions
             .iter()
             .map(|r| (r.name.clone(), r.addr()))
             .collect();
-        for region in &mut cluster.regions {
+        for region in &mut self.regions {
             let peers: Vec<String> = addrs
                 .iter()
                 .filter(|(n, _)| *n != region.name)
-                .map(|(n, a)| format!("{{ region = \"{n}\", address = \"{a}\" }}"))
+                .map(|(n, a)| {
+                    let a = self
+                        .links
+                        .find(&region.name, n)
+                        .map_or(*a, FaultProxy::addr);
+                    format!("{{ region = \"{n}\", address = \"{a}\" }}")
+                })
                 .collect();
             let extra = format!(
                 "{}[replication]\npeers = [{}]\nheartbeat_interval_ms = 200\n\
@@ -365,7 +417,12 @@ impl ClusterSandbox {
             region.rewrite_config(&extra);
             region.start_node().await;
         }
-        cluster
+    }
+
+    /// The proxies between regions (empty unless started by
+    /// [`ClusterSandbox::start_replicated_with_proxies`]).
+    pub fn links(&self) -> &Links {
+        &self.links
     }
 
     /// Starts one more gateway with the same config on other ports: gateways

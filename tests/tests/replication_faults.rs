@@ -1,0 +1,402 @@
+//! Replication under network faults: three regions, each with its own Redis
+//! and PostgreSQL, whose peer links each go through a [`FaultProxy`]
+//! (`ClusterSandbox::start_replicated_with_proxies`). While a fault is on,
+//! every region takes concurrent writes (new tenants and keys, conflicting
+//! updates of one shared tenant and of each other's tenants, keys made for
+//! another region's tenant, revocations and deletions of the same keys);
+//! once the links heal, all regions must show equal digests within 5 s,
+//! and every change of every origin's log must have arrived exactly once
+//! in every other region.
+//!
+//! Seeded: each test prints its seed, and `REPLICATION_FAULT_SEED=<n>`
+//! replays it (the same fault choices, proxy drop decisions and write
+//! sequence; thread and network timing are not replayed).
+//!
+//! [`FaultProxy`]: meridian_tests::FaultProxy
+
+use std::time::{Duration, Instant};
+
+use meridian_gateway::{TenantLimits, auth};
+use meridian_tests::{ClusterSandbox, RegionSandbox, init_logging};
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use sqlx::PgPool;
+
+const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
+/// From healing the links to equal digests everywhere: the issue's bound.
+const AFTER_HEAL: Duration = Duration::from_secs(5);
+/// For everything else that has to happen (set-up, progress under faults).
+const PATIENCE: Duration = Duration::from_secs(20);
+/// The log is never trimmed here, so each origin's whole log can be counted.
+const KEEP_THE_LOG: &str = "prune_interval_ms = 3600000\n";
+
+/// The test's seed: `REPLICATION_FAULT_SEED` or a fresh one, printed with
+/// the test's name (tests may share a process and its output).
+fn seed(test: &str) -> u64 {
+    let seed = std::env::var("REPLICATION_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    println!(
+        "{test}: seed {seed} (replay: REPLICATION_FAULT_SEED={seed} cargo test -p meridian-tests --test replication_faults {test})"
+    );
+    seed
+}
+
+/// Polls `check` every 50 ms until it holds, failing after `limit`.
+async fn until<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !check().await {
+        assert!(
+            started.elapsed() < limit,
+            "{what} did not happen within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn digest(region: &RegionSandbox) -> Value {
+    let body: Value = reqwest::get(format!("{}/admin/replication/digest", region.url()))
+        .await
+        .expect("the region answers")
+        .error_for_status()
+        .expect("the digest is served")
+        .json()
+        .await
+        .expect("the digest is JSON");
+    assert_eq!(body["region"], region.name.as_str());
+    body["tables"].clone()
+}
+
+/// Whether every one of `regions` reports the same digest.
+async fn converged<'a>(regions: impl IntoIterator<Item = &'a RegionSandbox>) -> bool {
+    let mut first = None;
+    for r in regions {
+        let d = digest(r).await;
+        match &first {
+            None => first = Some(d),
+            Some(f) if *f != d => return false,
+            Some(_) => {}
+        }
+    }
+    true
+}
+
+async fn pools(regions: &[RegionSandbox]) -> Vec<PgPool> {
+    let mut pools = Vec::new();
+    for r in regions {
+        pools.push(auth::connect(&r.postgres.url()).await.unwrap());
+    }
+    pools
+}
+
+async fn start(seed: u64) -> (ClusterSandbox, Vec<PgPool>) {
+    let cluster =
+        ClusterSandbox::start_replicated_with_proxies(&REGIONS, KEEP_THE_LOG, seed, |_, _| {})
+            .await;
+    let pools = pools(&cluster.regions).await;
+    (cluster, pools)
+}
+
+fn limits(rng: &mut StdRng) -> TenantLimits {
+    TenantLimits {
+        requests_per_second: Some(rng.random_range(1..10_000)),
+        tokens_per_minute: Some(rng.random_range(1..1_000_000)),
+    }
+}
+
+/// What exists everywhere before a fault: a shared tenant, one tenant per
+/// region with a few keys. Returns the keys' ids, the same in every region.
+async fn before_the_fault(cluster: &ClusterSandbox, pools: &[PgPool]) -> Vec<String> {
+    auth::create_tenant(&pools[0], "shared", TenantLimits::default())
+        .await
+        .unwrap();
+    for (pool, region) in pools.iter().zip(REGIONS) {
+        let tenant = format!("base-{region}");
+        auth::create_tenant(pool, &tenant, TenantLimits::default())
+            .await
+            .unwrap();
+        for _ in 0..4 {
+            auth::create_api_key(pool, &tenant).await.unwrap();
+        }
+    }
+    until(PATIENCE, "equal digests before the fault", || {
+        converged(&cluster.regions)
+    })
+    .await;
+    sqlx::query_scalar("SELECT id::text FROM api_keys ORDER BY id")
+        .fetch_all(&pools[0])
+        .await
+        .unwrap()
+}
+
+/// One region's share of the writes made while a fault is on: `ops`
+/// operations chosen by `rng`, a few milliseconds apart, starting with a
+/// tenant of its own (so every region has something the others lack).
+async fn write(
+    pool: &PgPool,
+    region: &str,
+    tag: &str,
+    mut rng: StdRng,
+    ops: usize,
+    shared_keys: &[String],
+) {
+    for n in 0..ops {
+        let op = if n == 0 { 0 } else { rng.random_range(0..6) };
+        match op {
+            // New rows nobody else writes.
+            0 => {
+                let tenant = format!("{region}-{tag}-{n}");
+                auth::create_tenant(pool, &tenant, limits(&mut rng))
+                    .await
+                    .unwrap();
+                for _ in 0..rng.random_range(1..=2) {
+                    auth::create_api_key(pool, &tenant).await.unwrap();
+                }
+            }
+            // The same tenant, updated everywhere at once.
+            1 => auth::create_tenant(pool, "shared", limits(&mut rng))
+                .await
+                .unwrap(),
+            // Another region's tenant: limits, or a key of its own for it.
+            2 | 3 => {
+                let other = REGIONS.choose(&mut rng).unwrap();
+                let tenant = format!("base-{other}");
+                if op == 2 {
+                    auth::create_tenant(pool, &tenant, limits(&mut rng))
+                        .await
+                        .unwrap();
+                } else {
+                    auth::create_api_key(pool, &tenant).await.unwrap();
+                }
+            }
+            // The same keys revoked (each region with its own time) and
+            // deleted in several regions: update against update, update
+            // against delete.
+            4 => {
+                let key = shared_keys.choose(&mut rng).unwrap();
+                sqlx::query(
+                    "UPDATE api_keys SET revoked_at = clock_timestamp() WHERE id = $1::uuid",
+                )
+                .bind(key)
+                .execute(pool)
+                .await
+                .unwrap();
+            }
+            _ => {
+                let key = shared_keys.choose(&mut rng).unwrap();
+                sqlx::query("DELETE FROM api_keys WHERE id = $1::uuid")
+                    .bind(key)
+                    .execute(pool)
+                    .await
+                    .unwrap();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..30))).await;
+    }
+}
+
+/// Every region writes at once; each writer's generator comes from `rng`.
+async fn write_everywhere(pools: &[PgPool], tag: &str, rng: &mut StdRng, shared_keys: &[String]) {
+    let writers: Vec<_> = pools
+        .iter()
+        .zip(REGIONS)
+        .map(|(pool, region)| {
+            let writer = StdRng::seed_from_u64(rng.random());
+            write(pool, region, tag, writer, 25, shared_keys)
+        })
+        .collect();
+    futures::future::join_all(writers).await;
+}
+
+/// Heals every link and waits, at most [`AFTER_HEAL`], for equal digests.
+async fn heal_and_converge(cluster: &ClusterSandbox) {
+    cluster.links().heal();
+    let healed = Instant::now();
+    until(
+        AFTER_HEAL,
+        "equal digests in all regions after heal",
+        || converged(&cluster.regions),
+    )
+    .await;
+    println!(
+        "equal digests {:?} after heal; proxies: {:?}",
+        healed.elapsed(),
+        cluster.links().stats()
+    );
+}
+
+/// Every change of each origin's log arrived in every other region exactly
+/// once: written there or lost to a newer version, never both, never twice.
+/// The digests can agree while a superseded change is still on its way, so
+/// this first waits for every watermark to reach the end of its origin's log.
+async fn each_change_arrived_once(pools: &[PgPool]) {
+    for (o, origin) in REGIONS.iter().enumerate() {
+        let (logged, high, pruned): (i64, Option<i64>, i64) = sqlx::query_as(
+            "SELECT count(*), max(sequence), (SELECT pruned_through FROM replication_log)
+               FROM replication_outbox",
+        )
+        .fetch_one(&pools[o])
+        .await
+        .unwrap();
+        assert_eq!(pruned, 0, "{origin}: the log is kept whole here");
+        let high = high.unwrap_or(0);
+        for (r, region) in REGIONS.iter().enumerate().filter(|(r, _)| *r != o) {
+            let counters = || async {
+                sqlx::query_as::<_, (i64, i64, i64)>(
+                    "SELECT applied_sequence, applied_changes, superseded_changes
+                       FROM replication_peers WHERE peer = $1",
+                )
+                .bind(origin)
+                .fetch_optional(&pools[r])
+                .await
+                .unwrap()
+                .unwrap_or_default()
+            };
+            until(
+                PATIENCE,
+                &format!("{region} applied {origin}'s log"),
+                || async { counters().await.0 == high },
+            )
+            .await;
+            let (_, applied, superseded) = counters().await;
+            assert_eq!(
+                applied + superseded,
+                logged,
+                "{region} received {origin}'s {logged} changes as {applied} applied + {superseded} superseded"
+            );
+        }
+    }
+}
+
+/// Whether `region` has tenant `id`.
+async fn has_tenant(pool: &PgPool, id: &str) -> bool {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tenants WHERE id = $1)")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_region_and_the_rest_converge_within_5s_of_healing() {
+    init_logging();
+    let seed = seed("a_partitioned_region_and_the_rest_converge_within_5s_of_healing");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (cluster, pools) = start(seed).await;
+    let keys = before_the_fault(&cluster, &pools).await;
+
+    let isolated = rng.random_range(0..REGIONS.len());
+    println!("partitioning {} from the others", REGIONS[isolated]);
+    cluster.links().partition(REGIONS[isolated]);
+    write_everywhere(&pools, "partition", &mut rng, &keys).await;
+
+    // The two sides each agree within themselves and not with each other:
+    // the partition held.
+    let connected: Vec<&RegionSandbox> = cluster
+        .regions
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != isolated)
+        .map(|(_, r)| r)
+        .collect();
+    until(PATIENCE, "equal digests on the connected side", || {
+        converged(connected.iter().copied())
+    })
+    .await;
+    assert!(
+        !converged(&cluster.regions).await,
+        "the isolated region's writes stayed on its side"
+    );
+    let own = format!("{}-partition-0", REGIONS[isolated]);
+    let other = (isolated + 1) % REGIONS.len();
+    assert!(has_tenant(&pools[isolated], &own).await);
+    assert!(!has_tenant(&pools[other], &own).await);
+
+    heal_and_converge(&cluster).await;
+    each_change_arrived_once(&pools).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_way_cut_converges_within_5s_of_healing() {
+    init_logging();
+    let seed = seed("a_one_way_cut_converges_within_5s_of_healing");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (cluster, pools) = start(seed).await;
+    let keys = before_the_fault(&cluster, &pools).await;
+
+    // Bytes from `from` to `to` stall; bytes from `to` to `from` flow.
+    let mut order = [0, 1, 2];
+    rand::seq::SliceRandom::shuffle(&mut order[..], &mut rng);
+    let [from, to, via] = order;
+    println!(
+        "cutting {} -> {} (the other way flows; {} is connected to both)",
+        REGIONS[from], REGIONS[to], REGIONS[via]
+    );
+    cluster.links().cut_one_way(REGIONS[from], REGIONS[to]);
+
+    // A chain across origins: `from` makes a tenant, `via` learns it and
+    // makes a key for it; `to` receives the key (from `via`) but not its
+    // tenant (from `from`) until the cut heals.
+    let chain = format!("chain-{seed}");
+    auth::create_tenant(&pools[from], &chain, TenantLimits::default())
+        .await
+        .unwrap();
+    let writes = write_everywhere(&pools, "cut", &mut rng, &keys);
+    let chained = async {
+        until(
+            PATIENCE,
+            "the chained tenant reaches the third region",
+            || has_tenant(&pools[via], &chain),
+        )
+        .await;
+        auth::create_api_key(&pools[via], &chain).await.unwrap();
+    };
+    tokio::join!(writes, chained);
+    assert!(
+        !has_tenant(&pools[to], &chain).await,
+        "{} -> {} is cut",
+        REGIONS[from],
+        REGIONS[to]
+    );
+
+    heal_and_converge(&cluster).await;
+    each_change_arrived_once(&pools).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delays_and_dropped_connections_on_every_link_converge_within_5s_of_healing() {
+    init_logging();
+    let seed = seed("delays_and_dropped_connections_on_every_link_converge_within_5s_of_healing");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (cluster, pools) = start(seed).await;
+    let keys = before_the_fault(&cluster, &pools).await;
+
+    for link in cluster.links().iter() {
+        let a_to_b = Duration::from_millis(rng.random_range(5..60));
+        let b_to_a = Duration::from_millis(rng.random_range(5..60));
+        let drop_rate = rng.random_range(0.05..0.15);
+        println!(
+            "{} pulls {}: delay {a_to_b:?} / {b_to_a:?}, drop rate {drop_rate:.3}",
+            link.follower, link.peer
+        );
+        link.proxy.delay(meridian_tests::Direction::AtoB, a_to_b);
+        link.proxy.delay(meridian_tests::Direction::BtoA, b_to_a);
+        link.proxy.drop_rate(drop_rate);
+    }
+    write_everywhere(&pools, "lossy", &mut rng, &keys).await;
+    // The faults bit: connections were reset mid-stream or on connect.
+    until(PATIENCE, "the proxies dropped connections", || async {
+        cluster.links().stats().dropped >= 5
+    })
+    .await;
+
+    heal_and_converge(&cluster).await;
+    each_change_arrived_once(&pools).await;
+}
