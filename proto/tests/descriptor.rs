@@ -100,6 +100,7 @@ const SERVICES: &[(&str, &str, &[Rpc])] = &[
         &[
             ("Pull", "PullRequest", "ChangeBatch", false, true),
             ("Ack", "AckRequest", "AckResponse", false, false),
+            ("Snapshot", "SnapshotRequest", "SnapshotChunk", false, true),
         ],
     ),
 ];
@@ -196,6 +197,8 @@ fn streaming_flags() {
     assert!(ingest.client_streaming() && !ingest.server_streaming());
     let pull = method("Replication", "Pull");
     assert!(pull.server_streaming() && !pull.client_streaming());
+    let snapshot = method("Replication", "Snapshot");
+    assert!(snapshot.server_streaming() && !snapshot.client_streaming());
 }
 
 /// Top-level messages by name across the package.
@@ -307,8 +310,17 @@ fn specified_fields_keep_their_names_and_numbers() {
                 "op",
             ],
         ),
-        ("ChangeBatch", &["changes", "high_watermark"]),
+        (
+            "ChangeBatch",
+            &["changes", "high_watermark", "log_incarnation"],
+        ),
         ("AckRequest", &["peer_region", "applied_sequence"]),
+        ("SnapshotRequest", &["peer_region", "max_chunk"]),
+        (
+            "LogPosition",
+            &["origin_region", "sequence", "log_incarnation"],
+        ),
+        ("SnapshotChunk", &["changes", "positions", "complete"]),
     ];
     let messages = messages();
     for (message, names) in specified {

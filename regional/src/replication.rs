@@ -11,6 +11,7 @@ mod log;
 mod metrics;
 mod pull;
 mod serve;
+mod snapshot;
 mod sync;
 mod tables;
 
@@ -54,7 +55,9 @@ pub(crate) struct Replication {
 }
 
 impl Replication {
-    /// Starts the commit listener, the trimmer and one follower per peer.
+    /// Starts the commit listener, the trimmer and one follower per peer;
+    /// in a region whose database is empty, the followers start once a
+    /// snapshot from a peer is applied.
     pub(crate) fn start(
         region: &str,
         config: &ReplicationConfig,
@@ -94,14 +97,15 @@ impl Replication {
             r.metrics.clone(),
             shutdown.clone(),
         ));
-        for ((peer, state), channel) in config.peers.iter().zip(&r.peers).zip(channels) {
-            tasks.spawn(pull::follow(
-                r.clone(),
-                peer.clone(),
-                state.clone(),
-                channel,
-            ));
-        }
+        let peers: Vec<_> = config.peers.iter().cloned().zip(channels).collect();
+        let (replication, followers) = (r.clone(), tasks.clone());
+        tasks.spawn(async move {
+            let r = replication;
+            snapshot::bootstrap(&r, &peers).await;
+            for ((peer, channel), state) in peers.into_iter().zip(&r.peers) {
+                followers.spawn(pull::follow(r.clone(), peer, state.clone(), channel));
+            }
+        });
         Ok(r)
     }
 

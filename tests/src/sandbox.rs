@@ -226,6 +226,18 @@ impl RegionSandbox {
         }
     }
 
+    /// Wipes the region's database: stops the node, replaces its PostgreSQL
+    /// with a fresh, empty one and starts the node again on its port, as an
+    /// operator rebuilding a lost region would. Redis is kept.
+    pub async fn replace_postgres(&mut self) {
+        self.stop_node().await;
+        let fresh = PostgresServer::start(PostgresOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("region {}: {e}", self.name));
+        drop(std::mem::replace(&mut self.postgres, fresh));
+        self.start_node().await;
+    }
+
     /// Ends the node at once, as a crash would; its stores keep running.
     pub fn kill_node(&mut self) {
         drop(self.node.take());

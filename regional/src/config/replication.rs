@@ -47,6 +47,11 @@ pub struct ReplicationConfig {
     /// after its local commit, in milliseconds; past it the client gets
     /// UNAVAILABLE (the write stays stored here and may still replicate).
     pub sync_timeout_ms: u64,
+    /// The peer a region with an empty database (no rows, nothing applied)
+    /// copies a snapshot from before it follows any log; unset, the first
+    /// peer in `peers` that answers. A region that falls behind a peer's
+    /// trimmed log takes its snapshot from that peer either way.
+    pub bootstrap_from: Option<String>,
 }
 
 /// One peer region.
@@ -73,6 +78,7 @@ impl Default for ReplicationConfig {
             max_retained_changes: 1_000_000,
             sync_tenants: Vec::new(),
             sync_timeout_ms: 2_000,
+            bootstrap_from: None,
         }
     }
 }
@@ -119,6 +125,13 @@ impl ReplicationConfig {
                 "`replication.sync_tenants` needs at least one of `replication.peers` to confirm writes"
                     .into(),
             );
+        }
+        if let Some(from) = &self.bootstrap_from
+            && !self.peers.iter().any(|p| &p.region == from)
+        {
+            return Err(format!(
+                "`replication.bootstrap_from` names {from:?}, which is not one of `replication.peers`"
+            ));
         }
         if self.reconnect_backoff_ms > self.reconnect_backoff_max_ms {
             return Err(

@@ -120,7 +120,10 @@ pub async fn apply_batch(
 }
 
 /// Applies one change; false when a newer version is here already.
-async fn apply_one(tx: &mut Transaction<'_, Postgres>, c: &Change) -> Result<bool, Error> {
+pub(super) async fn apply_one(
+    tx: &mut Transaction<'_, Postgres>,
+    c: &Change,
+) -> Result<bool, Error> {
     let invalid = |m: &str| Error::Replication(format!("change {} ({}): {m}", c.sequence, c.table));
     let (table, sql) = tables::find(&c.table).ok_or_else(|| invalid("not a replicated table"))?;
     let hlc = i64::try_from(c.hlc).map_err(|_| invalid("hlc out of range"))?;

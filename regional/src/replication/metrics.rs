@@ -24,6 +24,13 @@ pub(crate) struct Metrics {
     pub stream_failures: IntCounterVec,
     /// Changes trimmed from this region's log.
     pub pruned: IntCounter,
+    /// Snapshots taken from each peer, by result.
+    pub snapshots: IntCounterVec,
+    /// Rows and tombstones received in snapshots from each peer.
+    pub snapshot_changes: IntCounterVec,
+    /// Times a peer's log was found restarted (wiped, or restored from an
+    /// older backup) and followed again from its start.
+    pub log_restarts: IntCounterVec,
     /// Time synchronous writers waited for a peer's confirmation.
     pub sync_wait_seconds: Histogram,
     /// Synchronous writes no peer confirmed within `sync_timeout_ms`.
@@ -89,6 +96,23 @@ impl Metrics {
             "meridian_replication_stream_failures_total",
             "Pull streams from the peer that failed or could not start.",
         );
+        let snapshots = IntCounterVec::new(
+            Opts::new(
+                "meridian_replication_snapshots_total",
+                "Snapshots taken from the peer, by result (applied, failed).",
+            ),
+            &["peer", "result"],
+        )
+        .expect("valid metric");
+        reg(Box::new(snapshots.clone()));
+        let snapshot_changes = counter(
+            "meridian_replication_snapshot_changes_total",
+            "Rows and tombstones received in snapshots from the peer.",
+        );
+        let log_restarts = counter(
+            "meridian_replication_log_restarts_total",
+            "Times the peer's log was found restarted and followed again from its start.",
+        );
         let pruned = IntCounter::new(
             "meridian_replication_pruned_changes_total",
             "Changes trimmed from this region's log.",
@@ -122,6 +146,9 @@ impl Metrics {
             drift_refusals,
             stream_failures,
             pruned,
+            snapshots,
+            snapshot_changes,
+            log_restarts,
             sync_wait_seconds,
             sync_timeouts,
         }

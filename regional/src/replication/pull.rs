@@ -11,7 +11,7 @@ use meridian_proto::v1::{AckRequest, PullRequest};
 use rand::Rng;
 use tonic::transport::Channel;
 
-use super::{Replication, apply};
+use super::{Replication, apply, snapshot};
 use crate::config::PeerConfig;
 use crate::error::Error;
 
@@ -86,16 +86,24 @@ async fn session(
     first_backoff: Duration,
 ) -> Result<(), Error> {
     let name = peer.region.as_str();
-    let mut applied = watermark(&r.pool, name).await?;
+    let (mut applied, mut incarnation) = watermark(&r.pool, name).await?;
     state.applied.store(applied, Ordering::Relaxed);
-    let mut client = ReplicationClient::new(channel);
+    let mut client = ReplicationClient::new(channel.clone());
     let pull = client.pull(PullRequest {
         peer_region: r.region.clone(),
         from_sequence: applied,
         max_batch: r.config.batch_size,
     });
     let mut stream = tokio::select! {
-        s = pull => s.map_err(|s| Error::Replication(format!("pull from {name}: {s}")))?.into_inner(),
+        s = pull => match s {
+            Ok(s) => s.into_inner(),
+            Err(s) if is_truncated(&s) => {
+                // The peer trimmed changes we never applied: only a copy of
+                // its data brings them, then Pulls go on from its positions.
+                return snapshot::take(r, name, channel, "log truncated past our watermark").await;
+            }
+            Err(s) => return Err(Error::Replication(format!("pull from {name}: {s}"))),
+        },
         () = r.shutdown.cancelled() => return Ok(()),
     };
     r.metrics.connected.with_label_values(&[name]).set(1);
@@ -111,6 +119,27 @@ async fn session(
             return Ok(());
         };
         *backoff = first_backoff;
+        let restarted = (!incarnation.is_empty()
+            && !batch.log_incarnation.is_empty()
+            && batch.log_incarnation != incarnation)
+            || batch.high_watermark < applied;
+        if restarted {
+            r.metrics.log_restarts.with_label_values(&[name]).inc();
+            tracing::error!(
+                peer = name,
+                high_watermark = batch.high_watermark,
+                applied,
+                incarnation = %batch.log_incarnation,
+                followed_incarnation = %incarnation,
+                "the peer's replication log restarted (wiped, or restored from an older backup): following it again from its start"
+            );
+            restart(&r.pool, name, &batch.log_incarnation, batch.high_watermark).await?;
+            return Ok(());
+        }
+        if incarnation.is_empty() && !batch.log_incarnation.is_empty() {
+            adopt(&r.pool, name, &batch.log_incarnation).await?;
+            incarnation = batch.log_incarnation.clone();
+        }
         let mut newest = None;
         if !batch.changes.is_empty() {
             let out = apply::apply_batch(
@@ -184,12 +213,59 @@ async fn session(
     }
 }
 
-/// The last sequence of `peer`'s log applied here.
-async fn watermark(pool: &sqlx::PgPool, peer: &str) -> Result<u64, Error> {
-    let seq: Option<i64> =
-        sqlx::query_scalar("SELECT applied_sequence FROM replication_peers WHERE peer = $1")
-            .bind(peer)
-            .fetch_optional(pool)
-            .await?;
-    Ok(seq.map_or(0, |s| u64::try_from(s).unwrap_or(0)))
+/// The last sequence of `peer`'s log applied here, and the incarnation of
+/// that log.
+async fn watermark(pool: &sqlx::PgPool, peer: &str) -> Result<(u64, String), Error> {
+    let row: Option<(i64, String)> = sqlx::query_as(
+        "SELECT applied_sequence, log_incarnation FROM replication_peers WHERE peer = $1",
+    )
+    .bind(peer)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map_or((0, String::new()), |(s, i)| {
+        (u64::try_from(s).unwrap_or(0), i)
+    }))
+}
+
+fn is_truncated(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::FailedPrecondition
+        && meridian_proto::error_detail(status)
+            .is_some_and(|d| d.reason == meridian_proto::error::reason::REPLICATION_LOG_TRUNCATED)
+}
+
+/// Records the incarnation of a log first followed before incarnations
+/// existed, or from its start.
+async fn adopt(pool: &sqlx::PgPool, peer: &str, incarnation: &str) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO replication_peers (peer, log_incarnation) VALUES ($1, $2)
+         ON CONFLICT (peer) DO UPDATE SET log_incarnation = EXCLUDED.log_incarnation
+             WHERE replication_peers.log_incarnation = ''",
+    )
+    .bind(peer)
+    .bind(incarnation)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Follows `peer`'s log from 0 in its new incarnation. Only if the stored
+/// watermark still disagrees with the peer: a snapshot applied meanwhile
+/// may have set it right already. Re-applying is idempotent, and changes
+/// trimmed from the new log end in a snapshot.
+async fn restart(
+    pool: &sqlx::PgPool,
+    peer: &str,
+    incarnation: &str,
+    high: u64,
+) -> Result<(), Error> {
+    sqlx::query(
+        "UPDATE replication_peers SET applied_sequence = 0, log_incarnation = $2
+          WHERE peer = $1 AND (log_incarnation NOT IN ('', $2) OR applied_sequence > $3)",
+    )
+    .bind(peer)
+    .bind(incarnation)
+    .bind(i64::try_from(high).unwrap_or(i64::MAX))
+    .execute(pool)
+    .await?;
+    Ok(())
 }

@@ -8,10 +8,12 @@ use std::time::Duration;
 use futures::stream::BoxStream;
 use meridian_mesh::Role;
 use meridian_proto::v1::replication_server::{Replication as ReplicationApi, ReplicationServer};
-use meridian_proto::v1::{AckRequest, AckResponse, ChangeBatch, PullRequest};
+use meridian_proto::v1::{
+    AckRequest, AckResponse, ChangeBatch, PullRequest, SnapshotChunk, SnapshotRequest,
+};
 use tonic::{Request, Response, Status};
 
-use super::{Replication, log};
+use super::{Replication, log, snapshot};
 use crate::error::Error;
 use crate::mesh::Peer;
 
@@ -44,6 +46,22 @@ fn check_caller<T>(request: &Request<T>, peer_region: &str) -> Result<(), Status
 #[tonic::async_trait]
 impl ReplicationApi for Service {
     type PullStream = BoxStream<'static, Result<ChangeBatch, Status>>;
+    type SnapshotStream = BoxStream<'static, Result<SnapshotChunk, Status>>;
+
+    async fn snapshot(
+        &self,
+        request: Request<SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        check_caller(&request, &request.get_ref().peer_region)?;
+        let req = request.into_inner();
+        let r = &self.replication;
+        let limit = match req.max_chunk {
+            0 => r.config.batch_size,
+            n => n.min(r.config.batch_size),
+        };
+        tracing::info!(peer = %req.peer_region, "replication snapshot requested");
+        Ok(Response::new(snapshot::serve(r.pool.clone(), limit)))
+    }
 
     async fn pull(
         &self,
@@ -61,6 +79,7 @@ impl ReplicationApi for Service {
         // The first read answers the call itself, so a truncated log fails
         // the RPC with its status rather than a stream that ends at once.
         let first = log::read(&r.pool, req.from_sequence, limit).await?;
+        let incarnation = snapshot::incarnation(&r.pool).await?;
         tracing::info!(peer = %req.peer_region, from = req.from_sequence, "replication pull started");
         let heartbeat = Duration::from_millis(r.config.heartbeat_interval_ms);
         let stream = async_stream::try_stream! {
@@ -72,7 +91,11 @@ impl ReplicationApi for Service {
                     cursor = last.sequence;
                 }
                 // An empty batch is the heartbeat: it carries the watermark.
-                yield ChangeBatch { changes, high_watermark: high };
+                yield ChangeBatch {
+                    changes,
+                    high_watermark: high,
+                    log_incarnation: incarnation.clone(),
+                };
                 if !full {
                     tokio::select! {
                         _ = commits.changed() => {}

@@ -154,6 +154,27 @@ impl Table {
     }
 }
 
+impl Table {
+    /// Every row as (key text, payload, hlc, origin): the payload shaped as
+    /// the log trigger shapes it (bytea columns in base64), so a snapshot
+    /// row applies like a logged change.
+    pub(crate) fn snapshot_sql(&self) -> String {
+        let b64: Vec<String> = self
+            .bytea
+            .iter()
+            .map(|c| format!("'{c}', translate(encode(t.{c}, 'base64'), E'\\n', '')"))
+            .collect();
+        format!(
+            "SELECT t.{key}::text, (to_jsonb(t) - 'hlc' - 'origin_region')
+                 || jsonb_build_object({b64}), t.hlc, t.origin_region::text
+             FROM {name} t",
+            key = self.key,
+            name = self.name,
+            b64 = b64.join(", "),
+        )
+    }
+}
+
 /// The tombstones' digest, over the same shape.
 pub(crate) const TOMBSTONES_DIGEST: &str =
     "SELECT count(*), encode(sha256(convert_to(COALESCE(string_agg(
