@@ -47,6 +47,12 @@ pub struct ReplicationConfig {
     /// after its local commit, in milliseconds; past it the client gets
     /// UNAVAILABLE (the write stays stored here and may still replicate).
     pub sync_timeout_ms: u64,
+    /// A peer that has not answered this region's Pull (no batch, no
+    /// heartbeat) for this long is lost: its unfinished jobs are adopted by
+    /// the surviving regions. Also how long a region that starts without
+    /// reaching a peer waits before running its own jobs, since that peer
+    /// may have adopted them. In milliseconds; 0 turns job failover off.
+    pub adopt_after_ms: u64,
 }
 
 /// One peer region.
@@ -73,6 +79,7 @@ impl Default for ReplicationConfig {
             max_retained_changes: 1_000_000,
             sync_tenants: Vec::new(),
             sync_timeout_ms: 2_000,
+            adopt_after_ms: 30_000,
         }
     }
 }
@@ -127,6 +134,11 @@ impl ReplicationConfig {
             );
         }
         Ok(())
+    }
+
+    /// `None` when job failover is off.
+    pub(crate) fn adopt_after(&self) -> Option<Duration> {
+        (self.adopt_after_ms > 0).then(|| Duration::from_millis(self.adopt_after_ms))
     }
 
     pub(crate) fn max_clock_drift(&self) -> Duration {
