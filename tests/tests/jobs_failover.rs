@@ -176,7 +176,10 @@ async fn a_killed_regions_jobs_finish_elsewhere_once_and_stay_finished_after_it_
         assert_eq!(*completions, 1, "job {id} finished once");
         assert_eq!(*attempts, 1, "job {id} ran once where it was adopted");
         assert_eq!(*epoch, 1, "job {id} was adopted once");
-        assert!(survivors.contains(&owner.as_str()), "job {id} owner {owner}");
+        assert!(
+            survivors.contains(&owner.as_str()),
+            "job {id} owner {owner}"
+        );
         assert!(result.is_some(), "job {id} has its result");
     }
     until("the survivors agree on every job", || async {

@@ -93,7 +93,12 @@ fn adopter<'a>(job: Uuid, survivors: &'a [String]) -> Option<&'a str> {
 /// platforms, which every region's choice depends on.
 fn score(job: Uuid, region: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in job.as_bytes().iter().chain([0xff].iter()).chain(region.as_bytes()) {
+    for b in job
+        .as_bytes()
+        .iter()
+        .chain([0xff].iter())
+        .chain(region.as_bytes())
+    {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }

@@ -408,25 +408,21 @@ pub(super) async fn claim(
     .bind(region)
     .fetch_optional(pool)
     .await?;
-    Ok(
-        row.map(|(tenant, request, traceparent, attempts, epoch, wait)| Claim {
+    Ok(row.map(
+        |(tenant, request, traceparent, attempts, epoch, wait)| Claim {
             tenant,
             request: request.0,
             traceparent,
             attempts: u32::try_from(attempts).unwrap_or(0),
             epoch,
             first_wait_s: (attempts == 1).then_some(wait),
-        }),
-    )
+        },
+    ))
 }
 
 /// Extends the attempt's lease; false when the attempt lost the job
 /// (cancelled, or reclaimed after the lease lapsed).
-pub(super) async fn renew(
-    pool: &PgPool,
-    lease: Lease,
-    lease_ms: i64,
-) -> Result<bool, Error> {
+pub(super) async fn renew(pool: &PgPool, lease: Lease, lease_ms: i64) -> Result<bool, Error> {
     let done = sqlx::query(
         "UPDATE jobs SET lease_expires_at = now() + $3::bigint * interval '1 millisecond'
          WHERE id = $1 AND state = 'running' AND lease_owner = $2 AND owner_epoch = $4",

@@ -215,18 +215,16 @@ async fn run(state: Arc<AppState>, d: Delivery, _permit: OwnedSemaphorePermit) {
     let recorded = match outcome {
         Outcome::Shutdown => return,
         Outcome::Lost => Ok(()),
-        Outcome::Done(done, latency) => {
-            store::succeed(&state.pool, owner, &result(done, latency))
-                .await
-                .map(|won| {
-                    if won {
-                        q.metrics
-                            .finished
-                            .with_label_values(&[JobState::Succeeded.as_str()])
-                            .inc();
-                    }
-                })
-        }
+        Outcome::Done(done, latency) => store::succeed(&state.pool, owner, &result(done, latency))
+            .await
+            .map(|won| {
+                if won {
+                    q.metrics
+                        .finished
+                        .with_label_values(&[JobState::Succeeded.as_str()])
+                        .inc();
+                }
+            }),
         Outcome::Failed(e) => failed(&state, &d, id, owner, &claim, &e).await,
     };
     match recorded {

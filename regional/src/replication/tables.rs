@@ -251,6 +251,9 @@ mod tests {
                  < (EXCLUDED.owner_epoch, EXCLUDED.hlc, EXCLUDED.origin_region)"
         ));
         let (_, s) = find("tenants").unwrap();
-        assert!(s.upsert.contains("WHERE (tenants.hlc, tenants.origin_region)"));
+        assert!(
+            s.upsert
+                .contains("WHERE (tenants.hlc, tenants.origin_region)")
+        );
     }
 }
