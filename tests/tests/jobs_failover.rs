@@ -89,7 +89,8 @@ async fn jobs_digest(url: &str) -> Value {
 type Row = (String, i32, i32, String, i64, Option<Value>);
 
 async fn rows(pool: &PgPool) -> HashMap<uuid::Uuid, Row> {
-    let rows: Vec<(uuid::Uuid, String, i32, i32, String, i64, Option<Value>)> = sqlx::query_as(
+    type Wide = (uuid::Uuid, String, i32, i32, String, i64, Option<Value>);
+    let rows: Vec<Wide> = sqlx::query_as(
         "SELECT id, state, completions, attempts, owner_region, owner_epoch, result FROM jobs",
     )
     .fetch_all(pool)

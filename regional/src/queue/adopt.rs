@@ -82,7 +82,7 @@ async fn adopt_lost(state: &AppState) -> Result<(), Error> {
 
 /// The survivor that adopts `job`: highest rendezvous score of (job,
 /// region), so losing one more region moves only that region's share.
-fn adopter<'a>(job: Uuid, survivors: &'a [String]) -> Option<&'a str> {
+fn adopter(job: Uuid, survivors: &[String]) -> Option<&str> {
     survivors
         .iter()
         .max_by_key(|r| (score(job, r), r.as_str()))
