@@ -14,6 +14,7 @@
 //!   pending and its lease to lapse; `XAUTOCLAIM` (or the sweeper, if the
 //!   message is gone too) hands the job to another attempt.
 
+mod adopt;
 mod metrics;
 mod store;
 mod stream;
@@ -50,6 +51,9 @@ const MAX_KEY_BYTES: usize = 255;
 /// its workers and sweeper share.
 pub(crate) struct Queue {
     pool: PgPool,
+    /// This region: the owner of the jobs submitted here, and of those it
+    /// adopts from a lost peer.
+    region: String,
     redis: ConnectionManager,
     config: JobsConfig,
     shutdown: CancellationToken,
@@ -91,6 +95,7 @@ impl Queue {
     ) -> Self {
         Self {
             pool,
+            region: region.to_string(),
             redis,
             config,
             shutdown,
@@ -163,6 +168,7 @@ impl Queue {
         let inserted = store::insert(
             &mut tx,
             Uuid::now_v7(),
+            &self.region,
             tenant.as_str(),
             key.as_deref(),
             priority,
@@ -173,7 +179,7 @@ impl Queue {
         let Some(job) = inserted else {
             drop(tx);
             let key = key.expect("only a keyed insert can conflict");
-            let existing = store::by_key(&self.pool, tenant.as_str(), &key)
+            let existing = store::by_key(&self.pool, &self.region, tenant.as_str(), &key)
                 .await?
                 .ok_or_else(|| Error::Unavailable("job submission raced, retry".into()))?;
             if existing.request != request || existing.priority != priority {
@@ -291,6 +297,7 @@ impl Queue {
 pub(crate) fn start(state: &Arc<AppState>) {
     sweeper::spawn(state.clone());
     worker::spawn(state.clone());
+    adopt::spawn(state.clone());
 }
 
 /// A malformed id names no job: 404 like an unknown one.

@@ -24,7 +24,7 @@ use meridian_mesh::{ArcSwap, Identity, MeshConnector};
 use meridian_proto::v1::PeerLag;
 use serde::Serialize;
 use sqlx::PgPool;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, Endpoint};
@@ -51,6 +51,8 @@ pub(crate) struct Replication {
     acked: sync::Acked,
     metrics: Arc<Metrics>,
     peers: Vec<Arc<PeerState>>,
+    /// Woken when a follower first catches up with its peer.
+    caught_up: Notify,
     shutdown: CancellationToken,
 }
 
@@ -84,6 +86,7 @@ impl Replication {
                 .iter()
                 .map(|p| Arc::new(PeerState::new(&p.region)))
                 .collect(),
+            caught_up: Notify::new(),
             shutdown: shutdown.clone(),
         });
         tasks.spawn(log::listen(
@@ -132,6 +135,71 @@ impl Replication {
             .collect();
         lag.sort_by(|a, b| a.peer.cmp(&b.peer));
         lag
+    }
+
+    /// How long a silent peer is given before its jobs are adopted; `None`
+    /// when job failover is off.
+    pub(crate) fn adopt_after(&self) -> Option<Duration> {
+        self.config.adopt_after()
+    }
+
+    pub(crate) fn has_peers(&self) -> bool {
+        !self.peers.is_empty()
+    }
+
+    /// The configured peers this region has not heard from for at least
+    /// `adopt_after_ms` (none when job failover is off), sorted.
+    pub(crate) fn lost_peers(&self) -> Vec<String> {
+        let Some(after) = self.config.adopt_after() else {
+            return Vec::new();
+        };
+        let mut lost: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|p| p.last_seen.lock().expect("not poisoned").elapsed() >= after)
+            .map(|p| p.region.clone())
+            .collect();
+        lost.sort();
+        lost
+    }
+
+    /// This region and every peer not lost: the candidates to adopt a lost
+    /// peer's jobs.
+    pub(crate) fn survivors(&self) -> Vec<String> {
+        let lost = self.lost_peers();
+        std::iter::once(self.region.clone())
+            .chain(
+                self.peers
+                    .iter()
+                    .map(|p| p.region.clone())
+                    .filter(|r| !lost.contains(r)),
+            )
+            .collect()
+    }
+
+    /// Returns once this region may run the jobs it owns: every peer has
+    /// been caught up with since start (so any adoption it made is known
+    /// here and fences those jobs off), or is lost (it cannot be running
+    /// them). At once when job failover is off.
+    pub(crate) async fn may_run_own_jobs(&self) {
+        if self.config.adopt_after().is_none() {
+            return;
+        }
+        loop {
+            let notified = self.caught_up.notified();
+            let lost = self.lost_peers();
+            if self
+                .peers
+                .iter()
+                .all(|p| p.caught_up.load(Ordering::Relaxed) || lost.contains(&p.region))
+            {
+                return;
+            }
+            tokio::select! {
+                () = notified => {}
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
     }
 
     pub(crate) fn render_metrics(&self) -> String {

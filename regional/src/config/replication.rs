@@ -52,6 +52,12 @@ pub struct ReplicationConfig {
     /// peer in `peers` that answers. A region that falls behind a peer's
     /// trimmed log takes its snapshot from that peer either way.
     pub bootstrap_from: Option<String>,
+    /// A peer that has not answered this region's Pull (no batch, no
+    /// heartbeat) for this long is lost: its unfinished jobs are adopted by
+    /// the surviving regions. Also how long a region that starts without
+    /// reaching a peer waits before running its own jobs, since that peer
+    /// may have adopted them. In milliseconds; 0 turns job failover off.
+    pub adopt_after_ms: u64,
 }
 
 /// One peer region.
@@ -79,6 +85,7 @@ impl Default for ReplicationConfig {
             sync_tenants: Vec::new(),
             sync_timeout_ms: 2_000,
             bootstrap_from: None,
+            adopt_after_ms: 30_000,
         }
     }
 }
@@ -140,6 +147,11 @@ impl ReplicationConfig {
             );
         }
         Ok(())
+    }
+
+    /// `None` when job failover is off.
+    pub(crate) fn adopt_after(&self) -> Option<Duration> {
+        (self.adopt_after_ms > 0).then(|| Duration::from_millis(self.adopt_after_ms))
     }
 
     pub(crate) fn max_clock_drift(&self) -> Duration {

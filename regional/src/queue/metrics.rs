@@ -20,6 +20,8 @@ pub(crate) struct Metrics {
     pub dead_lettered: IntCounter,
     /// Jobs re-enqueued from PostgreSQL or reclaimed from a dead worker.
     pub recovered: IntCounter,
+    /// Jobs adopted from a lost region, by that region (`peer`).
+    pub adopted: IntCounterVec,
     /// Queued jobs per lane, as of the latest sweep.
     pub queue_depth: IntGaugeVec,
     /// Submission to first start.
@@ -78,6 +80,17 @@ impl Metrics {
         registry
             .register(Box::new(finished.clone()))
             .expect("registered once");
+        let adopted = IntCounterVec::new(
+            Opts::new(
+                "meridian_jobs_adopted_total",
+                "Unfinished jobs of a lost region adopted by this one.",
+            ),
+            &["peer"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(adopted.clone()))
+            .expect("registered once");
         let queue_depth = IntGaugeVec::new(
             Opts::new(
                 "meridian_jobs_queue_depth",
@@ -104,6 +117,7 @@ impl Metrics {
             retries,
             dead_lettered,
             recovered,
+            adopted,
             queue_depth,
             queue_wait,
             run_time,

@@ -247,10 +247,24 @@ macro_rules! ms_since {
     };
 }
 
-/// Inserts a queued job unless the tenant already used `key`; `None` then.
+/// Takes the region's replication clock before the row a replicated job
+/// write changes, the order every replicated write and every apply keeps
+/// (`0009_job_failover.sql` says why jobs take it here rather than in a
+/// statement trigger). Uncorrelated, so PostgreSQL evaluates it once, before
+/// it scans `jobs`.
+macro_rules! clock_first {
+    () => {
+        "(SELECT true FROM region_identity FOR UPDATE)"
+    };
+}
+
+/// Inserts a queued job owned by `region` unless the tenant already used
+/// `key` here; `None` then.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn insert(
     tx: &mut Transaction<'_, Postgres>,
     id: Uuid,
+    region: &str,
     tenant: &str,
     key: Option<&str>,
     priority: Priority,
@@ -259,9 +273,9 @@ pub(super) async fn insert(
 ) -> Result<Option<Job>, Error> {
     let row = sqlx::query_as::<_, JobRow>(
         "INSERT INTO jobs (id, tenant, idempotency_key, priority, state, request, queued_since,
-                           traceparent)
-         VALUES ($1, $2, $3, $4, 'queued', $5, now(), $6)
-         ON CONFLICT (tenant, idempotency_key) DO NOTHING
+                           traceparent, home_region, owner_region)
+         VALUES ($1, $2, $3, $4, 'queued', $5, now(), $6, $7, $7)
+         ON CONFLICT (tenant, idempotency_key, home_region) DO NOTHING
          RETURNING *, now() AS now",
     )
     .bind(id)
@@ -270,6 +284,7 @@ pub(super) async fn insert(
     .bind(priority.as_str())
     .bind(Json(request))
     .bind(traceparent)
+    .bind(region)
     .fetch_optional(&mut **tx)
     .await?;
     job(row)
@@ -292,12 +307,19 @@ pub(super) async fn depth(
     Ok((n(tenant_depth), n(region_depth)))
 }
 
-pub(super) async fn by_key(pool: &PgPool, tenant: &str, key: &str) -> Result<Option<Job>, Error> {
+pub(super) async fn by_key(
+    pool: &PgPool,
+    region: &str,
+    tenant: &str,
+    key: &str,
+) -> Result<Option<Job>, Error> {
     let row = sqlx::query_as::<_, JobRow>(
-        "SELECT *, now() AS now FROM jobs WHERE tenant = $1 AND idempotency_key = $2",
+        "SELECT *, now() AS now FROM jobs
+         WHERE tenant = $1 AND idempotency_key = $2 AND home_region = $3",
     )
     .bind(tenant)
     .bind(key)
+    .bind(region)
     .fetch_optional(pool)
     .await?;
     job(row)
@@ -327,7 +349,9 @@ pub(super) async fn cancel(pool: &PgPool, tenant: &str, id: Uuid) -> Result<Opti
         ms_since!("started_at"),
         " ELSE 0 END,
            queued_since = NULL, lease_owner = NULL, lease_expires_at = NULL
-         WHERE id = $1 AND tenant = $2 AND state IN ('queued', 'running')
+         WHERE id = $1 AND tenant = $2 AND state IN ('queued', 'running') AND ",
+        clock_first!(),
+        "
          RETURNING *, now() AS now"
     ))
     .bind(id)
@@ -344,19 +368,24 @@ pub(super) struct Claim {
     /// The submitting request's trace context.
     pub traceparent: Option<String>,
     pub attempts: u32,
+    /// The ownership epoch the attempt runs under: its every later change
+    /// requires it still, so an adoption elsewhere fences the attempt off.
+    pub epoch: i64,
     /// Seconds from submission to this start, for the first attempt only.
     pub first_wait_s: Option<f64>,
 }
 
 /// Starts an attempt: takes a queued job that is due, or a running one whose
-/// lease expired (its worker died). `owner` identifies the attempt.
+/// lease expired (its worker died), if `region` owns it. `owner`
+/// identifies the attempt.
 pub(super) async fn claim(
     pool: &PgPool,
+    region: &str,
     id: Uuid,
     owner: Uuid,
     lease_ms: i64,
 ) -> Result<Option<Claim>, Error> {
-    type Row = (String, Json<JobRequest>, Option<String>, i32, f64);
+    type Row = (String, Json<JobRequest>, Option<String>, i32, i64, f64);
     let row: Option<Row> = sqlx::query_as(concat!(
         "UPDATE jobs SET state = 'running', attempts = attempts + 1,
            lease_owner = $2, lease_expires_at = now() + $3::bigint * interval '1 millisecond',
@@ -367,42 +396,41 @@ pub(super) async fn claim(
         ms_since!("started_at"),
         " ELSE 0 END,
            started_at = now(), queued_since = NULL
-         WHERE id = $1 AND ((state = 'queued' AND run_after <= now())
-                         OR (state = 'running' AND lease_expires_at < now()))
-         RETURNING tenant, request, traceparent, attempts,
+         WHERE id = $1 AND owner_region = $4
+           AND ((state = 'queued' AND run_after <= now())
+             OR (state = 'running' AND lease_expires_at < now()))
+         RETURNING tenant, request, traceparent, attempts, owner_epoch,
            extract(epoch FROM now() - created_at)::float8"
     ))
     .bind(id)
     .bind(owner)
     .bind(lease_ms)
+    .bind(region)
     .fetch_optional(pool)
     .await?;
-    Ok(
-        row.map(|(tenant, request, traceparent, attempts, wait)| Claim {
+    Ok(row.map(
+        |(tenant, request, traceparent, attempts, epoch, wait)| Claim {
             tenant,
             request: request.0,
             traceparent,
             attempts: u32::try_from(attempts).unwrap_or(0),
+            epoch,
             first_wait_s: (attempts == 1).then_some(wait),
-        }),
-    )
+        },
+    ))
 }
 
 /// Extends the attempt's lease; false when the attempt lost the job
 /// (cancelled, or reclaimed after the lease lapsed).
-pub(super) async fn renew(
-    pool: &PgPool,
-    id: Uuid,
-    owner: Uuid,
-    lease_ms: i64,
-) -> Result<bool, Error> {
+pub(super) async fn renew(pool: &PgPool, lease: Lease, lease_ms: i64) -> Result<bool, Error> {
     let done = sqlx::query(
         "UPDATE jobs SET lease_expires_at = now() + $3::bigint * interval '1 millisecond'
-         WHERE id = $1 AND state = 'running' AND lease_owner = $2",
+         WHERE id = $1 AND state = 'running' AND lease_owner = $2 AND owner_epoch = $4",
     )
-    .bind(id)
-    .bind(owner)
+    .bind(lease.id)
+    .bind(lease.owner)
     .bind(lease_ms)
+    .bind(lease.epoch)
     .execute(pool)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -412,8 +440,7 @@ pub(super) async fn renew(
 /// holding the lease, so a job completes once however often it is delivered.
 pub(super) async fn succeed(
     pool: &PgPool,
-    id: Uuid,
-    owner: Uuid,
+    lease: Lease,
     result: &JobResult,
 ) -> Result<bool, Error> {
     let done = sqlx::query(concat!(
@@ -421,11 +448,13 @@ pub(super) async fn succeed(
            finished_at = now(), running_ms = running_ms + ",
         ms_since!("started_at"),
         ", lease_owner = NULL, lease_expires_at = NULL
-         WHERE id = $1 AND state = 'running' AND lease_owner = $2"
+         WHERE id = $1 AND state = 'running' AND lease_owner = $2 AND owner_epoch = $4 AND ",
+        clock_first!()
     ))
-    .bind(id)
-    .bind(owner)
+    .bind(lease.id)
+    .bind(lease.owner)
     .bind(Json(result))
+    .bind(lease.epoch)
     .execute(pool)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -435,8 +464,7 @@ pub(super) async fn succeed(
 /// again once `backoff_ms` has passed.
 pub(super) async fn retry(
     pool: &PgPool,
-    id: Uuid,
-    owner: Uuid,
+    lease: Lease,
     error: &JobError,
     backoff_ms: i64,
 ) -> Result<bool, Error> {
@@ -446,12 +474,13 @@ pub(super) async fn retry(
            running_ms = running_ms + ",
         ms_since!("started_at"),
         ", lease_owner = NULL, lease_expires_at = NULL
-         WHERE id = $1 AND state = 'running' AND lease_owner = $2"
+         WHERE id = $1 AND state = 'running' AND lease_owner = $2 AND owner_epoch = $5"
     ))
-    .bind(id)
-    .bind(owner)
+    .bind(lease.id)
+    .bind(lease.owner)
     .bind(Json(error))
     .bind(backoff_ms)
+    .bind(lease.epoch)
     .execute(pool)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -460,8 +489,7 @@ pub(super) async fn retry(
 /// Ends the job as `failed` or `dead_lettered` with the attempt's error.
 pub(super) async fn fail(
     pool: &PgPool,
-    id: Uuid,
-    owner: Uuid,
+    lease: Lease,
     state: JobState,
     error: &JobError,
 ) -> Result<bool, Error> {
@@ -470,28 +498,36 @@ pub(super) async fn fail(
            running_ms = running_ms + ",
         ms_since!("started_at"),
         ", lease_owner = NULL, lease_expires_at = NULL
-         WHERE id = $1 AND state = 'running' AND lease_owner = $2"
+         WHERE id = $1 AND state = 'running' AND lease_owner = $2 AND owner_epoch = $5 AND ",
+        clock_first!()
     ))
-    .bind(id)
-    .bind(owner)
+    .bind(lease.id)
+    .bind(lease.owner)
     .bind(state.as_str())
     .bind(Json(error))
+    .bind(lease.epoch)
     .execute(pool)
     .await?;
     Ok(done.rows_affected() == 1)
 }
 
 /// Jobs a worker could start now: queued and due, or running on a lapsed
-/// lease. The sweeper re-enqueues those Redis does not hold.
-pub(super) async fn runnable(pool: &PgPool, limit: i64) -> Result<Vec<(Uuid, Priority)>, Error> {
+/// lease, of those `region` owns. The sweeper re-enqueues those Redis does
+/// not hold.
+pub(super) async fn runnable(
+    pool: &PgPool,
+    region: &str,
+    limit: i64,
+) -> Result<Vec<(Uuid, Priority)>, Error> {
     let rows: Vec<(Uuid, String)> = sqlx::query_as(
         "SELECT id, priority FROM jobs
-         WHERE state IN ('queued', 'running')
+         WHERE owner_region = $2 AND state IN ('queued', 'running')
            AND ((state = 'queued' AND run_after <= now())
              OR (state = 'running' AND lease_expires_at < now()))
          ORDER BY created_at LIMIT $1",
     )
     .bind(limit)
+    .bind(region)
     .fetch_all(pool)
     .await?;
     Ok(rows
@@ -500,14 +536,65 @@ pub(super) async fn runnable(pool: &PgPool, limit: i64) -> Result<Vec<(Uuid, Pri
         .collect())
 }
 
-/// Queued jobs per lane: (interactive, batch).
-pub(super) async fn queued_per_lane(pool: &PgPool) -> Result<(i64, i64), Error> {
+/// Queued jobs `region` owns, per lane: (interactive, batch).
+pub(super) async fn queued_per_lane(pool: &PgPool, region: &str) -> Result<(i64, i64), Error> {
     let row: (Option<i64>, Option<i64>) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE priority = 'interactive'),
                 count(*) FILTER (WHERE priority = 'batch')
-         FROM jobs WHERE state = 'queued'",
+         FROM jobs WHERE state = 'queued' AND owner_region = $1",
     )
+    .bind(region)
     .fetch_one(pool)
     .await?;
     Ok((row.0.unwrap_or(0), row.1.unwrap_or(0)))
+}
+
+/// One attempt's hold on a job: the lease id it took and the ownership
+/// epoch it took it under. Every change an attempt makes requires both.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Lease {
+    pub id: Uuid,
+    pub owner: Uuid,
+    pub epoch: i64,
+}
+
+/// Unfinished jobs `peer` owns, as replicated here.
+pub(super) async fn unfinished_of(pool: &PgPool, peer: &str) -> Result<Vec<Uuid>, Error> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE owner_region = $1 AND state IN ('queued', 'running')
+         ORDER BY created_at",
+    )
+    .bind(peer)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Takes over `ids` from `peer` for `region`: a new epoch, queued at once.
+/// A replicated write, so the adoption reaches every region, the old owner
+/// included; conditional on `peer` still owning each job, so two nodes of
+/// this region adopting at once adopt each job once.
+pub(super) async fn adopt(
+    pool: &PgPool,
+    region: &str,
+    peer: &str,
+    ids: &[Uuid],
+) -> Result<Vec<(Uuid, Priority)>, Error> {
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(concat!(
+        "UPDATE jobs SET owner_region = $2, owner_epoch = owner_epoch + 1, state = 'queued',
+           lease_owner = NULL, lease_expires_at = NULL, run_after = now(),
+           queued_since = now()
+         WHERE id = ANY($1) AND owner_region = $3 AND state IN ('queued', 'running') AND ",
+        clock_first!(),
+        "
+         RETURNING id, priority"
+    ))
+    .bind(ids)
+    .bind(region)
+    .bind(peer)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, p)| (id, Priority::parse(&p).unwrap_or(Priority::Batch)))
+        .collect())
 }

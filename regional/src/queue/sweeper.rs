@@ -42,7 +42,7 @@ async fn sweep(state: &AppState) -> Result<(), Error> {
     stream::ensure_groups(&mut redis)
         .await
         .map_err(redis_error)?;
-    let runnable = store::runnable(&state.pool, BATCH).await?;
+    let runnable = store::runnable(&state.pool, &state.region, BATCH).await?;
     let ids: Vec<_> = runnable.iter().map(|(id, _)| *id).collect();
     let held = stream::held(&mut redis, &ids).await.map_err(redis_error)?;
     let mut recovered = 0u64;
@@ -59,7 +59,7 @@ async fn sweep(state: &AppState) -> Result<(), Error> {
         q.wake.notify_one();
         tracing::info!(count = recovered, "re-enqueued jobs missing from redis");
     }
-    let (interactive, batch) = store::queued_per_lane(&state.pool).await?;
+    let (interactive, batch) = store::queued_per_lane(&state.pool, &state.region).await?;
     q.metrics.set_depth(Priority::Interactive, interactive);
     q.metrics.set_depth(Priority::Batch, batch);
     Ok(())

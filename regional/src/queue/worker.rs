@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::store::{self, Claim, JobError, JobResult, JobState};
+use super::store::{self, Claim, JobError, JobResult, JobState, Lease};
 use super::stream::{self, Delivery, LANES};
 use meridian_mesh::trace::{self, FutureExt, KeyValue};
 use tracing::Instrument;
@@ -35,6 +35,12 @@ pub(super) fn spawn(state: Arc<AppState>) {
 }
 
 async fn dispatch(state: Arc<AppState>) {
+    // A region back from an outage may have had its jobs adopted meanwhile:
+    // it learns so from its peers' logs, and runs nothing before then.
+    tokio::select! {
+        () = state.replication.may_run_own_jobs() => {}
+        () = state.shutdown.cancelled() => return,
+    }
     let q = &state.jobs;
     let slots = Arc::new(Semaphore::new(q.config.workers as usize));
     let mut redis = state.redis.clone();
@@ -142,10 +148,11 @@ async fn run(state: Arc<AppState>, d: Delivery, _permit: OwnedSemaphorePermit) {
     };
     let owner = Uuid::new_v4();
     let lease_ms = i64::try_from(q.config.lease_ms).unwrap_or(i64::MAX);
-    let claim = match store::claim(&state.pool, id, owner, lease_ms).await {
+    let claim = match store::claim(&state.pool, &state.region, id, owner, lease_ms).await {
         Ok(Some(claim)) => claim,
-        // Done, cancelled, not yet due, or another attempt holds it: the
-        // message is a duplicate, and PostgreSQL (with the sweeper) has the job.
+        // Done, cancelled, not yet due, adopted by another region, or
+        // another attempt holds it: the message is a duplicate, and
+        // PostgreSQL (with the sweeper) has the job.
         Ok(None) => {
             ack(&mut redis, &d).await;
             return;
@@ -155,6 +162,11 @@ async fn run(state: Arc<AppState>, d: Delivery, _permit: OwnedSemaphorePermit) {
             tracing::warn!(job = %id, error = %e, "claiming a job failed");
             return;
         }
+    };
+    let owner = Lease {
+        id,
+        owner,
+        epoch: claim.epoch,
     };
     q.changed(id);
     if let Some(wait) = claim.first_wait_s {
@@ -203,18 +215,16 @@ async fn run(state: Arc<AppState>, d: Delivery, _permit: OwnedSemaphorePermit) {
     let recorded = match outcome {
         Outcome::Shutdown => return,
         Outcome::Lost => Ok(()),
-        Outcome::Done(done, latency) => {
-            store::succeed(&state.pool, id, owner, &result(done, latency))
-                .await
-                .map(|won| {
-                    if won {
-                        q.metrics
-                            .finished
-                            .with_label_values(&[JobState::Succeeded.as_str()])
-                            .inc();
-                    }
-                })
-        }
+        Outcome::Done(done, latency) => store::succeed(&state.pool, owner, &result(done, latency))
+            .await
+            .map(|won| {
+                if won {
+                    q.metrics
+                        .finished
+                        .with_label_values(&[JobState::Succeeded.as_str()])
+                        .inc();
+                }
+            }),
         Outcome::Failed(e) => failed(&state, &d, id, owner, &claim, &e).await,
     };
     match recorded {
@@ -256,7 +266,7 @@ fn attempt_span(state: &AppState, id: Uuid, claim: &Claim) -> trace::Context {
 async fn attempt(
     state: &AppState,
     id: Uuid,
-    owner: Uuid,
+    owner: Lease,
     claim: &Claim,
     token: &CancellationToken,
 ) -> Outcome {
@@ -265,11 +275,12 @@ async fn attempt(
     let started = Instant::now();
     let lease_ms = i64::try_from(q.config.lease_ms).unwrap_or(i64::MAX);
     // Renewal doubles as the cross-node cancel check: a cancel on another
-    // node takes the lease away, and the next renewal finds out.
+    // node takes the lease away, and the next renewal finds out; so does an
+    // adoption by another region, once it has replicated here.
     let renew = async {
         loop {
             tokio::time::sleep(q.config.lease() / 3).await;
-            match store::renew(&state.pool, id, owner, lease_ms).await {
+            match store::renew(&state.pool, owner, lease_ms).await {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(e) => tracing::warn!(job = %id, error = %e, "renewing a job lease failed"),
@@ -294,7 +305,7 @@ async fn failed(
     state: &Arc<AppState>,
     d: &Delivery,
     id: Uuid,
-    owner: Uuid,
+    owner: Lease,
     claim: &Claim,
     e: &Error,
 ) -> Result<(), Error> {
@@ -312,7 +323,7 @@ async fn failed(
         retryable,
     };
     if !retryable {
-        if store::fail(&state.pool, id, owner, JobState::Failed, &error).await? {
+        if store::fail(&state.pool, owner, JobState::Failed, &error).await? {
             q.metrics
                 .finished
                 .with_label_values(&[JobState::Failed.as_str()])
@@ -327,7 +338,7 @@ async fn failed(
         .config
         .backoff(claim.attempts, rand::rng().random::<f64>());
     let backoff_ms = i64::try_from(backoff.as_millis()).unwrap_or(i64::MAX);
-    if store::retry(&state.pool, id, owner, &error, backoff_ms).await? {
+    if store::retry(&state.pool, owner, &error, backoff_ms).await? {
         q.metrics.retries.inc();
         // Re-enqueued when due; if this node stops first, the sweeper does it.
         let state = state.clone();
@@ -352,10 +363,10 @@ async fn failed(
 async fn dead_letter(
     state: &AppState,
     id: Uuid,
-    owner: Uuid,
+    owner: Lease,
     error: &JobError,
 ) -> Result<(), Error> {
-    if store::fail(&state.pool, id, owner, JobState::DeadLettered, error).await? {
+    if store::fail(&state.pool, owner, JobState::DeadLettered, error).await? {
         state.jobs.metrics.dead_lettered.inc();
         state
             .jobs

@@ -3,7 +3,8 @@
 //! with capped, jittered backoff when the stream fails.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use meridian_proto::v1::replication_client::ReplicationClient;
@@ -25,6 +26,12 @@ pub(crate) struct PeerState {
     pub applied: AtomicU64,
     /// Age of the newest applied change while more wait; 0 when caught up.
     pub lag_ms: AtomicU32,
+    /// When the peer last answered (a batch or a heartbeat); the follower's
+    /// start until it first does. Job failover measures unreachability here.
+    pub last_seen: Mutex<Instant>,
+    /// Whether this node has applied the peer's whole log at least once
+    /// since it started: every adoption the peer made before is known here.
+    pub caught_up: AtomicBool,
 }
 
 impl PeerState {
@@ -34,6 +41,8 @@ impl PeerState {
             high: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             lag_ms: AtomicU32::new(0),
+            last_seen: Mutex::new(Instant::now()),
+            caught_up: AtomicBool::new(false),
         }
     }
 }
@@ -119,6 +128,7 @@ async fn session(
             return Ok(());
         };
         *backoff = first_backoff;
+        *state.last_seen.lock().expect("not poisoned") = Instant::now();
         let restarted = (!incarnation.is_empty()
             && !batch.log_incarnation.is_empty()
             && batch.log_incarnation != incarnation)
@@ -181,6 +191,9 @@ async fn session(
         };
         state.high.store(batch.high_watermark, Ordering::Relaxed);
         state.applied.store(applied, Ordering::Relaxed);
+        if applied >= batch.high_watermark && !state.caught_up.swap(true, Ordering::Relaxed) {
+            r.caught_up.notify_waiters();
+        }
         state.lag_ms.store(
             (lag_s * 1000.0).min(f64::from(u32::MAX)) as u32,
             Ordering::Relaxed,

@@ -15,6 +15,13 @@ pub(crate) struct Table {
     pub columns: &'static [&'static str],
     /// Columns the payload carries in base64.
     pub bytea: &'static [&'static str],
+    /// A column compared before the clock in last-writer-wins: a fencing
+    /// epoch, so that a write under a newer epoch wins whatever the clocks.
+    pub fence: Option<&'static str>,
+    /// What of a row the digest covers besides key, clock and origin (SQL
+    /// over `t`); `None`: the whole row. For tables where some local changes
+    /// do not replicate, only the replicated part can agree.
+    pub digest: Option<&'static str>,
 }
 
 /// In dependency order (keys refer to tenants; messages to conversations,
@@ -33,6 +40,8 @@ pub(crate) const TABLES: &[Table] = &[
             "updated_at",
         ],
         bytea: &[],
+        fence: None,
+        digest: None,
     },
     Table {
         name: "api_keys",
@@ -47,6 +56,8 @@ pub(crate) const TABLES: &[Table] = &[
             "revoked_at",
         ],
         bytea: &["key_hash"],
+        fence: None,
+        digest: None,
     },
     Table {
         name: "conversations",
@@ -62,6 +73,8 @@ pub(crate) const TABLES: &[Table] = &[
             "updated_at",
         ],
         bytea: &[],
+        fence: None,
+        digest: None,
     },
     // Append-only: a message's row never changes after its insert, so the
     // last-writer-wins upsert only ever meets its own copy.
@@ -79,6 +92,49 @@ pub(crate) const TABLES: &[Table] = &[
             "created_at",
         ],
         bytea: &[],
+        fence: None,
+        digest: None,
+    },
+    // Only the submission, an adoption and the terminal state replicate
+    // (`0009_job_failover.sql`); the epoch decides before the clock, so an
+    // old owner's late result never replaces the adopter's.
+    Table {
+        name: "jobs",
+        key: "id",
+        key_type: "uuid",
+        columns: &[
+            "id",
+            "tenant",
+            "idempotency_key",
+            "priority",
+            "state",
+            "request",
+            "result",
+            "last_error",
+            "attempts",
+            "completions",
+            "lease_owner",
+            "lease_expires_at",
+            "run_after",
+            "queued_since",
+            "queued_ms",
+            "running_ms",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "traceparent",
+            "home_region",
+            "owner_region",
+            "owner_epoch",
+        ],
+        bytea: &[],
+        fence: Some("owner_epoch"),
+        // Claims, renewals and retries change the owner's row without
+        // replicating: the replicated version is (hlc, origin), and these.
+        digest: Some(
+            "jsonb_build_object('owner_region', t.owner_region, 'owner_epoch', t.owner_epoch,
+                 'completions', t.completions, 'result', t.result)::text",
+        ),
     },
 ];
 
@@ -122,12 +178,17 @@ impl Table {
             .collect();
         // Comparing (hlc, origin_region) as a row: origin_region is
         // COLLATE "C", so the tie-break is byte-wise in every region.
+        let (mine, theirs) = match self.fence {
+            Some(f) => (format!("{name}.{f}, "), format!("EXCLUDED.{f}, ")),
+            None => (String::new(), String::new()),
+        };
         let upsert = format!(
             "INSERT INTO {name} ({cols}, hlc, origin_region)
              SELECT {values}, $2, $3 FROM jsonb_populate_record(NULL::{name}, $1) r
              ON CONFLICT ({key}) DO UPDATE SET {updates},
                  hlc = EXCLUDED.hlc, origin_region = EXCLUDED.origin_region
-             WHERE ({name}.hlc, {name}.origin_region) < (EXCLUDED.hlc, EXCLUDED.origin_region)",
+             WHERE ({mine}{name}.hlc, {name}.origin_region)
+                 < ({theirs}EXCLUDED.hlc, EXCLUDED.origin_region)",
             cols = self.columns.join(", "),
             values = values.join(", "),
             updates = updates.join(", "),
@@ -142,10 +203,13 @@ impl Table {
     /// Hash of every row (key, clock, origin and content) in key order:
     /// equal in two regions exactly when they hold the same rows.
     pub(crate) fn digest_sql(&self) -> String {
+        let content = self
+            .digest
+            .unwrap_or("(to_jsonb(t) - 'hlc' - 'origin_region')::text");
         format!(
             "SELECT count(*), encode(sha256(convert_to(COALESCE(string_agg(
                  t.{key}::text || ' ' || t.hlc || ' ' || t.origin_region || ' '
-                     || (to_jsonb(t) - 'hlc' - 'origin_region')::text,
+                     || {content},
                  E'\\n' ORDER BY t.{key}::text COLLATE \"C\"), ''), 'UTF8')), 'hex')
              FROM {name} t",
             key = self.key,
@@ -197,6 +261,20 @@ mod tests {
         assert!(s.upsert.contains("decode($1 ->> 'key_hash', 'base64')"));
         assert!(!s.upsert.contains("id = EXCLUDED.id"));
         assert!(s.delete.contains("$1::uuid"));
-        assert!(find("jobs").is_none());
+        assert!(find("job_depth").is_none());
+    }
+
+    #[test]
+    fn a_newer_job_epoch_wins_before_the_clock() {
+        let (_, s) = find("jobs").unwrap();
+        assert!(s.upsert.contains(
+            "(jobs.owner_epoch, jobs.hlc, jobs.origin_region)
+                 < (EXCLUDED.owner_epoch, EXCLUDED.hlc, EXCLUDED.origin_region)"
+        ));
+        let (_, s) = find("tenants").unwrap();
+        assert!(
+            s.upsert
+                .contains("WHERE (tenants.hlc, tenants.origin_region)")
+        );
     }
 }
