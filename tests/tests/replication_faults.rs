@@ -232,44 +232,92 @@ async fn heal_and_converge(cluster: &ClusterSandbox) {
     );
 }
 
-/// Every change of each origin's log arrived in every other region exactly
-/// once: written there or lost to a newer version, never both, never twice.
-/// The digests can agree while a superseded change is still on its way, so
-/// this first waits for every watermark to reach the end of its origin's log.
-async fn each_change_arrived_once(pools: &[PgPool]) {
+/// Per origin, the end of its log once every region has applied it, and per
+/// (region, origin) the receiving counters then: what the fault is measured
+/// from. A region that starts empty may take a peer's first rows in a
+/// snapshot rather than one by one, so changes before this point are not
+/// counted.
+struct Baseline {
+    log_end: Vec<i64>,
+    counters: Vec<Vec<(i64, i64)>>,
+}
+
+async fn baseline(pools: &[PgPool]) -> Baseline {
+    let mut log_end = Vec::new();
+    let mut counters = Vec::new();
+    for (o, origin) in REGIONS.iter().enumerate() {
+        let high: Option<i64> = sqlx::query_scalar("SELECT max(sequence) FROM replication_outbox")
+            .fetch_one(&pools[o])
+            .await
+            .unwrap();
+        let high = high.unwrap_or(0);
+        let mut row = Vec::new();
+        for (r, region) in REGIONS.iter().enumerate() {
+            if r == o {
+                row.push((0, 0));
+                continue;
+            }
+            until(
+                PATIENCE,
+                &format!("{region} applied {origin}'s log"),
+                || async { peer_counters(&pools[r], origin).await.0 == high },
+            )
+            .await;
+            let (_, applied, superseded) = peer_counters(&pools[r], origin).await;
+            row.push((applied, superseded));
+        }
+        log_end.push(high);
+        counters.push(row);
+    }
+    Baseline { log_end, counters }
+}
+
+/// `region`'s watermark and counters for `origin`'s log.
+async fn peer_counters(pool: &PgPool, origin: &str) -> (i64, i64, i64) {
+    sqlx::query_as::<_, (i64, i64, i64)>(
+        "SELECT applied_sequence, applied_changes, superseded_changes
+           FROM replication_peers WHERE peer = $1",
+    )
+    .bind(origin)
+    .fetch_optional(pool)
+    .await
+    .unwrap()
+    .unwrap_or_default()
+}
+
+/// Every change each origin logged since `base` arrived in every other
+/// region exactly once: written there or lost to a newer version, never
+/// both, never twice. The digests can agree while a superseded change is
+/// still on its way, so this first waits for every watermark to reach the
+/// end of its origin's log.
+async fn each_change_arrived_once(pools: &[PgPool], base: &Baseline) {
     for (o, origin) in REGIONS.iter().enumerate() {
         let (logged, high, pruned): (i64, Option<i64>, i64) = sqlx::query_as(
-            "SELECT count(*), max(sequence), (SELECT pruned_through FROM replication_log)
+            "SELECT count(*) FILTER (WHERE sequence > $1), max(sequence),
+                    (SELECT pruned_through FROM replication_log)
                FROM replication_outbox",
         )
+        .bind(base.log_end[o])
         .fetch_one(&pools[o])
         .await
         .unwrap();
         assert_eq!(pruned, 0, "{origin}: the log is kept whole here");
         let high = high.unwrap_or(0);
         for (r, region) in REGIONS.iter().enumerate().filter(|(r, _)| *r != o) {
-            let counters = || async {
-                sqlx::query_as::<_, (i64, i64, i64)>(
-                    "SELECT applied_sequence, applied_changes, superseded_changes
-                       FROM replication_peers WHERE peer = $1",
-                )
-                .bind(origin)
-                .fetch_optional(&pools[r])
-                .await
-                .unwrap()
-                .unwrap_or_default()
-            };
             until(
                 PATIENCE,
                 &format!("{region} applied {origin}'s log"),
-                || async { counters().await.0 == high },
+                || async { peer_counters(&pools[r], origin).await.0 == high },
             )
             .await;
-            let (_, applied, superseded) = counters().await;
+            let (_, applied, superseded) = peer_counters(&pools[r], origin).await;
+            let (applied0, superseded0) = base.counters[o][r];
+            let (applied, superseded) = (applied - applied0, superseded - superseded0);
             assert_eq!(
                 applied + superseded,
                 logged,
-                "{region} received {origin}'s {logged} changes as {applied} applied + {superseded} superseded"
+                "{region} received {origin}'s {logged} changes since the fault began as \
+                 {applied} applied + {superseded} superseded"
             );
         }
     }
@@ -291,6 +339,7 @@ async fn a_partitioned_region_and_the_rest_converge_within_5s_of_healing() {
     let mut rng = StdRng::seed_from_u64(seed);
     let (cluster, pools) = start(seed).await;
     let keys = before_the_fault(&cluster, &pools).await;
+    let base = baseline(&pools).await;
 
     let isolated = rng.random_range(0..REGIONS.len());
     println!("partitioning {} from the others", REGIONS[isolated]);
@@ -320,7 +369,7 @@ async fn a_partitioned_region_and_the_rest_converge_within_5s_of_healing() {
     assert!(!has_tenant(&pools[other], &own).await);
 
     heal_and_converge(&cluster).await;
-    each_change_arrived_once(&pools).await;
+    each_change_arrived_once(&pools, &base).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -330,6 +379,7 @@ async fn a_one_way_cut_converges_within_5s_of_healing() {
     let mut rng = StdRng::seed_from_u64(seed);
     let (cluster, pools) = start(seed).await;
     let keys = before_the_fault(&cluster, &pools).await;
+    let base = baseline(&pools).await;
 
     // Bytes from `from` to `to` stall; bytes from `to` to `from` flow.
     let mut order = [0, 1, 2];
@@ -367,7 +417,7 @@ async fn a_one_way_cut_converges_within_5s_of_healing() {
     );
 
     heal_and_converge(&cluster).await;
-    each_change_arrived_once(&pools).await;
+    each_change_arrived_once(&pools, &base).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -377,6 +427,7 @@ async fn delays_and_dropped_connections_on_every_link_converge_within_5s_of_heal
     let mut rng = StdRng::seed_from_u64(seed);
     let (cluster, pools) = start(seed).await;
     let keys = before_the_fault(&cluster, &pools).await;
+    let base = baseline(&pools).await;
 
     for link in cluster.links().iter() {
         let a_to_b = Duration::from_millis(rng.random_range(5..60));
@@ -398,5 +449,5 @@ async fn delays_and_dropped_connections_on_every_link_converge_within_5s_of_heal
     .await;
 
     heal_and_converge(&cluster).await;
-    each_change_arrived_once(&pools).await;
+    each_change_arrived_once(&pools, &base).await;
 }
