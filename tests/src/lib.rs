@@ -14,6 +14,7 @@ mod dns;
 pub mod fault_proxy;
 pub mod load;
 mod pki;
+pub mod replicated;
 mod sandbox;
 mod upstream;
 

@@ -7,10 +7,11 @@
 //! and PostgreSQL) the conversation continues through the gateway in another
 //! region with every acknowledged turn.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use meridian_proto::v1::inference_client::InferenceClient;
 use meridian_proto::v1::{ChatMessage, GenerateRequest};
+use meridian_tests::replicated::{digest, rows, until};
 use meridian_tests::{ClusterSandbox, RegionSandbox, TEST_MODEL, init_logging};
 use serde_json::{Value, json};
 
@@ -18,22 +19,6 @@ const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
 const CONVERGE: Duration = Duration::from_secs(20);
 const CONVERSATION: &str = "x-meridian-conversation";
 const TENANT: &str = "x-meridian-tenant";
-
-/// Polls `check` every 50 ms until it holds, failing after `limit`.
-async fn until<F, Fut>(limit: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !check().await {
-        assert!(
-            started.elapsed() < limit,
-            "{what} did not happen within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// Prompt tokens as Meridian counts them: words plus 4 per message.
 fn tokens<'a>(contents: impl IntoIterator<Item = &'a str>) -> u64 {
@@ -84,29 +69,6 @@ fn contents(transcript: &Value) -> Vec<String> {
         .iter()
         .map(|m| m["content"].as_str().unwrap().to_string())
         .collect()
-}
-
-async fn digest(region: &RegionSandbox) -> Value {
-    let body: Value = reqwest::get(format!("{}/admin/replication/digest", region.url()))
-        .await
-        .expect("the region answers")
-        .error_for_status()
-        .expect("the digest is served")
-        .json()
-        .await
-        .expect("the digest is JSON");
-    body["tables"].clone()
-}
-
-fn rows(digest: &Value, table: &str) -> i64 {
-    digest
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["table"] == table)
-        .unwrap_or_else(|| panic!("no {table} in {digest}"))["rows"]
-        .as_i64()
-        .unwrap()
 }
 
 /// Streams a chat turn over SSE; returns the text and the prompt tokens of

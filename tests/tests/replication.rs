@@ -8,17 +8,18 @@
 //!
 //! Randomised tests print their seed; `REPLICATION_SEED=<n>` replays one.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use meridian_gateway::{AuthConfig, TenantLimits, auth};
 use meridian_proto::v1::replication_client::ReplicationClient;
 use meridian_proto::v1::{Change, ChangeOp, PullRequest};
 use meridian_regional::replication::{Hlc, apply_batch};
+use meridian_tests::replicated::{converged, digest, rows, until};
 use meridian_tests::{ClusterSandbox, RegionSandbox, TEST_MODEL, init_logging};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::PgPool;
 
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
@@ -32,57 +33,6 @@ fn seed() -> u64 {
         .unwrap_or_else(|| rand::rng().random());
     println!("seed {seed} (set REPLICATION_SEED to replay)");
     seed
-}
-
-/// Polls `check` every 50 ms until it holds, failing after `limit`.
-async fn until<F, Fut>(limit: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !check().await {
-        assert!(
-            started.elapsed() < limit,
-            "{what} did not happen within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn digest(region: &RegionSandbox) -> Value {
-    let body: Value = reqwest::get(format!("{}/admin/replication/digest", region.url()))
-        .await
-        .expect("the region answers")
-        .error_for_status()
-        .expect("the digest is served")
-        .json()
-        .await
-        .expect("the digest is JSON");
-    assert_eq!(body["region"], region.name.as_str());
-    body["tables"].clone()
-}
-
-/// Whether every region reports the same digest.
-async fn converged(regions: &[RegionSandbox]) -> bool {
-    let first = digest(&regions[0]).await;
-    for r in &regions[1..] {
-        if digest(r).await != first {
-            return false;
-        }
-    }
-    true
-}
-
-fn rows(digest: &Value, table: &str) -> i64 {
-    digest
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["table"] == table)
-        .unwrap_or_else(|| panic!("no {table} in {digest}"))["rows"]
-        .as_i64()
-        .unwrap()
 }
 
 async fn pools(regions: &[RegionSandbox]) -> Vec<PgPool> {

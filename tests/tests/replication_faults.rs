@@ -17,11 +17,11 @@
 use std::time::{Duration, Instant};
 
 use meridian_gateway::{TenantLimits, auth};
+use meridian_tests::replicated::{converged, until};
 use meridian_tests::{ClusterSandbox, RegionSandbox, init_logging};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
-use serde_json::Value;
 use sqlx::PgPool;
 
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
@@ -43,49 +43,6 @@ fn seed(test: &str) -> u64 {
         "{test}: seed {seed} (replay: REPLICATION_FAULT_SEED={seed} cargo test -p meridian-tests --test replication_faults {test})"
     );
     seed
-}
-
-/// Polls `check` every 50 ms until it holds, failing after `limit`.
-async fn until<F, Fut>(limit: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !check().await {
-        assert!(
-            started.elapsed() < limit,
-            "{what} did not happen within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn digest(region: &RegionSandbox) -> Value {
-    let body: Value = reqwest::get(format!("{}/admin/replication/digest", region.url()))
-        .await
-        .expect("the region answers")
-        .error_for_status()
-        .expect("the digest is served")
-        .json()
-        .await
-        .expect("the digest is JSON");
-    assert_eq!(body["region"], region.name.as_str());
-    body["tables"].clone()
-}
-
-/// Whether every one of `regions` reports the same digest.
-async fn converged<'a>(regions: impl IntoIterator<Item = &'a RegionSandbox>) -> bool {
-    let mut first = None;
-    for r in regions {
-        let d = digest(r).await;
-        match &first {
-            None => first = Some(d),
-            Some(f) if *f != d => return false,
-            Some(_) => {}
-        }
-    }
-    true
 }
 
 async fn pools(regions: &[RegionSandbox]) -> Vec<PgPool> {

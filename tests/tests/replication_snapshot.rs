@@ -6,13 +6,13 @@
 //!
 //! Seeded; `REPLICATION_SEED=<n>` replays a run.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use meridian_gateway::{TenantLimits, auth};
+use meridian_tests::replicated::{converged, digest, until};
 use meridian_tests::{ClusterSandbox, RegionSandbox, init_logging, metric};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::Value;
 use sqlx::PgPool;
 
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
@@ -27,43 +27,6 @@ fn seed() -> u64 {
         .unwrap_or_else(|| rand::rng().random());
     println!("seed {seed} (set REPLICATION_SEED to replay)");
     seed
-}
-
-async fn until<F, Fut>(limit: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !check().await {
-        assert!(
-            started.elapsed() < limit,
-            "{what} did not happen within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn digest(region: &RegionSandbox) -> Value {
-    let body: Value = reqwest::get(format!("{}/admin/replication/digest", region.url()))
-        .await
-        .expect("the region answers")
-        .error_for_status()
-        .expect("the digest is served")
-        .json()
-        .await
-        .expect("the digest is JSON");
-    body["tables"].clone()
-}
-
-async fn converged(regions: &[RegionSandbox]) -> bool {
-    let first = digest(&regions[0]).await;
-    for r in &regions[1..] {
-        if digest(r).await != first {
-            return false;
-        }
-    }
-    true
 }
 
 async fn pool(region: &RegionSandbox) -> PgPool {
