@@ -117,8 +117,18 @@ async fn session(
     };
     r.metrics.connected.with_label_values(&[name]).set(1);
     let ack_interval = Duration::from_millis(r.config.ack_interval_ms);
-    let mut acked = 0;
-    let mut acked_at: Option<Instant> = None;
+    // Acks go out from a task of their own, so applying the next batch never
+    // waits for the previous ack's round trip; the task sends the latest
+    // applied sequence, coalescing batches applied while an ack was out.
+    let (applied_tx, applied_rx) = tokio::sync::watch::channel(applied);
+    let acker = tokio::spawn(ack_loop(
+        client.clone(),
+        r.region.clone(),
+        name.to_string(),
+        applied_rx,
+        ack_interval,
+    ));
+    let _acker = AbortOnDrop(acker);
     loop {
         let batch = tokio::select! {
             m = stream.message() => m.map_err(|s| Error::Replication(format!("stream from {name}: {s}")))?,
@@ -204,25 +214,58 @@ async fn session(
             .set(i64::try_from(lag).unwrap_or(i64::MAX));
         r.metrics.lag_seconds.with_label_values(&[name]).set(lag_s);
         // Right after a batch is applied, the origin's synchronous writers
-        // may be waiting for it: ack at once. Otherwise (a heartbeat after a
-        // failed ack) no more often than `ack_interval_ms`.
-        let just_applied = !batch.changes.is_empty();
-        if applied > acked && (just_applied || acked_at.is_none_or(|t| t.elapsed() >= ack_interval))
-        {
-            // The log's owner trims by Acks; a lost one is only sent again.
+        // may be waiting for it: the ack task sends it at once.
+        applied_tx.send_if_modified(|sent| {
+            let newer = applied > *sent;
+            if newer {
+                *sent = applied;
+            }
+            newer
+        });
+    }
+}
+
+/// Sends `peer` an Ack of each newly applied sequence as it is published
+/// on `applied`. The log's owner trims by Acks and releases synchronous
+/// writers with them; a lost one is only sent again, after `interval`.
+async fn ack_loop(
+    mut client: ReplicationClient<Channel>,
+    region: String,
+    peer: String,
+    mut applied: tokio::sync::watch::Receiver<u64>,
+    interval: Duration,
+) {
+    // Zero, so a new session announces the watermark it starts from.
+    let mut acked = 0;
+    loop {
+        let target = *applied.borrow_and_update();
+        if target > acked {
             let ack = client.ack(AckRequest {
-                peer_region: r.region.clone(),
-                applied_sequence: applied,
+                peer_region: region.clone(),
+                applied_sequence: target,
             });
             match tokio::time::timeout(Duration::from_secs(5), ack).await {
-                Ok(Ok(_)) => {
-                    acked = applied;
-                    acked_at = Some(Instant::now());
-                }
-                Ok(Err(s)) => tracing::warn!(peer = name, error = %s, "replication ack refused"),
-                Err(_) => tracing::warn!(peer = name, "replication ack timed out"),
+                Ok(Ok(_)) => acked = target,
+                Ok(Err(s)) => tracing::warn!(peer, error = %s, "replication ack refused"),
+                Err(_) => tracing::warn!(peer, "replication ack timed out"),
+            }
+            if acked < target {
+                tokio::time::sleep(interval).await;
+                continue;
             }
         }
+        if applied.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Ends the ack task with the session that feeds it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
