@@ -180,9 +180,25 @@ pub(crate) enum Policy {
 
 /// A lookup's result: the hit, and the query's embedding when the semantic
 /// layer computed one (a miss stores it with the answer).
-pub(crate) struct Probe {
+struct Probe {
+    hit: Option<(Arc<Answer>, Outcome)>,
+    vector: Option<Vec<f32>>,
+}
+
+/// What [`ResponseCache::lookup`] found for a caller that streams its miss
+/// itself.
+pub(crate) struct Lookup {
     pub hit: Option<(Arc<Answer>, Outcome)>,
-    pub vector: Option<Vec<f32>>,
+    /// What storing the answer of a miss needs, computed once by the lookup.
+    pub pending: Pending,
+}
+
+/// The keys of a looked-up request and its query's embedding, kept until
+/// its answer is known ([`ResponseCache::store_answer`]).
+pub(crate) struct Pending {
+    key: Key,
+    query: Option<Query>,
+    vector: Option<Vec<f32>>,
 }
 
 struct Semantic {
@@ -316,8 +332,8 @@ impl ResponseCache {
     }
 
     /// Looks `req` up in every layer, for a caller that streams its miss
-    /// itself and stores the answer afterwards with [`Self::store`].
-    pub(crate) async fn lookup(&self, tenant: &str, req: &ChatRequest, policy: Policy) -> Probe {
+    /// itself and stores the answer afterwards with [`Self::store_answer`].
+    pub(crate) async fn lookup(&self, tenant: &str, req: &ChatRequest, policy: Policy) -> Lookup {
         let (key, query) = keys(tenant, req);
         let probe = match policy {
             Policy::Bypass => Probe {
@@ -339,7 +355,7 @@ impl ResponseCache {
                 None => {
                     let probe = self.probe_shared(&key, query.as_ref()).await;
                     if let Some((answer, _)) = &probe.hit {
-                        self.l1.insert(key, answer.clone()).await;
+                        self.l1.insert(key.clone(), answer.clone()).await;
                     }
                     probe
                 }
@@ -351,20 +367,26 @@ impl ResponseCache {
             (None, _) => Outcome::Miss,
         };
         self.metrics.count(tenant, outcome);
-        probe
+        Lookup {
+            hit: probe.hit,
+            pending: Pending {
+                key,
+                query,
+                vector: probe.vector,
+            },
+        }
     }
 
-    /// Stores the answer to `req` in every layer.
-    pub(crate) async fn store_answer(
-        &self,
-        tenant: &str,
-        req: &ChatRequest,
-        vector: Option<Vec<f32>>,
-        answer: Answer,
-    ) {
-        let (key, query) = keys(tenant, req);
-        self.store(&key, query.as_ref(), vector, Arc::new(answer))
-            .await;
+    /// Stores in every layer the answer of a request [`Self::lookup`]
+    /// missed.
+    pub(crate) async fn store_answer(&self, pending: Pending, answer: Answer) {
+        self.store(
+            &pending.key,
+            pending.query.as_ref(),
+            pending.vector,
+            Arc::new(answer),
+        )
+        .await;
     }
 
     async fn store(

@@ -230,8 +230,8 @@ impl AppState {
     ) -> Result<Streamed, Error> {
         let (routed, record) = self.route(tenant, req, hints)?;
         let policy = self.cache.policy(req, directives);
-        let probe = self.cache.lookup(tenant.as_str(), req, policy).await;
-        if let Some((answer, outcome)) = probe.hit {
+        let looked = self.cache.lookup(tenant.as_str(), req, policy).await;
+        if let Some((answer, outcome)) = looked.hit {
             self.note_cache(outcome);
             return Ok(Streamed {
                 chunks: answer.stream(),
@@ -262,27 +262,24 @@ impl AppState {
             // first token, which waiting on another request's whole answer
             // would delay.
             let state = self.clone();
-            let tenant = tenant.as_str().to_string();
-            let req = req.clone();
-            let mut vector = probe.vector;
+            let mut pending = Some(looked.pending);
             let mut text = String::new();
             chunks
                 .inspect(move |chunk| match chunk {
                     Ok(Chunk::Delta(d)) => text.push_str(d),
                     Ok(Chunk::Done { finish, usage }) => {
+                        let Some(pending) = pending.take() else {
+                            return;
+                        };
                         let answer = Answer {
                             text: std::mem::take(&mut text),
                             finish: *finish,
                             prompt_tokens: usage.prompt_tokens,
                             completion_tokens: usage.completion_tokens,
                         };
-                        let (state, tenant, req, vector) =
-                            (state.clone(), tenant.clone(), req.clone(), vector.take());
+                        let state = state.clone();
                         state.tasks.clone().spawn(async move {
-                            state
-                                .cache
-                                .store_answer(&tenant, &req, vector, answer)
-                                .await;
+                            state.cache.store_answer(pending, answer).await;
                         });
                     }
                     Err(_) => {}
