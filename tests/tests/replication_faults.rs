@@ -69,8 +69,9 @@ fn limits(rng: &mut StdRng) -> TenantLimits {
 }
 
 /// What exists everywhere before a fault: a shared tenant, one tenant per
-/// region with a few keys. Returns the keys' ids, the same in every region.
-async fn before_the_fault(cluster: &ClusterSandbox, pools: &[PgPool]) -> Vec<String> {
+/// region with a few keys. Returns the keys' ids, the same in every region,
+/// and the baseline the fault's changes are counted from.
+async fn before_the_fault(cluster: &ClusterSandbox, pools: &[PgPool]) -> (Vec<String>, Baseline) {
     auth::create_tenant(&pools[0], "shared", TenantLimits::default())
         .await
         .unwrap();
@@ -87,10 +88,11 @@ async fn before_the_fault(cluster: &ClusterSandbox, pools: &[PgPool]) -> Vec<Str
         converged(&cluster.regions)
     })
     .await;
-    sqlx::query_scalar("SELECT id::text FROM api_keys ORDER BY id")
+    let keys = sqlx::query_scalar("SELECT id::text FROM api_keys ORDER BY id")
         .fetch_all(&pools[0])
         .await
-        .unwrap()
+        .unwrap();
+    (keys, baseline(pools).await)
 }
 
 /// One region's share of the writes made while a fault is on: `ops`
@@ -295,8 +297,7 @@ async fn a_partitioned_region_and_the_rest_converge_within_5s_of_healing() {
     let seed = seed("a_partitioned_region_and_the_rest_converge_within_5s_of_healing");
     let mut rng = StdRng::seed_from_u64(seed);
     let (cluster, pools) = start(seed).await;
-    let keys = before_the_fault(&cluster, &pools).await;
-    let base = baseline(&pools).await;
+    let (keys, base) = before_the_fault(&cluster, &pools).await;
 
     let isolated = rng.random_range(0..REGIONS.len());
     println!("partitioning {} from the others", REGIONS[isolated]);
@@ -335,8 +336,7 @@ async fn a_one_way_cut_converges_within_5s_of_healing() {
     let seed = seed("a_one_way_cut_converges_within_5s_of_healing");
     let mut rng = StdRng::seed_from_u64(seed);
     let (cluster, pools) = start(seed).await;
-    let keys = before_the_fault(&cluster, &pools).await;
-    let base = baseline(&pools).await;
+    let (keys, base) = before_the_fault(&cluster, &pools).await;
 
     // Bytes from `from` to `to` stall; bytes from `to` to `from` flow.
     let mut order = [0, 1, 2];
@@ -383,8 +383,7 @@ async fn delays_and_dropped_connections_on_every_link_converge_within_5s_of_heal
     let seed = seed("delays_and_dropped_connections_on_every_link_converge_within_5s_of_healing");
     let mut rng = StdRng::seed_from_u64(seed);
     let (cluster, pools) = start(seed).await;
-    let keys = before_the_fault(&cluster, &pools).await;
-    let base = baseline(&pools).await;
+    let (keys, base) = before_the_fault(&cluster, &pools).await;
 
     for link in cluster.links().iter() {
         let a_to_b = Duration::from_millis(rng.random_range(5..60));
