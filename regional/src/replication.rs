@@ -10,6 +10,7 @@ mod hlc;
 mod log;
 mod metrics;
 mod pull;
+mod relay;
 mod serve;
 mod snapshot;
 mod sync;
@@ -105,6 +106,7 @@ impl Replication {
         tasks.spawn(async move {
             let r = replication;
             snapshot::bootstrap(&r, &peers).await;
+            followers.spawn(relay::run(r.clone(), peers.clone()));
             for ((peer, channel), state) in peers.into_iter().zip(&r.peers) {
                 followers.spawn(pull::follow(r.clone(), peer, state.clone(), channel));
             }
@@ -153,14 +155,18 @@ impl Replication {
         let Some(after) = self.config.adopt_after() else {
             return Vec::new();
         };
-        let mut lost: Vec<String> = self
-            .peers
+        let mut lost = self.silent_peers(after);
+        lost.sort();
+        lost
+    }
+
+    /// The configured peers this region has not heard from for `after`.
+    pub(crate) fn silent_peers(&self, after: Duration) -> Vec<String> {
+        self.peers
             .iter()
             .filter(|p| p.last_seen.lock().expect("not poisoned").elapsed() >= after)
             .map(|p| p.region.clone())
-            .collect();
-        lost.sort();
-        lost
+            .collect()
     }
 
     /// This region and every peer not lost: the candidates to adopt a lost
@@ -299,6 +305,11 @@ fn channel(
     let endpoint = Endpoint::from_shared(format!("http://{}", peer.address))
         .map_err(|e| config_error(format!("peer {}: {e}", peer.region)))?
         .connect_timeout(Duration::from_secs(3))
+        // Peers are far apart: with HTTP/2's default 64 KiB window a Pull
+        // stream carries at most 64 KiB per round trip (~350 KiB/s at
+        // 180 ms), which a busy region outgrows. The adaptive window sizes
+        // itself to the link's bandwidth-delay product.
+        .http2_adaptive_window(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);

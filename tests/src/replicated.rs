@@ -1,9 +1,11 @@
 //! What the replication tests share: waiting for a condition, reading a
-//! region's digest, and asking whether regions converged.
+//! region's digest, asking whether regions converged, a replayable seed,
+//! and reading a stored conversation.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use rand::Rng;
 use serde_json::Value;
 
 use crate::RegionSandbox;
@@ -63,4 +65,39 @@ pub fn rows(digest: &Value, table: &str) -> i64 {
         .unwrap_or_else(|| panic!("no {table} in {digest}"))["rows"]
         .as_i64()
         .expect("a row count")
+}
+
+/// The seed of a randomised test: `var` from the environment when set (to
+/// replay a failing run), else a random one; printed either way.
+pub fn seed(var: &str) -> u64 {
+    let seed = std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    println!("seed {seed} (set {var} to replay)");
+    seed
+}
+
+/// The stored message contents of conversation `id` of `tenant` in the
+/// region at `url`, in order, or `None` when the region has none of it.
+pub async fn conversation(url: &str, tenant: &str, id: &str) -> Option<Vec<String>> {
+    let res = reqwest::Client::new()
+        .get(format!("{url}/v1/conversations/{id}"))
+        .header("x-meridian-tenant", tenant)
+        .send()
+        .await
+        .expect("the region answers");
+    if res.status().as_u16() == 404 {
+        return None;
+    }
+    assert_eq!(res.status().as_u16(), 200);
+    let body: Value = res.json().await.expect("JSON");
+    Some(
+        body["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .map(|m| m["content"].as_str().expect("a content").to_string())
+            .collect(),
+    )
 }

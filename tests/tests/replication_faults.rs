@@ -20,7 +20,7 @@ use meridian_gateway::{TenantLimits, auth};
 use meridian_tests::replicated::{converged, until};
 use meridian_tests::{ClusterSandbox, RegionSandbox, init_logging};
 use rand::rngs::StdRng;
-use rand::seq::IndexedRandom;
+use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use sqlx::PgPool;
 
@@ -406,4 +406,100 @@ async fn delays_and_dropped_connections_on_every_link_converge_within_5s_of_heal
 
     heal_and_converge(&cluster).await;
     each_change_arrived_once(&pools, &base).await;
+}
+
+/// How many tombstones `region` holds for tenant `id`.
+async fn tombstones_of(pool: &PgPool, id: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM replication_tombstones
+          WHERE table_name = 'tenants' AND key = convert_to($1, 'UTF8')",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tombstone_stays_while_a_peer_may_send_an_older_write_and_goes_after() {
+    init_logging();
+    let seed = seed("a_tombstone_stays_while_a_peer_may_send_an_older_write_and_goes_after");
+    let mut rng = StdRng::seed_from_u64(seed);
+    // Tombstones may go as soon as the peers allow: only the clocks decide.
+    let cluster = ClusterSandbox::start_replicated_with_proxies(
+        &REGIONS,
+        "prune_interval_ms = 100\ntombstone_retention_ms = 1\n",
+        seed,
+        |_, _| {},
+    )
+    .await;
+    let pools = pools(&cluster.regions).await;
+    let mut order = [0, 1, 2];
+    order.shuffle(&mut rng);
+    let [deleter, third, cut] = order;
+    println!(
+        "{} deletes while {} is cut off",
+        REGIONS[deleter], REGIONS[cut]
+    );
+    auth::create_tenant(&pools[deleter], "doomed", TenantLimits::default())
+        .await
+        .unwrap();
+    until(PATIENCE, "the tenant everywhere", || {
+        converged(&cluster.regions)
+    })
+    .await;
+
+    cluster.links().partition(REGIONS[cut]);
+    // The cut-off region changes the tenant, then the deleter deletes it:
+    // the change is older than the delete and reaches the others later.
+    sqlx::query("UPDATE tenants SET display_name = 'late' WHERE id = 'doomed'")
+        .execute(&pools[cut])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    sqlx::query("DELETE FROM tenants WHERE id = 'doomed'")
+        .execute(&pools[deleter])
+        .await
+        .unwrap();
+    until(PATIENCE, "the delete in the third region", || async {
+        !has_tenant(&pools[third], "doomed").await
+    })
+    .await;
+    // Ten trims later the tombstone is still there: the cut-off region's
+    // clock, as last heard, is older than the delete.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in [deleter, third] {
+        assert_eq!(
+            tombstones_of(&pools[i], "doomed").await,
+            1,
+            "{} trimmed a tombstone a silent peer may still need",
+            REGIONS[i]
+        );
+    }
+
+    cluster.links().heal();
+    until(PATIENCE, "equal digests after healing", || {
+        converged(&cluster.regions)
+    })
+    .await;
+    for (pool, region) in pools.iter().zip(REGIONS) {
+        assert!(
+            !has_tenant(pool, "doomed").await,
+            "the older change brought the tenant back in {region}"
+        );
+    }
+    // Every clock is past the delete now: the tombstone goes everywhere.
+    until(PATIENCE, "the tombstone trimmed everywhere", || async {
+        for pool in &pools {
+            if tombstones_of(pool, "doomed").await != 0 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    until(PATIENCE, "equal digests after trimming", || {
+        converged(&cluster.regions)
+    })
+    .await;
 }

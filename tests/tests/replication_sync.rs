@@ -11,6 +11,7 @@
 
 use meridian_proto::v1::inference_client::InferenceClient;
 use meridian_proto::v1::{ChatMessage, GenerateRequest};
+use meridian_tests::replicated::{conversation, seed};
 use meridian_tests::{ClusterSandbox, RegionSandbox, TEST_MODEL, init_logging, metric};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -20,15 +21,6 @@ const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
 const CONVERSATION: &str = "x-meridian-conversation";
 const TENANT: &str = "x-meridian-tenant";
 const DURABILITY: &str = "x-meridian-durability";
-
-fn seed() -> u64 {
-    let seed = std::env::var("REPLICATION_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    println!("seed {seed} (set REPLICATION_SEED to replay)");
-    seed
-}
 
 fn turn(content: &str) -> Value {
     json!({ "model": TEST_MODEL, "max_tokens": 6,
@@ -51,30 +43,6 @@ async fn chat(url: &str, headers: &[(&str, &str)], body: &Value) -> (u16, Option
     (status, durability, res.json().await.expect("a JSON body"))
 }
 
-/// The stored contents of conversation `id` in the region at `url`, or
-/// `None` when the region has none of it.
-async fn stored(url: &str, tenant: &str, id: &str) -> Option<Vec<String>> {
-    let res = reqwest::Client::new()
-        .get(format!("{url}/v1/conversations/{id}"))
-        .header(TENANT, tenant)
-        .send()
-        .await
-        .expect("the region answers");
-    if res.status().as_u16() == 404 {
-        return None;
-    }
-    assert_eq!(res.status().as_u16(), 200);
-    let body: Value = res.json().await.expect("JSON");
-    Some(
-        body["messages"]
-            .as_array()
-            .expect("messages")
-            .iter()
-            .map(|m| m["content"].as_str().unwrap().to_string())
-            .collect(),
-    )
-}
-
 fn answer(body: &Value) -> String {
     body["choices"][0]["message"]["content"]
         .as_str()
@@ -85,7 +53,7 @@ fn answer(body: &Value) -> String {
 #[tokio::test]
 async fn acknowledged_sync_turns_survive_the_kill_of_their_region() {
     init_logging();
-    let seed = seed();
+    let seed = seed("REPLICATION_SEED");
     let mut rng = StdRng::seed_from_u64(seed);
     // A generous timeout: this test is about what an acknowledgement
     // means, not about how fast one comes on a loaded machine.
@@ -136,7 +104,7 @@ async fn acknowledged_sync_turns_survive_the_kill_of_their_region() {
         let id = format!("sync-{c}");
         let mut found = Vec::new();
         for s in &survivors {
-            found.push(stored(s, "default", &id).await);
+            found.push(conversation(s, "default", &id).await);
         }
         assert!(
             found.iter().any(|f| f.as_ref() == Some(expected)),
@@ -170,7 +138,7 @@ async fn with_every_peer_down_sync_times_out_and_async_is_served() {
     let acme = vec!["acme asks".to_string(), answer(&body)];
     let mut in_a_peer = false;
     for r in &cluster.regions[1..] {
-        in_a_peer |= stored(&r.url(), "acme", "t-acme").await.as_ref() == Some(&acme);
+        in_a_peer |= conversation(&r.url(), "acme", "t-acme").await.as_ref() == Some(&acme);
     }
     assert!(in_a_peer, "no peer had acme's acknowledged sync turn");
     let (status, durability, body) = chat(
@@ -209,7 +177,7 @@ async fn with_every_peer_down_sync_times_out_and_async_is_served() {
             && message.contains("may still replicate"),
         "{message}"
     );
-    let here = stored(&url, "default", "t-down")
+    let here = conversation(&url, "default", "t-down")
         .await
         .expect("stored here");
     assert_eq!(here[0], "nobody confirms this");
@@ -286,7 +254,7 @@ async fn a_region_without_peers_refuses_sync() {
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("replication.peers"), "{message}");
     // Refused before anything was stored.
-    assert_eq!(stored(&region.url(), "default", "c").await, None);
+    assert_eq!(conversation(&region.url(), "default", "c").await, None);
     let (status, _, body) = chat(
         &region.url(),
         &[(TENANT, "default"), (DURABILITY, "maybe")],

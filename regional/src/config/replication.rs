@@ -35,6 +35,12 @@ pub struct ReplicationConfig {
     /// How often the log is trimmed of changes every peer acknowledged, in
     /// milliseconds.
     pub prune_interval_ms: u64,
+    /// How long a delete's tombstone is kept at least, in milliseconds. It
+    /// goes after that once every peer is known to have nothing older left
+    /// to send (each peer's clock, as its Pull reports it, is past the
+    /// delete). Keep it above the longest a region may lag and still catch
+    /// up from logs rather than a snapshot.
+    pub tombstone_retention_ms: u64,
     /// Most changes the log keeps for a peer that does not acknowledge them:
     /// past this, older changes are trimmed anyway and that peer needs a
     /// snapshot (its Pull fails with REPLICATION_LOG_TRUNCATED).
@@ -58,6 +64,14 @@ pub struct ReplicationConfig {
     /// reaching a peer waits before running its own jobs, since that peer
     /// may have adopted them. In milliseconds; 0 turns job failover off.
     pub adopt_after_ms: u64,
+    /// A peer that has not answered for this long has its changes relayed:
+    /// this region asks its other peers for the rows that peer wrote which
+    /// reached them and not this region, so that the survivors of a lost
+    /// region hold the same data (and the adopter every lost job). In
+    /// milliseconds; 0 turns relaying off. Unset: half of `adopt_after_ms`
+    /// but at most 5 s, or 5 s when job failover is off. Must be below
+    /// `adopt_after_ms`.
+    pub relay_after_ms: Option<u64>,
 }
 
 /// One peer region.
@@ -81,11 +95,13 @@ impl Default for ReplicationConfig {
             heartbeat_interval_ms: 1_000,
             ack_interval_ms: 500,
             prune_interval_ms: 10_000,
+            tombstone_retention_ms: 7 * 24 * 3_600_000,
             max_retained_changes: 1_000_000,
             sync_tenants: Vec::new(),
             sync_timeout_ms: 2_000,
             bootstrap_from: None,
             adopt_after_ms: 30_000,
+            relay_after_ms: None,
         }
     }
 }
@@ -121,6 +137,7 @@ impl ReplicationConfig {
             ("heartbeat_interval_ms", self.heartbeat_interval_ms),
             ("prune_interval_ms", self.prune_interval_ms),
             ("max_retained_changes", self.max_retained_changes),
+            ("tombstone_retention_ms", self.tombstone_retention_ms),
             ("sync_timeout_ms", self.sync_timeout_ms),
         ] {
             if value == 0 {
@@ -140,6 +157,16 @@ impl ReplicationConfig {
                 "`replication.bootstrap_from` names {from:?}, which is not one of `replication.peers`"
             ));
         }
+        if let (Some(relay), true) = (self.relay_after_ms, self.adopt_after_ms > 0)
+            && relay > 0
+            && relay >= self.adopt_after_ms
+        {
+            return Err(format!(
+                "`replication.relay_after_ms` ({relay}) must be below `adopt_after_ms` ({}): \
+                 the adopter needs the lost region's jobs relayed first",
+                self.adopt_after_ms
+            ));
+        }
         if self.reconnect_backoff_ms > self.reconnect_backoff_max_ms {
             return Err(
                 "`replication.reconnect_backoff_ms` must not exceed `reconnect_backoff_max_ms`"
@@ -152,6 +179,16 @@ impl ReplicationConfig {
     /// `None` when job failover is off.
     pub(crate) fn adopt_after(&self) -> Option<Duration> {
         (self.adopt_after_ms > 0).then(|| Duration::from_millis(self.adopt_after_ms))
+    }
+
+    /// `None` when relaying is off.
+    pub(crate) fn relay_after(&self) -> Option<Duration> {
+        const MOST: u64 = 5_000;
+        let ms = self.relay_after_ms.unwrap_or(match self.adopt_after_ms {
+            0 => MOST,
+            adopt => (adopt / 2).min(MOST),
+        });
+        (ms > 0).then(|| Duration::from_millis(ms))
     }
 
     pub(crate) fn max_clock_drift(&self) -> Duration {

@@ -110,6 +110,31 @@ fn replication_peers_are_checked() {
     assert_eq!(c.replication.peers[0].region, "us-east");
 }
 
+#[test]
+fn relaying_starts_before_adoption() {
+    let with = |keys: &str| format!("{MINIMAL}\n[replication]\n{keys}\n");
+    let e = err(&with("adopt_after_ms = 2000\nrelay_after_ms = 2000"));
+    assert!(
+        e.contains("`replication.relay_after_ms` (2000) must be below `adopt_after_ms` (2000)"),
+        "{e}"
+    );
+    let relay = |keys: &str| {
+        Config::from_toml(&with(keys), "t")
+            .unwrap()
+            .replication
+            .relay_after()
+    };
+    let ms = |n| Some(std::time::Duration::from_millis(n));
+    assert_eq!(relay(""), ms(5_000));
+    assert_eq!(relay("adopt_after_ms = 1500"), ms(750));
+    assert_eq!(relay("adopt_after_ms = 0"), ms(5_000));
+    assert_eq!(relay("relay_after_ms = 0"), None);
+    assert_eq!(
+        relay("adopt_after_ms = 0\nrelay_after_ms = 60000"),
+        ms(60_000)
+    );
+}
+
 /// Points the example's `/etc/meridian/...` files at empty files in a fresh
 /// temporary directory: validation checks that certificate files exist.
 fn with_local_files(text: &str, dir: &std::path::Path) -> String {

@@ -75,12 +75,17 @@ pub async fn apply_batch(
         watermark: u64::try_from(watermark).unwrap_or(0),
         ..Applied::default()
     };
+    // The newest clock of the changes received now: the origin's clock grows
+    // with its sequence, so every change of it at or below this is here
+    // (which the relay of a lost origin starts from, see `relay.rs`).
+    let mut received_hlc = 0;
     for c in changes {
         if c.sequence <= out.watermark {
             out.skipped += 1;
             continue;
         }
         out.watermark = c.sequence;
+        received_hlc = received_hlc.max(c.hlc);
         if c.origin_region == local_region {
             out.skipped += 1;
             continue;
@@ -106,13 +111,15 @@ pub async fn apply_batch(
         "UPDATE replication_peers
             SET applied_sequence = $2, applied_at = now(),
                 applied_changes = applied_changes + $3,
-                superseded_changes = superseded_changes + $4
+                superseded_changes = superseded_changes + $4,
+                applied_hlc = GREATEST(applied_hlc, $5)
           WHERE peer = $1",
     )
     .bind(peer)
     .bind(i64::try_from(out.watermark).unwrap_or(i64::MAX))
     .bind(i64::try_from(out.applied).unwrap_or(i64::MAX))
     .bind(i64::try_from(out.superseded).unwrap_or(i64::MAX))
+    .bind(i64::try_from(received_hlc).unwrap_or(i64::MAX))
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;

@@ -27,13 +27,19 @@ type Row = (
     chrono::DateTime<chrono::Utc>,
 );
 
-/// Up to `limit` changes after `after`, and the log's high watermark. Fails
-/// with [`Error::LogTruncated`] when changes after `after` were trimmed.
-pub(crate) async fn read(
-    pool: &PgPool,
-    after: u64,
-    limit: u32,
-) -> Result<(Vec<Change>, u64), Error> {
+/// What a read of the log found.
+pub(crate) struct Read {
+    pub changes: Vec<Change>,
+    /// The log's high watermark.
+    pub high: u64,
+    /// This region's clock as of `high` (see `ChangeBatch.clock`).
+    pub clock: u64,
+}
+
+/// Up to `limit` changes after `after`, the log's high watermark and the
+/// clock. Fails with [`Error::LogTruncated`] when changes after `after`
+/// were trimmed.
+pub(crate) async fn read(pool: &PgPool, after: u64, limit: u32) -> Result<Read, Error> {
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT sequence, table_name, key, op, payload, hlc, origin_region, committed_at
            FROM replication_outbox WHERE sequence > $1 ORDER BY sequence LIMIT $2",
@@ -44,7 +50,7 @@ pub(crate) async fn read(
     .await?;
     // Read after the rows: a trim that committed before the rows were read
     // is seen here, so a gap it left is never served as if it were none.
-    let (pruned, high) = bounds(pool).await?;
+    let (pruned, high, clock) = bounds_and_clock(pool).await?;
     if after < pruned {
         return Err(Error::LogTruncated {
             from: after,
@@ -74,13 +80,27 @@ pub(crate) async fn read(
             .into(),
         })
         .collect();
-    Ok((changes, high))
+    Ok(Read {
+        changes,
+        high,
+        clock,
+    })
 }
 
 /// (trimmed through, high watermark) of the log.
 pub(crate) async fn bounds(pool: &PgPool) -> Result<(u64, u64), Error> {
-    let (pruned, max): (i64, Option<i64>) = sqlx::query_as(
-        "SELECT pruned_through, (SELECT max(sequence) FROM replication_outbox)
+    let (pruned, high, _) = bounds_and_clock(pool).await?;
+    Ok((pruned, high))
+}
+
+/// (trimmed through, high watermark, clock), from one statement's snapshot.
+/// The clock is the last committed tick: a writer holds the clock row until
+/// it commits, so every change stamped at or below it has committed, and
+/// is in the same snapshot's high watermark.
+async fn bounds_and_clock(pool: &PgPool) -> Result<(u64, u64, u64), Error> {
+    let (pruned, max, clock): (i64, Option<i64>, Option<i64>) = sqlx::query_as(
+        "SELECT pruned_through, (SELECT max(sequence) FROM replication_outbox),
+                (SELECT hlc FROM region_identity)
            FROM replication_log",
     )
     .fetch_one(pool)
@@ -89,6 +109,7 @@ pub(crate) async fn bounds(pool: &PgPool) -> Result<(u64, u64), Error> {
     Ok((
         pruned,
         max.map_or(pruned, |m| u64::try_from(m).unwrap_or(0).max(pruned)),
+        clock.map_or(0, |c| u64::try_from(c).unwrap_or(0)),
     ))
 }
 
@@ -156,7 +177,8 @@ pub(crate) async fn listen(pool: PgPool, commits: watch::Sender<u64>, shutdown: 
 
 /// Trims the log every `prune_interval_ms`: through the lowest sequence every
 /// configured peer acknowledged, and never keeping more than
-/// `max_retained_changes` (a peer left behind then needs a snapshot).
+/// `max_retained_changes` (a peer left behind then needs a snapshot); and
+/// the tombstones no peer can still need.
 pub(crate) async fn prune_periodically(
     pool: PgPool,
     config: ReplicationConfig,
@@ -174,7 +196,47 @@ pub(crate) async fn prune_periodically(
             Ok(n) => metrics.pruned.inc_by(n),
             Err(e) => tracing::warn!(error = %e, "cannot trim the replication log"),
         }
+        match trim_tombstones(&pool, &config).await {
+            Ok(n) => metrics.trimmed_tombstones.inc_by(n),
+            Err(e) => tracing::warn!(error = %e, "cannot trim tombstones"),
+        }
     }
+}
+
+/// Trims tombstones older than `tombstone_retention_ms` whose clock every
+/// configured peer's clock has passed: no change older than the delete can
+/// still come from any of them, directly or relayed, so the tombstone has
+/// nothing left to refuse. A peer never heard from holds every tombstone.
+/// Returns how many went.
+pub(crate) async fn trim_tombstones(
+    pool: &PgPool,
+    config: &ReplicationConfig,
+) -> Result<u64, Error> {
+    let peers: Vec<String> = config.peers.iter().map(|p| p.region.clone()).collect();
+    let seen: Vec<(String, i64)> =
+        sqlx::query_as("SELECT peer, applied_hlc FROM replication_peers WHERE peer = ANY($1)")
+            .bind(&peers)
+            .fetch_all(pool)
+            .await?;
+    let horizon = peers
+        .iter()
+        .map(|p| seen.iter().find(|(s, _)| s == p).map_or(0, |(_, h)| *h))
+        .min()
+        .unwrap_or(i64::MAX);
+    if horizon == 0 {
+        return Ok(0);
+    }
+    let retention = i64::try_from(config.tombstone_retention_ms).unwrap_or(i64::MAX);
+    let gone = sqlx::query(
+        "DELETE FROM replication_tombstones
+          WHERE hlc < $1 AND deleted_at < now() - make_interval(secs => $2::float8 / 1000)",
+    )
+    .bind(horizon)
+    .bind(retention as f64)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(gone)
 }
 
 /// One trim; returns how many changes went.

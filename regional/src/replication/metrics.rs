@@ -2,8 +2,8 @@
 //! `/metrics` beside the others.
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub(crate) struct Metrics {
@@ -18,16 +18,26 @@ pub(crate) struct Metrics {
     pub applied: IntCounterVec,
     /// Changes from each peer that lost to a newer version here.
     pub superseded: IntCounterVec,
+    /// Per applied batch, how long its oldest change took from its commit
+    /// in the peer to its apply here: the measured replication lag.
+    pub apply_delay: HistogramVec,
     /// Batches refused because a change's clock was too far ahead.
     pub drift_refusals: IntCounterVec,
     /// Pull streams that failed or could not start, by peer.
     pub stream_failures: IntCounterVec,
     /// Changes trimmed from this region's log.
     pub pruned: IntCounter,
+    /// Tombstones trimmed once no peer could still send an older write.
+    pub trimmed_tombstones: IntCounter,
     /// Snapshots taken from each peer, by result.
     pub snapshots: IntCounterVec,
     /// Rows and tombstones received in snapshots from each peer.
     pub snapshot_changes: IntCounterVec,
+    /// Relays of a lost origin's changes asked of another peer, by result.
+    pub relays: IntCounterVec,
+    /// A lost origin's changes written here from a relay, by origin and the
+    /// peer that relayed them.
+    pub relayed: IntCounterVec,
     /// Times a peer's log was found restarted (wiped, or restored from an
     /// older backup) and followed again from its start.
     pub log_restarts: IntCounterVec,
@@ -88,6 +98,19 @@ impl Metrics {
             "meridian_replication_superseded_changes_total",
             "Changes from the peer that lost to a newer version here.",
         );
+        let apply_delay = HistogramVec::new(
+            HistogramOpts::new(
+                "meridian_replication_apply_delay_seconds",
+                "Per applied batch, the time its oldest change took from its commit in the peer to its apply here.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0,
+            ]),
+            peer,
+        )
+        .expect("valid metric");
+        reg(Box::new(apply_delay.clone()));
         let drift_refusals = counter(
             "meridian_replication_clock_drift_refusals_total",
             "Batches refused because a change's clock was too far ahead.",
@@ -113,12 +136,36 @@ impl Metrics {
             "meridian_replication_log_restarts_total",
             "Times the peer's log was found restarted and followed again from its start.",
         );
+        let relays = IntCounterVec::new(
+            Opts::new(
+                "meridian_replication_relays_total",
+                "Relays of a lost origin's changes asked of another peer, by result (applied, failed).",
+            ),
+            &["origin", "via", "result"],
+        )
+        .expect("valid metric");
+        reg(Box::new(relays.clone()));
+        let relayed = IntCounterVec::new(
+            Opts::new(
+                "meridian_replication_relayed_changes_total",
+                "A lost origin's changes written here from a relay by another peer.",
+            ),
+            &["origin", "via"],
+        )
+        .expect("valid metric");
+        reg(Box::new(relayed.clone()));
         let pruned = IntCounter::new(
             "meridian_replication_pruned_changes_total",
             "Changes trimmed from this region's log.",
         )
         .expect("valid metric");
         reg(Box::new(pruned.clone()));
+        let trimmed_tombstones = IntCounter::new(
+            "meridian_replication_trimmed_tombstones_total",
+            "Tombstones trimmed once every peer's clock had passed their delete.",
+        )
+        .expect("valid metric");
+        reg(Box::new(trimmed_tombstones.clone()));
         let sync_wait_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "meridian_replication_sync_wait_seconds",
@@ -143,11 +190,15 @@ impl Metrics {
             connected,
             applied,
             superseded,
+            apply_delay,
             drift_refusals,
             stream_failures,
             pruned,
+            trimmed_tombstones,
             snapshots,
             snapshot_changes,
+            relays,
+            relayed,
             log_restarts,
             sync_wait_seconds,
             sync_timeouts,

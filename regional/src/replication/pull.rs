@@ -129,6 +129,8 @@ async fn session(
         ack_interval,
     ));
     let _acker = AbortOnDrop(acker);
+    let heartbeat = Duration::from_millis(r.config.heartbeat_interval_ms);
+    let (mut clock_stored, mut clock_stored_at) = (0, None);
     loop {
         let batch = tokio::select! {
             m = stream.message() => m.map_err(|s| Error::Replication(format!("stream from {name}: {s}")))?,
@@ -185,17 +187,22 @@ async fn session(
                 .with_label_values(&[name])
                 .inc_by(out.superseded);
             newest = batch.changes.last().and_then(|c| c.committed_at);
+            if out.applied + out.superseded > 0
+                && let Some(age) = batch
+                    .changes
+                    .first()
+                    .and_then(|c| c.committed_at)
+                    .and_then(|at| age(&at))
+            {
+                r.metrics
+                    .apply_delay
+                    .with_label_values(&[name])
+                    .observe(age.as_secs_f64());
+            }
         }
         let lag = batch.high_watermark.saturating_sub(applied);
         let lag_s = match newest {
-            Some(at) if lag > 0 => {
-                let at = std::time::UNIX_EPOCH
-                    + Duration::new(
-                        u64::try_from(at.seconds).unwrap_or(0),
-                        u32::try_from(at.nanos).unwrap_or(0),
-                    );
-                at.elapsed().map_or(0.0, |d| d.as_secs_f64())
-            }
+            Some(at) if lag > 0 => age(&at).map_or(0.0, |d| d.as_secs_f64()),
             _ if lag > 0 => r.metrics.lag_seconds.with_label_values(&[name]).get(),
             _ => 0.0,
         };
@@ -203,6 +210,18 @@ async fn session(
         state.applied.store(applied, Ordering::Relaxed);
         if applied >= batch.high_watermark && !state.caught_up.swap(true, Ordering::Relaxed) {
             r.caught_up.notify_waiters();
+        }
+        // Caught up with the batch's snapshot of the log: every change of
+        // the peer up to its clock is here. Stored at most once per
+        // heartbeat interval; it bounds relays and tombstone trimming, which
+        // need no fresher figure.
+        if applied >= batch.high_watermark
+            && batch.clock > clock_stored
+            && clock_stored_at.is_none_or(|at: Instant| at.elapsed() >= heartbeat)
+        {
+            note_clock(&r.pool, name, batch.clock).await?;
+            clock_stored = batch.clock;
+            clock_stored_at = Some(Instant::now());
         }
         state.lag_ms.store(
             (lag_s * 1000.0).min(f64::from(u32::MAX)) as u32,
@@ -223,6 +242,16 @@ async fn session(
             newer
         });
     }
+}
+
+/// How long ago `at` was by this host's clock; `None` if it is ahead.
+fn age(at: &prost_types::Timestamp) -> Option<Duration> {
+    let at = std::time::UNIX_EPOCH
+        + Duration::new(
+            u64::try_from(at.seconds).unwrap_or(0),
+            u32::try_from(at.nanos).unwrap_or(0),
+        );
+    at.elapsed().ok()
 }
 
 /// Sends `peer` an Ack of each newly applied sequence as it is published
@@ -281,6 +310,18 @@ async fn watermark(pool: &sqlx::PgPool, peer: &str) -> Result<(u64, String), Err
     Ok(row.map_or((0, String::new()), |(s, i)| {
         (u64::try_from(s).unwrap_or(0), i)
     }))
+}
+
+/// Records that every change of `peer` up to `clock` is applied here.
+async fn note_clock(pool: &sqlx::PgPool, peer: &str, clock: u64) -> Result<(), Error> {
+    sqlx::query(
+        "UPDATE replication_peers SET applied_hlc = GREATEST(applied_hlc, $2) WHERE peer = $1",
+    )
+    .bind(peer)
+    .bind(i64::try_from(clock).unwrap_or(i64::MAX))
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 fn is_truncated(status: &tonic::Status) -> bool {

@@ -59,8 +59,16 @@ impl ReplicationApi for Service {
             0 => r.config.batch_size,
             n => n.min(r.config.batch_size),
         };
-        tracing::info!(peer = %req.peer_region, "replication snapshot requested");
-        Ok(Response::new(snapshot::serve(r.pool.clone(), limit)))
+        let scope = snapshot::Scope::of(&req);
+        match &scope {
+            snapshot::Scope::Whole => {
+                tracing::info!(peer = %req.peer_region, "replication snapshot requested");
+            }
+            snapshot::Scope::Relay { origin, .. } => {
+                tracing::info!(peer = %req.peer_region, origin = %origin, "replication relay requested");
+            }
+        }
+        Ok(Response::new(snapshot::serve(r.pool.clone(), limit, scope)))
     }
 
     async fn pull(
@@ -83,18 +91,19 @@ impl ReplicationApi for Service {
         tracing::info!(peer = %req.peer_region, from = req.from_sequence, "replication pull started");
         let heartbeat = Duration::from_millis(r.config.heartbeat_interval_ms);
         let stream = async_stream::try_stream! {
-            let (mut changes, mut high) = first;
+            let mut read = first;
             let mut cursor = req.from_sequence;
             loop {
-                let full = changes.len() >= limit as usize;
-                if let Some(last) = changes.last() {
+                let full = read.changes.len() >= limit as usize;
+                if let Some(last) = read.changes.last() {
                     cursor = last.sequence;
                 }
                 // An empty batch is the heartbeat: it carries the watermark.
                 yield ChangeBatch {
-                    changes,
-                    high_watermark: high,
+                    changes: read.changes,
+                    high_watermark: read.high,
                     log_incarnation: incarnation.clone(),
+                    clock: read.clock,
                 };
                 if !full {
                     tokio::select! {
@@ -107,7 +116,7 @@ impl ReplicationApi for Service {
                     break;
                 }
                 commits.borrow_and_update();
-                (changes, high) = log::read(&r.pool, cursor, limit).await?;
+                read = log::read(&r.pool, cursor, limit).await?;
             }
         };
         Ok(Response::new(Box::pin(stream)))

@@ -25,9 +25,36 @@ use super::{Replication, apply, tables};
 use crate::config::PeerConfig;
 use crate::error::Error;
 
+/// What a `Replication.Snapshot` call asks for.
+#[derive(Debug, Clone)]
+pub(super) enum Scope {
+    /// Every row and tombstone, then the log positions they hold.
+    Whole,
+    /// A relay: the rows and tombstones `origin` wrote last with a clock
+    /// above `after_hlc`, and no positions.
+    Relay { origin: String, after_hlc: i64 },
+}
+
+impl Scope {
+    pub(super) fn of(request: &SnapshotRequest) -> Self {
+        if request.origin_region.is_empty() {
+            Self::Whole
+        } else {
+            Self::Relay {
+                origin: request.origin_region.clone(),
+                after_hlc: i64::try_from(request.after_hlc).unwrap_or(i64::MAX),
+            }
+        }
+    }
+}
+
 /// The stream `Replication.Snapshot` answers with: rows in chunks of
-/// `limit`, then the positions in the last chunk.
-pub(super) fn serve(pool: PgPool, limit: u32) -> BoxStream<'static, Result<SnapshotChunk, Status>> {
+/// `limit`, then the positions (for a whole snapshot) in the last chunk.
+pub(super) fn serve(
+    pool: PgPool,
+    limit: u32,
+    scope: Scope,
+) -> BoxStream<'static, Result<SnapshotChunk, Status>> {
     let limit = limit.max(1) as usize;
     Box::pin(async_stream::try_stream! {
         let mut tx = pool.begin().await.map_err(Error::from)?;
@@ -42,11 +69,17 @@ pub(super) fn serve(pool: PgPool, limit: u32) -> BoxStream<'static, Result<Snaps
             .map_err(Error::from)?;
         let mut changes = Vec::with_capacity(limit);
         for table in tables::TABLES {
-            let sql = table.snapshot_sql();
-            let mut rows = sqlx::query_as::<_, (String, serde_json::Value, i64, String)>(
+            let sql = match &scope {
+                Scope::Whole => table.snapshot_sql(),
+                Scope::Relay { .. } => table.relay_sql(),
+            };
+            let mut query = sqlx::query_as::<_, (String, serde_json::Value, i64, String)>(
                 sqlx::AssertSqlSafe(sql),
-            )
-            .fetch(&mut *tx);
+            );
+            if let Scope::Relay { origin, after_hlc } = &scope {
+                query = query.bind(origin.clone()).bind(*after_hlc);
+            }
+            let mut rows = query.fetch(&mut *tx);
             while let Some((key, payload, hlc, origin)) = rows.try_next().await.map_err(Error::from)? {
                 changes.push(row_change(table.name, key.into_bytes(), Some(payload), hlc, origin));
                 if changes.len() >= limit {
@@ -54,10 +87,19 @@ pub(super) fn serve(pool: PgPool, limit: u32) -> BoxStream<'static, Result<Snaps
                 }
             }
         }
-        let mut rows = sqlx::query_as::<_, (String, Vec<u8>, i64, String)>(
-            "SELECT table_name, key, hlc, origin_region::text FROM replication_tombstones",
-        )
-        .fetch(&mut *tx);
+        let mut query = sqlx::query_as::<_, (String, Vec<u8>, i64, String)>(match &scope {
+            Scope::Whole => {
+                "SELECT table_name, key, hlc, origin_region::text FROM replication_tombstones"
+            }
+            Scope::Relay { .. } => {
+                "SELECT table_name, key, hlc, origin_region::text FROM replication_tombstones
+                  WHERE origin_region = $1 AND hlc > $2"
+            }
+        });
+        if let Scope::Relay { origin, after_hlc } = &scope {
+            query = query.bind(origin.clone()).bind(*after_hlc);
+        }
+        let mut rows = query.fetch(&mut *tx);
         while let Some((table, key, hlc, origin)) = rows.try_next().await.map_err(Error::from)? {
             changes.push(row_change(&table, key, None, hlc, origin));
             if changes.len() >= limit {
@@ -65,7 +107,10 @@ pub(super) fn serve(pool: PgPool, limit: u32) -> BoxStream<'static, Result<Snaps
             }
         }
         drop(rows);
-        let positions = positions(&mut tx).await?;
+        let positions = match scope {
+            Scope::Whole => positions(&mut tx).await?,
+            Scope::Relay { .. } => Vec::new(),
+        };
         tx.commit().await.map_err(Error::from)?;
         yield SnapshotChunk { changes, positions, complete: true };
     })
@@ -136,14 +181,14 @@ pub(super) async fn take(
     why: &str,
 ) -> Result<(), Error> {
     tracing::warn!(peer, why, "taking a replication snapshot");
-    let result = fetch_and_apply(r, peer, channel).await;
+    let result = receive(r, peer, channel, Scope::Whole).await;
     let label = match &result {
-        Ok(n) => {
-            tracing::info!(peer, changes = n, "replication snapshot applied");
+        Ok(got) => {
+            tracing::info!(peer, changes = got.rows, "replication snapshot applied");
             r.metrics
                 .snapshot_changes
                 .with_label_values(&[peer])
-                .inc_by(*n);
+                .inc_by(got.rows);
             "applied"
         }
         Err(e) => {
@@ -155,14 +200,38 @@ pub(super) async fn take(
     result.map(|_| ())
 }
 
-/// Streams the snapshot into one transaction, committed only once the last
-/// chunk arrived; returns how many rows and tombstones it held.
-async fn fetch_and_apply(r: &Replication, peer: &str, channel: Channel) -> Result<u64, Error> {
+/// What a snapshot or relay brought.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Received {
+    /// Rows and tombstones received.
+    pub rows: u64,
+    /// Of those, the ones newer than what was here, so written.
+    pub written: u64,
+    /// The highest clock among them; 0 for none.
+    pub max_hlc: u64,
+}
+
+/// Streams a snapshot (or relay) from `peer` into one transaction,
+/// committed only once the last chunk arrived.
+pub(super) async fn receive(
+    r: &Replication,
+    peer: &str,
+    channel: Channel,
+    scope: Scope,
+) -> Result<Received, Error> {
     let failed = |s: Status| Error::Replication(format!("snapshot from {peer}: {s}"));
     let mut client = ReplicationClient::new(channel);
+    let (origin_region, after_hlc) = match &scope {
+        Scope::Whole => (String::new(), 0),
+        Scope::Relay { origin, after_hlc } => {
+            (origin.clone(), u64::try_from(*after_hlc).unwrap_or(0))
+        }
+    };
     let call = client.snapshot(SnapshotRequest {
         peer_region: r.region.clone(),
         max_chunk: r.config.batch_size,
+        origin_region,
+        after_hlc,
     });
     let mut stream = tokio::select! {
         s = call => s.map_err(failed)?.into_inner(),
@@ -179,7 +248,7 @@ async fn fetch_and_apply(r: &Replication, peer: &str, channel: Channel) -> Resul
         .execute(&mut *tx)
         .await?;
     let max_drift = r.config.max_clock_drift();
-    let (mut count, mut max_hlc) = (0u64, 0u64);
+    let mut got = Received::default();
     let positions = loop {
         let chunk = tokio::select! {
             m = stream.message() => m.map_err(failed)?,
@@ -194,22 +263,29 @@ async fn fetch_and_apply(r: &Replication, peer: &str, channel: Channel) -> Resul
         for c in &chunk.changes {
             check_drift(Hlc::from_u64(c.hlc), now, max_drift)
                 .map_err(|e| Error::ClockDrift(format!("snapshot row from {peer}: {e}")))?;
-            max_hlc = max_hlc.max(c.hlc);
+            got.max_hlc = got.max_hlc.max(c.hlc);
             // Rows of this region's own origin too: a wiped region gets its
             // own writes back from its peers this way.
-            apply::apply_one(&mut tx, c).await?;
-            count += 1;
+            if apply::apply_one(&mut tx, c).await? {
+                got.written += 1;
+            }
+            got.rows += 1;
         }
         if chunk.complete {
             break chunk.positions;
         }
     };
+    if got.rows == 0 && matches!(scope, Scope::Relay { .. }) {
+        // Nothing to write: a relay that found nothing new is the usual case.
+        tx.rollback().await?;
+        return Ok(got);
+    }
     // Our clock passes every row received, so a later local write wins.
     sqlx::query(
         "UPDATE region_identity SET hlc = GREATEST(hlc + 1, $1 + 1,
              (floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint) << 16)",
     )
-    .bind(i64::try_from(max_hlc).unwrap_or(i64::MAX))
+    .bind(i64::try_from(got.max_hlc).unwrap_or(i64::MAX))
     .execute(&mut *tx)
     .await?;
     for p in positions.iter().filter(|p| p.origin_region != r.region) {
@@ -238,7 +314,7 @@ async fn fetch_and_apply(r: &Replication, peer: &str, channel: Channel) -> Resul
         .await?;
     }
     tx.commit().await?;
-    Ok(count)
+    Ok(got)
 }
 
 /// Whether this region's database holds nothing replicated and has applied

@@ -237,6 +237,15 @@ impl Table {
             b64 = b64.join(", "),
         )
     }
+
+    /// The rows of a relay: as `snapshot_sql`, only those last written by
+    /// origin `$1` with a clock above `$2`.
+    pub(crate) fn relay_sql(&self) -> String {
+        format!(
+            "{} WHERE t.origin_region = $1 AND t.hlc > $2",
+            self.snapshot_sql()
+        )
+    }
 }
 
 /// The tombstones' digest, over the same shape.
