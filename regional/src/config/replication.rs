@@ -58,6 +58,11 @@ pub struct ReplicationConfig {
     /// reaching a peer waits before running its own jobs, since that peer
     /// may have adopted them. In milliseconds; 0 turns job failover off.
     pub adopt_after_ms: u64,
+    /// The peers this region's telemetry readings replicate to, each one of
+    /// `peers`; empty (the default): readings stay in this region. Readings
+    /// are logged in chunks in the ingest's own transaction, which then
+    /// takes the replication clock: ingest inserts run one at a time.
+    pub telemetry_peers: Vec<String>,
 }
 
 /// One peer region.
@@ -86,6 +91,7 @@ impl Default for ReplicationConfig {
             sync_timeout_ms: 2_000,
             bootstrap_from: None,
             adopt_after_ms: 30_000,
+            telemetry_peers: Vec::new(),
         }
     }
 }
@@ -140,6 +146,13 @@ impl ReplicationConfig {
                 "`replication.bootstrap_from` names {from:?}, which is not one of `replication.peers`"
             ));
         }
+        for (i, t) in self.telemetry_peers.iter().enumerate() {
+            if !self.peers.iter().any(|p| &p.region == t) {
+                return Err(format!(
+                    "`replication.telemetry_peers[{i}]` names {t:?}, which is not one of `replication.peers`"
+                ));
+            }
+        }
         if self.reconnect_backoff_ms > self.reconnect_backoff_max_ms {
             return Err(
                 "`replication.reconnect_backoff_ms` must not exceed `reconnect_backoff_max_ms`"
@@ -152,6 +165,11 @@ impl ReplicationConfig {
     /// `None` when job failover is off.
     pub(crate) fn adopt_after(&self) -> Option<Duration> {
         (self.adopt_after_ms > 0).then(|| Duration::from_millis(self.adopt_after_ms))
+    }
+
+    /// Whether `peer` receives this region's telemetry readings.
+    pub(crate) fn sends_readings_to(&self, peer: &str) -> bool {
+        self.telemetry_peers.iter().any(|p| p == peer)
     }
 
     pub(crate) fn max_clock_drift(&self) -> Duration {
