@@ -79,9 +79,15 @@ impl RegionalNode {
 
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let telemetry =
-            crate::telemetry::start(&pool, &config.region, &config.telemetry, &shutdown, &tasks)
-                .await?;
+        let telemetry = crate::telemetry::start(
+            &pool,
+            &config.region,
+            &config.telemetry,
+            !config.replication.telemetry_peers.is_empty(),
+            &shutdown,
+            &tasks,
+        )
+        .await?;
         let embedder = match embedder {
             Some(load) => {
                 Some(Arc::new(load.await.map_err(|e| {

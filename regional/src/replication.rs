@@ -10,6 +10,7 @@ mod hlc;
 mod log;
 mod metrics;
 mod pull;
+mod readings;
 mod relay;
 mod serve;
 mod snapshot;
@@ -30,8 +31,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, Endpoint};
 
-pub use self::apply::{Applied, apply_batch};
+pub use self::apply::{Applied, apply_batch, apply_batch_through};
 pub use self::hlc::{ClockDrift, Hlc, check_drift};
+pub(crate) use self::readings::{READINGS_PER_CHANGE, notify_commit, tick};
 pub(crate) use self::serve::service;
 pub(crate) use self::sync::{DURABILITY_HEADER, Durability};
 

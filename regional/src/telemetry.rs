@@ -30,11 +30,14 @@ pub(crate) struct Telemetry {
 
 /// Sets the schema up, runs maintenance once (so partitions exist for now
 /// before anything is written, even after the node was down for days), and
-/// starts the writers and the periodic maintenance on `tasks`.
+/// starts the writers and the periodic maintenance on `tasks`. With
+/// `replicate_readings`, every insert also logs its readings for the peers
+/// in `replication.telemetry_peers`.
 pub(crate) async fn start(
     pool: &PgPool,
     region: &str,
     config: &TelemetryConfig,
+    replicate_readings: bool,
     shutdown: &CancellationToken,
     tasks: &TaskTracker,
 ) -> Result<Telemetry, Error> {
@@ -51,7 +54,13 @@ pub(crate) async fn start(
         mode,
         config: config.clone(),
         limits: Limits::new(config),
-        writer: ReadingWriter::start(pool.clone(), config, shutdown.clone(), tasks),
+        writer: ReadingWriter::start(
+            pool.clone(),
+            config,
+            replicate_readings,
+            shutdown.clone(),
+            tasks,
+        ),
         usage: UsageRecorder::start(
             pool.clone(),
             region,

@@ -5,13 +5,17 @@
 //! readings sent per protocol, `TELEMETRY_BENCH_QUERY_ROWS` (default
 //! 10,000,000) the rows the query reads; those are generated in the database
 //! with `generate_series`, not sent.
+//!
+//! The gRPC ingest is measured again in a region whose readings replicate to
+//! a peer (`[replication] telemetry_peers`), against the single region above
+//! in the same run; `TELEMETRY_BENCH_REPLICATED=0` leaves that out.
 
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use meridian_proto::v1::telemetry_client::TelemetryClient;
 use meridian_proto::v1::{IngestRequest, QueryRequest, Reading};
-use meridian_tests::RegionSandbox;
+use meridian_tests::{ClusterSandbox, RegionSandbox};
 
 const BATCH: usize = 5_000;
 const CLIENTS: usize = 4;
@@ -142,6 +146,10 @@ async fn main() {
         "ingest HTTP JSON:   {http:>9.0} rows/s  ({ingest_rows} rows, {CLIENTS} clients, {BATCH} per request)"
     );
 
+    if env("TELEMETRY_BENCH_REPLICATED", 1) == 1 {
+        replicated_ingest(ingest_rows, grpc).await;
+    }
+
     // One device, `query_rows` readings evenly over the last 28 days.
     let pool = sqlx::PgPool::connect(&region.postgres.url())
         .await
@@ -199,5 +207,54 @@ async fn main() {
         "query 1-day buckets, all aggregates, over {query_rows} rows: median {:.0} ms, best {:.0} ms (5 runs)",
         times[2].as_secs_f64() * 1e3,
         times[0].as_secs_f64() * 1e3
+    );
+}
+
+/// gRPC ingest in us-east, whose readings replicate to eu-west, against
+/// `baseline` (rows/s of the same ingest in a region without replication),
+/// and how long after the last commit eu-west held every reading.
+async fn replicated_ingest(rows: usize, baseline: f64) {
+    let cluster = ClusterSandbox::start_replicated_each(
+        &["us-east", "eu-west"],
+        // The same buffer as the single region's; a table after the
+        // `[replication]` keys, which end the config.
+        |name| {
+            let peers = if name == "us-east" {
+                "telemetry_peers = [\"eu-west\"]\n"
+            } else {
+                ""
+            };
+            format!("{peers}[telemetry]\nwrite_buffer_readings = 200000\n")
+        },
+        |_, _| {},
+    )
+    .await;
+    let url = cluster.regions[0].url();
+    let replicated = grpc_ingest(&url, rows).await;
+    let committed = Instant::now();
+    println!(
+        "ingest gRPC stream, replicated to 1 peer: {replicated:>9.0} rows/s  ({:.2} x the single region)",
+        replicated / baseline
+    );
+    let peer = sqlx::PgPool::connect(&cluster.regions[1].postgres.url())
+        .await
+        .expect("postgres");
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry_readings")
+            .fetch_one(&peer)
+            .await
+            .expect("count");
+        if n as usize >= rows {
+            break;
+        }
+        assert!(
+            committed.elapsed() < Duration::from_secs(600),
+            "the peer has {n} of {rows} readings after 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "  peer held all {rows} readings {:.1} s after the last ingest commit",
+        committed.elapsed().as_secs_f64()
     );
 }

@@ -360,8 +360,19 @@ impl ClusterSandbox {
         replication_extra: &str,
         adjust: impl FnOnce(&[RegionSandbox], &mut GatewayConfig),
     ) -> Self {
+        Self::start_replicated_each(names, |_| replication_extra.to_string(), adjust).await
+    }
+
+    /// Like [`ClusterSandbox::start_replicated`], with `replication_extra(name)`
+    /// added to each region's `[replication]` (keys that differ by region,
+    /// e.g. `telemetry_peers`).
+    pub async fn start_replicated_each(
+        names: &[&str],
+        replication_extra: impl Fn(&str) -> String,
+        adjust: impl FnOnce(&[RegionSandbox], &mut GatewayConfig),
+    ) -> Self {
         let mut cluster = Self::start_configured(names, |_| String::new(), adjust).await;
-        cluster.restart_with_peers(replication_extra).await;
+        cluster.restart_with_peers(&replication_extra).await;
         cluster
     }
 
@@ -394,13 +405,15 @@ impl ClusterSandbox {
             }
         }
         cluster.links = Links(links);
-        cluster.restart_with_peers(replication_extra).await;
+        cluster
+            .restart_with_peers(&|_| replication_extra.to_string())
+            .await;
         cluster
     }
 
     /// Restarts every node with `[replication]` naming the others as peers,
     /// through their proxies when the cluster has some.
-    async fn restart_with_peers(&mut self, replication_extra: &str) {
+    async fn restart_with_peers(&mut self, replication_extra: &dyn Fn(&str) -> String) {
         let addrs: Vec<(String, SocketAddr)> = self
             .regions
             .iter()
@@ -421,9 +434,10 @@ impl ClusterSandbox {
             let extra = format!(
                 "{}[replication]\npeers = [{}]\nheartbeat_interval_ms = 200\n\
                  ack_interval_ms = 100\nreconnect_backoff_ms = 50\n\
-                 reconnect_backoff_max_ms = 500\n{replication_extra}",
+                 reconnect_backoff_max_ms = 500\n{}",
                 region.extra_config,
                 peers.join(", "),
+                replication_extra(&region.name),
             );
             region.stop_node().await;
             region.rewrite_config(&extra);

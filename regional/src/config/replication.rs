@@ -72,6 +72,11 @@ pub struct ReplicationConfig {
     /// but at most 5 s, or 5 s when job failover is off. Must be below
     /// `adopt_after_ms`.
     pub relay_after_ms: Option<u64>,
+    /// The peers this region's telemetry readings replicate to, each one of
+    /// `peers`; empty (the default): readings stay in this region. Readings
+    /// are logged in chunks in the ingest's own transaction, which then
+    /// takes the replication clock: ingest inserts run one at a time.
+    pub telemetry_peers: Vec<String>,
 }
 
 /// One peer region.
@@ -102,6 +107,7 @@ impl Default for ReplicationConfig {
             bootstrap_from: None,
             adopt_after_ms: 30_000,
             relay_after_ms: None,
+            telemetry_peers: Vec::new(),
         }
     }
 }
@@ -167,6 +173,13 @@ impl ReplicationConfig {
                 self.adopt_after_ms
             ));
         }
+        for (i, t) in self.telemetry_peers.iter().enumerate() {
+            if !self.peers.iter().any(|p| &p.region == t) {
+                return Err(format!(
+                    "`replication.telemetry_peers[{i}]` names {t:?}, which is not one of `replication.peers`"
+                ));
+            }
+        }
         if self.reconnect_backoff_ms > self.reconnect_backoff_max_ms {
             return Err(
                 "`replication.reconnect_backoff_ms` must not exceed `reconnect_backoff_max_ms`"
@@ -189,6 +202,11 @@ impl ReplicationConfig {
             adopt => (adopt / 2).min(MOST),
         });
         (ms > 0).then(|| Duration::from_millis(ms))
+    }
+
+    /// Whether `peer` receives this region's telemetry readings.
+    pub(crate) fn sends_readings_to(&self, peer: &str) -> bool {
+        self.telemetry_peers.iter().any(|p| p == peer)
     }
 
     pub(crate) fn max_clock_drift(&self) -> Duration {

@@ -108,6 +108,25 @@ fn replication_peers_are_checked() {
     );
     let c = Config::from_toml(&ok, "t").unwrap();
     assert_eq!(c.replication.peers[0].region, "us-east");
+    assert!(c.replication.telemetry_peers.is_empty());
+}
+
+#[test]
+fn telemetry_peers_must_be_peers() {
+    let config = |t: &str| {
+        format!(
+            "{MINIMAL}\n[replication]\npeers = [{{ region = \"us-east\", address = \"a:1\" }}]\ntelemetry_peers = [{t}]\n"
+        )
+    };
+    let e = err(&config(r#""us-east", "ap-south""#));
+    assert!(
+        e.contains("`replication.telemetry_peers[1]` names \"ap-south\", which is not one of `replication.peers`"),
+        "{e}"
+    );
+    let c = Config::from_toml(&config(r#""us-east""#), "t").unwrap();
+    assert_eq!(c.replication.telemetry_peers, ["us-east"]);
+    assert!(c.replication.sends_readings_to("us-east"));
+    assert!(!c.replication.sends_readings_to("ap-south"));
 }
 
 #[test]

@@ -15,7 +15,8 @@ use crate::error::Error;
 /// What applying a batch did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Applied {
-    /// Changes written (an upsert or delete that was newer than the row here).
+    /// Changes written (an upsert or delete that was newer than the row here,
+    /// or an append: its rows are merged, whichever of them were here).
     pub applied: u64,
     /// Changes that lost to a row (or tombstone) with a higher
     /// (hlc, origin_region): received, nothing to write.
@@ -32,7 +33,7 @@ pub struct Applied {
 /// new watermark in the same transaction. Applying a batch again is a no-op.
 ///
 /// Public so that tests and tools can replay batches; the node's pullers
-/// call it for every batch they receive.
+/// call [`apply_batch_through`] for every batch they receive.
 pub async fn apply_batch(
     pool: &PgPool,
     local_region: &str,
@@ -40,6 +41,24 @@ pub async fn apply_batch(
     changes: &[Change],
     max_drift: Duration,
 ) -> Result<Applied, Error> {
+    apply_batch_through(pool, local_region, peer, changes, 0, max_drift).await
+}
+
+/// [`apply_batch`], with the watermark moved to at least `through` (the
+/// batch's `through_sequence`: the peer sent every change up to it that
+/// this region is to receive), in the same transaction. With no changes,
+/// only moves the watermark.
+pub async fn apply_batch_through(
+    pool: &PgPool,
+    local_region: &str,
+    peer: &str,
+    changes: &[Change],
+    through: u64,
+    max_drift: Duration,
+) -> Result<Applied, Error> {
+    if changes.is_empty() {
+        return advance(pool, peer, through).await;
+    }
     // Before anything is written: a refused clock must hold the watermark
     // back, so the batch is fetched again once the clocks agree.
     let now = now_ms();
@@ -96,6 +115,9 @@ pub async fn apply_batch(
             out.superseded += 1;
         }
     }
+    // Past the changes left out for this region; never backwards (a batch
+    // replayed below the watermark leaves it as it is).
+    out.watermark = out.watermark.max(through);
     if out.applied + out.superseded > 0 {
         // Receive event: our clock moves past everything just applied, so
         // a later local write to the same row wins over it.
@@ -126,11 +148,40 @@ pub async fn apply_batch(
     Ok(out)
 }
 
+/// Moves `peer`'s watermark to `through` when that is ahead: nothing of the
+/// peer's log up to it is for this region. No clock lock: no row is written
+/// but the watermark, whose row lock orders this against a concurrent apply.
+async fn advance(pool: &PgPool, peer: &str, through: u64) -> Result<Applied, Error> {
+    let watermark: i64 = sqlx::query_scalar(
+        "INSERT INTO replication_peers AS p (peer, applied_sequence, applied_at)
+         VALUES ($1, $2, now())
+         ON CONFLICT (peer) DO UPDATE
+             SET applied_sequence = GREATEST(p.applied_sequence, EXCLUDED.applied_sequence),
+                 applied_at = CASE WHEN EXCLUDED.applied_sequence > p.applied_sequence
+                                   THEN now() ELSE p.applied_at END
+         RETURNING applied_sequence",
+    )
+    .bind(peer)
+    .bind(i64::try_from(through).unwrap_or(i64::MAX))
+    .fetch_one(pool)
+    .await?;
+    Ok(Applied {
+        watermark: u64::try_from(watermark).unwrap_or(0),
+        ..Applied::default()
+    })
+}
+
 /// Applies one change; false when a newer version is here already.
 pub(super) async fn apply_one(
     tx: &mut Transaction<'_, Postgres>,
     c: &Change,
 ) -> Result<bool, Error> {
+    if c.op == ChangeOp::Append as i32 {
+        // Append-only rows have no clock and no tombstones: merging them
+        // always succeeds, so the change counts as applied.
+        super::readings::apply(tx, c).await?;
+        return Ok(true);
+    }
     let invalid = |m: &str| Error::Replication(format!("change {} ({}): {m}", c.sequence, c.table));
     let (table, sql) = tables::find(&c.table).ok_or_else(|| invalid("not a replicated table"))?;
     let hlc = i64::try_from(c.hlc).map_err(|_| invalid("hlc out of range"))?;
@@ -211,6 +262,6 @@ pub(super) async fn apply_one(
             .await?;
             Ok(true)
         }
-        _ => Err(invalid("op must be upsert or delete")),
+        _ => Err(invalid("op must be upsert, delete or append")),
     }
 }

@@ -25,27 +25,67 @@ type Row = (
     i64,
     String,
     chrono::DateTime<chrono::Utc>,
+    i64,
 );
 
-/// What a read of the log found.
+/// 'append' changes (up to [`super::READINGS_PER_CHANGE`] readings each)
+/// in one batch at most, whatever the batch size: a Pull message and the
+/// applier's transaction (which holds the peer's clock) stay a few MB.
+const MAX_APPENDS_PER_BATCH: i64 = 8;
+
+/// What one read of the log found for a caller.
+#[derive(Debug)]
 pub(crate) struct Read {
+    /// The changes for the caller, in sequence order.
     pub changes: Vec<Change>,
+    /// Every change up to here the caller is to receive is in `changes` (or
+    /// was before `after`): the caller's next position.
+    pub through: u64,
     /// The log's high watermark.
     pub high: u64,
     /// This region's clock as of `high` (see `ChangeBatch.clock`).
     pub clock: u64,
+    /// Whether more changes for the caller may follow right away (the batch
+    /// was cut short by its limits).
+    pub full: bool,
 }
 
-/// Up to `limit` changes after `after`, the log's high watermark and the
-/// clock. Fails with [`Error::LogTruncated`] when changes after `after`
+/// Up to `limit` changes after `after` (telemetry readings only when the
+/// caller is to receive them), how far that reaches, and the log's high
+/// watermark. Fails with [`Error::LogTruncated`] when changes after `after`
 /// were trimmed.
-pub(crate) async fn read(pool: &PgPool, after: u64, limit: u32) -> Result<Read, Error> {
+pub(crate) async fn read(
+    pool: &PgPool,
+    after: u64,
+    limit: u32,
+    with_readings: bool,
+) -> Result<Read, Error> {
+    // Read first: sequences commit in order (the clock's lock), so every
+    // change up to `top` has committed and the page below sees all of them;
+    // `through` may then pass the ones left out without skipping a change
+    // that commits later.
+    let top: Option<i64> = sqlx::query_scalar("SELECT max(sequence) FROM replication_outbox")
+        .fetch_one(pool)
+        .await?;
+    let after_i = i64::try_from(after).unwrap_or(i64::MAX);
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT sequence, table_name, key, op, payload, hlc, origin_region, committed_at
-           FROM replication_outbox WHERE sequence > $1 ORDER BY sequence LIMIT $2",
+        "SELECT sequence, table_name, key, op, payload, hlc, origin_region, committed_at, page_rows
+           FROM (SELECT *, sum((op = 'append')::int) OVER (ORDER BY sequence) AS appends,
+                        count(*) OVER () AS page_rows
+                   FROM (SELECT sequence, table_name, key, op, payload, hlc, origin_region,
+                                committed_at
+                           FROM replication_outbox
+                          WHERE sequence > $1 AND sequence <= $2
+                            AND ($3 OR table_name <> 'telemetry_readings')
+                          ORDER BY sequence LIMIT $4) page) counted
+          WHERE appends <= $5
+          ORDER BY sequence",
     )
-    .bind(i64::try_from(after).unwrap_or(i64::MAX))
+    .bind(after_i)
+    .bind(top.unwrap_or(after_i))
+    .bind(with_readings)
     .bind(i64::from(limit))
+    .bind(MAX_APPENDS_PER_BATCH)
     .fetch_all(pool)
     .await?;
     // Read after the rows: a trim that committed before the rows were read
@@ -57,33 +97,45 @@ pub(crate) async fn read(pool: &PgPool, after: u64, limit: u32) -> Result<Read, 
             pruned_through: pruned,
         });
     }
+    let page = rows
+        .first()
+        .map_or(0, |r| usize::try_from(r.8).unwrap_or(0));
+    let full = page >= limit as usize || rows.len() < page;
+    let through = match rows.last() {
+        Some(last) if full => u64::try_from(last.0).unwrap_or(0),
+        _ => after.max(top.map_or(0, |t| u64::try_from(t).unwrap_or(0))),
+    };
     let changes = rows
         .into_iter()
-        .map(|(seq, table, key, op, payload, hlc, origin, at)| Change {
-            sequence: u64::try_from(seq).unwrap_or(0),
-            table,
-            key,
-            payload: payload
-                .map(|p| p.to_string().into_bytes())
-                .unwrap_or_default(),
-            hlc: u64::try_from(hlc).unwrap_or(0),
-            origin_region: origin,
-            committed_at: Some(prost_types::Timestamp {
-                seconds: at.timestamp(),
-                nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0),
-            }),
-            op: if op == "delete" {
-                ChangeOp::Delete
-            } else {
-                ChangeOp::Upsert
-            }
-            .into(),
-        })
+        .map(
+            |(seq, table, key, op, payload, hlc, origin, at, _)| Change {
+                sequence: u64::try_from(seq).unwrap_or(0),
+                table,
+                key,
+                payload: payload
+                    .map(|p| p.to_string().into_bytes())
+                    .unwrap_or_default(),
+                hlc: u64::try_from(hlc).unwrap_or(0),
+                origin_region: origin,
+                committed_at: Some(prost_types::Timestamp {
+                    seconds: at.timestamp(),
+                    nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0),
+                }),
+                op: match op.as_str() {
+                    "delete" => ChangeOp::Delete,
+                    "append" => ChangeOp::Append,
+                    _ => ChangeOp::Upsert,
+                }
+                .into(),
+            },
+        )
         .collect();
     Ok(Read {
         changes,
+        through,
         high,
         clock,
+        full,
     })
 }
 

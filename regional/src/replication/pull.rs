@@ -47,6 +47,9 @@ impl PeerState {
     }
 }
 
+/// Largest Pull message accepted from a peer.
+const MAX_BATCH_BYTES: usize = 64 << 20;
+
 /// Follows `peer` until shutdown.
 pub(crate) async fn follow(
     r: Arc<Replication>,
@@ -97,7 +100,11 @@ async fn session(
     let name = peer.region.as_str();
     let (mut applied, mut incarnation) = watermark(&r.pool, name).await?;
     state.applied.store(applied, Ordering::Relaxed);
-    let mut client = ReplicationClient::new(channel.clone());
+    // Batches of telemetry readings outgrow tonic's 4 MiB default (the
+    // serving side bounds a batch to a few chunks of readings, whose labels
+    // are the unbounded part).
+    let mut client =
+        ReplicationClient::new(channel.clone()).max_decoding_message_size(MAX_BATCH_BYTES);
     let pull = client.pull(PullRequest {
         peer_region: r.region.clone(),
         from_sequence: applied,
@@ -163,12 +170,16 @@ async fn session(
             incarnation = batch.log_incarnation.clone();
         }
         let mut newest = None;
-        if !batch.changes.is_empty() {
-            let out = apply::apply_batch(
+        // A batch with no changes may still move past changes the peer
+        // leaves out for this region (another region's readings); that only
+        // needs the watermark written, and only when it moves.
+        if !batch.changes.is_empty() || batch.through_sequence > applied {
+            let out = apply::apply_batch_through(
                 &r.pool,
                 &r.region,
                 name,
                 &batch.changes,
+                batch.through_sequence,
                 r.config.max_clock_drift(),
             )
             .await

@@ -84,26 +84,27 @@ impl ReplicationApi for Service {
         };
         // Subscribed before the first read, so no commit falls between.
         let mut commits = r.commits.subscribe();
+        // Readings go to the peers named for them only; the others are moved
+        // past them by `through_sequence`.
+        let with_readings = r.config.sends_readings_to(&req.peer_region);
         // The first read answers the call itself, so a truncated log fails
         // the RPC with its status rather than a stream that ends at once.
-        let first = log::read(&r.pool, req.from_sequence, limit).await?;
+        let first = log::read(&r.pool, req.from_sequence, limit, with_readings).await?;
         let incarnation = snapshot::incarnation(&r.pool).await?;
-        tracing::info!(peer = %req.peer_region, from = req.from_sequence, "replication pull started");
+        tracing::info!(peer = %req.peer_region, from = req.from_sequence, with_readings, "replication pull started");
         let heartbeat = Duration::from_millis(r.config.heartbeat_interval_ms);
         let stream = async_stream::try_stream! {
             let mut read = first;
-            let mut cursor = req.from_sequence;
             loop {
-                let full = read.changes.len() >= limit as usize;
-                if let Some(last) = read.changes.last() {
-                    cursor = last.sequence;
-                }
-                // An empty batch is the heartbeat: it carries the watermark.
+                let log::Read { changes, through, high, clock, full } = read;
+                // An empty batch is the heartbeat: it carries the watermark,
+                // and the position past changes left out for this caller.
                 yield ChangeBatch {
-                    changes: read.changes,
-                    high_watermark: read.high,
+                    changes,
+                    high_watermark: high,
                     log_incarnation: incarnation.clone(),
-                    clock: read.clock,
+                    through_sequence: through,
+                    clock,
                 };
                 if !full {
                     tokio::select! {
@@ -116,7 +117,7 @@ impl ReplicationApi for Service {
                     break;
                 }
                 commits.borrow_and_update();
-                read = log::read(&r.pool, cursor, limit).await?;
+                read = log::read(&r.pool, through, limit, with_readings).await?;
             }
         };
         Ok(Response::new(Box::pin(stream)))

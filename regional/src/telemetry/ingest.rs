@@ -6,6 +6,10 @@
 //! first (`ON CONFLICT DO NOTHING`): a client retrying a batch after a lost
 //! answer changes nothing, and duplicates inside one insert are harmless,
 //! where `DO UPDATE` would fail the whole insert on them.
+//!
+//! When readings replicate (`replication.telemetry_peers`), each insert also
+//! logs the rows it actually inserted, in chunks, as 'append' changes of the
+//! replication log in its own transaction (`0011_replication_append.sql`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -157,16 +161,18 @@ impl Commit {
 
 impl ReadingWriter {
     /// Starts the collector on `tasks`; it flushes what is queued and stops
-    /// when `shutdown` is cancelled.
+    /// when `shutdown` is cancelled. With `replicate`, inserts log what they
+    /// insert for replication.
     pub(crate) fn start(
         pool: PgPool,
         config: &TelemetryConfig,
+        replicate: bool,
         shutdown: CancellationToken,
         tasks: &TaskTracker,
     ) -> Self {
         let capacity = config.write_buffer_readings as usize;
         let (queue, rx) = mpsc::channel(capacity);
-        tasks.spawn(collect(pool, rx, shutdown, tasks.clone()));
+        tasks.spawn(collect(pool, replicate, rx, shutdown, tasks.clone()));
         Self {
             queue,
             room: Arc::new(Semaphore::new(capacity)),
@@ -210,6 +216,7 @@ impl ReadingWriter {
 
 async fn collect(
     pool: PgPool,
+    replicate: bool,
     mut rx: mpsc::Receiver<Pending>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -243,7 +250,7 @@ async fn collect(
         };
         let pool = pool.clone();
         tasks.spawn(async move {
-            let result = insert(&pool, &batch).await.map_err(|e| {
+            let result = insert(&pool, &batch, replicate).await.map_err(|e| {
                 tracing::warn!(error = %e, rows, "telemetry insert failed");
                 e.to_string()
             });
@@ -261,8 +268,30 @@ const INSERT_READINGS: &str = "
                          $5::float8[], $6::jsonb[])
     ON CONFLICT (tenant, device_id, metric, ts) DO NOTHING";
 
-/// Writes every reading of `batch` in one statement.
-async fn insert(pool: &PgPool, batch: &[Pending]) -> Result<(), sqlx::Error> {
+/// The insert above, and the rows it inserted (not the duplicates it left
+/// out: peers have those already, or will from where they were first
+/// written) logged as 'append' changes of at most `$7` rows each, stamped
+/// `$8`/`$9`. One statement: the rows never travel back to the node.
+/// Chunks keep a change (and the Pull batch carrying it) a bounded size; the
+/// applier inserts one change's rows in one statement.
+const INSERT_AND_LOG_READINGS: &str = "
+    WITH inserted AS (
+        INSERT INTO telemetry_readings (tenant, device_id, metric, ts, value, labels)
+        SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[],
+                             $5::float8[], $6::jsonb[])
+        ON CONFLICT (tenant, device_id, metric, ts) DO NOTHING
+        RETURNING tenant, device_id, metric, ts, value, labels
+    ), chunked AS (
+        SELECT (row_number() OVER () - 1) / $7 AS chunk, to_jsonb(inserted) AS reading
+          FROM inserted
+    )
+    INSERT INTO replication_outbox (table_name, key, op, payload, hlc, origin_region)
+    SELECT 'telemetry_readings', ''::bytea, 'append', jsonb_agg(reading), $8, $9
+      FROM chunked GROUP BY chunk ORDER BY chunk";
+
+/// Writes every reading of `batch` in one statement; with `replicate`, logs
+/// them in the same transaction.
+async fn insert(pool: &PgPool, batch: &[Pending], replicate: bool) -> Result<(), Error> {
     let mut rows: Vec<(&str, &Reading)> = batch
         .iter()
         .flat_map(|p| p.readings.iter().map(|r| (p.tenant.as_str(), r)))
@@ -270,6 +299,7 @@ async fn insert(pool: &PgPool, batch: &[Pending]) -> Result<(), sqlx::Error> {
     // Concurrent inserts take row locks in key order, so two of them that
     // share keys wait for each other instead of deadlocking. The sort is
     // stable: of duplicates in one insert, the one that arrived first wins.
+    // (The replication applier inserts in the same order.)
     rows.sort_by(|a, b| {
         (a.0, &a.1.device_id, &a.1.metric, a.1.ts).cmp(&(b.0, &b.1.device_id, &b.1.metric, b.1.ts))
     });
@@ -288,15 +318,42 @@ async fn insert(pool: &PgPool, batch: &[Pending]) -> Result<(), sqlx::Error> {
         values.push(r.value);
         labels.push(Json(&r.labels));
     }
-    sqlx::query(INSERT_READINGS)
+    if !replicate {
+        sqlx::query(INSERT_READINGS)
+            .bind(tenants)
+            .bind(devices)
+            .bind(metrics)
+            .bind(times)
+            .bind(values)
+            .bind(labels)
+            .execute(pool)
+            .await?;
+        return Ok(());
+    }
+    let mut tx = pool.begin().await?;
+    // The clock before any reading, the order every replicated write and
+    // every apply keeps (0005_replication.sql): the other order deadlocks
+    // against a peer's readings being applied to the same keys. Its lock,
+    // held to commit, also makes this insert's log sequences commit in
+    // order, and serialises replicated inserts with each other.
+    let hlc = crate::replication::tick(&mut tx).await?;
+    let logged = sqlx::query(INSERT_AND_LOG_READINGS)
         .bind(tenants)
         .bind(devices)
         .bind(metrics)
         .bind(times)
         .bind(values)
         .bind(labels)
-        .execute(pool)
-        .await?;
+        .bind(crate::replication::READINGS_PER_CHANGE)
+        .bind(hlc.hlc)
+        .bind(&hlc.region)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if logged > 0 {
+        crate::replication::notify_commit(&mut tx).await?;
+    }
+    tx.commit().await?;
     Ok(())
 }
 
