@@ -77,7 +77,6 @@ async fn a_region_behind_trimmed_logs_rebuilds_from_a_snapshot_and_follows_again
         converged(&cluster.regions)
     })
     .await;
-    let before = snapshots_applied(&cluster.regions[2]).await;
     cluster.regions[2].stop_node().await;
     // While ap-south is away: writes in both others, and a delete, which
     // only a tombstone in the snapshot can bring over.
@@ -118,8 +117,10 @@ async fn a_region_behind_trimmed_logs_rebuilds_from_a_snapshot_and_follows_again
         converged(&cluster.regions)
     })
     .await;
+    // Counted by the restarted node alone (metrics live in the process), and
+    // its database was not empty: a snapshot here is the truncated log's.
     assert!(
-        snapshots_applied(&cluster.regions[2]).await > before,
+        snapshots_applied(&cluster.regions[2]).await > 0.0,
         "ap-south caught up through a snapshot"
     );
     assert!(
