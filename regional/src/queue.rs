@@ -77,6 +77,14 @@ pub(crate) struct Submission {
     pub idempotency_key: Option<String>,
 }
 
+/// What a submission stored.
+pub(crate) struct Submitted {
+    pub job: Job,
+    /// The job's insert in this region's replication log; `None` for an
+    /// idempotent replay, which stored nothing.
+    pub logged_as: Option<u64>,
+}
+
 /// One change of a job, as Watch reports it.
 pub(crate) struct JobEvent {
     pub job: Job,
@@ -113,7 +121,7 @@ impl Queue {
         &self,
         tenant: &Tenant,
         submission: Submission,
-    ) -> Result<(Job, bool), Error> {
+    ) -> Result<Submitted, Error> {
         let model = KeyValue::new("meridian.model", submission.request.model.clone());
         trace::set_attributes(&trace::Context::current(), [model.clone()]);
         let cx = trace::child_span(
@@ -132,11 +140,11 @@ impl Queue {
             .with_context(cx.clone())
             .await;
         match &result {
-            Ok((job, created)) => trace::set_attributes(
+            Ok(done) => trace::set_attributes(
                 &cx,
                 [
-                    KeyValue::new("meridian.job.id", job.id.to_string()),
-                    KeyValue::new("meridian.job.created", *created),
+                    KeyValue::new("meridian.job.id", done.job.id.to_string()),
+                    KeyValue::new("meridian.job.created", done.logged_as.is_some()),
                 ],
             ),
             Err(e) => trace::set_error(&cx, e.to_string()),
@@ -150,7 +158,7 @@ impl Queue {
         tenant: &Tenant,
         submission: Submission,
         traceparent: Option<&str>,
-    ) -> Result<(Job, bool), Error> {
+    ) -> Result<Submitted, Error> {
         let Submission {
             request,
             priority,
@@ -185,7 +193,10 @@ impl Queue {
             if existing.request != request || existing.priority != priority {
                 return Err(Error::IdempotencyKeyReused(key));
             }
-            return Ok((existing, false));
+            return Ok(Submitted {
+                job: existing,
+                logged_as: None,
+            });
         };
         // The trigger counted the new job under row locks held until commit,
         // so concurrent submitters see each other and a limit holds exactly.
@@ -203,6 +214,13 @@ impl Queue {
                 retry_after,
             });
         }
+        // The insert's trigger drew from the log's sequence in this session:
+        // a synchronous submitter waits until a peer applied through it.
+        let logged_as: i64 = sqlx::query_scalar(
+            "SELECT currval(pg_get_serial_sequence('replication_outbox', 'sequence'))",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
         tx.commit().await?;
         self.metrics.submitted.inc();
         // Committed means accepted: if Redis fails now, the sweeper enqueues
@@ -211,7 +229,10 @@ impl Queue {
             tracing::warn!(job = %job.id, error = %e, "enqueue failed; the sweeper will retry");
         }
         self.wake.notify_one();
-        Ok((job, true))
+        Ok(Submitted {
+            job,
+            logged_as: u64::try_from(logged_as).ok(),
+        })
     }
 
     pub(crate) async fn get(&self, tenant: &Tenant, id: &str) -> Result<Job, Error> {

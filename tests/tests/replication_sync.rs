@@ -43,6 +43,31 @@ async fn chat(url: &str, headers: &[(&str, &str)], body: &Value) -> (u16, Option
     (status, durability, res.json().await.expect("a JSON body"))
 }
 
+/// Submits a job of `tenant` to the region at `url`: status, the
+/// `x-meridian-durability` answered, and the body.
+async fn submit_job(
+    url: &str,
+    tenant: &str,
+    headers: &[(&str, &str)],
+    content: &str,
+) -> (u16, Option<String>, Value) {
+    let mut req = reqwest::Client::new()
+        .post(format!("{url}/v1/jobs"))
+        .header(TENANT, tenant)
+        .json(&json!({ "model": TEST_MODEL, "max_tokens": 4,
+                       "messages": [{ "role": "user", "content": content }] }));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let res = req.send().await.expect("the submission is answered");
+    let status = res.status().as_u16();
+    let durability = res
+        .headers()
+        .get(DURABILITY)
+        .map(|v| v.to_str().unwrap().to_string());
+    (status, durability, res.json().await.expect("a JSON body"))
+}
+
 fn answer(body: &Value) -> String {
     body["choices"][0]["message"]["content"]
         .as_str()
@@ -83,6 +108,21 @@ async fn acknowledged_sync_turns_survive_the_kill_of_their_region() {
         history[c].push(answer(&body));
     }
 
+    // Jobs too: a 202 for a synchronous submission means a peer has it.
+    let mut jobs = Vec::new();
+    for n in 0..rng.random_range(1..=3) {
+        let (status, durability, body) = submit_job(
+            &url,
+            "default",
+            &[(DURABILITY, "sync")],
+            &format!("job {n} ({seed})"),
+        )
+        .await;
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(durability.as_deref(), Some("sync"));
+        jobs.push(body["id"].as_str().expect("a job id").to_string());
+    }
+
     // Killed right after the last acknowledgement: node and database.
     let dead = cluster.region(home);
     dead.kill_node();
@@ -109,6 +149,23 @@ async fn acknowledged_sync_turns_survive_the_kill_of_their_region() {
         assert!(
             found.iter().any(|f| f.as_ref() == Some(expected)),
             "{id}: acknowledged {expected:?}, survivors have {found:?}"
+        );
+    }
+    let http = reqwest::Client::new();
+    for id in &jobs {
+        let mut statuses = Vec::new();
+        for s in &survivors {
+            let res = http
+                .get(format!("{s}/v1/jobs/{id}"))
+                .header(TENANT, "default")
+                .send()
+                .await
+                .expect("the survivor answers");
+            statuses.push(res.status().as_u16());
+        }
+        assert!(
+            statuses.contains(&200),
+            "job {id} was acknowledged as sync; survivors answered {statuses:?}"
         );
     }
 }
@@ -182,6 +239,30 @@ async fn with_every_peer_down_sync_times_out_and_async_is_served() {
         .expect("stored here");
     assert_eq!(here[0], "nobody confirms this");
     assert_eq!(sync_timeouts().await, before + 1.0);
+
+    // A synchronous job submission: the same, and the job is stored here
+    // (a retry with its idempotency key finds it rather than a second one).
+    let (status, durability, body) = submit_job(
+        &url,
+        "default",
+        &[(DURABILITY, "sync"), ("idempotency-key", "down-1")],
+        "a job nobody confirms",
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(durability.as_deref(), Some("local"));
+    let pool = sqlx::PgPool::connect(&cluster.regions[0].postgres.url())
+        .await
+        .unwrap();
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE idempotency_key = 'down-1'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, 1);
+    let (status, durability, body) = submit_job(&url, "default", &[], "an asynchronous job").await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(durability.as_deref(), Some("async"));
 
     // Sync by tenant config: the same.
     let (status, _, body) = chat(

@@ -21,6 +21,7 @@ use super::openai::{ChatCompletion, ChatCompletionBody, Choice, MessageOut, Usag
 use super::{AppState, Tenant};
 use crate::error::Error;
 use crate::queue::{Job, JobError, JobRequest, Priority, Submission};
+use crate::replication::{DURABILITY_HEADER, Durability};
 
 pub(super) use self::grpc::service as grpc;
 
@@ -105,11 +106,23 @@ async fn submit(
     body: Bytes,
 ) -> Result<Response, Error> {
     let submission = submission(&state, &headers, &body)?;
-    let (job, _created) = state.jobs.submit(&tenant, submission).await?;
+    let requested = Durability::requested(headers.get(DURABILITY_HEADER).map(|v| v.as_bytes()))?;
+    let durability = state.replication.durability(tenant.as_str(), requested)?;
+    let submitted = state.jobs.submit(&tenant, submission).await?;
+    if durability == Durability::Sync {
+        state.replication.wait_logged(submitted.logged_as).await?;
+    }
+    let job = submitted.job;
     let location = format!("/v1/jobs/{}", job.id);
     Ok((
         StatusCode::ACCEPTED,
-        [(header::LOCATION, location)],
+        [
+            (header::LOCATION, location),
+            (
+                header::HeaderName::from_static(DURABILITY_HEADER),
+                durability.header().to_string(),
+            ),
+        ],
         axum::Json(JobBody::new(&job, &state.region)),
     )
         .into_response())

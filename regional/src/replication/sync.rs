@@ -39,6 +39,14 @@ impl Durability {
         }
     }
 
+    /// The durability a request asks for in its headers (or metadata).
+    pub(crate) fn requested(value: Option<&[u8]>) -> Result<Option<Self>, Error> {
+        let Some(value) = value else { return Ok(None) };
+        let value = std::str::from_utf8(value)
+            .map_err(|_| Error::invalid(format!("`{DURABILITY_HEADER}` must be ASCII"), None))?;
+        Self::parse(value)
+    }
+
     pub(crate) fn header(self) -> &'static str {
         match self {
             Self::Async => "async",
@@ -88,6 +96,18 @@ impl Replication {
                 false
             }
         });
+    }
+
+    /// Waits until some peer has applied this region's log through
+    /// `sequence`, or, for `None` (a write that stored nothing new, such as
+    /// an idempotent replay of an earlier one), through everything logged so
+    /// far, which holds the earlier write too.
+    pub(crate) async fn wait_logged(&self, sequence: Option<u64>) -> Result<(), Error> {
+        let sequence = match sequence {
+            Some(s) => s,
+            None => super::log::bounds(&self.pool).await?.1,
+        };
+        self.wait_applied(sequence).await
     }
 
     /// Waits until some peer has applied this region's log through

@@ -12,6 +12,7 @@ use super::super::grpc::chat_request;
 use super::super::{AppState, Tenant};
 use super::check_model;
 use crate::queue::{Job, JobState, Priority, Submission};
+use crate::replication::{DURABILITY_HEADER, Durability};
 
 pub(in crate::api) fn service(state: Arc<AppState>) -> JobsServer<JobsApi> {
     JobsServer::new(JobsApi { state })
@@ -28,6 +29,12 @@ impl Jobs for JobsApi {
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let tenant = Tenant::from_metadata(request.metadata())?;
+        let requested = Durability::requested(
+            request
+                .metadata()
+                .get(DURABILITY_HEADER)
+                .map(|v| v.as_bytes()),
+        )?;
         let req = request.into_inner();
         let generate = req.request.ok_or_else(|| {
             crate::error::Error::invalid("`request` is required", Some("request"))
@@ -43,8 +50,23 @@ impl Jobs for JobsApi {
             priority,
             idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
         };
-        let (job, _created) = self.state.jobs.submit(&tenant, submission).await?;
-        Ok(Response::new(job_pb(&job, &self.state.region)))
+        let durability = self
+            .state
+            .replication
+            .durability(tenant.as_str(), requested)?;
+        let submitted = self.state.jobs.submit(&tenant, submission).await?;
+        if durability == Durability::Sync {
+            self.state
+                .replication
+                .wait_logged(submitted.logged_as)
+                .await?;
+        }
+        let mut response = Response::new(job_pb(&submitted.job, &self.state.region));
+        response.metadata_mut().insert(
+            DURABILITY_HEADER,
+            tonic::metadata::MetadataValue::from_static(durability.header()),
+        );
+        Ok(response)
     }
 
     async fn get(&self, request: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
