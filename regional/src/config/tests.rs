@@ -110,6 +110,43 @@ fn replication_peers_are_checked() {
     assert_eq!(c.replication.peers[0].region, "us-east");
 }
 
+#[test]
+fn the_job_fence_comes_before_adoption_and_after_a_heartbeat_gap() {
+    let replication = |keys: &str| format!("{MINIMAL}\n[replication]\n{keys}\n");
+    let c = Config::from_toml(&replication("adopt_after_ms = 3000"), "t").unwrap();
+    assert_eq!(
+        c.replication.fence_after(),
+        Some(std::time::Duration::from_millis(1500))
+    );
+    let c = Config::from_toml(&replication("adopt_after_ms = 0"), "t").unwrap();
+    assert_eq!(c.replication.fence_after(), None);
+    let e = err(&replication("adopt_after_ms = 3000\nfence_after_ms = 3000"));
+    assert!(
+        e.contains("must be less than `adopt_after_ms` (3000)"),
+        "{e}"
+    );
+    assert_eq!(e.lines().count(), 1, "{e}");
+    // Within adopt_after_ms, but not a heartbeat before it.
+    let e = err(&replication("adopt_after_ms = 3000\nfence_after_ms = 2500"));
+    assert!(e.contains("plus `heartbeat_interval_ms` (1000)"), "{e}");
+    let e = err(&replication(
+        "adopt_after_ms = 10000\nheartbeat_interval_ms = 3000",
+    ));
+    assert!(
+        e.contains("at least twice `heartbeat_interval_ms` (3000)"),
+        "{e}"
+    );
+    let c = Config::from_toml(
+        &replication("adopt_after_ms = 10000\nfence_after_ms = 4000"),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(
+        c.replication.fence_after(),
+        Some(std::time::Duration::from_millis(4000))
+    );
+}
+
 /// Points the example's `/etc/meridian/...` files at empty files in a fresh
 /// temporary directory: validation checks that certificate files exist.
 fn with_local_files(text: &str, dir: &std::path::Path) -> String {

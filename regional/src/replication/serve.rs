@@ -95,6 +95,9 @@ impl ReplicationApi for Service {
                     changes,
                     high_watermark: high,
                     log_incarnation: incarnation.clone(),
+                    // Current as the batch leaves, heartbeats included: the
+                    // peer's adoptions wait for this view to agree.
+                    lost_regions: r.lost_peers(),
                 };
                 if !full {
                     tokio::select! {
