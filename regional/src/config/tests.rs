@@ -113,21 +113,21 @@ fn replication_peers_are_checked() {
 #[test]
 fn the_job_fence_comes_before_adoption_and_after_a_heartbeat_gap() {
     let replication = |keys: &str| format!("{MINIMAL}\n[replication]\n{keys}\n");
-    let c = Config::from_toml(&replication("adopt_after_ms = 3000"), "t").unwrap();
+    let c = Config::from_toml(&replication("adopt_after_ms = 4000"), "t").unwrap();
     assert_eq!(
         c.replication.fence_after(),
-        Some(std::time::Duration::from_millis(1500))
+        Some(std::time::Duration::from_millis(2000))
     );
     let c = Config::from_toml(&replication("adopt_after_ms = 0"), "t").unwrap();
     assert_eq!(c.replication.fence_after(), None);
-    let e = err(&replication("adopt_after_ms = 3000\nfence_after_ms = 3000"));
+    let e = err(&replication("adopt_after_ms = 4000\nfence_after_ms = 4000"));
     assert!(
-        e.contains("must be less than `adopt_after_ms` (3000)"),
+        e.contains("must be less than `adopt_after_ms` (4000)"),
         "{e}"
     );
     assert_eq!(e.lines().count(), 1, "{e}");
     // Within adopt_after_ms, but not a heartbeat before it.
-    let e = err(&replication("adopt_after_ms = 3000\nfence_after_ms = 2500"));
+    let e = err(&replication("adopt_after_ms = 4000\nfence_after_ms = 3500"));
     assert!(e.contains("plus `heartbeat_interval_ms` (1000)"), "{e}");
     let e = err(&replication(
         "adopt_after_ms = 10000\nheartbeat_interval_ms = 3000",
