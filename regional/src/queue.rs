@@ -15,6 +15,7 @@
 //!   message is gone too) hands the job to another attempt.
 
 mod adopt;
+mod fence;
 mod metrics;
 mod store;
 mod stream;
@@ -67,6 +68,8 @@ pub(crate) struct Queue {
     changes: broadcast::Sender<Uuid>,
     /// Wakes the dispatcher when this node enqueued work.
     wake: Notify,
+    /// Up while this node hears from no peer region: it runs no jobs then.
+    fence: fence::Fence,
     pub(crate) metrics: Metrics,
 }
 
@@ -111,6 +114,7 @@ impl Queue {
             running: Mutex::new(HashMap::new()),
             changes: broadcast::channel(1024).0,
             wake: Notify::new(),
+            fence: fence::Fence::new(),
             metrics: Metrics::new(region),
         }
     }
@@ -319,6 +323,7 @@ pub(crate) fn start(state: &Arc<AppState>) {
     sweeper::spawn(state.clone());
     worker::spawn(state.clone());
     adopt::spawn(state.clone());
+    fence::spawn(state.clone());
 }
 
 /// A malformed id names no job: 404 like an unknown one.

@@ -151,13 +151,30 @@ impl Replication {
         !self.peers.is_empty()
     }
 
+    /// How long this region may hear from no peer before it fences its
+    /// jobs; `None` when job failover is off.
+    pub(crate) fn fence_after(&self) -> Option<Duration> {
+        self.config.fence_after()
+    }
+
     /// The configured peers this region has not heard from for at least
-    /// `adopt_after_ms` (none when job failover is off), sorted.
+    /// `adopt_after_ms` (none when job failover is off), sorted. Refreshes
+    /// `meridian_replication_peer_lost` on the way.
     pub(crate) fn lost_peers(&self) -> Vec<String> {
         let Some(after) = self.config.adopt_after() else {
             return Vec::new();
         };
-        let mut lost = self.silent_peers(after);
+        let mut lost = Vec::new();
+        for p in &self.peers {
+            let is_lost = p.silent_for() >= after;
+            self.metrics
+                .lost
+                .with_label_values(&[&p.region])
+                .set(i64::from(is_lost));
+            if is_lost {
+                lost.push(p.region.clone());
+            }
+        }
         lost.sort();
         lost
     }
@@ -166,8 +183,29 @@ impl Replication {
     pub(crate) fn silent_peers(&self, after: Duration) -> Vec<String> {
         self.peers
             .iter()
-            .filter(|p| p.last_seen.lock().expect("not poisoned").elapsed() >= after)
+            .filter(|p| p.silent_for() >= after)
             .map(|p| p.region.clone())
+            .collect()
+    }
+
+    /// The lost peers whose jobs may be adopted: lost here, and lost too in
+    /// the latest view of every peer still heard from here (a peer that has
+    /// sent no view yet does not agree). A region cut off from this one but
+    /// heard by another is alive, and may be running its jobs.
+    pub(crate) fn agreed_lost(&self) -> Vec<String> {
+        let lost = self.lost_peers();
+        let views: Vec<Option<Vec<String>>> = self
+            .peers
+            .iter()
+            .filter(|p| !lost.contains(&p.region))
+            .map(|p| p.lost_view.lock().expect("not poisoned").clone())
+            .collect();
+        lost.into_iter()
+            .filter(|x| {
+                views
+                    .iter()
+                    .all(|v| v.as_ref().is_some_and(|v| v.contains(x)))
+            })
             .collect()
     }
 
@@ -185,22 +223,41 @@ impl Replication {
             .collect()
     }
 
-    /// Returns once this region may run the jobs it owns: every peer has
-    /// been caught up with since start (so any adoption it made is known
-    /// here and fences those jobs off), or is lost (it cannot be running
-    /// them). At once when job failover is off.
+    /// Whether this region must fence its jobs: it has heard from none of
+    /// its peers for `fence_after`, so it may be the one cut off, and they
+    /// may adopt its jobs once `adopt_after_ms` has passed. Never with
+    /// failover off, nor with fewer than two peers: with one, its death and
+    /// this region's isolation look the same, and fencing would stop the
+    /// survivor's own jobs whenever its only peer dies.
+    pub(crate) fn isolated(&self) -> bool {
+        let Some(after) = self.config.fence_after() else {
+            return false;
+        };
+        self.peers.len() >= 2 && self.peers.iter().all(|p| p.silent_for() >= after)
+    }
+
+    /// Called when this region fences its jobs: `may_run_own_jobs` then
+    /// waits for a fresh catch-up with every peer, so adoptions made while
+    /// it was cut off are known here before it runs anything again.
+    pub(crate) fn forget_caught_up(&self) {
+        for p in &self.peers {
+            p.caught_up.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Returns once this region may run the jobs it owns. Every peer has
+    /// been caught up with since start (or since the latest fence), so any
+    /// adoption it made is known here and fences those jobs off, and its
+    /// latest view no longer reports this region lost (it would still adopt
+    /// from it otherwise); or the peer is lost and every other peer heard
+    /// agrees (it cannot be running them). At once when job failover is off.
     pub(crate) async fn may_run_own_jobs(&self) {
         if self.config.adopt_after().is_none() {
             return;
         }
         loop {
             let notified = self.caught_up.notified();
-            let lost = self.lost_peers();
-            if self
-                .peers
-                .iter()
-                .all(|p| p.caught_up.load(Ordering::Relaxed) || lost.contains(&p.region))
-            {
+            if self.own_jobs_settled() {
                 return;
             }
             tokio::select! {
@@ -208,6 +265,20 @@ impl Replication {
                 () = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
         }
+    }
+
+    fn own_jobs_settled(&self) -> bool {
+        let gone = self.agreed_lost();
+        self.peers.iter().all(|p| {
+            gone.contains(&p.region)
+                || (p.caught_up.load(Ordering::Relaxed)
+                    && !p
+                        .lost_view
+                        .lock()
+                        .expect("not poisoned")
+                        .as_ref()
+                        .is_some_and(|v| v.contains(&self.region)))
+        })
     }
 
     pub(crate) fn render_metrics(&self) -> String {

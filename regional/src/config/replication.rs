@@ -77,6 +77,18 @@ pub struct ReplicationConfig {
     /// are logged in chunks in the ingest's own transaction, which then
     /// takes the replication clock: ingest inserts run one at a time.
     pub telemetry_peers: Vec<String>,
+    /// A region that has heard from none of its peers (no batch, no
+    /// heartbeat) for this long fences itself: it stops starting its jobs
+    /// and cancels the attempts running, since its peers may be about to
+    /// adopt them. Must be less than `adopt_after_ms` minus
+    /// `heartbeat_interval_ms` (a peer's last heartbeat may be that much
+    /// older than the cut), so the region has stopped before anyone adopts,
+    /// and at least twice `heartbeat_interval_ms`, so the gap between two
+    /// heartbeats never fences a healthy region. Only with two or more
+    /// peers: a region with one cannot tell that peer's death from its own
+    /// isolation. In milliseconds; unset, half of `adopt_after_ms`. Ignored
+    /// when job failover is off.
+    pub fence_after_ms: Option<u64>,
 }
 
 /// One peer region.
@@ -108,6 +120,7 @@ impl Default for ReplicationConfig {
             adopt_after_ms: 30_000,
             relay_after_ms: None,
             telemetry_peers: Vec::new(),
+            fence_after_ms: None,
         }
     }
 }
@@ -180,6 +193,25 @@ impl ReplicationConfig {
                 ));
             }
         }
+        if self.adopt_after_ms > 0 {
+            let fence = self.fence_after_ms.unwrap_or(self.adopt_after_ms / 2);
+            let (adopt, heartbeat) = (self.adopt_after_ms, self.heartbeat_interval_ms);
+            if fence.saturating_add(heartbeat) >= adopt {
+                return Err(format!(
+                    "`replication.fence_after_ms` ({fence}) plus `heartbeat_interval_ms` ({heartbeat}) \
+                     must be less than `adopt_after_ms` ({adopt}): a region cut off from its peers \
+                     must have stopped its jobs before they adopt them (unset, fence_after_ms is \
+                     half of adopt_after_ms)"
+                ));
+            }
+            if fence < heartbeat.saturating_mul(2) {
+                return Err(format!(
+                    "`replication.fence_after_ms` ({fence}) must be at least twice \
+                     `heartbeat_interval_ms` ({heartbeat}), or the silence between two heartbeats \
+                     fences a healthy region (unset, fence_after_ms is half of adopt_after_ms)"
+                ));
+            }
+        }
         if self.reconnect_backoff_ms > self.reconnect_backoff_max_ms {
             return Err(
                 "`replication.reconnect_backoff_ms` must not exceed `reconnect_backoff_max_ms`"
@@ -207,6 +239,15 @@ impl ReplicationConfig {
     /// Whether `peer` receives this region's telemetry readings.
     pub(crate) fn sends_readings_to(&self, peer: &str) -> bool {
         self.telemetry_peers.iter().any(|p| p == peer)
+    }
+
+    /// How long a region may hear from no peer before it fences its jobs;
+    /// `None` when job failover is off.
+    pub(crate) fn fence_after(&self) -> Option<Duration> {
+        self.adopt_after()?;
+        Some(Duration::from_millis(
+            self.fence_after_ms.unwrap_or(self.adopt_after_ms / 2),
+        ))
     }
 
     pub(crate) fn max_clock_drift(&self) -> Duration {

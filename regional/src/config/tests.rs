@@ -145,12 +145,52 @@ fn relaying_starts_before_adoption() {
     };
     let ms = |n| Some(std::time::Duration::from_millis(n));
     assert_eq!(relay(""), ms(5_000));
-    assert_eq!(relay("adopt_after_ms = 1500"), ms(750));
+    assert_eq!(
+        relay("adopt_after_ms = 1500\nheartbeat_interval_ms = 200"),
+        ms(750)
+    );
     assert_eq!(relay("adopt_after_ms = 0"), ms(5_000));
     assert_eq!(relay("relay_after_ms = 0"), None);
     assert_eq!(
         relay("adopt_after_ms = 0\nrelay_after_ms = 60000"),
         ms(60_000)
+    );
+}
+
+#[test]
+fn the_job_fence_comes_before_adoption_and_after_a_heartbeat_gap() {
+    let replication = |keys: &str| format!("{MINIMAL}\n[replication]\n{keys}\n");
+    let c = Config::from_toml(&replication("adopt_after_ms = 4000"), "t").unwrap();
+    assert_eq!(
+        c.replication.fence_after(),
+        Some(std::time::Duration::from_millis(2000))
+    );
+    let c = Config::from_toml(&replication("adopt_after_ms = 0"), "t").unwrap();
+    assert_eq!(c.replication.fence_after(), None);
+    let e = err(&replication("adopt_after_ms = 4000\nfence_after_ms = 4000"));
+    assert!(
+        e.contains("must be less than `adopt_after_ms` (4000)"),
+        "{e}"
+    );
+    assert_eq!(e.lines().count(), 1, "{e}");
+    // Within adopt_after_ms, but not a heartbeat before it.
+    let e = err(&replication("adopt_after_ms = 4000\nfence_after_ms = 3500"));
+    assert!(e.contains("plus `heartbeat_interval_ms` (1000)"), "{e}");
+    let e = err(&replication(
+        "adopt_after_ms = 10000\nheartbeat_interval_ms = 3000",
+    ));
+    assert!(
+        e.contains("at least twice `heartbeat_interval_ms` (3000)"),
+        "{e}"
+    );
+    let c = Config::from_toml(
+        &replication("adopt_after_ms = 10000\nfence_after_ms = 4000"),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(
+        c.replication.fence_after(),
+        Some(std::time::Duration::from_millis(4000))
     );
 }
 

@@ -1,6 +1,9 @@
 //! Job failover: a peer region that has not answered for `adopt_after_ms`
-//! is lost, and its unfinished jobs (known here because jobs replicate) are
-//! adopted by the surviving regions. Each job goes to one survivor, chosen
+//! is lost, and once every other peer still heard from reports it lost too
+//! (`Replication::agreed_lost`), its unfinished jobs (known here because
+//! jobs replicate) are adopted by the surviving regions. The agreement keeps
+//! a region that only this one cannot hear, but others can, running its own
+//! jobs; a region no one hears has fenced its jobs by then (`fence.rs`). Each job goes to one survivor, chosen
 //! by rendezvous hashing of its id over the survivors, so regions that agree
 //! on who survives agree on the adopter without talking. The adoption is a
 //! replicated write with a new ownership epoch: it fences off the old
@@ -42,7 +45,12 @@ pub(super) fn spawn(state: Arc<AppState>) {
 }
 
 async fn adopt_lost(state: &AppState) -> Result<(), Error> {
-    let lost = state.replication.lost_peers();
+    // A fenced region is the one that may be cut off: the peers it lost are
+    // likely alive, and running their jobs.
+    if state.jobs.fence.is_raised() {
+        return Ok(());
+    }
+    let lost = state.replication.agreed_lost();
     if lost.is_empty() {
         return Ok(());
     }

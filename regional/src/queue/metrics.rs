@@ -2,8 +2,8 @@
 //! may host several nodes, as the tests do) and served on `/metrics`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use super::store::Priority;
@@ -22,6 +22,11 @@ pub(crate) struct Metrics {
     pub recovered: IntCounter,
     /// Jobs adopted from a lost region, by that region (`peer`).
     pub adopted: IntCounterVec,
+    /// 1 while this node's job fence is up (it hears from no peer region).
+    pub fenced: IntGauge,
+    /// Attempts the fence stopped: cancelled while running, or refused the
+    /// write of their outcome.
+    pub fenced_attempts: IntCounter,
     /// Queued jobs per lane, as of the latest sweep.
     pub queue_depth: IntGaugeVec,
     /// Submission to first start.
@@ -91,6 +96,18 @@ impl Metrics {
         registry
             .register(Box::new(adopted.clone()))
             .expect("registered once");
+        let fenced_attempts = counter(
+            "meridian_jobs_fenced_attempts_total",
+            "Attempts stopped by the job fence: cancelled while running, or refused the write of their outcome.",
+        );
+        let fenced = IntGauge::new(
+            "meridian_jobs_fenced",
+            "1 while this node runs none of its region's jobs: it has heard from no peer region for fence_after_ms.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(fenced.clone()))
+            .expect("registered once");
         let queue_depth = IntGaugeVec::new(
             Opts::new(
                 "meridian_jobs_queue_depth",
@@ -118,6 +135,8 @@ impl Metrics {
             dead_lettered,
             recovered,
             adopted,
+            fenced,
+            fenced_attempts,
             queue_depth,
             queue_wait,
             run_time,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -35,6 +35,7 @@ pub(super) fn spawn(state: Arc<AppState>) {
 }
 
 async fn dispatch(state: Arc<AppState>) {
+    let mut fence = state.jobs.fence.subscribe();
     // A region back from an outage may have had its jobs adopted meanwhile:
     // it learns so from its peers' logs, and runs nothing before then.
     tokio::select! {
@@ -47,6 +48,11 @@ async fn dispatch(state: Arc<AppState>) {
     let reclaim_every = q.config.sweep_interval();
     let mut last_reclaim: Option<Instant> = None;
     loop {
+        // The same holds after a fence: this region was cut off, and may
+        // have been given up for lost.
+        if fence.has_changed().unwrap_or(false) && !sit_out_fence(&state, &mut fence).await {
+            return;
+        }
         // A free worker first, then a message: taking messages only when
         // they can start keeps the rest in Redis, where a later interactive
         // job still overtakes them.
@@ -99,6 +105,24 @@ async fn dispatch(state: Arc<AppState>) {
     }
 }
 
+/// Waits until the fence is down and every peer has been caught up with
+/// again; false on shutdown.
+async fn sit_out_fence(state: &AppState, fence: &mut watch::Receiver<bool>) -> bool {
+    let lifted = tokio::select! {
+        lifted = fence.wait_for(|raised| !raised) => lifted.is_ok(),
+        () = state.shutdown.cancelled() => false,
+    };
+    if !lifted {
+        return false;
+    }
+    tokio::select! {
+        () = state.replication.may_run_own_jobs() => {}
+        () = state.shutdown.cancelled() => return false,
+    }
+    tracing::info!("caught up with every peer region after the job fence: running jobs again");
+    true
+}
+
 /// Messages pending longer than a lease: their worker died (a live one
 /// renews its lease in PostgreSQL, not in Redis, so a slow job's message can
 /// be taken too; its claim then fails and it is dropped, which is harmless).
@@ -137,6 +161,10 @@ enum Outcome {
     /// The node is stopping: the job is left running with its lease, to be
     /// reclaimed once the lease lapses.
     Shutdown,
+    /// The job fence went up: like `Shutdown`, nothing is recorded, and
+    /// once the lease lapses the job runs again here, unless a peer adopted
+    /// it meanwhile.
+    Fenced,
 }
 
 async fn run(state: Arc<AppState>, d: Delivery, _permit: OwnedSemaphorePermit) {
@@ -144,6 +172,13 @@ async fn run(state: Arc<AppState>, d: Delivery, _permit: OwnedSemaphorePermit) {
     let mut redis = state.redis.clone();
     let Some(id) = d.job else {
         let _ = stream::ack(&mut redis, &d).await;
+        return;
+    };
+    // A fenced node starts nothing: the message stays pending, for this
+    // node once it may run jobs again, or for the claim that drops it if the
+    // job was adopted meanwhile. Taken before the claim, so a fence raised
+    // from here on cancels the attempt.
+    let Some(fence) = q.fence.admit_attempt() else {
         return;
     };
     let owner = Uuid::new_v4();
@@ -180,6 +215,10 @@ async fn run(state: Arc<AppState>, d: Delivery, _permit: OwnedSemaphorePermit) {
             message: "the job's workers stopped during every allowed attempt".into(),
             retryable: true,
         };
+        let Some(_finishing) = q.fence.admit_finish() else {
+            q.metrics.fenced_attempts.inc();
+            return;
+        };
         match dead_letter(&state, id, owner, &error).await {
             Ok(()) => ack(&mut redis, &d).await,
             Err(e) => tracing::warn!(job = %id, error = %e, "dead-lettering a job failed"),
@@ -194,7 +233,7 @@ async fn run(state: Arc<AppState>, d: Delivery, _permit: OwnedSemaphorePermit) {
         .insert(id, token.clone());
     let started = Instant::now();
     let cx = attempt_span(&state, id, &claim);
-    let outcome = attempt(&state, id, owner, &claim, &token)
+    let outcome = attempt(&state, id, owner, &claim, &token, &fence)
         .with_context(cx.clone())
         .instrument(trace::log_span(&cx))
         .await;
@@ -205,6 +244,7 @@ async fn run(state: Arc<AppState>, d: Delivery, _permit: OwnedSemaphorePermit) {
         Outcome::Failed(e) => ("failed", Some(e.to_string())),
         Outcome::Lost => ("lost", None),
         Outcome::Shutdown => ("shutdown", None),
+        Outcome::Fenced => ("fenced", None),
     };
     trace::set_attributes(&cx, [KeyValue::new("meridian.job.outcome", ended)]);
     if let Some(e) = error {
@@ -212,8 +252,26 @@ async fn run(state: Arc<AppState>, d: Delivery, _permit: OwnedSemaphorePermit) {
     }
     trace::end(&cx);
 
+    // An outcome is written only while the fence is down, and the fence is
+    // not up before the write has ended: hence held across it.
+    let finishing = match &outcome {
+        Outcome::Done(..) | Outcome::Failed(_) => {
+            let Some(finishing) = q.fence.admit_finish() else {
+                q.metrics.fenced_attempts.inc();
+                tracing::warn!(job = %id, "the job fence went up as the attempt ended: its outcome is not recorded");
+                return;
+            };
+            Some(finishing)
+        }
+        Outcome::Lost | Outcome::Shutdown | Outcome::Fenced => None,
+    };
     let recorded = match outcome {
         Outcome::Shutdown => return,
+        Outcome::Fenced => {
+            q.metrics.fenced_attempts.inc();
+            tracing::warn!(job = %id, "attempt cancelled by the job fence");
+            return;
+        }
         Outcome::Lost => Ok(()),
         Outcome::Done(done, latency) => store::succeed(&state.pool, owner, &result(done, latency))
             .await
@@ -227,6 +285,7 @@ async fn run(state: Arc<AppState>, d: Delivery, _permit: OwnedSemaphorePermit) {
             }),
         Outcome::Failed(e) => failed(&state, &d, id, owner, &claim, &e).await,
     };
+    drop(finishing);
     match recorded {
         Ok(()) => {
             ack(&mut redis, &d).await;
@@ -269,6 +328,7 @@ async fn attempt(
     owner: Lease,
     claim: &Claim,
     token: &CancellationToken,
+    fence: &CancellationToken,
 ) -> Outcome {
     let q = &state.jobs;
     let request = claim.request.to_chat();
@@ -290,6 +350,9 @@ async fn attempt(
     tokio::select! {
         biased;
         () = state.shutdown.cancelled() => Outcome::Shutdown,
+        // Before the inference is polled: an attempt admitted just before
+        // the fence went up never reaches the upstream.
+        () = fence.cancelled() => Outcome::Fenced,
         () = token.cancelled() => Outcome::Lost,
         () = renew => Outcome::Lost,
         done = state.inference.complete(&request) => match done {

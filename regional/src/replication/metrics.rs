@@ -14,6 +14,9 @@ pub(crate) struct Metrics {
     pub lag_seconds: GaugeVec,
     /// 1 while a Pull stream to the peer is open.
     pub connected: IntGaugeVec,
+    /// 1 while this region considers the peer lost (silent for
+    /// `adopt_after_ms`), as of the latest look.
+    pub lost: IntGaugeVec,
     /// Changes written from each peer.
     pub applied: IntCounterVec,
     /// Changes from each peer that lost to a newer version here.
@@ -85,6 +88,15 @@ impl Metrics {
         )
         .expect("valid metric");
         reg(Box::new(connected.clone()));
+        let lost = IntGaugeVec::new(
+            Opts::new(
+                "meridian_replication_peer_lost",
+                "1 while this region considers the peer lost: silent for adopt_after_ms.",
+            ),
+            peer,
+        )
+        .expect("valid metric");
+        reg(Box::new(lost.clone()));
         let counter = |name: &str, help: &str| {
             let c = IntCounterVec::new(Opts::new(name, help), peer).expect("valid metric");
             reg(Box::new(c.clone()));
@@ -188,6 +200,7 @@ impl Metrics {
             lag_changes,
             lag_seconds,
             connected,
+            lost,
             applied,
             superseded,
             apply_delay,

@@ -32,6 +32,10 @@ pub(crate) struct PeerState {
     /// Whether this node has applied the peer's whole log at least once
     /// since it started: every adoption the peer made before is known here.
     pub caught_up: AtomicBool,
+    /// The peers the peer reported lost in its latest batch; `None` until
+    /// it sent one. Job failover adopts only what every heard peer agrees
+    /// is lost.
+    pub lost_view: Mutex<Option<Vec<String>>>,
 }
 
 impl PeerState {
@@ -43,7 +47,13 @@ impl PeerState {
             lag_ms: AtomicU32::new(0),
             last_seen: Mutex::new(Instant::now()),
             caught_up: AtomicBool::new(false),
+            lost_view: Mutex::new(None),
         }
+    }
+
+    /// Time since the peer last answered.
+    pub(crate) fn silent_for(&self) -> Duration {
+        self.last_seen.lock().expect("not poisoned").elapsed()
     }
 }
 
@@ -147,6 +157,9 @@ async fn session(
             return Ok(());
         };
         *backoff = first_backoff;
+        // The view before the time: whoever reads a fresh `last_seen` finds
+        // the view that came with it.
+        *state.lost_view.lock().expect("not poisoned") = Some(batch.lost_regions.clone());
         *state.last_seen.lock().expect("not poisoned") = Instant::now();
         let restarted = (!incarnation.is_empty()
             && !batch.log_incarnation.is_empty()

@@ -105,6 +105,9 @@ impl ReplicationApi for Service {
                     log_incarnation: incarnation.clone(),
                     through_sequence: through,
                     clock,
+                    // Current as the batch leaves, heartbeats included: the
+                    // peer's adoptions wait for this view to agree.
+                    lost_regions: r.lost_peers(),
                 };
                 if !full {
                     tokio::select! {
