@@ -386,7 +386,7 @@ fn enums_have_prefixed_values_and_unspecified_zero() {
             "RegionState",
             &["UNSPECIFIED", "SERVING", "DRAINING", "NOT_SERVING"],
         ),
-        ("ChangeOp", &["UNSPECIFIED", "UPSERT", "DELETE"]),
+        ("ChangeOp", &["UNSPECIFIED", "UPSERT", "DELETE", "APPEND"]),
     ];
     let files = meridian_files();
     let enums: BTreeMap<&str, _> = files
