@@ -90,6 +90,8 @@ enum Keys {
         /// Tokens per minute (default: the gateway's `[rate_limit]`).
         #[arg(long)]
         tpm: Option<u64>,
+        #[command(flatten)]
+        sync: SyncArgs,
     },
     /// Revoke a key; gateways stop accepting it at their next reload.
     Revoke {
@@ -98,7 +100,30 @@ enum Keys {
         postgres_url: String,
         /// The key (`mk-...`).
         key: String,
+        #[command(flatten)]
+        sync: SyncArgs,
     },
+}
+
+#[derive(clap::Args)]
+struct SyncArgs {
+    /// Return only once another region has applied the change (it then
+    /// survives the loss of this region); fails if none does in time.
+    #[arg(long)]
+    sync: bool,
+    /// How long `--sync` waits for a peer region, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    sync_timeout_ms: u64,
+}
+
+impl SyncArgs {
+    async fn wait(&self, pool: &sqlx::PgPool) -> anyhow::Result<()> {
+        if self.sync {
+            let timeout = std::time::Duration::from_millis(self.sync_timeout_ms);
+            meridian_gateway::auth::wait_replicated(pool, timeout).await?;
+        }
+        Ok(())
+    }
 }
 
 fn main() -> ExitCode {
@@ -192,6 +217,7 @@ async fn manage_keys(keys: Keys) -> anyhow::Result<()> {
             tenant,
             rps,
             tpm,
+            sync,
         } => {
             let pool = auth::connect(&postgres_url).await?;
             let limits = meridian_gateway::TenantLimits {
@@ -199,13 +225,21 @@ async fn manage_keys(keys: Keys) -> anyhow::Result<()> {
                 tokens_per_minute: tpm,
             };
             auth::create_tenant(&pool, &tenant, limits).await?;
+            // Printed before the wait: the key exists whatever the wait
+            // says, and is shown only this once.
             println!("{}", auth::create_api_key(&pool, &tenant).await?);
+            sync.wait(&pool).await?;
         }
-        Keys::Revoke { postgres_url, key } => {
+        Keys::Revoke {
+            postgres_url,
+            key,
+            sync,
+        } => {
             let pool = auth::connect(&postgres_url).await?;
             if !auth::revoke_api_key(&pool, &key).await? {
                 anyhow::bail!("no live key matches (unknown, or revoked already)");
             }
+            sync.wait(&pool).await?;
             eprintln!("revoked");
         }
     }

@@ -116,6 +116,13 @@ pub enum Error {
     /// No tenant with this id.
     #[error("no tenant {0:?}: create it first")]
     UnknownTenant(String),
+    /// No peer region acknowledged the change in time (see
+    /// [`wait_replicated`]).
+    #[error(
+        "no peer region applied the change within {waited_ms} ms: it is stored in this region \
+         and replicates once a peer pulls it"
+    )]
+    NotReplicated { waited_ms: u64 },
 }
 
 fn valid_tenant_id(id: &str) -> bool {
@@ -190,6 +197,36 @@ pub async fn create_api_key(pool: &PgPool, tenant: &str) -> Result<String, Error
         return Err(Error::UnknownTenant(tenant.to_string()));
     }
     Ok(key)
+}
+
+/// Waits until at least one peer region has applied this region's
+/// replication log through its current end, which holds every change
+/// committed before the call (a key made or revoked just now): the change
+/// then survives the loss of this region. Peers report what they applied
+/// in `replication_peers.acked_sequence`; polled every 50 ms, for at most
+/// `timeout`. The synchronous durability of `meridian keys --sync`.
+pub async fn wait_replicated(pool: &PgPool, timeout: Duration) -> Result<(), Error> {
+    let end: Option<i64> = sqlx::query_scalar("SELECT max(sequence) FROM replication_outbox")
+        .fetch_one(pool)
+        .await?;
+    // An empty log was trimmed whole, which only changes every peer applied.
+    let Some(end) = end else { return Ok(()) };
+    let started = std::time::Instant::now();
+    loop {
+        let acked: Option<i64> =
+            sqlx::query_scalar("SELECT max(acked_sequence) FROM replication_peers")
+                .fetch_one(pool)
+                .await?;
+        if acked.is_some_and(|a| a >= end) {
+            return Ok(());
+        }
+        if started.elapsed() >= timeout {
+            return Err(Error::NotReplicated {
+                waited_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Revokes `key`; returns whether a live key was revoked (false when it was

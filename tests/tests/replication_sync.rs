@@ -344,3 +344,54 @@ async fn a_region_without_peers_refuses_sync() {
     .await;
     assert_eq!(status, 400, "{body}");
 }
+
+#[tokio::test]
+async fn a_key_made_with_sync_is_in_a_peer_when_the_wait_returns() {
+    use meridian_gateway::{TenantLimits, auth};
+    init_logging();
+    let mut cluster = ClusterSandbox::start_replicated(&REGIONS, "", |_, _| {}).await;
+    let pool = auth::connect(&cluster.regions[0].postgres.url())
+        .await
+        .unwrap();
+    auth::create_tenant(&pool, "keyed", TenantLimits::default())
+        .await
+        .unwrap();
+    let key = auth::create_api_key(&pool, "keyed").await.unwrap();
+    auth::wait_replicated(&pool, std::time::Duration::from_secs(30))
+        .await
+        .expect("a peer applies the key");
+    // No waiting for replication: the wait returned only once a peer had
+    // applied the key (a peer applies an origin's log in order).
+    let prefix = &key[..9];
+    let mut in_a_peer = false;
+    for r in &cluster.regions[1..] {
+        let peer = auth::connect(&r.postgres.url()).await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE prefix = $1")
+            .bind(prefix)
+            .fetch_one(&peer)
+            .await
+            .unwrap();
+        in_a_peer |= n == 1;
+    }
+    assert!(in_a_peer, "the wait returned before any peer had the key");
+
+    // With every peer down the wait says so, and the key is still made here.
+    for name in &REGIONS[1..] {
+        cluster.region(name).stop_node().await;
+    }
+    let later = auth::create_api_key(&pool, "keyed").await.unwrap();
+    let e = auth::wait_replicated(&pool, std::time::Duration::from_millis(500))
+        .await
+        .expect_err("no peer can apply it");
+    assert!(
+        e.to_string()
+            .contains("no peer region applied the change within 500 ms"),
+        "{e}"
+    );
+    let here: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE prefix = $1")
+        .bind(&later[..9])
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(here, 1);
+}
