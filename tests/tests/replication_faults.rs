@@ -503,3 +503,61 @@ async fn a_tombstone_stays_while_a_peer_may_send_an_older_write_and_goes_after()
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_for_a_tenant_that_has_not_arrived_brings_the_tenant_from_the_keys_region() {
+    init_logging();
+    let seed =
+        seed("a_key_for_a_tenant_that_has_not_arrived_brings_the_tenant_from_the_keys_region");
+    let mut rng = StdRng::seed_from_u64(seed);
+    // Relaying a silent region's changes would also bring the tenant, but
+    // only after `relay_after_ms`; this is about not waiting for that.
+    let cluster = ClusterSandbox::start_replicated_with_proxies(
+        &REGIONS,
+        &format!("{KEEP_THE_LOG}relay_after_ms = 25000\n"),
+        seed,
+        |_, _| {},
+    )
+    .await;
+    let pools = pools(&cluster.regions).await;
+    let (_, base) = before_the_fault(&cluster, &pools).await;
+    let mut order = [0, 1, 2];
+    order.shuffle(&mut rng);
+    let [tenants, keys, behind] = order;
+    println!(
+        "{} makes the tenant, {} its key, {} hears only {}",
+        REGIONS[tenants], REGIONS[keys], REGIONS[behind], REGIONS[keys]
+    );
+    cluster
+        .links()
+        .cut_one_way(REGIONS[tenants], REGIONS[behind]);
+    auth::create_tenant(&pools[tenants], "parent", TenantLimits::default())
+        .await
+        .unwrap();
+    until(PATIENCE, "the tenant in the keys' region", || {
+        has_tenant(&pools[keys], "parent")
+    })
+    .await;
+    auth::create_api_key(&pools[keys], "parent").await.unwrap();
+    // A later change of the keys' region: its stream is not held back.
+    auth::create_tenant(&pools[keys], "after-the-key", TenantLimits::default())
+        .await
+        .unwrap();
+    until(
+        PATIENCE,
+        "the key and what follows it, behind the cut",
+        || async {
+            let keys: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE tenant_id = 'parent'")
+                    .fetch_one(&pools[behind])
+                    .await
+                    .unwrap();
+            keys == 1 && has_tenant(&pools[behind], "after-the-key").await
+        },
+    )
+    .await;
+    assert!(has_tenant(&pools[behind], "parent").await);
+
+    heal_and_converge(&cluster).await;
+    each_change_arrived_once(&pools, &base).await;
+}

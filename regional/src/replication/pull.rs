@@ -12,7 +12,7 @@ use meridian_proto::v1::{AckRequest, PullRequest};
 use rand::Rng;
 use tonic::transport::Channel;
 
-use super::{Replication, apply, snapshot};
+use super::{Replication, apply, relay, snapshot};
 use crate::config::PeerConfig;
 use crate::error::Error;
 
@@ -187,7 +187,7 @@ async fn session(
         // leaves out for this region (another region's readings); that only
         // needs the watermark written, and only when it moves.
         if !batch.changes.is_empty() || batch.through_sequence > applied {
-            let out = apply::apply_batch_through(
+            let applying = apply::apply_batch_through(
                 &r.pool,
                 &r.region,
                 name,
@@ -195,12 +195,24 @@ async fn session(
                 batch.through_sequence,
                 r.config.max_clock_drift(),
             )
-            .await
-            .inspect_err(|e| {
-                if matches!(e, Error::ClockDrift(_)) {
-                    r.metrics.drift_refusals.with_label_values(&[name]).inc();
+            .await;
+            let out = match applying {
+                Ok(out) => out,
+                Err(e) => {
+                    if matches!(e, Error::ClockDrift(_)) {
+                        r.metrics.drift_refusals.with_label_values(&[name]).inc();
+                    }
+                    if is_missing_parent(&e) {
+                        // The peer's change refers to a row another region
+                        // wrote (a key to a tenant) that has not come here
+                        // yet; the peer had it. Taken from the peer, so the
+                        // batch applies when it comes again, instead of
+                        // waiting for that region's own stream.
+                        relay::parents_from(r, name, channel.clone()).await;
+                    }
+                    return Err(e);
                 }
-            })?;
+            };
             applied = out.watermark;
             r.metrics
                 .applied
@@ -346,6 +358,11 @@ async fn note_clock(pool: &sqlx::PgPool, peer: &str, clock: u64) -> Result<(), E
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// A foreign key's parent row is missing (SQLSTATE 23503).
+fn is_missing_parent(e: &Error) -> bool {
+    matches!(e, Error::Postgres(sqlx::Error::Database(d)) if d.code().as_deref() == Some("23503"))
 }
 
 fn is_truncated(status: &tonic::Status) -> bool {

@@ -64,6 +64,29 @@ pub(super) async fn run(r: Arc<Replication>, peers: Vec<(PeerConfig, Channel)>) 
     }
 }
 
+/// Takes from `via` every other origin's rows newer than what this region
+/// applied of that origin: what `via` knew when it wrote a change that
+/// refers to one of them. One relay per origin; failures are counted and
+/// left for the next attempt.
+pub(super) async fn parents_from(r: &Replication, via: &str, channel: Channel) {
+    for origin in r
+        .config
+        .peers
+        .iter()
+        .map(|p| p.region.as_str())
+        .filter(|o| *o != via)
+    {
+        match applied_hlc(r, origin).await {
+            Ok(mark) => {
+                relay(r, origin, via, channel.clone(), mark).await;
+            }
+            Err(e) => {
+                tracing::warn!(origin, error = %e, "cannot read what was applied from a peer");
+            }
+        }
+    }
+}
+
 /// One relay of `origin`'s rows newer than `mark` from `via`; the newest
 /// clock received, or `None` when the call failed.
 async fn relay(
@@ -93,7 +116,7 @@ async fn relay(
                     via,
                     rows = got.rows,
                     written = got.written,
-                    "relayed a lost region's changes that had not reached this region"
+                    "relayed another region's changes that had not reached this region directly"
                 );
             }
             Some(mark.max(i64::try_from(got.max_hlc).unwrap_or(i64::MAX)))
