@@ -1,12 +1,15 @@
-//! What the replication tests share: waiting for a condition, reading a
-//! region's digest, asking whether regions converged, a replayable seed,
-//! and reading a stored conversation.
+//! What the replication and failover tests share: waiting for a condition,
+//! reading a region's digest, asking whether regions converged, a
+//! replayable seed, reading a stored conversation, and submitting and
+//! reading jobs.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 use serde_json::Value;
+use uuid::Uuid;
 
 use crate::RegionSandbox;
 
@@ -100,4 +103,60 @@ pub async fn conversation(url: &str, tenant: &str, id: &str) -> Option<Vec<Strin
             .map(|m| m["content"].as_str().expect("a content").to_string())
             .collect(),
     )
+}
+
+/// A pool of two connections to `region`'s PostgreSQL, for checks.
+pub async fn pool(region: &RegionSandbox) -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&region.postgres.url())
+        .await
+        .expect("the region's PostgreSQL answers")
+}
+
+/// (state, completions, attempts, owner_region, owner_epoch, result) of a job.
+pub type JobRow = (String, i32, i32, String, i64, Option<Value>);
+
+/// Every job in the database behind `pool`, by id.
+pub async fn job_rows(pool: &sqlx::PgPool) -> HashMap<Uuid, JobRow> {
+    type Wide = (Uuid, String, i32, i32, String, i64, Option<Value>);
+    let rows: Vec<Wide> = sqlx::query_as(
+        "SELECT id, state, completions, attempts, owner_region, owner_epoch, result FROM jobs",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("jobs are readable");
+    rows.into_iter()
+        .map(|(id, s, c, a, o, e, r)| (id, (s, c, a, o, e, r)))
+        .collect()
+}
+
+/// Submits a job of `tenant` asking `model` for `max_tokens` tokens about
+/// `content` to `region`, expecting 202; its id.
+pub async fn submit_job(
+    http: &reqwest::Client,
+    region: &RegionSandbox,
+    tenant: &str,
+    model: &str,
+    max_tokens: u32,
+    content: &str,
+) -> Uuid {
+    let res = http
+        .post(format!("{}/v1/jobs", region.url()))
+        .header("x-meridian-tenant", tenant)
+        .json(&serde_json::json!({
+            "model": model,
+            "messages": [{ "role": "user", "content": content }],
+            "max_tokens": max_tokens,
+        }))
+        .send()
+        .await
+        .expect("the region answers");
+    assert_eq!(res.status(), 202);
+    let job: Value = res.json().await.expect("a JSON job");
+    job["id"]
+        .as_str()
+        .expect("a job id")
+        .parse()
+        .expect("a UUID")
 }

@@ -10,11 +10,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use meridian_tests::replicated::{job_rows, pool, seed, submit_job};
 use meridian_tests::{ClusterSandbox, RegionSandbox, init_logging};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::{Value, json};
-use sqlx::PgPool;
+use serde_json::Value;
 
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
 const HOME: &str = "us-east";
@@ -22,15 +22,6 @@ const TENANT: &str = "acme";
 /// Long enough that no job can finish in its home region before the kill.
 const MODEL_MS: u64 = 4_000;
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn seed() -> u64 {
-    let seed = std::env::var("JOBS_FAILOVER_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    println!("seed {seed} (set JOBS_FAILOVER_SEED to replay)");
-    seed
-}
 
 async fn until<F, Fut>(what: &str, mut check: F)
 where
@@ -45,14 +36,6 @@ where
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-async fn pg(region: &RegionSandbox) -> PgPool {
-    sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&region.postgres.url())
-        .await
-        .unwrap()
 }
 
 /// Sum of every sample of `name` on the region's `/metrics`, 0 if absent.
@@ -85,44 +68,11 @@ async fn jobs_digest(url: &str) -> Value {
         .expect("jobs are a replicated table")
 }
 
-/// (state, completions, attempts, owner_region, owner_epoch, result) per job.
-type Row = (String, i32, i32, String, i64, Option<Value>);
-
-async fn rows(pool: &PgPool) -> HashMap<uuid::Uuid, Row> {
-    type Wide = (uuid::Uuid, String, i32, i32, String, i64, Option<Value>);
-    let rows: Vec<Wide> = sqlx::query_as(
-        "SELECT id, state, completions, attempts, owner_region, owner_epoch, result FROM jobs",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap();
-    rows.into_iter()
-        .map(|(id, s, c, a, o, e, r)| (id, (s, c, a, o, e, r)))
-        .collect()
-}
-
-async fn submit(http: &reqwest::Client, region: &RegionSandbox, content: &str) -> uuid::Uuid {
-    let res = http
-        .post(format!("{}/v1/jobs", region.url()))
-        .header("x-meridian-tenant", TENANT)
-        .json(&json!({
-            "model": "sim-crawl",
-            "messages": [{ "role": "user", "content": content }],
-            "max_tokens": 4,
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 202);
-    let job: Value = res.json().await.unwrap();
-    job["id"].as_str().unwrap().parse().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_regions_jobs_finish_elsewhere_once_and_stay_finished_after_it_returns() {
     init_logging();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut rng = StdRng::seed_from_u64(seed());
+    let mut rng = StdRng::seed_from_u64(seed("JOBS_FAILOVER_SEED"));
     let n = rng.random_range(6..=12);
     let extra = format!(
         "adopt_after_ms = 1500\n\
@@ -135,24 +85,34 @@ async fn a_killed_regions_jobs_finish_elsewhere_once_and_stay_finished_after_it_
 
     let mut ids = Vec::new();
     for i in 0..n {
-        ids.push(submit(&http, cluster.region(HOME), &format!("job {i}")).await);
+        ids.push(
+            submit_job(
+                &http,
+                cluster.region(HOME),
+                TENANT,
+                "sim-crawl",
+                4,
+                &format!("job {i}"),
+            )
+            .await,
+        );
     }
-    let home_pool = pg(cluster.region(HOME)).await;
+    let home_pool = pool(cluster.region(HOME)).await;
     let survivors: Vec<&str> = REGIONS.iter().copied().filter(|r| *r != HOME).collect();
     let mut pools = HashMap::new();
     for r in &survivors {
-        pools.insert(*r, pg(cluster.region(r)).await);
+        pools.insert(*r, pool(cluster.region(r)).await);
     }
     // Replicated, and running at home: in flight when the region dies.
     for r in &survivors {
         until("the submissions replicate", || async {
-            let rows = rows(&pools[r]).await;
+            let rows = job_rows(&pools[r]).await;
             ids.iter().all(|id| rows.contains_key(id))
         })
         .await;
     }
     until("the home region runs its jobs", || async {
-        let rows = rows(&home_pool).await;
+        let rows = job_rows(&home_pool).await;
         ids.iter().all(|id| rows[id].0 == "running")
     })
     .await;
@@ -165,12 +125,12 @@ async fn a_killed_regions_jobs_finish_elsewhere_once_and_stay_finished_after_it_
     // Every job finishes in the survivors, adopted once, run once there.
     for r in &survivors {
         until("every adopted job succeeds", || async {
-            let rows = rows(&pools[r]).await;
+            let rows = job_rows(&pools[r]).await;
             ids.iter().all(|id| rows[id].0 == "succeeded")
         })
         .await;
     }
-    let finals = rows(&pools[survivors[0]]).await;
+    let finals = job_rows(&pools[survivors[0]]).await;
     for id in &ids {
         let (state, completions, attempts, owner, epoch, result) = &finals[id];
         assert_eq!(state, "succeeded", "job {id}");
@@ -184,7 +144,7 @@ async fn a_killed_regions_jobs_finish_elsewhere_once_and_stay_finished_after_it_
         assert!(result.is_some(), "job {id} has its result");
     }
     until("the survivors agree on every job", || async {
-        let other = rows(&pools[survivors[1]]).await;
+        let other = job_rows(&pools[survivors[1]]).await;
         ids.iter().all(|id| other[id] == finals[id])
     })
     .await;
@@ -218,17 +178,25 @@ async fn a_killed_regions_jobs_finish_elsewhere_once_and_stay_finished_after_it_
     let home = cluster.region(HOME);
     home.postgres.restart().await.unwrap();
     home.start_node().await;
-    let home_pool = pg(cluster.region(HOME)).await;
+    let home_pool = pool(cluster.region(HOME)).await;
     until("the returned region learns every adoption", || async {
-        let rows = rows(&home_pool).await;
+        let rows = job_rows(&home_pool).await;
         ids.iter().all(|id| rows[id] == finals[id])
     })
     .await;
     // Its workers run again (a new job proves it): then none of the old
     // jobs ran, and nothing it did replaced a result.
-    let fresh = submit(&http, cluster.region(HOME), "after the return").await;
+    let fresh = submit_job(
+        &http,
+        cluster.region(HOME),
+        TENANT,
+        "sim-crawl",
+        4,
+        "after the return",
+    )
+    .await;
     until("a new job in the returned region succeeds", || async {
-        rows(&home_pool).await[&fresh].0 == "succeeded"
+        job_rows(&home_pool).await[&fresh].0 == "succeeded"
     })
     .await;
     let home = cluster.region(HOME);
@@ -238,7 +206,7 @@ async fn a_killed_regions_jobs_finish_elsewhere_once_and_stay_finished_after_it_
         "the returned region ran only the new job"
     );
     assert_eq!(metric(home, "meridian_jobs_finished_total").await, 1.0);
-    let at_home = rows(&home_pool).await;
+    let at_home = job_rows(&home_pool).await;
     for id in &ids {
         assert_eq!(at_home[id], finals[id], "job {id} in the returned region");
     }
@@ -252,7 +220,7 @@ async fn a_killed_regions_jobs_finish_elsewhere_once_and_stay_finished_after_it_
     })
     .await;
     for r in &survivors {
-        let rows = rows(&pools[r]).await;
+        let rows = job_rows(&pools[r]).await;
         for id in &ids {
             assert_eq!(rows[id], finals[id], "job {id} in {r}");
         }

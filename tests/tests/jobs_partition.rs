@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 
 use meridian_regional::SimConfig;
 use meridian_tests::replicated::{converged, until};
+use meridian_tests::replicated::{job_rows, pool, seed, submit_job};
 use meridian_tests::{ClusterSandbox, RegionSandbox, SimServer, init_logging, metric};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -38,15 +38,6 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// The simulator's count of generations that produced their (first and
 /// only) token.
 const GENERATIONS: &str = "meridian_sim_time_to_first_token_seconds_count";
-
-fn seed() -> u64 {
-    let seed = std::env::var("JOBS_PARTITION_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    println!("seed {seed} (set JOBS_PARTITION_SEED to replay)");
-    seed
-}
 
 async fn sim() -> SimServer {
     SimServer::start(SimConfig {
@@ -72,14 +63,6 @@ async fn cluster(seed: u64, upstream: &SimServer, workers: u32) -> ClusterSandbo
     ClusterSandbox::start_replicated_with_proxies(&REGIONS, &extra, seed, |_, _| {}).await
 }
 
-async fn pg(region: &RegionSandbox) -> PgPool {
-    sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&region.postgres.url())
-        .await
-        .unwrap()
-}
-
 async fn node_metric(region: &RegionSandbox, name: &str, labels: &[&str]) -> f64 {
     metric(&format!("{}/metrics", region.url()), name, labels).await
 }
@@ -100,39 +83,6 @@ async fn adopted_anywhere(cluster: &ClusterSandbox) -> f64 {
     adopted
 }
 
-/// (state, completions, attempts, owner_region, owner_epoch, result) per job.
-type Row = (String, i32, i32, String, i64, Option<Value>);
-
-async fn rows(pool: &PgPool) -> HashMap<Uuid, Row> {
-    type Wide = (Uuid, String, i32, i32, String, i64, Option<Value>);
-    let rows: Vec<Wide> = sqlx::query_as(
-        "SELECT id, state, completions, attempts, owner_region, owner_epoch, result FROM jobs",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap();
-    rows.into_iter()
-        .map(|(id, s, c, a, o, e, r)| (id, (s, c, a, o, e, r)))
-        .collect()
-}
-
-async fn submit(http: &reqwest::Client, region: &RegionSandbox, content: &str) -> Uuid {
-    let res = http
-        .post(format!("{}/v1/jobs", region.url()))
-        .header("x-meridian-tenant", TENANT)
-        .json(&json!({
-            "model": "crawl",
-            "messages": [{ "role": "user", "content": content }],
-            "max_tokens": 1,
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 202);
-    let job: Value = res.json().await.unwrap();
-    job["id"].as_str().unwrap().parse().unwrap()
-}
-
 /// Submits `n` jobs to X and waits until every region holds them and X
 /// runs `running` of them (the rest queued behind its busy workers).
 async fn jobs_at_x(
@@ -144,17 +94,27 @@ async fn jobs_at_x(
     let http = reqwest::Client::new();
     let mut ids = Vec::new();
     for i in 0..n {
-        ids.push(submit(&http, region(cluster, X), &format!("job {i}")).await);
+        ids.push(
+            submit_job(
+                &http,
+                region(cluster, X),
+                TENANT,
+                "crawl",
+                1,
+                &format!("job {i}"),
+            )
+            .await,
+        );
     }
     for r in REGIONS {
         until(LIMIT, "the submissions replicate", || async {
-            let rows = rows(&pools[r]).await;
+            let rows = job_rows(&pools[r]).await;
             ids.iter().all(|id| rows.contains_key(id))
         })
         .await;
     }
     until(LIMIT, "X runs as many jobs as it has workers", || async {
-        let rows = rows(&pools[X]).await;
+        let rows = job_rows(&pools[X]).await;
         ids.iter().filter(|id| rows[id].0 == "running").count() == running
     })
     .await;
@@ -165,7 +125,7 @@ async fn jobs_at_x(
 async fn an_isolated_region_fences_its_jobs_before_the_survivors_adopt_and_run_them_once() {
     init_logging();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let seed = seed();
+    let seed = seed("JOBS_PARTITION_SEED");
     let mut rng = StdRng::seed_from_u64(seed);
     let workers = rng.random_range(2..=3);
     let queued = rng.random_range(2..=4);
@@ -174,7 +134,7 @@ async fn an_isolated_region_fences_its_jobs_before_the_survivors_adopt_and_run_t
     let cluster = cluster(seed, &upstream, workers as u32).await;
     let mut pools = HashMap::new();
     for r in REGIONS {
-        pools.insert(r, pg(region(&cluster, r)).await);
+        pools.insert(r, pool(region(&cluster, r)).await);
     }
     let survivors: Vec<&str> = REGIONS.iter().copied().filter(|r| *r != X).collect();
 
@@ -214,7 +174,7 @@ async fn an_isolated_region_fences_its_jobs_before_the_survivors_adopt_and_run_t
     // The survivors agree X is lost, adopt every job (each once), run them.
     for r in &survivors {
         until(LIMIT, "every adopted job succeeds", || async {
-            let rows = rows(&pools[r]).await;
+            let rows = job_rows(&pools[r]).await;
             ids.iter().all(|id| rows[id].0 == "succeeded")
         })
         .await;
@@ -252,9 +212,9 @@ async fn an_isolated_region_fences_its_jobs_before_the_survivors_adopt_and_run_t
         converged(cluster.regions.iter())
     })
     .await;
-    let finals = rows(&pools[survivors[0]]).await;
+    let finals = job_rows(&pools[survivors[0]]).await;
     for r in REGIONS {
-        let rows = rows(&pools[r]).await;
+        let rows = job_rows(&pools[r]).await;
         for id in &ids {
             let (state, completions, _, owner, epoch, result) = &rows[id];
             assert_eq!(state, "succeeded", "job {id} in {r}");
@@ -272,14 +232,17 @@ async fn an_isolated_region_fences_its_jobs_before_the_survivors_adopt_and_run_t
     // X runs jobs again once caught up (a new one proves it), and none of
     // the old ones: their messages, still pending in its Redis, find them
     // adopted.
-    let fresh = submit(
+    let fresh = submit_job(
         &reqwest::Client::new(),
         region(&cluster, X),
+        TENANT,
+        "crawl",
+        1,
         "after the heal",
     )
     .await;
     until(LIMIT, "a new job in X succeeds", || async {
-        rows(&pools[X])
+        job_rows(&pools[X])
             .await
             .get(&fresh)
             .is_some_and(|r| r.0 == "succeeded")
@@ -296,7 +259,7 @@ async fn an_isolated_region_fences_its_jobs_before_the_survivors_adopt_and_run_t
         "after the heal X ran only the new job"
     );
     assert_eq!(upstream.metric(GENERATIONS).await, n as f64 + 1.0);
-    let at_x = rows(&pools[X]).await;
+    let at_x = job_rows(&pools[X]).await;
     for id in &ids {
         assert_eq!(at_x[id], finals[id], "job {id} in X");
     }
@@ -306,7 +269,7 @@ async fn an_isolated_region_fences_its_jobs_before_the_survivors_adopt_and_run_t
 async fn a_region_cut_off_from_one_peer_keeps_its_jobs_and_runs_each_once() {
     init_logging();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let seed = seed();
+    let seed = seed("JOBS_PARTITION_SEED");
     let mut rng = StdRng::seed_from_u64(seed);
     // Enough jobs that P, adopting over {P, Z}, would take some of them
     // unless something stopped it (all go to Z with chance 2^-n).
@@ -315,7 +278,7 @@ async fn a_region_cut_off_from_one_peer_keeps_its_jobs_and_runs_each_once() {
     let cluster = cluster(seed, &upstream, 16).await;
     let mut pools = HashMap::new();
     for r in REGIONS {
-        pools.insert(r, pg(region(&cluster, r)).await);
+        pools.insert(r, pool(region(&cluster, r)).await);
     }
     // P cannot hear X nor X P; Z hears both.
     let (p, z) = (REGIONS[1], REGIONS[2]);
@@ -335,7 +298,7 @@ async fn a_region_cut_off_from_one_peer_keeps_its_jobs_and_runs_each_once() {
     })
     .await;
     let lost_at = Instant::now();
-    let at_x = rows(&pools[X]).await;
+    let at_x = job_rows(&pools[X]).await;
     assert!(
         ids.iter().all(|id| at_x[id].0 == "running"),
         "X still runs every job when P gives it up: the test needs them in flight"
@@ -355,7 +318,7 @@ async fn a_region_cut_off_from_one_peer_keeps_its_jobs_and_runs_each_once() {
             0.0,
             "nobody adopts the jobs of a region one survivor still hears"
         );
-        let rows = rows(&pools[X]).await;
+        let rows = job_rows(&pools[X]).await;
         ids.iter().all(|id| rows[id].0 == "succeeded")
     })
     .await;
@@ -391,7 +354,7 @@ async fn a_region_cut_off_from_one_peer_keeps_its_jobs_and_runs_each_once() {
     })
     .await;
     for r in REGIONS {
-        let rows = rows(&pools[r]).await;
+        let rows = job_rows(&pools[r]).await;
         for id in &ids {
             let (state, completions, attempts, owner, epoch, result) = &rows[id];
             assert_eq!(state, "succeeded", "job {id} in {r}");

@@ -27,9 +27,16 @@ fn turn(content: &str) -> Value {
             "messages": [{ "role": "user", "content": content }] })
 }
 
-async fn chat(url: &str, headers: &[(&str, &str)], body: &Value) -> (u16, Option<String>, Value) {
+/// POSTs `body` to `path` of the region at `url` with `headers`: status,
+/// the `x-meridian-durability` answered, and the body.
+async fn post(
+    url: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &Value,
+) -> (u16, Option<String>, Value) {
     let mut req = reqwest::Client::new()
-        .post(format!("{url}/v1/chat/completions"))
+        .post(format!("{url}{path}"))
         .json(body);
     for (k, v) in headers {
         req = req.header(*k, *v);
@@ -43,29 +50,19 @@ async fn chat(url: &str, headers: &[(&str, &str)], body: &Value) -> (u16, Option
     (status, durability, res.json().await.expect("a JSON body"))
 }
 
-/// Submits a job of `tenant` to the region at `url`: status, the
-/// `x-meridian-durability` answered, and the body.
+async fn chat(url: &str, headers: &[(&str, &str)], body: &Value) -> (u16, Option<String>, Value) {
+    post(url, "/v1/chat/completions", headers, body).await
+}
+
+/// Submits a job of `tenant` to the region at `url`.
 async fn submit_job(
     url: &str,
     tenant: &str,
     headers: &[(&str, &str)],
     content: &str,
 ) -> (u16, Option<String>, Value) {
-    let mut req = reqwest::Client::new()
-        .post(format!("{url}/v1/jobs"))
-        .header(TENANT, tenant)
-        .json(&json!({ "model": TEST_MODEL, "max_tokens": 4,
-                       "messages": [{ "role": "user", "content": content }] }));
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let res = req.send().await.expect("the submission is answered");
-    let status = res.status().as_u16();
-    let durability = res
-        .headers()
-        .get(DURABILITY)
-        .map(|v| v.to_str().unwrap().to_string());
-    (status, durability, res.json().await.expect("a JSON body"))
+    let headers: Vec<(&str, &str)> = headers.iter().copied().chain([(TENANT, tenant)]).collect();
+    post(url, "/v1/jobs", &headers, &turn(content)).await
 }
 
 fn answer(body: &Value) -> String {
