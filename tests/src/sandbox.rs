@@ -269,6 +269,12 @@ impl RegionSandbox {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr())
     }
+
+    /// The sum of the samples of `name` on the node's `/metrics` whose labels
+    /// contain every one of `labels`; 0 when there are none.
+    pub async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        crate::metric(&format!("{}/metrics", self.url()), name, labels).await
+    }
 }
 
 /// Where the sandbox places well-known region names, so geography works.

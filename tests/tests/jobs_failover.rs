@@ -8,10 +8,10 @@
 //! Seeded: `JOBS_FAILOVER_SEED=<n>` replays a run.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use meridian_tests::replicated::{job_rows, pool, seed, submit_job};
-use meridian_tests::{ClusterSandbox, RegionSandbox, init_logging};
+use meridian_tests::replicated::{job_rows, pool, seed, submit_job, until};
+use meridian_tests::{ClusterSandbox, init_logging};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -22,35 +22,6 @@ const TENANT: &str = "acme";
 /// Long enough that no job can finish in its home region before the kill.
 const MODEL_MS: u64 = 4_000;
 const LIMIT: Duration = Duration::from_secs(60);
-
-async fn until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !check().await {
-        assert!(
-            started.elapsed() < LIMIT,
-            "{what} did not happen within {LIMIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Sum of every sample of `name` on the region's `/metrics`, 0 if absent.
-async fn metric(region: &RegionSandbox, name: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", region.url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 async fn jobs_digest(url: &str) -> Value {
     let body: Value = reqwest::get(format!("{url}/admin/replication/digest"))
@@ -105,13 +76,13 @@ async fn a_killed_regions_jobs_finish_elsewhere_once_and_stay_finished_after_it_
     }
     // Replicated, and running at home: in flight when the region dies.
     for r in &survivors {
-        until("the submissions replicate", || async {
+        until(LIMIT, "the submissions replicate", || async {
             let rows = job_rows(&pools[r]).await;
             ids.iter().all(|id| rows.contains_key(id))
         })
         .await;
     }
-    until("the home region runs its jobs", || async {
+    until(LIMIT, "the home region runs its jobs", || async {
         let rows = job_rows(&home_pool).await;
         ids.iter().all(|id| rows[id].0 == "running")
     })
@@ -124,7 +95,7 @@ async fn a_killed_regions_jobs_finish_elsewhere_once_and_stay_finished_after_it_
 
     // Every job finishes in the survivors, adopted once, run once there.
     for r in &survivors {
-        until("every adopted job succeeds", || async {
+        until(LIMIT, "every adopted job succeeds", || async {
             let rows = job_rows(&pools[r]).await;
             ids.iter().all(|id| rows[id].0 == "succeeded")
         })
@@ -143,14 +114,17 @@ async fn a_killed_regions_jobs_finish_elsewhere_once_and_stay_finished_after_it_
         );
         assert!(result.is_some(), "job {id} has its result");
     }
-    until("the survivors agree on every job", || async {
+    until(LIMIT, "the survivors agree on every job", || async {
         let other = job_rows(&pools[survivors[1]]).await;
         ids.iter().all(|id| other[id] == finals[id])
     })
     .await;
     let mut adopted = 0.0;
     for r in &survivors {
-        adopted += metric(cluster.region(r), "meridian_jobs_adopted_total").await;
+        adopted += cluster
+            .region(r)
+            .metric("meridian_jobs_adopted_total", &[])
+            .await;
     }
     assert_eq!(adopted, n as f64, "each job adopted by one survivor");
     // Readable where the client's next poll lands.
@@ -179,10 +153,14 @@ async fn a_killed_regions_jobs_finish_elsewhere_once_and_stay_finished_after_it_
     home.postgres.restart().await.unwrap();
     home.start_node().await;
     let home_pool = pool(cluster.region(HOME)).await;
-    until("the returned region learns every adoption", || async {
-        let rows = job_rows(&home_pool).await;
-        ids.iter().all(|id| rows[id] == finals[id])
-    })
+    until(
+        LIMIT,
+        "the returned region learns every adoption",
+        || async {
+            let rows = job_rows(&home_pool).await;
+            ids.iter().all(|id| rows[id] == finals[id])
+        },
+    )
     .await;
     // Its workers run again (a new job proves it): then none of the old
     // jobs ran, and nothing it did replaced a result.
@@ -195,23 +173,25 @@ async fn a_killed_regions_jobs_finish_elsewhere_once_and_stay_finished_after_it_
         "after the return",
     )
     .await;
-    until("a new job in the returned region succeeds", || async {
-        job_rows(&home_pool).await[&fresh].0 == "succeeded"
-    })
+    until(
+        LIMIT,
+        "a new job in the returned region succeeds",
+        || async { job_rows(&home_pool).await[&fresh].0 == "succeeded" },
+    )
     .await;
     let home = cluster.region(HOME);
     assert_eq!(
-        metric(home, "meridian_jobs_run_seconds_count").await,
+        home.metric("meridian_jobs_run_seconds_count", &[]).await,
         1.0,
         "the returned region ran only the new job"
     );
-    assert_eq!(metric(home, "meridian_jobs_finished_total").await, 1.0);
+    assert_eq!(home.metric("meridian_jobs_finished_total", &[]).await, 1.0);
     let at_home = job_rows(&home_pool).await;
     for id in &ids {
         assert_eq!(at_home[id], finals[id], "job {id} in the returned region");
     }
     let urls: Vec<String> = REGIONS.iter().map(|r| cluster.region(r).url()).collect();
-    until("all three regions hold the same jobs", || async {
+    until(LIMIT, "all three regions hold the same jobs", || async {
         let mut digests = Vec::new();
         for url in &urls {
             digests.push(jobs_digest(url).await);

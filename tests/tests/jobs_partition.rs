@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use meridian_regional::SimConfig;
 use meridian_tests::replicated::{converged, until};
 use meridian_tests::replicated::{job_rows, pool, seed, submit_job};
-use meridian_tests::{ClusterSandbox, RegionSandbox, SimServer, init_logging, metric};
+use meridian_tests::{ClusterSandbox, RegionSandbox, SimServer, init_logging};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sqlx::PgPool;
@@ -63,10 +63,6 @@ async fn cluster(seed: u64, upstream: &SimServer, workers: u32) -> ClusterSandbo
     ClusterSandbox::start_replicated_with_proxies(&REGIONS, &extra, seed, |_, _| {}).await
 }
 
-async fn node_metric(region: &RegionSandbox, name: &str, labels: &[&str]) -> f64 {
-    metric(&format!("{}/metrics", region.url()), name, labels).await
-}
-
 fn region<'a>(cluster: &'a ClusterSandbox, name: &str) -> &'a RegionSandbox {
     cluster
         .regions
@@ -78,7 +74,9 @@ fn region<'a>(cluster: &'a ClusterSandbox, name: &str) -> &'a RegionSandbox {
 async fn adopted_anywhere(cluster: &ClusterSandbox) -> f64 {
     let mut adopted = 0.0;
     for r in REGIONS {
-        adopted += node_metric(region(cluster, r), "meridian_jobs_adopted_total", &[]).await;
+        adopted += region(cluster, r)
+            .metric("meridian_jobs_adopted_total", &[])
+            .await;
     }
     adopted
 }
@@ -149,7 +147,10 @@ async fn an_isolated_region_fences_its_jobs_before_the_survivors_adopt_and_run_t
     // X stops its jobs before anyone takes them: the fence is up while no
     // survivor has adopted anything.
     until(LIMIT, "X fences its jobs", || async {
-        node_metric(region(&cluster, X), "meridian_jobs_fenced", &[]).await == 1.0
+        region(&cluster, X)
+            .metric("meridian_jobs_fenced", &[])
+            .await
+            == 1.0
     })
     .await;
     assert_eq!(
@@ -161,13 +162,13 @@ async fn an_isolated_region_fences_its_jobs_before_the_survivors_adopt_and_run_t
     until(
         LIMIT,
         "X's running attempts are cancelled by the fence",
-        || async {
-            node_metric(x, "meridian_jobs_fenced_attempts_total", &[]).await == workers as f64
-        },
+        || async { x.metric("meridian_jobs_fenced_attempts_total", &[]).await == workers as f64 },
     )
     .await;
     until(LIMIT, "X's calls to the model are dropped", || async {
-        node_metric(x, "meridian_upstream_outstanding_requests", &[]).await == 0.0
+        x.metric("meridian_upstream_outstanding_requests", &[])
+            .await
+            == 0.0
     })
     .await;
 
@@ -187,17 +188,17 @@ async fn an_isolated_region_fences_its_jobs_before_the_survivors_adopt_and_run_t
     );
     let x = region(&cluster, X);
     assert_eq!(
-        node_metric(x, "meridian_jobs_finished_total", &[]).await,
+        x.metric("meridian_jobs_finished_total", &[]).await,
         0.0,
         "X finished nothing after the cut"
     );
     assert_eq!(
-        node_metric(x, "meridian_jobs_run_seconds_count", &[]).await,
+        x.metric("meridian_jobs_run_seconds_count", &[]).await,
         workers as f64,
         "X ended only the attempts the fence cancelled, and started no other"
     );
     assert_eq!(
-        node_metric(x, "meridian_jobs_fenced", &[]).await,
+        x.metric("meridian_jobs_fenced", &[]).await,
         1.0,
         "still fenced while cut off"
     );
@@ -205,7 +206,7 @@ async fn an_isolated_region_fences_its_jobs_before_the_survivors_adopt_and_run_t
     cluster.links().heal();
     let x = region(&cluster, X);
     until(LIMIT, "X lifts its fence", || async {
-        node_metric(x, "meridian_jobs_fenced", &[]).await == 0.0
+        x.metric("meridian_jobs_fenced", &[]).await == 0.0
     })
     .await;
     until(LIMIT, "the three regions converge", || {
@@ -249,12 +250,9 @@ async fn an_isolated_region_fences_its_jobs_before_the_survivors_adopt_and_run_t
     })
     .await;
     let x = region(&cluster, X);
+    assert_eq!(x.metric("meridian_jobs_finished_total", &[]).await, 1.0);
     assert_eq!(
-        node_metric(x, "meridian_jobs_finished_total", &[]).await,
-        1.0
-    );
-    assert_eq!(
-        node_metric(x, "meridian_jobs_run_seconds_count", &[]).await,
+        x.metric("meridian_jobs_run_seconds_count", &[]).await,
         workers as f64 + 1.0,
         "after the heal X ran only the new job"
     );
@@ -288,12 +286,12 @@ async fn a_region_cut_off_from_one_peer_keeps_its_jobs_and_runs_each_once() {
     cluster.links().get(p, X).cut_all();
 
     until(LIMIT, "P considers X lost", || async {
-        node_metric(
-            region(&cluster, p),
-            "meridian_replication_peer_lost",
-            &[&format!("peer=\"{X}\"")],
-        )
-        .await
+        region(&cluster, p)
+            .metric(
+                "meridian_replication_peer_lost",
+                &[&format!("peer=\"{X}\"")],
+            )
+            .await
             == 1.0
     })
     .await;
@@ -303,12 +301,12 @@ async fn a_region_cut_off_from_one_peer_keeps_its_jobs_and_runs_each_once() {
         ids.iter().all(|id| at_x[id].0 == "running"),
         "X still runs every job when P gives it up: the test needs them in flight"
     );
-    let x_lost_at_z = node_metric(
-        region(&cluster, z),
-        "meridian_replication_peer_lost",
-        &[&format!("peer=\"{X}\"")],
-    )
-    .await;
+    let x_lost_at_z = region(&cluster, z)
+        .metric(
+            "meridian_replication_peer_lost",
+            &[&format!("peer=\"{X}\"")],
+        )
+        .await;
     assert_eq!(x_lost_at_z, 0.0, "Z still hears X");
 
     // P would adopt a share now if it did not need Z's agreement.
@@ -330,16 +328,16 @@ async fn a_region_cut_off_from_one_peer_keeps_its_jobs_and_runs_each_once() {
     assert_eq!(adopted_anywhere(&cluster).await, 0.0);
     let x = region(&cluster, X);
     assert_eq!(
-        node_metric(x, "meridian_jobs_fenced", &[]).await,
+        x.metric("meridian_jobs_fenced", &[]).await,
         0.0,
         "X hears Z: no fence"
     );
     assert_eq!(
-        node_metric(x, "meridian_jobs_fenced_attempts_total", &[]).await,
+        x.metric("meridian_jobs_fenced_attempts_total", &[]).await,
         0.0
     );
     assert_eq!(
-        node_metric(x, "meridian_jobs_finished_total", &[]).await,
+        x.metric("meridian_jobs_finished_total", &[]).await,
         n as f64
     );
     assert_eq!(
