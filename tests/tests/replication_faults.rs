@@ -291,6 +291,15 @@ async fn has_tenant(pool: &PgPool, id: &str) -> bool {
         .unwrap()
 }
 
+/// How many keys tenant `id` has in `region`.
+async fn keys_of(pool: &PgPool, id: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE tenant_id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_region_and_the_rest_converge_within_5s_of_healing() {
     init_logging();
@@ -368,12 +377,7 @@ async fn a_one_way_cut_converges_within_5s_of_healing() {
     };
     tokio::join!(writes, chained);
     until(PATIENCE, "the chained key behind the cut", || async {
-        let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE tenant_id = $1")
-            .bind(&chain)
-            .fetch_one(&pools[to])
-            .await
-            .unwrap();
-        keys == 1
+        keys_of(&pools[to], &chain).await == 1
     })
     .await;
 
@@ -551,12 +555,8 @@ async fn a_key_for_a_tenant_that_has_not_arrived_brings_the_tenant_from_the_keys
         PATIENCE,
         "the key and what follows it, behind the cut",
         || async {
-            let keys: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE tenant_id = 'parent'")
-                    .fetch_one(&pools[behind])
-                    .await
-                    .unwrap();
-            keys == 1 && has_tenant(&pools[behind], "after-the-key").await
+            keys_of(&pools[behind], "parent").await == 1
+                && has_tenant(&pools[behind], "after-the-key").await
         },
     )
     .await;
