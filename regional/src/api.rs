@@ -3,7 +3,6 @@
 //! both (gRPC is told apart by path and content type).
 
 mod admin;
-mod cached;
 mod embeddings;
 mod grpc;
 mod http;
@@ -11,7 +10,6 @@ mod infer;
 mod jobs;
 mod openai;
 mod telemetry;
-mod tenant;
 mod trace;
 
 use std::convert::Infallible;
@@ -25,41 +23,91 @@ use tonic::server::NamedService;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tower::ServiceExt;
 
+use crate::answer::Pipeline;
 use crate::error::Error;
 use crate::inference::Inference;
 
-pub(crate) use self::tenant::{TENANT_HEADER, Tenant};
-pub(crate) use self::trace::{note_cache, note_model};
+pub(crate) use crate::tenant::{TENANT_HEADER, Tenant};
 
-/// What every handler shares.
-pub(crate) struct AppState {
+/// What the API is built from: the node's parts it serves requests with.
+/// The node wires them once, at start; handlers see them only through
+/// [`AppState`].
+pub(crate) struct Parts {
     pub region: String,
-    pub region_header: HeaderValue,
-    pub inference: Inference,
+    /// The answer pipeline every chat entry point calls.
+    pub pipeline: Arc<Pipeline>,
+    /// Model listing, reloads, admission and default deadlines.
+    pub inference: Arc<Inference>,
     /// The region's PostgreSQL.
     pub pool: sqlx::PgPool,
-    /// The region's Redis; reconnects by itself after an outage.
-    pub redis: redis::aio::ConnectionManager,
     /// Cancelled when the node starts shutting down.
     pub shutdown: tokio_util::sync::CancellationToken,
-    /// Background tasks (workers, batch writers); the node waits for them,
-    /// within its grace period, at shutdown.
-    pub tasks: tokio_util::task::TaskTracker,
     /// In-flight count, capacity and drain state, for `Admin.RegionStatus`.
     pub status: Arc<crate::status::NodeStatus>,
     /// Time-series storage: reading writer, usage recorder, limits.
     pub telemetry: crate::telemetry::Telemetry,
-    /// Asynchronous jobs: submission, lookups and the worker pool's handles.
+    /// Asynchronous jobs: submission, lookups and watches.
     pub jobs: Arc<crate::queue::Queue>,
     /// The built-in embedding model, when `[embeddings]` turns it on.
     pub embedder: Option<Arc<crate::inference::Embedder>>,
-    /// The response cache (exact and semantic).
+    /// The response cache, for its statistics and purges.
     pub cache: Arc<crate::cache::ResponseCache>,
-    /// This node's traces; its spans' contexts carry it to the queue and
-    /// the upstream pools.
+    /// This node's traces; the request layer opens a span per call.
     pub tracer: meridian_mesh::Tracer,
     /// This region's change log and its followers of peers' logs.
     pub replication: Arc<crate::replication::Replication>,
+}
+
+/// What every handler shares: the [`Parts`], read only.
+pub(crate) struct AppState {
+    region: String,
+    region_header: HeaderValue,
+    pipeline: Arc<Pipeline>,
+    inference: Arc<Inference>,
+    pool: sqlx::PgPool,
+    shutdown: tokio_util::sync::CancellationToken,
+    status: Arc<crate::status::NodeStatus>,
+    telemetry: crate::telemetry::Telemetry,
+    jobs: Arc<crate::queue::Queue>,
+    embedder: Option<Arc<crate::inference::Embedder>>,
+    cache: Arc<crate::cache::ResponseCache>,
+    tracer: meridian_mesh::Tracer,
+    replication: Arc<crate::replication::Replication>,
+}
+
+impl AppState {
+    fn new(parts: Parts) -> Self {
+        let Parts {
+            region,
+            pipeline,
+            inference,
+            pool,
+            shutdown,
+            status,
+            telemetry,
+            jobs,
+            embedder,
+            cache,
+            tracer,
+            replication,
+        } = parts;
+        Self {
+            region_header: HeaderValue::from_str(&region)
+                .expect("validated region names are header-safe"),
+            region,
+            pipeline,
+            inference,
+            pool,
+            shutdown,
+            status,
+            telemetry,
+            jobs,
+            embedder,
+            cache,
+            tracer,
+            replication,
+        }
+    }
 }
 
 /// The response header that names the region which produced an answer. The
@@ -68,10 +116,11 @@ pub(crate) struct AppState {
 pub(crate) const SERVED_BY: &str = "x-meridian-served-by";
 
 /// Builds the whole API as a router, so tests can drive it without a socket.
-pub(crate) fn app<H>(state: Arc<AppState>, health: HealthServer<H>) -> Router
+pub(crate) fn app<H>(parts: Parts, health: HealthServer<H>) -> Router
 where
     H: Health,
 {
+    let state = Arc::new(AppState::new(parts));
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(meridian_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

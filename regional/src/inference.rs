@@ -264,14 +264,6 @@ impl Inference {
         Ok(Routed { model })
     }
 
-    /// Routes and completes with no deadline, for callers with their own
-    /// limits (the job workers).
-    pub(crate) async fn complete(&self, req: &ChatRequest) -> Result<Completion, Error> {
-        let mut req = req.clone();
-        let routed = self.route(&mut req, &Hints::default())?;
-        routed.complete(&req, None).await
-    }
-
     /// The Prometheus text of the inference metrics.
     pub(crate) fn render_metrics(&self) -> String {
         self.metrics.render()

@@ -8,6 +8,7 @@
 //! Start one with [`RegionalNode::start`] from a [`Config`], usually read with
 //! [`Config::from_file`].
 
+mod answer;
 mod api;
 mod cache;
 mod config;
@@ -21,6 +22,7 @@ pub mod replication;
 mod status;
 mod store;
 mod telemetry;
+mod tenant;
 
 pub use self::cache::compatible as semantic_questions_compatible;
 pub use self::config::{

@@ -4,13 +4,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::http::HeaderValue;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::{self, AppState};
+use crate::answer::{self, Pipeline};
+use crate::api;
 use crate::config::Config;
 use crate::error::Error;
 use crate::inference::{Embedder, Inference};
@@ -117,40 +117,54 @@ impl RegionalNode {
                 .set_service_status(service, tonic_health::ServingStatus::Serving)
                 .await;
         }
-        let state = Arc::new(AppState {
-            region_header: HeaderValue::from_str(&config.region)
-                .expect("validated region names are header-safe"),
+        let inference = Arc::new(Inference::new(&config, shutdown.clone())?);
+        let cache = Arc::new(crate::cache::ResponseCache::new(
+            &config.cache,
+            &config.region,
+            redis.clone(),
+            embedder.clone(),
+        ));
+        let pipeline = Arc::new(Pipeline::new(answer::Parts {
             region: config.region.clone(),
-            inference: Inference::new(&config, shutdown.clone())?,
             pool: pool.clone(),
-            jobs: Arc::new(crate::queue::Queue::new(
-                pool.clone(),
-                redis.clone(),
-                config.jobs.clone(),
-                &config.region,
-                shutdown.clone(),
-            )),
-            redis: redis.clone(),
-            shutdown: shutdown.clone(),
+            inference: inference.clone(),
+            cache: cache.clone(),
+            usage: telemetry.usage.clone(),
+            replication: replication.clone(),
             tasks: tasks.clone(),
-            telemetry,
+            tracer: tracer.clone(),
+        }));
+        let jobs = Arc::new(crate::queue::Queue::new(
+            pool.clone(),
+            redis.clone(),
+            config.jobs.clone(),
+            &config.region,
+            shutdown.clone(),
+        ));
+        crate::queue::Workers {
+            jobs: jobs.clone(),
+            pipeline: pipeline.clone(),
+            replication: replication.clone(),
+            tasks: tasks.clone(),
+            tracer: tracer.clone(),
+        }
+        .start();
+        tasks.spawn(cache.clone().follow(shutdown.clone()));
+        let api = api::Parts {
+            region: config.region.clone(),
+            pipeline,
+            inference,
+            pool: pool.clone(),
+            shutdown: shutdown.clone(),
             status: Arc::new(crate::status::NodeStatus::new(config.max_in_flight)),
-            cache: Arc::new(crate::cache::ResponseCache::new(
-                &config.cache,
-                &config.region,
-                redis.clone(),
-                embedder.clone(),
-            )),
+            telemetry,
+            jobs,
             embedder,
+            cache,
             tracer: tracer.clone(),
             replication,
-        });
-        crate::queue::start(&state);
-        state
-            .tasks
-            .spawn(state.cache.clone().follow(shutdown.clone()));
-        let tasks = state.tasks.clone();
-        let app = crate::mesh::protect(api::app(state, health_service), &config.mesh);
+        };
+        let app = crate::mesh::protect(api::app(api, health_service), &config.mesh);
 
         let token = shutdown.clone();
         let grace = config.shutdown_grace;

@@ -34,9 +34,11 @@ use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::api::{AppState, Tenant};
+use crate::answer::Pipeline;
 use crate::config::JobsConfig;
 use crate::error::Error;
+use crate::replication::Replication;
+use crate::tenant::Tenant;
 
 pub(crate) use self::metrics::Metrics;
 pub(crate) use self::store::{Job, JobError, JobRequest, JobState, Priority};
@@ -318,12 +320,44 @@ impl Queue {
     }
 }
 
-/// Starts the node's workers and sweeper on its task tracker.
-pub(crate) fn start(state: &Arc<AppState>) {
-    sweeper::spawn(state.clone());
-    worker::spawn(state.clone());
-    adopt::spawn(state.clone());
-    fence::spawn(state.clone());
+/// What the node's workers, sweeper, adopter and fence run with: the queue
+/// itself, the pipeline that runs an attempt, and the peers' liveness that
+/// says whether this region may run its jobs.
+pub(crate) struct Workers {
+    pub jobs: Arc<Queue>,
+    pub pipeline: Arc<Pipeline>,
+    pub replication: Arc<Replication>,
+    /// The node's background tasks, which it waits for at shutdown.
+    pub tasks: tokio_util::task::TaskTracker,
+    pub tracer: meridian_mesh::Tracer,
+}
+
+impl Workers {
+    /// Starts the node's workers, sweeper, adopter and fence on its task
+    /// tracker.
+    pub(crate) fn start(self) {
+        let w = Arc::new(self);
+        sweeper::spawn(w.clone());
+        worker::spawn(w.clone());
+        adopt::spawn(w.clone());
+        fence::spawn(w);
+    }
+
+    fn pool(&self) -> &PgPool {
+        &self.jobs.pool
+    }
+
+    fn region(&self) -> &str {
+        &self.jobs.region
+    }
+
+    fn redis(&self) -> ConnectionManager {
+        self.jobs.redis.clone()
+    }
+
+    fn shutdown(&self) -> &CancellationToken {
+        &self.jobs.shutdown
+    }
 }
 
 /// A malformed id names no job: 404 like an unknown one.

@@ -741,3 +741,87 @@ async fn interactive_jobs_overtake_batch_jobs() {
         "the interactive job overtook only {overtaken} of 8"
     );
 }
+
+/// A job attempt goes through the region's answer pipeline like an
+/// interactive request: it holds its tenant's in-flight slot while it runs
+/// (so the tenant's chat requests meanwhile are refused), waits for a slot
+/// rather than failing when none is free, and writes its usage row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_attempts_are_admitted_and_recorded_like_requests() {
+    setup();
+    let extra = format!(
+        "[jobs]\nworkers = 3\n[inference]\nmax_in_flight_per_tenant = 1\n{}",
+        slow_model("sim-job", 700)
+    );
+    let region = RegionSandbox::start_with_config("eu-west", &extra).await;
+    let api = Api::new(&region);
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            api.submit("ledger", &body("sim-job", &format!("job {i}")))
+                .await,
+        );
+    }
+    let chat = |tenant: &'static str| {
+        api.http
+            .post(format!("{}/v1/chat/completions", api.url))
+            .header("x-meridian-tenant", tenant)
+            .json(&body(FAST, "meanwhile"))
+            .send()
+    };
+    eventually(
+        10,
+        "a chat of the tenant refused while its job runs",
+        || async {
+            let res = chat("ledger").await.unwrap();
+            if res.status() != 429 {
+                return false;
+            }
+            let err: Value = res.json().await.unwrap();
+            assert_eq!(err["error"]["type"], "rate_limit_error", "{err}");
+            true
+        },
+    )
+    .await;
+    // The limit is the tenant's: another tenant is served meanwhile.
+    assert_eq!(chat("other").await.unwrap().status(), 200);
+
+    let db = pg(&region).await;
+    eventually(30, "3 jobs succeeded", || async {
+        count(&db, "SELECT count(*) FROM jobs WHERE state = 'succeeded'").await == 3
+    })
+    .await;
+    // Three jobs for one slot: two waited for it, none failed an attempt.
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM jobs WHERE attempts = 1").await,
+        3
+    );
+    let mut tokens = 0;
+    for id in &ids {
+        let (_, job) = api.get("ledger", id).await;
+        tokens += job["result"]["usage"]["completion_tokens"]
+            .as_i64()
+            .unwrap();
+    }
+    assert!(tokens > 0);
+    eventually(10, "3 usage rows of the jobs", || async {
+        count(
+            &db,
+            "SELECT count(*) FROM inference_usage WHERE tenant = 'ledger' AND model = 'sim-job'",
+        )
+        .await
+            == 3
+    })
+    .await;
+    let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+        "SELECT status, cache, region, sum(completion_tokens)::bigint FROM inference_usage
+          WHERE tenant = 'ledger' AND model = 'sim-job' GROUP BY 1, 2, 3",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![("ok".into(), "bypass".into(), "eu-west".into(), tokens)]
+    );
+}

@@ -12,9 +12,9 @@ use meridian_proto::v1::{
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
-use super::cached::TurnOptions;
 use super::http::completion_id;
 use super::{AppState, Tenant};
+use crate::answer::TurnOptions;
 use crate::cache::{Directives, RESULT_HEADER};
 use crate::conversation::{CONVERSATION_HEADER, ConversationId};
 use crate::error::Error;
@@ -171,6 +171,7 @@ impl Inference for InferenceApi {
         let mut req = chat_request(request.into_inner())?;
         let done = self
             .state
+            .pipeline
             .answer(&tenant, &mut req, &hints, cache, deadline, turn)
             .await?;
         let now = std::time::SystemTime::now();
@@ -223,6 +224,7 @@ impl Inference for InferenceApi {
         let mut req = chat_request(request.into_inner())?;
         let streamed = self
             .state
+            .pipeline
             .answer_stream(&tenant, &mut req, &hints, cache, deadline, turn)
             .await?;
         let model = req.model.clone();

@@ -11,13 +11,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
 
-use super::cached::Streamed;
 use super::infer::{RequestFacts, durability_header, error_event, model_header};
 use super::openai::{
     ChatCompletion, ChatCompletionBody, ChatCompletionChunk, Choice, ChunkChoice, Delta,
     MessageOut, ModelEntry, ModelList, UsageBody, finish_reason,
 };
 use super::{AppState, Tenant};
+use crate::answer::Streamed;
 use crate::cache::RESULT_HEADER;
 use crate::error::Error;
 use crate::inference::Chunk;
@@ -67,6 +67,7 @@ async fn chat(
     let created = chrono::Utc::now().timestamp();
     if stream {
         let streamed = state
+            .pipeline
             .answer_stream(tenant, &mut req, &hints, facts.cache, deadline, turn)
             .await?;
         let headers = (
@@ -78,6 +79,7 @@ async fn chat(
         return Ok((headers, body).into_response());
     }
     let done = state
+        .pipeline
         .answer(tenant, &mut req, &hints, facts.cache, deadline, turn)
         .await?;
     let usage = done.answer.usage();

@@ -18,9 +18,9 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::cached::TurnOptions;
 use super::openai::{UsageBody, finish_reason, max_tokens};
 use super::{AppState, Tenant};
+use crate::answer::TurnOptions;
 use crate::cache::{Directives, RESULT_HEADER};
 use crate::conversation::{CONVERSATION_HEADER, ConversationId};
 use crate::error::Error;
@@ -221,6 +221,7 @@ async fn completions(
     };
     if !body.stream {
         let done = state
+            .pipeline
             .answer(&tenant, &mut req, &hints, facts.cache, deadline, turn)
             .await?;
         let body = object(
@@ -239,6 +240,7 @@ async fn completions(
     }
     let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
     let streamed = state
+        .pipeline
         .answer_stream(&tenant, &mut req, &hints, facts.cache, deadline, turn)
         .await?;
     let outcome = streamed.outcome;

@@ -13,7 +13,8 @@ use axum::response::Response;
 use meridian_mesh::trace::{self, FutureExt, KeyValue, Kind};
 use tracing::Instrument;
 
-use super::{AppState, TENANT_HEADER, is_grpc, tenant::DEFAULT_TENANT};
+use super::{AppState, TENANT_HEADER, is_grpc};
+use crate::tenant::DEFAULT_TENANT;
 
 pub(super) async fn request_span(
     State(state): State<Arc<AppState>>,
@@ -74,24 +75,4 @@ fn is_probe(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.Health/")
         || path == "/meridian.v1.Admin/RegionStatus"
         || path == "/metrics"
-}
-
-/// Names the model on the current request span: the one asked for and,
-/// when an alias resolved to another, the one that serves.
-pub(crate) fn note_model(requested: &str, served: &str) {
-    let cx = trace::Context::current();
-    let mut attributes = vec![KeyValue::new("meridian.model", requested.to_string())];
-    if served != requested {
-        attributes.push(KeyValue::new("meridian.model.served", served.to_string()));
-    }
-    trace::set_attributes(&cx, attributes);
-}
-
-/// Says on the current request span how the response cache took part
-/// (`hit_l1`, `hit_l2`, `hit_semantic`, `miss`, `bypass`).
-pub(crate) fn note_cache(outcome: &'static str) {
-    trace::set_attributes(
-        &trace::Context::current(),
-        vec![KeyValue::new("meridian.cache", outcome)],
-    );
 }

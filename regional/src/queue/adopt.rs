@@ -14,15 +14,15 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+use super::Workers;
 use super::store;
 use super::stream;
-use crate::api::AppState;
 use crate::error::Error;
 
 /// Most often the adopter looks for lost peers.
 const MAX_INTERVAL: Duration = Duration::from_secs(1);
 
-pub(super) fn spawn(state: Arc<AppState>) {
+pub(super) fn spawn(state: Arc<Workers>) {
     let Some(after) = state.replication.adopt_after() else {
         return;
     };
@@ -35,7 +35,7 @@ pub(super) fn spawn(state: Arc<AppState>) {
         loop {
             tokio::select! {
                 () = tokio::time::sleep(interval) => {}
-                () = state.shutdown.cancelled() => return,
+                () = state.shutdown().cancelled() => return,
             }
             if let Err(e) = adopt_lost(&state).await {
                 tracing::warn!(error = %e, "adopting a lost region's jobs failed");
@@ -44,7 +44,7 @@ pub(super) fn spawn(state: Arc<AppState>) {
     });
 }
 
-async fn adopt_lost(state: &AppState) -> Result<(), Error> {
+async fn adopt_lost(state: &Workers) -> Result<(), Error> {
     // A fenced region is the one that may be cut off: the peers it lost are
     // likely alive, and running their jobs.
     if state.jobs.fence.is_raised() {
@@ -56,15 +56,15 @@ async fn adopt_lost(state: &AppState) -> Result<(), Error> {
     }
     let survivors = state.replication.survivors();
     for peer in &lost {
-        let ids: Vec<Uuid> = store::unfinished_of(&state.pool, peer)
+        let ids: Vec<Uuid> = store::unfinished_of(state.pool(), peer)
             .await?
             .into_iter()
-            .filter(|id| adopter(*id, &survivors) == Some(state.region.as_str()))
+            .filter(|id| adopter(*id, &survivors) == Some(state.region()))
             .collect();
         if ids.is_empty() {
             continue;
         }
-        let adopted = store::adopt(&state.pool, &state.region, peer, &ids).await?;
+        let adopted = store::adopt(state.pool(), state.region(), peer, &ids).await?;
         if adopted.is_empty() {
             continue;
         }
@@ -75,7 +75,7 @@ async fn adopt_lost(state: &AppState) -> Result<(), Error> {
             .with_label_values(&[peer])
             .inc_by(adopted.len() as u64);
         tracing::warn!(peer = %peer, count = adopted.len(), "adopted the unfinished jobs of a lost region");
-        let mut redis = state.redis.clone();
+        let mut redis = state.redis();
         for (id, lane) in adopted {
             // Committed means adopted: the sweeper enqueues what fails here.
             if let Err(e) = stream::enqueue(&mut redis, id, lane).await {

@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::AppState;
+use super::Workers;
 
 /// Most often the fence looks at the peers' silence; a fifth of
 /// `fence_after` when that is shorter.
@@ -130,7 +130,7 @@ impl Drop for Finishing<'_> {
     }
 }
 
-pub(super) fn spawn(state: Arc<AppState>) {
+pub(super) fn spawn(state: Arc<Workers>) {
     let Some(after) = state.replication.fence_after() else {
         return;
     };
@@ -143,7 +143,7 @@ pub(super) fn spawn(state: Arc<AppState>) {
         loop {
             tokio::select! {
                 () = tokio::time::sleep(interval) => {}
-                () = state.shutdown.cancelled() => return,
+                () = state.shutdown().cancelled() => return,
             }
             let fence = &state.jobs.fence;
             let isolated = state.replication.isolated();
@@ -153,7 +153,7 @@ pub(super) fn spawn(state: Arc<AppState>) {
                 state.replication.forget_caught_up();
                 tokio::select! {
                     () = fence.raise() => {}
-                    () = state.shutdown.cancelled() => return,
+                    () = state.shutdown().cancelled() => return,
                 }
                 state.jobs.metrics.fenced.set(1);
                 tracing::error!(

@@ -8,16 +8,16 @@ use std::sync::Arc;
 
 use tokio::time::MissedTickBehavior;
 
+use super::Workers;
 use super::redis_error;
 use super::store::{self, Priority};
 use super::stream;
-use crate::api::AppState;
 use crate::error::Error;
 
 /// Most jobs looked at per sweep, oldest first; more wait for the next one.
 const BATCH: i64 = 10_000;
 
-pub(super) fn spawn(state: Arc<AppState>) {
+pub(super) fn spawn(state: Arc<Workers>) {
     let tasks = state.tasks.clone();
     tasks.spawn(async move {
         // The first tick is immediate: a starting node recovers at once.
@@ -26,7 +26,7 @@ pub(super) fn spawn(state: Arc<AppState>) {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                () = state.shutdown.cancelled() => return,
+                () = state.shutdown().cancelled() => return,
             }
             if let Err(e) = sweep(&state).await {
                 tracing::warn!(error = %e, "job sweep failed");
@@ -35,14 +35,14 @@ pub(super) fn spawn(state: Arc<AppState>) {
     });
 }
 
-async fn sweep(state: &AppState) -> Result<(), Error> {
+async fn sweep(state: &Workers) -> Result<(), Error> {
     let q = &state.jobs;
-    let mut redis = state.redis.clone();
+    let mut redis = state.redis();
     // Recreates what an emptied Redis lost before anything is enqueued.
     stream::ensure_groups(&mut redis)
         .await
         .map_err(redis_error)?;
-    let runnable = store::runnable(&state.pool, &state.region, BATCH).await?;
+    let runnable = store::runnable(state.pool(), state.region(), BATCH).await?;
     let ids: Vec<_> = runnable.iter().map(|(id, _)| *id).collect();
     let held = stream::held(&mut redis, &ids).await.map_err(redis_error)?;
     let mut recovered = 0u64;
@@ -59,7 +59,7 @@ async fn sweep(state: &AppState) -> Result<(), Error> {
         q.wake.notify_one();
         tracing::info!(count = recovered, "re-enqueued jobs missing from redis");
     }
-    let (interactive, batch) = store::queued_per_lane(&state.pool, &state.region).await?;
+    let (interactive, batch) = store::queued_per_lane(state.pool(), state.region()).await?;
     q.metrics.set_depth(Priority::Interactive, interactive);
     q.metrics.set_depth(Priority::Batch, batch);
     Ok(())

@@ -16,7 +16,7 @@ use super::stream::{self, Delivery, LANES};
 use meridian_mesh::trace::{self, FutureExt, KeyValue};
 use tracing::Instrument;
 
-use crate::api::AppState;
+use super::Workers;
 use crate::error::Error;
 use crate::inference::{Completion, Finish};
 
@@ -27,24 +27,24 @@ const IDLE_POLL: Duration = Duration::from_millis(100);
 /// Pause after Redis failed, so an outage is not a busy loop.
 const REDIS_PAUSE: Duration = Duration::from_millis(500);
 
-pub(super) fn spawn(state: Arc<AppState>) {
+pub(super) fn spawn(state: Arc<Workers>) {
     if state.jobs.config.workers > 0 {
         let tasks = state.tasks.clone();
         tasks.spawn(dispatch(state));
     }
 }
 
-async fn dispatch(state: Arc<AppState>) {
+async fn dispatch(state: Arc<Workers>) {
     let mut fence = state.jobs.fence.subscribe();
     // A region back from an outage may have had its jobs adopted meanwhile:
     // it learns so from its peers' logs, and runs nothing before then.
     tokio::select! {
         () = state.replication.may_run_own_jobs() => {}
-        () = state.shutdown.cancelled() => return,
+        () = state.shutdown().cancelled() => return,
     }
     let q = &state.jobs;
     let slots = Arc::new(Semaphore::new(q.config.workers as usize));
-    let mut redis = state.redis.clone();
+    let mut redis = state.redis();
     let reclaim_every = q.config.sweep_interval();
     let mut last_reclaim: Option<Instant> = None;
     loop {
@@ -58,7 +58,7 @@ async fn dispatch(state: Arc<AppState>) {
         // job still overtakes them.
         let first = tokio::select! {
             permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            () = state.shutdown.cancelled() => return,
+            () = state.shutdown().cancelled() => return,
         };
         let mut permits = vec![first];
         while let Ok(p) = slots.clone().try_acquire_owned() {
@@ -85,7 +85,7 @@ async fn dispatch(state: Arc<AppState>) {
             Err(e) => {
                 tracing::warn!(error = %e, "reading the job streams failed");
                 drop(permits);
-                pause(&state.shutdown, REDIS_PAUSE).await;
+                pause(state.shutdown(), REDIS_PAUSE).await;
                 continue;
             }
         };
@@ -94,7 +94,7 @@ async fn dispatch(state: Arc<AppState>) {
             tokio::select! {
                 () = q.wake.notified() => {}
                 () = tokio::time::sleep(IDLE_POLL) => {}
-                () = state.shutdown.cancelled() => return,
+                () = state.shutdown().cancelled() => return,
             }
             continue;
         }
@@ -107,17 +107,17 @@ async fn dispatch(state: Arc<AppState>) {
 
 /// Waits until the fence is down and every peer has been caught up with
 /// again; false on shutdown.
-async fn sit_out_fence(state: &AppState, fence: &mut watch::Receiver<bool>) -> bool {
+async fn sit_out_fence(state: &Workers, fence: &mut watch::Receiver<bool>) -> bool {
     let lifted = tokio::select! {
         lifted = fence.wait_for(|raised| !raised) => lifted.is_ok(),
-        () = state.shutdown.cancelled() => false,
+        () = state.shutdown().cancelled() => false,
     };
     if !lifted {
         return false;
     }
     tokio::select! {
         () = state.replication.may_run_own_jobs() => {}
-        () = state.shutdown.cancelled() => return false,
+        () = state.shutdown().cancelled() => return false,
     }
     tracing::info!("caught up with every peer region after the job fence: running jobs again");
     true
@@ -167,9 +167,9 @@ enum Outcome {
     Fenced,
 }
 
-async fn run(state: Arc<AppState>, d: Delivery, _permit: OwnedSemaphorePermit) {
+async fn run(state: Arc<Workers>, d: Delivery, _permit: OwnedSemaphorePermit) {
     let q = &state.jobs;
-    let mut redis = state.redis.clone();
+    let mut redis = state.redis();
     let Some(id) = d.job else {
         let _ = stream::ack(&mut redis, &d).await;
         return;
@@ -183,7 +183,7 @@ async fn run(state: Arc<AppState>, d: Delivery, _permit: OwnedSemaphorePermit) {
     };
     let owner = Uuid::new_v4();
     let lease_ms = i64::try_from(q.config.lease_ms).unwrap_or(i64::MAX);
-    let claim = match store::claim(&state.pool, &state.region, id, owner, lease_ms).await {
+    let claim = match store::claim(state.pool(), state.region(), id, owner, lease_ms).await {
         Ok(Some(claim)) => claim,
         // Done, cancelled, not yet due, adopted by another region, or
         // another attempt holds it: the message is a duplicate, and
@@ -273,7 +273,7 @@ async fn run(state: Arc<AppState>, d: Delivery, _permit: OwnedSemaphorePermit) {
             return;
         }
         Outcome::Lost => Ok(()),
-        Outcome::Done(done, latency) => store::succeed(&state.pool, owner, &result(done, latency))
+        Outcome::Done(done, latency) => store::succeed(state.pool(), owner, &result(done, latency))
             .await
             .map(|won| {
                 if won {
@@ -299,7 +299,7 @@ async fn run(state: Arc<AppState>, d: Delivery, _permit: OwnedSemaphorePermit) {
 
 /// The attempt's span: a child of the span that submitted the job, so the
 /// trace runs from the client's request to the work done for it later.
-fn attempt_span(state: &AppState, id: Uuid, claim: &Claim) -> trace::Context {
+fn attempt_span(state: &Workers, id: Uuid, claim: &Claim) -> trace::Context {
     if !state.tracer.is_enabled() {
         return trace::Context::new();
     }
@@ -313,7 +313,7 @@ fn attempt_span(state: &AppState, id: Uuid, claim: &Claim) -> trace::Context {
         trace::Kind::Consumer,
         &parent,
         vec![
-            KeyValue::new("meridian.region", state.region.clone()),
+            KeyValue::new("meridian.region", state.region().to_string()),
             KeyValue::new("meridian.tenant", claim.tenant.clone()),
             KeyValue::new("meridian.model", claim.request.model.clone()),
             KeyValue::new("meridian.job.id", id.to_string()),
@@ -323,7 +323,7 @@ fn attempt_span(state: &AppState, id: Uuid, claim: &Claim) -> trace::Context {
 }
 
 async fn attempt(
-    state: &AppState,
+    state: &Workers,
     id: Uuid,
     owner: Lease,
     claim: &Claim,
@@ -340,7 +340,7 @@ async fn attempt(
     let renew = async {
         loop {
             tokio::time::sleep(q.config.lease() / 3).await;
-            match store::renew(&state.pool, owner, lease_ms).await {
+            match store::renew(state.pool(), owner, lease_ms).await {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(e) => tracing::warn!(job = %id, error = %e, "renewing a job lease failed"),
@@ -349,13 +349,13 @@ async fn attempt(
     };
     tokio::select! {
         biased;
-        () = state.shutdown.cancelled() => Outcome::Shutdown,
+        () = state.shutdown().cancelled() => Outcome::Shutdown,
         // Before the inference is polled: an attempt admitted just before
         // the fence went up never reaches the upstream.
         () = fence.cancelled() => Outcome::Fenced,
         () = token.cancelled() => Outcome::Lost,
         () = renew => Outcome::Lost,
-        done = state.inference.complete(&request) => match done {
+        done = state.pipeline.attempt(&claim.tenant, &request) => match done {
             Ok(done) => Outcome::Done(done, started.elapsed()),
             Err(e) => Outcome::Failed(e),
         },
@@ -365,7 +365,7 @@ async fn attempt(
 /// Records a failed attempt: queued again after a backoff while attempts
 /// remain and the error is retryable, else failed or dead-lettered.
 async fn failed(
-    state: &Arc<AppState>,
+    state: &Arc<Workers>,
     d: &Delivery,
     id: Uuid,
     owner: Lease,
@@ -386,7 +386,7 @@ async fn failed(
         retryable,
     };
     if !retryable {
-        if store::fail(&state.pool, owner, JobState::Failed, &error).await? {
+        if store::fail(state.pool(), owner, JobState::Failed, &error).await? {
             q.metrics
                 .finished
                 .with_label_values(&[JobState::Failed.as_str()])
@@ -401,7 +401,7 @@ async fn failed(
         .config
         .backoff(claim.attempts, rand::rng().random::<f64>());
     let backoff_ms = i64::try_from(backoff.as_millis()).unwrap_or(i64::MAX);
-    if store::retry(&state.pool, owner, &error, backoff_ms).await? {
+    if store::retry(state.pool(), owner, &error, backoff_ms).await? {
         q.metrics.retries.inc();
         // Re-enqueued when due; if this node stops first, the sweeper does it.
         let state = state.clone();
@@ -410,13 +410,13 @@ async fn failed(
         tasks.spawn(async move {
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {
-                    let mut redis = state.redis.clone();
+                    let mut redis = state.redis();
                     if let Err(e) = stream::enqueue(&mut redis, id, lane).await {
                         tracing::warn!(job = %id, error = %e, "re-enqueue failed; the sweeper will retry");
                     }
                     state.jobs.wake.notify_one();
                 }
-                () = state.shutdown.cancelled() => {}
+                () = state.shutdown().cancelled() => {}
             }
         });
     }
@@ -424,12 +424,12 @@ async fn failed(
 }
 
 async fn dead_letter(
-    state: &AppState,
+    state: &Workers,
     id: Uuid,
     owner: Lease,
     error: &JobError,
 ) -> Result<(), Error> {
-    if store::fail(&state.pool, owner, JobState::DeadLettered, error).await? {
+    if store::fail(state.pool(), owner, JobState::DeadLettered, error).await? {
         state.jobs.metrics.dead_lettered.inc();
         state
             .jobs

@@ -1,0 +1,290 @@
+//! The answer pipeline: what every way of asking the models shares. HTTP
+//! chat and text completions, gRPC Generate and GenerateStream, and every
+//! job attempt come here with a parsed request; the handlers only unpack
+//! their wire format before and pack the answer after.
+//!
+//! In order: the durability asked for, the conversation's history, model
+//! routing, the usage record, the response cache, an admission slot and the
+//! backend on a miss, then the conversation's new turn stored (and, when
+//! synchronous, applied by a peer region) before the client sees the end of
+//! the answer.
+
+mod stream;
+mod trace;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+use crate::cache::{Answer, Directives, Outcome, ResponseCache};
+use crate::conversation::{self, ConversationId, Turn};
+use crate::error::Error;
+use crate::inference::{ChatRequest, ChunkStream, Completion, Hints, Inference, Permit, Routed};
+use crate::replication::{Durability, Replication};
+use crate::telemetry::UsageRecorder;
+use crate::telemetry::usage::UsageDraft;
+use crate::tenant::Tenant;
+
+/// The longest a job attempt refused by admission control waits before it
+/// asks again; shorter than the usual `retry_after_ms`, since a worker that
+/// waits holds a claimed job.
+const JOB_ADMISSION_POLL: Duration = Duration::from_millis(100);
+
+/// What the pipeline works with; each part is shared with the rest of the
+/// node, which the pipeline never reaches beyond these.
+pub(crate) struct Parts {
+    pub region: String,
+    /// The region's PostgreSQL, where conversation turns are stored.
+    pub pool: PgPool,
+    pub inference: Arc<Inference>,
+    pub cache: Arc<ResponseCache>,
+    pub usage: UsageRecorder,
+    /// Durability defaults and the wait for a peer's apply.
+    pub replication: Arc<Replication>,
+    /// Where a streamed miss stores its answer once the stream has ended.
+    pub tasks: TaskTracker,
+    pub tracer: meridian_mesh::Tracer,
+}
+
+/// The one path from a parsed request to an answer.
+pub(crate) struct Pipeline {
+    region: String,
+    pool: PgPool,
+    inference: Arc<Inference>,
+    cache: Arc<ResponseCache>,
+    usage: UsageRecorder,
+    replication: Arc<Replication>,
+    tasks: TaskTracker,
+    tracer: meridian_mesh::Tracer,
+}
+
+/// What a request asks of its conversation turn.
+#[derive(Debug, Default)]
+pub(crate) struct TurnOptions {
+    /// The conversation the request continues, if any.
+    pub conversation: Option<ConversationId>,
+    /// `x-meridian-durability` as asked; the tenant's default when `None`.
+    pub durability: Option<Durability>,
+}
+
+/// A whole answer and how it was found.
+pub(crate) struct Answered {
+    pub answer: Arc<Answer>,
+    pub outcome: Outcome,
+    /// Time to the first token of this request's generation; zero when
+    /// another request (or the cache) answered.
+    pub time_to_first_token: Duration,
+    /// How the stored turn was acknowledged; `None` without a conversation.
+    pub durability: Option<Durability>,
+}
+
+/// A streamed answer: chunks, how they were found, and what the stream must
+/// hold until it ends (the usage record, the admission slot of a miss).
+pub(crate) struct Streamed {
+    pub chunks: ChunkStream,
+    pub outcome: Outcome,
+    pub record: UsageDraft,
+    pub permit: Option<Permit>,
+    /// How the turn is acknowledged (its last chunk waits for it); `None`
+    /// without a conversation.
+    pub durability: Option<Durability>,
+}
+
+impl Pipeline {
+    pub(crate) fn new(parts: Parts) -> Self {
+        let Parts {
+            region,
+            pool,
+            inference,
+            cache,
+            usage,
+            replication,
+            tasks,
+            tracer,
+        } = parts;
+        Self {
+            region,
+            pool,
+            inference,
+            cache,
+            usage,
+            replication,
+            tasks,
+            tracer,
+        }
+    }
+
+    /// A whole completion, from the cache or the model; with a
+    /// conversation, its history goes to the model and the exchange is
+    /// stored before this returns (and, when synchronous, applied by a peer
+    /// region).
+    pub(crate) async fn answer(
+        &self,
+        tenant: &Tenant,
+        req: &mut ChatRequest,
+        hints: &Hints,
+        directives: Directives,
+        deadline: Instant,
+        turn: TurnOptions,
+    ) -> Result<Answered, Error> {
+        let durability = self
+            .replication
+            .durability(tenant.as_str(), turn.durability)?;
+        let turn = self.begin_turn(tenant, req, turn.conversation).await?;
+        let (routed, record) = self.route(tenant.as_str(), req, hints)?;
+        let req = &*req;
+        let policy = self.cache.policy(req, directives);
+        let mut ttft = Duration::ZERO;
+        let compute = async {
+            let _permit = self.inference.admit(tenant.as_str())?;
+            let done = routed.complete(req, Some(deadline)).await?;
+            ttft = done.time_to_first_token;
+            Ok(Answer {
+                text: done.text,
+                finish: done.finish,
+                prompt_tokens: done.usage.prompt_tokens,
+                completion_tokens: done.usage.completion_tokens,
+            })
+        };
+        let (answer, outcome) = self
+            .cache
+            .get_or_compute(tenant.as_str(), req, policy, compute)
+            .await
+            .inspect_err(|e| record.failed(e))?;
+        record.completed(answer.usage(), ttft, outcome.label());
+        self.note_cache(outcome);
+        let durability = match turn {
+            Some(turn) => {
+                // A hit is stored too: the history is what the client was told.
+                self.store_turn(turn, &answer.text, durability).await?;
+                Some(durability)
+            }
+            None => None,
+        };
+        Ok(Answered {
+            answer,
+            outcome,
+            time_to_first_token: ttft,
+            durability,
+        })
+    }
+
+    /// One attempt of a job of `tenant`: routed and admitted like an
+    /// interactive request, and recorded in the usage rows like one. The
+    /// cache is not asked (a job is work its submitter wants done), and a
+    /// refusal by admission control is waited out rather than failed: the
+    /// job was accepted, and a slot frees as interactive requests end.
+    /// Dropping the future (a cancel, a lost lease, the job fence) gives
+    /// the slot back at once.
+    pub(crate) async fn attempt(
+        &self,
+        tenant: &str,
+        req: &ChatRequest,
+    ) -> Result<Completion, Error> {
+        let mut req = req.clone();
+        let (routed, record) = self.route(tenant, &mut req, &Hints::default())?;
+        let _permit = loop {
+            match self.inference.admit(tenant) {
+                Ok(permit) => break permit,
+                Err(Error::Overloaded { retry_after, .. }) => {
+                    tokio::time::sleep(retry_after.min(JOB_ADMISSION_POLL)).await;
+                }
+                Err(e) => {
+                    record.failed(&e);
+                    return Err(e);
+                }
+            }
+        };
+        let done = routed
+            .complete(&req, None)
+            .await
+            .inspect_err(|e| record.failed(e))?;
+        record.completed(
+            done.usage,
+            done.time_to_first_token,
+            Outcome::Bypass.label(),
+        );
+        Ok(done)
+    }
+
+    /// Resolves the model of `req` and begins its usage record. A refusal by
+    /// routing (unknown model, prompt too long) is recorded under the name
+    /// the client asked for.
+    fn route(
+        &self,
+        tenant: &str,
+        req: &mut ChatRequest,
+        hints: &Hints,
+    ) -> Result<(Routed, UsageDraft), Error> {
+        let requested = self.tracer.is_enabled().then(|| req.model.clone());
+        let routed = self
+            .inference
+            .route(req, hints)
+            .inspect_err(|e| self.usage.begin(tenant, &req.model).failed(e))?;
+        if let Some(requested) = requested {
+            trace::note_model(&requested, &req.model);
+        }
+        Ok((routed, self.usage.begin(tenant, &req.model)))
+    }
+
+    /// The conversation's stored turns prepended to `req`, and the turn to
+    /// store once answered.
+    async fn begin_turn(
+        &self,
+        tenant: &Tenant,
+        req: &mut ChatRequest,
+        conversation: Option<ConversationId>,
+    ) -> Result<Option<Turn>, Error> {
+        match conversation {
+            None => Ok(None),
+            Some(id) => conversation::begin(&self.pool, tenant.as_str(), id, req)
+                .await
+                .map(Some),
+        }
+    }
+
+    /// Stores the exchange of `turn` with `text` as its answer and, when
+    /// synchronous, waits until a peer region has applied it.
+    async fn store_turn(
+        &self,
+        turn: Turn,
+        text: &str,
+        durability: Durability,
+    ) -> Result<(), Error> {
+        store_turn(
+            &self.pool,
+            &self.region,
+            &self.replication,
+            turn,
+            text,
+            durability,
+        )
+        .await
+    }
+
+    fn note_cache(&self, outcome: Outcome) {
+        if self.tracer.is_enabled() {
+            trace::note_cache(outcome.label());
+        }
+    }
+}
+
+/// [`Pipeline::store_turn`] without the pipeline, for the end of a stream,
+/// which outlives the borrow of the request.
+async fn store_turn(
+    pool: &PgPool,
+    region: &str,
+    replication: &Replication,
+    turn: Turn,
+    text: &str,
+    durability: Durability,
+) -> Result<(), Error> {
+    let sequence = turn.store(pool, region, text).await?;
+    if durability == Durability::Sync {
+        replication.wait_applied(sequence).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! The streamed half of the pipeline: a hit replayed as a stream, or the
+//! model's stream, stored in the cache once it ends well; with a
+//! conversation, the turn is stored before the last chunk goes out.
+
+use futures::StreamExt;
+use tokio::time::Instant;
+
+use super::{Pipeline, Streamed, TurnOptions, store_turn};
+use crate::cache::{Answer, Directives, Outcome, Policy};
+use crate::conversation::Turn;
+use crate::error::Error;
+use crate::inference::{ChatRequest, Chunk, ChunkStream, Hints};
+use crate::replication::Durability;
+use crate::tenant::Tenant;
+
+impl Pipeline {
+    /// A streamed completion. With a conversation, the exchange is stored
+    /// (and, when synchronous, applied by a peer region) before the last
+    /// chunk goes out.
+    pub(crate) async fn answer_stream(
+        &self,
+        tenant: &Tenant,
+        req: &mut ChatRequest,
+        hints: &Hints,
+        directives: Directives,
+        deadline: Instant,
+        turn: TurnOptions,
+    ) -> Result<Streamed, Error> {
+        let durability = self
+            .replication
+            .durability(tenant.as_str(), turn.durability)?;
+        let turn = self.begin_turn(tenant, req, turn.conversation).await?;
+        let mut streamed = self
+            .stream_answer(tenant, req, hints, directives, deadline)
+            .await?;
+        if let Some(turn) = turn {
+            streamed.chunks = self.store_at_end(streamed.chunks, turn, durability);
+            streamed.durability = Some(durability);
+        }
+        Ok(streamed)
+    }
+
+    /// Passes `chunks` on, storing the turn (with the streamed text as the
+    /// answer) before the final chunk: a client that saw the stream end
+    /// has its turn stored. When storing fails, the stream ends in that
+    /// error instead.
+    fn store_at_end(&self, chunks: ChunkStream, turn: Turn, durability: Durability) -> ChunkStream {
+        let pool = self.pool.clone();
+        let region = self.region.clone();
+        let replication = self.replication.clone();
+        async_stream::stream! {
+            let mut chunks = chunks;
+            let mut text = String::new();
+            while let Some(chunk) = chunks.next().await {
+                match chunk {
+                    Ok(Chunk::Delta(d)) => {
+                        text.push_str(&d);
+                        yield Ok(Chunk::Delta(d));
+                    }
+                    Ok(done @ Chunk::Done { .. }) => {
+                        match store_turn(&pool, &region, &replication, turn, &text, durability).await {
+                            Ok(()) => yield Ok(done),
+                            Err(e) => yield Err(e),
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        yield Err(e);
+                        return;
+                    }
+                }
+            }
+        }
+        .boxed()
+    }
+
+    async fn stream_answer(
+        &self,
+        tenant: &Tenant,
+        req: &mut ChatRequest,
+        hints: &Hints,
+        directives: Directives,
+        deadline: Instant,
+    ) -> Result<Streamed, Error> {
+        let (routed, record) = self.route(tenant.as_str(), req, hints)?;
+        let policy = self.cache.policy(req, directives);
+        let looked = self.cache.lookup(tenant.as_str(), req, policy).await;
+        if let Some((answer, outcome)) = looked.hit {
+            self.note_cache(outcome);
+            return Ok(Streamed {
+                chunks: answer.stream(),
+                outcome,
+                record,
+                permit: None,
+                durability: None,
+            });
+        }
+        let permit = self
+            .inference
+            .admit(tenant.as_str())
+            .inspect_err(|e| record.failed(e))?;
+        let chunks = routed
+            .stream(req.clone(), Some(deadline))
+            .await
+            .inspect_err(|e| record.failed(e))?;
+        let outcome = if policy == Policy::Bypass {
+            Outcome::Bypass
+        } else {
+            Outcome::Miss
+        };
+        self.note_cache(outcome);
+        let chunks = if policy == Policy::Bypass {
+            chunks
+        } else {
+            // Single-flight does not cover streams: a stream's worth is its
+            // first token, which waiting on another request's whole answer
+            // would delay.
+            let (cache, tasks) = (self.cache.clone(), self.tasks.clone());
+            let mut pending = Some(looked.pending);
+            let mut text = String::new();
+            chunks
+                .inspect(move |chunk| match chunk {
+                    Ok(Chunk::Delta(d)) => text.push_str(d),
+                    Ok(Chunk::Done { finish, usage }) => {
+                        let Some(pending) = pending.take() else {
+                            return;
+                        };
+                        let answer = Answer {
+                            text: std::mem::take(&mut text),
+                            finish: *finish,
+                            prompt_tokens: usage.prompt_tokens,
+                            completion_tokens: usage.completion_tokens,
+                        };
+                        let cache = cache.clone();
+                        tasks.spawn(async move {
+                            cache.store_answer(pending, answer).await;
+                        });
+                    }
+                    Err(_) => {}
+                })
+                .boxed()
+        };
+        Ok(Streamed {
+            chunks,
+            outcome,
+            record,
+            permit: Some(permit),
+            durability: None,
+        })
+    }
+}
