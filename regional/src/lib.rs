@@ -17,6 +17,7 @@ mod error;
 mod inference;
 mod mesh;
 mod node;
+mod peers;
 mod queue;
 pub mod replication;
 mod status;

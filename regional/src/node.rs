@@ -14,6 +14,7 @@ use crate::api;
 use crate::config::Config;
 use crate::error::Error;
 use crate::inference::{Embedder, Inference};
+use crate::peers::Peers;
 use crate::store;
 
 /// A started node. Dropping it without [`RegionalNode::shutdown`] cancels it.
@@ -96,11 +97,18 @@ impl RegionalNode {
             }
             None => None,
         };
+        let peers = Arc::new(Peers::new(
+            &config.region,
+            config.replication.peers.iter().map(|p| p.region.clone()),
+            config.replication.adopt_after(),
+            config.replication.fence_after(),
+        ));
         let replication = crate::replication::Replication::start(
             &config.region,
             &config.replication,
             &config.mesh,
             &pool,
+            peers.clone(),
             &shutdown,
             &tasks,
         )?;
@@ -144,7 +152,7 @@ impl RegionalNode {
         crate::queue::Workers {
             jobs: jobs.clone(),
             pipeline: pipeline.clone(),
-            replication: replication.clone(),
+            peers,
             tasks: tasks.clone(),
             tracer: tracer.clone(),
         }

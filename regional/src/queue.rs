@@ -37,7 +37,7 @@ use uuid::Uuid;
 use crate::answer::Pipeline;
 use crate::config::JobsConfig;
 use crate::error::Error;
-use crate::replication::Replication;
+use crate::peers::Peers;
 use crate::tenant::Tenant;
 
 pub(crate) use self::metrics::Metrics;
@@ -326,7 +326,8 @@ impl Queue {
 pub(crate) struct Workers {
     pub jobs: Arc<Queue>,
     pub pipeline: Arc<Pipeline>,
-    pub replication: Arc<Replication>,
+    /// Which peer regions are heard: whether jobs may run, and whose to adopt.
+    pub peers: Arc<Peers>,
     /// The node's background tasks, which it waits for at shutdown.
     pub tasks: tokio_util::task::TaskTracker,
     pub tracer: meridian_mesh::Tracer,

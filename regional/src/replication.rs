@@ -26,7 +26,7 @@ use meridian_mesh::{ArcSwap, Identity, MeshConnector};
 use meridian_proto::v1::PeerLag;
 use serde::Serialize;
 use sqlx::PgPool;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, Endpoint};
@@ -42,6 +42,7 @@ use self::pull::PeerState;
 use crate::config::ReplicationConfig;
 use crate::error::Error;
 use crate::mesh::Mesh;
+use crate::peers::Peers;
 
 /// The node's replication: shared by the service, the followers and status.
 pub(crate) struct Replication {
@@ -53,9 +54,10 @@ pub(crate) struct Replication {
     /// What each peer acknowledged of this log, for synchronous writers.
     acked: sync::Acked,
     metrics: Arc<Metrics>,
+    /// How far this region has followed each peer's log.
     peers: Vec<Arc<PeerState>>,
-    /// Woken when a follower first catches up with its peer.
-    caught_up: Notify,
+    /// Which peers are heard; the followers report to it.
+    liveness: Arc<Peers>,
     shutdown: CancellationToken,
 }
 
@@ -68,6 +70,7 @@ impl Replication {
         config: &ReplicationConfig,
         mesh: &Mesh,
         pool: &PgPool,
+        liveness: Arc<Peers>,
         shutdown: &CancellationToken,
         tasks: &TaskTracker,
     ) -> Result<Arc<Self>, Error> {
@@ -89,7 +92,7 @@ impl Replication {
                 .iter()
                 .map(|p| Arc::new(PeerState::new(&p.region)))
                 .collect(),
-            caught_up: Notify::new(),
+            liveness,
             shutdown: shutdown.clone(),
         });
         tasks.spawn(log::listen(
@@ -141,147 +144,15 @@ impl Replication {
         lag
     }
 
-    /// How long a silent peer is given before its jobs are adopted; `None`
-    /// when job failover is off.
-    pub(crate) fn adopt_after(&self) -> Option<Duration> {
-        self.config.adopt_after()
-    }
-
-    pub(crate) fn has_peers(&self) -> bool {
-        !self.peers.is_empty()
-    }
-
-    /// How long this region may hear from no peer before it fences its
-    /// jobs; `None` when job failover is off.
-    pub(crate) fn fence_after(&self) -> Option<Duration> {
-        self.config.fence_after()
-    }
-
-    /// The configured peers this region has not heard from for at least
-    /// `adopt_after_ms` (none when job failover is off), sorted. Refreshes
-    /// `meridian_replication_peer_lost` on the way.
-    pub(crate) fn lost_peers(&self) -> Vec<String> {
-        let Some(after) = self.config.adopt_after() else {
-            return Vec::new();
-        };
-        let mut lost = Vec::new();
-        for p in &self.peers {
-            let is_lost = p.silent_for() >= after;
+    /// The Prometheus text of replication, with each peer's lost gauge
+    /// read from the liveness as it is now.
+    pub(crate) fn render_metrics(&self) -> String {
+        for (peer, lost) in self.liveness.liveness() {
             self.metrics
                 .lost
-                .with_label_values(&[&p.region])
-                .set(i64::from(is_lost));
-            if is_lost {
-                lost.push(p.region.clone());
-            }
+                .with_label_values(&[peer])
+                .set(i64::from(lost));
         }
-        lost.sort();
-        lost
-    }
-
-    /// The configured peers this region has not heard from for `after`.
-    pub(crate) fn silent_peers(&self, after: Duration) -> Vec<String> {
-        self.peers
-            .iter()
-            .filter(|p| p.silent_for() >= after)
-            .map(|p| p.region.clone())
-            .collect()
-    }
-
-    /// The lost peers whose jobs may be adopted: lost here, and lost too in
-    /// the latest view of every peer still heard from here (a peer that has
-    /// sent no view yet does not agree). A region cut off from this one but
-    /// heard by another is alive, and may be running its jobs.
-    pub(crate) fn agreed_lost(&self) -> Vec<String> {
-        let lost = self.lost_peers();
-        let views: Vec<Option<Vec<String>>> = self
-            .peers
-            .iter()
-            .filter(|p| !lost.contains(&p.region))
-            .map(|p| p.lost_view.lock().expect("not poisoned").clone())
-            .collect();
-        lost.into_iter()
-            .filter(|x| {
-                views
-                    .iter()
-                    .all(|v| v.as_ref().is_some_and(|v| v.contains(x)))
-            })
-            .collect()
-    }
-
-    /// This region and every peer not lost: the candidates to adopt a lost
-    /// peer's jobs.
-    pub(crate) fn survivors(&self) -> Vec<String> {
-        let lost = self.lost_peers();
-        std::iter::once(self.region.clone())
-            .chain(
-                self.peers
-                    .iter()
-                    .map(|p| p.region.clone())
-                    .filter(|r| !lost.contains(r)),
-            )
-            .collect()
-    }
-
-    /// Whether this region must fence its jobs: it has heard from none of
-    /// its peers for `fence_after`, so it may be the one cut off, and they
-    /// may adopt its jobs once `adopt_after_ms` has passed. Never with
-    /// failover off, nor with fewer than two peers: with one, its death and
-    /// this region's isolation look the same, and fencing would stop the
-    /// survivor's own jobs whenever its only peer dies.
-    pub(crate) fn isolated(&self) -> bool {
-        let Some(after) = self.config.fence_after() else {
-            return false;
-        };
-        self.peers.len() >= 2 && self.peers.iter().all(|p| p.silent_for() >= after)
-    }
-
-    /// Called when this region fences its jobs: `may_run_own_jobs` then
-    /// waits for a fresh catch-up with every peer, so adoptions made while
-    /// it was cut off are known here before it runs anything again.
-    pub(crate) fn forget_caught_up(&self) {
-        for p in &self.peers {
-            p.caught_up.store(false, Ordering::Relaxed);
-        }
-    }
-
-    /// Returns once this region may run the jobs it owns. Every peer has
-    /// been caught up with since start (or since the latest fence), so any
-    /// adoption it made is known here and fences those jobs off, and its
-    /// latest view no longer reports this region lost (it would still adopt
-    /// from it otherwise); or the peer is lost and every other peer heard
-    /// agrees (it cannot be running them). At once when job failover is off.
-    pub(crate) async fn may_run_own_jobs(&self) {
-        if self.config.adopt_after().is_none() {
-            return;
-        }
-        loop {
-            let notified = self.caught_up.notified();
-            if self.own_jobs_settled() {
-                return;
-            }
-            tokio::select! {
-                () = notified => {}
-                () = tokio::time::sleep(Duration::from_millis(100)) => {}
-            }
-        }
-    }
-
-    fn own_jobs_settled(&self) -> bool {
-        let gone = self.agreed_lost();
-        self.peers.iter().all(|p| {
-            gone.contains(&p.region)
-                || (p.caught_up.load(Ordering::Relaxed)
-                    && !p
-                        .lost_view
-                        .lock()
-                        .expect("not poisoned")
-                        .as_ref()
-                        .is_some_and(|v| v.contains(&self.region)))
-        })
-    }
-
-    pub(crate) fn render_metrics(&self) -> String {
         self.metrics.render()
     }
 

@@ -1,6 +1,6 @@
 //! Job failover: a peer region that has not answered for `adopt_after_ms`
 //! is lost, and once every other peer still heard from reports it lost too
-//! (`Replication::agreed_lost`), its unfinished jobs (known here because
+//! (`Peers::agreed_lost`), its unfinished jobs (known here because
 //! jobs replicate) are adopted by the surviving regions. The agreement keeps
 //! a region that only this one cannot hear, but others can, running its own
 //! jobs; a region no one hears has fenced its jobs by then (`fence.rs`). Each job goes to one survivor, chosen
@@ -23,10 +23,10 @@ use crate::error::Error;
 const MAX_INTERVAL: Duration = Duration::from_secs(1);
 
 pub(super) fn spawn(state: Arc<Workers>) {
-    let Some(after) = state.replication.adopt_after() else {
+    let Some(after) = state.peers.adopt_after() else {
         return;
     };
-    if !state.replication.has_peers() {
+    if !state.peers.has_peers() {
         return;
     }
     let interval = (after / 4).clamp(Duration::from_millis(50), MAX_INTERVAL);
@@ -50,11 +50,11 @@ async fn adopt_lost(state: &Workers) -> Result<(), Error> {
     if state.jobs.fence.is_raised() {
         return Ok(());
     }
-    let lost = state.replication.agreed_lost();
+    let lost = state.peers.agreed_lost();
     if lost.is_empty() {
         return Ok(());
     }
-    let survivors = state.replication.survivors();
+    let survivors = state.peers.survivors();
     for peer in &lost {
         let ids: Vec<Uuid> = store::unfinished_of(state.pool(), peer)
             .await?

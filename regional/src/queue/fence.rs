@@ -1,5 +1,5 @@
 //! The job fence: a node of a region that hears from none of its peers for
-//! `fence_after` (see `Replication::isolated`) stops running the jobs its
+//! `fence_after` (see `Peers::isolated`) stops running the jobs its
 //! region owns, because its peers, if they can still talk to each other,
 //! adopt those jobs once `adopt_after_ms` has passed and run them there.
 //! `fence_after` is validated to end a heartbeat interval before
@@ -131,10 +131,10 @@ impl Drop for Finishing<'_> {
 }
 
 pub(super) fn spawn(state: Arc<Workers>) {
-    let Some(after) = state.replication.fence_after() else {
+    let Some(after) = state.peers.fence_after() else {
         return;
     };
-    if !state.replication.has_peers() {
+    if !state.peers.has_peers() {
         return;
     }
     let interval = (after / 5).clamp(Duration::from_millis(10), MAX_INTERVAL);
@@ -146,11 +146,11 @@ pub(super) fn spawn(state: Arc<Workers>) {
                 () = state.shutdown().cancelled() => return,
             }
             let fence = &state.jobs.fence;
-            let isolated = state.replication.isolated();
+            let isolated = state.peers.isolated();
             if isolated && !fence.is_raised() {
                 // Before the fence is reported up: whatever lifts it must
                 // find the flags cleared.
-                state.replication.forget_caught_up();
+                state.peers.forget_caught_up();
                 tokio::select! {
                     () = fence.raise() => {}
                     () = state.shutdown().cancelled() => return,

@@ -39,7 +39,7 @@ async fn dispatch(state: Arc<Workers>) {
     // A region back from an outage may have had its jobs adopted meanwhile:
     // it learns so from its peers' logs, and runs nothing before then.
     tokio::select! {
-        () = state.replication.may_run_own_jobs() => {}
+        () = state.peers.may_run_own_jobs() => {}
         () = state.shutdown().cancelled() => return,
     }
     let q = &state.jobs;
@@ -116,7 +116,7 @@ async fn sit_out_fence(state: &Workers, fence: &mut watch::Receiver<bool>) -> bo
         return false;
     }
     tokio::select! {
-        () = state.replication.may_run_own_jobs() => {}
+        () = state.peers.may_run_own_jobs() => {}
         () = state.shutdown().cancelled() => return false,
     }
     tracing::info!("caught up with every peer region after the job fence: running jobs again");

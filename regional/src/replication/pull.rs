@@ -3,12 +3,11 @@
 //! with capped, jittered backoff when the stream fails.
 
 use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use meridian_proto::v1::replication_client::ReplicationClient;
-use meridian_proto::v1::{AckRequest, PullRequest};
+use meridian_proto::v1::{AckRequest, ChangeBatch, PullRequest};
 use rand::Rng;
 use tonic::transport::Channel;
 
@@ -26,16 +25,6 @@ pub(crate) struct PeerState {
     pub applied: AtomicU64,
     /// Age of the newest applied change while more wait; 0 when caught up.
     pub lag_ms: AtomicU32,
-    /// When the peer last answered (a batch or a heartbeat); the follower's
-    /// start until it first does. Job failover measures unreachability here.
-    pub last_seen: Mutex<Instant>,
-    /// Whether this node has applied the peer's whole log at least once
-    /// since it started: every adoption the peer made before is known here.
-    pub caught_up: AtomicBool,
-    /// The peers the peer reported lost in its latest batch; `None` until
-    /// it sent one. Job failover adopts only what every heard peer agrees
-    /// is lost.
-    pub lost_view: Mutex<Option<Vec<String>>>,
 }
 
 impl PeerState {
@@ -45,15 +34,7 @@ impl PeerState {
             high: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             lag_ms: AtomicU32::new(0),
-            last_seen: Mutex::new(Instant::now()),
-            caught_up: AtomicBool::new(false),
-            lost_view: Mutex::new(None),
         }
-    }
-
-    /// Time since the peer last answered.
-    pub(crate) fn silent_for(&self) -> Duration {
-        self.last_seen.lock().expect("not poisoned").elapsed()
     }
 }
 
@@ -99,6 +80,8 @@ pub(crate) async fn follow(
     }
 }
 
+/// One Pull stream from `peer`, from the last sequence applied here until
+/// it ends, fails or the node stops.
 async fn session(
     r: &Replication,
     peer: &PeerConfig,
@@ -108,7 +91,7 @@ async fn session(
     first_backoff: Duration,
 ) -> Result<(), Error> {
     let name = peer.region.as_str();
-    let (mut applied, mut incarnation) = watermark(&r.pool, name).await?;
+    let (applied, incarnation) = watermark(&r.pool, name).await?;
     state.applied.store(applied, Ordering::Relaxed);
     // Batches of telemetry readings outgrow tonic's 4 MiB default (the
     // serving side bounds a batch to a few chunks of readings, whose labels
@@ -133,21 +116,29 @@ async fn session(
         () = r.shutdown.cancelled() => return Ok(()),
     };
     r.metrics.connected.with_label_values(&[name]).set(1);
-    let ack_interval = Duration::from_millis(r.config.ack_interval_ms);
     // Acks go out from a task of their own, so applying the next batch never
     // waits for the previous ack's round trip; the task sends the latest
     // applied sequence, coalescing batches applied while an ack was out.
-    let (applied_tx, applied_rx) = tokio::sync::watch::channel(applied);
+    let (acks, applied_rx) = tokio::sync::watch::channel(applied);
     let acker = tokio::spawn(ack_loop(
         client.clone(),
         r.region.clone(),
         name.to_string(),
         applied_rx,
-        ack_interval,
+        Duration::from_millis(r.config.ack_interval_ms),
     ));
     let _acker = AbortOnDrop(acker);
-    let heartbeat = Duration::from_millis(r.config.heartbeat_interval_ms);
-    let (mut clock_stored, mut clock_stored_at) = (0, None);
+    let mut follower = Follower {
+        r,
+        name,
+        state,
+        channel,
+        applied,
+        incarnation,
+        clock_stored: 0,
+        clock_stored_at: None,
+        acks,
+    };
     loop {
         let batch = tokio::select! {
             m = stream.message() => m.map_err(|s| Error::Replication(format!("stream from {name}: {s}")))?,
@@ -157,109 +148,159 @@ async fn session(
             return Ok(());
         };
         *backoff = first_backoff;
-        // The view before the time: whoever reads a fresh `last_seen` finds
-        // the view that came with it.
-        *state.lost_view.lock().expect("not poisoned") = Some(batch.lost_regions.clone());
-        *state.last_seen.lock().expect("not poisoned") = Instant::now();
-        let restarted = (!incarnation.is_empty()
+        r.liveness.heard(name, batch.lost_regions.clone());
+        if follower.log_restarted(&batch).await? {
+            return Ok(());
+        }
+        let newest = follower.apply(&batch).await?;
+        follower.progress(&batch, newest).await?;
+    }
+}
+
+/// Where one Pull session stands with its peer's log.
+struct Follower<'a> {
+    r: &'a Replication,
+    name: &'a str,
+    state: &'a PeerState,
+    channel: Channel,
+    /// The last sequence of the peer's log applied here.
+    applied: u64,
+    /// The incarnation of the peer's log followed; empty until known.
+    incarnation: String,
+    /// The peer's clock last stored as applied through, and when.
+    clock_stored: u64,
+    clock_stored_at: Option<Instant>,
+    /// The ack task's latest applied sequence.
+    acks: tokio::sync::watch::Sender<u64>,
+}
+
+impl Follower<'_> {
+    /// Whether the peer's log restarted (wiped, or restored from an older
+    /// backup): the session then ends, to follow it again from its start.
+    /// Learns the incarnation of a log followed before incarnations existed.
+    async fn log_restarted(&mut self, batch: &ChangeBatch) -> Result<bool, Error> {
+        let (r, name) = (self.r, self.name);
+        let restarted = (!self.incarnation.is_empty()
             && !batch.log_incarnation.is_empty()
-            && batch.log_incarnation != incarnation)
-            || batch.high_watermark < applied;
+            && batch.log_incarnation != self.incarnation)
+            || batch.high_watermark < self.applied;
         if restarted {
             r.metrics.log_restarts.with_label_values(&[name]).inc();
             tracing::error!(
                 peer = name,
                 high_watermark = batch.high_watermark,
-                applied,
+                applied = self.applied,
                 incarnation = %batch.log_incarnation,
-                followed_incarnation = %incarnation,
+                followed_incarnation = %self.incarnation,
                 "the peer's replication log restarted (wiped, or restored from an older backup): following it again from its start"
             );
             restart(&r.pool, name, &batch.log_incarnation, batch.high_watermark).await?;
-            return Ok(());
+            return Ok(true);
         }
-        if incarnation.is_empty() && !batch.log_incarnation.is_empty() {
+        if self.incarnation.is_empty() && !batch.log_incarnation.is_empty() {
             adopt(&r.pool, name, &batch.log_incarnation).await?;
-            incarnation = batch.log_incarnation.clone();
+            self.incarnation = batch.log_incarnation.clone();
         }
-        let mut newest = None;
+        Ok(false)
+    }
+
+    /// Applies the batch's changes in one transaction with the new
+    /// watermark; returns the commit time of its newest change, if any.
+    async fn apply(
+        &mut self,
+        batch: &ChangeBatch,
+    ) -> Result<Option<prost_types::Timestamp>, Error> {
+        let (r, name) = (self.r, self.name);
         // A batch with no changes may still move past changes the peer
         // leaves out for this region (another region's readings); that only
         // needs the watermark written, and only when it moves.
-        if !batch.changes.is_empty() || batch.through_sequence > applied {
-            let applying = apply::apply_batch_through(
-                &r.pool,
-                &r.region,
-                name,
-                &batch.changes,
-                batch.through_sequence,
-                r.config.max_clock_drift(),
-            )
-            .await;
-            let out = match applying {
-                Ok(out) => out,
-                Err(e) => {
-                    if matches!(e, Error::ClockDrift(_)) {
-                        r.metrics.drift_refusals.with_label_values(&[name]).inc();
-                    }
-                    if is_missing_parent(&e) {
-                        // The peer's change refers to a row another region
-                        // wrote (a key to a tenant) that has not come here
-                        // yet; the peer had it. Taken from the peer, so the
-                        // batch applies when it comes again, instead of
-                        // waiting for that region's own stream.
-                        relay::parents_from(r, name, channel.clone()).await;
-                    }
-                    return Err(e);
-                }
-            };
-            applied = out.watermark;
-            r.metrics
-                .applied
-                .with_label_values(&[name])
-                .inc_by(out.applied);
-            r.metrics
-                .superseded
-                .with_label_values(&[name])
-                .inc_by(out.superseded);
-            newest = batch.changes.last().and_then(|c| c.committed_at);
-            if out.applied + out.superseded > 0
-                && let Some(age) = batch
-                    .changes
-                    .first()
-                    .and_then(|c| c.committed_at)
-                    .and_then(|at| age(&at))
-            {
-                r.metrics
-                    .apply_delay
-                    .with_label_values(&[name])
-                    .observe(age.as_secs_f64());
-            }
+        if batch.changes.is_empty() && batch.through_sequence <= self.applied {
+            return Ok(None);
         }
+        let applying = apply::apply_batch_through(
+            &r.pool,
+            &r.region,
+            name,
+            &batch.changes,
+            batch.through_sequence,
+            r.config.max_clock_drift(),
+        )
+        .await;
+        let out = match applying {
+            Ok(out) => out,
+            Err(e) => {
+                if matches!(e, Error::ClockDrift(_)) {
+                    r.metrics.drift_refusals.with_label_values(&[name]).inc();
+                }
+                if is_missing_parent(&e) {
+                    // The peer's change refers to a row another region
+                    // wrote (a key to a tenant) that has not come here
+                    // yet; the peer had it. Taken from the peer, so the
+                    // batch applies when it comes again, instead of
+                    // waiting for that region's own stream.
+                    relay::parents_from(r, name, self.channel.clone()).await;
+                }
+                return Err(e);
+            }
+        };
+        self.applied = out.watermark;
+        let m = &r.metrics;
+        m.applied.with_label_values(&[name]).inc_by(out.applied);
+        m.superseded
+            .with_label_values(&[name])
+            .inc_by(out.superseded);
+        if out.applied + out.superseded > 0
+            && let Some(age) = batch
+                .changes
+                .first()
+                .and_then(|c| c.committed_at)
+                .and_then(|at| age(&at))
+        {
+            m.apply_delay
+                .with_label_values(&[name])
+                .observe(age.as_secs_f64());
+        }
+        Ok(batch.changes.last().and_then(|c| c.committed_at))
+    }
+
+    /// Publishes how far behind the peer this region is, marks a catch-up,
+    /// stores the peer's clock, and hands the applied sequence to the ack
+    /// task.
+    async fn progress(
+        &mut self,
+        batch: &ChangeBatch,
+        newest: Option<prost_types::Timestamp>,
+    ) -> Result<(), Error> {
+        let (r, name, applied) = (self.r, self.name, self.applied);
         let lag = batch.high_watermark.saturating_sub(applied);
         let lag_s = match newest {
             Some(at) if lag > 0 => age(&at).map_or(0.0, |d| d.as_secs_f64()),
             _ if lag > 0 => r.metrics.lag_seconds.with_label_values(&[name]).get(),
             _ => 0.0,
         };
-        state.high.store(batch.high_watermark, Ordering::Relaxed);
-        state.applied.store(applied, Ordering::Relaxed);
-        if applied >= batch.high_watermark && !state.caught_up.swap(true, Ordering::Relaxed) {
-            r.caught_up.notify_waiters();
+        self.state
+            .high
+            .store(batch.high_watermark, Ordering::Relaxed);
+        self.state.applied.store(applied, Ordering::Relaxed);
+        if applied >= batch.high_watermark {
+            r.liveness.caught_up_with(name);
         }
         // Caught up with the batch's snapshot of the log: every change of
         // the peer up to its clock is here. Stored at most once per
         // heartbeat interval; it bounds relays and tombstone trimming, which
         // need no fresher figure.
+        let heartbeat = Duration::from_millis(r.config.heartbeat_interval_ms);
         if applied >= batch.high_watermark
-            && batch.clock > clock_stored
-            && clock_stored_at.is_none_or(|at: Instant| at.elapsed() >= heartbeat)
+            && batch.clock > self.clock_stored
+            && self
+                .clock_stored_at
+                .is_none_or(|at: Instant| at.elapsed() >= heartbeat)
         {
             note_clock(&r.pool, name, batch.clock).await?;
-            clock_stored = batch.clock;
-            clock_stored_at = Some(Instant::now());
+            self.clock_stored = batch.clock;
+            self.clock_stored_at = Some(Instant::now());
         }
-        state.lag_ms.store(
+        self.state.lag_ms.store(
             (lag_s * 1000.0).min(f64::from(u32::MAX)) as u32,
             Ordering::Relaxed,
         );
@@ -270,13 +311,14 @@ async fn session(
         r.metrics.lag_seconds.with_label_values(&[name]).set(lag_s);
         // Right after a batch is applied, the origin's synchronous writers
         // may be waiting for it: the ack task sends it at once.
-        applied_tx.send_if_modified(|sent| {
+        self.acks.send_if_modified(|sent| {
             let newer = applied > *sent;
             if newer {
                 *sent = applied;
             }
             newer
         });
+        Ok(())
     }
 }
 

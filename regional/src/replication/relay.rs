@@ -42,7 +42,7 @@ pub(super) async fn run(r: Arc<Replication>, peers: Vec<(PeerConfig, Channel)>) 
             () = tokio::time::sleep(interval) => {}
             () = r.shutdown.cancelled() => return,
         }
-        let lost = r.silent_peers(after);
+        let lost = r.liveness.silent(after);
         marks.retain(|(origin, _), _| lost.contains(origin));
         for origin in &lost {
             for (via, channel) in peers.iter().filter(|(p, _)| !lost.contains(&p.region)) {

@@ -107,7 +107,7 @@ impl ReplicationApi for Service {
                     clock,
                     // Current as the batch leaves, heartbeats included: the
                     // peer's adoptions wait for this view to agree.
-                    lost_regions: r.lost_peers(),
+                    lost_regions: r.liveness.lost(),
                 };
                 if !full {
                     tokio::select! {
