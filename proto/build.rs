@@ -17,16 +17,27 @@ const PROTOS: &[&str] = &[
     "meridian/v1/replication.proto",
 ];
 
-/// Include paths: the crate root for `meridian/v1/...` imports, then the
-/// vendored well-known types (Debian's `protoc` ships without them).
-const INCLUDES: &[&str] = &[".", "third_party/protobuf"];
+/// Where Debian's `libprotobuf-dev` puts the well-known types
+/// (`google/protobuf/*.proto`); its `protobuf-compiler` ships `protoc`
+/// without them.
+const WELL_KNOWN_INCLUDE: &str = "/usr/include";
+
+/// The well-known types the `meridian.v1` protos import. protoc only parses
+/// them: the generated Rust uses `prost_types::{Timestamp, Duration}`.
+const WELL_KNOWN: &[&str] = &[
+    "google/protobuf/timestamp.proto",
+    "google/protobuf/duration.proto",
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=meridian");
-    println!("cargo:rerun-if-changed=third_party");
     println!("cargo:rerun-if-env-changed=PROTOC");
+    for proto in WELL_KNOWN {
+        println!("cargo:rerun-if-changed={WELL_KNOWN_INCLUDE}/{proto}");
+    }
 
     check_protoc();
+    check_well_known();
 
     let out_dir = PathBuf::from(
         env::var_os("OUT_DIR").unwrap_or_else(|| fail("OUT_DIR is not set; run through cargo")),
@@ -35,7 +46,7 @@ fn main() {
         .build_server(true)
         .build_client(true)
         .file_descriptor_set_path(out_dir.join("meridian_v1_descriptor.bin"))
-        .compile_protos(PROTOS, INCLUDES);
+        .compile_protos(PROTOS, &[".", WELL_KNOWN_INCLUDE]);
     if let Err(err) = result {
         fail(&format!("compiling the meridian.v1 protos failed: {err}"));
     }
@@ -57,6 +68,22 @@ fn check_protoc() {
             "cannot run protoc (`{}`: {err}). The meridian-proto crate needs the protobuf compiler: run `infra/scripts/setup.sh` (installs the Debian package protobuf-compiler), or set PROTOC to the path of a protoc binary.",
             Path::new(&protoc).display(),
         )),
+    }
+}
+
+/// Fails the build with a message naming the package when the well-known
+/// types are missing, instead of protoc's "file not found" on an import.
+fn check_well_known() {
+    let missing: Vec<&str> = WELL_KNOWN
+        .iter()
+        .copied()
+        .filter(|proto| !Path::new(WELL_KNOWN_INCLUDE).join(proto).is_file())
+        .collect();
+    if !missing.is_empty() {
+        fail(&format!(
+            "the protobuf well-known types are missing from {WELL_KNOWN_INCLUDE} ({}). The meridian-proto crate imports them: run `infra/scripts/setup.sh` (installs the Debian package libprotobuf-dev, which ships them).",
+            missing.join(", "),
+        ));
     }
 }
 

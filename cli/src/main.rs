@@ -120,7 +120,7 @@ impl SyncArgs {
     async fn wait(&self, pool: &sqlx::PgPool) -> anyhow::Result<()> {
         if self.sync {
             let timeout = std::time::Duration::from_millis(self.sync_timeout_ms);
-            meridian_gateway::auth::wait_replicated(pool, timeout).await?;
+            meridian_regional::tenancy::wait_replicated(pool, timeout).await?;
         }
         Ok(())
     }
@@ -210,7 +210,7 @@ async fn sim(args: SimArgs) -> anyhow::Result<()> {
 }
 
 async fn manage_keys(keys: Keys) -> anyhow::Result<()> {
-    use meridian_gateway::auth;
+    use meridian_regional::tenancy;
     match keys {
         Keys::Create {
             postgres_url,
@@ -219,15 +219,15 @@ async fn manage_keys(keys: Keys) -> anyhow::Result<()> {
             tpm,
             sync,
         } => {
-            let pool = auth::connect(&postgres_url).await?;
-            let limits = meridian_gateway::TenantLimits {
+            let pool = tenancy::connect(&postgres_url).await?;
+            let limits = tenancy::TenantLimits {
                 requests_per_second: rps,
                 tokens_per_minute: tpm,
             };
-            auth::create_tenant(&pool, &tenant, limits).await?;
+            tenancy::create_tenant(&pool, &tenant, limits).await?;
             // Printed before the wait: the key exists whatever the wait
             // says, and is shown only this once.
-            println!("{}", auth::create_api_key(&pool, &tenant).await?);
+            println!("{}", tenancy::create_api_key(&pool, &tenant).await?);
             sync.wait(&pool).await?;
         }
         Keys::Revoke {
@@ -235,8 +235,8 @@ async fn manage_keys(keys: Keys) -> anyhow::Result<()> {
             key,
             sync,
         } => {
-            let pool = auth::connect(&postgres_url).await?;
-            if !auth::revoke_api_key(&pool, &key).await? {
+            let pool = tenancy::connect(&postgres_url).await?;
+            if !tenancy::revoke_api_key(&pool, &key).await? {
                 anyhow::bail!("no live key matches (unknown, or revoked already)");
             }
             sync.wait(&pool).await?;

@@ -254,8 +254,8 @@ async fn local_api_key(state_dir: &Path, postgres_url: &str) -> anyhow::Result<S
     let pool = sqlx::PgPool::connect(postgres_url)
         .await
         .context("cannot reach the first region's postgres to create an API key")?;
-    meridian_gateway::create_tenant(&pool, "local", Default::default()).await?;
-    let key = meridian_gateway::create_api_key(&pool, "local").await?;
+    meridian_regional::tenancy::create_tenant(&pool, "local", Default::default()).await?;
+    let key = meridian_regional::tenancy::create_api_key(&pool, "local").await?;
     pool.close().await;
     std::fs::write(&path, &key).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(key)

@@ -1,11 +1,12 @@
-//! Tenants and API keys.
+//! Tenants and API keys, as the gateway authenticates them.
 //!
-//! A key is `mk-` and 40 random URL-safe characters. PostgreSQL keeps only
-//! its SHA-256 (and a short prefix for display); the gateway loads every live
-//! key into an immutable snapshot every `auth.reload_interval_ms` and swaps it
-//! in atomically ([`arc_swap`]), so a request looks its key up without a lock
-//! and a revocation (`revoked_at` set) takes effect at the next reload. The
-//! gateway never migrates: the schema is `regional/migrations/0004_tenants.sql`.
+//! Keys are created and revoked in a region (`meridian_regional::tenancy`);
+//! PostgreSQL keeps only their hash (`meridian_proto::api_key::hash_key`).
+//! The gateway loads every live key into an immutable snapshot every
+//! `auth.reload_interval_ms` and swaps it in atomically ([`arc_swap`]), so a
+//! request looks its key up without a lock and a revocation (`revoked_at`
+//! set) takes effect at the next reload. The gateway only reads `api_keys`
+//! and `tenants`: the schema is `regional/migrations/0004_tenants.sql`.
 //!
 //! A PostgreSQL outage keeps the last snapshot in force (keys keep working,
 //! revocations wait), which is the choice that keeps an edge serving.
@@ -20,12 +21,12 @@ use async_trait::async_trait;
 use http::HeaderValue;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
-use rand::Rng;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::sync::watch;
+
+use meridian_proto::api_key::hash_key;
 
 use crate::ratelimit::{Limits, LocalState, RateLimitConfig};
 
@@ -36,14 +37,6 @@ pub(crate) mod gate;
 pub const TENANT_HEADER: &str = "x-meridian-tenant";
 /// Tenant of every request when `[auth]` is not configured.
 pub const DEFAULT_TENANT: &str = "default";
-/// What every key starts with.
-pub const KEY_PREFIX: &str = "mk-";
-/// Random characters after [`KEY_PREFIX`].
-const KEY_RANDOM_CHARS: usize = 40;
-/// Characters of a key stored in clear (`mk-` and six more): enough to tell
-/// keys apart in a listing, 36 of 240 random bits.
-const DISPLAY_PREFIX_CHARS: usize = 9;
-const URL_SAFE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
 /// Where API keys come from (`[auth]`).
 #[derive(Clone, Deserialize)]
@@ -90,160 +83,6 @@ impl std::fmt::Debug for AuthConfig {
             .field("reload_interval_ms", &self.reload_interval_ms)
             .finish()
     }
-}
-
-/// A tenant's own limits; `None` means the gateway's `[rate_limit]` default.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TenantLimits {
-    /// Requests per second.
-    pub requests_per_second: Option<u32>,
-    /// Tokens (prompt and completion) per minute.
-    pub tokens_per_minute: Option<u64>,
-}
-
-/// What managing tenants and keys can fail with.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The database refused or could not be reached.
-    #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
-    /// A tenant id must be 1 to 64 letters, digits, `-`, `_` or `.`.
-    #[error("invalid tenant id {0:?}: use 1 to 64 letters, digits, '-', '_' or '.'")]
-    InvalidTenant(String),
-    /// Limits must be at least 1 (leave them out for the default).
-    #[error("limits must be at least 1")]
-    InvalidLimits,
-    /// No tenant with this id.
-    #[error("no tenant {0:?}: create it first")]
-    UnknownTenant(String),
-    /// No peer region acknowledged the change in time (see
-    /// [`wait_replicated`]).
-    #[error(
-        "no peer region applied the change within {waited_ms} ms: it is stored in this region \
-         and replicates once a peer pulls it"
-    )]
-    NotReplicated { waited_ms: u64 },
-}
-
-fn valid_tenant_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
-
-/// A pool for the key-management functions (a few connections, for tools).
-pub async fn connect(postgres_url: &str) -> Result<PgPool, Error> {
-    Ok(PgPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(postgres_url)
-        .await?)
-}
-
-/// Creates tenant `id`, or updates its limits if it exists: limits given
-/// replace the tenant's, limits left `None` keep what it had (a new tenant
-/// then gets the gateway's defaults).
-pub async fn create_tenant(pool: &PgPool, id: &str, limits: TenantLimits) -> Result<(), Error> {
-    if !valid_tenant_id(id) {
-        return Err(Error::InvalidTenant(id.to_string()));
-    }
-    if limits.requests_per_second == Some(0) || limits.tokens_per_minute == Some(0) {
-        return Err(Error::InvalidLimits);
-    }
-    let rps = limits
-        .requests_per_second
-        .map(|r| i32::try_from(r).unwrap_or(i32::MAX));
-    let tpm = limits
-        .tokens_per_minute
-        .map(|t| i64::try_from(t).unwrap_or(i64::MAX));
-    sqlx::query(
-        "INSERT INTO tenants (id, display_name, requests_per_second, tokens_per_minute)
-         VALUES ($1, $1, $2, $3)
-         ON CONFLICT (id) DO UPDATE SET
-             requests_per_second = COALESCE(EXCLUDED.requests_per_second, tenants.requests_per_second),
-             tokens_per_minute = COALESCE(EXCLUDED.tokens_per_minute, tenants.tokens_per_minute),
-             updated_at = now()",
-    )
-    .bind(id)
-    .bind(rps)
-    .bind(tpm)
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
-/// Creates a key for `tenant` and returns it: the only time the key exists
-/// in clear.
-pub async fn create_api_key(pool: &PgPool, tenant: &str) -> Result<String, Error> {
-    let mut rng = rand::rng();
-    let mut key = String::with_capacity(KEY_PREFIX.len() + KEY_RANDOM_CHARS);
-    key.push_str(KEY_PREFIX);
-    for _ in 0..KEY_RANDOM_CHARS {
-        key.push(URL_SAFE[rng.random_range(0..URL_SAFE.len())] as char);
-    }
-    let inserted = sqlx::query(
-        "INSERT INTO api_keys (id, tenant_id, prefix, key_hash)
-         SELECT $1, id, $3, $4 FROM tenants WHERE id = $2",
-    )
-    .bind(uuid::Uuid::now_v7())
-    .bind(tenant)
-    .bind(&key[..DISPLAY_PREFIX_CHARS])
-    .bind(&hash_key(&key)[..])
-    .execute(pool)
-    .await?;
-    if inserted.rows_affected() == 0 {
-        return Err(Error::UnknownTenant(tenant.to_string()));
-    }
-    Ok(key)
-}
-
-/// Waits until at least one peer region has applied this region's
-/// replication log through its current end, which holds every change
-/// committed before the call (a key made or revoked just now): the change
-/// then survives the loss of this region. Peers report what they applied
-/// in `replication_peers.acked_sequence`; polled every 50 ms, for at most
-/// `timeout`. The synchronous durability of `meridian keys --sync`.
-pub async fn wait_replicated(pool: &PgPool, timeout: Duration) -> Result<(), Error> {
-    let end: Option<i64> = sqlx::query_scalar("SELECT max(sequence) FROM replication_outbox")
-        .fetch_one(pool)
-        .await?;
-    // An empty log was trimmed whole, which only changes every peer applied.
-    let Some(end) = end else { return Ok(()) };
-    let started = std::time::Instant::now();
-    loop {
-        let acked: Option<i64> =
-            sqlx::query_scalar("SELECT max(acked_sequence) FROM replication_peers")
-                .fetch_one(pool)
-                .await?;
-        if acked.is_some_and(|a| a >= end) {
-            return Ok(());
-        }
-        if started.elapsed() >= timeout {
-            return Err(Error::NotReplicated {
-                waited_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Revokes `key`; returns whether a live key was revoked (false when it was
-/// unknown or revoked already). Gateways stop accepting it at their next
-/// reload.
-pub async fn revoke_api_key(pool: &PgPool, key: &str) -> Result<bool, Error> {
-    let done = sqlx::query(
-        "UPDATE api_keys SET revoked_at = now() WHERE key_hash = $1 AND revoked_at IS NULL",
-    )
-    .bind(&hash_key(key.trim())[..])
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() > 0)
-}
-
-fn hash_key(key: &str) -> [u8; 32] {
-    Sha256::digest(key.as_bytes()).into()
 }
 
 /// A tenant as the proxy sees it: id, the header value to forward, limits
@@ -355,9 +194,7 @@ impl Auth {
 
     /// The SHA-256 of the key in an `authorization` value (`Bearer <key>`).
     pub(crate) fn digest(authorization: Option<&[u8]>) -> Option<[u8; 32]> {
-        authorization
-            .and_then(bearer)
-            .map(|key| Sha256::digest(key).into())
+        authorization.and_then(bearer).map(hash_key)
     }
 
     /// The tenant of a request, from the digest of its key.
@@ -501,13 +338,5 @@ mod tests {
         assert_eq!(bearer(b"Basic mk-abc"), None);
         assert_eq!(bearer(b"Bearer "), None);
         assert_eq!(bearer(b"mk-abc"), None);
-    }
-
-    #[test]
-    fn tenant_ids() {
-        assert!(valid_tenant_id("acme-1.prod_x"));
-        assert!(!valid_tenant_id(""));
-        assert!(!valid_tenant_id("a b"));
-        assert!(!valid_tenant_id(&"x".repeat(65)));
     }
 }

@@ -24,9 +24,7 @@ mod regions;
 mod route;
 mod server;
 
-pub use self::auth::{
-    AuthConfig, TENANT_HEADER, TenantLimits, create_api_key, create_tenant, revoke_api_key,
-};
+pub use self::auth::{AuthConfig, TENANT_HEADER};
 pub use self::config::{
     CidrLocation, Config, DiscoveryConfig, FailoverConfig, GeoConfig, HealthConfig, RegionConfig,
     TlsConfig, UpstreamProtocol,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what `make up` and `make test` need and is missing; safe to run again.
-# Debian packages: cmake (Pingora's build), protobuf-compiler (proto crate),
+# Debian packages: cmake (Pingora's build), protobuf-compiler and
+# libprotobuf-dev (proto crate: protoc and the well-known types it imports),
 # redis-server and postgresql (one of each per region, started by the launcher
 # and by the test harness), postgresql-15-partman when the release has it.
 set -euo pipefail
@@ -10,6 +11,7 @@ say() { printf 'setup: %s\n' "$*"; }
 need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+[ -f /usr/include/google/protobuf/timestamp.proto ] || need+=(libprotobuf-dev)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
   need+=(postgresql)
@@ -46,7 +48,7 @@ if [ ${#need[@]} -gt 0 ]; then
     $SUDO service haproxy stop >/dev/null 2>&1 || true
   fi
 else
-  say "Debian packages present (cmake, protoc, redis-server, postgresql, pg_partman)"
+  say "Debian packages present (cmake, protoc, protobuf well-known types, redis-server, postgresql, pg_partman)"
 fi
 
 if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then

@@ -7,8 +7,10 @@
 //! `Replication`. [`FILE_DESCRIPTOR_SET`] describes them for gRPC server
 //! reflection. The [`error`] module attaches a [`v1::ErrorDetail`] to a
 //! [`tonic::Status`], reads it back, and maps gRPC codes to HTTP statuses and
-//! OpenAI-style error types for the gateway's HTTP API.
+//! OpenAI-style error types for the gateway's HTTP API. [`api_key`] holds
+//! the API key format and hash the gateway and regions agree on.
 
+pub mod api_key;
 pub mod error;
 
 pub use error::{error_detail, http_status_for, openai_error_type, status_with_detail};

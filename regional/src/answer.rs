@@ -26,7 +26,7 @@ use crate::inference::{ChatRequest, ChunkStream, Completion, Hints, Inference, P
 use crate::replication::{Durability, Replication};
 use crate::telemetry::UsageRecorder;
 use crate::telemetry::usage::UsageDraft;
-use crate::tenant::Tenant;
+use crate::tenancy::Tenant;
 
 /// The longest a job attempt refused by admission control waits before it
 /// asks again; shorter than the usual `retry_after_ms`, since a worker that

@@ -27,7 +27,7 @@ use crate::answer::Pipeline;
 use crate::error::Error;
 use crate::inference::Inference;
 
-pub(crate) use crate::tenant::{TENANT_HEADER, Tenant};
+pub(crate) use crate::tenancy::{TENANT_HEADER, Tenant};
 
 /// What the API is built from: the node's parts it serves requests with.
 /// The node wires them once, at start; handlers see them only through

@@ -6,7 +6,8 @@
 //! told apart per connection), backed by its own Redis and PostgreSQL.
 //!
 //! Start one with [`RegionalNode::start`] from a [`Config`], usually read with
-//! [`Config::from_file`].
+//! [`Config::from_file`]. Tenants and API keys are administered through
+//! [`tenancy`].
 
 mod answer;
 mod api;
@@ -23,7 +24,7 @@ pub mod replication;
 mod status;
 mod store;
 mod telemetry;
-mod tenant;
+pub mod tenancy;
 
 pub use self::cache::compatible as semantic_questions_compatible;
 pub use self::config::{

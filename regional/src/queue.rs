@@ -38,7 +38,7 @@ use crate::answer::Pipeline;
 use crate::config::JobsConfig;
 use crate::error::Error;
 use crate::peers::Peers;
-use crate::tenant::Tenant;
+use crate::tenancy::Tenant;
 
 pub(crate) use self::metrics::Metrics;
 pub(crate) use self::store::{Job, JobError, JobRequest, JobState, Priority};

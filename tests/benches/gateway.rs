@@ -96,14 +96,14 @@ async fn main() {
     let pool = sqlx::PgPool::connect(&sandbox.regions[0].postgres.url())
         .await
         .unwrap();
-    let limits = meridian_gateway::TenantLimits {
+    let limits = meridian_regional::tenancy::TenantLimits {
         requests_per_second: Some(1_000_000),
         tokens_per_minute: Some(1_000_000_000),
     };
-    meridian_gateway::create_tenant(&pool, "bench", limits)
+    meridian_regional::tenancy::create_tenant(&pool, "bench", limits)
         .await
         .unwrap();
-    let key = meridian_gateway::create_api_key(&pool, "bench")
+    let key = meridian_regional::tenancy::create_api_key(&pool, "bench")
         .await
         .unwrap();
     let load = Load::new().with_key(&key);

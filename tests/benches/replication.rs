@@ -158,10 +158,10 @@ async fn main() {
             .await
             .expect("the region's PostgreSQL");
         sqlx::raw_sql(RECORDER).execute(&pool).await.unwrap();
-        meridian_gateway::auth::create_tenant(
+        meridian_regional::tenancy::create_tenant(
             &pool,
             &format!("bench-{name}"),
-            meridian_gateway::TenantLimits::default(),
+            meridian_regional::tenancy::TenantLimits::default(),
         )
         .await
         .unwrap();

@@ -6,9 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use meridian_gateway::{AuthConfig, RegionConfig, TenantLimits, auth};
+use meridian_gateway::{AuthConfig, RegionConfig};
 use meridian_proto::v1::inference_client::InferenceClient;
 use meridian_proto::v1::{ChatMessage, GenerateRequest};
+use meridian_regional::tenancy::{self, TenantLimits};
 use meridian_tests::{ClusterSandbox, TEST_MODEL, init_logging, start_gateway};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -31,14 +32,14 @@ async fn sandbox(reload_ms: u64, shared_limits: bool) -> ClusterSandbox {
 }
 
 async fn pool(sandbox: &ClusterSandbox) -> PgPool {
-    auth::connect(&sandbox.regions[0].postgres.url())
+    tenancy::connect(&sandbox.regions[0].postgres.url())
         .await
         .unwrap()
 }
 
 async fn tenant_with_key(pool: &PgPool, id: &str, limits: TenantLimits) -> String {
-    auth::create_tenant(pool, id, limits).await.unwrap();
-    auth::create_api_key(pool, id).await.unwrap()
+    tenancy::create_tenant(pool, id, limits).await.unwrap();
+    tenancy::create_api_key(pool, id).await.unwrap()
 }
 
 fn chat_body(max_tokens: u32) -> Value {
@@ -307,9 +308,9 @@ async fn keys_name_the_tenant_and_revocation_takes_effect_quickly() {
     assert_eq!(job_status(&client, &region_url, claimed, &[]).await, 200);
 
     // Revocation reaches the running gateway within two seconds.
-    assert!(auth::revoke_api_key(&pool, &acme).await.unwrap());
+    assert!(tenancy::revoke_api_key(&pool, &acme).await.unwrap());
     assert!(
-        !auth::revoke_api_key(&pool, &acme).await.unwrap(),
+        !tenancy::revoke_api_key(&pool, &acme).await.unwrap(),
         "revoked once"
     );
     let took = within(

@@ -10,10 +10,11 @@
 
 use std::time::Duration;
 
-use meridian_gateway::{AuthConfig, TenantLimits, auth};
+use meridian_gateway::AuthConfig;
 use meridian_proto::v1::replication_client::ReplicationClient;
 use meridian_proto::v1::{Change, ChangeOp, PullRequest};
 use meridian_regional::replication::{Hlc, apply_batch};
+use meridian_regional::tenancy::{self, TenantLimits};
 use meridian_tests::replicated::{converged, digest, rows, until};
 use meridian_tests::{ClusterSandbox, RegionSandbox, TEST_MODEL, init_logging};
 use rand::rngs::StdRng;
@@ -38,7 +39,7 @@ fn seed() -> u64 {
 async fn pools(regions: &[RegionSandbox]) -> Vec<PgPool> {
     let mut pools = Vec::new();
     for r in regions {
-        pools.push(auth::connect(&r.postgres.url()).await.unwrap());
+        pools.push(tenancy::connect(&r.postgres.url()).await.unwrap());
     }
     pools
 }
@@ -62,14 +63,16 @@ async fn concurrent_writes_in_every_region_converge() {
                         requests_per_second: Some(rng.random_range(1..1000)),
                         tokens_per_minute: None,
                     };
-                    auth::create_tenant(&pool, "shared", limits).await.unwrap();
+                    tenancy::create_tenant(&pool, "shared", limits)
+                        .await
+                        .unwrap();
                 }
                 let tenant = format!("t-{}-{n}", REGIONS[i]);
-                auth::create_tenant(&pool, &tenant, TenantLimits::default())
+                tenancy::create_tenant(&pool, &tenant, TenantLimits::default())
                     .await
                     .unwrap();
                 for _ in 0..rng.random_range(1..=3) {
-                    auth::create_api_key(&pool, &tenant).await.unwrap();
+                    tenancy::create_api_key(&pool, &tenant).await.unwrap();
                     keys += 1;
                 }
             }
@@ -115,10 +118,10 @@ async fn keys_made_anywhere_authenticate_everywhere_and_revocations_reach_every_
     })
     .await;
     let pools = pools(&cluster.regions).await;
-    auth::create_tenant(&pools[0], "acme", TenantLimits::default())
+    tenancy::create_tenant(&pools[0], "acme", TenantLimits::default())
         .await
         .unwrap();
-    let key = auth::create_api_key(&pools[0], "acme").await.unwrap();
+    let key = tenancy::create_api_key(&pools[0], "acme").await.unwrap();
     let client = reqwest::Client::new();
     let chat = |key: String| {
         let (client, url) = (client.clone(), cluster.gateway_url());
@@ -149,7 +152,7 @@ async fn keys_made_anywhere_authenticate_everywhere_and_revocations_reach_every_
 
     // Revoked in the third region, it stops working at the gateway and is
     // revoked in every region's database.
-    assert!(auth::revoke_api_key(&pools[2], &key).await.unwrap());
+    assert!(tenancy::revoke_api_key(&pools[2], &key).await.unwrap());
     until(CONVERGE, "the revoked key is refused", || {
         let chat = chat(key.clone());
         async move { chat.await == 401 }
@@ -177,7 +180,7 @@ async fn a_stopped_region_catches_up_from_its_watermark_receiving_each_change_on
     init_logging();
     let mut cluster = ClusterSandbox::start_replicated(&REGIONS, "", |_, _| {}).await;
     let pools = pools(&cluster.regions).await;
-    auth::create_tenant(&pools[0], "before", TenantLimits::default())
+    tenancy::create_tenant(&pools[0], "before", TenantLimits::default())
         .await
         .unwrap();
     until(CONVERGE, "equal digests", || converged(&cluster.regions)).await;
@@ -186,10 +189,10 @@ async fn a_stopped_region_catches_up_from_its_watermark_receiving_each_change_on
     for n in 0..20 {
         let tenant = format!("while-down-{n}");
         let pool = &pools[if n % 2 == 0 { 0 } else { 2 }];
-        auth::create_tenant(pool, &tenant, TenantLimits::default())
+        tenancy::create_tenant(pool, &tenant, TenantLimits::default())
             .await
             .unwrap();
-        auth::create_api_key(pool, &tenant).await.unwrap();
+        tenancy::create_api_key(pool, &tenant).await.unwrap();
     }
     cluster.region("eu-west").start_node().await;
     until(CONVERGE, "eu-west caught up", || {
@@ -252,20 +255,22 @@ async fn applying_the_same_batch_again_changes_nothing() {
         RegionSandbox::start("us-east"),
         RegionSandbox::start("eu-west")
     );
-    let source_pool = auth::connect(&source.postgres.url()).await.unwrap();
+    let source_pool = tenancy::connect(&source.postgres.url()).await.unwrap();
     for n in 0..5 {
         let tenant = format!("t{n}");
-        auth::create_tenant(&source_pool, &tenant, TenantLimits::default())
+        tenancy::create_tenant(&source_pool, &tenant, TenantLimits::default())
             .await
             .unwrap();
-        let key = auth::create_api_key(&source_pool, &tenant).await.unwrap();
+        let key = tenancy::create_api_key(&source_pool, &tenant)
+            .await
+            .unwrap();
         if n == 0 {
-            auth::revoke_api_key(&source_pool, &key).await.unwrap();
+            tenancy::revoke_api_key(&source_pool, &key).await.unwrap();
         }
     }
     let batch = pull_first_batch(&source, "eu-west").await;
     assert_eq!(batch.len(), 11, "5 tenants, 5 keys, 1 revocation");
-    let pool = auth::connect(&target.postgres.url()).await.unwrap();
+    let pool = tenancy::connect(&target.postgres.url()).await.unwrap();
 
     let first = apply_batch(&pool, "eu-west", "us-east", &batch, DRIFT)
         .await
@@ -334,7 +339,7 @@ async fn last_writer_wins_breaks_ties_by_origin_and_deletes_stay_deleted() {
     let seed = seed();
     let mut rng = StdRng::seed_from_u64(seed);
     let region = RegionSandbox::start("us-east").await;
-    let pool = auth::connect(&region.postgres.url()).await.unwrap();
+    let pool = tenancy::connect(&region.postgres.url()).await.unwrap();
     let now = Hlc::new(
         u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap(),
         0,
@@ -466,7 +471,7 @@ async fn last_writer_wins_breaks_ties_by_origin_and_deletes_stay_deleted() {
     assert_eq!(watermark, i64::try_from(seq).unwrap());
 
     // Local writes after applying move past the remote clocks.
-    auth::create_tenant(&pool, "tie-0", TenantLimits::default())
+    tenancy::create_tenant(&pool, "tie-0", TenantLimits::default())
         .await
         .unwrap();
     let (hlc, origin): (i64, String) =
@@ -488,9 +493,9 @@ async fn a_peer_behind_the_trimmed_log_is_told_so() {
          max_retained_changes = 3\nprune_interval_ms = 50\n",
     )
     .await;
-    let pool = auth::connect(&region.postgres.url()).await.unwrap();
+    let pool = tenancy::connect(&region.postgres.url()).await.unwrap();
     for n in 0..10 {
-        auth::create_tenant(&pool, &format!("t{n}"), TenantLimits::default())
+        tenancy::create_tenant(&pool, &format!("t{n}"), TenantLimits::default())
             .await
             .unwrap();
     }

@@ -16,7 +16,7 @@
 
 use std::time::{Duration, Instant};
 
-use meridian_gateway::{TenantLimits, auth};
+use meridian_regional::tenancy::{self, TenantLimits};
 use meridian_tests::replicated::{converged, until};
 use meridian_tests::{ClusterSandbox, RegionSandbox, init_logging};
 use rand::rngs::StdRng;
@@ -48,7 +48,7 @@ fn seed(test: &str) -> u64 {
 async fn pools(regions: &[RegionSandbox]) -> Vec<PgPool> {
     let mut pools = Vec::new();
     for r in regions {
-        pools.push(auth::connect(&r.postgres.url()).await.unwrap());
+        pools.push(tenancy::connect(&r.postgres.url()).await.unwrap());
     }
     pools
 }
@@ -72,16 +72,16 @@ fn limits(rng: &mut StdRng) -> TenantLimits {
 /// region with a few keys. Returns the keys' ids, the same in every region,
 /// and the baseline the fault's changes are counted from.
 async fn before_the_fault(cluster: &ClusterSandbox, pools: &[PgPool]) -> (Vec<String>, Baseline) {
-    auth::create_tenant(&pools[0], "shared", TenantLimits::default())
+    tenancy::create_tenant(&pools[0], "shared", TenantLimits::default())
         .await
         .unwrap();
     for (pool, region) in pools.iter().zip(REGIONS) {
         let tenant = format!("base-{region}");
-        auth::create_tenant(pool, &tenant, TenantLimits::default())
+        tenancy::create_tenant(pool, &tenant, TenantLimits::default())
             .await
             .unwrap();
         for _ in 0..4 {
-            auth::create_api_key(pool, &tenant).await.unwrap();
+            tenancy::create_api_key(pool, &tenant).await.unwrap();
         }
     }
     until(PATIENCE, "equal digests before the fault", || {
@@ -112,15 +112,15 @@ async fn write(
             // New rows nobody else writes.
             0 => {
                 let tenant = format!("{region}-{tag}-{n}");
-                auth::create_tenant(pool, &tenant, limits(&mut rng))
+                tenancy::create_tenant(pool, &tenant, limits(&mut rng))
                     .await
                     .unwrap();
                 for _ in 0..rng.random_range(1..=2) {
-                    auth::create_api_key(pool, &tenant).await.unwrap();
+                    tenancy::create_api_key(pool, &tenant).await.unwrap();
                 }
             }
             // The same tenant, updated everywhere at once.
-            1 => auth::create_tenant(pool, "shared", limits(&mut rng))
+            1 => tenancy::create_tenant(pool, "shared", limits(&mut rng))
                 .await
                 .unwrap(),
             // Another region's tenant: limits, or a key of its own for it.
@@ -128,11 +128,11 @@ async fn write(
                 let other = REGIONS.choose(&mut rng).unwrap();
                 let tenant = format!("base-{other}");
                 if op == 2 {
-                    auth::create_tenant(pool, &tenant, limits(&mut rng))
+                    tenancy::create_tenant(pool, &tenant, limits(&mut rng))
                         .await
                         .unwrap();
                 } else {
-                    auth::create_api_key(pool, &tenant).await.unwrap();
+                    tenancy::create_api_key(pool, &tenant).await.unwrap();
                 }
             }
             // The same keys revoked (each region with its own time) and
@@ -362,7 +362,7 @@ async fn a_one_way_cut_converges_within_5s_of_healing() {
     // tenant, which cannot come from `from`: applying the key fails on
     // the missing tenant, and `to` takes it from `via` instead.
     let chain = format!("chain-{seed}");
-    auth::create_tenant(&pools[from], &chain, TenantLimits::default())
+    tenancy::create_tenant(&pools[from], &chain, TenantLimits::default())
         .await
         .unwrap();
     let writes = write_everywhere(&pools, "cut", &mut rng, &keys);
@@ -373,7 +373,7 @@ async fn a_one_way_cut_converges_within_5s_of_healing() {
             || has_tenant(&pools[via], &chain),
         )
         .await;
-        auth::create_api_key(&pools[via], &chain).await.unwrap();
+        tenancy::create_api_key(&pools[via], &chain).await.unwrap();
     };
     tokio::join!(writes, chained);
     until(PATIENCE, "the chained key behind the cut", || async {
@@ -449,7 +449,7 @@ async fn a_tombstone_stays_while_a_peer_may_send_an_older_write_and_goes_after()
         "{} deletes while {} is cut off",
         REGIONS[deleter], REGIONS[cut]
     );
-    auth::create_tenant(&pools[deleter], "doomed", TenantLimits::default())
+    tenancy::create_tenant(&pools[deleter], "doomed", TenantLimits::default())
         .await
         .unwrap();
     until(PATIENCE, "the tenant everywhere", || {
@@ -539,16 +539,18 @@ async fn a_key_for_a_tenant_that_has_not_arrived_brings_the_tenant_from_the_keys
     cluster
         .links()
         .cut_one_way(REGIONS[tenants], REGIONS[behind]);
-    auth::create_tenant(&pools[tenants], "parent", TenantLimits::default())
+    tenancy::create_tenant(&pools[tenants], "parent", TenantLimits::default())
         .await
         .unwrap();
     until(PATIENCE, "the tenant in the keys' region", || {
         has_tenant(&pools[keys], "parent")
     })
     .await;
-    auth::create_api_key(&pools[keys], "parent").await.unwrap();
+    tenancy::create_api_key(&pools[keys], "parent")
+        .await
+        .unwrap();
     // A later change of the keys' region: its stream is not held back.
-    auth::create_tenant(&pools[keys], "after-the-key", TenantLimits::default())
+    tenancy::create_tenant(&pools[keys], "after-the-key", TenantLimits::default())
         .await
         .unwrap();
     until(

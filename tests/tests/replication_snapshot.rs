@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use meridian_gateway::{TenantLimits, auth};
+use meridian_regional::tenancy::{self, TenantLimits};
 use meridian_tests::replicated::{converged, digest, until};
 use meridian_tests::{ClusterSandbox, RegionSandbox, init_logging, metric};
 use rand::rngs::StdRng;
@@ -30,18 +30,18 @@ fn seed() -> u64 {
 }
 
 async fn pool(region: &RegionSandbox) -> PgPool {
-    auth::connect(&region.postgres.url()).await.unwrap()
+    tenancy::connect(&region.postgres.url()).await.unwrap()
 }
 
 /// `n` tenants named `{prefix}-{i}`, each with 0 to 2 keys.
 async fn write(pool: &PgPool, rng: &mut StdRng, prefix: &str, n: usize) {
     for i in 0..n {
         let tenant = format!("{prefix}-{i}");
-        auth::create_tenant(pool, &tenant, TenantLimits::default())
+        tenancy::create_tenant(pool, &tenant, TenantLimits::default())
             .await
             .unwrap();
         for _ in 0..rng.random_range(0..=2) {
-            auth::create_api_key(pool, &tenant).await.unwrap();
+            tenancy::create_api_key(pool, &tenant).await.unwrap();
         }
     }
 }

@@ -344,17 +344,17 @@ async fn a_region_without_peers_refuses_sync() {
 
 #[tokio::test]
 async fn a_key_made_with_sync_is_in_a_peer_when_the_wait_returns() {
-    use meridian_gateway::{TenantLimits, auth};
+    use meridian_regional::tenancy::{self, TenantLimits};
     init_logging();
     let mut cluster = ClusterSandbox::start_replicated(&REGIONS, "", |_, _| {}).await;
-    let pool = auth::connect(&cluster.regions[0].postgres.url())
+    let pool = tenancy::connect(&cluster.regions[0].postgres.url())
         .await
         .unwrap();
-    auth::create_tenant(&pool, "keyed", TenantLimits::default())
+    tenancy::create_tenant(&pool, "keyed", TenantLimits::default())
         .await
         .unwrap();
-    let key = auth::create_api_key(&pool, "keyed").await.unwrap();
-    auth::wait_replicated(&pool, std::time::Duration::from_secs(30))
+    let key = tenancy::create_api_key(&pool, "keyed").await.unwrap();
+    tenancy::wait_replicated(&pool, std::time::Duration::from_secs(30))
         .await
         .expect("a peer applies the key");
     // No waiting for replication: the wait returned only once a peer had
@@ -362,7 +362,7 @@ async fn a_key_made_with_sync_is_in_a_peer_when_the_wait_returns() {
     let prefix = &key[..9];
     let mut in_a_peer = false;
     for r in &cluster.regions[1..] {
-        let peer = auth::connect(&r.postgres.url()).await.unwrap();
+        let peer = tenancy::connect(&r.postgres.url()).await.unwrap();
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE prefix = $1")
             .bind(prefix)
             .fetch_one(&peer)
@@ -376,8 +376,8 @@ async fn a_key_made_with_sync_is_in_a_peer_when_the_wait_returns() {
     for name in &REGIONS[1..] {
         cluster.region(name).stop_node().await;
     }
-    let later = auth::create_api_key(&pool, "keyed").await.unwrap();
-    let e = auth::wait_replicated(&pool, std::time::Duration::from_millis(500))
+    let later = tenancy::create_api_key(&pool, "keyed").await.unwrap();
+    let e = tenancy::wait_replicated(&pool, std::time::Duration::from_millis(500))
         .await
         .expect_err("no peer can apply it");
     assert!(

@@ -11,9 +11,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use meridian_gateway::{TenantLimits, auth};
 use meridian_proto::v1::telemetry_client::TelemetryClient;
 use meridian_proto::v1::{Aggregate, IngestRequest, QueryRequest, Reading};
+use meridian_regional::tenancy::{self, TenantLimits};
 use meridian_tests::replicated::until;
 use meridian_tests::{ClusterSandbox, RegionSandbox, init_logging, metric};
 use sqlx::PgPool;
@@ -189,7 +189,7 @@ async fn readings_replicate_to_the_configured_peers_only() {
     // A row in every region first: a region whose database is empty takes a
     // snapshot when it starts, which would bring ap-south us-east's changes
     // without Pull, and this test counts what Pull brings.
-    auth::create_tenant(a, "before-readings", TenantLimits::default())
+    tenancy::create_tenant(a, "before-readings", TenantLimits::default())
         .await
         .unwrap();
     caught_up(b, a, A, "eu-west following us-east").await;
@@ -205,7 +205,7 @@ async fn readings_replicate_to_the_configured_peers_only() {
     let first = readings(now, 0, 4_500);
     ingest(&cluster.regions[0], first.clone()).await;
     // A change every peer receives, after the readings.
-    auth::create_tenant(a, "after-readings", TenantLimits::default())
+    tenancy::create_tenant(a, "after-readings", TenantLimits::default())
         .await
         .unwrap();
     caught_up(b, a, A, "eu-west applying us-east's readings").await;

@@ -6,8 +6,9 @@
 
 use std::time::Duration;
 
-use meridian_gateway::{AuthConfig, TenantLimits, auth};
+use meridian_gateway::AuthConfig;
 use meridian_mesh::{TraceConfig, Tracer};
+use meridian_regional::tenancy::{self, TenantLimits};
 use meridian_regional::{SimConfig, serve_sim_traced};
 use meridian_tests::{ClusterSandbox, OtlpCollector, ReceivedSpan, init_logging};
 use serde_json::{Value, json};
@@ -136,13 +137,13 @@ async fn a_job_is_one_trace_from_the_gateway_through_its_worker_to_the_upstream(
     let collector = OtlpCollector::start().await;
     let upstream = Upstream::start(&collector).await;
     let sandbox = cluster(&collector, &upstream, true).await;
-    let pool = auth::connect(&sandbox.regions[0].postgres.url())
+    let pool = tenancy::connect(&sandbox.regions[0].postgres.url())
         .await
         .unwrap();
-    auth::create_tenant(&pool, "acme", TenantLimits::default())
+    tenancy::create_tenant(&pool, "acme", TenantLimits::default())
         .await
         .unwrap();
-    let key = auth::create_api_key(&pool, "acme").await.unwrap();
+    let key = tenancy::create_api_key(&pool, "acme").await.unwrap();
     let http = reqwest::Client::new();
     let gateway = sandbox.gateway_url();
     // Everything but the request under test says "not sampled": the

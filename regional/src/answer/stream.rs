@@ -11,7 +11,7 @@ use crate::conversation::Turn;
 use crate::error::Error;
 use crate::inference::{ChatRequest, Chunk, ChunkStream, Hints};
 use crate::replication::Durability;
-use crate::tenant::Tenant;
+use crate::tenancy::Tenant;
 
 impl Pipeline {
     /// A streamed completion. With a conversation, the exchange is stored

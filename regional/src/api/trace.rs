@@ -14,7 +14,7 @@ use meridian_mesh::trace::{self, FutureExt, KeyValue, Kind};
 use tracing::Instrument;
 
 use super::{AppState, TENANT_HEADER, is_grpc};
-use crate::tenant::DEFAULT_TENANT;
+use crate::tenancy::DEFAULT_TENANT;
 
 pub(super) async fn request_span(
     State(state): State<Arc<AppState>>,

@@ -100,14 +100,14 @@ pub(crate) async fn enforce(
         };
         return deny(grpc, &format!("{identity} may not call {what}"));
     }
-    if identity.role() != Role::Gateway && req.headers().contains_key(crate::tenant::TENANT_HEADER)
+    if identity.role() != Role::Gateway && req.headers().contains_key(crate::tenancy::TENANT_HEADER)
     {
         tracing::warn!(caller = %identity, path = req.uri().path(), "tenant header from a caller that is not a gateway refused");
         return deny(
             grpc,
             &format!(
                 "{identity} may not name a tenant: only gateways set `{}`",
-                crate::tenant::TENANT_HEADER
+                crate::tenancy::TENANT_HEADER
             ),
         );
     }

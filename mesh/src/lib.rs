@@ -6,9 +6,10 @@
 //! component exports its spans with, with `traceparent` propagation
 //! between them ([`trace`]).
 //!
-//! It lives beside `meridian-launcher` because the CLI, the regions, the
-//! gateway and the tests all need the same identity rules; keeping them in
-//! one crate means the CA and the policy cannot drift apart.
+//! It is a crate of its own, at the top of the workspace beside `proto/`,
+//! because it is runtime code that the regions and the gateway link, not a
+//! part of the CLI; the CLI and the tests use it too. Keeping the identity
+//! rules in one crate means the CA and the policy cannot drift apart.
 //!
 //! [`SrvWatch`] finds a service's nodes through DNS SRV records, for the
 //! gateway's regions now and for region peers later.
