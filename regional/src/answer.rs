@@ -51,14 +51,7 @@ pub(crate) struct Parts {
 
 /// The one path from a parsed request to an answer.
 pub(crate) struct Pipeline {
-    region: String,
-    pool: PgPool,
-    inference: Arc<Inference>,
-    cache: Arc<ResponseCache>,
-    usage: UsageRecorder,
-    replication: Arc<Replication>,
-    tasks: TaskTracker,
-    tracer: meridian_mesh::Tracer,
+    parts: Parts,
 }
 
 /// What a request asks of its conversation turn.
@@ -68,6 +61,18 @@ pub(crate) struct TurnOptions {
     pub conversation: Option<ConversationId>,
     /// `x-meridian-durability` as asked; the tenant's default when `None`.
     pub durability: Option<Durability>,
+}
+
+/// What the caller of the pipeline asks of it, beside the request itself.
+pub(crate) struct Ask<'a> {
+    pub tenant: &'a Tenant,
+    /// Routing hints from the request's headers or metadata.
+    pub hints: &'a Hints,
+    /// What the request allows the cache to do.
+    pub cache: Directives,
+    /// When the answer is due; the model's work is cut there.
+    pub deadline: Instant,
+    pub turn: TurnOptions,
 }
 
 /// A whole answer and how it was found.
@@ -95,51 +100,37 @@ pub(crate) struct Streamed {
 
 impl Pipeline {
     pub(crate) fn new(parts: Parts) -> Self {
-        let Parts {
-            region,
-            pool,
-            inference,
-            cache,
-            usage,
-            replication,
-            tasks,
-            tracer,
-        } = parts;
-        Self {
-            region,
-            pool,
-            inference,
-            cache,
-            usage,
-            replication,
-            tasks,
-            tracer,
-        }
+        Self { parts }
     }
 
     /// A whole completion, from the cache or the model; with a
     /// conversation, its history goes to the model and the exchange is
     /// stored before this returns (and, when synchronous, applied by a peer
     /// region).
+    /// `req.model` is the model that served when this returns.
     pub(crate) async fn answer(
         &self,
-        tenant: &Tenant,
         req: &mut ChatRequest,
-        hints: &Hints,
-        directives: Directives,
-        deadline: Instant,
-        turn: TurnOptions,
+        ask: Ask<'_>,
     ) -> Result<Answered, Error> {
+        let Ask {
+            tenant,
+            hints,
+            cache: directives,
+            deadline,
+            turn,
+        } = ask;
         let durability = self
+            .parts
             .replication
             .durability(tenant.as_str(), turn.durability)?;
         let turn = self.begin_turn(tenant, req, turn.conversation).await?;
         let (routed, record) = self.route(tenant.as_str(), req, hints)?;
         let req = &*req;
-        let policy = self.cache.policy(req, directives);
+        let policy = self.parts.cache.policy(req, directives);
         let mut ttft = Duration::ZERO;
         let compute = async {
-            let _permit = self.inference.admit(tenant.as_str())?;
+            let _permit = self.parts.inference.admit(tenant.as_str())?;
             let done = routed.complete(req, Some(deadline)).await?;
             ttft = done.time_to_first_token;
             Ok(Answer {
@@ -150,6 +141,7 @@ impl Pipeline {
             })
         };
         let (answer, outcome) = self
+            .parts
             .cache
             .get_or_compute(tenant.as_str(), req, policy, compute)
             .await
@@ -187,7 +179,7 @@ impl Pipeline {
         let mut req = req.clone();
         let (routed, record) = self.route(tenant, &mut req, &Hints::default())?;
         let _permit = loop {
-            match self.inference.admit(tenant) {
+            match self.parts.inference.admit(tenant) {
                 Ok(permit) => break permit,
                 Err(Error::Overloaded { retry_after, .. }) => {
                     tokio::time::sleep(retry_after.min(JOB_ADMISSION_POLL)).await;
@@ -219,15 +211,16 @@ impl Pipeline {
         req: &mut ChatRequest,
         hints: &Hints,
     ) -> Result<(Routed, UsageDraft), Error> {
-        let requested = self.tracer.is_enabled().then(|| req.model.clone());
+        let requested = self.parts.tracer.is_enabled().then(|| req.model.clone());
         let routed = self
+            .parts
             .inference
             .route(req, hints)
-            .inspect_err(|e| self.usage.begin(tenant, &req.model).failed(e))?;
+            .inspect_err(|e| self.parts.usage.begin(tenant, &req.model).failed(e))?;
         if let Some(requested) = requested {
             trace::note_model(&requested, &req.model);
         }
-        Ok((routed, self.usage.begin(tenant, &req.model)))
+        Ok((routed, self.parts.usage.begin(tenant, &req.model)))
     }
 
     /// The conversation's stored turns prepended to `req`, and the turn to
@@ -240,7 +233,7 @@ impl Pipeline {
     ) -> Result<Option<Turn>, Error> {
         match conversation {
             None => Ok(None),
-            Some(id) => conversation::begin(&self.pool, tenant.as_str(), id, req)
+            Some(id) => conversation::begin(&self.parts.pool, tenant.as_str(), id, req)
                 .await
                 .map(Some),
         }
@@ -255,9 +248,9 @@ impl Pipeline {
         durability: Durability,
     ) -> Result<(), Error> {
         store_turn(
-            &self.pool,
-            &self.region,
-            &self.replication,
+            &self.parts.pool,
+            &self.parts.region,
+            &self.parts.replication,
             turn,
             text,
             durability,
@@ -266,7 +259,7 @@ impl Pipeline {
     }
 
     fn note_cache(&self, outcome: Outcome) {
-        if self.tracer.is_enabled() {
+        if self.parts.tracer.is_enabled() {
             trace::note_cache(outcome.label());
         }
     }

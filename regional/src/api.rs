@@ -58,55 +58,29 @@ pub(crate) struct Parts {
     pub replication: Arc<crate::replication::Replication>,
 }
 
-/// What every handler shares: the [`Parts`], read only.
+/// What every handler shares: the [`Parts`], read only, and the region's
+/// name as a header value, made once.
 pub(crate) struct AppState {
-    region: String,
+    parts: Parts,
     region_header: HeaderValue,
-    pipeline: Arc<Pipeline>,
-    inference: Arc<Inference>,
-    pool: sqlx::PgPool,
-    shutdown: tokio_util::sync::CancellationToken,
-    status: Arc<crate::status::NodeStatus>,
-    telemetry: crate::telemetry::Telemetry,
-    jobs: Arc<crate::queue::Queue>,
-    embedder: Option<Arc<crate::inference::Embedder>>,
-    cache: Arc<crate::cache::ResponseCache>,
-    tracer: meridian_mesh::Tracer,
-    replication: Arc<crate::replication::Replication>,
 }
 
 impl AppState {
     fn new(parts: Parts) -> Self {
-        let Parts {
-            region,
-            pipeline,
-            inference,
-            pool,
-            shutdown,
-            status,
-            telemetry,
-            jobs,
-            embedder,
-            cache,
-            tracer,
-            replication,
-        } = parts;
         Self {
-            region_header: HeaderValue::from_str(&region)
+            region_header: HeaderValue::from_str(&parts.region)
                 .expect("validated region names are header-safe"),
-            region,
-            pipeline,
-            inference,
-            pool,
-            shutdown,
-            status,
-            telemetry,
-            jobs,
-            embedder,
-            cache,
-            tracer,
-            replication,
+            parts,
         }
+    }
+}
+
+/// Handlers read the parts as the state's own: `state.jobs`, `state.pool`.
+impl std::ops::Deref for AppState {
+    type Target = Parts;
+
+    fn deref(&self) -> &Parts {
+        &self.parts
     }
 }
 

@@ -3,36 +3,31 @@
 //! conversation, the turn is stored before the last chunk goes out.
 
 use futures::StreamExt;
-use tokio::time::Instant;
 
-use super::{Pipeline, Streamed, TurnOptions, store_turn};
-use crate::cache::{Answer, Directives, Outcome, Policy};
+use super::{Ask, Pipeline, Streamed, store_turn};
+use crate::cache::{Answer, Outcome, Policy};
 use crate::conversation::Turn;
 use crate::error::Error;
-use crate::inference::{ChatRequest, Chunk, ChunkStream, Hints};
+use crate::inference::{ChatRequest, Chunk, ChunkStream};
 use crate::replication::Durability;
-use crate::tenancy::Tenant;
 
 impl Pipeline {
     /// A streamed completion. With a conversation, the exchange is stored
     /// (and, when synchronous, applied by a peer region) before the last
     /// chunk goes out.
+    /// `req.model` is the model that serves when this returns.
     pub(crate) async fn answer_stream(
         &self,
-        tenant: &Tenant,
         req: &mut ChatRequest,
-        hints: &Hints,
-        directives: Directives,
-        deadline: Instant,
-        turn: TurnOptions,
+        mut ask: Ask<'_>,
     ) -> Result<Streamed, Error> {
         let durability = self
+            .parts
             .replication
-            .durability(tenant.as_str(), turn.durability)?;
-        let turn = self.begin_turn(tenant, req, turn.conversation).await?;
-        let mut streamed = self
-            .stream_answer(tenant, req, hints, directives, deadline)
-            .await?;
+            .durability(ask.tenant.as_str(), ask.turn.durability)?;
+        let conversation = ask.turn.conversation.take();
+        let turn = self.begin_turn(ask.tenant, req, conversation).await?;
+        let mut streamed = self.stream_answer(req, &ask).await?;
         if let Some(turn) = turn {
             streamed.chunks = self.store_at_end(streamed.chunks, turn, durability);
             streamed.durability = Some(durability);
@@ -45,9 +40,9 @@ impl Pipeline {
     /// has its turn stored. When storing fails, the stream ends in that
     /// error instead.
     fn store_at_end(&self, chunks: ChunkStream, turn: Turn, durability: Durability) -> ChunkStream {
-        let pool = self.pool.clone();
-        let region = self.region.clone();
-        let replication = self.replication.clone();
+        let pool = self.parts.pool.clone();
+        let region = self.parts.region.clone();
+        let replication = self.parts.replication.clone();
         async_stream::stream! {
             let mut chunks = chunks;
             let mut text = String::new();
@@ -74,17 +69,11 @@ impl Pipeline {
         .boxed()
     }
 
-    async fn stream_answer(
-        &self,
-        tenant: &Tenant,
-        req: &mut ChatRequest,
-        hints: &Hints,
-        directives: Directives,
-        deadline: Instant,
-    ) -> Result<Streamed, Error> {
-        let (routed, record) = self.route(tenant.as_str(), req, hints)?;
-        let policy = self.cache.policy(req, directives);
-        let looked = self.cache.lookup(tenant.as_str(), req, policy).await;
+    async fn stream_answer(&self, req: &mut ChatRequest, ask: &Ask<'_>) -> Result<Streamed, Error> {
+        let (tenant, deadline) = (ask.tenant, ask.deadline);
+        let (routed, record) = self.route(tenant.as_str(), req, ask.hints)?;
+        let policy = self.parts.cache.policy(req, ask.cache);
+        let looked = self.parts.cache.lookup(tenant.as_str(), req, policy).await;
         if let Some((answer, outcome)) = looked.hit {
             self.note_cache(outcome);
             return Ok(Streamed {
@@ -96,6 +85,7 @@ impl Pipeline {
             });
         }
         let permit = self
+            .parts
             .inference
             .admit(tenant.as_str())
             .inspect_err(|e| record.failed(e))?;
@@ -115,7 +105,7 @@ impl Pipeline {
             // Single-flight does not cover streams: a stream's worth is its
             // first token, which waiting on another request's whole answer
             // would delay.
-            let (cache, tasks) = (self.cache.clone(), self.tasks.clone());
+            let (cache, tasks) = (self.parts.cache.clone(), self.parts.tasks.clone());
             let mut pending = Some(looked.pending);
             let mut text = String::new();
             chunks

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use super::http::completion_id;
 use super::{AppState, Tenant};
-use crate::answer::TurnOptions;
+use crate::answer::{Ask, TurnOptions};
 use crate::cache::{Directives, RESULT_HEADER};
 use crate::conversation::{CONVERSATION_HEADER, ConversationId};
 use crate::error::Error;
@@ -172,7 +172,16 @@ impl Inference for InferenceApi {
         let done = self
             .state
             .pipeline
-            .answer(&tenant, &mut req, &hints, cache, deadline, turn)
+            .answer(
+                &mut req,
+                Ask {
+                    tenant: &tenant,
+                    hints: &hints,
+                    cache,
+                    deadline,
+                    turn,
+                },
+            )
             .await?;
         let now = std::time::SystemTime::now();
         let answer_usage = done.answer.usage();
@@ -225,7 +234,16 @@ impl Inference for InferenceApi {
         let streamed = self
             .state
             .pipeline
-            .answer_stream(&tenant, &mut req, &hints, cache, deadline, turn)
+            .answer_stream(
+                &mut req,
+                Ask {
+                    tenant: &tenant,
+                    hints: &hints,
+                    cache,
+                    deadline,
+                    turn,
+                },
+            )
             .await?;
         let model = req.model.clone();
         let durability = streamed.durability;

@@ -17,7 +17,7 @@ use super::openai::{
     MessageOut, ModelEntry, ModelList, UsageBody, finish_reason,
 };
 use super::{AppState, Tenant};
-use crate::answer::Streamed;
+use crate::answer::{Ask, Streamed};
 use crate::cache::RESULT_HEADER;
 use crate::error::Error;
 use crate::inference::Chunk;
@@ -68,7 +68,16 @@ async fn chat(
     if stream {
         let streamed = state
             .pipeline
-            .answer_stream(tenant, &mut req, &hints, facts.cache, deadline, turn)
+            .answer_stream(
+                &mut req,
+                Ask {
+                    tenant,
+                    hints: &hints,
+                    cache: facts.cache,
+                    deadline,
+                    turn,
+                },
+            )
             .await?;
         let headers = (
             model_header(&req.model),
@@ -80,7 +89,16 @@ async fn chat(
     }
     let done = state
         .pipeline
-        .answer(tenant, &mut req, &hints, facts.cache, deadline, turn)
+        .answer(
+            &mut req,
+            Ask {
+                tenant,
+                hints: &hints,
+                cache: facts.cache,
+                deadline,
+                turn,
+            },
+        )
         .await?;
     let usage = done.answer.usage();
     let body = ChatCompletion {

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use super::openai::{UsageBody, finish_reason, max_tokens};
 use super::{AppState, Tenant};
-use crate::answer::TurnOptions;
+use crate::answer::{Ask, TurnOptions};
 use crate::cache::{Directives, RESULT_HEADER};
 use crate::conversation::{CONVERSATION_HEADER, ConversationId};
 use crate::error::Error;
@@ -222,7 +222,16 @@ async fn completions(
     if !body.stream {
         let done = state
             .pipeline
-            .answer(&tenant, &mut req, &hints, facts.cache, deadline, turn)
+            .answer(
+                &mut req,
+                Ask {
+                    tenant: &tenant,
+                    hints: &hints,
+                    cache: facts.cache,
+                    deadline,
+                    turn,
+                },
+            )
             .await?;
         let body = object(
             &done.answer.text,
@@ -241,7 +250,16 @@ async fn completions(
     let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
     let streamed = state
         .pipeline
-        .answer_stream(&tenant, &mut req, &hints, facts.cache, deadline, turn)
+        .answer_stream(
+            &mut req,
+            Ask {
+                tenant: &tenant,
+                hints: &hints,
+                cache: facts.cache,
+                deadline,
+                turn,
+            },
+        )
         .await?;
     let outcome = streamed.outcome;
     let record = streamed.record;
