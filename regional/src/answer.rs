@@ -66,8 +66,8 @@ pub(crate) struct TurnOptions {
 /// What the caller of the pipeline asks of it, beside the request itself.
 pub(crate) struct Ask<'a> {
     pub tenant: &'a Tenant,
-    /// Routing hints from the request's headers or metadata.
-    pub hints: &'a Hints,
+    /// Routing hints from the request's headers, metadata or body.
+    pub hints: Hints,
     /// What the request allows the cache to do.
     pub cache: Directives,
     /// When the answer is due; the model's work is cut there.
@@ -125,7 +125,7 @@ impl Pipeline {
             .replication
             .durability(tenant.as_str(), turn.durability)?;
         let turn = self.begin_turn(tenant, req, turn.conversation).await?;
-        let (routed, record) = self.route(tenant.as_str(), req, hints)?;
+        let (routed, record) = self.route(tenant.as_str(), req, &hints)?;
         let req = &*req;
         let policy = self.parts.cache.policy(req, directives);
         let mut ttft = Duration::ZERO;

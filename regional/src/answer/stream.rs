@@ -71,7 +71,7 @@ impl Pipeline {
 
     async fn stream_answer(&self, req: &mut ChatRequest, ask: &Ask<'_>) -> Result<Streamed, Error> {
         let (tenant, deadline) = (ask.tenant, ask.deadline);
-        let (routed, record) = self.route(tenant.as_str(), req, ask.hints)?;
+        let (routed, record) = self.route(tenant.as_str(), req, &ask.hints)?;
         let policy = self.parts.cache.policy(req, ask.cache);
         let looked = self.parts.cache.lookup(tenant.as_str(), req, policy).await;
         if let Some((answer, outcome)) = looked.hit {

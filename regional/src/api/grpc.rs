@@ -32,13 +32,14 @@ pub(super) struct InferenceApi {
     state: Arc<AppState>,
 }
 
-/// The deadline (`grpc-timeout` or `x-meridian-timeout-ms`, else the
-/// node's default) and routing hint
-/// of a request, read before the body is taken.
-fn call_facts(
+/// What a call asks of the answer pipeline, read before the body is taken:
+/// its deadline (`grpc-timeout` or `x-meridian-timeout-ms`, else the node's
+/// default), routing hint, cache directives and conversation turn.
+fn call_ask<'a>(
     state: &AppState,
     request: &Request<GenerateRequest>,
-) -> (tokio::time::Instant, Hints, Directives) {
+    tenant: &'a Tenant,
+) -> Result<Ask<'a>, Error> {
     let header = |name| request.metadata().get(name).and_then(|v| v.to_str().ok());
     // The HTTP API's header counts too, the shorter of the two winning.
     let timeout = [
@@ -57,7 +58,13 @@ fn call_facts(
     let mut cache =
         Directives::parse(|name: &str| request.metadata().get(name).and_then(|v| v.to_str().ok()));
     cache.no_store |= request.get_ref().no_cache;
-    (tokio::time::Instant::now() + timeout, hints, cache)
+    Ok(Ask {
+        tenant,
+        hints,
+        cache,
+        deadline: tokio::time::Instant::now() + timeout,
+        turn: call_turn(request)?,
+    })
 }
 
 /// The conversation a call continues (`x-meridian-conversation` metadata,
@@ -166,23 +173,9 @@ impl Inference for InferenceApi {
     ) -> Result<Response<GenerateResponse>, Status> {
         let started = tokio::time::Instant::now();
         let tenant = Tenant::from_metadata(request.metadata())?;
-        let (deadline, hints, cache) = call_facts(&self.state, &request);
-        let turn = call_turn(&request)?;
+        let ask = call_ask(&self.state, &request, &tenant)?;
         let mut req = chat_request(request.into_inner())?;
-        let done = self
-            .state
-            .pipeline
-            .answer(
-                &mut req,
-                Ask {
-                    tenant: &tenant,
-                    hints: &hints,
-                    cache,
-                    deadline,
-                    turn,
-                },
-            )
-            .await?;
+        let done = self.state.pipeline.answer(&mut req, ask).await?;
         let now = std::time::SystemTime::now();
         let answer_usage = done.answer.usage();
         // Tokens used, for the gateway's tokens-per-minute accounting; a hit
@@ -228,23 +221,9 @@ impl Inference for InferenceApi {
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let tenant = Tenant::from_metadata(request.metadata())?;
-        let (deadline, hints, cache) = call_facts(&self.state, &request);
-        let turn = call_turn(&request)?;
+        let ask = call_ask(&self.state, &request, &tenant)?;
         let mut req = chat_request(request.into_inner())?;
-        let streamed = self
-            .state
-            .pipeline
-            .answer_stream(
-                &mut req,
-                Ask {
-                    tenant: &tenant,
-                    hints: &hints,
-                    cache,
-                    deadline,
-                    turn,
-                },
-            )
-            .await?;
+        let streamed = self.state.pipeline.answer_stream(&mut req, ask).await?;
         let model = req.model.clone();
         let durability = streamed.durability;
         let (chunks, outcome, record, permit) = (

@@ -17,7 +17,7 @@ use super::openai::{
     MessageOut, ModelEntry, ModelList, UsageBody, finish_reason,
 };
 use super::{AppState, Tenant};
-use crate::answer::{Ask, Streamed};
+use crate::answer::Streamed;
 use crate::cache::RESULT_HEADER;
 use crate::error::Error;
 use crate::inference::Chunk;
@@ -59,26 +59,17 @@ async fn chat(
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let hints = facts.hints(body.has_tools());
-    let turn = facts.turn(body.conversation_id.as_deref())?;
+    let ask = facts.ask(
+        &state,
+        tenant,
+        body.has_tools(),
+        body.conversation_id.as_deref(),
+    )?;
     let mut req = body.into_request()?;
-    let deadline = facts.deadline(&state);
     let id = completion_id();
     let created = chrono::Utc::now().timestamp();
     if stream {
-        let streamed = state
-            .pipeline
-            .answer_stream(
-                &mut req,
-                Ask {
-                    tenant,
-                    hints: &hints,
-                    cache: facts.cache,
-                    deadline,
-                    turn,
-                },
-            )
-            .await?;
+        let streamed = state.pipeline.answer_stream(&mut req, ask).await?;
         let headers = (
             model_header(&req.model),
             [(RESULT_HEADER, streamed.outcome.header())],
@@ -87,19 +78,7 @@ async fn chat(
         let body = sse(id, created, req.model, include_usage, streamed);
         return Ok((headers, body).into_response());
     }
-    let done = state
-        .pipeline
-        .answer(
-            &mut req,
-            Ask {
-                tenant,
-                hints: &hints,
-                cache: facts.cache,
-                deadline,
-                turn,
-            },
-        )
-        .await?;
+    let done = state.pipeline.answer(&mut req, ask).await?;
     let usage = done.answer.usage();
     let body = ChatCompletion {
         id: &id,

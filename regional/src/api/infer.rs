@@ -57,24 +57,29 @@ pub(super) struct RequestFacts {
 }
 
 impl RequestFacts {
-    pub(super) fn hints(&self, has_tools: bool) -> Hints {
-        Hints {
-            has_tools,
-            size: self.size,
-        }
-    }
-
-    pub(super) fn deadline(&self, state: &AppState) -> Instant {
-        self.arrived + self.timeout.unwrap_or(state.inference.default_timeout)
-    }
-
-    /// The conversation the request continues (the header, or `body_id`,
-    /// the body's `conversation_id`, which must agree when both are set)
-    /// and the durability it asks for.
-    pub(super) fn turn(&self, body_id: Option<&str>) -> Result<TurnOptions, Error> {
-        Ok(TurnOptions {
-            conversation: ConversationId::from_request(self.conversation.as_deref(), body_id)?,
-            durability: self.durability,
+    /// What the request asks of the answer pipeline: these facts, whether
+    /// its body carries tools, and the conversation it continues (the
+    /// header, or `body_id`, the body's `conversation_id`, which must agree
+    /// when both are set).
+    pub(super) fn ask<'a>(
+        &self,
+        state: &AppState,
+        tenant: &'a Tenant,
+        has_tools: bool,
+        body_id: Option<&str>,
+    ) -> Result<Ask<'a>, Error> {
+        Ok(Ask {
+            tenant,
+            hints: Hints {
+                has_tools,
+                size: self.size,
+            },
+            cache: self.cache,
+            deadline: self.arrived + self.timeout.unwrap_or(state.inference.default_timeout),
+            turn: TurnOptions {
+                conversation: ConversationId::from_request(self.conversation.as_deref(), body_id)?,
+                durability: self.durability,
+            },
         })
     }
 }
@@ -204,9 +209,7 @@ async fn completions(
         },
         temperature: body.temperature,
     };
-    let deadline = facts.deadline(&state);
-    let hints = facts.hints(false);
-    let turn = facts.turn(None)?;
+    let ask = facts.ask(&state, &tenant, false, None)?;
     let id = format!("cmpl-{}", uuid::Uuid::now_v7().simple());
     let created = chrono::Utc::now().timestamp();
     let model = req.model.clone();
@@ -220,19 +223,7 @@ async fn completions(
         v
     };
     if !body.stream {
-        let done = state
-            .pipeline
-            .answer(
-                &mut req,
-                Ask {
-                    tenant: &tenant,
-                    hints: &hints,
-                    cache: facts.cache,
-                    deadline,
-                    turn,
-                },
-            )
-            .await?;
+        let done = state.pipeline.answer(&mut req, ask).await?;
         let body = object(
             &done.answer.text,
             Some(finish_reason(done.answer.finish)),
@@ -248,19 +239,7 @@ async fn completions(
             .into_response());
     }
     let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
-    let streamed = state
-        .pipeline
-        .answer_stream(
-            &mut req,
-            Ask {
-                tenant: &tenant,
-                hints: &hints,
-                cache: facts.cache,
-                deadline,
-                turn,
-            },
-        )
-        .await?;
+    let streamed = state.pipeline.answer_stream(&mut req, ask).await?;
     let outcome = streamed.outcome;
     let record = streamed.record;
     let chunks = streamed.chunks;
