@@ -40,10 +40,10 @@ pub(crate) use self::metrics::TenantStats;
 use self::semantic::{Entry, Index, PartKey};
 
 /// Request header: `allow` caches a request that is not deterministic.
-pub(crate) const OPT_IN_HEADER: &str = "x-meridian-cache";
+pub(crate) const OPT_IN_HEADER: &str = meridian_proto::header::CACHE;
 /// Response header: how the cache took part (`hit-l1`, `hit-l2`,
 /// `hit-semantic`, `miss`, `bypass`).
-pub(crate) const RESULT_HEADER: &str = "x-meridian-cache";
+pub(crate) const RESULT_HEADER: &str = meridian_proto::header::CACHE;
 
 const PREFIX: &str = "meridian:cache:v1";
 /// The region's stream of semantic entries and purges, which every node
