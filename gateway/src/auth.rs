@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -27,15 +27,15 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::sync::watch;
 
-use crate::ratelimit::{Limits, LocalState, RateLimitConfig};
+use crate::ratelimit::{Limits, RateLimitConfig};
 
 pub(crate) mod gate;
 
+/// Tenant of every request when `[auth]` is not configured.
+pub use meridian_proto::DEFAULT_TENANT;
 /// Request header (and gRPC metadata key) the gateway names the tenant in
 /// towards regions. Whatever a client sends in it is discarded.
-pub const TENANT_HEADER: &str = "x-meridian-tenant";
-/// Tenant of every request when `[auth]` is not configured.
-pub const DEFAULT_TENANT: &str = "default";
+pub use meridian_proto::header::TENANT as TENANT_HEADER;
 /// What every key starts with.
 pub const KEY_PREFIX: &str = "mk-";
 /// Random characters after [`KEY_PREFIX`].
@@ -125,14 +125,6 @@ pub enum Error {
     NotReplicated { waited_ms: u64 },
 }
 
-fn valid_tenant_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
-
 /// A pool for the key-management functions (a few connections, for tools).
 pub async fn connect(postgres_url: &str) -> Result<PgPool, Error> {
     Ok(PgPoolOptions::new()
@@ -146,7 +138,7 @@ pub async fn connect(postgres_url: &str) -> Result<PgPool, Error> {
 /// replace the tenant's, limits left `None` keep what it had (a new tenant
 /// then gets the gateway's defaults).
 pub async fn create_tenant(pool: &PgPool, id: &str, limits: TenantLimits) -> Result<(), Error> {
-    if !valid_tenant_id(id) {
+    if !meridian_proto::valid_tenant_id(id) {
         return Err(Error::InvalidTenant(id.to_string()));
     }
     if limits.requests_per_second == Some(0) || limits.tokens_per_minute == Some(0) {
@@ -246,25 +238,21 @@ fn hash_key(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
-/// A tenant as the proxy sees it: id, the header value to forward, limits
-/// resolved against the defaults, and its local rate-limit state.
+/// A tenant as the proxy sees it: who it is (id, and the header value to
+/// forward) and its limits resolved against the defaults. What the limiter
+/// remembers of it, the limiter keeps.
 pub(crate) struct Tenant {
     pub(crate) id: Arc<str>,
     pub(crate) header: HeaderValue,
     pub(crate) limits: Limits,
-    pub(crate) local: Arc<LocalState>,
-    /// Its limits' keys in the shared Redis, built once.
-    pub(crate) redis_keys: [String; 2],
 }
 
 impl Tenant {
-    fn new(id: &str, limits: Limits, local: Arc<LocalState>) -> Option<Self> {
+    fn new(id: &str, limits: Limits) -> Option<Self> {
         Some(Self {
             header: HeaderValue::from_str(id).ok()?,
             id: Arc::from(id),
             limits,
-            local,
-            redis_keys: crate::ratelimit::redis_keys(id),
         })
     }
 }
@@ -320,14 +308,12 @@ pub(crate) struct KeyStore {
     loaded: watch::Sender<bool>,
     config: AuthConfig,
     defaults: Limits,
-    /// Local limiter state per tenant, kept across reloads.
-    states: Mutex<HashMap<Arc<str>, Arc<LocalState>>>,
 }
 
 impl Auth {
     pub(crate) fn new(auth: Option<&AuthConfig>, rate_limit: &RateLimitConfig) -> Self {
         let defaults = rate_limit.default_limits();
-        let default = Tenant::new(DEFAULT_TENANT, defaults, Arc::new(LocalState::default()))
+        let default = Tenant::new(DEFAULT_TENANT, defaults)
             .expect("the default tenant is a valid header value");
         Self {
             keys: auth.map(|config| {
@@ -336,7 +322,6 @@ impl Auth {
                     loaded: watch::channel(false).0,
                     config: config.clone(),
                     defaults,
-                    states: Mutex::new(HashMap::new()),
                 })
             }),
             default: Arc::new(default),
@@ -410,7 +395,6 @@ impl KeyStore {
         .await?;
         let mut map = KeyMap::with_capacity_and_hasher(rows.len(), Default::default());
         let mut tenants: HashMap<&str, Arc<Tenant>> = HashMap::new();
-        let mut states = self.states.lock().expect("tenant states lock");
         for (hash, id, rps, tpm) in &rows {
             let Ok(digest) = <[u8; 32]>::try_from(hash.as_slice()) else {
                 continue;
@@ -426,8 +410,7 @@ impl KeyStore {
                             .and_then(|t| u64::try_from(t).ok())
                             .or(self.defaults.tokens_per_minute),
                     };
-                    let local = states.entry(Arc::from(id.as_str())).or_default().clone();
-                    let Some(tenant) = Tenant::new(id, limits, local) else {
+                    let Some(tenant) = Tenant::new(id, limits) else {
                         continue;
                     };
                     let tenant = Arc::new(tenant);
@@ -437,9 +420,6 @@ impl KeyStore {
             };
             map.insert(digest, tenant);
         }
-        // Forget the state of tenants that have no live key any more.
-        states.retain(|id, _| tenants.contains_key(&**id));
-        drop(states);
         let count = map.len();
         self.snapshot.store(Arc::new(map));
         self.loaded.send_replace(true);
@@ -501,13 +481,5 @@ mod tests {
         assert_eq!(bearer(b"Basic mk-abc"), None);
         assert_eq!(bearer(b"Bearer "), None);
         assert_eq!(bearer(b"mk-abc"), None);
-    }
-
-    #[test]
-    fn tenant_ids() {
-        assert!(valid_tenant_id("acme-1.prod_x"));
-        assert!(!valid_tenant_id(""));
-        assert!(!valid_tenant_id("a b"));
-        assert!(!valid_tenant_id(&"x".repeat(65)));
     }
 }

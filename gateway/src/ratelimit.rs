@@ -29,8 +29,8 @@ mod limiter;
 mod scripts;
 mod states;
 
-pub use self::config::RateLimitConfig;
 pub(crate) use self::config::Limits;
+pub use self::config::RateLimitConfig;
 pub(crate) use self::estimate::{SCAN_BODY_LIMIT, estimate, scan_max_tokens};
 pub(crate) use self::gcra::{Decision, Kind};
 pub(crate) use self::headers::{duration_text, headers};
