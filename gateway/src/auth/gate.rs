@@ -14,13 +14,11 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
 use super::{Auth, KeyLoader, Refusal, TENANT_HEADER, Tenant};
+use crate::USAGE_TOKENS_HEADER;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::ratelimit::{self, Decision, Limiter, SCAN_BODY_LIMIT};
 use crate::respond::ErrorReply;
-
-/// Response header in which a region reports the tokens a request used.
-use meridian_proto::header::USAGE_TOKENS as USAGE_TOKENS_HEADER;
 
 /// Paths open without a key: health checks and server reflection.
 const OPEN_PREFIXES: [&str; 3] = [

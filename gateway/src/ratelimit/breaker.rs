@@ -14,6 +14,7 @@ use crate::metrics::Metrics;
 /// How long Redis is left alone after an error.
 const REDIS_BACKOFF_US: u64 = 1_000_000;
 
+/// The Redis the gateways share limits in, and when to leave it alone.
 pub(super) struct Shared {
     client: redis::Client,
     conn: OnceLock<Option<ConnectionManager>>,

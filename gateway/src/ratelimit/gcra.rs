@@ -186,13 +186,15 @@ mod tests {
         assert_eq!(rejected, Some(Kind::Tokens));
         assert_eq!(wait, 60_000_000);
     }
-}
 
-#[test]
-fn a_refusal_reads_as_its_limit_kind() {
-    assert_eq!(
-        Kind::Requests.class().openai_type(),
-        Kind::Requests.as_str()
-    );
-    assert_eq!(Kind::Tokens.class().openai_type(), Kind::Tokens.as_str());
+    /// OpenAI names the refusing limit in the error `type`, as the metric
+    /// label does.
+    #[test]
+    fn a_refusal_reads_as_its_limit_kind() {
+        assert_eq!(
+            Kind::Requests.class().openai_type(),
+            Kind::Requests.as_str()
+        );
+        assert_eq!(Kind::Tokens.class().openai_type(), Kind::Tokens.as_str());
+    }
 }
