@@ -294,9 +294,11 @@ fn print_banner(gateway: &Gateway, regions: &[Region], api_key: &str) {
     println!("Chat completion (OpenAI-compatible):");
     println!("  curl -s {url} {auth} {json} -d '{body}'");
     println!("Pin a region and see which one served it:");
-    println!("  curl -si {url} {auth} -H 'x-meridian-region: {last}' {json} -d '{body}'");
+    let pin = meridian_gateway::REGION_HEADER;
+    println!("  curl -si {url} {auth} -H '{pin}: {last}' {json} -d '{body}'");
     println!("Pretend to be in Paris (loopback is a trusted proxy here):");
-    println!("  curl -si {url} {auth} -H 'x-meridian-client-country: FR' {json} -d '{body}'");
+    let country = meridian_gateway::COUNTRY_HEADER;
+    println!("  curl -si {url} {auth} -H '{country}: FR' {json} -d '{body}'");
     println!("gRPC through the gateway:");
     println!(
         "  grpcurl -plaintext -H 'authorization: Bearer {api_key}' -d '{body}' {addr} meridian.v1.Inference/Generate"

@@ -1,7 +1,9 @@
 //! The gateway's admin endpoints, on their own port so they are never
 //! exposed with the client-facing one: `/healthz` (the process runs),
-//! `/readyz` (some region can take work), `/metrics` (Prometheus), `/routing`
-//! (the live region table as JSON).
+//! `/readyz` (some region can take work), `/metrics` (Prometheus, this
+//! gateway's own registry), `/routing` (the live region table as JSON). It
+//! also says which paths are for operators only ([`is_operator_path`]): the
+//! regions' `/admin/*`, which the proxy refuses to clients at the edge.
 
 use std::sync::Arc;
 
@@ -13,6 +15,12 @@ use serde_json::json;
 
 use crate::metrics::Metrics;
 use crate::regions::Regions;
+
+/// Whether `path` is a region's operator endpoint (`/admin/*`), for
+/// operators on the mesh and never for clients at the edge.
+pub(crate) fn is_operator_path(path: &str) -> bool {
+    path.starts_with("/admin/")
+}
 
 pub(crate) struct Admin {
     pub regions: Arc<Regions>,
@@ -29,6 +37,20 @@ fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<
 }
 
 impl Admin {
+    /// Sets the gauges read from the region table, just before a scrape, so
+    /// nothing on the request path keeps them.
+    fn observe_regions(&self) {
+        for r in &self.regions.list {
+            let nodes = r.nodes();
+            let healthy = nodes.iter().filter(|n| n.is_healthy()).count() as i64;
+            self.metrics
+                .set_region_nodes(&r.name, healthy, nodes.len() as i64 - healthy);
+            if let Some(age) = r.refresh_age() {
+                self.metrics.set_discovery_refresh_age(&r.name, age);
+            }
+        }
+    }
+
     fn routing(&self) -> serde_json::Value {
         let regions: Vec<_> = self
             .regions
@@ -78,7 +100,7 @@ impl ServeHttp for Admin {
                 }
             }
             "/metrics" => {
-                self.metrics.observe_regions(&self.regions);
+                self.observe_regions();
                 reply(
                     StatusCode::OK,
                     "text/plain; version=0.0.4",

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -28,15 +28,15 @@ use tokio::sync::watch;
 
 use meridian_proto::api_key::hash_key;
 
-use crate::ratelimit::{Limits, LocalState, RateLimitConfig};
+use crate::ratelimit::{Limits, RateLimitConfig};
 
 pub(crate) mod gate;
 
+/// Tenant of every request when `[auth]` is not configured.
+pub use meridian_proto::DEFAULT_TENANT;
 /// Request header (and gRPC metadata key) the gateway names the tenant in
 /// towards regions. Whatever a client sends in it is discarded.
-pub const TENANT_HEADER: &str = "x-meridian-tenant";
-/// Tenant of every request when `[auth]` is not configured.
-pub const DEFAULT_TENANT: &str = "default";
+pub use meridian_proto::header::TENANT as TENANT_HEADER;
 
 /// Where API keys come from (`[auth]`).
 #[derive(Clone, Deserialize)]
@@ -85,25 +85,21 @@ impl std::fmt::Debug for AuthConfig {
     }
 }
 
-/// A tenant as the proxy sees it: id, the header value to forward, limits
-/// resolved against the defaults, and its local rate-limit state.
+/// A tenant as the proxy sees it: who it is (id, and the header value to
+/// forward) and its limits resolved against the defaults. What the limiter
+/// remembers of it, the limiter keeps.
 pub(crate) struct Tenant {
     pub(crate) id: Arc<str>,
     pub(crate) header: HeaderValue,
     pub(crate) limits: Limits,
-    pub(crate) local: Arc<LocalState>,
-    /// Its limits' keys in the shared Redis, built once.
-    pub(crate) redis_keys: [String; 2],
 }
 
 impl Tenant {
-    fn new(id: &str, limits: Limits, local: Arc<LocalState>) -> Option<Self> {
+    fn new(id: &str, limits: Limits) -> Option<Self> {
         Some(Self {
             header: HeaderValue::from_str(id).ok()?,
             id: Arc::from(id),
             limits,
-            local,
-            redis_keys: crate::ratelimit::redis_keys(id),
         })
     }
 }
@@ -159,14 +155,12 @@ pub(crate) struct KeyStore {
     loaded: watch::Sender<bool>,
     config: AuthConfig,
     defaults: Limits,
-    /// Local limiter state per tenant, kept across reloads.
-    states: Mutex<HashMap<Arc<str>, Arc<LocalState>>>,
 }
 
 impl Auth {
     pub(crate) fn new(auth: Option<&AuthConfig>, rate_limit: &RateLimitConfig) -> Self {
         let defaults = rate_limit.default_limits();
-        let default = Tenant::new(DEFAULT_TENANT, defaults, Arc::new(LocalState::default()))
+        let default = Tenant::new(DEFAULT_TENANT, defaults)
             .expect("the default tenant is a valid header value");
         Self {
             keys: auth.map(|config| {
@@ -175,7 +169,6 @@ impl Auth {
                     loaded: watch::channel(false).0,
                     config: config.clone(),
                     defaults,
-                    states: Mutex::new(HashMap::new()),
                 })
             }),
             default: Arc::new(default),
@@ -247,7 +240,6 @@ impl KeyStore {
         .await?;
         let mut map = KeyMap::with_capacity_and_hasher(rows.len(), Default::default());
         let mut tenants: HashMap<&str, Arc<Tenant>> = HashMap::new();
-        let mut states = self.states.lock().expect("tenant states lock");
         for (hash, id, rps, tpm) in &rows {
             let Ok(digest) = <[u8; 32]>::try_from(hash.as_slice()) else {
                 continue;
@@ -263,8 +255,7 @@ impl KeyStore {
                             .and_then(|t| u64::try_from(t).ok())
                             .or(self.defaults.tokens_per_minute),
                     };
-                    let local = states.entry(Arc::from(id.as_str())).or_default().clone();
-                    let Some(tenant) = Tenant::new(id, limits, local) else {
+                    let Some(tenant) = Tenant::new(id, limits) else {
                         continue;
                     };
                     let tenant = Arc::new(tenant);
@@ -274,9 +265,6 @@ impl KeyStore {
             };
             map.insert(digest, tenant);
         }
-        // Forget the state of tenants that have no live key any more.
-        states.retain(|id, _| tenants.contains_key(&**id));
-        drop(states);
         let count = map.len();
         self.snapshot.store(Arc::new(map));
         self.loaded.send_replace(true);

@@ -6,8 +6,6 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::config::GeoConfig;
-
 /// A point on the globe, in degrees.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LatLon {
@@ -39,9 +37,9 @@ impl LatLon {
 }
 
 /// Header a trusted proxy sets to the client's ISO 3166 country code.
-pub const COUNTRY_HEADER: &str = "x-meridian-client-country";
+pub use meridian_proto::header::CLIENT_COUNTRY as COUNTRY_HEADER;
 /// Header a trusted proxy sets to the client's `lat,lon`.
-pub const LATLON_HEADER: &str = "x-meridian-client-geo";
+pub use meridian_proto::header::CLIENT_GEO as LATLON_HEADER;
 
 /// Where a client's location came from; logged with the decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,8 +60,17 @@ pub(crate) struct Locator {
 }
 
 impl Locator {
-    pub(crate) fn new(config: &GeoConfig) -> Result<Self, String> {
-        let geoip = match &config.geoip_database {
+    /// A locator believing headers from `trusted_proxies`, with networks
+    /// of known location (`cidrs`), an optional GeoIP database and a
+    /// default location. The caller hands over the `[geo]` config's parts,
+    /// so that locating depends on no config type.
+    pub(crate) fn new(
+        trusted_proxies: Vec<IpNet>,
+        cidrs: Vec<(IpNet, LatLon)>,
+        geoip_database: Option<&std::path::Path>,
+        default: Option<LatLon>,
+    ) -> Result<Self, String> {
+        let geoip = match geoip_database {
             None => None,
             Some(path) => Some(
                 maxminddb::Reader::open_readfile(path)
@@ -71,22 +78,10 @@ impl Locator {
             ),
         };
         Ok(Self {
-            trusted_proxies: config.trusted_proxies.clone(),
-            cidrs: config
-                .cidr
-                .iter()
-                .map(|c| {
-                    (
-                        c.cidr,
-                        LatLon {
-                            lat: c.lat,
-                            lon: c.lon,
-                        },
-                    )
-                })
-                .collect(),
+            trusted_proxies,
+            cidrs,
             geoip,
-            default: config.default_location,
+            default,
         })
     }
 

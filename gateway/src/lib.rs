@@ -21,6 +21,7 @@ mod metrics;
 mod proxy;
 mod ratelimit;
 mod regions;
+mod respond;
 mod route;
 mod server;
 
@@ -32,20 +33,26 @@ pub use self::config::{
 pub use self::error::Error;
 pub use self::geo::{COUNTRY_HEADER, LATLON_HEADER, LatLon};
 pub use self::mesh::MeshConfig;
-pub use self::ratelimit::{RateLimitConfig, USAGE_TOKENS_HEADER};
+pub use self::ratelimit::RateLimitConfig;
 pub use self::server::Gateway;
 
-/// Request header (or gRPC metadata) that pins a request to a region, and the
-/// response header that names the region the gateway chose.
-pub const REGION_HEADER: &str = "x-meridian-region";
-/// Response header that says why the region was chosen: `pin`, `affinity`,
-/// `nearest`, `default` or `failover`.
-pub const ROUTE_HEADER: &str = "x-meridian-route";
-/// Request header (or gRPC metadata) naming a session: requests of one
-/// session go to the same region while it is healthy.
-pub const SESSION_HEADER: &str = "x-meridian-session";
 /// Request header (or gRPC metadata) naming a conversation: an affinity key
 /// like [`SESSION_HEADER`] (and preferred to it), so a conversation's turns
 /// go to the region that stores them while it is healthy. The region reads
 /// the same header to load and store the conversation's history.
-pub const CONVERSATION_HEADER: &str = "x-meridian-conversation";
+pub use meridian_proto::header::CONVERSATION as CONVERSATION_HEADER;
+/// Response header with which a region reports that it stored a write; such
+/// an answer is never replayed in another region.
+pub(crate) use meridian_proto::header::DURABILITY as DURABILITY_HEADER;
+/// Request header (or gRPC metadata) that pins a request to a region, and the
+/// response header that names the region the gateway chose.
+pub use meridian_proto::header::REGION as REGION_HEADER;
+/// Response header that says why the region was chosen: `pin`, `affinity`,
+/// `nearest`, `default` or `failover`.
+pub use meridian_proto::header::ROUTE as ROUTE_HEADER;
+/// Request header (or gRPC metadata) naming a session: requests of one
+/// session go to the same region while it is healthy.
+pub use meridian_proto::header::SESSION as SESSION_HEADER;
+/// Response header in which a region reports the tokens a request used;
+/// the gateway corrects its rate-limit estimate with it.
+pub use meridian_proto::header::USAGE_TOKENS as USAGE_TOKENS_HEADER;

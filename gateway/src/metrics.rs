@@ -1,12 +1,12 @@
 //! Prometheus metrics of one gateway. Each gateway has its own registry, so
-//! two gateways in one process (tests, `meridian up`) do not mix counts.
+//! two gateways in one process (tests, `meridian up`) do not mix counts; the
+//! admin module serves it. The metrics know no other module: the parts of
+//! the gateway that count call in here.
 
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
-
-use crate::regions::Regions;
 
 #[derive(Debug)]
 pub(crate) struct Metrics {
@@ -147,24 +147,23 @@ impl Metrics {
         }
     }
 
-    /// Sets the gauges read from the region table, just before a scrape, so
-    /// nothing on the request path keeps them.
-    pub(crate) fn observe_regions(&self, regions: &Regions) {
-        for r in &regions.list {
-            let nodes = r.nodes();
-            let healthy = nodes.iter().filter(|n| n.is_healthy()).count() as i64;
-            self.region_nodes
-                .with_label_values(&[r.name.as_str(), "healthy"])
-                .set(healthy);
-            self.region_nodes
-                .with_label_values(&[r.name.as_str(), "ejected"])
-                .set(nodes.len() as i64 - healthy);
-            if let Some(age) = r.refresh_age() {
-                self.discovery_refresh_age
-                    .with_label_values(&[&r.name])
-                    .set(age.as_secs_f64());
-            }
-        }
+    /// Sets a region's node gauges; the admin endpoint calls it from the
+    /// region table just before a scrape, so nothing on the request path
+    /// keeps them.
+    pub(crate) fn set_region_nodes(&self, region: &str, healthy: i64, ejected: i64) {
+        self.region_nodes
+            .with_label_values(&[region, "healthy"])
+            .set(healthy);
+        self.region_nodes
+            .with_label_values(&[region, "ejected"])
+            .set(ejected);
+    }
+
+    /// Sets the time since a region's SRV name last resolved well.
+    pub(crate) fn set_discovery_refresh_age(&self, region: &str, age: std::time::Duration) {
+        self.discovery_refresh_age
+            .with_label_values(&[region])
+            .set(age.as_secs_f64());
     }
 
     /// The text exposition format.

@@ -2,14 +2,17 @@
 //! node of the next one over h2c in `upstream_peer`, retry in the next region when a try
 //! fails before any byte reached the client, name the region in
 //! `response_filter`, and answer errors in the client's own protocol (OpenAI
-//! JSON for HTTP, a status for gRPC).
+//! JSON for HTTP, a status for gRPC) through [`crate::respond`]. What it
+//! reports of each request (span, metrics, access log) is in [`observe`].
+
+mod observe;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use http::header;
+use http::{StatusCode, header};
+use meridian_proto::ErrorClass;
 use pingora_core::protocols::ALPN;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
@@ -27,8 +30,13 @@ use crate::geo::{COUNTRY_HEADER, LATLON_HEADER, Locator};
 use crate::health;
 use crate::metrics::Metrics;
 use crate::regions::{Lease, Regions};
+use crate::respond::ErrorReply;
 use crate::route::{Plan, Reason, RequestFacts, Router};
-use crate::{CONVERSATION_HEADER, REGION_HEADER, ROUTE_HEADER, SESSION_HEADER};
+use crate::{CONVERSATION_HEADER, DURABILITY_HEADER, REGION_HEADER, ROUTE_HEADER, SESSION_HEADER};
+
+/// What a region answers when it cannot take a request now: the gateway
+/// tries the next region, if there is one.
+const SATURATED: StatusCode = StatusCode::SERVICE_UNAVAILABLE;
 
 /// Most concurrent streams on one upstream HTTP/2 connection. Pingora's
 /// default is 1, which would open a connection per request.
@@ -84,7 +92,7 @@ impl Proxy {
     ) -> Result<Self, String> {
         Ok(Self {
             router: Router::new(config),
-            locator: Locator::new(&config.geo)?,
+            locator: locator(config)?,
             budget: RetryBudget::new(&config.failover),
             health: config.health.clone(),
             max_attempts: config.failover.max_attempts as usize,
@@ -97,27 +105,6 @@ impl Proxy {
             regions,
             metrics,
         })
-    }
-
-    /// Starts the request's span, continuing the client's trace when it
-    /// sent a `traceparent`.
-    fn start_span(&self, session: &Session, grpc: bool) -> Option<trace::Context> {
-        if !self.tracer.is_enabled() {
-            return None;
-        }
-        let req = session.req_header();
-        let parent = self.tracer.extract(&req.headers);
-        let mut attributes = vec![
-            KeyValue::new("http.request.method", req.method.to_string()),
-            KeyValue::new("url.path", req.uri.path().to_string()),
-        ];
-        if grpc {
-            attributes.push(KeyValue::new("rpc.system", "grpc"));
-        }
-        Some(
-            self.tracer
-                .start_span("gateway.request", trace::Kind::Server, &parent, attributes),
-        )
     }
 
     fn region_name(&self, ctx: &Ctx) -> &str {
@@ -152,85 +139,36 @@ impl Proxy {
     }
 }
 
+/// The `[geo]` config as a [`Locator`].
+fn locator(config: &Config) -> Result<Locator, String> {
+    let geo = &config.geo;
+    let cidrs = geo
+        .cidr
+        .iter()
+        .map(|c| {
+            (
+                c.cidr,
+                crate::geo::LatLon {
+                    lat: c.lat,
+                    lon: c.lon,
+                },
+            )
+        })
+        .collect();
+    Locator::new(
+        geo.trusted_proxies.clone(),
+        cidrs,
+        geo.geoip_database.as_deref(),
+        geo.default_location,
+    )
+}
+
 fn header_str<'a>(session: &'a Session, name: &str) -> Option<&'a str> {
     session
         .req_header()
         .headers
         .get(name)
         .and_then(|v| v.to_str().ok())
-}
-
-/// Answers with an error the client understands: a trailers-only gRPC status
-/// for gRPC, an OpenAI-shaped JSON error otherwise.
-async fn respond_error(
-    session: &mut Session,
-    grpc: bool,
-    http_status: u16,
-    grpc_code: u8,
-    kind: &str,
-    message: &str,
-) -> Result<()> {
-    respond_error_with(
-        session,
-        grpc,
-        http_status,
-        grpc_code,
-        kind,
-        None,
-        message,
-        &[],
-    )
-    .await
-}
-
-/// [`respond_error`] with an OpenAI error `code` and extra response headers
-/// (`Retry-After`, `x-ratelimit-*`).
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn respond_error_with(
-    session: &mut Session,
-    grpc: bool,
-    http_status: u16,
-    grpc_code: u8,
-    kind: &str,
-    code: Option<&str>,
-    message: &str,
-    extra: &[(&'static str, http::HeaderValue)],
-) -> Result<()> {
-    if grpc {
-        let mut resp = ResponseHeader::build(200, Some(3 + extra.len()))?;
-        resp.insert_header(header::CONTENT_TYPE, "application/grpc")?;
-        resp.insert_header("grpc-status", grpc_code.to_string())?;
-        resp.insert_header("grpc-message", percent_encode(message))?;
-        for (name, value) in extra {
-            resp.insert_header(*name, value)?;
-        }
-        return session.write_response_header(Box::new(resp), true).await;
-    }
-    let body = serde_json::json!({
-        "error": { "message": message, "type": kind, "param": null, "code": code }
-    });
-    let body = Bytes::from(body.to_string());
-    let mut resp = ResponseHeader::build(http_status, Some(2 + extra.len()))?;
-    for (name, value) in extra {
-        resp.insert_header(*name, value)?;
-    }
-    resp.insert_header(header::CONTENT_TYPE, "application/json")?;
-    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-    session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await
-}
-
-/// `grpc-message` is percent-encoded (gRPC over HTTP/2 spec).
-fn percent_encode(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    for b in message.bytes() {
-        if (0x20..0x7f).contains(&b) && b != b'%' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 #[async_trait]
@@ -259,15 +197,12 @@ impl ProxyHttp for Proxy {
         ctx.trace = self.start_span(session, ctx.grpc);
         // Regions' operator endpoints are for operators on the mesh, never
         // for clients at the edge.
-        if session.req_header().uri.path().starts_with("/admin/") {
-            respond_error(
-                session,
-                ctx.grpc,
-                404,
-                5,
-                "not_found_error",
+        if crate::admin::is_operator_path(session.req_header().uri.path()) {
+            ErrorReply::new(
+                ErrorClass::NotFound,
                 "no such route at the edge: /admin/ is for operators on the mesh",
             )
+            .send(session, ctx.grpc)
             .await?;
             return Ok(true);
         }
@@ -318,8 +253,9 @@ impl ProxyHttp for Proxy {
                     unknown.0,
                     names.join(", ")
                 );
-                // INVALID_ARGUMENT = 3
-                respond_error(session, ctx.grpc, 400, 3, "invalid_request_error", &message).await?;
+                ErrorReply::new(ErrorClass::InvalidRequest, &message)
+                    .send(session, ctx.grpc)
+                    .await?;
                 Ok(true)
             }
         }
@@ -407,7 +343,7 @@ impl ProxyHttp for Proxy {
         }
         // Bodies are replayable unless Pingora's retry buffer overflowed;
         // nothing is retried once the client has seen a byte.
-        let retry = if e.etype() == &ErrorType::HTTPStatus(503) && e.retry() {
+        let retry = if e.etype() == &ErrorType::HTTPStatus(SATURATED.as_u16()) && e.retry() {
             // Decided (and paid for) in upstream_response_filter.
             true
         } else {
@@ -428,7 +364,13 @@ impl ProxyHttp for Proxy {
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
         if let Some(node) = &ctx.node {
-            if matches!(status, 500 | 502 | 503 | 504) {
+            if matches!(
+                StatusCode::from_u16(status),
+                Ok(StatusCode::INTERNAL_SERVER_ERROR
+                    | StatusCode::BAD_GATEWAY
+                    | StatusCode::SERVICE_UNAVAILABLE
+                    | StatusCode::GATEWAY_TIMEOUT)
+            ) {
                 self.passive_failure(ctx, "5xx");
             } else {
                 node.request_ok();
@@ -439,11 +381,9 @@ impl ProxyHttp for Proxy {
         // A 503 that reports a durability did store a write (a synchronous
         // turn no peer confirmed in time): replaying it elsewhere would store
         // it twice.
-        let stored = upstream_response
-            .headers
-            .contains_key("x-meridian-durability");
-        if status == 503 && !stored && self.may_retry(ctx) {
-            let mut e = Error::explain(ErrorType::HTTPStatus(503), "region saturated");
+        let stored = upstream_response.headers.contains_key(DURABILITY_HEADER);
+        if status == SATURATED.as_u16() && !stored && self.may_retry(ctx) {
+            let mut e = Error::explain(ErrorType::HTTPStatus(status), "region saturated");
             e.set_retry(true);
             return Err(e);
         }
@@ -481,7 +421,7 @@ impl ProxyHttp for Proxy {
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let region = self.region_name(ctx).to_string();
-        let (status, code, kind, message) = match e.etype() {
+        let (class, message) = match e.etype() {
             _ if matches!(e.esource(), ErrorSource::Downstream) => {
                 return FailToProxy {
                     error_code: 0,
@@ -492,89 +432,33 @@ impl ProxyHttp for Proxy {
             | ErrorType::ConnectRefused
             | ErrorType::ConnectError
             | ErrorType::ConnectNoRoute => (
-                502,
-                14,
-                "server_error",
+                ErrorClass::BadGateway,
                 format!("region {region} is unreachable"),
             ),
             ErrorType::ReadTimedout => (
-                504,
-                4,
-                "server_error",
+                ErrorClass::Timeout,
                 format!("region {region} did not answer in time"),
             ),
             _ => (
-                502,
-                14,
-                "server_error",
+                ErrorClass::BadGateway,
                 format!("region {region} failed: {}", e.etype().as_str()),
             ),
         };
         tracing::warn!(region = %region, attempts = ctx.attempts, error = %e, "request failed in every region tried");
         if !ctx.responded
-            && let Err(write) = respond_error(session, ctx.grpc, status, code, kind, &message).await
+            && let Err(write) = ErrorReply::new(class, &message)
+                .send(session, ctx.grpc)
+                .await
         {
             tracing::debug!(error = %write, "could not send the error response");
         }
         FailToProxy {
-            error_code: status,
+            error_code: class.http_status(),
             can_reuse_downstream: false,
         }
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        let status = session
-            .response_written()
-            .map(|r| r.status.as_u16())
-            .unwrap_or(0);
-        let region = self.region_name(ctx);
-        let reason = ctx.reason.map(Reason::as_str).unwrap_or("-");
-        let elapsed = ctx.started.elapsed();
-        self.metrics
-            .requests
-            .with_label_values(&[region, reason, status.to_string().as_str()])
-            .inc();
-        self.metrics
-            .duration
-            .with_label_values(&[region])
-            .observe(elapsed.as_secs_f64());
-        let log = match &ctx.trace {
-            Some(cx) => {
-                let mut attributes = vec![
-                    KeyValue::new("http.response.status_code", i64::from(status)),
-                    KeyValue::new("meridian.route", reason),
-                    KeyValue::new("meridian.attempts", ctx.attempts as i64),
-                ];
-                if let Some(i) = ctx.current {
-                    let name = self.regions.list[i].name.clone();
-                    attributes.push(KeyValue::new("meridian.region", name));
-                }
-                trace::set_attributes(cx, attributes);
-                if let Some(e) = e {
-                    trace::set_error(cx, e.etype().as_str().to_string());
-                } else if status >= 500 {
-                    trace::set_error(cx, format!("answered {status}"));
-                }
-                trace::end(cx);
-                trace::log_span(cx)
-            }
-            None => tracing::Span::none(),
-        };
-        let req = session.req_header();
-        log.in_scope(|| {
-            tracing::info!(
-                target: "meridian_gateway::access",
-                method = %req.method,
-                path = %req.uri.path(),
-                status,
-                region,
-                route = reason,
-                attempts = ctx.attempts,
-                grpc = ctx.grpc,
-                duration_us = elapsed.as_micros() as u64,
-                error = e.map(|e| e.etype().as_str()),
-                "request"
-            );
-        });
+        self.record(session, e, ctx);
     }
 }

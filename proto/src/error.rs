@@ -11,6 +11,7 @@ use prost::Message;
 use prost::bytes::Bytes;
 use tonic::{Code, Status};
 
+use crate::contract::ErrorClass;
 use crate::v1::ErrorDetail;
 
 /// Type URL of [`ErrorDetail`] inside a `google.protobuf.Any`.
@@ -104,29 +105,21 @@ pub fn error_detail(status: &Status) -> Option<ErrorDetail> {
         .and_then(|any| ErrorDetail::decode(any.value.as_slice()).ok())
 }
 
-/// The HTTP status code that corresponds to a gRPC status code.
+/// The HTTP status code that corresponds to a gRPC status code: that of
+/// its [`ErrorClass`], and 200 for `Ok`.
 ///
 /// `Cancelled` maps to 499 (client closed request); codes without a closer
 /// match map to 500.
 pub fn http_status_for(code: Code) -> u16 {
-    match code {
-        Code::Ok => 200,
-        Code::InvalidArgument | Code::FailedPrecondition => 400,
-        Code::Unauthenticated => 401,
-        Code::PermissionDenied => 403,
-        Code::NotFound => 404,
-        Code::AlreadyExists => 409,
-        Code::ResourceExhausted => 429,
-        Code::Cancelled => 499,
-        Code::Unimplemented => 501,
-        Code::Unavailable => 503,
-        Code::DeadlineExceeded => 504,
-        Code::Unknown | Code::OutOfRange | Code::Aborted | Code::Internal | Code::DataLoss => 500,
+    if code == Code::Ok {
+        return 200;
     }
+    ErrorClass::from_code(code).http_status()
 }
 
 /// The OpenAI-style `error.type` string for a gRPC status code, for the
-/// gateway's OpenAI-compatible HTTP API. Consistent with [`http_status_for`]:
+/// gateway's OpenAI-compatible HTTP API: that of its [`ErrorClass`].
+/// Consistent with [`http_status_for`]:
 ///
 /// | gRPC code | type |
 /// | --- | --- |
@@ -142,24 +135,7 @@ pub fn http_status_for(code: Code) -> u16 {
 /// | DeadlineExceeded | `timeout_error` |
 /// | anything else | `server_error` |
 pub fn openai_error_type(code: Code) -> &'static str {
-    match code {
-        Code::InvalidArgument | Code::FailedPrecondition => "invalid_request_error",
-        Code::Unauthenticated => "authentication_error",
-        Code::PermissionDenied => "permission_error",
-        Code::NotFound => "not_found_error",
-        Code::AlreadyExists => "conflict_error",
-        Code::ResourceExhausted => "rate_limit_error",
-        Code::Cancelled => "request_cancelled_error",
-        Code::Unimplemented => "not_implemented_error",
-        Code::Unavailable => "service_unavailable_error",
-        Code::DeadlineExceeded => "timeout_error",
-        Code::Ok
-        | Code::Unknown
-        | Code::OutOfRange
-        | Code::Aborted
-        | Code::Internal
-        | Code::DataLoss => "server_error",
-    }
+    ErrorClass::from_code(code).openai_type()
 }
 
 #[cfg(test)]

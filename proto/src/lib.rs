@@ -7,12 +7,16 @@
 //! `Replication`. [`FILE_DESCRIPTOR_SET`] describes them for gRPC server
 //! reflection. The [`error`] module attaches a [`v1::ErrorDetail`] to a
 //! [`tonic::Status`], reads it back, and maps gRPC codes to HTTP statuses and
-//! OpenAI-style error types for the gateway's HTTP API. [`api_key`] holds
-//! the API key format and hash the gateway and regions agree on.
+//! OpenAI-style error types for the gateway's HTTP API. The [`contract`]
+//! module holds what both sides of the wire must agree on: header names, the
+//! tenant id rule and the table of error classes; [`api_key`] the API key
+//! format and hash the gateway and regions agree on.
 
 pub mod api_key;
+pub mod contract;
 pub mod error;
 
+pub use contract::{DEFAULT_TENANT, ErrorClass, header, valid_tenant_id};
 pub use error::{error_detail, http_status_for, openai_error_type, status_with_detail};
 
 /// Generated code for the `meridian.v1` protobuf package.

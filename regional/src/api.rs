@@ -87,7 +87,7 @@ impl std::ops::Deref for AppState {
 /// The response header that names the region which produced an answer. The
 /// gateway adds its own `x-meridian-region` for the region it chose; the two
 /// agree unless routing is broken.
-pub(crate) const SERVED_BY: &str = "x-meridian-served-by";
+pub(crate) const SERVED_BY: &str = meridian_proto::header::SERVED_BY;
 
 /// Builds the whole API as a router, so tests can drive it without a socket.
 pub(crate) fn app<H>(parts: Parts, health: HealthServer<H>) -> Router

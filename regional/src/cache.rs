@@ -47,10 +47,10 @@ pub(crate) use self::policy::{Directives, Policy};
 use self::semantic::Index;
 
 /// Request header: `allow` caches a request that is not deterministic.
-pub(crate) const OPT_IN_HEADER: &str = "x-meridian-cache";
+pub(crate) const OPT_IN_HEADER: &str = meridian_proto::header::CACHE;
 /// Response header: how the cache took part (`hit-l1`, `hit-l2`,
 /// `hit-semantic`, `miss`, `bypass`).
-pub(crate) const RESULT_HEADER: &str = "x-meridian-cache";
+pub(crate) const RESULT_HEADER: &str = meridian_proto::header::CACHE;
 
 struct Semantic {
     embedder: Arc<Embedder>,

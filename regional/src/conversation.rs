@@ -16,7 +16,7 @@ use crate::inference::{ChatRequest, Message};
 
 /// Request header (and gRPC metadata key) naming the conversation. The
 /// gateway's affinity reads the same header.
-pub(crate) const CONVERSATION_HEADER: &str = "x-meridian-conversation";
+pub(crate) const CONVERSATION_HEADER: &str = meridian_proto::header::CONVERSATION;
 
 /// A validated conversation id: 1 to 128 ASCII letters, digits, `.`, `_`,
 /// `:` or `-` (the table's CHECK says the same).

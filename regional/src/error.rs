@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use meridian_proto::ErrorClass;
+use meridian_proto::contract::openai_code;
 use tonic::Code;
 
 /// Everything that can go wrong in a regional node, at start or per request.
@@ -184,31 +186,42 @@ impl Error {
         }
     }
 
-    /// The gRPC code a client sees for this error.
-    pub fn code(&self) -> Code {
+    /// The class of this error, which decides its gRPC code, HTTP status and
+    /// OpenAI `type` (the table in [`ErrorClass`]).
+    pub fn class(&self) -> ErrorClass {
         match self {
-            Self::InvalidRequest { .. } => Code::InvalidArgument,
-            Self::ModelNotFound(_) | Self::NotFound(_) | Self::JobNotFound(_) => Code::NotFound,
-            Self::QueueFull { .. } | Self::Overloaded { .. } => Code::ResourceExhausted,
-            Self::ContextLengthExceeded { .. } => Code::InvalidArgument,
-            Self::DeadlineExceeded => Code::DeadlineExceeded,
-            Self::IdempotencyKeyReused(_) => Code::AlreadyExists,
-            Self::JobAlreadyFinished { .. } | Self::LogTruncated { .. } => Code::FailedPrecondition,
+            Self::InvalidRequest { .. } | Self::ContextLengthExceeded { .. } => {
+                ErrorClass::InvalidRequest
+            }
+            Self::ModelNotFound(_) | Self::NotFound(_) | Self::JobNotFound(_) => {
+                ErrorClass::NotFound
+            }
+            Self::QueueFull { .. } | Self::Overloaded { .. } => ErrorClass::RateLimited,
+            Self::DeadlineExceeded => ErrorClass::Timeout,
+            Self::IdempotencyKeyReused(_) => ErrorClass::Conflict,
+            Self::JobAlreadyFinished { .. } | Self::LogTruncated { .. } => {
+                ErrorClass::FailedPrecondition
+            }
             Self::Unavailable(_)
             | Self::SyncUnavailable
             | Self::SyncTimeout { .. }
             | Self::NoHealthyBackend(_)
             | Self::RedisUnreachable { .. }
-            | Self::PostgresUnreachable { .. } => Code::Unavailable,
-            _ => Code::Internal,
+            | Self::PostgresUnreachable { .. } => ErrorClass::Unavailable,
+            _ => ErrorClass::Internal,
         }
+    }
+
+    /// The gRPC code a client sees for this error.
+    pub fn code(&self) -> Code {
+        self.class().grpc_code()
     }
 
     /// The OpenAI `error.code` for this error, where OpenAI defines one.
     fn openai_code(&self) -> Option<&'static str> {
         match self {
-            Self::ModelNotFound(_) => Some("model_not_found"),
-            Self::ContextLengthExceeded { .. } => Some("context_length_exceeded"),
+            Self::ModelNotFound(_) => Some(openai_code::MODEL_NOT_FOUND),
+            Self::ContextLengthExceeded { .. } => Some(openai_code::CONTEXT_LENGTH_EXCEEDED),
             _ => None,
         }
     }
@@ -272,7 +285,7 @@ impl Error {
         serde_json::json!({
             "error": {
                 "message": self.to_string(),
-                "type": meridian_proto::openai_error_type(self.code()),
+                "type": self.class().openai_type(),
                 "param": param,
                 "code": self.openai_code(),
             }
@@ -282,8 +295,7 @@ impl Error {
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        let code = self.code();
-        let status = StatusCode::from_u16(meridian_proto::http_status_for(code))
+        let status = StatusCode::from_u16(self.class().http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");

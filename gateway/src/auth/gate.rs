@@ -7,15 +7,18 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderValue, header};
+use meridian_proto::ErrorClass;
+use meridian_proto::contract::openai_code;
 use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
 use super::{Auth, KeyLoader, Refusal, TENANT_HEADER, Tenant};
+use crate::USAGE_TOKENS_HEADER;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::proxy::respond_error_with;
-use crate::ratelimit::{self, Decision, Limiter, SCAN_BODY_LIMIT, USAGE_TOKENS_HEADER};
+use crate::ratelimit::{self, Decision, Limiter, SCAN_BODY_LIMIT};
+use crate::respond::ErrorReply;
 
 /// Paths open without a key: health checks and server reflection.
 const OPEN_PREFIXES: [&str; 3] = [
@@ -84,56 +87,45 @@ impl Gate {
                     .auth_failures
                     .with_label_values(&[refusal.as_str()])
                     .inc();
-                let (status, grpc_code, kind, code, message) = match refusal {
+                let (class, code, message) = match refusal {
                     Refusal::Missing => (
-                        401,
-                        16,
-                        "invalid_request_error",
-                        "invalid_api_key",
+                        ErrorClass::InvalidApiKey,
+                        openai_code::INVALID_API_KEY,
                         "You didn't provide an API key. Send it as `Authorization: Bearer <key>` \
                          (gRPC: `authorization` metadata).",
                     ),
                     Refusal::Invalid => (
-                        401,
-                        16,
-                        "invalid_request_error",
-                        "invalid_api_key",
+                        ErrorClass::InvalidApiKey,
+                        openai_code::INVALID_API_KEY,
                         "Incorrect API key provided.",
                     ),
                     Refusal::NotLoaded => (
-                        503,
-                        14,
-                        "server_error",
-                        "keys_unavailable",
+                        ErrorClass::Unavailable,
+                        openai_code::KEYS_UNAVAILABLE,
                         "API keys are not loaded yet; try again shortly.",
                     ),
                 };
-                respond_error_with(
-                    session,
-                    grpc,
-                    status,
-                    grpc_code,
-                    kind,
-                    Some(code),
-                    message,
-                    &[],
-                )
+                ErrorReply {
+                    code: Some(code),
+                    ..ErrorReply::new(class, message)
+                }
+                .send(session, grpc)
                 .await?;
                 return Ok(None);
             }
         };
-        if !Limiter::applies(&tenant) {
+        if !Limiter::applies(&tenant.limits) {
             return Ok(Some(Admitted {
                 tenant: Some(tenant),
                 decision: None,
             }));
         }
-        let tokens = if Limiter::counts_tokens(&tenant) {
+        let tokens = if Limiter::counts_tokens(&tenant.limits) {
             self.estimate_tokens(session, grpc).await?
         } else {
             0
         };
-        let decision = self.limiter.check(&tenant, tokens).await;
+        let decision = self.limiter.check(&tenant.id, &tenant.limits, tokens).await;
         if let Some(kind) = decision.rejected {
             self.metrics
                 .rate_limited
@@ -141,7 +133,10 @@ impl Gate {
                 .inc();
             let retry_after = decision.retry_after_us.div_ceil(1_000_000).max(1);
             let mut extra: Vec<(&'static str, HeaderValue)> = Vec::with_capacity(7);
-            extra.push(("retry-after", HeaderValue::from(retry_after)));
+            extra.push((
+                meridian_proto::header::RETRY_AFTER,
+                HeaderValue::from(retry_after),
+            ));
             extra.extend(ratelimit::headers(&decision));
             let message = match kind {
                 ratelimit::Kind::Requests => format!(
@@ -160,17 +155,12 @@ impl Gate {
                     ratelimit::duration_text(decision.retry_after_us),
                 ),
             };
-            // RESOURCE_EXHAUSTED = 8
-            respond_error_with(
-                session,
-                grpc,
-                429,
-                8,
-                kind.as_str(),
-                Some("rate_limit_exceeded"),
-                &message,
-                &extra,
-            )
+            ErrorReply {
+                code: Some(openai_code::RATE_LIMIT_EXCEEDED),
+                headers: &extra,
+                ..ErrorReply::new(kind.class(), &message)
+            }
+            .send(session, grpc)
             .await?;
             return Ok(None);
         }
@@ -256,11 +246,12 @@ impl Gate {
             response.insert_header(name, value)?;
         }
         if let Some(used) = used
-            && Limiter::counts_tokens(tenant)
+            && Limiter::counts_tokens(&tenant.limits)
         {
             let delta = i64::try_from(used).unwrap_or(i64::MAX)
                 - i64::try_from(decision.tokens).unwrap_or(i64::MAX);
-            self.limiter.adjust_tokens(tenant, delta);
+            self.limiter
+                .adjust_tokens(&tenant.id, &tenant.limits, delta);
         }
         Ok(())
     }

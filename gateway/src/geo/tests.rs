@@ -1,24 +1,21 @@
 use super::*;
-use crate::config::{CidrLocation, GeoConfig};
 
 fn locator() -> Locator {
-    Locator::new(&GeoConfig {
-        trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
-        cidr: vec![
-            CidrLocation {
-                cidr: "192.168.0.0/16".parse().unwrap(),
-                lat: 1.0,
-                lon: 1.0,
-            },
-            CidrLocation {
-                cidr: "192.168.7.0/24".parse().unwrap(),
-                lat: 2.0,
-                lon: 2.0,
-            },
+    Locator::new(
+        vec!["10.0.0.0/8".parse().unwrap()],
+        vec![
+            (
+                "192.168.0.0/16".parse().unwrap(),
+                LatLon { lat: 1.0, lon: 1.0 },
+            ),
+            (
+                "192.168.7.0/24".parse().unwrap(),
+                LatLon { lat: 2.0, lon: 2.0 },
+            ),
         ],
-        geoip_database: None,
-        default_location: Some(LatLon { lat: 9.0, lon: 9.0 }),
-    })
+        None,
+        Some(LatLon { lat: 9.0, lon: 9.0 }),
+    )
     .unwrap()
 }
 

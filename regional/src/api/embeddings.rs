@@ -173,7 +173,10 @@ async fn embed_http(state: &AppState, tenant: &Tenant, body: &[u8]) -> Result<Re
     };
     // Tokens used, for the gateway's tokens-per-minute accounting.
     Ok((
-        [("x-meridian-usage-tokens", usage.prompt_tokens.to_string())],
+        [(
+            meridian_proto::header::USAGE_TOKENS,
+            usage.prompt_tokens.to_string(),
+        )],
         axum::Json(body),
     )
         .into_response())
@@ -203,9 +206,10 @@ pub(super) async fn embed_grpc(
         }),
         region: state.region.clone(),
     });
-    response
-        .metadata_mut()
-        .insert("x-meridian-usage-tokens", usage.prompt_tokens.into());
+    response.metadata_mut().insert(
+        meridian_proto::header::USAGE_TOKENS,
+        usage.prompt_tokens.into(),
+    );
     Ok(response)
 }
 

@@ -44,7 +44,7 @@ fn call_ask<'a>(
     // The HTTP API's header counts too, the shorter of the two winning.
     let timeout = [
         header("grpc-timeout").and_then(parse_grpc_timeout),
-        header("x-meridian-timeout-ms").and_then(|v| parse_timeout_ms(v).ok()),
+        header(meridian_proto::header::TIMEOUT_MS).and_then(|v| parse_timeout_ms(v).ok()),
     ]
     .into_iter()
     .flatten()
@@ -103,7 +103,9 @@ fn durability_metadata<T>(response: &mut Response<T>, durability: Option<Durabil
 
 fn model_metadata<T>(response: &mut Response<T>, model: &str) {
     if let Ok(v) = model.parse() {
-        response.metadata_mut().insert("x-meridian-model", v);
+        response
+            .metadata_mut()
+            .insert(meridian_proto::header::MODEL, v);
     }
 }
 
@@ -207,7 +209,7 @@ impl Inference for InferenceApi {
         );
         response
             .metadata_mut()
-            .insert("x-meridian-usage-tokens", total.into());
+            .insert(meridian_proto::header::USAGE_TOKENS, total.into());
         let model = response.get_ref().model.clone();
         model_metadata(&mut response, &model);
         durability_metadata(&mut response, done.durability);

@@ -105,7 +105,7 @@ async fn chat(
     Ok((
         model_header(&req.model),
         [
-            ("x-meridian-usage-tokens", total.to_string()),
+            (meridian_proto::header::USAGE_TOKENS, total.to_string()),
             (RESULT_HEADER, done.outcome.header().to_string()),
         ],
         durability_header(done.durability),

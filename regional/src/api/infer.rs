@@ -28,11 +28,11 @@ use crate::inference::{ChatRequest, Chunk, Hints, Message, SizeHint, parse_timeo
 use crate::replication::{DURABILITY_HEADER, Durability};
 
 /// Request header: the client's deadline for this request, in milliseconds.
-pub(crate) const TIMEOUT_HEADER: &str = "x-meridian-timeout-ms";
+pub(crate) const TIMEOUT_HEADER: &str = meridian_proto::header::TIMEOUT_MS;
 /// Request header: `small` or `large`, for aliases that route by size.
-pub(crate) const ROUTING_HINT_HEADER: &str = "x-meridian-routing-hint";
+pub(crate) const ROUTING_HINT_HEADER: &str = meridian_proto::header::ROUTING_HINT;
 /// Response header: the model that served the request (an alias resolved).
-pub(crate) const MODEL_HEADER: &str = "x-meridian-model";
+pub(crate) const MODEL_HEADER: &str = meridian_proto::header::MODEL;
 
 pub(super) fn routes(state: Arc<AppState>) -> Router {
     Router::new()

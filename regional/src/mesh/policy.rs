@@ -9,6 +9,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use meridian_mesh::{Identity, Role};
+use meridian_proto::ErrorClass;
 
 use super::config::PolicyConfig;
 
@@ -123,17 +124,19 @@ fn is_grpc(req: &Request) -> bool {
 
 fn deny(grpc: bool, message: &str) -> Response {
     if grpc {
-        return tonic::Status::permission_denied(message)
+        return tonic::Status::new(ErrorClass::PermissionDenied.grpc_code(), message)
             .into_http::<Body>()
             .into_response();
     }
     let body = serde_json::json!({ "error": {
         "message": message,
-        "type": meridian_proto::openai_error_type(tonic::Code::PermissionDenied),
+        "type": ErrorClass::PermissionDenied.openai_type(),
         "param": null,
-        "code": "mesh_policy_denied",
+        "code": meridian_proto::contract::openai_code::MESH_POLICY_DENIED,
     }});
-    let mut res = (StatusCode::FORBIDDEN, body.to_string()).into_response();
+    let status = StatusCode::from_u16(ErrorClass::PermissionDenied.http_status())
+        .unwrap_or(StatusCode::FORBIDDEN);
+    let mut res = (status, body.to_string()).into_response();
     res.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

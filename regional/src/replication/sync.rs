@@ -14,7 +14,7 @@ use crate::error::Error;
 
 /// Request header (and gRPC metadata key) asking for a durability mode, and
 /// response header reporting the one a write got.
-pub(crate) const DURABILITY_HEADER: &str = "x-meridian-durability";
+pub(crate) const DURABILITY_HEADER: &str = meridian_proto::header::DURABILITY;
 
 /// How a write is acknowledged to its client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

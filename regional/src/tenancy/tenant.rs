@@ -9,12 +9,11 @@ use tonic::metadata::MetadataMap;
 
 use crate::error::Error;
 
+pub(crate) use meridian_proto::DEFAULT_TENANT;
 /// Header (and gRPC metadata key) naming the tenant.
-pub(crate) const TENANT_HEADER: &str = "x-meridian-tenant";
-/// Tenant of requests that name none.
-pub(crate) const DEFAULT_TENANT: &str = "default";
+pub(crate) use meridian_proto::header::TENANT as TENANT_HEADER;
 
-/// A validated tenant id: 1 to 64 ASCII letters, digits, `-`, `_` or `.`.
+/// A validated tenant id ([`meridian_proto::valid_tenant_id`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct Tenant(String);
 
@@ -23,11 +22,7 @@ impl Tenant {
         let Some(v) = value else {
             return Ok(Self(DEFAULT_TENANT.to_string()));
         };
-        let valid = !v.is_empty()
-            && v.len() <= 64
-            && v.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        if !valid {
+        if !meridian_proto::valid_tenant_id(v) {
             return Err(Error::invalid(
                 format!("`{TENANT_HEADER}` must be 1 to 64 letters, digits, '-', '_' or '.'"),
                 None,

@@ -13,19 +13,11 @@ pub struct TenantLimits {
     pub tokens_per_minute: Option<u64>,
 }
 
-fn valid_tenant_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
-
 /// Creates tenant `id`, or updates its limits if it exists: limits given
 /// replace the tenant's, limits left `None` keep what it had (a new tenant
 /// then gets the gateway's defaults).
 pub async fn create_tenant(pool: &PgPool, id: &str, limits: TenantLimits) -> Result<(), Error> {
-    if !valid_tenant_id(id) {
+    if !meridian_proto::valid_tenant_id(id) {
         return Err(Error::InvalidTenant(id.to_string()));
     }
     if limits.requests_per_second == Some(0) || limits.tokens_per_minute == Some(0) {
@@ -51,17 +43,4 @@ pub async fn create_tenant(pool: &PgPool, id: &str, limits: TenantLimits) -> Res
     .execute(pool)
     .await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tenant_ids() {
-        assert!(valid_tenant_id("acme-1.prod_x"));
-        assert!(!valid_tenant_id(""));
-        assert!(!valid_tenant_id("a b"));
-        assert!(!valid_tenant_id(&"x".repeat(65)));
-    }
 }

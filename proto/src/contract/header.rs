@@ -1,0 +1,78 @@
+//! Header names (and gRPC metadata keys) Meridian reads or writes. HTTP
+//! header names are case-insensitive; these are the lowercase forms that
+//! HTTP/2 and gRPC metadata require.
+
+/// Request header naming the tenant a request acts for. Only the gateway
+/// sets it towards regions (whatever a client sends is discarded); a region
+/// treats a request without it as the [`DEFAULT_TENANT`](super::DEFAULT_TENANT)'s.
+pub const TENANT: &str = "x-meridian-tenant";
+
+/// Request header pinning a request to a region, and the response header in
+/// which the gateway names the region it chose.
+pub const REGION: &str = "x-meridian-region";
+
+/// Response header saying why the gateway chose the region: `pin`,
+/// `affinity`, `nearest`, `default` or `failover`.
+pub const ROUTE: &str = "x-meridian-route";
+
+/// Request header naming a session: requests of one session go to the same
+/// region while it is healthy.
+pub const SESSION: &str = "x-meridian-session";
+
+/// Request header naming a conversation: the gateway routes its turns to the
+/// region that stores them (an affinity key preferred to [`SESSION`]), and
+/// the region loads and stores the conversation's history under it.
+pub const CONVERSATION: &str = "x-meridian-conversation";
+
+/// Response header naming the region (and node) that answered, set by the
+/// region itself.
+pub const SERVED_BY: &str = "x-meridian-served-by";
+
+/// Request header asking for a durability of a stored turn (`local`,
+/// `async`, `sync`), and the response header reporting the one reached. A
+/// response that carries it stored a write: the gateway must not replay it
+/// in another region.
+pub const DURABILITY: &str = "x-meridian-durability";
+
+/// Request header opting in or out of the response cache, and the response
+/// header reporting what the cache did (`hit`, `miss`, ...).
+pub const CACHE: &str = "x-meridian-cache";
+
+/// Response header in which a region reports the tokens (prompt and
+/// completion) a request used; the gateway corrects its rate-limit estimate
+/// with it and removes it before the client sees the response.
+pub const USAGE_TOKENS: &str = "x-meridian-usage-tokens";
+
+/// Request header with the client's country (ISO 3166 alpha-2), trusted only
+/// from peers the gateway's `[geo]` config trusts.
+pub const CLIENT_COUNTRY: &str = "x-meridian-client-country";
+
+/// Request header with the client's position as `lat,lon`, trusted like
+/// [`CLIENT_COUNTRY`].
+pub const CLIENT_GEO: &str = "x-meridian-client-geo";
+
+/// Request header with the request's deadline in milliseconds (gRPC uses
+/// `grpc-timeout`).
+pub const TIMEOUT_MS: &str = "x-meridian-timeout-ms";
+
+/// Request header with the client's own view of which backend should serve.
+pub const ROUTING_HINT: &str = "x-meridian-routing-hint";
+
+/// Response header (and gRPC metadata) naming the model that answered.
+pub const MODEL: &str = "x-meridian-model";
+
+/// Seconds to wait before retrying a refused request (RFC 9110).
+pub const RETRY_AFTER: &str = "retry-after";
+
+/// Requests per second the tenant may send, as OpenAI names it.
+pub const RATELIMIT_LIMIT_REQUESTS: &str = "x-ratelimit-limit-requests";
+/// Requests the tenant may still send at once.
+pub const RATELIMIT_REMAINING_REQUESTS: &str = "x-ratelimit-remaining-requests";
+/// Time until the requests limit is fully replenished (`120ms`, `1s`, ...).
+pub const RATELIMIT_RESET_REQUESTS: &str = "x-ratelimit-reset-requests";
+/// Tokens per minute the tenant may use.
+pub const RATELIMIT_LIMIT_TOKENS: &str = "x-ratelimit-limit-tokens";
+/// Tokens the tenant may still use at once.
+pub const RATELIMIT_REMAINING_TOKENS: &str = "x-ratelimit-remaining-tokens";
+/// Time until the tokens limit is fully replenished.
+pub const RATELIMIT_RESET_TOKENS: &str = "x-ratelimit-reset-tokens";
