@@ -7,8 +7,11 @@
 //! `Replication`. [`FILE_DESCRIPTOR_SET`] describes them for gRPC server
 //! reflection. The [`error`] module attaches a [`v1::ErrorDetail`] to a
 //! [`tonic::Status`], reads it back, and maps gRPC codes to HTTP statuses and
-//! OpenAI-style error types for the gateway's HTTP API.
+//! OpenAI-style error types for the gateway's HTTP API. [`config`] reads the
+//! gateway's and the regions' TOML files: parse, validate, and report every
+//! problem with its key.
 
+pub mod config;
 pub mod error;
 
 pub use error::{error_detail, http_status_for, openai_error_type, status_with_detail};
