@@ -194,13 +194,28 @@ fn the_job_fence_comes_before_adoption_and_after_a_heartbeat_gap() {
     );
 }
 
-/// Points the example's `/etc/meridian/...` files at empty files in a fresh
-/// temporary directory: validation checks that certificate files exist.
+/// Points the example's `/etc/meridian/...` files at files in a fresh
+/// temporary directory: validation loads the certificate, so the stand-ins
+/// are real ones for eu-west from a throwaway CA.
 fn with_local_files(text: &str, dir: &std::path::Path) -> String {
+    let ca = meridian_mesh::Ca::generate("example").unwrap();
+    let issued = ca
+        .issue(
+            &meridian_mesh::Identity::region("eu-west").unwrap(),
+            meridian_mesh::DEV_VALIDITY,
+        )
+        .unwrap();
     for path in text.split('"').filter(|s| s.starts_with("/etc/meridian/")) {
         let local = dir.join(path.trim_start_matches("/etc/meridian/"));
         std::fs::create_dir_all(local.parent().unwrap()).unwrap();
-        std::fs::write(local, "").unwrap();
+        let pem = if path.ends_with("/ca.pem") {
+            ca.cert_pem()
+        } else if path.ends_with(".key") {
+            &issued.key_pem
+        } else {
+            &issued.cert_pem
+        };
+        std::fs::write(local, pem).unwrap();
     }
     text.replace("/etc/meridian", &dir.display().to_string())
 }
