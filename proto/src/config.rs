@@ -166,7 +166,10 @@ mod tests {
             "invalid config t.toml: 2 problems:\n  `a` must be at least 1\n  `b` must be at least 1"
         );
         let e = parse("a = 0\nb = 1\n", "t.toml", validate).unwrap_err();
-        assert_eq!(e.to_string(), "invalid config t.toml: `a` must be at least 1");
+        assert_eq!(
+            e.to_string(),
+            "invalid config t.toml: `a` must be at least 1"
+        );
         let e = parse("a = 1\nb = 1\nc = 1\n", "t.toml", validate).unwrap_err();
         assert!(e.to_string().contains("t.toml line "), "{e}");
         assert!(e.to_string().contains("unknown field `c`"), "{e}");

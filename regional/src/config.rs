@@ -246,7 +246,11 @@ impl Config {
 
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, Error> {
-        Ok(meridian_proto::config::parse(text, origin, RawConfig::validate)?)
+        Ok(meridian_proto::config::parse(
+            text,
+            origin,
+            RawConfig::validate,
+        )?)
     }
 }
 

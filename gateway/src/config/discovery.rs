@@ -43,7 +43,8 @@ impl RawDiscovery {
     /// when no name servers are given).
     pub(super) fn check(&self, regions: &[RegionConfig], problems: &mut Problems) {
         if self.min_refresh_ms == 0 || self.timeout_ms == 0 {
-            problems.push("`discovery.min_refresh_ms` and `discovery.timeout_ms` must be at least 1");
+            problems
+                .push("`discovery.min_refresh_ms` and `discovery.timeout_ms` must be at least 1");
         }
         if self.max_refresh_ms < self.min_refresh_ms {
             problems.push("`discovery.max_refresh_ms` must be at least `discovery.min_refresh_ms`");

@@ -162,4 +162,3 @@ fn valid_srv_name(name: &str) -> bool {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
 }
-

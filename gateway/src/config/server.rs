@@ -83,10 +83,17 @@ impl RawServer {
 /// file is a panic: they are parsed and paired here instead.
 fn check_tls(tls: &TlsConfig, problems: &mut Problems) {
     let read = |key: &str, path: &Path| {
-        std::fs::read(path)
-            .map_err(|_| format!("`server.tls.{key}` {} is not a readable file", path.display()))
+        std::fs::read(path).map_err(|_| {
+            format!(
+                "`server.tls.{key}` {} is not a readable file",
+                path.display()
+            )
+        })
     };
-    let (chain, key) = match (read("cert_path", &tls.cert_path), read("key_path", &tls.key_path)) {
+    let (chain, key) = match (
+        read("cert_path", &tls.cert_path),
+        read("key_path", &tls.key_path),
+    ) {
         (Ok(chain), Ok(key)) => (chain, key),
         (chain, key) => {
             problems.check(chain.map(drop));

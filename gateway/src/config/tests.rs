@@ -61,9 +61,7 @@ fn a_region_has_an_address_or_an_srv_name() {
         "srv = \"_meridian._tcp.eu-west.meridian.test.\"",
     );
     let c = Config::from_toml(
-        &format!(
-            "{srv}\n[discovery]\nnameservers = [\"127.0.0.1:5353\"]\nmin_refresh_ms = 100\n"
-        ),
+        &format!("{srv}\n[discovery]\nnameservers = [\"127.0.0.1:5353\"]\nmin_refresh_ms = 100\n"),
         "g",
     )
     .unwrap();
@@ -138,4 +136,73 @@ fn the_example_config_is_valid() {
     assert!(c.tls.is_some() && c.auth.is_some() && c.admin_listen.is_some());
     assert!(c.tracing.otlp_endpoint.is_some());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A region without an address, a retry budget out of range and a mesh
+/// certificate that cannot be read: one load names all three, by key.
+#[test]
+fn every_mistake_is_named_at_once() {
+    let dir = std::env::temp_dir().join(format!("meridian-three-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gateway.toml");
+    let missing = dir.join("missing.pem");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[[regions]]
+name = "us-east"
+address = "127.0.0.1:7101"
+[[regions]]
+name = "eu-west"
+[failover]
+retry_budget_ratio = 2.0
+[mesh]
+ca_path = "{file}"
+cert_path = "{missing}"
+key_path = "{file}"
+"#,
+            file = path.display(),
+            missing = missing.display(),
+        ),
+    )
+    .unwrap();
+    let e = Config::from_file(&path).unwrap_err().to_string();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(e.contains(&path.display().to_string()), "{e}");
+    assert!(e.contains("3 problems"), "{e}");
+    for key in [
+        "`regions[1]` needs exactly one of `address` and `srv`",
+        "`failover.retry_budget_ratio` must be between 0 and 1",
+        &format!(
+            "`mesh.cert_path` {} is not a readable file",
+            missing.display()
+        ),
+    ] {
+        assert!(e.contains(key), "{key}: {e}");
+    }
+    assert_eq!(e.lines().count(), 4, "one line per problem: {e}");
+}
+
+/// Files the gateway loads at start are loaded while validating: a GeoIP
+/// database or a TLS certificate that is not one is a config error.
+#[test]
+fn files_loaded_at_start_are_checked_while_validating() {
+    let dir = std::env::temp_dir().join(format!("meridian-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let junk = dir.join("junk");
+    std::fs::write(&junk, "not what it should be").unwrap();
+    let junk = junk.display();
+    let e = Config::from_toml(
+        &format!(
+            "{TWO}\n[geo]\ngeoip_database = \"{junk}\"\n[server.tls]\nlisten = \"127.0.0.1:8443\"\n\
+             cert_path = \"{junk}\"\nkey_path = \"{junk}\"\n"
+        ),
+        "g",
+    )
+    .unwrap_err()
+    .to_string();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(e.contains("`geo.geoip_database`"), "{e}");
+    assert!(e.contains("`server.tls.cert_path`"), "{e}");
 }

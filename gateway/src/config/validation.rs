@@ -11,7 +11,9 @@ use serde::Deserialize;
 use super::discovery::RawDiscovery;
 use super::regions::RawRouting;
 use super::server::RawServer;
-use super::{AuthConfig, Config, FailoverConfig, GeoConfig, HealthConfig, RateLimitConfig, RegionConfig};
+use super::{
+    AuthConfig, Config, FailoverConfig, GeoConfig, HealthConfig, RateLimitConfig, RegionConfig,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -87,8 +87,7 @@ impl CacheConfig {
         }
         if self.semantic.enabled == Some(true) && !embeddings {
             problems.push(
-                "`cache.semantic.enabled` needs the embedding model: add an `[embeddings]` section"
-                    ,
+                "`cache.semantic.enabled` needs the embedding model: add an `[embeddings]` section",
             );
         }
         let in_range = |t: f32| t.is_finite() && t > 0.0;
@@ -143,7 +142,11 @@ mod tests {
         assert!(Problems::of(|p| c.validate(false, p)).is_ok());
         let mut bad = c.clone();
         bad.semantic.enabled = Some(true);
-        assert!(Problems::of(|p| bad.validate(false, p)).unwrap_err().contains("[embeddings]"));
+        assert!(
+            Problems::of(|p| bad.validate(false, p))
+                .unwrap_err()
+                .contains("[embeddings]")
+        );
         assert!(Problems::of(|p| bad.validate(true, p)).is_ok());
         let mut bad = c.clone();
         bad.semantic.threshold = 1.5;

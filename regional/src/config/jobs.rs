@@ -118,7 +118,11 @@ mod tests {
             max_attempts: 0,
             ..JobsConfig::default()
         };
-        assert!(Problems::of(|p| bad.validate(p)).unwrap_err().contains("`jobs.max_attempts`"));
+        assert!(
+            Problems::of(|p| bad.validate(p))
+                .unwrap_err()
+                .contains("`jobs.max_attempts`")
+        );
         assert!(Problems::of(|p| JobsConfig::default().validate(p)).is_ok());
     }
 }

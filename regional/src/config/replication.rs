@@ -218,8 +218,7 @@ impl ReplicationConfig {
         }
         if self.reconnect_backoff_ms > self.reconnect_backoff_max_ms {
             problems.push(
-                "`replication.reconnect_backoff_ms` must not exceed `reconnect_backoff_max_ms`"
-                    ,
+                "`replication.reconnect_backoff_ms` must not exceed `reconnect_backoff_max_ms`",
             );
         }
     }
