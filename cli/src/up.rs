@@ -97,7 +97,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("region {}", region.name))?;
         let mut entry = RegionConfig::new(region.name.clone(), node.local_addr());
-        if let Some((lat, lon)) = location(&region.name) {
+        if let Some((lat, lon)) = meridian_launcher::local_location(&region.name) {
             entry = entry.at(lat, lon);
         }
         gateway_regions.push(entry);
@@ -147,17 +147,6 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("stopped");
     Ok(())
-}
-
-/// Where the local regions pretend to be, so geo routing has something to
-/// rank: Virginia, Dublin, Mumbai.
-fn location(region: &str) -> Option<(f64, f64)> {
-    match region {
-        "us-east" => Some((39.0, -77.5)),
-        "eu-west" => Some((53.3, -6.3)),
-        "ap-south" => Some((19.1, 72.9)),
-        _ => None,
-    }
 }
 
 async fn start_stores(state_dir: &Path, name: &str) -> anyhow::Result<Region> {

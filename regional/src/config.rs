@@ -23,49 +23,51 @@ pub use self::jobs::JobsConfig;
 pub use self::replication::{PeerConfig, ReplicationConfig};
 pub use self::telemetry::TelemetryConfig;
 
-/// A validated regional node configuration.
+/// A validated regional node configuration. Its fields are readable only
+/// inside this crate, so no other crate changes a config after validation;
+/// [`Config::from_file`] and [`Config::from_toml`] are the ways to make one.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// This region's name, e.g. `eu-west`.
-    pub region: String,
+    pub(crate) region: String,
     /// Address the HTTP and gRPC API listens on.
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// How long in-flight requests may take to finish after shutdown starts.
-    pub shutdown_grace: Duration,
+    pub(crate) shutdown_grace: Duration,
     /// Requests the node is sized to hold at once.
-    pub max_in_flight: u32,
+    pub(crate) max_in_flight: u32,
     /// Redis URL of this region.
-    pub redis_url: String,
+    pub(crate) redis_url: String,
     /// PostgreSQL URL of this region.
-    pub postgres_url: String,
+    pub(crate) postgres_url: String,
     /// Most PostgreSQL connections this node holds.
-    pub postgres_max_connections: u32,
+    pub(crate) postgres_max_connections: u32,
     /// How long to wait for Redis and PostgreSQL at start.
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// Models served by this region.
-    pub models: Vec<ModelConfig>,
+    pub(crate) models: Vec<ModelConfig>,
     /// Names that route to models by request size or by weight.
-    pub aliases: Vec<AliasConfig>,
+    pub(crate) aliases: Vec<AliasConfig>,
     /// Request deadlines and per-tenant admission control.
-    pub inference: InferenceConfig,
+    pub(crate) inference: InferenceConfig,
     /// The file this config was read from, if any: `POST /admin/reload`
     /// reads its models and aliases again.
-    pub source: Option<std::path::PathBuf>,
+    pub(crate) source: Option<std::path::PathBuf>,
     /// Time-series storage: partitions, retention, ingest and query limits.
-    pub telemetry: TelemetryConfig,
+    pub(crate) telemetry: TelemetryConfig,
     /// Asynchronous jobs: workers, retries, leases, queue limits.
-    pub jobs: JobsConfig,
+    pub(crate) jobs: JobsConfig,
     /// The built-in embedding model; `None` when `[embeddings]` is absent
     /// or disabled.
-    pub embeddings: Option<EmbeddingsConfig>,
+    pub(crate) embeddings: Option<EmbeddingsConfig>,
     /// Mutual TLS on the node's port and who may call what (`[mesh]`).
-    pub mesh: crate::mesh::Mesh,
+    pub(crate) mesh: crate::mesh::Mesh,
     /// The response cache (`[cache]`).
-    pub cache: CacheConfig,
+    pub(crate) cache: CacheConfig,
     /// Traces exported to an OTLP collector (`[tracing]`); off by default.
-    pub tracing: meridian_mesh::TraceConfig,
+    pub(crate) tracing: meridian_mesh::TraceConfig,
     /// Peers to pull changes from, and the log's limits (`[replication]`).
-    pub replication: ReplicationConfig,
+    pub(crate) replication: ReplicationConfig,
 }
 
 /// The TOML shape of the configuration. Every field has a default except the

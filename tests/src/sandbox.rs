@@ -279,15 +279,7 @@ impl RegionSandbox {
 
 /// Where the sandbox places well-known region names, so geography works.
 pub fn region_location(name: &str) -> Option<(f64, f64)> {
-    match name {
-        "us-east" => Some((39.0, -77.5)),
-        "us-west" => Some((45.6, -121.2)),
-        "eu-west" => Some((53.3, -6.3)),
-        "eu-central" => Some((50.1, 8.7)),
-        "ap-south" => Some((19.1, 72.9)),
-        "ap-northeast" => Some((35.7, 139.7)),
-        _ => None,
-    }
+    meridian_launcher::local_location(name)
 }
 
 /// Several regions and a gateway in front of them.
