@@ -104,7 +104,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         region.node = Some(node);
     }
     let listen = SocketAddr::from(([127, 0, 0, 1], args.port));
-    let mut gateway_config = meridian_gateway::Config::new(listen, gateway_regions)?;
+    let mut gateway_config = meridian_gateway::Config::builder(listen, gateway_regions);
     gateway_config.shutdown_grace = std::time::Duration::from_secs(1);
     gateway_config.admin_listen = Some(SocketAddr::from(([127, 0, 0, 1], args.admin_port)));
     // Local clients may say where they are, to try geo routing by hand.
@@ -120,7 +120,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         gateway_config.tracing = meridian_mesh::TraceConfig::otlp(endpoint.clone());
     }
     let api_key = local_api_key(&state_dir, &home.postgres.url()).await?;
-    let gateway = Gateway::start(gateway_config)?;
+    let gateway = Gateway::start(gateway_config.build()?)?;
 
     print_banner(&gateway, &regions, &api_key);
     if let Some(node) = regions.first().and_then(|r| r.node.as_ref()) {

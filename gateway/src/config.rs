@@ -1,6 +1,8 @@
 //! Gateway configuration: a serde shape read from TOML ([`validation`]),
-//! checked section by section into the [`Config`] the gateway runs with.
-//! Each file holds one section's shape and its checks.
+//! checked section by section into the read-only [`Config`] the gateway runs
+//! with. Code (tests, `meridian up`) fills a [`ConfigBuilder`] instead, whose
+//! `build` runs the same checks. Each file holds one section's shape and its
+//! checks.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -10,6 +12,7 @@ pub use crate::auth::AuthConfig;
 use crate::error::Error;
 pub use crate::ratelimit::RateLimitConfig;
 pub use meridian_mesh::DiscoveryConfig;
+use meridian_proto::config::Problems;
 
 mod discovery;
 mod geo;
@@ -24,9 +27,25 @@ pub use self::regions::RegionConfig;
 pub use self::server::{TlsConfig, UpstreamProtocol};
 use self::validation::RawConfig;
 
-/// A validated gateway configuration.
+/// A validated gateway configuration, read-only: it derefs to the
+/// [`ConfigBuilder`] it was validated from, and offers no way back to a
+/// mutable one but a copy ([`Config::to_builder`]), which must be built
+/// (validated) again.
 #[derive(Debug, Clone)]
-pub struct Config {
+pub struct Config(ConfigBuilder);
+
+impl std::ops::Deref for Config {
+    type Target = ConfigBuilder;
+
+    fn deref(&self) -> &ConfigBuilder {
+        &self.0
+    }
+}
+
+/// A gateway configuration being made in code (tests, `meridian up`):
+/// every field public, checked by [`ConfigBuilder::build`] as a TOML file is.
+#[derive(Debug, Clone)]
+pub struct ConfigBuilder {
     /// Client-facing address.
     pub listen: SocketAddr,
     /// Worker threads of the proxy.
@@ -67,7 +86,7 @@ pub struct Config {
     /// Per-tenant rate limits (`[rate_limit]`).
     pub rate_limit: RateLimitConfig,
     /// Mutual TLS to regions (`[mesh]`); required in TOML unless
-    /// `plaintext = true`. [`Config::new`] starts in plain text.
+    /// `plaintext = true`. [`Config::builder`] starts in plain text.
     pub mesh: crate::mesh::MeshConfig,
     /// Traces exported to an OTLP collector (`[tracing]`); off by default.
     pub tracing: meridian_mesh::TraceConfig,
@@ -90,34 +109,87 @@ impl Config {
         )?)
     }
 
-    /// A configuration with defaults for everything but the address and regions.
-    pub fn new(listen: SocketAddr, regions: Vec<RegionConfig>) -> Result<Self, Error> {
-        RawConfig {
-            server: server::RawServer {
-                listen,
-                ..server::RawServer::default()
-            },
+    /// A builder with defaults for everything but the address and regions.
+    pub fn builder(listen: SocketAddr, regions: Vec<RegionConfig>) -> ConfigBuilder {
+        let server = server::RawServer::default();
+        let routing = regions::RawRouting::default();
+        ConfigBuilder {
+            listen,
+            threads: server.threads,
             regions,
-            routing: regions::RawRouting::default(),
+            default_region: 0,
+            connect_timeout: Duration::from_millis(server.connect_timeout_ms),
+            read_timeout: Duration::from_millis(server.read_timeout_ms),
+            shutdown_grace: Duration::from_millis(server.shutdown_grace_ms),
+            admin_listen: server.admin_listen,
+            tls: server.tls,
+            http_upstream: server.http_upstream,
             health: HealthConfig::default(),
             failover: FailoverConfig::default(),
             geo: GeoConfig::default(),
+            latency_km_per_ms: routing.latency_km_per_ms,
+            load_penalty_km: routing.load_penalty_km,
             auth: None,
             rate_limit: RateLimitConfig::default(),
             // Embedders (tests, `meridian up`) set `mesh` themselves;
             // Gateway::start warns while it is plain text.
             mesh: crate::mesh::MeshConfig::plaintext(),
             tracing: meridian_mesh::TraceConfig::default(),
-            discovery: discovery::RawDiscovery::default(),
+            discovery: DiscoveryConfig::default(),
         }
-        .validate()
-        .map_err(|problems| {
+    }
+
+    /// A configuration with defaults for everything but the address and regions.
+    pub fn new(listen: SocketAddr, regions: Vec<RegionConfig>) -> Result<Self, Error> {
+        Self::builder(listen, regions).build()
+    }
+
+    /// A mutable copy, to build a changed configuration from.
+    pub fn to_builder(&self) -> ConfigBuilder {
+        self.0.clone()
+    }
+}
+
+impl ConfigBuilder {
+    /// Validates the configuration, as a TOML file is validated.
+    pub fn build(self) -> Result<Config, Error> {
+        let mut problems = Problems::new();
+        if !self.regions.is_empty() && self.default_region >= self.regions.len() {
+            problems.push(format!(
+                "`routing.default_region` is region {} of {}",
+                self.default_region,
+                self.regions.len()
+            ));
+        }
+        self.check(&mut problems);
+        problems.finish(|| Config(self)).map_err(|problems| {
             meridian_proto::config::ConfigError {
                 origin: "gateway config".into(),
                 problems,
             }
             .into()
         })
+    }
+
+    /// Every check but the default region's name, which only TOML gives.
+    fn check(&self, problems: &mut Problems) {
+        regions::check(&self.regions, problems);
+        self.health.check(problems);
+        self.failover.check(problems);
+        if self.threads == 0 {
+            problems.push("`server.threads` must be at least 1");
+        }
+        if let Some(tls) = &self.tls {
+            server::check_tls(tls, problems);
+        }
+        self.geo.check(problems);
+        if let Some(auth) = &self.auth {
+            problems.check(auth.validate());
+        }
+        problems.check(self.rate_limit.validate());
+        problems.check(self.mesh.check());
+        problems.check(self.tracing.validate());
+        discovery::check(&self.discovery, &self.regions, problems);
     }
 }
 

@@ -28,8 +28,8 @@ pub use self::auth::{
     AuthConfig, TENANT_HEADER, TenantLimits, create_api_key, create_tenant, revoke_api_key,
 };
 pub use self::config::{
-    CidrLocation, Config, DiscoveryConfig, FailoverConfig, GeoConfig, HealthConfig, RegionConfig,
-    TlsConfig, UpstreamProtocol,
+    CidrLocation, Config, ConfigBuilder, DiscoveryConfig, FailoverConfig, GeoConfig, HealthConfig,
+    RegionConfig, TlsConfig, UpstreamProtocol,
 };
 pub use self::error::Error;
 pub use self::geo::{COUNTRY_HEADER, LATLON_HEADER, LatLon};

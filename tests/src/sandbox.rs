@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use meridian_gateway::{Config as GatewayConfig, Gateway, RegionConfig};
+use meridian_gateway::{ConfigBuilder as GatewayConfig, Gateway, RegionConfig};
 use meridian_launcher::{PostgresOptions, PostgresServer, RedisOptions, RedisServer};
 use meridian_regional::{Config, RegionalNode};
 use rand::rngs::StdRng;
@@ -322,7 +322,7 @@ impl ClusterSandbox {
         adjust: impl FnOnce(&[RegionSandbox], &mut GatewayConfig),
     ) -> Self {
         let regions = futures_join(names, region_extra).await;
-        let mut config = GatewayConfig::new(
+        let mut config = meridian_gateway::Config::builder(
             SocketAddr::from(([127, 0, 0, 1], 0)),
             regions
                 .iter()
@@ -334,8 +334,7 @@ impl ClusterSandbox {
                     }
                 })
                 .collect(),
-        )
-        .expect("a valid gateway config");
+        );
         config.threads = 1;
         config.shutdown_grace = std::time::Duration::from_secs(0);
         adjust(&regions, &mut config);
@@ -503,7 +502,10 @@ pub async fn start_gateway(mut config: GatewayConfig) -> Gateway {
         config.listen = SocketAddr::from(([127, 0, 0, 1], port));
         let admin = meridian_launcher::free_port().expect("a free port");
         config.admin_listen = Some(SocketAddr::from(([127, 0, 0, 1], admin)));
-        let attempt = config.clone();
+        let attempt = config
+            .clone()
+            .build()
+            .unwrap_or_else(|e| panic!("gateway config: {e}"));
         match tokio::task::spawn_blocking(move || Gateway::start(attempt))
             .await
             .expect("gateway start does not panic")

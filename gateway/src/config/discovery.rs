@@ -38,24 +38,6 @@ impl Default for RawDiscovery {
 }
 
 impl RawDiscovery {
-    /// Checks the section and, when a region is given by `srv`, builds the
-    /// resolver as the gateway does at start (it reads `/etc/resolv.conf`
-    /// when no name servers are given).
-    pub(super) fn check(&self, regions: &[RegionConfig], problems: &mut Problems) {
-        if self.min_refresh_ms == 0 || self.timeout_ms == 0 {
-            problems
-                .push("`discovery.min_refresh_ms` and `discovery.timeout_ms` must be at least 1");
-        }
-        if self.max_refresh_ms < self.min_refresh_ms {
-            problems.push("`discovery.max_refresh_ms` must be at least `discovery.min_refresh_ms`");
-        }
-        if regions.iter().any(|r| r.srv.is_some())
-            && let Err(e) = SrvResolver::new(self.config())
-        {
-            problems.push(format!("`discovery.nameservers`: {e}"));
-        }
-    }
-
     pub(super) fn config(&self) -> DiscoveryConfig {
         DiscoveryConfig {
             nameservers: self.nameservers.clone(),
@@ -63,5 +45,22 @@ impl RawDiscovery {
             max_refresh: Duration::from_millis(self.max_refresh_ms),
             timeout: Duration::from_millis(self.timeout_ms),
         }
+    }
+}
+
+/// Checks the section and, when a region is given by `srv`, builds the
+/// resolver as the gateway does at start (it reads `/etc/resolv.conf` when
+/// no name servers are given).
+pub(super) fn check(config: &DiscoveryConfig, regions: &[RegionConfig], problems: &mut Problems) {
+    if config.min_refresh.is_zero() || config.timeout.is_zero() {
+        problems.push("`discovery.min_refresh_ms` and `discovery.timeout_ms` must be at least 1");
+    }
+    if config.max_refresh < config.min_refresh {
+        problems.push("`discovery.max_refresh_ms` must be at least `discovery.min_refresh_ms`");
+    }
+    if regions.iter().any(|r| r.srv.is_some())
+        && let Err(e) = SrvResolver::new(config.clone())
+    {
+        problems.push(format!("`discovery.nameservers`: {e}"));
     }
 }

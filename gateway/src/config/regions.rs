@@ -94,13 +94,8 @@ impl Default for RawRouting {
     }
 }
 
-/// Checks the regions and `[routing]`; returns the index of the default
-/// region (0 when it names no region, reported as a problem).
-pub(super) fn check(
-    regions: &[RegionConfig],
-    routing: &RawRouting,
-    problems: &mut Problems,
-) -> usize {
+/// Checks the regions: names, addresses, coordinates.
+pub(super) fn check(regions: &[RegionConfig], problems: &mut Problems) {
     if regions.is_empty() {
         problems.push("`regions` must list at least one region");
     }
@@ -134,6 +129,15 @@ pub(super) fn check(
             )),
         }
     }
+}
+
+/// The index of the region `[routing]` names as the default (the first
+/// when it names none; 0 with a problem when it names an unknown one).
+pub(super) fn default_region(
+    regions: &[RegionConfig],
+    routing: &RawRouting,
+    problems: &mut Problems,
+) -> usize {
     match &routing.default_region {
         None => 0,
         Some(name) => regions

@@ -68,20 +68,9 @@ impl Default for RawServer {
     }
 }
 
-impl RawServer {
-    pub(super) fn check(&self, problems: &mut Problems) {
-        if self.threads == 0 {
-            problems.push("`server.threads` must be at least 1");
-        }
-        if let Some(tls) = &self.tls {
-            check_tls(tls, problems);
-        }
-    }
-}
-
 /// Pingora loads the listener's files only on its own thread, where a bad
 /// file is a panic: they are parsed and paired here instead.
-fn check_tls(tls: &TlsConfig, problems: &mut Problems) {
+pub(super) fn check_tls(tls: &TlsConfig, problems: &mut Problems) {
     let read = |key: &str, path: &Path| {
         std::fs::read(path).map_err(|_| {
             format!(

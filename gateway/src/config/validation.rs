@@ -12,7 +12,8 @@ use super::discovery::RawDiscovery;
 use super::regions::RawRouting;
 use super::server::RawServer;
 use super::{
-    AuthConfig, Config, FailoverConfig, GeoConfig, HealthConfig, RateLimitConfig, RegionConfig,
+    AuthConfig, Config, ConfigBuilder, FailoverConfig, GeoConfig, HealthConfig, RateLimitConfig,
+    RegionConfig,
 };
 
 #[derive(Debug, Deserialize)]
@@ -46,19 +47,9 @@ pub(super) struct RawConfig {
 impl RawConfig {
     pub(super) fn validate(self) -> Result<Config, Vec<String>> {
         let mut problems = Problems::new();
-        let default_region = super::regions::check(&self.regions, &self.routing, &mut problems);
-        self.health.check(&mut problems);
-        self.failover.check(&mut problems);
-        self.server.check(&mut problems);
-        self.geo.check(&mut problems);
-        if let Some(auth) = &self.auth {
-            problems.check(auth.validate());
-        }
-        problems.check(self.rate_limit.validate());
-        problems.check(self.mesh.check());
-        problems.check(self.tracing.validate());
-        self.discovery.check(&self.regions, &mut problems);
-        problems.finish(|| Config {
+        let default_region =
+            super::regions::default_region(&self.regions, &self.routing, &mut problems);
+        let builder = ConfigBuilder {
             listen: self.server.listen,
             threads: self.server.threads,
             default_region,
@@ -79,6 +70,8 @@ impl RawConfig {
             tracing: self.tracing,
             discovery: self.discovery.config(),
             regions: self.regions,
-        })
+        };
+        builder.check(&mut problems);
+        problems.finish(|| Config(builder))
     }
 }
