@@ -97,14 +97,14 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("region {}", region.name))?;
         let mut entry = RegionConfig::new(region.name.clone(), node.local_addr());
-        if let Some((lat, lon)) = location(&region.name) {
+        if let Some((lat, lon)) = meridian_launcher::local_location(&region.name) {
             entry = entry.at(lat, lon);
         }
         gateway_regions.push(entry);
         region.node = Some(node);
     }
     let listen = SocketAddr::from(([127, 0, 0, 1], args.port));
-    let mut gateway_config = meridian_gateway::Config::new(listen, gateway_regions)?;
+    let mut gateway_config = meridian_gateway::Config::builder(listen, gateway_regions);
     gateway_config.shutdown_grace = std::time::Duration::from_secs(1);
     gateway_config.admin_listen = Some(SocketAddr::from(([127, 0, 0, 1], args.admin_port)));
     // Local clients may say where they are, to try geo routing by hand.
@@ -120,7 +120,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         gateway_config.tracing = meridian_mesh::TraceConfig::otlp(endpoint.clone());
     }
     let api_key = local_api_key(&state_dir, &home.postgres.url()).await?;
-    let gateway = Gateway::start(gateway_config)?;
+    let gateway = Gateway::start(gateway_config.build()?)?;
 
     print_banner(&gateway, &regions, &api_key);
     if let Some(node) = regions.first().and_then(|r| r.node.as_ref()) {
@@ -147,17 +147,6 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("stopped");
     Ok(())
-}
-
-/// Where the local regions pretend to be, so geo routing has something to
-/// rank: Virginia, Dublin, Mumbai.
-fn location(region: &str) -> Option<(f64, f64)> {
-    match region {
-        "us-east" => Some((39.0, -77.5)),
-        "eu-west" => Some((53.3, -6.3)),
-        "ap-south" => Some((19.1, 72.9)),
-        _ => None,
-    }
 }
 
 async fn start_stores(state_dir: &Path, name: &str) -> anyhow::Result<Region> {

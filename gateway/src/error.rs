@@ -21,3 +21,12 @@ pub enum Error {
     #[error("gateway did not start listening on {0} in time")]
     NotReady(SocketAddr),
 }
+
+impl From<meridian_proto::config::ConfigError> for Error {
+    fn from(e: meridian_proto::config::ConfigError) -> Self {
+        Self::Config {
+            message: e.message(),
+            origin: e.origin,
+        }
+    }
+}

@@ -27,8 +27,8 @@ mod server;
 
 pub use self::auth::{AuthConfig, TENANT_HEADER};
 pub use self::config::{
-    CidrLocation, Config, DiscoveryConfig, FailoverConfig, GeoConfig, HealthConfig, RegionConfig,
-    TlsConfig, UpstreamProtocol,
+    CidrLocation, Config, ConfigBuilder, DiscoveryConfig, FailoverConfig, GeoConfig, HealthConfig,
+    RegionConfig, TlsConfig, UpstreamProtocol,
 };
 pub use self::error::Error;
 pub use self::geo::{COUNTRY_HEADER, LATLON_HEADER, LatLon};

@@ -103,6 +103,19 @@ impl MeshConfig {
     }
 }
 
+impl MeshConfig {
+    /// Loads the files as [`Upstream::start`] does; errors name the key.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        let Some(files) = self.files()? else {
+            return Ok(());
+        };
+        let loaded = files.check("mesh")?;
+        Material::build(&loaded)
+            .map(drop)
+            .map_err(|e| format!("`mesh.cert_path` {}: {e}", files.cert_path.display()))
+    }
+}
+
 /// What one load of the files gives each kind of connection.
 struct Material {
     /// The gateway's chain and key, as Pingora takes them.

@@ -87,6 +87,30 @@ impl Loaded {
     }
 }
 
+impl CertFiles {
+    /// Reads and checks the files as a service does at start, for config
+    /// validation: the error names the key (`{section}.ca_path`,
+    /// `{section}.cert_path`, `{section}.key_path`) of the file at fault.
+    pub fn check(&self, section: &str) -> Result<Loaded, String> {
+        let read = |key: &str, p: &Path| {
+            std::fs::read(p).map_err(|e| format!("`{section}.{key}` {}: {e}", p.display()))
+        };
+        let ca = read("ca_path", &self.ca_path)?;
+        let cert = read("cert_path", &self.cert_path)?;
+        let key = read("key_path", &self.key_path)?;
+        Loaded::from_pem(&ca, &cert, &key).map_err(|e| {
+            let (key, path) = if e.starts_with("CA") {
+                ("ca_path", &self.ca_path)
+            } else if e.starts_with("certificate:") {
+                ("cert_path", &self.cert_path)
+            } else {
+                ("key_path", &self.key_path)
+            };
+            format!("`{section}.{key}` {}: {e}", path.display())
+        })
+    }
+}
+
 type Stamp = Vec<Option<(SystemTime, u64)>>;
 
 fn stamp(files: &CertFiles) -> Stamp {

@@ -10,9 +10,12 @@
 //! OpenAI-style error types for the gateway's HTTP API. The [`contract`]
 //! module holds what both sides of the wire must agree on: header names, the
 //! tenant id rule and the table of error classes; [`api_key`] the API key
-//! format and hash the gateway and regions agree on.
+//! format and hash the gateway and regions agree on. [`config`] reads the
+//! gateway's and the regions' TOML files: parse, validate, and report every
+//! problem with its key.
 
 pub mod api_key;
+pub mod config;
 pub mod contract;
 pub mod error;
 

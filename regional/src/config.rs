@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use meridian_proto::config::Problems;
 use serde::Deserialize;
 
 use crate::error::Error;
@@ -22,49 +23,51 @@ pub use self::jobs::JobsConfig;
 pub use self::replication::{PeerConfig, ReplicationConfig};
 pub use self::telemetry::TelemetryConfig;
 
-/// A validated regional node configuration.
+/// A validated regional node configuration. Its fields are readable only
+/// inside this crate, so no other crate changes a config after validation;
+/// [`Config::from_file`] and [`Config::from_toml`] are the ways to make one.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// This region's name, e.g. `eu-west`.
-    pub region: String,
+    pub(crate) region: String,
     /// Address the HTTP and gRPC API listens on.
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// How long in-flight requests may take to finish after shutdown starts.
-    pub shutdown_grace: Duration,
+    pub(crate) shutdown_grace: Duration,
     /// Requests the node is sized to hold at once.
-    pub max_in_flight: u32,
+    pub(crate) max_in_flight: u32,
     /// Redis URL of this region.
-    pub redis_url: String,
+    pub(crate) redis_url: String,
     /// PostgreSQL URL of this region.
-    pub postgres_url: String,
+    pub(crate) postgres_url: String,
     /// Most PostgreSQL connections this node holds.
-    pub postgres_max_connections: u32,
+    pub(crate) postgres_max_connections: u32,
     /// How long to wait for Redis and PostgreSQL at start.
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// Models served by this region.
-    pub models: Vec<ModelConfig>,
+    pub(crate) models: Vec<ModelConfig>,
     /// Names that route to models by request size or by weight.
-    pub aliases: Vec<AliasConfig>,
+    pub(crate) aliases: Vec<AliasConfig>,
     /// Request deadlines and per-tenant admission control.
-    pub inference: InferenceConfig,
+    pub(crate) inference: InferenceConfig,
     /// The file this config was read from, if any: `POST /admin/reload`
     /// reads its models and aliases again.
-    pub source: Option<std::path::PathBuf>,
+    pub(crate) source: Option<std::path::PathBuf>,
     /// Time-series storage: partitions, retention, ingest and query limits.
-    pub telemetry: TelemetryConfig,
+    pub(crate) telemetry: TelemetryConfig,
     /// Asynchronous jobs: workers, retries, leases, queue limits.
-    pub jobs: JobsConfig,
+    pub(crate) jobs: JobsConfig,
     /// The built-in embedding model; `None` when `[embeddings]` is absent
     /// or disabled.
-    pub embeddings: Option<EmbeddingsConfig>,
+    pub(crate) embeddings: Option<EmbeddingsConfig>,
     /// Mutual TLS on the node's port and who may call what (`[mesh]`).
-    pub mesh: crate::mesh::Mesh,
+    pub(crate) mesh: crate::mesh::Mesh,
     /// The response cache (`[cache]`).
-    pub cache: CacheConfig,
+    pub(crate) cache: CacheConfig,
     /// Traces exported to an OTLP collector (`[tracing]`); off by default.
-    pub tracing: meridian_mesh::TraceConfig,
+    pub(crate) tracing: meridian_mesh::TraceConfig,
     /// Peers to pull changes from, and the log's limits (`[replication]`).
-    pub replication: ReplicationConfig,
+    pub(crate) replication: ReplicationConfig,
 }
 
 /// The TOML shape of the configuration. Every field has a default except the
@@ -238,51 +241,39 @@ impl Default for SimConfig {
 impl Config {
     /// Reads and validates a TOML file.
     pub fn from_file(path: &Path) -> Result<Self, Error> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
-            origin: path.display().to_string(),
-            message: format!("cannot read: {e}"),
-        })?;
-        let mut config = Self::from_toml(&text, &path.display().to_string())?;
+        let mut config = meridian_proto::config::load(path, RawConfig::validate)?;
         config.source = Some(path.to_path_buf());
         Ok(config)
     }
 
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, Error> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
-            Error::Config {
-                origin: match line {
-                    Some(l) => format!("{origin} line {l}"),
-                    None => origin.to_string(),
-                },
-                message: e.message().trim().to_string(),
-            }
-        })?;
-        raw.validate().map_err(|message| Error::Config {
-            origin: origin.to_string(),
-            message,
-        })
+        Ok(meridian_proto::config::parse(
+            text,
+            origin,
+            RawConfig::validate,
+        )?)
     }
 }
 
 impl RawConfig {
-    fn validate(self) -> Result<Config, String> {
+    /// Checks every section, keeping every problem with its key; the files
+    /// the node loads at start (its mesh certificate) are loaded here first.
+    fn validate(self) -> Result<Config, Vec<String>> {
+        let mut problems = Problems::new();
         if self.region.is_empty()
             || !self
                 .region
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         {
-            return Err(format!(
+            problems.push(format!(
                 "`region` must be lowercase letters, digits and dashes, got {:?}",
                 self.region
             ));
         }
         if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {
-            return Err(format!(
+            problems.push(format!(
                 "`redis.url` must start with redis:// or rediss://, got {:?}",
                 self.redis.url
             ));
@@ -290,59 +281,32 @@ impl RawConfig {
         if !self.postgres.url.starts_with("postgres://")
             && !self.postgres.url.starts_with("postgresql://")
         {
-            return Err(format!(
+            problems.push(format!(
                 "`postgres.url` must start with postgres://, got {:?}",
                 self.postgres.url
             ));
         }
         if self.server.max_in_flight == 0 {
-            return Err("`server.max_in_flight` must be at least 1".into());
+            problems.push("`server.max_in_flight` must be at least 1");
         }
         if self.postgres.max_connections == 0 {
-            return Err("`postgres.max_connections` must be at least 1".into());
+            problems.push("`postgres.max_connections` must be at least 1");
         }
-        if self.models.is_empty() {
-            return Err("`models` must name at least one model".into());
-        }
-        let mut seen = std::collections::HashSet::new();
-        for (i, m) in self.models.iter().enumerate() {
-            if m.id.is_empty() {
-                return Err(format!("`models[{i}].id` must not be empty"));
-            }
-            if !seen.insert(m.id.as_str()) {
-                return Err(format!("`models[{i}].id` repeats model {:?}", m.id));
-            }
-            match &m.backend {
-                BackendConfig::Sim(sim) if sim.max_concurrency == 0 => {
-                    return Err(format!(
-                        "`models[{i}].backend.max_concurrency` must be at least 1"
-                    ));
-                }
-                BackendConfig::Sim(sim) if !(0.0..=1.0).contains(&sim.fail_rate) => {
-                    return Err(format!(
-                        "`models[{i}].backend.fail_rate` must be between 0 and 1"
-                    ));
-                }
-                BackendConfig::Sim(sim) if sim.prefix_block_tokens == 0 => {
-                    return Err(format!(
-                        "`models[{i}].backend.prefix_block_tokens` must be at least 1"
-                    ));
-                }
-                BackendConfig::Sim(_) | BackendConfig::OpenAi(_) => {}
-            }
-        }
-        inference::validate(&self.models, &self.aliases)?;
-        self.telemetry.validate()?;
-        self.jobs.validate()?;
+        check_models(&self.models, &mut problems);
+        inference::validate(&self.models, &self.aliases, &mut problems);
+        self.telemetry.validate(&mut problems);
+        self.jobs.validate(&mut problems);
         let embeddings = self.embeddings.filter(|e| e.enabled);
         if let Some(e) = &embeddings {
-            e.validate()?;
+            e.validate(&mut problems);
         }
-        self.cache.validate(embeddings.is_some())?;
-        let mesh = self.mesh.validate()?;
-        self.tracing.validate()?;
-        self.replication.validate(&self.region)?;
-        Ok(Config {
+        self.cache.validate(embeddings.is_some(), &mut problems);
+        let mesh = self.mesh.validate(&self.region, &mut problems);
+        problems.check(self.tracing.validate());
+        self.replication.validate(&self.region, &mut problems);
+        // `None` comes with a problem, so the stand-in never reaches a Config.
+        let mesh = mesh.unwrap_or(crate::mesh::Mesh::Plaintext);
+        problems.finish(|| Config {
             region: self.region,
             listen: self.server.listen,
             shutdown_grace: Duration::from_millis(self.server.shutdown_grace_ms),
@@ -363,6 +327,38 @@ impl RawConfig {
             tracing: self.tracing,
             replication: self.replication,
         })
+    }
+}
+
+fn check_models(models: &[ModelConfig], problems: &mut Problems) {
+    if models.is_empty() {
+        problems.push("`models` must name at least one model");
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, m) in models.iter().enumerate() {
+        if m.id.is_empty() {
+            problems.push(format!("`models[{i}].id` must not be empty"));
+        } else if !seen.insert(m.id.as_str()) {
+            problems.push(format!("`models[{i}].id` repeats model {:?}", m.id));
+        }
+        let BackendConfig::Sim(sim) = &m.backend else {
+            continue;
+        };
+        if sim.max_concurrency == 0 {
+            problems.push(format!(
+                "`models[{i}].backend.max_concurrency` must be at least 1"
+            ));
+        }
+        if !(0.0..=1.0).contains(&sim.fail_rate) {
+            problems.push(format!(
+                "`models[{i}].backend.fail_rate` must be between 0 and 1"
+            ));
+        }
+        if sim.prefix_block_tokens == 0 {
+            problems.push(format!(
+                "`models[{i}].backend.prefix_block_tokens` must be at least 1"
+            ));
+        }
     }
 }
 

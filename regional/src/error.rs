@@ -319,3 +319,12 @@ impl IntoResponse for Error {
         res
     }
 }
+
+impl From<meridian_proto::config::ConfigError> for Error {
+    fn from(e: meridian_proto::config::ConfigError) -> Self {
+        Self::Config {
+            message: e.message(),
+            origin: e.origin,
+        }
+    }
+}

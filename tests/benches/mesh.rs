@@ -40,11 +40,10 @@ async fn main() {
         },
     )
     .await;
-    let mut plain = GatewayConfig::new(
+    let mut plain = GatewayConfig::builder(
         ([127, 0, 0, 1], 0).into(),
         vec![RegionConfig::new("us-east", sandbox.regions[0].addr())],
-    )
-    .unwrap();
+    );
     plain.threads = 1;
     plain.shutdown_grace = Duration::ZERO;
     let plain = start_gateway(plain).await;

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use meridian_gateway::{Config as GatewayConfig, Gateway, RegionConfig};
+use meridian_gateway::{ConfigBuilder as GatewayConfig, Gateway, RegionConfig};
 use meridian_launcher::{PostgresOptions, PostgresServer, RedisOptions, RedisServer};
 use meridian_regional::{Config, RegionalNode};
 use rand::rngs::StdRng;
@@ -279,15 +279,7 @@ impl RegionSandbox {
 
 /// Where the sandbox places well-known region names, so geography works.
 pub fn region_location(name: &str) -> Option<(f64, f64)> {
-    match name {
-        "us-east" => Some((39.0, -77.5)),
-        "us-west" => Some((45.6, -121.2)),
-        "eu-west" => Some((53.3, -6.3)),
-        "eu-central" => Some((50.1, 8.7)),
-        "ap-south" => Some((19.1, 72.9)),
-        "ap-northeast" => Some((35.7, 139.7)),
-        _ => None,
-    }
+    meridian_launcher::local_location(name)
 }
 
 /// Several regions and a gateway in front of them.
@@ -330,7 +322,7 @@ impl ClusterSandbox {
         adjust: impl FnOnce(&[RegionSandbox], &mut GatewayConfig),
     ) -> Self {
         let regions = futures_join(names, region_extra).await;
-        let mut config = GatewayConfig::new(
+        let mut config = meridian_gateway::Config::builder(
             SocketAddr::from(([127, 0, 0, 1], 0)),
             regions
                 .iter()
@@ -342,8 +334,7 @@ impl ClusterSandbox {
                     }
                 })
                 .collect(),
-        )
-        .expect("a valid gateway config");
+        );
         config.threads = 1;
         config.shutdown_grace = std::time::Duration::from_secs(0);
         adjust(&regions, &mut config);
@@ -511,7 +502,10 @@ pub async fn start_gateway(mut config: GatewayConfig) -> Gateway {
         config.listen = SocketAddr::from(([127, 0, 0, 1], port));
         let admin = meridian_launcher::free_port().expect("a free port");
         config.admin_listen = Some(SocketAddr::from(([127, 0, 0, 1], admin)));
-        let attempt = config.clone();
+        let attempt = config
+            .clone()
+            .build()
+            .unwrap_or_else(|e| panic!("gateway config: {e}"));
         match tokio::task::spawn_blocking(move || Gateway::start(attempt))
             .await
             .expect("gateway start does not panic")

@@ -272,15 +272,14 @@ async fn keys_name_the_tenant_and_revocation_takes_effect_quickly() {
     );
 
     // Without [auth] every request is the default tenant, whatever it claims.
-    let mut open_config = meridian_gateway::Config::new(
+    let mut open_config = meridian_gateway::Config::builder(
         "127.0.0.1:0".parse().unwrap(),
         sandbox
             .regions
             .iter()
             .map(|r| RegionConfig::new(r.name.clone(), r.addr()))
             .collect(),
-    )
-    .unwrap();
+    );
     open_config.threads = 1;
     open_config.shutdown_grace = Duration::ZERO;
     let open = start_gateway(open_config).await;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use meridian_gateway::{Config as GatewayConfig, RegionConfig};
+use meridian_gateway::{Config, ConfigBuilder as GatewayConfig, RegionConfig};
 use meridian_tests::{RegionSandbox, SrvTarget, TEST_MODEL, TestDns, init_logging, start_gateway};
 use serde_json::{Value, json};
 
@@ -28,11 +28,10 @@ fn target(n: u32, addr: SocketAddr) -> SrvTarget {
 }
 
 fn gateway_config(dns: &TestDns) -> GatewayConfig {
-    let mut config = GatewayConfig::new(
+    let mut config = Config::builder(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         vec![RegionConfig::srv("us-east", SRV_NAME)],
-    )
-    .expect("a valid gateway config");
+    );
     config.threads = 1;
     config.shutdown_grace = Duration::ZERO;
     config.discovery.nameservers = vec![dns.addr()];

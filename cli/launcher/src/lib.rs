@@ -1,4 +1,5 @@
-//! Local Redis and PostgreSQL servers for `meridian up` and integration tests.
+//! Local Redis and PostgreSQL servers for `meridian up` and integration tests,
+//! and the names and locations of the local regions both start ([`LOCAL_REGIONS`]).
 //!
 //! [`RedisServer`] and [`PostgresServer`] each start one real server process
 //! (`redis-server`, and `initdb` + `postgres`) on a free loopback port, wait
@@ -22,8 +23,10 @@ mod files;
 mod postgres;
 mod process;
 mod redis;
+mod regions;
 
 pub use error::Error;
 pub use postgres::{PostgresOptions, PostgresServer};
 pub use process::free_port;
 pub use redis::{RedisOptions, RedisServer};
+pub use regions::{LOCAL_REGIONS, LocalRegion, local_location};

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use meridian_proto::config::Problems;
 use serde::Deserialize;
 
 /// Cosine similarity at or above which a cached answer to another question
@@ -77,37 +78,35 @@ impl Default for SemanticCacheConfig {
 }
 
 impl CacheConfig {
-    pub(crate) fn validate(&self, embeddings: bool) -> Result<(), String> {
+    pub(crate) fn validate(&self, embeddings: bool, problems: &mut Problems) {
         if self.ttl_secs == 0 {
-            return Err("`cache.ttl_secs` must be at least 1".into());
+            problems.push("`cache.ttl_secs` must be at least 1");
         }
         if self.redis_timeout_ms == 0 {
-            return Err("`cache.redis_timeout_ms` must be at least 1".into());
+            problems.push("`cache.redis_timeout_ms` must be at least 1");
         }
         if self.semantic.enabled == Some(true) && !embeddings {
-            return Err(
-                "`cache.semantic.enabled` needs the embedding model: add an `[embeddings]` section"
-                    .into(),
+            problems.push(
+                "`cache.semantic.enabled` needs the embedding model: add an `[embeddings]` section",
             );
         }
         let in_range = |t: f32| t.is_finite() && t > 0.0;
         if !in_range(self.semantic.threshold) || self.semantic.threshold > 1.0 {
-            return Err("`cache.semantic.threshold` must be above 0 and at most 1".into());
+            problems.push("`cache.semantic.threshold` must be above 0 and at most 1");
         }
-        if let Some((tenant, _)) = self
+        for (tenant, _) in self
             .semantic
             .tenant_thresholds
             .iter()
-            .find(|(_, t)| !in_range(**t))
+            .filter(|(_, t)| !in_range(**t))
         {
-            return Err(format!(
+            problems.push(format!(
                 "`cache.semantic.tenant_thresholds.{tenant}` must be above 0"
             ));
         }
         if self.semantic.max_entries == 0 {
-            return Err("`cache.semantic.max_entries` must be at least 1".into());
+            problems.push("`cache.semantic.max_entries` must be at least 1");
         }
-        Ok(())
     }
 
     pub(crate) fn ttl(&self) -> Duration {
@@ -140,22 +139,26 @@ mod tests {
     #[test]
     fn validation_names_the_key() {
         let c = CacheConfig::default();
-        assert!(c.validate(false).is_ok());
+        assert!(Problems::of(|p| c.validate(false, p)).is_ok());
         let mut bad = c.clone();
         bad.semantic.enabled = Some(true);
-        assert!(bad.validate(false).unwrap_err().contains("[embeddings]"));
-        assert!(bad.validate(true).is_ok());
+        assert!(
+            Problems::of(|p| bad.validate(false, p))
+                .unwrap_err()
+                .contains("[embeddings]")
+        );
+        assert!(Problems::of(|p| bad.validate(true, p)).is_ok());
         let mut bad = c.clone();
         bad.semantic.threshold = 1.5;
         assert!(
-            bad.validate(true)
+            Problems::of(|p| bad.validate(true, p))
                 .unwrap_err()
                 .contains("cache.semantic.threshold")
         );
         let mut bad = c;
         bad.semantic.tenant_thresholds.insert("acme".into(), -1.0);
         assert!(
-            bad.validate(true)
+            Problems::of(|p| bad.validate(true, p))
                 .unwrap_err()
                 .contains("tenant_thresholds.acme")
         );

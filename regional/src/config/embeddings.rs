@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use meridian_proto::config::Problems;
 use serde::Deserialize;
 
 /// Where `infra/scripts/setup.sh` puts the model, relative to the working
@@ -57,27 +58,26 @@ impl EmbeddingsConfig {
         Duration::from_millis(self.max_wait_ms)
     }
 
-    pub(crate) fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self, problems: &mut Problems) {
         if self.model_dir.as_os_str().is_empty() {
-            return Err("`embeddings.model_dir` must not be empty".into());
+            problems.push("`embeddings.model_dir` must not be empty");
         }
         if self.max_batch == 0 {
-            return Err("`embeddings.max_batch` must be at least 1".into());
+            problems.push("`embeddings.max_batch` must be at least 1");
         }
         // Longer waits would make every lone request that much slower.
         if self.max_wait_ms > 1_000 {
-            return Err("`embeddings.max_wait_ms` must be at most 1000".into());
+            problems.push("`embeddings.max_wait_ms` must be at most 1000");
         }
         if self.max_inputs == 0 {
-            return Err("`embeddings.max_inputs` must be at least 1".into());
+            problems.push("`embeddings.max_inputs` must be at least 1");
         }
         if !(3..=512).contains(&self.max_input_tokens) {
-            return Err("`embeddings.max_input_tokens` must be between 3 and 512".into());
+            problems.push("`embeddings.max_input_tokens` must be between 3 and 512");
         }
         if self.max_queued == 0 {
-            return Err("`embeddings.max_queued` must be at least 1".into());
+            problems.push("`embeddings.max_queued` must be at least 1");
         }
-        Ok(())
     }
 }
 
@@ -87,7 +87,7 @@ mod tests {
 
     fn parse(text: &str) -> Result<EmbeddingsConfig, String> {
         let config: EmbeddingsConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-        config.validate().map(|()| config)
+        Problems::of(|p| config.validate(p)).map(|()| config)
     }
 
     #[test]

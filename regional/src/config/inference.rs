@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use meridian_proto::config::Problems;
 use serde::Deserialize;
 
 use super::{BackendConfig, ModelConfig};
@@ -141,19 +142,19 @@ fn default_large_above_prompt_tokens() -> u32 {
 }
 
 /// Checks what `config.rs` does not: upstream pools and aliases.
-pub(super) fn validate(models: &[ModelConfig], aliases: &[AliasConfig]) -> Result<(), String> {
+pub(super) fn validate(models: &[ModelConfig], aliases: &[AliasConfig], problems: &mut Problems) {
     for (i, m) in models.iter().enumerate() {
         let BackendConfig::OpenAi(pool) = &m.backend else {
             continue;
         };
         if pool.upstreams.is_empty() {
-            return Err(format!(
+            problems.push(format!(
                 "`models[{i}].backend.upstreams` must name at least one upstream"
             ));
         }
         for (j, u) in pool.upstreams.iter().enumerate() {
             if !u.base_url.starts_with("http://") {
-                return Err(format!(
+                problems.push(format!(
                     "`models[{i}].backend.upstreams[{j}].base_url` must start with http:// \
                      (this build has no TLS client), got {:?}",
                     u.base_url
@@ -161,17 +162,17 @@ pub(super) fn validate(models: &[ModelConfig], aliases: &[AliasConfig]) -> Resul
             }
         }
         if pool.affinity_overload_factor < 1.0 {
-            return Err(format!(
+            problems.push(format!(
                 "`models[{i}].backend.affinity_overload_factor` must be at least 1"
             ));
         }
         if pool.breaker_failures == 0 {
-            return Err(format!(
+            problems.push(format!(
                 "`models[{i}].backend.breaker_failures` must be at least 1"
             ));
         }
         if pool.health_interval_ms == 0 {
-            return Err(format!(
+            problems.push(format!(
                 "`models[{i}].backend.health_interval_ms` must be at least 1"
             ));
         }
@@ -180,10 +181,10 @@ pub(super) fn validate(models: &[ModelConfig], aliases: &[AliasConfig]) -> Resul
     let mut alias_ids = HashSet::new();
     for (i, a) in aliases.iter().enumerate() {
         if a.id.is_empty() {
-            return Err(format!("`aliases[{i}].id` must not be empty"));
+            problems.push(format!("`aliases[{i}].id` must not be empty"));
         }
         if model_ids.contains(a.id.as_str()) || !alias_ids.insert(a.id.as_str()) {
-            return Err(format!(
+            problems.push(format!(
                 "`aliases[{i}].id` repeats the name {:?} of a model or alias",
                 a.id
             ));
@@ -191,22 +192,22 @@ pub(super) fn validate(models: &[ModelConfig], aliases: &[AliasConfig]) -> Resul
         let by_size = a.small.is_some() || a.large.is_some();
         match (by_size, a.weights.is_empty()) {
             (true, false) => {
-                return Err(format!(
+                problems.push(format!(
                     "`aliases[{i}]` routes by size (`small`, `large`) or by `weights`, not both"
                 ));
             }
             (false, true) => {
-                return Err(format!(
+                problems.push(format!(
                     "`aliases[{i}]` needs `small` and `large`, or `weights`"
                 ));
             }
             (true, true) if a.small.is_none() || a.large.is_none() => {
-                return Err(format!("`aliases[{i}]` needs both `small` and `large`"));
+                problems.push(format!("`aliases[{i}]` needs both `small` and `large`"));
             }
             _ => {}
         }
         if !a.weights.is_empty() && a.weights.values().all(|w| *w == 0) {
-            return Err(format!(
+            problems.push(format!(
                 "`aliases[{i}].weights` must give some model a weight above 0"
             ));
         }
@@ -216,13 +217,12 @@ pub(super) fn validate(models: &[ModelConfig], aliases: &[AliasConfig]) -> Resul
             .chain(a.weights.keys().map(|t| ("weights", t.as_str())));
         for (key, target) in targets {
             if !model_ids.contains(target) {
-                return Err(format!(
+                problems.push(format!(
                     "`aliases[{i}].{key}` names {target:?}, which is not a model of this region"
                 ));
             }
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use meridian_proto::config::Problems;
 use serde::Deserialize;
 
 /// Asynchronous jobs. Every key has a default.
@@ -50,28 +51,27 @@ impl Default for JobsConfig {
 }
 
 impl JobsConfig {
-    pub(crate) fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self, problems: &mut Problems) {
         if self.max_attempts == 0 {
-            return Err("`jobs.max_attempts` must be at least 1".into());
+            problems.push("`jobs.max_attempts` must be at least 1");
         }
         // Renewal runs at a third of the lease; shorter leases would renew
         // faster than a database round trip.
         if self.lease_ms < 100 {
-            return Err("`jobs.lease_ms` must be at least 100".into());
+            problems.push("`jobs.lease_ms` must be at least 100");
         }
         if self.sweep_interval_ms < 10 {
-            return Err("`jobs.sweep_interval_ms` must be at least 10".into());
+            problems.push("`jobs.sweep_interval_ms` must be at least 10");
         }
         if self.retry_base_ms > self.retry_max_ms {
-            return Err("`jobs.retry_base_ms` must not exceed `jobs.retry_max_ms`".into());
+            problems.push("`jobs.retry_base_ms` must not exceed `jobs.retry_max_ms`");
         }
         if self.max_queued_per_tenant == 0 {
-            return Err("`jobs.max_queued_per_tenant` must be at least 1".into());
+            problems.push("`jobs.max_queued_per_tenant` must be at least 1");
         }
         if self.max_queued_per_region == 0 {
-            return Err("`jobs.max_queued_per_region` must be at least 1".into());
+            problems.push("`jobs.max_queued_per_region` must be at least 1");
         }
-        Ok(())
     }
 
     pub(crate) fn lease(&self) -> Duration {
@@ -118,7 +118,11 @@ mod tests {
             max_attempts: 0,
             ..JobsConfig::default()
         };
-        assert!(bad.validate().unwrap_err().contains("`jobs.max_attempts`"));
-        assert!(JobsConfig::default().validate().is_ok());
+        assert!(
+            Problems::of(|p| bad.validate(p))
+                .unwrap_err()
+                .contains("`jobs.max_attempts`")
+        );
+        assert!(Problems::of(|p| JobsConfig::default().validate(p)).is_ok());
     }
 }

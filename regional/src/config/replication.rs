@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use meridian_proto::config::Problems;
 use serde::Deserialize;
 
 /// Cross-region replication. Every key has a default; no peers means the
@@ -126,25 +127,28 @@ impl Default for ReplicationConfig {
 }
 
 impl ReplicationConfig {
-    pub(crate) fn validate(&self, region: &str) -> Result<(), String> {
+    pub(crate) fn validate(&self, region: &str, problems: &mut Problems) {
         let mut seen = std::collections::HashSet::new();
         for (i, p) in self.peers.iter().enumerate() {
             if p.region == region {
-                return Err(format!(
+                problems.push(format!(
                     "`replication.peers[{i}].region` is this region itself"
                 ));
             }
             if !seen.insert(p.region.as_str()) {
-                return Err(format!(
+                problems.push(format!(
                     "`replication.peers[{i}].region` repeats peer {:?}",
                     p.region
                 ));
             }
-            meridian_mesh::Identity::region(&p.region)
-                .map_err(|e| format!("`replication.peers[{i}].region`: {e}"))?;
+            problems.check(
+                meridian_mesh::Identity::region(&p.region)
+                    .map(drop)
+                    .map_err(|e| format!("`replication.peers[{i}].region`: {e}")),
+            );
             let uri: Result<tonic::transport::Uri, _> = format!("http://{}", p.address).parse();
             if !uri.is_ok_and(|u| u.port_u16().is_some() && u.path() == "/") {
-                return Err(format!(
+                problems.push(format!(
                     "`replication.peers[{i}].address` must be host:port, got {:?}",
                     p.address
                 ));
@@ -160,19 +164,19 @@ impl ReplicationConfig {
             ("sync_timeout_ms", self.sync_timeout_ms),
         ] {
             if value == 0 {
-                return Err(format!("`replication.{key}` must be at least 1"));
+                problems.push(format!("`replication.{key}` must be at least 1"));
             }
         }
         if !self.sync_tenants.is_empty() && self.peers.is_empty() {
-            return Err(
+            problems.push(
                 "`replication.sync_tenants` needs at least one of `replication.peers` to confirm writes"
-                    .into(),
+                    ,
             );
         }
         if let Some(from) = &self.bootstrap_from
             && !self.peers.iter().any(|p| &p.region == from)
         {
-            return Err(format!(
+            problems.push(format!(
                 "`replication.bootstrap_from` names {from:?}, which is not one of `replication.peers`"
             ));
         }
@@ -180,7 +184,7 @@ impl ReplicationConfig {
             && relay > 0
             && relay >= self.adopt_after_ms
         {
-            return Err(format!(
+            problems.push(format!(
                 "`replication.relay_after_ms` ({relay}) must be below `adopt_after_ms` ({}): \
                  the adopter needs the lost region's jobs relayed first",
                 self.adopt_after_ms
@@ -188,7 +192,7 @@ impl ReplicationConfig {
         }
         for (i, t) in self.telemetry_peers.iter().enumerate() {
             if !self.peers.iter().any(|p| &p.region == t) {
-                return Err(format!(
+                problems.push(format!(
                     "`replication.telemetry_peers[{i}]` names {t:?}, which is not one of `replication.peers`"
                 ));
             }
@@ -197,7 +201,7 @@ impl ReplicationConfig {
             let fence = self.fence_after_ms.unwrap_or(self.adopt_after_ms / 2);
             let (adopt, heartbeat) = (self.adopt_after_ms, self.heartbeat_interval_ms);
             if fence.saturating_add(heartbeat) >= adopt {
-                return Err(format!(
+                problems.push(format!(
                     "`replication.fence_after_ms` ({fence}) plus `heartbeat_interval_ms` ({heartbeat}) \
                      must be less than `adopt_after_ms` ({adopt}): a region cut off from its peers \
                      must have stopped its jobs before they adopt them (unset, fence_after_ms is \
@@ -205,7 +209,7 @@ impl ReplicationConfig {
                 ));
             }
             if fence < heartbeat.saturating_mul(2) {
-                return Err(format!(
+                problems.push(format!(
                     "`replication.fence_after_ms` ({fence}) must be at least twice \
                      `heartbeat_interval_ms` ({heartbeat}), or the silence between two heartbeats \
                      fences a healthy region (unset, fence_after_ms is half of adopt_after_ms)"
@@ -213,12 +217,10 @@ impl ReplicationConfig {
             }
         }
         if self.reconnect_backoff_ms > self.reconnect_backoff_max_ms {
-            return Err(
-                "`replication.reconnect_backoff_ms` must not exceed `reconnect_backoff_max_ms`"
-                    .into(),
+            problems.push(
+                "`replication.reconnect_backoff_ms` must not exceed `reconnect_backoff_max_ms`",
             );
         }
-        Ok(())
     }
 
     /// `None` when job failover is off.

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use meridian_proto::config::Problems;
 use serde::Deserialize;
 
 /// Time-series storage and its limits. Every key has a default.
@@ -78,7 +79,7 @@ impl Default for TelemetryConfig {
 }
 
 impl TelemetryConfig {
-    pub(crate) fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self, problems: &mut Problems) {
         let at_least_one = [
             (
                 "partition_interval_hours",
@@ -100,16 +101,15 @@ impl TelemetryConfig {
                 self.timescale_compress_after_days.map_or(1, u64::from),
             ),
         ];
-        if let Some((key, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("`telemetry.{key}` must be at least 1"));
+        for (key, _) in at_least_one.iter().filter(|(_, v)| *v == 0) {
+            problems.push(format!("`telemetry.{key}` must be at least 1"));
         }
         if self.write_buffer_readings < self.max_batch {
-            return Err(format!(
+            problems.push(format!(
                 "`telemetry.write_buffer_readings` must be at least `telemetry.max_batch` ({})",
                 self.max_batch
             ));
         }
-        Ok(())
     }
 
     pub(crate) fn chunk_interval(&self) -> Duration {

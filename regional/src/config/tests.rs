@@ -194,13 +194,28 @@ fn the_job_fence_comes_before_adoption_and_after_a_heartbeat_gap() {
     );
 }
 
-/// Points the example's `/etc/meridian/...` files at empty files in a fresh
-/// temporary directory: validation checks that certificate files exist.
+/// Points the example's `/etc/meridian/...` files at files in a fresh
+/// temporary directory: validation loads the certificate, so the stand-ins
+/// are real ones for eu-west from a throwaway CA.
 fn with_local_files(text: &str, dir: &std::path::Path) -> String {
+    let ca = meridian_mesh::Ca::generate("example").unwrap();
+    let issued = ca
+        .issue(
+            &meridian_mesh::Identity::region("eu-west").unwrap(),
+            meridian_mesh::DEV_VALIDITY,
+        )
+        .unwrap();
     for path in text.split('"').filter(|s| s.starts_with("/etc/meridian/")) {
         let local = dir.join(path.trim_start_matches("/etc/meridian/"));
         std::fs::create_dir_all(local.parent().unwrap()).unwrap();
-        std::fs::write(local, "").unwrap();
+        let pem = if path.ends_with("/ca.pem") {
+            ca.cert_pem()
+        } else if path.ends_with(".key") {
+            &issued.key_pem
+        } else {
+            &issued.cert_pem
+        };
+        std::fs::write(local, pem).unwrap();
     }
     text.replace("/etc/meridian", &dir.display().to_string())
 }
@@ -209,4 +224,75 @@ fn tempfile_dir(tag: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("meridian-example-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// An alias naming an unknown model, a threshold out of range and a mesh
+/// certificate that cannot be read: one load names all three, by key.
+#[test]
+fn every_mistake_is_named_at_once() {
+    let dir = tempfile_dir("three-mistakes");
+    let unreadable = dir.join("missing.pem");
+    let path = dir.join("regional.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+region = "eu-west"
+[redis]
+url = "redis://127.0.0.1:6379/"
+[postgres]
+url = "postgres://meridian@127.0.0.1:5432/meridian"
+[mesh]
+ca_path = "{ca}"
+cert_path = "{missing}"
+key_path = "{ca}"
+[[models]]
+id = "chat"
+backend = {{ kind = "sim" }}
+[[aliases]]
+id = "auto"
+weights = {{ chat = 1, nowhere = 1 }}
+[cache.semantic]
+threshold = 1.5
+"#,
+            ca = path.display(),
+            missing = unreadable.display(),
+        ),
+    )
+    .unwrap();
+    let e = Config::from_file(&path).unwrap_err().to_string();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(e.contains(&path.display().to_string()), "{e}");
+    assert!(e.contains("3 problems"), "{e}");
+    for key in [
+        "`aliases[0].weights` names \"nowhere\"",
+        "`cache.semantic.threshold` must be above 0 and at most 1",
+        &format!(
+            "`mesh.cert_path` {} is not a readable file",
+            unreadable.display()
+        ),
+    ] {
+        assert!(e.contains(key), "{key}: {e}");
+    }
+    assert_eq!(e.lines().count(), 4, "one line per problem: {e}");
+}
+
+/// A certificate file that exists but is not a certificate, or names
+/// another region, is refused by validation, not at start.
+#[test]
+fn the_mesh_certificate_is_loaded_while_validating() {
+    let dir = tempfile_dir("mesh-files");
+    let text = with_local_files(
+        include_str!("../../../infra/config/regional.example.toml"),
+        &dir,
+    );
+    let e = err(&text.replace("region = \"eu-west\"", "region = \"us-east\""));
+    assert!(
+        e.contains("`mesh.cert_path`") && e.contains("not spiffe://meridian/region/us-east"),
+        "{e}"
+    );
+    std::fs::write(dir.join("certs/region-eu-west.pem"), "not a certificate").unwrap();
+    let e = err(&text);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(e.contains("`mesh.cert_path`"), "{e}");
 }

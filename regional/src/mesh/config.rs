@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use meridian_mesh::CertFiles;
+use meridian_proto::config::Problems;
 use serde::Deserialize;
 
 /// Mutual TLS on the node's port and the authorisation table.
@@ -111,19 +112,23 @@ pub enum Mesh {
 }
 
 impl MeshConfig {
-    /// Checks the section; errors name the key.
-    pub(crate) fn validate(self) -> Result<Mesh, String> {
+    /// Checks the section and loads the files as the node does at start
+    /// (the certificate must name this `region`); every problem names its
+    /// key. `None` only with a problem recorded.
+    pub(crate) fn validate(self, region: &str, problems: &mut Problems) -> Option<Mesh> {
         for (i, r) in self.policy.allow.iter().enumerate() {
-            meridian_mesh::validate_pattern(&r.identity)
-                .map_err(|e| format!("`mesh.policy.allow[{i}].identity`: {e}"))?;
+            problems.check(
+                meridian_mesh::validate_pattern(&r.identity)
+                    .map_err(|e| format!("`mesh.policy.allow[{i}].identity`: {e}")),
+            );
             if r.services.is_empty() {
-                return Err(format!(
+                problems.push(format!(
                     "`mesh.policy.allow[{i}].services` must not be empty"
                 ));
             }
             for s in &r.services {
                 if !valid_service(s) {
-                    return Err(format!(
+                    problems.push(format!(
                         "`mesh.policy.allow[{i}].services`: {s:?} is not `http`, a gRPC service \
                          (`package.Service`) or a method (`package.Service/Method`)"
                     ));
@@ -131,10 +136,10 @@ impl MeshConfig {
             }
         }
         if self.plaintext {
-            return Ok(Mesh::Plaintext);
+            return Some(Mesh::Plaintext);
         }
         if self.reload_interval_ms == 0 {
-            return Err("`mesh.reload_interval_ms` must be at least 1".into());
+            problems.push("`mesh.reload_interval_ms` must be at least 1");
         }
         let mut paths = Vec::new();
         for (key, path) in [
@@ -142,32 +147,51 @@ impl MeshConfig {
             ("cert_path", self.cert_path),
             ("key_path", self.key_path),
         ] {
-            let path = path.ok_or_else(|| {
-                format!(
+            match path {
+                None => problems.push(format!(
                     "`mesh.{key}` is required: internal traffic uses mutual TLS (make development \
                      certificates with `meridian certs`, or set `mesh.plaintext = true` for local \
                      debugging only)"
-                )
-            })?;
-            if !path.is_file() {
-                return Err(format!(
+                )),
+                Some(path) if !path.is_file() => problems.push(format!(
                     "`mesh.{key}` {} is not a readable file",
                     path.display()
-                ));
+                )),
+                Some(path) => paths.push(path),
             }
-            paths.push(path);
         }
-        let [ca_path, cert_path, key_path] = <[PathBuf; 3]>::try_from(paths).expect("three paths");
-        Ok(Mesh::Tls {
-            files: CertFiles {
-                ca_path,
-                cert_path,
-                key_path,
-            },
+        let [ca_path, cert_path, key_path] = <[PathBuf; 3]>::try_from(paths).ok()?;
+        let files = CertFiles {
+            ca_path,
+            cert_path,
+            key_path,
+        };
+        problems.check(check_files(&files, region));
+        Some(Mesh::Tls {
+            files,
             reload_interval: Duration::from_millis(self.reload_interval_ms),
             policy: self.policy,
         })
     }
+}
+
+/// What `server_tls` loads at start: the files parse, belong together, make
+/// a server config, and the certificate names this region.
+fn check_files(files: &CertFiles, region: &str) -> Result<(), String> {
+    let loaded = files.check("mesh")?;
+    let cert = files.cert_path.display();
+    // An invalid region name is reported under `region`.
+    if let Ok(expected) = meridian_mesh::Identity::region(region)
+        && loaded.identity != expected
+    {
+        return Err(format!(
+            "`mesh.cert_path` {cert} names {}, not {expected}",
+            loaded.identity
+        ));
+    }
+    meridian_mesh::server_config(&loaded)
+        .map(drop)
+        .map_err(|e| format!("`mesh.cert_path` {cert}: {e}"))
 }
 
 fn valid_service(s: &str) -> bool {
