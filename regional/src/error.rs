@@ -306,7 +306,7 @@ impl IntoResponse for Error {
             // replay the request in another region (that would store the
             // turn twice), and the client learns what it got.
             res.headers_mut().insert(
-                crate::replication::DURABILITY_HEADER,
+                meridian_proto::header::DURABILITY,
                 axum::http::HeaderValue::from_static("local"),
             );
         }
