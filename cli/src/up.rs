@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use meridian_gateway::{Gateway, RegionConfig};
-use meridian_launcher::{PostgresOptions, PostgresServer, RedisOptions, RedisServer};
+use meridian_launcher::{
+    MeshSection, PostgresOptions, PostgresServer, RedisOptions, RedisServer, RegionConfigFile,
+    SimModel,
+};
 use meridian_regional::RegionalNode;
 
 #[derive(clap::Args)]
@@ -181,36 +184,37 @@ fn write_region_config(
     otlp_endpoint: Option<&str>,
     peers: &[&(String, SocketAddr)],
 ) -> anyhow::Result<PathBuf> {
-    let peers: Vec<String> = peers
-        .iter()
-        .map(|(name, addr)| format!("{{ region = \"{name}\", address = \"{addr}\" }}"))
-        .collect();
+    let large = SimModel {
+        context_window_tokens: Some(32_768),
+        max_concurrency: Some(16),
+        ..SimModel::new("sim-large", 80, 20)
+    };
+    let mut file = RegionConfigFile::new(
+        &region.name,
+        listen,
+        &region.redis.url(),
+        &region.postgres.url(),
+    )
+    .shutdown_grace_ms(1000)
+    .mesh(MeshSection::Tls {
+        ca: mesh.ca_path.clone(),
+        cert: mesh.cert_path.clone(),
+        key: mesh.key_path.clone(),
+    })
+    .model(SimModel::new("sim-small", 20, 5))
+    .model(large)
+    // Every region pulls every other region's changes (tenants, keys).
+    .replication(peers.iter().map(|p| (p.0.clone(), p.1)).collect(), "");
+    if let Some(dir) = embeddings_dir() {
+        file = file.embeddings(&dir);
+    }
+    if let Some(endpoint) = otlp_endpoint {
+        file = file.otlp_endpoint(endpoint);
+    }
     let path = state_dir.join(&region.name).join("regional.toml");
     let text = format!(
-        "# Written by `meridian up`; rewritten at every start.\n\
-         region = \"{name}\"\n\n\
-         [server]\nlisten = \"{listen}\"\nshutdown_grace_ms = 1000\n\n\
-         [redis]\nurl = \"{redis}\"\n\n\
-         [postgres]\nurl = \"{postgres}\"\n\n\
-         # Mutual TLS: the gateway, other regions and operators must present a\n\
-         # certificate from this CA; `[mesh.policy]` says who may call what.\n\
-         [mesh]\nca_path = {ca:?}\ncert_path = {cert:?}\nkey_path = {key:?}\n\n\
-         # Every region pulls every other region's changes (tenants, keys).\n\
-         [replication]\npeers = [{peers}]\n\n\
-         [[models]]\nid = \"sim-small\"\nbackend = {{ kind = \"sim\", ttft_ms = 20, per_token_ms = 5 }}\n\n\
-         [[models]]\nid = \"sim-large\"\ncontext_window_tokens = 32768\nbackend = {{ kind = \"sim\", ttft_ms = 80, per_token_ms = 20, max_concurrency = 16 }}\n\
-         {embeddings}{tracing}",
-        embeddings = embeddings_section(),
-        tracing = otlp_endpoint
-            .map(|e| format!("\n# Traces, every request's (`meridian up --otlp-endpoint`).\n[tracing]\notlp_endpoint = {e:?}\n"))
-            .unwrap_or_default(),
-        peers = peers.join(", "),
-        name = region.name,
-        redis = region.redis.url(),
-        postgres = region.postgres.url(),
-        ca = mesh.ca_path.display().to_string(),
-        cert = mesh.cert_path.display().to_string(),
-        key = mesh.key_path.display().to_string(),
+        "# Written by `meridian up`; rewritten at every start.\n{}",
+        file.to_toml()
     );
     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
@@ -218,17 +222,13 @@ fn write_region_config(
 
 /// The built-in embedding model, when `infra/scripts/setup.sh` has put its
 /// weights where `make up` runs; without them the regions serve chat only.
-fn embeddings_section() -> String {
+fn embeddings_dir() -> Option<PathBuf> {
     let dir = Path::new(".meridian/models/all-minilm-l6-v2");
     match dir.canonicalize() {
-        Ok(dir) if dir.join("model.safetensors").is_file() => format!(
-            "\n# The built-in embedding model (all-MiniLM-L6-v2 on candle).\n\
-             [embeddings]\nmodel_dir = {:?}\n",
-            dir.display().to_string()
-        ),
+        Ok(dir) if dir.join("model.safetensors").is_file() => Some(dir),
         _ => {
             tracing::warn!(dir = %dir.display(), "no embedding model; run infra/scripts/setup.sh for /v1/embeddings");
-            String::new()
+            None
         }
     }
 }

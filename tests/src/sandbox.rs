@@ -3,7 +3,10 @@
 use std::net::SocketAddr;
 
 use meridian_gateway::{ConfigBuilder as GatewayConfig, Gateway, RegionConfig};
-use meridian_launcher::{PostgresOptions, PostgresServer, RedisOptions, RedisServer};
+use meridian_launcher::{
+    MeshSection, PostgresOptions, PostgresServer, RedisOptions, RedisServer, RegionConfigFile,
+    SimModel,
+};
 use meridian_regional::{Config, RegionalNode};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -35,6 +38,8 @@ pub struct RegionSandbox {
     node: Option<NodeHandle>,
     addr: Option<SocketAddr>,
     extra_config: String,
+    /// Its peers and more `[replication]` keys, once the cluster named them.
+    replication: Option<(Vec<(String, SocketAddr)>, String)>,
 }
 
 /// A node and the runtime it runs on.
@@ -138,6 +143,7 @@ impl RegionSandbox {
             node: None,
             addr: None,
             extra_config: extra.to_string(),
+            replication: None,
         };
         region.start_node().await;
         region
@@ -145,32 +151,35 @@ impl RegionSandbox {
 
     /// The node's config, as a TOML text pointing at this region's stores.
     pub fn config_toml(&self, listen: SocketAddr) -> String {
-        format!(
-            "region = \"{name}\"\n\
-             [server]\nlisten = \"{listen}\"\nshutdown_grace_ms = 2000\n\
-             [redis]\nurl = \"{redis}\"\nconnect_timeout_ms = 2000\n\
-             [postgres]\nurl = \"{pg}\"\nmax_connections = 5\n\
-             [[models]]\nid = \"{TEST_MODEL}\"\n\
-             backend = {{ kind = \"sim\", prefill_us_per_token = 0, ttft_ms = 0, per_token_ms = 0 }}\n\
-             [[models]]\nid = \"{TEST_SLOW_MODEL}\"\n\
-             backend = {{ kind = \"sim\", prefill_us_per_token = 0, ttft_ms = 50, per_token_ms = 150 }}\n\
-             {mesh}{extra}",
-            name = self.name,
-            // Plain text unless the test brings its own `[mesh]`: most
-            // tests are about something else and start faster without TLS.
-            mesh = if self
-                .extra_config
-                .lines()
-                .any(|l| l.trim_start().starts_with("[mesh"))
-            {
-                ""
-            } else {
-                "[mesh]\nplaintext = true\n"
-            },
-            extra = self.extra_config,
-            redis = self.redis.url(),
-            pg = self.postgres.url(),
-        )
+        let sim = |id: &str, ttft_ms, per_token_ms| SimModel {
+            prefill_us_per_token: Some(0),
+            ..SimModel::new(id, ttft_ms, per_token_ms)
+        };
+        // Plain text unless the test brings its own `[mesh]`: most tests
+        // are about something else and start faster without TLS.
+        let mesh = if self
+            .extra_config
+            .lines()
+            .any(|l| l.trim_start().starts_with("[mesh"))
+        {
+            MeshSection::Omitted
+        } else {
+            MeshSection::Plaintext
+        };
+        let file =
+            RegionConfigFile::new(&self.name, listen, &self.redis.url(), &self.postgres.url())
+                .shutdown_grace_ms(2000)
+                .connect_timeout_ms(2000)
+                .postgres_max_connections(5)
+                .model(sim(TEST_MODEL, 0, 0))
+                .model(sim(TEST_SLOW_MODEL, 50, 150))
+                .mesh(mesh)
+                .extra(&self.extra_config);
+        match &self.replication {
+            Some((peers, settings)) => file.replication(peers.clone(), settings),
+            None => file,
+        }
+        .to_toml()
     }
 
     /// Starts the node, on the port it had before if it ran already. The node
@@ -417,7 +426,7 @@ impl ClusterSandbox {
             .map(|r| (r.name.clone(), r.addr()))
             .collect();
         for region in &mut self.regions {
-            let peers: Vec<String> = addrs
+            let peers: Vec<(String, SocketAddr)> = addrs
                 .iter()
                 .filter(|(n, _)| *n != region.name)
                 .map(|(n, a)| {
@@ -425,18 +434,17 @@ impl ClusterSandbox {
                         .links
                         .find(&region.name, n)
                         .map_or(*a, FaultProxy::addr);
-                    format!("{{ region = \"{n}\", address = \"{a}\" }}")
+                    (n.clone(), a)
                 })
                 .collect();
-            let extra = format!(
-                "{}[replication]\npeers = [{}]\nheartbeat_interval_ms = 200\n\
-                 ack_interval_ms = 100\nreconnect_backoff_ms = 50\n\
+            let settings = format!(
+                "heartbeat_interval_ms = 200\nack_interval_ms = 100\nreconnect_backoff_ms = 50\n\
                  reconnect_backoff_max_ms = 500\n{}",
-                region.extra_config,
-                peers.join(", "),
                 replication_extra(&region.name),
             );
             region.stop_node().await;
+            region.replication = Some((peers, settings));
+            let extra = region.extra_config.clone();
             region.rewrite_config(&extra);
             region.start_node().await;
         }

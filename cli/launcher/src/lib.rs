@@ -1,5 +1,6 @@
 //! Local Redis and PostgreSQL servers for `meridian up` and integration tests,
-//! and the names and locations of the local regions both start ([`LOCAL_REGIONS`]).
+//! the names and locations of the local regions both start ([`LOCAL_REGIONS`]),
+//! and the config file each such region is given ([`RegionConfigFile`]).
 //!
 //! [`RedisServer`] and [`PostgresServer`] each start one real server process
 //! (`redis-server`, and `initdb` + `postgres`) on a free loopback port, wait
@@ -23,10 +24,12 @@ mod files;
 mod postgres;
 mod process;
 mod redis;
+mod region_config;
 mod regions;
 
 pub use error::Error;
 pub use postgres::{PostgresOptions, PostgresServer};
 pub use process::free_port;
 pub use redis::{RedisOptions, RedisServer};
+pub use region_config::{MeshSection, RegionConfigFile, SimModel};
 pub use regions::{LOCAL_REGIONS, LocalRegion, local_location};
