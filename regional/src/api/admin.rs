@@ -12,8 +12,11 @@ use meridian_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use axum::extract::State;
-use axum::routing::get;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use serde_json::json;
 
 use super::{AppState, Tenant};
 use crate::error::Error;
@@ -21,6 +24,9 @@ use crate::error::Error;
 pub(super) fn routes(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/admin/replication/digest", get(digest))
+        .route("/admin/reload", post(reload))
+        .route("/admin/cache/{tenant}", delete(purge_cache))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -32,6 +38,49 @@ async fn digest(State(state): State<Arc<AppState>>) -> Result<Json<serde_json::V
         "region": state.region,
         "tables": tables,
     })))
+}
+
+/// `DELETE /admin/cache/{tenant}`: the tenant's response-cache entries
+/// removed from the whole region (as `Admin.PurgeCache`).
+async fn purge_cache(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(tenant): axum::extract::Path<String>,
+) -> Result<axum::response::Response, Error> {
+    let tenant = Tenant::parse(Some(&tenant))?;
+    let removed = state.cache.purge(tenant.as_str()).await?;
+    Ok(
+        axum::Json(json!({ "tenant": tenant.as_str(), "removed_entries": removed }))
+            .into_response(),
+    )
+}
+
+/// `POST /admin/reload`: models and aliases read again from the config
+/// file, swapped in whole.
+async fn reload(State(state): State<Arc<AppState>>) -> Result<axum::response::Response, Error> {
+    let models: Vec<_> = state
+        .inference
+        .reload()?
+        .into_iter()
+        .map(|m| json!({ "id": m.id, "alias": m.alias }))
+        .collect();
+    Ok(axum::Json(json!({ "reloaded": true, "models": models })).into_response())
+}
+
+/// `GET /metrics`: every part of the node in the Prometheus text format.
+async fn metrics(State(state): State<Arc<AppState>>) -> axum::response::Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.jobs.metrics.render()
+            + &state.inference.render_metrics()
+            + &state.cache.render_metrics()
+            + &state.replication.render_metrics()
+            + &state
+                .embedder
+                .as_ref()
+                .map(|e| e.render_metrics())
+                .unwrap_or_default(),
+    )
+        .into_response()
 }
 
 pub(super) fn service(state: Arc<AppState>) -> AdminServer<AdminApi> {

@@ -37,8 +37,6 @@ pub(crate) const MODEL_HEADER: &str = meridian_proto::header::MODEL;
 pub(super) fn routes(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
-        .route("/admin/reload", post(reload))
-        .route("/admin/cache/{tenant}", axum::routing::delete(purge_cache))
         .with_state(state)
 }
 
@@ -272,30 +270,4 @@ async fn completions(
     let body = Sse::new(events.map(Ok::<_, Infallible>)).keep_alive(KeepAlive::default());
     let cache = [(RESULT_HEADER, outcome.header())];
     Ok((model_header(&req.model), cache, durability, body).into_response())
-}
-
-/// `DELETE /admin/cache/{tenant}`: the tenant's response-cache entries
-/// removed from the whole region (as `Admin.PurgeCache`).
-async fn purge_cache(
-    State(state): State<Arc<AppState>>,
-    axum::extract::Path(tenant): axum::extract::Path<String>,
-) -> Result<Response, Error> {
-    let tenant = Tenant::parse(Some(&tenant))?;
-    let removed = state.cache.purge(tenant.as_str()).await?;
-    Ok(
-        axum::Json(json!({ "tenant": tenant.as_str(), "removed_entries": removed }))
-            .into_response(),
-    )
-}
-
-/// `POST /admin/reload`: models and aliases read again from the config
-/// file, swapped in whole.
-async fn reload(State(state): State<Arc<AppState>>) -> Result<Response, Error> {
-    let models: Vec<_> = state
-        .inference
-        .reload()?
-        .into_iter()
-        .map(|m| json!({ "id": m.id, "alias": m.alias }))
-        .collect();
-    Ok(axum::Json(json!({ "reloaded": true, "models": models })).into_response())
 }

@@ -1,5 +1,5 @@
 //! The jobs API: `POST /v1/jobs`, `GET`/`DELETE /v1/jobs/{id}`,
-//! `GET /v1/jobs/{id}/events` (server-sent events), `GET /metrics`, and the
+//! `GET /v1/jobs/{id}/events` (server-sent events), and the
 //! `meridian.v1.Jobs` gRPC service (in `jobs/grpc.rs`).
 
 mod grpc;
@@ -30,7 +30,6 @@ pub(super) fn routes(state: Arc<AppState>) -> Router {
         .route("/v1/jobs", axum::routing::post(submit))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel))
         .route("/v1/jobs/{id}/events", get(events))
-        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -168,22 +167,6 @@ async fn events(
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response())
-}
-
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.jobs.metrics.render()
-            + &state.inference.render_metrics()
-            + &state.cache.render_metrics()
-            + &state.replication.render_metrics()
-            + &state
-                .embedder
-                .as_ref()
-                .map(|e| e.render_metrics())
-                .unwrap_or_default(),
-    )
-        .into_response()
 }
 
 /// A job on the HTTP API. Times are Unix seconds, as in OpenAI's API.
