@@ -151,7 +151,17 @@ async fn keys_made_anywhere_authenticate_everywhere_and_revocations_reach_every_
     .await;
 
     // Revoked in the third region, it stops working at the gateway and is
-    // revoked in every region's database.
+    // revoked in every region's database. The key works through eu-west once
+    // it reached eu-west; the third region may apply it a moment later, and
+    // a revocation there before then would find no key to revoke.
+    until(CONVERGE, "the key reaches the third region", || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM api_keys WHERE tenant_id = 'acme'")
+            .fetch_one(&pools[2])
+            .await
+            .unwrap()
+            == 1
+    })
+    .await;
     assert!(tenancy::revoke_api_key(&pools[2], &key).await.unwrap());
     until(CONVERGE, "the revoked key is refused", || {
         let chat = chat(key.clone());
