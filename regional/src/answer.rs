@@ -28,11 +28,6 @@ use crate::telemetry::UsageRecorder;
 use crate::telemetry::usage::UsageDraft;
 use crate::tenancy::Tenant;
 
-/// The longest a job attempt refused by admission control waits before it
-/// asks again; shorter than the usual `retry_after_ms`, since a worker that
-/// waits holds a claimed job.
-const JOB_ADMISSION_POLL: Duration = Duration::from_millis(100);
-
 /// What the pipeline works with; each part is shared with the rest of the
 /// node, which the pipeline never reaches beyond these.
 pub(crate) struct Parts {
@@ -178,18 +173,7 @@ impl Pipeline {
     ) -> Result<Completion, Error> {
         let mut req = req.clone();
         let (routed, record) = self.route(tenant, &mut req, &Hints::default())?;
-        let _permit = loop {
-            match self.parts.inference.admit(tenant) {
-                Ok(permit) => break permit,
-                Err(Error::Overloaded { retry_after, .. }) => {
-                    tokio::time::sleep(retry_after.min(JOB_ADMISSION_POLL)).await;
-                }
-                Err(e) => {
-                    record.failed(&e);
-                    return Err(e);
-                }
-            }
-        };
+        let _permit = self.parts.inference.admit_waiting(tenant).await;
         let done = routed
             .complete(&req, None)
             .await

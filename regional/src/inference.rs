@@ -249,6 +249,11 @@ impl Inference {
         self.admission.admit(tenant)
     }
 
+    /// Takes an in-flight slot for `tenant`, waiting until one is free.
+    pub(crate) async fn admit_waiting(&self, tenant: &str) -> Permit {
+        self.admission.admit_waiting(tenant).await
+    }
+
     /// Resolves an alias to a real model (rewriting `req.model`) and checks
     /// the request fits that model.
     pub(crate) fn route(&self, req: &mut ChatRequest, hints: &Hints) -> Result<Routed, Error> {
