@@ -238,6 +238,8 @@ fn embeddings_dir() -> Option<PathBuf> {
 async fn local_api_key(state_dir: &Path, postgres_url: &str) -> anyhow::Result<String> {
     let path = state_dir.join("api-key");
     if let Ok(key) = std::fs::read_to_string(&path) {
+        // A key left by an older run may have been written with the umask.
+        meridian_mesh::keep_private(&path).map_err(anyhow::Error::msg)?;
         return Ok(key.trim().to_string());
     }
     let pool = sqlx::PgPool::connect(postgres_url)
@@ -246,7 +248,7 @@ async fn local_api_key(state_dir: &Path, postgres_url: &str) -> anyhow::Result<S
     meridian_regional::tenancy::create_tenant(&pool, "local", Default::default()).await?;
     let key = meridian_regional::tenancy::create_api_key(&pool, "local").await?;
     pool.close().await;
-    std::fs::write(&path, &key).with_context(|| format!("cannot write {}", path.display()))?;
+    meridian_mesh::write_private(&path, &key).map_err(anyhow::Error::msg)?;
     Ok(key)
 }
 

@@ -3,7 +3,10 @@
 //! `/readyz` (some region can take work), `/metrics` (Prometheus, this
 //! gateway's own registry), `/routing` (the live region table as JSON). It
 //! also says which paths are for operators only ([`is_operator_path`]): the
-//! regions' `/admin/*`, which the proxy refuses to clients at the edge.
+//! regions' `/admin/*`, `/metrics`, and Admin and Replication services,
+//! which the proxy refuses to clients at the edge. With
+//! `server.admin_token_file`, every endpoint but the probes asks for the
+//! token.
 
 use std::sync::Arc;
 
@@ -16,15 +19,43 @@ use serde_json::json;
 use crate::metrics::Metrics;
 use crate::regions::Regions;
 
-/// Whether `path` is a region's operator endpoint (`/admin/*`), for
-/// operators on the mesh and never for clients at the edge.
+/// Whether `path` is a region's operator endpoint, for operators and peers
+/// on the mesh and never for clients at the edge.
 pub(crate) fn is_operator_path(path: &str) -> bool {
+    // A region's metrics name its tenants; its Admin and Replication
+    // services are for the mesh's operators and peers.
     path.starts_with("/admin/")
+        || path == "/metrics"
+        || path.starts_with("/metrics/")
+        || path.starts_with("/meridian.v1.Admin/")
+        || path.starts_with("/meridian.v1.Replication/")
 }
 
 pub(crate) struct Admin {
     pub regions: Arc<Regions>,
     pub metrics: Arc<Metrics>,
+    /// `server.admin_token_file`'s token, asked of every endpoint but the
+    /// probes.
+    pub token: Option<String>,
+}
+
+/// Whether `request` carries `Authorization: Bearer <token>`, compared in
+/// time that does not depend on where the first difference is.
+fn authorized(token: &str, request: &pingora_http::RequestHeader) -> bool {
+    let Some(given) = request
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0
 }
 
 fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -86,7 +117,19 @@ impl Admin {
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        match session.req_header().uri.path() {
+        let path = session.req_header().uri.path();
+        if let Some(token) = &self.token
+            && !matches!(path, "/healthz" | "/readyz")
+            && !authorized(token, session.req_header())
+        {
+            return reply(
+                StatusCode::UNAUTHORIZED,
+                "text/plain",
+                b"this endpoint needs `Authorization: Bearer <server.admin_token_file's token>`\n"
+                    .to_vec(),
+            );
+        }
+        match path {
             "/healthz" => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             "/readyz" => {
                 if self.regions.list.iter().any(|r| r.is_available()) {

@@ -63,6 +63,10 @@ pub struct ConfigBuilder {
     /// Address of the admin endpoints (`/healthz`, `/readyz`, `/metrics`,
     /// `/routing`); none when absent.
     pub admin_listen: Option<SocketAddr>,
+    /// The bearer token the admin endpoints ask for, but for `/healthz`
+    /// and `/readyz`; none means they are open to whoever reaches the port,
+    /// which must then be a loopback address.
+    pub admin_token: Option<String>,
     /// A TLS listener (HTTP/1.1 and HTTP/2 by ALPN) beside the cleartext one.
     pub tls: Option<TlsConfig>,
     /// Whether HTTP (non-gRPC) requests reach regions over pooled HTTP/1.1
@@ -122,6 +126,7 @@ impl Config {
             read_timeout: Duration::from_millis(server.read_timeout_ms),
             shutdown_grace: Duration::from_millis(server.shutdown_grace_ms),
             admin_listen: server.admin_listen,
+            admin_token: None,
             tls: server.tls,
             http_upstream: server.http_upstream,
             health: HealthConfig::default(),
@@ -178,6 +183,15 @@ impl ConfigBuilder {
         self.failover.check(problems);
         if self.threads == 0 {
             problems.push("`server.threads` must be at least 1");
+        }
+        if let Some(addr) = self.admin_listen
+            && !addr.ip().is_loopback()
+            && self.admin_token.is_none()
+        {
+            problems.push(format!(
+                "`server.admin_listen` {addr} is not a loopback address: set \
+                 `server.admin_token_file` so its endpoints ask for a token, or listen on 127.0.0.1"
+            ));
         }
         if let Some(tls) = &self.tls {
             server::check_tls(tls, problems);

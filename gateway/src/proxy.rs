@@ -200,7 +200,8 @@ impl ProxyHttp for Proxy {
         if crate::admin::is_operator_path(session.req_header().uri.path()) {
             ErrorReply::new(
                 ErrorClass::NotFound,
-                "no such route at the edge: /admin/ is for operators on the mesh",
+                "no such route at the edge: a region's /admin/, /metrics, Admin and Replication \
+                 are for operators and peers on the mesh",
             )
             .send(session, ctx.grpc)
             .await?;

@@ -172,6 +172,7 @@ impl Gateway {
                 Admin {
                     regions: regions.clone(),
                     metrics: metrics.clone(),
+                    token: config.admin_token.clone(),
                 },
             );
             admin.add_tcp(&admin_addr.to_string());

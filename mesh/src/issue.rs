@@ -170,17 +170,20 @@ pub fn file_stem(identity: &Identity) -> String {
     format!("{role}-{}", identity.name())
 }
 
-fn write_private(path: &Path, text: &str) -> Result<(), String> {
+/// Writes `text` to `path` readable by its owner only (0600), whatever the
+/// umask and whatever file (or leftover temporary file) was there before:
+/// the mode is set on the open file, not left to its creation. The rename
+/// makes the write atomic.
+pub fn write_private(path: &Path, text: &str) -> Result<(), String> {
     use std::io::Write;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    options.mode(0o600);
     let write = || -> std::io::Result<()> {
-        let mut f = options.open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        private(&f)?;
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
@@ -188,6 +191,59 @@ fn write_private(path: &Path, text: &str) -> Result<(), String> {
     write().map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
+/// Makes an existing file at `path` readable by its owner only, for a
+/// secret kept from an earlier run that may have been written with another
+/// mode.
+pub fn keep_private(path: &Path) -> Result<(), String> {
+    std::fs::File::open(path)
+        .and_then(|f| private(&f))
+        .map_err(|e| format!("cannot restrict {} to its owner: {e}", path.display()))
+}
+
+#[cfg(unix)]
+fn private(f: &std::fs::File) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+}
+
+#[cfg(not(unix))]
+fn private(_: &std::fs::File) -> std::io::Result<()> {
+    Ok(())
+}
+
 fn time_now() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc()
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn secrets_are_owner_only_whatever_was_there_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("region-a.key");
+        // A world-readable file and a leftover temporary file from an
+        // interrupted write, both made under a lax umask.
+        for stale in [path.clone(), path.with_extension("tmp")] {
+            std::fs::write(&stale, "old").unwrap();
+            std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o666)).unwrap();
+        }
+        write_private(&path, "secret").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "secret");
+        assert_eq!(mode(&path), 0o600);
+
+        let kept = dir.path().join("api-key");
+        std::fs::write(&kept, "key").unwrap();
+        std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o644)).unwrap();
+        keep_private(&kept).unwrap();
+        assert_eq!(mode(&kept), 0o600);
+        assert!(keep_private(&dir.path().join("missing")).is_err());
+    }
 }

@@ -28,7 +28,7 @@ pub use self::files::{CertFiles, Loaded, watch};
 pub use self::identity::{
     Identity, Role, TRUST_DOMAIN, region_server_name, serial_of, validate_pattern,
 };
-pub use self::issue::{Ca, DEV_VALIDITY, Issued, file_stem};
+pub use self::issue::{Ca, DEV_VALIDITY, Issued, file_stem, keep_private, write_private};
 pub use self::tls::{
     ConfigSource, MeshConnector, client_config, peer_identity, provider, server_config,
 };

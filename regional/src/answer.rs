@@ -42,6 +42,18 @@ pub(crate) struct Parts {
     /// Where a streamed miss stores its answer once the stream has ended.
     pub tasks: TaskTracker,
     pub tracer: meridian_mesh::Tracer,
+    pub limits: Limits,
+}
+
+/// How large a request the pipeline takes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// `inference.max_messages`: messages of one model call, a
+    /// conversation's stored history included.
+    pub messages: usize,
+    /// `inference.max_conversation_bytes`: message bytes a conversation
+    /// may hold before a turn.
+    pub conversation_bytes: u64,
 }
 
 /// The one path from a parsed request to an answer.
@@ -195,6 +207,7 @@ impl Pipeline {
         req: &mut ChatRequest,
         hints: &Hints,
     ) -> Result<(Routed, UsageDraft), Error> {
+        self.check_size(req)?;
         let requested = self.parts.tracer.is_enabled().then(|| req.model.clone());
         let routed = self
             .parts
@@ -207,6 +220,23 @@ impl Pipeline {
         Ok((routed, self.parts.usage.begin(tenant, &req.model)))
     }
 
+    /// Refuses a request with more messages than a model call may carry;
+    /// job submissions ask before they are queued.
+    pub(crate) fn check_size(&self, req: &ChatRequest) -> Result<(), Error> {
+        let max = self.parts.limits.messages;
+        if req.messages.len() > max {
+            return Err(Error::too_large(
+                format!(
+                    "the request carries {} messages (with its conversation's history), over \
+                     the limit of {max} set by `inference.max_messages`",
+                    req.messages.len()
+                ),
+                Some("messages"),
+            ));
+        }
+        Ok(())
+    }
+
     /// The conversation's stored turns prepended to `req`, and the turn to
     /// store once answered.
     async fn begin_turn(
@@ -217,9 +247,15 @@ impl Pipeline {
     ) -> Result<Option<Turn>, Error> {
         match conversation {
             None => Ok(None),
-            Some(id) => conversation::begin(&self.parts.pool, tenant.as_str(), id, req)
-                .await
-                .map(Some),
+            Some(id) => conversation::begin(
+                &self.parts.pool,
+                tenant.as_str(),
+                id,
+                req,
+                &self.parts.limits,
+            )
+            .await
+            .map(Some),
         }
     }
 

@@ -3,6 +3,7 @@
 //! both (gRPC is told apart by path and content type).
 
 mod admin;
+mod body;
 mod embeddings;
 mod grpc;
 mod http;
@@ -56,6 +57,9 @@ pub(crate) struct Parts {
     pub tracer: meridian_mesh::Tracer,
     /// This region's change log and its followers of peers' logs.
     pub replication: Arc<crate::replication::Replication>,
+    /// `server.max_body_bytes`: the largest JSON body (telemetry ingest
+    /// has its own).
+    pub max_body_bytes: usize,
 }
 
 /// What every handler shares: the [`Parts`], read only, and the region's

@@ -36,6 +36,8 @@ pub struct Config {
     pub(crate) shutdown_grace: Duration,
     /// Requests the node is sized to hold at once.
     pub(crate) max_in_flight: u32,
+    /// Largest JSON API body, in bytes (`server.max_body_bytes`).
+    pub(crate) max_body_bytes: usize,
     /// Redis URL of this region.
     pub(crate) redis_url: String,
     /// PostgreSQL URL of this region.
@@ -119,6 +121,9 @@ struct RawServer {
     /// Requests the node is sized to hold at once; gateways weigh its load
     /// as in-flight requests over this.
     max_in_flight: u32,
+    /// Largest request body of the JSON API, in bytes; telemetry ingest
+    /// has its own (`telemetry.max_body_bytes`).
+    max_body_bytes: usize,
 }
 
 impl Default for RawServer {
@@ -127,6 +132,7 @@ impl Default for RawServer {
             listen: SocketAddr::from(([127, 0, 0, 1], 7100)),
             shutdown_grace_ms: 10_000,
             max_in_flight: 1024,
+            max_body_bytes: 8 << 20,
         }
     }
 }
@@ -292,6 +298,15 @@ impl RawConfig {
         if self.postgres.max_connections == 0 {
             problems.push("`postgres.max_connections` must be at least 1");
         }
+        if self.server.max_body_bytes < 1024 {
+            problems.push("`server.max_body_bytes` must be at least 1024");
+        }
+        if self.inference.max_messages == 0 {
+            problems.push("`inference.max_messages` must be at least 1");
+        }
+        if self.inference.max_conversation_bytes == 0 {
+            problems.push("`inference.max_conversation_bytes` must be at least 1");
+        }
         check_models(&self.models, &mut problems);
         inference::validate(&self.models, &self.aliases, &mut problems);
         self.telemetry.validate(&mut problems);
@@ -311,6 +326,7 @@ impl RawConfig {
             listen: self.server.listen,
             shutdown_grace: Duration::from_millis(self.server.shutdown_grace_ms),
             max_in_flight: self.server.max_in_flight,
+            max_body_bytes: self.server.max_body_bytes,
             redis_url: self.redis.url,
             postgres_url: self.postgres.url,
             postgres_max_connections: self.postgres.max_connections,

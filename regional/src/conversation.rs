@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
 
+use crate::answer::Limits;
 use crate::error::Error;
 use crate::inference::{ChatRequest, Message};
 
@@ -80,12 +81,15 @@ fn not_found(id: &ConversationId) -> Error {
 
 /// Loads the stored turns of `id` for `tenant` and prepends them to `req`.
 /// An id no one uses yet is a new conversation (created when its first turn
-/// is stored); another tenant's is NOT_FOUND.
+/// is stored); another tenant's is NOT_FOUND. A conversation whose history
+/// and new messages would pass `limits` is refused before its history is
+/// read, so a turn never loads more than the limits allow.
 pub(crate) async fn begin(
     pool: &PgPool,
     tenant: &str,
     id: ConversationId,
     req: &mut ChatRequest,
+    limits: &Limits,
 ) -> Result<Turn, Error> {
     let owner: Option<String> =
         sqlx::query_scalar("SELECT tenant_id FROM conversations WHERE id = $1")
@@ -94,6 +98,42 @@ pub(crate) async fn begin(
             .await?;
     if owner.is_some_and(|o| o != tenant) {
         return Err(not_found(&id));
+    }
+    let (stored, bytes): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), COALESCE(sum(octet_length(content)), 0)::bigint
+           FROM conversation_messages WHERE conversation_id = $1 AND tenant_id = $2",
+    )
+    .bind(id.as_str())
+    .bind(tenant)
+    .fetch_one(pool)
+    .await?;
+    let stored = usize::try_from(stored).unwrap_or(usize::MAX);
+    let messages = stored.saturating_add(req.messages.len());
+    if messages > limits.messages {
+        return Err(Error::too_large(
+            format!(
+                "conversation {:?} holds {stored} messages; with this request's {} it would \
+                 pass the limit of {} set by `inference.max_messages`: start a new conversation",
+                id.as_str(),
+                req.messages.len(),
+                limits.messages
+            ),
+            Some("messages"),
+        ));
+    }
+    let new_bytes: u64 = req.messages.iter().map(|m| m.content.len() as u64).sum();
+    let bytes = u64::try_from(bytes).unwrap_or(0).saturating_add(new_bytes);
+    if bytes > limits.conversation_bytes {
+        return Err(Error::too_large(
+            format!(
+                "conversation {:?} would hold {bytes} bytes of messages with this request, over \
+                 the limit of {} set by `inference.max_conversation_bytes`: start a new \
+                 conversation",
+                id.as_str(),
+                limits.conversation_bytes
+            ),
+            Some("messages"),
+        ));
     }
     let history: Vec<(String, String)> = sqlx::query_as(
         "SELECT role, content FROM conversation_messages
@@ -104,11 +144,13 @@ pub(crate) async fn begin(
     .fetch_all(pool)
     .await?;
     let new = std::mem::take(&mut req.messages);
-    req.messages = history
-        .into_iter()
-        .map(|(role, content)| Message { role, content })
-        .chain(new.iter().cloned())
-        .collect();
+    req.messages = Vec::with_capacity(history.len() + new.len());
+    req.messages.extend(
+        history
+            .into_iter()
+            .map(|(role, content)| Message { role, content }),
+    );
+    req.messages.extend(new.iter().cloned());
     Ok(Turn {
         id,
         tenant: tenant.to_string(),

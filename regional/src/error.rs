@@ -66,6 +66,13 @@ pub enum Error {
         message: String,
         param: Option<&'static str>,
     },
+    /// The request is over a size limit; `param` names the field when one
+    /// field is too large (or too long a list).
+    #[error("{message}")]
+    TooLarge {
+        message: String,
+        param: Option<&'static str>,
+    },
     /// The request names a model this region does not serve.
     #[error("the model `{0}` does not exist in this region")]
     ModelNotFound(String),
@@ -84,6 +91,12 @@ pub enum Error {
         scope: &'static str,
         retry_after: std::time::Duration,
     },
+    /// The tenant holds as many job watches open on this node as it may.
+    #[error(
+        "this tenant already holds {max} job watches open on this node, the limit set by \
+         `jobs.max_watches_per_tenant`: close one first"
+    )]
+    TooManyWatches { max: u32 },
     /// An idempotency key was reused with a different request.
     #[error("idempotency key {0:?} was already used for a different request")]
     IdempotencyKeyReused(String),
@@ -95,7 +108,7 @@ pub enum Error {
         "this model's context window is {window} tokens; the request needs {tokens} \
          (prompt plus max_tokens)"
     )]
-    ContextLengthExceeded { tokens: u32, window: u32 },
+    ContextLengthExceeded { tokens: u64, window: u32 },
     /// The request's deadline passed before the answer was complete.
     #[error("the request deadline passed before the model finished")]
     DeadlineExceeded,
@@ -164,6 +177,10 @@ impl Error {
                 message: message.clone(),
                 param: *param,
             },
+            Self::TooLarge { message, param } => Self::TooLarge {
+                message: message.clone(),
+                param: *param,
+            },
             Self::ModelNotFound(m) => Self::ModelNotFound(m.clone()),
             Self::ContextLengthExceeded { tokens, window } => Self::ContextLengthExceeded {
                 tokens: *tokens,
@@ -186,6 +203,13 @@ impl Error {
         }
     }
 
+    pub(crate) fn too_large(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Self::TooLarge {
+            message: message.into(),
+            param,
+        }
+    }
+
     /// The class of this error, which decides its gRPC code, HTTP status and
     /// OpenAI `type` (the table in [`ErrorClass`]).
     pub fn class(&self) -> ErrorClass {
@@ -196,7 +220,10 @@ impl Error {
             Self::ModelNotFound(_) | Self::NotFound(_) | Self::JobNotFound(_) => {
                 ErrorClass::NotFound
             }
-            Self::QueueFull { .. } | Self::Overloaded { .. } => ErrorClass::RateLimited,
+            Self::TooLarge { .. } => ErrorClass::PayloadTooLarge,
+            Self::QueueFull { .. } | Self::Overloaded { .. } | Self::TooManyWatches { .. } => {
+                ErrorClass::RateLimited
+            }
             Self::DeadlineExceeded => ErrorClass::Timeout,
             Self::IdempotencyKeyReused(_) => ErrorClass::Conflict,
             Self::JobAlreadyFinished { .. } | Self::LogTruncated { .. } => {
@@ -234,7 +261,7 @@ impl Error {
         match self {
             Self::JobNotFound(_) => Some(reason::JOB_NOT_FOUND),
             Self::QueueFull { .. } => Some(reason::QUEUE_FULL),
-            Self::Overloaded { .. } => Some(reason::RATE_LIMITED),
+            Self::Overloaded { .. } | Self::TooManyWatches { .. } => Some(reason::RATE_LIMITED),
             Self::NoHealthyBackend(_) => Some(reason::NO_HEALTHY_BACKEND),
             Self::IdempotencyKeyReused(_) => Some(reason::IDEMPOTENCY_KEY_REUSED),
             Self::JobAlreadyFinished { .. } => Some(reason::JOB_ALREADY_FINISHED),
@@ -279,7 +306,7 @@ impl Error {
     /// The OpenAI error object, for a response body or a last stream event.
     pub(crate) fn openai_body(&self) -> serde_json::Value {
         let param = match self {
-            Self::InvalidRequest { param, .. } => *param,
+            Self::InvalidRequest { param, .. } | Self::TooLarge { param, .. } => *param,
             _ => None,
         };
         serde_json::json!({

@@ -57,15 +57,24 @@ pub(crate) struct ChatRequest {
 }
 
 impl ChatRequest {
-    /// Prompt tokens, counted as whitespace-separated words plus 4 per
-    /// message: close enough to a real tokenizer for routing, context checks
-    /// and the simulator's accounting, and the same everywhere.
+    /// Prompt tokens, estimated: each whitespace-separated word is one
+    /// token, a long one (over 16 bytes) one more per 4 bytes beyond, as a
+    /// BPE tokenizer splits what it has no word for; plus 4 per message.
+    /// Close enough to a real tokenizer for routing, context checks and the
+    /// simulator's accounting, and the same everywhere; a 2 MiB message
+    /// without a space counts half a million tokens, not one.
     pub(crate) fn prompt_tokens(&self) -> u32 {
-        self.messages
+        let tokens: u64 = self
+            .messages
             .iter()
-            .map(|m| m.content.split_whitespace().count() as u32 + 4)
-            .sum()
+            .map(|m| 4 + m.content.split_whitespace().map(word_tokens).sum::<u64>())
+            .sum();
+        u32::try_from(tokens).unwrap_or(u32::MAX)
     }
+}
+
+fn word_tokens(word: &str) -> u64 {
+    1 + (word.len().saturating_sub(16) as u64).div_ceil(4)
 }
 
 /// Why generation ended.
@@ -259,8 +268,9 @@ impl Inference {
     pub(crate) fn route(&self, req: &mut ChatRequest, hints: &Hints) -> Result<Routed, Error> {
         let model = self.table.load().route(req, hints)?;
         req.model = model.config.id.clone();
-        let tokens = req.prompt_tokens() + req.max_tokens.unwrap_or(0);
-        if tokens > model.config.context_window_tokens {
+        // In u64: `max_tokens` may be as large as u32 allows.
+        let tokens = u64::from(req.prompt_tokens()) + u64::from(req.max_tokens.unwrap_or(0));
+        if tokens > u64::from(model.config.context_window_tokens) {
             return Err(Error::ContextLengthExceeded {
                 tokens,
                 window: model.config.context_window_tokens,

@@ -141,6 +141,10 @@ impl RegionalNode {
             replication: replication.clone(),
             tasks: tasks.clone(),
             tracer: tracer.clone(),
+            limits: answer::Limits {
+                messages: config.inference.max_messages as usize,
+                conversation_bytes: config.inference.max_conversation_bytes,
+            },
         }));
         let jobs = Arc::new(crate::queue::Queue::new(
             pool.clone(),
@@ -171,6 +175,7 @@ impl RegionalNode {
             cache,
             tracer: tracer.clone(),
             replication,
+            max_body_bytes: config.max_body_bytes,
         };
         let app = crate::mesh::protect(api::app(api, health_service), &config.mesh);
 

@@ -20,6 +20,7 @@ mod metrics;
 mod store;
 mod stream;
 mod sweeper;
+mod watch;
 mod worker;
 
 use std::collections::HashMap;
@@ -43,10 +44,6 @@ use crate::tenancy::Tenant;
 pub(crate) use self::metrics::Metrics;
 pub(crate) use self::store::{Job, JobError, JobRequest, JobState, Priority};
 
-/// How often a watcher re-reads its job when no local change woke it; the
-/// change may have happened on another node of the region.
-const WATCH_POLL: std::time::Duration = std::time::Duration::from_millis(250);
-
 /// Longest idempotency key accepted (the proto allows servers this limit).
 const MAX_KEY_BYTES: usize = 255;
 
@@ -66,8 +63,11 @@ pub(crate) struct Queue {
     /// Attempts running on this node, so a cancel stops their inference at
     /// once rather than at the next lease renewal.
     running: Mutex<HashMap<Uuid, CancellationToken>>,
-    /// Ids of jobs whose state this node changed, for watchers.
+    /// Ids of jobs whose state changed, for watchers: this node's changes
+    /// at once, the region's through [`watch::listen`].
     changes: broadcast::Sender<Uuid>,
+    /// Open watches per tenant.
+    watches: watch::Watches,
     /// Wakes the dispatcher when this node enqueued work.
     wake: Notify,
     /// Up while this node hears from no peer region: it runs no jobs then.
@@ -106,6 +106,7 @@ impl Queue {
         region: &str,
         shutdown: CancellationToken,
     ) -> Self {
+        let max_watches = config.max_watches_per_tenant;
         Self {
             pool,
             region: region.to_string(),
@@ -115,6 +116,7 @@ impl Queue {
             consumer: format!("{region}-{}", Uuid::new_v4().simple()),
             running: Mutex::new(HashMap::new()),
             changes: broadcast::channel(1024).0,
+            watches: watch::Watches::new(max_watches),
             wake: Notify::new(),
             fence: fence::Fence::new(),
             metrics: Metrics::new(region),
@@ -280,29 +282,30 @@ impl Queue {
     }
 
     /// The job's current state, then one event per change, ending after a
-    /// terminal state.
+    /// terminal state. A watch holds one of the tenant's watch slots while
+    /// it is open, and reads the job only when a change may concern it.
     pub(crate) async fn watch(
         self: Arc<Self>,
         tenant: Tenant,
         id: &str,
     ) -> Result<BoxStream<'static, Result<JobEvent, Error>>, Error> {
+        let slot = self.watches.open(tenant.as_str())?;
         // Subscribed before the first read, so no change slips in between.
         let mut changes = self.changes.subscribe();
         let first = self.get(&tenant, id).await?;
         let id = id.to_string();
         let stream = async_stream::try_stream! {
+            let _slot = slot;
             let uuid = first.id;
             let mut last = first.state;
             yield JobEvent { job: first, previous: None, at: Utc::now() };
-            let mut poll = tokio::time::interval(WATCH_POLL);
             while !last.is_terminal() {
                 tokio::select! {
                     changed = changes.recv() => match changed {
-                        Ok(changed) if changed != uuid => continue,
+                        Ok(changed) if changed != uuid && changed != watch::RESYNC => continue,
                         Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                         Err(broadcast::error::RecvError::Closed) => break,
                     },
-                    _ = poll.tick() => {}
                     () = self.shutdown.cancelled() => break,
                 }
                 let job = self.get(&tenant, &id).await?;
@@ -334,10 +337,15 @@ pub(crate) struct Workers {
 }
 
 impl Workers {
-    /// Starts the node's workers, sweeper, adopter and fence on its task
-    /// tracker.
+    /// Starts the node's job change listener, workers, sweeper, adopter and
+    /// fence on its task tracker.
     pub(crate) fn start(self) {
         let w = Arc::new(self);
+        w.tasks.spawn(watch::listen(
+            w.jobs.pool.clone(),
+            w.jobs.changes.clone(),
+            w.jobs.shutdown.clone(),
+        ));
         sweeper::spawn(w.clone());
         worker::spawn(w.clone());
         adopt::spawn(w.clone());

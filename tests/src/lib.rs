@@ -14,6 +14,7 @@ mod dns;
 pub mod fault_proxy;
 pub mod load;
 mod pki;
+mod process;
 pub mod replicated;
 mod sandbox;
 mod upstream;
@@ -24,6 +25,7 @@ pub use self::collector::{OtlpCollector, ReceivedSpan};
 pub use self::dns::{SrvTarget, TestDns};
 pub use self::fault_proxy::{Direction, FaultProxy, Link, Links, ProxyStats};
 pub use self::pki::{TestPki, mesh_channel};
+pub use self::process::RegionProcess;
 pub use self::sandbox::{
     ClusterSandbox, RegionNode, RegionSandbox, TEST_MODEL, TEST_SLOW_MODEL, embedding_model_dir,
     region_location, start_gateway,

@@ -825,3 +825,122 @@ async fn job_attempts_are_admitted_and_recorded_like_requests() {
         vec![("ok".into(), "bypass".into(), "eu-west".into(), tokens)]
     );
 }
+
+/// Watches are capped per tenant, cost no query while their job is quiet,
+/// and hear of a change whoever made it (here a write straight to the
+/// database, as another node of the region or a replicated change makes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_are_capped_and_woken_by_the_database_not_by_polling() {
+    setup();
+    // No workers: the jobs stay queued until the test moves them.
+    let region = RegionSandbox::start_with_config(
+        "eu-west",
+        "[jobs]\nworkers = 0\nmax_watches_per_tenant = 40\nsweep_interval_ms = 60000\n",
+    )
+    .await;
+    let mut client = grpc(&region).await;
+    let db = pg(&region).await;
+    let submit = |n: usize| SubmitJobRequest {
+        request: Some(generate(FAST, &format!("watched {n}"))),
+        priority: JobPriority::Unspecified.into(),
+        idempotency_key: String::new(),
+    };
+    let mut ids = Vec::new();
+    for n in 0..40 {
+        let job = client
+            .submit(with_tenant("acme", submit(n)))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(job.id);
+    }
+    let commits = || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        n
+    };
+    let quiet = {
+        let before = commits().await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        commits().await - before
+    };
+    let mut watches = Vec::new();
+    for id in &ids {
+        let mut events = client
+            .watch(with_tenant("acme", WatchJobRequest { job_id: id.clone() }))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = events.message().await.unwrap().unwrap();
+        assert_eq!(first.job.unwrap().state(), JobState::Queued);
+        watches.push(events);
+    }
+    // The cap: a 41st watch of the tenant is refused, another tenant's not.
+    let status = client
+        .watch(with_tenant(
+            "acme",
+            WatchJobRequest {
+                job_id: ids[0].clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("jobs.max_watches_per_tenant"),
+        "{status:?}"
+    );
+    let other = client
+        .watch(with_tenant(
+            "other",
+            WatchJobRequest {
+                job_id: ids[0].clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), tonic::Code::NotFound, "another tenant's job");
+
+    // Forty quiet watches add (next to) no queries: polling would add
+    // forty reads every 250 ms, 320 in these two seconds.
+    let watched = {
+        let before = commits().await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        commits().await - before
+    };
+    assert!(
+        watched < quiet + 40,
+        "{watched} commits in 2 s with 40 watches, {quiet} without"
+    );
+
+    // A change made behind the node's back reaches the watcher.
+    sqlx::query("UPDATE jobs SET state = 'cancelled', finished_at = now() WHERE id = $1::uuid")
+        .bind(&ids[3])
+        .execute(&db)
+        .await
+        .unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(10), watches[3].message())
+        .await
+        .expect("the watcher hears of the change")
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.job.unwrap().state(), JobState::Cancelled);
+
+    // A closed watch gives its slot back.
+    drop(watches.remove(3));
+    eventually(10, "a slot is free again", || {
+        let mut client = client.clone();
+        let id = ids[1].clone();
+        async move {
+            client
+                .watch(with_tenant("acme", WatchJobRequest { job_id: id }))
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+}

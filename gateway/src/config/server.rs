@@ -47,6 +47,10 @@ pub(super) struct RawServer {
     pub(super) shutdown_grace_ms: u64,
     /// Address of the admin endpoints; off when absent.
     pub(super) admin_listen: Option<SocketAddr>,
+    /// A file holding the bearer token the admin endpoints ask for (all
+    /// but `/healthz` and `/readyz`); required when `admin_listen` is not a
+    /// loopback address.
+    pub(super) admin_token_file: Option<std::path::PathBuf>,
     /// A TLS listener; off when absent.
     pub(super) tls: Option<TlsConfig>,
     /// `h1` (default) or `h2` for HTTP requests to regions.
@@ -62,8 +66,33 @@ impl Default for RawServer {
             read_timeout_ms: 60_000,
             shutdown_grace_ms: 10_000,
             admin_listen: None,
+            admin_token_file: None,
             tls: None,
             http_upstream: UpstreamProtocol::H1,
+        }
+    }
+}
+
+/// The admin token from `path`: its first line, trimmed, at least 16 bytes.
+pub(super) fn read_admin_token(path: &Path, problems: &mut Problems) -> Option<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let token = text.lines().next().unwrap_or("").trim().to_string();
+            if token.len() < 16 {
+                problems.push(format!(
+                    "`server.admin_token_file` {} must hold a token of at least 16 characters",
+                    path.display()
+                ));
+                return None;
+            }
+            Some(token)
+        }
+        Err(e) => {
+            problems.push(format!(
+                "`server.admin_token_file` {} cannot be read: {e}",
+                path.display()
+            ));
+            None
         }
     }
 }

@@ -206,3 +206,35 @@ fn files_loaded_at_start_are_checked_while_validating() {
     assert!(e.contains("`geo.geoip_database`"), "{e}");
     assert!(e.contains("`server.tls.cert_path`"), "{e}");
 }
+
+#[test]
+fn an_admin_port_off_loopback_needs_a_token() {
+    let with = |server: &str| Config::from_toml(&format!("[server]\n{server}\n{TWO}"), "g");
+    let e = with("admin_listen = \"0.0.0.0:9080\"")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`server.admin_listen`") && e.contains("admin_token_file"),
+        "{e}"
+    );
+    assert!(with("admin_listen = \"127.0.0.1:9080\"").is_ok());
+    assert!(with("admin_listen = \"[::1]:9080\"").is_ok());
+
+    let dir = std::env::temp_dir().join(format!("meridian-admin-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = dir.join("admin-token");
+    std::fs::write(&token, "short\n").unwrap();
+    let server = format!(
+        "admin_listen = \"0.0.0.0:9080\"\nadmin_token_file = {:?}",
+        token.display().to_string()
+    );
+    let e = with(&server).unwrap_err().to_string();
+    assert!(e.contains("at least 16 characters"), "{e}");
+    std::fs::write(&token, "0123456789abcdef0123\n").unwrap();
+    let c = with(&server).unwrap();
+    assert_eq!(c.admin_token.as_deref(), Some("0123456789abcdef0123"));
+    let missing = server.replace("admin-token", "nothing-here");
+    let e = with(&missing).unwrap_err().to_string();
+    assert!(e.contains("cannot be read"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -57,6 +57,11 @@ impl RawConfig {
             read_timeout: Duration::from_millis(self.server.read_timeout_ms),
             shutdown_grace: Duration::from_millis(self.server.shutdown_grace_ms),
             admin_listen: self.server.admin_listen,
+            admin_token: self
+                .server
+                .admin_token_file
+                .as_deref()
+                .and_then(|path| super::server::read_admin_token(path, &mut problems)),
             tls: self.server.tls,
             http_upstream: self.server.http_upstream,
             health: self.health,

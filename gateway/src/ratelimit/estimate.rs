@@ -4,39 +4,32 @@
 /// larger (or chunked) bodies are estimated from their length alone.
 pub(crate) const SCAN_BODY_LIMIT: usize = 16 * 1024;
 
-/// `max_tokens` (or `max_completion_tokens`) of a JSON request body, found
-/// without parsing it: the largest number following either key.
+/// `max_tokens` (or `max_completion_tokens`, the larger when both are
+/// given) of a JSON request body: the top-level keys only, so a key of that
+/// name inside a message or a tool schema is not read as the request's. A
+/// body that is not a JSON object, or a value that is not a whole number,
+/// gives none (the region refuses such a body anyway).
 pub(crate) fn scan_max_tokens(body: &[u8]) -> Option<u64> {
-    let mut best = None;
-    for key in [&b"\"max_tokens\""[..], &b"\"max_completion_tokens\""[..]] {
-        let mut from = 0;
-        while let Some(at) = find(&body[from..], key) {
-            let mut rest = &body[from + at + key.len()..];
-            rest = rest.trim_ascii_start();
-            if let Some(r) = rest.strip_prefix(b":") {
-                let r = r.trim_ascii_start();
-                let digits = r.iter().take_while(|b| b.is_ascii_digit()).count();
-                if let Some(n) = std::str::from_utf8(&r[..digits])
-                    .ok()
-                    .and_then(|d| d.parse::<u64>().ok())
-                {
-                    best = Some(best.map_or(n, |b: u64| b.max(n)));
-                }
-            }
-            from += at + key.len();
-        }
+    #[derive(serde::Deserialize)]
+    struct Limits {
+        #[serde(default)]
+        max_tokens: Option<serde_json::Value>,
+        #[serde(default)]
+        max_completion_tokens: Option<serde_json::Value>,
     }
-    best
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+    let limits: Limits = serde_json::from_slice(body).ok()?;
+    [limits.max_tokens, limits.max_completion_tokens]
+        .iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_u64)
+        .max()
 }
 
 /// Tokens a request is charged before the region says: a quarter of the
 /// body's bytes for the prompt, plus `max_tokens` or the default.
 pub(crate) fn estimate(content_length: Option<u64>, max_tokens: Option<u64>, default: u64) -> u64 {
-    content_length.unwrap_or(0) / 4 + max_tokens.unwrap_or(default)
+    // Saturating: both numbers come from the client.
+    (content_length.unwrap_or(0) / 4).saturating_add(max_tokens.unwrap_or(default))
 }
 
 #[cfg(test)]
@@ -52,5 +45,27 @@ mod tests {
         assert_eq!(scan_max_tokens(br#"{"max_completion_tokens":7}"#), Some(7));
         assert_eq!(scan_max_tokens(br#"{"model":"max_tokens"}"#), None);
         assert_eq!(scan_max_tokens(b"{}"), None);
+        assert_eq!(
+            scan_max_tokens(br#"{"max_tokens":3,"max_completion_tokens":9}"#),
+            Some(9)
+        );
+    }
+
+    #[test]
+    fn a_nested_key_is_not_the_requests_own() {
+        let decoy = br#"{"model":"m","messages":[{"role":"user","content":"x",
+            "max_tokens": 99999999}],"tools":[{"parameters":{"max_tokens":18446744073709551615}}],
+            "max_tokens": 16}"#;
+        assert_eq!(scan_max_tokens(decoy), Some(16));
+        assert_eq!(scan_max_tokens(br#"{"metadata":{"max_tokens":5}}"#), None);
+        assert_eq!(scan_max_tokens(br#"{"max_tokens":-1}"#), None);
+        assert_eq!(scan_max_tokens(br#"{"max_tokens":1e30}"#), None);
+        assert_eq!(scan_max_tokens(br#"[{"max_tokens":5}]"#), None);
+    }
+
+    #[test]
+    fn client_numbers_cannot_overflow_the_estimate() {
+        assert_eq!(estimate(Some(u64::MAX), Some(u64::MAX), 16), u64::MAX);
+        assert_eq!(estimate(Some(400), None, 16), 116);
     }
 }

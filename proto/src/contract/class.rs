@@ -25,6 +25,10 @@ pub enum ErrorClass {
     NotFound,
     /// The request conflicts with an earlier one (a reused idempotency key).
     Conflict,
+    /// The request is bigger than a limit allows (a body, a batch, a
+    /// stored history): split it or shorten it. gRPC says
+    /// `RESOURCE_EXHAUSTED`, as for a message over the size limit.
+    PayloadTooLarge,
     /// The region is at capacity for this tenant or itself (admission,
     /// queue), or a quota without a more precise kind.
     RateLimited,
@@ -56,7 +60,7 @@ struct Wire {
 
 impl ErrorClass {
     /// Every class, in table order.
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 17] = [
         Self::InvalidRequest,
         Self::FailedPrecondition,
         Self::Unauthenticated,
@@ -64,6 +68,7 @@ impl ErrorClass {
         Self::PermissionDenied,
         Self::NotFound,
         Self::Conflict,
+        Self::PayloadTooLarge,
         Self::RateLimited,
         Self::RequestsLimitExceeded,
         Self::TokensLimitExceeded,
@@ -86,6 +91,7 @@ impl ErrorClass {
             Self::PermissionDenied => (403, Code::PermissionDenied, "permission_error"),
             Self::NotFound => (404, Code::NotFound, "not_found_error"),
             Self::Conflict => (409, Code::AlreadyExists, "conflict_error"),
+            Self::PayloadTooLarge => (413, Code::ResourceExhausted, "invalid_request_error"),
             Self::RateLimited => (429, Code::ResourceExhausted, "rate_limit_error"),
             Self::RequestsLimitExceeded => (429, Code::ResourceExhausted, "requests"),
             Self::TokensLimitExceeded => (429, Code::ResourceExhausted, "tokens"),
@@ -190,6 +196,12 @@ mod tests {
                 409,
                 Code::AlreadyExists,
                 "conflict_error",
+            ),
+            (
+                ErrorClass::PayloadTooLarge,
+                413,
+                Code::ResourceExhausted,
+                "invalid_request_error",
             ),
             (
                 ErrorClass::RateLimited,

@@ -4,13 +4,14 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
+
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
+use super::body::JsonBody;
 use super::{AppState, Tenant};
 use crate::error::Error;
 use crate::inference::{EMBEDDING_MODEL_ID, Embedder, Usage};
@@ -138,7 +139,11 @@ fn embedder(state: &AppState, model: &str) -> Result<Arc<Embedder>, Error> {
         .ok_or_else(|| Error::ModelNotFound(model.to_string()))
 }
 
-async fn embeddings(State(state): State<Arc<AppState>>, tenant: Tenant, body: Bytes) -> Response {
+async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    tenant: Tenant,
+    JsonBody(body): JsonBody,
+) -> Response {
     match embed_http(&state, &tenant, &body).await {
         Ok(res) => res,
         Err(e) => e.into_response(),

@@ -4,13 +4,14 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
+
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
 
+use super::body::JsonBody;
 use super::infer::{RequestFacts, durability_header, error_event, model_header};
 use super::openai::{
     ChatCompletion, ChatCompletionBody, ChatCompletionChunk, Choice, ChunkChoice, Delta,
@@ -39,7 +40,7 @@ async fn chat_completions(
     State(state): State<Arc<AppState>>,
     tenant: Tenant,
     facts: RequestFacts,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> Response {
     match chat(state, &tenant, facts, &body).await {
         Ok(res) => res,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
+
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::time::Instant;
 
+use super::body::JsonBody;
 use super::openai::{UsageBody, finish_reason, max_tokens};
 use super::{AppState, Tenant};
 use crate::answer::{Ask, TurnOptions};
@@ -166,7 +167,7 @@ async fn completions(
     State(state): State<Arc<AppState>>,
     tenant: Tenant,
     facts: RequestFacts,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> Result<Response, Error> {
     let body: CompletionBody = serde_json::from_slice(&body)
         .map_err(|e| Error::invalid(format!("invalid request body: {e}"), None))?;

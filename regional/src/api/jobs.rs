@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
+
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -17,6 +17,7 @@ use axum::routing::get;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use super::body::JsonBody;
 use super::openai::{ChatCompletion, ChatCompletionBody, Choice, MessageOut, UsageBody};
 use super::{AppState, Tenant};
 use crate::error::Error;
@@ -56,6 +57,7 @@ fn submission(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Subm
         .map_err(|e| Error::invalid(format!("invalid request body: {e}"), None))?;
     let request = chat.into_request()?;
     check_model(state, &request.model)?;
+    state.pipeline.check_size(&request)?;
     let priority = match options.priority.as_deref() {
         None => Priority::Batch,
         Some(p) => Priority::parse(p).ok_or_else(|| {
@@ -102,7 +104,7 @@ async fn submit(
     State(state): State<Arc<AppState>>,
     tenant: Tenant,
     headers: HeaderMap,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> Result<Response, Error> {
     let submission = submission(&state, &headers, &body)?;
     let requested = Durability::requested(headers.get(DURABILITY_HEADER).map(|v| v.as_bytes()))?;

@@ -3,48 +3,53 @@
 //! their wire shapes into [`Reading`]s and [`ReadingsQuery`]s and share
 //! everything after that.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, header};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use meridian_proto::v1::telemetry_server::TelemetryServer;
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
-use super::{AppState, Tenant};
+use super::{AppState, Tenant, body};
 use crate::error::Error;
 use crate::telemetry::Reading;
-use crate::telemetry::ingest::sort_out;
+use crate::telemetry::ingest::{Sorted, sort_out};
 use crate::telemetry::query::{self, Aggregate, Aggregates, ReadingsQuery, Series, UsageSummary};
 
 mod grpc;
+mod guard;
 
 use self::grpc::TelemetryApi;
 
 /// Rejections listed in one answer at most; the count is always complete.
 const MAX_LISTED_REJECTIONS: usize = 1_000;
-/// Room for `max_batch` readings with generous labels.
-const MAX_INGEST_BODY_BYTES: usize = 64 << 20;
 
 pub(super) fn routes(state: Arc<AppState>) -> Router {
     Router::new()
-        .route(
-            "/v1/telemetry",
-            post(ingest).layer(DefaultBodyLimit::max(MAX_INGEST_BODY_BYTES)),
-        )
+        .route("/v1/telemetry", post(ingest))
         .route("/v1/telemetry/query", get(query_readings))
         .route("/v1/usage/summary", get(usage_summary))
         .with_state(state)
 }
 
-pub(super) fn service(state: Arc<AppState>) -> TelemetryServer<TelemetryApi> {
-    TelemetryServer::new(TelemetryApi::new(state))
+/// The gRPC service, its Ingest streams counted before they are decoded
+/// ([`guard`]), with the same message size limit as an HTTP body.
+pub(super) fn service(state: Arc<AppState>) -> guard::Guarded {
+    let config = &state.telemetry.config;
+    let max_batch = config.max_batch;
+    let server = TelemetryServer::new(TelemetryApi::new(state.clone()))
+        .max_decoding_message_size(config.body_limit());
+    guard::Guarded::new(server, max_batch, config.body_limit())
 }
 
 /// One reading as JSON. Every field is optional here so that a missing one
@@ -62,8 +67,15 @@ struct JsonReading {
     labels: BTreeMap<String, String>,
 }
 
-fn json_reading(item: serde_json::Value) -> Result<Reading, String> {
-    let r: JsonReading = serde_json::from_value(item).map_err(|e| e.to_string())?;
+/// One item of a body (a JSON array element or an NDJSON line) as a
+/// reading, or why it is not one.
+fn json_reading(item: &[u8]) -> Result<Reading, String> {
+    let r: JsonReading = serde_json::from_slice(item).map_err(|e| match e.classify() {
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+            format!("not valid JSON: {e}")
+        }
+        _ => e.to_string(),
+    })?;
     let ts = r.ts.ok_or("missing ts")?;
     let ts = DateTime::parse_from_rfc3339(&ts)
         .map_err(|_| format!("ts {ts:?} is not an RFC 3339 timestamp"))?
@@ -89,31 +101,94 @@ fn json_reading(item: serde_json::Value) -> Result<Reading, String> {
 }
 
 /// The items of a JSON array body, or of an NDJSON body (one per non-empty
-/// line). A JSON body that is not an array fails the request; an NDJSON
-/// line that is not JSON fails only its item.
-fn body_items(headers: &HeaderMap, body: &[u8]) -> Result<Vec<Result<Reading, String>>, Error> {
+/// line), counted before any is parsed: a body of more than `max_batch`
+/// items is only counted, never expanded, whatever its size. A JSON body
+/// that is not an array fails the request; an NDJSON line that is not JSON
+/// fails only its item.
+fn body_items(headers: &HeaderMap, body: &[u8], max_batch: u32) -> Result<Batch, Error> {
+    let max = max_batch as usize;
     let ndjson = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/x-ndjson"));
     if ndjson {
-        return Ok(body
-            .split(|b| *b == b'\n')
-            .filter(|line| !line.trim_ascii().is_empty())
-            .map(|line| {
-                serde_json::from_slice(line)
-                    .map_err(|e| format!("not valid JSON: {e}"))
-                    .and_then(json_reading)
-            })
-            .collect());
+        let lines = || {
+            body.split(|b| *b == b'\n')
+                .filter(|line| !line.trim_ascii().is_empty())
+        };
+        let count = lines().count();
+        if count > max {
+            return Ok(Batch::Oversized(count));
+        }
+        return Ok(Batch::Items(lines().map(json_reading).collect()));
     }
-    let items: Vec<serde_json::Value> = serde_json::from_slice(body).map_err(|e| {
-        Error::invalid(
-            format!("the body must be a JSON array of readings: {e}"),
-            None,
-        )
-    })?;
-    Ok(items.into_iter().map(json_reading).collect())
+    let over = Cell::new(None);
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let items = Elements { max, over: &over }
+        .deserialize(&mut de)
+        .and_then(|items| de.end().map(|()| items))
+        .map_err(|e| {
+            Error::invalid(
+                format!("the body must be a JSON array of readings: {e}"),
+                None,
+            )
+        })?;
+    if let Some(count) = over.get() {
+        return Ok(Batch::Oversized(count));
+    }
+    Ok(Batch::Items(
+        items
+            .into_iter()
+            .map(|raw| json_reading(raw.get().as_bytes()))
+            .collect(),
+    ))
+}
+
+/// What a body holds: its items, parsed one by one, or only their count
+/// when there are more than `max_batch`.
+enum Batch {
+    Items(Vec<Result<Reading, String>>),
+    Oversized(usize),
+}
+
+/// The elements of a JSON array as unparsed slices of the body, at most
+/// `max`; past that the rest are only counted, into `over`.
+struct Elements<'a> {
+    max: usize,
+    over: &'a Cell<Option<usize>>,
+}
+
+impl<'de> DeserializeSeed<'de> for Elements<'_> {
+    type Value = Vec<&'de RawValue>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Elements<'_> {
+    type Value = Vec<&'de RawValue>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON array")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<&RawValue>()? {
+            if items.len() == self.max {
+                drop(items);
+                let mut count = self.max + 1;
+                while seq.next_element::<IgnoredAny>()?.is_some() {
+                    count += 1;
+                }
+                self.over.set(Some(count));
+                return Ok(Vec::new());
+            }
+            items.push(item);
+        }
+        Ok(items)
+    }
 }
 
 #[derive(Serialize)]
@@ -134,17 +209,29 @@ async fn ingest(
     State(state): State<Arc<AppState>>,
     tenant: Tenant,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<axum::Json<IngestReport>, Error> {
-    let items = body_items(&headers, &body)?;
     let t = &state.telemetry;
-    let (good, bad) = sort_out(items, &t.limits, t.config.max_batch, Utc::now());
-    let accepted = good.len() as u64;
-    t.writer.submit(tenant.as_str(), good).await?.wait().await?;
+    let limit = t.config.body_limit();
+    let body = body::read(&headers, body, limit, "telemetry.max_body_bytes").await?;
+    let sorted = match body_items(&headers, &body, t.config.max_batch)? {
+        Batch::Items(items) => sort_out(items, &t.limits, Utc::now()),
+        Batch::Oversized(count) => {
+            Sorted::oversized(count, t.config.max_batch, MAX_LISTED_REJECTIONS)
+        }
+    };
+    drop(body);
+    let accepted = sorted.good.len() as u64;
+    t.writer
+        .submit(tenant.as_str(), sorted.good)
+        .await?
+        .wait()
+        .await?;
     Ok(axum::Json(IngestReport {
         accepted,
-        rejected: bad.len() as u64,
-        rejections: bad
+        rejected: sorted.rejected,
+        rejections: sorted
+            .bad
             .into_iter()
             .take(MAX_LISTED_REJECTIONS)
             .map(|(index, reason)| ItemRejection { index, reason })
@@ -362,16 +449,17 @@ mod tests {
 
     #[test]
     fn json_items_report_their_own_problem() {
-        let item = |v: serde_json::Value| json_reading(v).unwrap_err();
+        let parse = |v: &serde_json::Value| json_reading(v.to_string().as_bytes());
+        let item = |v: serde_json::Value| parse(&v).unwrap_err();
         let ok = serde_json::json!({"device_id": "d", "ts": "2026-01-01T00:00:00Z",
             "metric": "m", "value": 1.0});
-        assert!(json_reading(ok.clone()).is_ok());
+        assert!(parse(&ok).is_ok());
         let mut extra = ok.clone();
         extra["colour"] = "red".into();
         assert!(item(extra).contains("unknown field `colour`"));
         let mut nan = ok.clone();
         nan["value"] = "NaN".into();
-        assert!(json_reading(nan).unwrap().value.is_nan());
+        assert!(parse(&nan).unwrap().value.is_nan());
         let mut text = ok.clone();
         text["value"] = "12".into();
         assert!(item(text).contains("not a number"));

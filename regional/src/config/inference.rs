@@ -22,6 +22,12 @@ pub struct InferenceConfig {
     /// What `Retry-After` tells a client refused by admission control, in
     /// milliseconds (rounded up to whole seconds on HTTP).
     pub retry_after_ms: u64,
+    /// Messages one chat request may carry, the stored history of its
+    /// conversation included.
+    pub max_messages: u32,
+    /// Bytes of message content a conversation may store; a turn that
+    /// would grow it past this is refused (413) and stores nothing.
+    pub max_conversation_bytes: u64,
 }
 
 impl Default for InferenceConfig {
@@ -30,6 +36,8 @@ impl Default for InferenceConfig {
             request_timeout_ms: 60_000,
             max_in_flight_per_tenant: 0,
             retry_after_ms: 1_000,
+            max_messages: 2_048,
+            max_conversation_bytes: 4 << 20,
         }
     }
 }

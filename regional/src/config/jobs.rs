@@ -32,6 +32,9 @@ pub struct JobsConfig {
     pub max_queued_per_region: u64,
     /// The `Retry-After` given with a queue-full refusal, in milliseconds.
     pub queue_full_retry_after_ms: u64,
+    /// Job watches (`Jobs.Watch`, `GET /v1/jobs/{id}/events`) one tenant
+    /// may hold open on one node.
+    pub max_watches_per_tenant: u32,
 }
 
 impl Default for JobsConfig {
@@ -46,6 +49,7 @@ impl Default for JobsConfig {
             max_queued_per_tenant: 10_000,
             max_queued_per_region: 100_000,
             queue_full_retry_after_ms: 1_000,
+            max_watches_per_tenant: 256,
         }
     }
 }
@@ -68,6 +72,9 @@ impl JobsConfig {
         }
         if self.max_queued_per_tenant == 0 {
             problems.push("`jobs.max_queued_per_tenant` must be at least 1");
+        }
+        if self.max_watches_per_tenant == 0 {
+            problems.push("`jobs.max_watches_per_tenant` must be at least 1");
         }
         if self.max_queued_per_region == 0 {
             problems.push("`jobs.max_queued_per_region` must be at least 1");

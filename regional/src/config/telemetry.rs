@@ -30,6 +30,10 @@ pub struct TelemetryConfig {
     /// Most readings in one HTTP request or one gRPC `IngestRequest`; a
     /// larger batch is rejected whole.
     pub max_batch: u32,
+    /// Largest `POST /v1/telemetry` body, in bytes; by default
+    /// `max_batch` KiB, room for a full batch of readings with labels. A
+    /// larger body is refused (413) before it is read.
+    pub max_body_bytes: Option<usize>,
     /// How far ahead of the node's clock a reading may be, in seconds.
     pub max_future_skew_s: u64,
     /// Readings waiting to be written; ingest waits for room beyond this.
@@ -68,6 +72,7 @@ impl Default for TelemetryConfig {
             usage_retention_days: 90,
             maintenance_interval_ms: 3_600_000,
             max_batch: 10_000,
+            max_body_bytes: None,
             max_future_skew_s: 300,
             write_buffer_readings: 100_000,
             usage_buffer: 10_000,
@@ -93,6 +98,10 @@ impl TelemetryConfig {
             ("usage_buffer", u64::from(self.usage_buffer)),
             ("max_query_buckets", u64::from(self.max_query_buckets)),
             (
+                "max_body_bytes",
+                self.max_body_bytes.map_or(1, |n| n as u64),
+            ),
+            (
                 "timescale_chunk_interval_hours",
                 self.timescale_chunk_interval_hours.map_or(1, u64::from),
             ),
@@ -110,6 +119,13 @@ impl TelemetryConfig {
                 self.max_batch
             ));
         }
+    }
+
+    /// `max_body_bytes`, or its default.
+    pub(crate) fn body_limit(&self) -> usize {
+        self.max_body_bytes
+            .unwrap_or((self.max_batch as usize).saturating_mul(1024))
+            .max(64 * 1024)
     }
 
     pub(crate) fn chunk_interval(&self) -> Duration {

@@ -192,7 +192,9 @@ fn plan(config: &SimConfig, req: &ChatRequest) -> Plan {
     let mut rng = StdRng::seed_from_u64(hash.finish());
     let max = req.max_tokens.unwrap_or(config.default_max_tokens).max(1);
     let natural = rng.random_range(max.min(8)..=max);
-    let mut tokens = Vec::with_capacity(natural as usize);
+    // Routing bounds `max_tokens` by the context window, but the capacity
+    // asked of the allocator never comes from a client's number alone.
+    let mut tokens = Vec::with_capacity(natural.min(4_096) as usize);
     let mut finish = if natural == max {
         Finish::Length
     } else {

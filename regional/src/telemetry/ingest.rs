@@ -94,27 +94,42 @@ impl Limits {
     }
 }
 
+/// One batch split into what can be stored and what cannot.
+#[derive(Debug, Default)]
+pub(crate) struct Sorted {
+    pub good: Vec<Reading>,
+    /// Rejected items' positions and reasons; for an oversized batch, only
+    /// the first few are listed.
+    pub bad: Vec<(usize, String)>,
+    /// Every rejected item, listed or not.
+    pub rejected: u64,
+}
+
+impl Sorted {
+    /// A batch of `count` items over `max_batch`, rejected whole, as the
+    /// Ingest proto allows: storing its head would make the client find and
+    /// resend the tail. Only `listed` rejections are spelled out, so the
+    /// answer costs the same whatever the count.
+    pub(crate) fn oversized(count: usize, max_batch: u32, listed: usize) -> Self {
+        let reason = format!("batch of {count} readings is over the limit of {max_batch}");
+        Self {
+            good: Vec::new(),
+            bad: (0..count.min(listed))
+                .map(|i| (i, reason.clone()))
+                .collect(),
+            rejected: count as u64,
+        }
+    }
+}
+
 /// Splits one batch into what can be stored and what cannot, with each
 /// rejected item's position and reason. `items` hold the readings that
-/// parsed, or why they did not. A batch over `max_batch` is rejected whole,
-/// as the Ingest proto allows: storing its head would make the client find
-/// and resend the tail.
+/// parsed, or why they did not.
 pub(crate) fn sort_out(
     items: Vec<Result<Reading, String>>,
     limits: &Limits,
-    max_batch: u32,
     now: DateTime<Utc>,
-) -> (Vec<Reading>, Vec<(usize, String)>) {
-    if items.len() > max_batch as usize {
-        let reason = format!(
-            "batch of {} readings is over the limit of {max_batch}",
-            items.len()
-        );
-        return (
-            Vec::new(),
-            (0..items.len()).map(|i| (i, reason.clone())).collect(),
-        );
-    }
+) -> Sorted {
     let mut good = Vec::with_capacity(items.len());
     let mut bad = Vec::new();
     for (i, item) in items.into_iter().enumerate() {
@@ -123,7 +138,12 @@ pub(crate) fn sort_out(
             Err(reason) => bad.push((i, reason)),
         }
     }
-    (good, bad)
+    let rejected = bad.len() as u64;
+    Sorted {
+        good,
+        bad,
+        rejected,
+    }
 }
 
 /// Queues readings for the writer; cheap to clone.

@@ -115,10 +115,13 @@ impl ReadingsQuery {
                 Some("bucket"),
             ));
         }
-        let first = self.start.timestamp_micros().div_euclid(width);
-        let last = (self.end.timestamp_micros() - 1).div_euclid(width);
+        // In i128: the span of two far-apart timestamps overflows an i64
+        // of microseconds.
+        let width = i128::from(width);
+        let first = i128::from(self.start.timestamp_micros()).div_euclid(width);
+        let last = (i128::from(self.end.timestamp_micros()) - 1).div_euclid(width);
         let buckets = last - first + 1;
-        if buckets > i64::from(max_buckets) {
+        if buckets > i128::from(max_buckets) {
             return Err(Error::invalid(
                 format!("the query makes {buckets} buckets, more than the limit of {max_buckets}"),
                 Some("bucket"),
@@ -287,6 +290,13 @@ mod tests {
         // [10, 20) is exactly one bucket.
         assert!(query(10, 20, 10).check(1).is_ok());
         assert!(query(20, 10, 10).check(10).is_err());
+        // The widest span two timestamps can make, in 1 µs buckets.
+        let mut wide = query(0, 10, 1);
+        wide.start = DateTime::<Utc>::MIN_UTC;
+        wide.end = DateTime::<Utc>::MAX_UTC;
+        wide.bucket = Some(Duration::from_micros(1));
+        let e = wide.check(10).unwrap_err().to_string();
+        assert!(e.contains("more than the limit of 10"), "{e}");
         let mut q = query(0, 10, 1);
         q.device_id = None;
         assert!(q.check(100).is_err());

@@ -41,6 +41,7 @@ impl Jobs for JobsApi {
         })?;
         let chat = chat_request(generate)?;
         check_model(&self.state, &chat.model)?;
+        self.state.pipeline.check_size(&chat)?;
         let priority = match pb::JobPriority::try_from(req.priority) {
             Ok(pb::JobPriority::Interactive) => Priority::Interactive,
             _ => Priority::Batch,

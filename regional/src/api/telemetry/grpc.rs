@@ -13,10 +13,11 @@ use meridian_proto::v1::telemetry_server::Telemetry as TelemetryService;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::super::{AppState, Tenant};
+use super::guard::Oversized;
 use super::{MAX_LISTED_REJECTIONS, run_query};
 use crate::error::Error;
 use crate::telemetry::Reading;
-use crate::telemetry::ingest::sort_out;
+use crate::telemetry::ingest::{Sorted, sort_out};
 use crate::telemetry::query::{Aggregate, Aggregates, ReadingsQuery};
 
 pub(in crate::api) struct TelemetryApi {
@@ -105,6 +106,11 @@ impl TelemetryService for TelemetryApi {
         request: Request<Streaming<pb::IngestRequest>>,
     ) -> Result<Response<pb::IngestResponse>, Status> {
         let tenant = Tenant::from_metadata(request.metadata())?;
+        let oversized = request
+            .extensions()
+            .get::<Oversized>()
+            .cloned()
+            .unwrap_or_default();
         let mut stream = request.into_inner();
         let t = &self.state.telemetry;
         let mut commits = FuturesUnordered::new();
@@ -112,16 +118,31 @@ impl TelemetryService for TelemetryApi {
         let mut rejections = Vec::new();
         let mut batch_index = 0u32;
         while let Some(batch) = stream.message().await? {
-            let items = batch.readings.into_iter().map(proto_reading).collect();
-            let (good, bad) = sort_out(items, &t.limits, t.config.max_batch, Utc::now());
-            accepted += good.len() as u64;
-            rejected += bad.len() as u64;
             let room = MAX_LISTED_REJECTIONS.saturating_sub(rejections.len());
-            rejections.extend(bad.into_iter().take(room).map(|(i, reason)| pb::Rejection {
-                batch_index,
-                item_index: u32::try_from(i).unwrap_or(u32::MAX),
-                reason,
-            }));
+            // The guard took out a longer batch before it was decoded; the
+            // length check holds for a request that came without it.
+            let sorted = if let Some(count) = oversized.take(batch_index) {
+                Sorted::oversized(count as usize, t.config.max_batch, room)
+            } else if batch.readings.len() > t.config.max_batch as usize {
+                Sorted::oversized(batch.readings.len(), t.config.max_batch, room)
+            } else {
+                let items = batch.readings.into_iter().map(proto_reading).collect();
+                sort_out(items, &t.limits, Utc::now())
+            };
+            let good = sorted.good;
+            accepted += good.len() as u64;
+            rejected += sorted.rejected;
+            rejections.extend(
+                sorted
+                    .bad
+                    .into_iter()
+                    .take(room)
+                    .map(|(i, reason)| pb::Rejection {
+                        batch_index,
+                        item_index: u32::try_from(i).unwrap_or(u32::MAX),
+                        reason,
+                    }),
+            );
             // Later batches are read while earlier ones are written; the
             // buffer's backpressure bounds how far ahead the stream gets.
             commits.push(t.writer.submit(tenant.as_str(), good).await?.wait());

@@ -1,0 +1,74 @@
+//! A regional node in a process of its own (the `region-process` binary of
+//! this crate), so that what `/proc` says of it is the node's alone.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::RegionSandbox;
+
+/// The node's process; killed when dropped.
+pub struct RegionProcess {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl RegionProcess {
+    /// Stops `region`'s in-process node and runs the region's node in its
+    /// own process instead, from `exe` (`env!("CARGO_BIN_EXE_region-process")`
+    /// in an integration test), on a free port.
+    pub async fn start(exe: impl AsRef<Path>, region: &mut RegionSandbox) -> Self {
+        region.stop_node().await;
+        let path = region.postgres.dir().join("regional-process.toml");
+        let listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        std::fs::write(&path, region.config_toml(listen)).expect("the node's config is written");
+        let mut child = Command::new(exe.as_ref())
+            .arg(&path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the region process starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            let line = lines
+                .next_line()
+                .await
+                .expect("the region process's stdout")
+                .expect("the region process prints its address before it exits");
+            if let Some(addr) = line.strip_prefix("listening ") {
+                break addr.parse().expect("an address");
+            }
+        };
+        Self { child, addr }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Whether the process still runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Its resident memory (`VmRSS`), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.id().expect("the process runs");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .expect("/proc/<pid>/status of the region process");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("a VmRSS line")
+    }
+}
