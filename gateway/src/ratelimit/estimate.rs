@@ -6,7 +6,7 @@ pub(crate) const SCAN_BODY_LIMIT: usize = 16 * 1024;
 
 /// `max_tokens` (or `max_completion_tokens`) of a JSON request body, found
 /// without parsing it: the largest number following either key.
-pub(crate) fn scan_max_tokens(body: &[u8]) -> Option<u64> {
+pub fn scan_max_tokens(body: &[u8]) -> Option<u64> {
     let mut best = None;
     for key in [&b"\"max_tokens\""[..], &b"\"max_completion_tokens\""[..]] {
         let mut from = 0;
