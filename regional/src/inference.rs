@@ -259,7 +259,11 @@ impl Inference {
     pub(crate) fn route(&self, req: &mut ChatRequest, hints: &Hints) -> Result<Routed, Error> {
         let model = self.table.load().route(req, hints)?;
         req.model = model.config.id.clone();
-        let tokens = req.prompt_tokens() + req.max_tokens.unwrap_or(0);
+        // Saturating: `max_tokens` may be any u32, and a wrapped sum would
+        // pass the window check.
+        let tokens = req
+            .prompt_tokens()
+            .saturating_add(req.max_tokens.unwrap_or(0));
         if tokens > model.config.context_window_tokens {
             return Err(Error::ContextLengthExceeded {
                 tokens,
