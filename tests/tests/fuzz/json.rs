@@ -144,6 +144,17 @@ fn model(served: &'static str) -> BoxedStrategy<Value> {
     .boxed()
 }
 
+/// A valid `max_tokens`: small (the answer is generated), or at the edges
+/// of the context window and of u32.
+fn valid_tokens() -> BoxedStrategy<Value> {
+    prop_oneof![
+        8 => (1i64..24).prop_map(Value::from),
+        1 => prop::sample::select(vec![8191i64, 8192, 8193, i64::from(i32::MAX), i64::from(u32::MAX)])
+            .prop_map(Value::from),
+    ]
+    .boxed()
+}
+
 fn small_tokens() -> BoxedStrategy<Value> {
     prop_oneof![4 => (1i64..24).prop_map(Value::from), 1 => number()].boxed()
 }
@@ -221,7 +232,7 @@ fn chat_body_with(served: &'static str, messy: bool) -> BoxedStrategy<Value> {
     let max_tokens = if messy {
         small_tokens()
     } else {
-        (1i64..24).prop_map(Value::from).boxed()
+        valid_tokens()
     };
     object(
         vec![
@@ -316,7 +327,7 @@ fn completion_body_with(served: &'static str, messy: bool) -> BoxedStrategy<Valu
     let max_tokens = if messy {
         small_tokens()
     } else {
-        (1i64..24).prop_map(Value::from).boxed()
+        valid_tokens()
     };
     object(
         vec![

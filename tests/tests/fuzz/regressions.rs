@@ -3,7 +3,9 @@
 
 use meridian_tests::{RegionSandbox, TEST_MODEL};
 
-use crate::{grpc, http, telemetry};
+use serde_json::json;
+
+use crate::{grpc, http, openai, telemetry};
 
 /// Telemetry: a NUL in a reading's metric failed the batch's insert (503);
 /// now that reading is rejected by itself.
@@ -26,6 +28,16 @@ async fn fuzz_findings_stay_fixed() {
             .await
             .unwrap_or_else(|e| panic!("{case:?}: {e}"));
     }
+    // Chat: `max_tokens` of u32::MAX overflowed the context-window sum, a
+    // panic that dropped the connection; now a context-length error.
+    let overflow = openai::Case::Chat(json!({
+        "model": TEST_MODEL,
+        "max_tokens": u32::MAX,
+        "messages": [{"role": "user", "content": "hi"}],
+    }));
+    openai::check(&http_client, &region.url(), &overflow)
+        .await
+        .unwrap_or_else(|e| panic!("{overflow:?}: {e}"));
     let channel = tonic::transport::Endpoint::from_shared(region.url())
         .expect("the region's URL")
         .connect()

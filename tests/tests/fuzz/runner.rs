@@ -15,7 +15,7 @@ use proptest::strategy::Strategy;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
 
 /// How many targets `make fuzz` shares its budget between.
-pub(crate) const TARGETS: u64 = 8;
+pub(crate) const TARGETS: u64 = 7;
 
 /// A check's verdict on one input: `Err` names what went wrong.
 pub(crate) type Verdict = Result<(), String>;
@@ -52,11 +52,25 @@ where
             },
             TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes(seed, round)),
         );
-        let outcome = runner.run(&strategy, |input| check(input).map_err(TestCaseError::fail));
+        // Kept before shrinking: against a live node a later case can fail
+        // for what an earlier one did, and the shrunk input alone would not
+        // show the first.
+        let first = std::sync::Mutex::new(None::<String>);
+        let outcome = runner.run(&strategy, |input| {
+            let shown = format!("{input:#?}");
+            check(input).map_err(|e| {
+                first.lock().expect("not poisoned").get_or_insert(shown);
+                TestCaseError::fail(e)
+            })
+        });
         match outcome {
             Ok(()) => cases += u64::from(smoke_cases),
             Err(TestError::Fail(reason, input)) => {
-                let path = save_finding(name, seed, round, &reason.to_string(), &input);
+                let first = first
+                    .into_inner()
+                    .expect("not poisoned")
+                    .unwrap_or_default();
+                let path = save_finding(name, seed, round, &reason.to_string(), &input, &first);
                 panic!(
                     "fuzz target={name} seed={seed} round={round}: {reason}\n\
                      shrunk input (saved in {}): {input:#?}",
@@ -86,11 +100,20 @@ fn findings_dir() -> PathBuf {
     )
 }
 
-fn save_finding(name: &str, seed: u64, round: u64, reason: &str, input: &impl Debug) -> PathBuf {
+fn save_finding(
+    name: &str,
+    seed: u64,
+    round: u64,
+    reason: &str,
+    input: &impl Debug,
+    first: &str,
+) -> PathBuf {
     let dir = findings_dir();
     let path = dir.join(format!("{name}-{seed}-{round}.txt"));
-    let text =
-        format!("target: {name}\nseed: {seed}\nround: {round}\nreason: {reason}\n\n{input:#?}\n");
+    let text = format!(
+        "target: {name}\nseed: {seed}\nround: {round}\nreason: {reason}\n\n\
+         shrunk input:\n{input:#?}\n\nfirst failing input:\n{first}\n"
+    );
     if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, text)) {
         eprintln!("fuzz: cannot save the finding in {}: {e}", path.display());
     }
