@@ -120,7 +120,7 @@ fn region_chat_body_parser() {
             .prop_map(|(v, edits)| corrupt(v.to_string().into_bytes(), &edits)),
         1 => json::any_json().prop_map(|v| v.to_string().into_bytes()),
     ];
-    runner::run("region_chat_body_parser", 2000, bodies, |body| {
+    runner::run("region_chat_body_parser", 1000, bodies, |body| {
         match meridian_regional::check_chat_body(&body) {
             Ok(()) => Ok(()),
             Err(e) => {
