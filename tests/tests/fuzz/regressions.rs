@@ -74,5 +74,35 @@ async fn fuzz_findings_stay_fixed() {
             .await
             .unwrap_or_else(|e| panic!("{case:?}: {e}"));
     }
+    // Usage: the record of a request for a model named with a NUL failed
+    // its batch's insert, losing the records beside it; now it is stored
+    // with the NUL replaced, and so is a normal request's after it.
+    let nul_model = openai::Case::Chat(json!({
+        "model": "no\u{0}such",
+        "messages": [{"role": "user", "content": "hi"}],
+    }));
+    openai::check(&http_client, &region.url(), &nul_model)
+        .await
+        .unwrap_or_else(|e| panic!("{nul_model:?}: {e}"));
+    let pool = sqlx::PgPool::connect(&region.postgres.url())
+        .await
+        .expect("the region's database");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let stored: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM inference_usage WHERE model = $1")
+                .bind("no\u{fffd}such")
+                .fetch_one(&pool)
+                .await
+                .expect("usage reads");
+        if stored > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the usage record of a model named with a NUL was not stored"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     http::assert_up(&http_client, &region.url()).await;
 }
