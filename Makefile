@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SETUP := infra/scripts/setup.sh
 
-.PHONY: up test lint bench build setup fmt
+.PHONY: up test lint bench build setup fmt fuzz soak
 
 ## Start three local regions (own Redis + PostgreSQL each) and the gateway.
 up: setup
@@ -26,6 +26,23 @@ fmt:
 ## baseline measured in the same run.
 bench: setup
 	$(CARGO) bench -p meridian-tests
+
+## Fuzz every target (tests/tests/fuzz) for FUZZ_SECONDS in total (default
+## 600), split evenly, each under a random seed it prints with its case
+## count; a finding fails the run, its input saved in .meridian/fuzz-findings.
+FUZZ_SECONDS ?= 600
+fuzz: setup
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(CARGO) test -p meridian-tests --test fuzz -- --test-threads=1 --nocapture
+
+## Three regions and a gateway as processes under mixed load for
+## SOAK_MINUTES (default 30), a region killed and restarted now and then;
+## prints memory, descriptors and connections over time and fails if
+## memory or descriptors grow after warm-up.
+SOAK_MINUTES ?= 30
+soak: setup
+	$(CARGO) build -p meridian --bin meridian
+	$(CARGO) build -p meridian-tests --bin soak
+	SOAK_MINUTES=$(SOAK_MINUTES) $(CARGO) run -q -p meridian-tests --bin soak
 
 build: setup
 	$(CARGO) build --workspace

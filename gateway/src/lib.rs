@@ -34,6 +34,9 @@ pub use self::error::Error;
 pub use self::geo::{COUNTRY_HEADER, LATLON_HEADER, LatLon};
 pub use self::mesh::MeshConfig;
 pub use self::ratelimit::RateLimitConfig;
+/// The body scan of the rate limiter's estimate, for the fuzz harness.
+#[doc(hidden)]
+pub use self::ratelimit::scan_max_tokens;
 pub use self::server::Gateway;
 
 /// Request header (or gRPC metadata) naming a conversation: an affinity key

@@ -188,3 +188,12 @@ async fn fallback(req: Request<Body>) -> Response {
     ))
     .into_response()
 }
+
+/// Parses and checks a `/v1/chat/completions` body as its handler does,
+/// serving nothing: the fuzz harness reaches the parser through this.
+#[doc(hidden)]
+pub fn check_chat_body(bytes: &[u8]) -> Result<(), Error> {
+    openai::ChatCompletionBody::parse(bytes)?
+        .into_request()
+        .map(drop)
+}

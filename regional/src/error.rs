@@ -282,22 +282,42 @@ impl Error {
     }
 }
 
+/// The most of an error message a gRPC status carries: the message goes out
+/// in a trailer (twice, with the detail), and one that echoes a long client
+/// value (a model name) past the peer's header-list limit (16 KiB in hyper)
+/// would reach the client as a protocol error instead of the status.
+const MAX_STATUS_MESSAGE_BYTES: usize = 1024;
+
+fn status_message(e: &Error) -> String {
+    let mut message = e.to_string();
+    if message.len() > MAX_STATUS_MESSAGE_BYTES {
+        let mut end = MAX_STATUS_MESSAGE_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("...");
+    }
+    message
+}
+
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
+        let message = status_message(&e);
         match e.reason() {
             Some(reason) => {
                 let retry_after = e.retry_after();
                 let detail = meridian_proto::v1::ErrorDetail {
                     reason: reason.to_string(),
-                    message: e.to_string(),
+                    message: message.clone(),
                     retryable: retry_after.is_some(),
                     retry_after_ms: retry_after
                         .map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX)),
                     region: String::new(),
                 };
-                meridian_proto::status_with_detail(e.code(), e.to_string(), detail)
+                meridian_proto::status_with_detail(e.code(), message, detail)
             }
-            None => tonic::Status::new(e.code(), e.to_string()),
+            None => tonic::Status::new(e.code(), message),
         }
     }
 }

@@ -26,6 +26,8 @@ mod store;
 mod telemetry;
 pub mod tenancy;
 
+#[doc(hidden)]
+pub use self::api::check_chat_body;
 pub use self::cache::compatible as semantic_questions_compatible;
 pub use self::config::{
     AliasConfig, BackendConfig, CacheConfig, Config, DEFAULT_SEMANTIC_THRESHOLD, InferenceConfig,

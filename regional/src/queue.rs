@@ -82,6 +82,37 @@ pub(crate) struct Submission {
     pub idempotency_key: Option<String>,
 }
 
+impl Submission {
+    /// PostgreSQL's text and jsonb cannot hold U+0000: a submission with
+    /// one anywhere is refused as invalid, not failed at the insert.
+    fn check_storable(&self) -> Result<(), Error> {
+        let nul = |field: &'static str| {
+            Error::invalid(format!("`{field}` contains a NUL character"), Some(field))
+        };
+        if self
+            .idempotency_key
+            .as_ref()
+            .is_some_and(|k| k.contains('\0'))
+        {
+            return Err(nul("idempotency_key"));
+        }
+        let r = &self.request;
+        if r.model.contains('\0') {
+            return Err(nul("model"));
+        }
+        if r.messages
+            .iter()
+            .any(|m| m.role.contains('\0') || m.content.contains('\0'))
+        {
+            return Err(nul("messages"));
+        }
+        if r.stop.iter().any(|s| s.contains('\0')) {
+            return Err(nul("stop"));
+        }
+        Ok(())
+    }
+}
+
 /// What a submission stored.
 pub(crate) struct Submitted {
     pub job: Job,
@@ -130,6 +161,7 @@ impl Queue {
         tenant: &Tenant,
         submission: Submission,
     ) -> Result<Submitted, Error> {
+        submission.check_storable()?;
         let model = KeyValue::new("meridian.model", submission.request.model.clone());
         trace::set_attributes(&trace::Context::current(), [model.clone()]);
         let cx = trace::child_span(

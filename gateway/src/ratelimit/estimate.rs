@@ -9,7 +9,7 @@ pub(crate) const SCAN_BODY_LIMIT: usize = 16 * 1024;
 /// name inside a message or a tool schema is not read as the request's. A
 /// body that is not a JSON object, or a value that is not a whole number,
 /// gives none (the region refuses such a body anyway).
-pub(crate) fn scan_max_tokens(body: &[u8]) -> Option<u64> {
+pub fn scan_max_tokens(body: &[u8]) -> Option<u64> {
     #[derive(serde::Deserialize)]
     struct Limits {
         #[serde(default)]

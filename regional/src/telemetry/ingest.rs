@@ -75,6 +75,19 @@ impl Limits {
                 return Err(format!("{name} is longer than {MAX_NAME_BYTES} bytes"));
             }
         }
+        // PostgreSQL's text and jsonb cannot hold U+0000: refused here, per
+        // item, rather than failing the whole batch's insert.
+        for (name, value) in [("device_id", &r.device_id), ("metric", &r.metric)] {
+            if value.contains('\0') {
+                return Err(format!("{name} contains a NUL character"));
+            }
+        }
+        if r.labels
+            .iter()
+            .any(|(k, v)| k.contains('\0') || v.contains('\0'))
+        {
+            return Err("labels contain a NUL character".into());
+        }
         if !r.value.is_finite() {
             return Err("value is not finite".into());
         }

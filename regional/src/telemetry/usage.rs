@@ -59,7 +59,15 @@ impl UsageRecorder {
     }
 
     /// Queues `record` without waiting; drops it when the queue is full.
-    pub(crate) fn record(&self, record: UsageRecord) {
+    pub(crate) fn record(&self, mut record: UsageRecord) {
+        // The model is the one the request named, found or not; PostgreSQL's
+        // text cannot hold U+0000, and one such row would fail the insert of
+        // its whole batch, other tenants' records with it.
+        for text in [&mut record.tenant, &mut record.model, &mut record.status] {
+            if text.contains('\0') {
+                *text = text.replace('\0', "\u{fffd}");
+            }
+        }
         if self.queue.try_send(record).is_err() {
             let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if dropped.is_power_of_two() {
