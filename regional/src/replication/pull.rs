@@ -38,9 +38,6 @@ impl PeerState {
     }
 }
 
-/// Largest Pull message accepted from a peer.
-const MAX_BATCH_BYTES: usize = 64 << 20;
-
 /// Follows `peer` until shutdown.
 pub(crate) async fn follow(
     r: Arc<Replication>,
@@ -93,11 +90,10 @@ async fn session(
     let name = peer.region.as_str();
     let (applied, incarnation) = watermark(&r.pool, name).await?;
     state.applied.store(applied, Ordering::Relaxed);
-    // Batches of telemetry readings outgrow tonic's 4 MiB default (the
-    // serving side bounds a batch to a few chunks of readings, whose labels
-    // are the unbounded part).
+    // A batch outgrows tonic's 4 MiB default: the server bounds it by
+    // `max_batch_bytes`, or to one larger change, within this limit.
     let mut client =
-        ReplicationClient::new(channel.clone()).max_decoding_message_size(MAX_BATCH_BYTES);
+        ReplicationClient::new(channel.clone()).max_decoding_message_size(super::MAX_MESSAGE_BYTES);
     let pull = client.pull(PullRequest {
         peer_region: r.region.clone(),
         from_sequence: applied,

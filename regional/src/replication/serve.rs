@@ -18,7 +18,10 @@ use crate::error::Error;
 use crate::mesh::Peer;
 
 pub(crate) fn service(replication: Arc<Replication>) -> ReplicationServer<Service> {
+    // The encoder's limit is the followers' decoder limit: a batch the
+    // server builds is one the peer accepts.
     ReplicationServer::new(Service { replication })
+        .max_encoding_message_size(super::MAX_MESSAGE_BYTES)
 }
 
 pub(crate) struct Service {
@@ -68,7 +71,14 @@ impl ReplicationApi for Service {
                 tracing::info!(peer = %req.peer_region, origin = %origin, "replication relay requested");
             }
         }
-        Ok(Response::new(snapshot::serve(r.pool.clone(), limit, scope)))
+        Ok(Response::new(snapshot::serve(
+            r.pool.clone(),
+            snapshot::Budget {
+                rows: limit,
+                bytes: r.config.max_batch_bytes,
+            },
+            scope,
+        )))
     }
 
     async fn pull(
@@ -82,6 +92,7 @@ impl ReplicationApi for Service {
             0 => r.config.batch_size,
             n => n.min(r.config.batch_size),
         };
+        let max_bytes = r.config.max_batch_bytes;
         // Subscribed before the first read, so no commit falls between.
         let mut commits = r.commits.subscribe();
         // Readings go to the peers named for them only; the others are moved
@@ -89,7 +100,7 @@ impl ReplicationApi for Service {
         let with_readings = r.config.sends_readings_to(&req.peer_region);
         // The first read answers the call itself, so a truncated log fails
         // the RPC with its status rather than a stream that ends at once.
-        let first = log::read(&r.pool, req.from_sequence, limit, with_readings).await?;
+        let first = log::read(&r.pool, req.from_sequence, limit, max_bytes, with_readings).await?;
         let incarnation = snapshot::incarnation(&r.pool).await?;
         tracing::info!(peer = %req.peer_region, from = req.from_sequence, with_readings, "replication pull started");
         let heartbeat = Duration::from_millis(r.config.heartbeat_interval_ms);
@@ -120,7 +131,7 @@ impl ReplicationApi for Service {
                     break;
                 }
                 commits.borrow_and_update();
-                read = log::read(&r.pool, through, limit, with_readings).await?;
+                read = log::read(&r.pool, through, limit, max_bytes, with_readings).await?;
             }
         };
         Ok(Response::new(Box::pin(stream)))

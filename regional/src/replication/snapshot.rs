@@ -48,14 +48,58 @@ impl Scope {
     }
 }
 
-/// The stream `Replication.Snapshot` answers with: rows in chunks of
-/// `limit`, then the positions (for a whole snapshot) in the last chunk.
+/// How much one snapshot chunk carries at most.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Budget {
+    pub rows: u32,
+    /// Bytes as [`super::log::wire_bytes`] counts them; a row larger than
+    /// this goes alone in its chunk.
+    pub bytes: u64,
+}
+
+/// The rows of the chunk being filled.
+struct Chunk {
+    budget: Budget,
+    changes: Vec<Change>,
+    bytes: u64,
+}
+
+impl Chunk {
+    fn new(budget: Budget) -> Self {
+        Self {
+            budget,
+            changes: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Adds `change`; returns the full chunk to send first, when `change`
+    /// would take it past its rows or bytes.
+    fn push(&mut self, change: Change) -> Option<SnapshotChunk> {
+        let size = super::log::wire_bytes(&change) as u64;
+        let full = !self.changes.is_empty()
+            && (self.changes.len() >= self.budget.rows.max(1) as usize
+                || self.bytes.saturating_add(size) > self.budget.bytes);
+        let out = full.then(|| {
+            self.bytes = 0;
+            SnapshotChunk {
+                changes: std::mem::take(&mut self.changes),
+                ..Default::default()
+            }
+        });
+        self.bytes = self.bytes.saturating_add(size);
+        self.changes.push(change);
+        out
+    }
+}
+
+/// The stream `Replication.Snapshot` answers with: rows in chunks within
+/// `budget`, then the positions (for a whole snapshot) in the last chunk.
 pub(super) fn serve(
     pool: PgPool,
-    limit: u32,
+    budget: Budget,
     scope: Scope,
 ) -> BoxStream<'static, Result<SnapshotChunk, Status>> {
-    let limit = limit.max(1) as usize;
     Box::pin(async_stream::try_stream! {
         let mut tx = pool.begin().await.map_err(Error::from)?;
         // One snapshot for rows and positions alike.
@@ -67,7 +111,7 @@ pub(super) fn serve(
             .execute(&mut *tx)
             .await
             .map_err(Error::from)?;
-        let mut changes = Vec::with_capacity(limit);
+        let mut chunk = Chunk::new(budget);
         for table in tables::TABLES {
             let sql = match &scope {
                 Scope::Whole => table.snapshot_sql(),
@@ -81,9 +125,8 @@ pub(super) fn serve(
             }
             let mut rows = query.fetch(&mut *tx);
             while let Some((key, payload, hlc, origin)) = rows.try_next().await.map_err(Error::from)? {
-                changes.push(row_change(table.name, key.into_bytes(), Some(payload), hlc, origin));
-                if changes.len() >= limit {
-                    yield SnapshotChunk { changes: std::mem::take(&mut changes), ..Default::default() };
+                if let Some(full) = chunk.push(row_change(table.name, key.into_bytes(), Some(payload), hlc, origin)) {
+                    yield full;
                 }
             }
         }
@@ -101,9 +144,8 @@ pub(super) fn serve(
         }
         let mut rows = query.fetch(&mut *tx);
         while let Some((table, key, hlc, origin)) = rows.try_next().await.map_err(Error::from)? {
-            changes.push(row_change(&table, key, None, hlc, origin));
-            if changes.len() >= limit {
-                yield SnapshotChunk { changes: std::mem::take(&mut changes), ..Default::default() };
+            if let Some(full) = chunk.push(row_change(&table, key, None, hlc, origin)) {
+                yield full;
             }
         }
         drop(rows);
@@ -112,7 +154,7 @@ pub(super) fn serve(
             Scope::Relay { .. } => Vec::new(),
         };
         tx.commit().await.map_err(Error::from)?;
-        yield SnapshotChunk { changes, positions, complete: true };
+        yield SnapshotChunk { changes: chunk.changes, positions, complete: true };
     })
 }
 
@@ -220,7 +262,8 @@ pub(super) async fn receive(
     scope: Scope,
 ) -> Result<Received, Error> {
     let failed = |s: Status| Error::Replication(format!("snapshot from {peer}: {s}"));
-    let mut client = ReplicationClient::new(channel);
+    let mut client =
+        ReplicationClient::new(channel).max_decoding_message_size(super::MAX_MESSAGE_BYTES);
     let (origin_region, after_hlc) = match &scope {
         Scope::Whole => (String::new(), 0),
         Scope::Relay { origin, after_hlc } => {
@@ -377,4 +420,42 @@ pub(super) async fn incarnation(pool: &PgPool) -> Result<String, Error> {
             .fetch_one(pool)
             .await?,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(bytes: usize) -> Change {
+        Change {
+            payload: vec![b'x'; bytes],
+            ..row_change("jobs", b"k".to_vec(), None, 1, "r".into())
+        }
+    }
+
+    /// The sizes of the chunks `rows` are cut into.
+    fn chunks(budget: Budget, rows: &[usize]) -> Vec<usize> {
+        let mut chunk = Chunk::new(budget);
+        let mut out: Vec<usize> = rows
+            .iter()
+            .filter_map(|&b| chunk.push(row(b)))
+            .map(|c| c.changes.len())
+            .collect();
+        out.push(chunk.changes.len());
+        out
+    }
+
+    #[test]
+    fn chunks_hold_their_rows_and_bytes_and_a_large_row_goes_alone() {
+        let rows = Budget {
+            rows: 2,
+            bytes: u64::MAX,
+        };
+        assert_eq!(chunks(rows, &[1, 1, 1, 1, 1]), [2, 2, 1]);
+        let bytes = Budget {
+            rows: 100,
+            bytes: 1000,
+        };
+        assert_eq!(chunks(bytes, &[300, 300, 300, 5000, 10, 10]), [2, 1, 1, 2]);
+    }
 }
