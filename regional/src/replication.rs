@@ -16,6 +16,7 @@ mod serve;
 mod snapshot;
 mod sync;
 mod tables;
+mod trust;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -11,6 +11,7 @@ use meridian_proto::v1::{AckRequest, ChangeBatch, PullRequest};
 use rand::Rng;
 use tonic::transport::Channel;
 
+use super::trust::{self, reason};
 use super::{Replication, apply, relay, snapshot};
 use crate::config::PeerConfig;
 use crate::error::Error;
@@ -143,6 +144,16 @@ async fn session(
         let Some(batch) = batch else {
             return Ok(());
         };
+        // A peer's log holds its own changes only (those applied from others
+        // stay out of it): one of another origin is forged or corrupt, and
+        // nothing of its batch is applied or believed.
+        if let Some((sequence, origin)) = trust::foreign(&batch.changes, name) {
+            return Err(r.refuse(
+                name,
+                reason::FOREIGN_ORIGIN,
+                format!("change {sequence} of {name}'s log names origin {origin:?}"),
+            ));
+        }
         *backoff = first_backoff;
         r.liveness.heard(name, batch.lost_regions.clone());
         if follower.log_restarted(&batch).await? {
@@ -225,6 +236,7 @@ impl Follower<'_> {
         let out = match applying {
             Ok(out) => out,
             Err(e) => {
+                r.count_refusal(name, &e);
                 if matches!(e, Error::ClockDrift(_)) {
                     r.metrics.drift_refusals.with_label_values(&[name]).inc();
                 }

@@ -13,7 +13,7 @@ use meridian_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{Replication, log, snapshot};
+use super::{Replication, log, snapshot, trust};
 use crate::error::Error;
 use crate::mesh::Peer;
 
@@ -140,14 +140,28 @@ impl ReplicationApi for Service {
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
         check_caller(&request, &request.get_ref().peer_region)?;
         let req = request.into_inner();
+        let r = &self.replication;
+        let (_, high) = log::bounds(&r.pool).await?;
+        // A peer acknowledges what it was served, which is at most the log's
+        // end: an ack past it is forged, or counts in another incarnation of
+        // this log (a database restored from an older backup), and taking it
+        // would confirm synchronous writes the peer never received.
+        if req.applied_sequence > high {
+            let e = r.refuse(
+                &req.peer_region,
+                trust::reason::ACK_AHEAD,
+                format!(
+                    "ack of sequence {} past the log's end {high}",
+                    req.applied_sequence
+                ),
+            );
+            return Err(Status::failed_precondition(e.to_string()));
+        }
         // Before the write to PostgreSQL: the peer's apply transaction has
         // committed, which is all a synchronous writer waits for; the row
         // only bounds trimming.
-        self.replication
-            .note_ack(&req.peer_region, req.applied_sequence);
-        let pool = &self.replication.pool;
-        log::ack(pool, &req.peer_region, req.applied_sequence).await?;
-        let (_, high) = log::bounds(pool).await?;
+        r.note_ack(&req.peer_region, req.applied_sequence);
+        log::ack(&r.pool, &req.peer_region, req.applied_sequence).await?;
         Ok(Response::new(AckResponse {
             high_watermark: high,
         }))

@@ -261,6 +261,19 @@ pub(super) async fn receive(
     channel: Channel,
     scope: Scope,
 ) -> Result<Received, Error> {
+    let result = receive_checked(r, peer, channel, scope).await;
+    if let Err(e) = &result {
+        r.count_refusal(peer, e);
+    }
+    result
+}
+
+async fn receive_checked(
+    r: &Replication,
+    peer: &str,
+    channel: Channel,
+    scope: Scope,
+) -> Result<Received, Error> {
     let failed = |s: Status| Error::Replication(format!("snapshot from {peer}: {s}"));
     let mut client =
         ReplicationClient::new(channel).max_decoding_message_size(super::MAX_MESSAGE_BYTES);
@@ -302,6 +315,9 @@ pub(super) async fn receive(
                 "snapshot from {peer} ended before its last chunk"
             )));
         };
+        if let Scope::Relay { origin, .. } = &scope {
+            check_relay(&chunk, origin, peer)?;
+        }
         let now = now_ms();
         for c in &chunk.changes {
             check_drift(Hlc::from_u64(c.hlc), now, max_drift)
@@ -331,7 +347,11 @@ pub(super) async fn receive(
     .bind(i64::try_from(got.max_hlc).unwrap_or(i64::MAX))
     .execute(&mut *tx)
     .await?;
-    for p in positions.iter().filter(|p| p.origin_region != r.region) {
+    // Only the serving region's own position is taken: it speaks for its
+    // own log. Its watermarks of other origins would let it move this
+    // region past changes it never sent; those origins are followed from
+    // the watermarks here (applying again is idempotent).
+    for p in positions.iter().filter(|p| p.origin_region == peer) {
         // Within one incarnation a watermark only grows; a position in
         // another incarnation replaces ours (should it be the stale one,
         // the next Pull sees the peer's incarnation and starts from 0,
@@ -358,6 +378,25 @@ pub(super) async fn receive(
     }
     tx.commit().await?;
     Ok(got)
+}
+
+/// A relay carries rows `origin` wrote last and nothing else: no row of
+/// another origin, and no log positions.
+fn check_relay(chunk: &SnapshotChunk, origin: &str, peer: &str) -> Result<(), Error> {
+    use super::trust::{foreign, reason};
+    if let Some((_, other)) = foreign(&chunk.changes, origin) {
+        return Err(Error::Refused {
+            reason: reason::RELAY_ORIGIN,
+            message: format!("{peer} relayed a row of {other:?} when asked for {origin:?}"),
+        });
+    }
+    if !chunk.positions.is_empty() {
+        return Err(Error::Refused {
+            reason: reason::RELAY_POSITIONS,
+            message: format!("{peer} sent log positions with a relay of {origin:?}"),
+        });
+    }
+    Ok(())
 }
 
 /// Whether this region's database holds nothing replicated and has applied
