@@ -20,10 +20,14 @@ use sqlx::PgPool;
 use tonic::Status;
 use tonic::transport::Channel;
 
+pub(super) use self::chunk::Budget;
+use self::chunk::Chunk;
 use super::hlc::{Hlc, check_drift, now_ms};
 use super::{Replication, apply, tables};
 use crate::config::PeerConfig;
 use crate::error::Error;
+
+mod chunk;
 
 /// What a `Replication.Snapshot` call asks for.
 #[derive(Debug, Clone)]
@@ -45,51 +49,6 @@ impl Scope {
                 after_hlc: i64::try_from(request.after_hlc).unwrap_or(i64::MAX),
             }
         }
-    }
-}
-
-/// How much one snapshot chunk carries at most.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Budget {
-    pub rows: u32,
-    /// Bytes as [`super::log::wire_bytes`] counts them; a row larger than
-    /// this goes alone in its chunk.
-    pub bytes: u64,
-}
-
-/// The rows of the chunk being filled.
-struct Chunk {
-    budget: Budget,
-    changes: Vec<Change>,
-    bytes: u64,
-}
-
-impl Chunk {
-    fn new(budget: Budget) -> Self {
-        Self {
-            budget,
-            changes: Vec::new(),
-            bytes: 0,
-        }
-    }
-
-    /// Adds `change`; returns the full chunk to send first, when `change`
-    /// would take it past its rows or bytes.
-    fn push(&mut self, change: Change) -> Option<SnapshotChunk> {
-        let size = super::log::wire_bytes(&change) as u64;
-        let full = !self.changes.is_empty()
-            && (self.changes.len() >= self.budget.rows.max(1) as usize
-                || self.bytes.saturating_add(size) > self.budget.bytes);
-        let out = full.then(|| {
-            self.bytes = 0;
-            SnapshotChunk {
-                changes: std::mem::take(&mut self.changes),
-                ..Default::default()
-            }
-        });
-        self.bytes = self.bytes.saturating_add(size);
-        self.changes.push(change);
-        out
     }
 }
 
@@ -459,42 +418,4 @@ pub(super) async fn incarnation(pool: &PgPool) -> Result<String, Error> {
             .fetch_one(pool)
             .await?,
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn row(bytes: usize) -> Change {
-        Change {
-            payload: vec![b'x'; bytes],
-            ..row_change("jobs", b"k".to_vec(), None, 1, "r".into())
-        }
-    }
-
-    /// The sizes of the chunks `rows` are cut into.
-    fn chunks(budget: Budget, rows: &[usize]) -> Vec<usize> {
-        let mut chunk = Chunk::new(budget);
-        let mut out: Vec<usize> = rows
-            .iter()
-            .filter_map(|&b| chunk.push(row(b)))
-            .map(|c| c.changes.len())
-            .collect();
-        out.push(chunk.changes.len());
-        out
-    }
-
-    #[test]
-    fn chunks_hold_their_rows_and_bytes_and_a_large_row_goes_alone() {
-        let rows = Budget {
-            rows: 2,
-            bytes: u64::MAX,
-        };
-        assert_eq!(chunks(rows, &[1, 1, 1, 1, 1]), [2, 2, 1]);
-        let bytes = Budget {
-            rows: 100,
-            bytes: 1000,
-        };
-        assert_eq!(chunks(bytes, &[300, 300, 300, 5000, 10, 10]), [2, 1, 1, 2]);
-    }
 }
