@@ -20,6 +20,7 @@ pub use self::cache::{CacheConfig, DEFAULT_SEMANTIC_THRESHOLD, SemanticCacheConf
 pub use self::embeddings::EmbeddingsConfig;
 pub use self::inference::{AliasConfig, InferenceConfig, OpenAiConfig, UpstreamConfig};
 pub use self::jobs::JobsConfig;
+pub(crate) use self::replication::MAX_BATCH_BYTES;
 pub use self::replication::{PeerConfig, ReplicationConfig};
 pub use self::telemetry::TelemetryConfig;
 
@@ -267,12 +268,7 @@ impl RawConfig {
     /// the node loads at start (its mesh certificate) are loaded here first.
     fn validate(self) -> Result<Config, Vec<String>> {
         let mut problems = Problems::new();
-        if self.region.is_empty()
-            || !self
-                .region
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        {
+        if !valid_region_name(&self.region) {
             problems.push(format!(
                 "`region` must be lowercase letters, digits and dashes, got {:?}",
                 self.region
@@ -344,6 +340,16 @@ impl RawConfig {
             replication: self.replication,
         })
     }
+}
+
+/// A region's name: 1 to 63 lowercase letters, digits and dashes (a DNS
+/// label, as region names become host and SRV names).
+pub(crate) fn valid_region_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 fn check_models(models: &[ModelConfig], problems: &mut Problems) {

@@ -141,6 +141,13 @@ pub enum Error {
     /// A peer sent a change this region cannot apply.
     #[error("replication: {0}")]
     Replication(String),
+    /// A peer sent what it may not (another origin's change, a position or
+    /// epoch it cannot vouch for): refused, counted under `reason`.
+    #[error("replication refused ({reason}): {message}")]
+    Refused {
+        reason: &'static str,
+        message: String,
+    },
     /// A peer asked for changes that were trimmed from the log.
     #[error(
         "changes after sequence {from} were trimmed from the log (kept from {pruned_through}): \

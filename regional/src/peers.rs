@@ -225,17 +225,30 @@ impl Peers {
 
     fn own_jobs_settled(&self) -> bool {
         let gone = self.agreed_lost();
-        self.peers.iter().all(|p| {
-            gone.contains(&p.region)
-                || (p.caught_up.load(Ordering::Relaxed)
-                    && !p
-                        .heard
-                        .lock()
-                        .expect("not poisoned")
-                        .lost_view
-                        .as_ref()
-                        .is_some_and(|v| v.contains(&self.region)))
-        })
+        let reports_us_lost = |p: &Peer| {
+            p.heard
+                .lock()
+                .expect("not poisoned")
+                .lost_view
+                .as_ref()
+                .is_some_and(|v| v.contains(&self.region))
+        };
+        // A peer may adopt this region's jobs only once every region it
+        // still hears agrees this one is lost; a report that some peer heard
+        // from here contradicts cannot lead to an adoption, so one peer
+        // alone (honest but cut off, or lying) keeps no healthy region from
+        // its own jobs. Adoptions that do happen fence the old owner's
+        // attempts by epoch wherever they arrive.
+        let heard: Vec<&Peer> = self
+            .peers
+            .iter()
+            .filter(|p| !gone.contains(&p.region))
+            .collect();
+        let agreed_against_us = !heard.is_empty() && heard.iter().all(|p| reports_us_lost(p));
+        self.peers
+            .iter()
+            .all(|p| gone.contains(&p.region) || p.caught_up.load(Ordering::Relaxed))
+            && !agreed_against_us
     }
 
     fn peer(&self, region: &str) -> Option<&Peer> {
@@ -295,14 +308,28 @@ mod tests {
         p.heard("us-east", vec![]);
         p.caught_up_with("us-east");
         p.heard("ap-south", vec!["eu-west".into()]);
+        p.heard("us-east", vec!["eu-west".into()]);
         p.caught_up_with("ap-south");
-        // ap-south still reports this region lost: it may adopt its jobs.
+        // Every peer reports this region lost: they may adopt its jobs.
         assert!(!p.own_jobs_settled());
-        p.heard("ap-south", vec![]);
+        p.heard("us-east", vec![]);
         tokio::time::timeout(Duration::from_secs(1), wait)
             .await
-            .expect("settled once every peer is caught up and hears us");
+            .expect("settled once every peer is caught up and one hears us");
         p.forget_caught_up();
         assert!(!p.own_jobs_settled());
+    }
+
+    #[test]
+    fn one_peer_reporting_this_region_lost_does_not_hold_its_jobs() {
+        let p = peers(60_000);
+        p.heard("us-east", vec![]);
+        p.heard("ap-south", vec!["eu-west".into(), "us-east".into()]);
+        p.caught_up_with("us-east");
+        p.caught_up_with("ap-south");
+        // ap-south alone: us-east, heard here, does not agree, so ap-south
+        // cannot adopt; nor is us-east lost, for it is heard here.
+        assert!(p.own_jobs_settled());
+        assert!(p.agreed_lost().is_empty());
     }
 }

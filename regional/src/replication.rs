@@ -16,6 +16,7 @@ mod serve;
 mod snapshot;
 mod sync;
 mod tables;
+mod trust;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -43,6 +44,15 @@ use crate::config::ReplicationConfig;
 use crate::error::Error;
 use crate::mesh::Mesh;
 use crate::peers::Peers;
+
+/// Largest replication message (Pull batch, snapshot chunk) either end
+/// encodes or accepts: twice the largest `max_batch_bytes`, so that a batch
+/// may hold a change that outgrew the budget, alone.
+pub(crate) const MAX_MESSAGE_BYTES: usize = 2 * crate::config::MAX_BATCH_BYTES as usize;
+
+/// Largest change that replicates: a message less room for its framing
+/// (the batch's fields, the protobuf and gRPC headers).
+const MAX_CHANGE_BYTES: usize = MAX_MESSAGE_BYTES - (64 << 10);
 
 /// The node's replication: shared by the service, the followers and status.
 pub(crate) struct Replication {

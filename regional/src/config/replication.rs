@@ -6,6 +6,10 @@ use std::time::Duration;
 use meridian_proto::config::Problems;
 use serde::Deserialize;
 
+/// Most `max_batch_bytes`: half of the largest replication message either
+/// end accepts, so a change that outgrows a batch still fits in one.
+pub(crate) const MAX_BATCH_BYTES: u64 = 32 << 20;
+
 /// Cross-region replication. Every key has a default; no peers means the
 /// region only logs its changes (for peers that may come later).
 #[derive(Debug, Clone, Deserialize)]
@@ -20,6 +24,12 @@ pub struct ReplicationConfig {
     pub max_clock_drift_ms: u64,
     /// Most changes per batch, asked of peers and served to them.
     pub batch_size: u32,
+    /// Most bytes of changes (payloads and keys) per Pull batch and per
+    /// snapshot or relay chunk served. A single change larger than this
+    /// still travels, alone in its batch. At most 32 MiB: both ends accept
+    /// replication messages up to 64 MiB, which leaves room for a change
+    /// that outgrows the budget.
+    pub max_batch_bytes: u64,
     /// First wait before reconnecting to a peer after a failure, in
     /// milliseconds; it doubles per failure up to `reconnect_backoff_max_ms`.
     pub reconnect_backoff_ms: u64,
@@ -108,6 +118,7 @@ impl Default for ReplicationConfig {
             peers: Vec::new(),
             max_clock_drift_ms: 5_000,
             batch_size: 500,
+            max_batch_bytes: 4 << 20,
             reconnect_backoff_ms: 100,
             reconnect_backoff_max_ms: 5_000,
             heartbeat_interval_ms: 1_000,
@@ -156,6 +167,7 @@ impl ReplicationConfig {
         }
         for (key, value) in [
             ("batch_size", u64::from(self.batch_size)),
+            ("max_batch_bytes", self.max_batch_bytes),
             ("reconnect_backoff_ms", self.reconnect_backoff_ms),
             ("heartbeat_interval_ms", self.heartbeat_interval_ms),
             ("prune_interval_ms", self.prune_interval_ms),
@@ -166,6 +178,13 @@ impl ReplicationConfig {
             if value == 0 {
                 problems.push(format!("`replication.{key}` must be at least 1"));
             }
+        }
+        if self.max_batch_bytes > MAX_BATCH_BYTES {
+            problems.push(format!(
+                "`replication.max_batch_bytes` ({}) must be at most {MAX_BATCH_BYTES}: \
+                 replication messages are accepted up to twice that",
+                self.max_batch_bytes
+            ));
         }
         if !self.sync_tenants.is_empty() && self.peers.is_empty() {
             problems.push(

@@ -36,6 +36,15 @@ pub struct TelemetryConfig {
     pub max_body_bytes: Option<usize>,
     /// How far ahead of the node's clock a reading may be, in seconds.
     pub max_future_skew_s: u64,
+    /// Most labels on one reading; a reading with more is rejected (alone,
+    /// not its batch). Labels are stored and replicated with every reading.
+    pub max_labels: u32,
+    /// Longest label key, in bytes of UTF-8.
+    pub max_label_key_bytes: u32,
+    /// Longest label value, in bytes of UTF-8.
+    pub max_label_value_bytes: u32,
+    /// Most bytes of one reading's label keys and values together.
+    pub max_labels_bytes: u32,
     /// Readings waiting to be written; ingest waits for room beyond this.
     pub write_buffer_readings: u32,
     /// Usage records waiting to be written; more are dropped and counted.
@@ -74,6 +83,10 @@ impl Default for TelemetryConfig {
             max_batch: 10_000,
             max_body_bytes: None,
             max_future_skew_s: 300,
+            max_labels: 32,
+            max_label_key_bytes: 128,
+            max_label_value_bytes: 1024,
+            max_labels_bytes: 8192,
             write_buffer_readings: 100_000,
             usage_buffer: 10_000,
             max_query_buckets: 10_000,
@@ -97,6 +110,8 @@ impl TelemetryConfig {
             ("max_batch", u64::from(self.max_batch)),
             ("usage_buffer", u64::from(self.usage_buffer)),
             ("max_query_buckets", u64::from(self.max_query_buckets)),
+            ("max_label_key_bytes", u64::from(self.max_label_key_bytes)),
+            ("max_labels_bytes", u64::from(self.max_labels_bytes)),
             (
                 "max_body_bytes",
                 self.max_body_bytes.map_or(1, |n| n as u64),

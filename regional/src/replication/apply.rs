@@ -171,6 +171,35 @@ async fn advance(pool: &PgPool, peer: &str, through: u64) -> Result<Applied, Err
     })
 }
 
+/// Refuses a row whose fencing epoch (a job's `owner_epoch`) is missing,
+/// out of range or too far past the row's epoch here: the epoch orders
+/// versions before the clock, so one absurdly high would win every later
+/// write and fence the job off everywhere.
+async fn check_fence(
+    tx: &mut Transaction<'_, Postgres>,
+    table: &tables::Table,
+    fence: &str,
+    key_text: &str,
+    payload: &serde_json::Value,
+) -> Result<(), Error> {
+    let epoch = payload.get(fence).and_then(serde_json::Value::as_i64);
+    // Names from the constant table list, never from the wire.
+    let here: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT {fence} FROM {} WHERE {} = $1::{}",
+        table.name, table.key, table.key_type
+    )))
+    .bind(key_text)
+    .fetch_optional(&mut **tx)
+    .await?;
+    match epoch {
+        Some(epoch) => super::trust::check_epoch(key_text, epoch, here.unwrap_or(0)),
+        None => Err(Error::Refused {
+            reason: super::trust::reason::EPOCH_AHEAD,
+            message: format!("{} {key_text} carries no integer {fence}", table.name),
+        }),
+    }
+}
+
 /// Applies one change; false when a newer version is here already.
 pub(super) async fn apply_one(
     tx: &mut Transaction<'_, Postgres>,
@@ -206,6 +235,9 @@ pub(super) async fn apply_one(
                 .map_err(|e| invalid(&format!("payload is not JSON: {e}")))?;
             if payload.get(table.key).and_then(|k| k.as_str()) != Some(key_text) {
                 return Err(invalid("payload and key disagree"));
+            }
+            if let Some(fence) = table.fence {
+                check_fence(tx, table, fence, key_text, &payload).await?;
             }
             let written = sqlx::query(sql.upsert.as_str())
                 .bind(&payload)

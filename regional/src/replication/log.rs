@@ -33,6 +33,10 @@ type Row = (
 /// applier's transaction (which holds the peer's clock) stay a few MB.
 const MAX_APPENDS_PER_BATCH: i64 = 8;
 
+/// What a change costs on the wire beside its key and payload (table,
+/// clock, origin, time, protobuf tags), counted against a batch's bytes.
+pub(super) const CHANGE_OVERHEAD_BYTES: i64 = 128;
+
 /// What one read of the log found for a caller.
 #[derive(Debug)]
 pub(crate) struct Read {
@@ -50,7 +54,7 @@ pub(crate) struct Read {
     pub full: bool,
 }
 
-/// Up to `limit` changes after `after` (telemetry readings only when the
+/// Up to `limit` changes (and `max_bytes`, or one change) after `after` (telemetry readings only when the
 /// caller is to receive them), how far that reaches, and the log's high
 /// watermark. Fails with [`Error::LogTruncated`] when changes after `after`
 /// were trimmed.
@@ -58,6 +62,7 @@ pub(crate) async fn read(
     pool: &PgPool,
     after: u64,
     limit: u32,
+    max_bytes: u64,
     with_readings: bool,
 ) -> Result<Read, Error> {
     // Read first: sequences commit in order (the clock's lock), so every
@@ -68,17 +73,25 @@ pub(crate) async fn read(
         .fetch_one(pool)
         .await?;
     let after_i = i64::try_from(after).unwrap_or(i64::MAX);
+    // A page of `limit` changes, cut short after the eighth append and
+    // where its bytes pass `max_bytes`; its first change always stays, so a
+    // change larger than a batch travels alone. Sizes are measured as the
+    // text the change is sent as, so the budget holds on the wire.
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT sequence, table_name, key, op, payload, hlc, origin_region, committed_at, page_rows
-           FROM (SELECT *, sum((op = 'append')::int) OVER (ORDER BY sequence) AS appends,
+           FROM (SELECT *, sum((op = 'append')::int) OVER w AS appends,
+                        sum(octet_length(key) + coalesce(octet_length(payload::text), 0)
+                            + $7) OVER w AS bytes,
+                        row_number() OVER w AS position,
                         count(*) OVER () AS page_rows
                    FROM (SELECT sequence, table_name, key, op, payload, hlc, origin_region,
                                 committed_at
                            FROM replication_outbox
                           WHERE sequence > $1 AND sequence <= $2
                             AND ($3 OR table_name <> 'telemetry_readings')
-                          ORDER BY sequence LIMIT $4) page) counted
-          WHERE appends <= $5
+                          ORDER BY sequence LIMIT $4) page
+                 WINDOW w AS (ORDER BY sequence)) counted
+          WHERE appends <= $5 AND (bytes <= $6 OR position = 1)
           ORDER BY sequence",
     )
     .bind(after_i)
@@ -86,6 +99,8 @@ pub(crate) async fn read(
     .bind(with_readings)
     .bind(i64::from(limit))
     .bind(MAX_APPENDS_PER_BATCH)
+    .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
+    .bind(CHANGE_OVERHEAD_BYTES)
     .fetch_all(pool)
     .await?;
     // Read after the rows: a trim that committed before the rows were read
@@ -129,7 +144,20 @@ pub(crate) async fn read(
                 .into(),
             },
         )
-        .collect();
+        .collect::<Vec<Change>>();
+    // Only a change alone in its batch can outgrow the budget; one too large
+    // for any replication message is named, rather than failing the stream
+    // in the encoder.
+    if let [only] = changes.as_slice()
+        && wire_bytes(only) > super::MAX_CHANGE_BYTES
+    {
+        return Err(Error::Replication(format!(
+            "change {} ({}) is {} bytes, more than a replication message carries",
+            only.sequence,
+            only.table,
+            wire_bytes(only)
+        )));
+    }
     Ok(Read {
         changes,
         through,
@@ -137,6 +165,15 @@ pub(crate) async fn read(
         clock,
         full,
     })
+}
+
+/// About what `change` takes in a message: what the batch budget counts.
+pub(super) fn wire_bytes(change: &Change) -> usize {
+    change.key.len()
+        + change.payload.len()
+        + change.table.len()
+        + change.origin_region.len()
+        + CHANGE_OVERHEAD_BYTES as usize
 }
 
 /// (trimmed through, high watermark) of the log.

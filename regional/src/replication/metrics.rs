@@ -26,6 +26,8 @@ pub(crate) struct Metrics {
     pub apply_delay: HistogramVec,
     /// Batches refused because a change's clock was too far ahead.
     pub drift_refusals: IntCounterVec,
+    /// What a peer sent that this region refused, by peer and reason.
+    pub refused: IntCounterVec,
     /// Pull streams that failed or could not start, by peer.
     pub stream_failures: IntCounterVec,
     /// Changes trimmed from this region's log.
@@ -127,6 +129,15 @@ impl Metrics {
             "meridian_replication_clock_drift_refusals_total",
             "Batches refused because a change's clock was too far ahead.",
         );
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "meridian_replication_refused_total",
+                "Batches, snapshots and acks of the peer refused as untrustworthy, by reason.",
+            ),
+            &["peer", "reason"],
+        )
+        .expect("valid metric");
+        reg(Box::new(refused.clone()));
         let stream_failures = counter(
             "meridian_replication_stream_failures_total",
             "Pull streams from the peer that failed or could not start.",
@@ -205,6 +216,7 @@ impl Metrics {
             superseded,
             apply_delay,
             drift_refusals,
+            refused,
             stream_failures,
             pruned,
             trimmed_tombstones,

@@ -11,6 +11,7 @@ use meridian_proto::v1::{AckRequest, ChangeBatch, PullRequest};
 use rand::Rng;
 use tonic::transport::Channel;
 
+use super::trust::{self, reason};
 use super::{Replication, apply, relay, snapshot};
 use crate::config::PeerConfig;
 use crate::error::Error;
@@ -37,9 +38,6 @@ impl PeerState {
         }
     }
 }
-
-/// Largest Pull message accepted from a peer.
-const MAX_BATCH_BYTES: usize = 64 << 20;
 
 /// Follows `peer` until shutdown.
 pub(crate) async fn follow(
@@ -93,11 +91,10 @@ async fn session(
     let name = peer.region.as_str();
     let (applied, incarnation) = watermark(&r.pool, name).await?;
     state.applied.store(applied, Ordering::Relaxed);
-    // Batches of telemetry readings outgrow tonic's 4 MiB default (the
-    // serving side bounds a batch to a few chunks of readings, whose labels
-    // are the unbounded part).
+    // A batch outgrows tonic's 4 MiB default: the server bounds it by
+    // `max_batch_bytes`, or to one larger change, within this limit.
     let mut client =
-        ReplicationClient::new(channel.clone()).max_decoding_message_size(MAX_BATCH_BYTES);
+        ReplicationClient::new(channel.clone()).max_decoding_message_size(super::MAX_MESSAGE_BYTES);
     let pull = client.pull(PullRequest {
         peer_region: r.region.clone(),
         from_sequence: applied,
@@ -147,6 +144,16 @@ async fn session(
         let Some(batch) = batch else {
             return Ok(());
         };
+        // A peer's log holds its own changes only (those applied from others
+        // stay out of it): one of another origin is forged or corrupt, and
+        // nothing of its batch is applied or believed.
+        if let Some((sequence, origin)) = trust::foreign(&batch.changes, name) {
+            return Err(r.refuse(
+                name,
+                reason::FOREIGN_ORIGIN,
+                format!("change {sequence} of {name}'s log names origin {origin:?}"),
+            ));
+        }
         *backoff = first_backoff;
         r.liveness.heard(name, batch.lost_regions.clone());
         if follower.log_restarted(&batch).await? {
@@ -229,6 +236,7 @@ impl Follower<'_> {
         let out = match applying {
             Ok(out) => out,
             Err(e) => {
+                r.count_refusal(name, &e);
                 if matches!(e, Error::ClockDrift(_)) {
                     r.metrics.drift_refusals.with_label_values(&[name]).inc();
                 }

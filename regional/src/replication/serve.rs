@@ -13,12 +13,15 @@ use meridian_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{Replication, log, snapshot};
+use super::{Replication, log, snapshot, trust};
 use crate::error::Error;
 use crate::mesh::Peer;
 
 pub(crate) fn service(replication: Arc<Replication>) -> ReplicationServer<Service> {
+    // The encoder's limit is the followers' decoder limit: a batch the
+    // server builds is one the peer accepts.
     ReplicationServer::new(Service { replication })
+        .max_encoding_message_size(super::MAX_MESSAGE_BYTES)
 }
 
 pub(crate) struct Service {
@@ -30,6 +33,14 @@ pub(crate) struct Service {
 fn check_caller<T>(request: &Request<T>, peer_region: &str) -> Result<(), Status> {
     if peer_region.is_empty() {
         return Err(Error::invalid("`peer_region` is required", None).into());
+    }
+    // Stored and used as a label: only a name a region can have.
+    if !crate::config::valid_region_name(peer_region) {
+        return Err(Error::invalid(
+            "`peer_region` must be 1 to 63 lowercase letters, digits and dashes",
+            None,
+        )
+        .into());
     }
     match request.extensions().get::<Peer>() {
         Some(Peer(identity))
@@ -68,7 +79,14 @@ impl ReplicationApi for Service {
                 tracing::info!(peer = %req.peer_region, origin = %origin, "replication relay requested");
             }
         }
-        Ok(Response::new(snapshot::serve(r.pool.clone(), limit, scope)))
+        Ok(Response::new(snapshot::serve(
+            r.pool.clone(),
+            snapshot::Budget {
+                rows: limit,
+                bytes: r.config.max_batch_bytes,
+            },
+            scope,
+        )))
     }
 
     async fn pull(
@@ -82,6 +100,7 @@ impl ReplicationApi for Service {
             0 => r.config.batch_size,
             n => n.min(r.config.batch_size),
         };
+        let max_bytes = r.config.max_batch_bytes;
         // Subscribed before the first read, so no commit falls between.
         let mut commits = r.commits.subscribe();
         // Readings go to the peers named for them only; the others are moved
@@ -89,7 +108,7 @@ impl ReplicationApi for Service {
         let with_readings = r.config.sends_readings_to(&req.peer_region);
         // The first read answers the call itself, so a truncated log fails
         // the RPC with its status rather than a stream that ends at once.
-        let first = log::read(&r.pool, req.from_sequence, limit, with_readings).await?;
+        let first = log::read(&r.pool, req.from_sequence, limit, max_bytes, with_readings).await?;
         let incarnation = snapshot::incarnation(&r.pool).await?;
         tracing::info!(peer = %req.peer_region, from = req.from_sequence, with_readings, "replication pull started");
         let heartbeat = Duration::from_millis(r.config.heartbeat_interval_ms);
@@ -120,7 +139,7 @@ impl ReplicationApi for Service {
                     break;
                 }
                 commits.borrow_and_update();
-                read = log::read(&r.pool, through, limit, with_readings).await?;
+                read = log::read(&r.pool, through, limit, max_bytes, with_readings).await?;
             }
         };
         Ok(Response::new(Box::pin(stream)))
@@ -129,14 +148,28 @@ impl ReplicationApi for Service {
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
         check_caller(&request, &request.get_ref().peer_region)?;
         let req = request.into_inner();
+        let r = &self.replication;
+        let (_, high) = log::bounds(&r.pool).await?;
+        // A peer acknowledges what it was served, which is at most the log's
+        // end: an ack past it is forged, or counts in another incarnation of
+        // this log (a database restored from an older backup), and taking it
+        // would confirm synchronous writes the peer never received.
+        if req.applied_sequence > high {
+            let e = r.refuse(
+                &req.peer_region,
+                trust::reason::ACK_AHEAD,
+                format!(
+                    "ack of sequence {} past the log's end {high}",
+                    req.applied_sequence
+                ),
+            );
+            return Err(Status::failed_precondition(e.to_string()));
+        }
         // Before the write to PostgreSQL: the peer's apply transaction has
         // committed, which is all a synchronous writer waits for; the row
         // only bounds trimming.
-        self.replication
-            .note_ack(&req.peer_region, req.applied_sequence);
-        let pool = &self.replication.pool;
-        log::ack(pool, &req.peer_region, req.applied_sequence).await?;
-        let (_, high) = log::bounds(pool).await?;
+        r.note_ack(&req.peer_region, req.applied_sequence);
+        log::ack(&r.pool, &req.peer_region, req.applied_sequence).await?;
         Ok(Response::new(AckResponse {
             high_watermark: high,
         }))

@@ -20,10 +20,14 @@ use sqlx::PgPool;
 use tonic::Status;
 use tonic::transport::Channel;
 
+pub(super) use self::chunk::Budget;
+use self::chunk::Chunk;
 use super::hlc::{Hlc, check_drift, now_ms};
 use super::{Replication, apply, tables};
 use crate::config::PeerConfig;
 use crate::error::Error;
+
+mod chunk;
 
 /// What a `Replication.Snapshot` call asks for.
 #[derive(Debug, Clone)]
@@ -48,14 +52,13 @@ impl Scope {
     }
 }
 
-/// The stream `Replication.Snapshot` answers with: rows in chunks of
-/// `limit`, then the positions (for a whole snapshot) in the last chunk.
+/// The stream `Replication.Snapshot` answers with: rows in chunks within
+/// `budget`, then the positions (for a whole snapshot) in the last chunk.
 pub(super) fn serve(
     pool: PgPool,
-    limit: u32,
+    budget: Budget,
     scope: Scope,
 ) -> BoxStream<'static, Result<SnapshotChunk, Status>> {
-    let limit = limit.max(1) as usize;
     Box::pin(async_stream::try_stream! {
         let mut tx = pool.begin().await.map_err(Error::from)?;
         // One snapshot for rows and positions alike.
@@ -67,7 +70,7 @@ pub(super) fn serve(
             .execute(&mut *tx)
             .await
             .map_err(Error::from)?;
-        let mut changes = Vec::with_capacity(limit);
+        let mut chunk = Chunk::new(budget);
         for table in tables::TABLES {
             let sql = match &scope {
                 Scope::Whole => table.snapshot_sql(),
@@ -81,9 +84,8 @@ pub(super) fn serve(
             }
             let mut rows = query.fetch(&mut *tx);
             while let Some((key, payload, hlc, origin)) = rows.try_next().await.map_err(Error::from)? {
-                changes.push(row_change(table.name, key.into_bytes(), Some(payload), hlc, origin));
-                if changes.len() >= limit {
-                    yield SnapshotChunk { changes: std::mem::take(&mut changes), ..Default::default() };
+                if let Some(full) = chunk.push(row_change(table.name, key.into_bytes(), Some(payload), hlc, origin)) {
+                    yield full;
                 }
             }
         }
@@ -101,9 +103,8 @@ pub(super) fn serve(
         }
         let mut rows = query.fetch(&mut *tx);
         while let Some((table, key, hlc, origin)) = rows.try_next().await.map_err(Error::from)? {
-            changes.push(row_change(&table, key, None, hlc, origin));
-            if changes.len() >= limit {
-                yield SnapshotChunk { changes: std::mem::take(&mut changes), ..Default::default() };
+            if let Some(full) = chunk.push(row_change(&table, key, None, hlc, origin)) {
+                yield full;
             }
         }
         drop(rows);
@@ -112,7 +113,7 @@ pub(super) fn serve(
             Scope::Relay { .. } => Vec::new(),
         };
         tx.commit().await.map_err(Error::from)?;
-        yield SnapshotChunk { changes, positions, complete: true };
+        yield SnapshotChunk { changes: chunk.changes, positions, complete: true };
     })
 }
 
@@ -219,8 +220,22 @@ pub(super) async fn receive(
     channel: Channel,
     scope: Scope,
 ) -> Result<Received, Error> {
+    let result = receive_checked(r, peer, channel, scope).await;
+    if let Err(e) = &result {
+        r.count_refusal(peer, e);
+    }
+    result
+}
+
+async fn receive_checked(
+    r: &Replication,
+    peer: &str,
+    channel: Channel,
+    scope: Scope,
+) -> Result<Received, Error> {
     let failed = |s: Status| Error::Replication(format!("snapshot from {peer}: {s}"));
-    let mut client = ReplicationClient::new(channel);
+    let mut client =
+        ReplicationClient::new(channel).max_decoding_message_size(super::MAX_MESSAGE_BYTES);
     let (origin_region, after_hlc) = match &scope {
         Scope::Whole => (String::new(), 0),
         Scope::Relay { origin, after_hlc } => {
@@ -259,6 +274,9 @@ pub(super) async fn receive(
                 "snapshot from {peer} ended before its last chunk"
             )));
         };
+        if let Scope::Relay { origin, .. } = &scope {
+            check_relay(&chunk, origin, peer)?;
+        }
         let now = now_ms();
         for c in &chunk.changes {
             check_drift(Hlc::from_u64(c.hlc), now, max_drift)
@@ -288,7 +306,11 @@ pub(super) async fn receive(
     .bind(i64::try_from(got.max_hlc).unwrap_or(i64::MAX))
     .execute(&mut *tx)
     .await?;
-    for p in positions.iter().filter(|p| p.origin_region != r.region) {
+    // Only the serving region's own position is taken: it speaks for its
+    // own log. Its watermarks of other origins would let it move this
+    // region past changes it never sent; those origins are followed from
+    // the watermarks here (applying again is idempotent).
+    for p in positions.iter().filter(|p| p.origin_region == peer) {
         // Within one incarnation a watermark only grows; a position in
         // another incarnation replaces ours (should it be the stale one,
         // the next Pull sees the peer's incarnation and starts from 0,
@@ -315,6 +337,25 @@ pub(super) async fn receive(
     }
     tx.commit().await?;
     Ok(got)
+}
+
+/// A relay carries rows `origin` wrote last and nothing else: no row of
+/// another origin, and no log positions.
+fn check_relay(chunk: &SnapshotChunk, origin: &str, peer: &str) -> Result<(), Error> {
+    use super::trust::{foreign, reason};
+    if let Some((_, other)) = foreign(&chunk.changes, origin) {
+        return Err(Error::Refused {
+            reason: reason::RELAY_ORIGIN,
+            message: format!("{peer} relayed a row of {other:?} when asked for {origin:?}"),
+        });
+    }
+    if !chunk.positions.is_empty() {
+        return Err(Error::Refused {
+            reason: reason::RELAY_POSITIONS,
+            message: format!("{peer} sent log positions with a relay of {origin:?}"),
+        });
+    }
+    Ok(())
 }
 
 /// Whether this region's database holds nothing replicated and has applied

@@ -48,6 +48,10 @@ pub(crate) struct Limits {
     retention: chrono::Duration,
     retention_days: u32,
     future_skew_s: u64,
+    max_labels: usize,
+    max_label_key_bytes: usize,
+    max_label_value_bytes: usize,
+    max_labels_bytes: usize,
 }
 
 impl Limits {
@@ -59,6 +63,10 @@ impl Limits {
                 .unwrap_or(chrono::Duration::MAX),
             retention_days: config.retention_days,
             future_skew_s: config.max_future_skew_s,
+            max_labels: config.max_labels as usize,
+            max_label_key_bytes: config.max_label_key_bytes as usize,
+            max_label_value_bytes: config.max_label_value_bytes as usize,
+            max_labels_bytes: config.max_labels_bytes as usize,
         }
     }
 
@@ -91,6 +99,7 @@ impl Limits {
         if !r.value.is_finite() {
             return Err("value is not finite".into());
         }
+        self.check_labels(&r.labels)?;
         if r.ts > now + self.max_future_skew {
             return Err(format!(
                 "ts is more than {} s in the future",
@@ -132,6 +141,44 @@ impl Sorted {
                 .collect(),
             rejected: count as u64,
         }
+    }
+}
+
+impl Limits {
+    /// Labels are stored, indexed and replicated with every reading: their
+    /// count and sizes are bounded, each limit named when passed.
+    fn check_labels(&self, labels: &BTreeMap<String, String>) -> Result<(), String> {
+        if labels.len() > self.max_labels {
+            return Err(format!(
+                "{} labels, more than the limit of {} (`telemetry.max_labels`)",
+                labels.len(),
+                self.max_labels
+            ));
+        }
+        let mut total = 0usize;
+        for (key, value) in labels {
+            if key.len() > self.max_label_key_bytes {
+                return Err(format!(
+                    "label key {:?} is longer than {} bytes (`telemetry.max_label_key_bytes`)",
+                    key.chars().take(32).collect::<String>(),
+                    self.max_label_key_bytes
+                ));
+            }
+            if value.len() > self.max_label_value_bytes {
+                return Err(format!(
+                    "label {key:?} has a value longer than {} bytes (`telemetry.max_label_value_bytes`)",
+                    self.max_label_value_bytes
+                ));
+            }
+            total += key.len() + value.len();
+        }
+        if total > self.max_labels_bytes {
+            return Err(format!(
+                "labels take {total} bytes, more than {} (`telemetry.max_labels_bytes`)",
+                self.max_labels_bytes
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -433,5 +480,47 @@ mod tests {
         let mut r = reading(now + chrono::Duration::minutes(4));
         r.value = f64::MAX;
         assert_eq!(limits.check(&r, now), Ok(()));
+    }
+
+    #[test]
+    fn labels_are_bounded_by_count_key_value_and_total() {
+        let config = TelemetryConfig {
+            max_labels: 3,
+            max_label_key_bytes: 8,
+            max_label_value_bytes: 16,
+            max_labels_bytes: 30,
+            ..TelemetryConfig::default()
+        };
+        let limits = Limits::new(&config);
+        let now = Utc::now();
+        let with = |labels: &[(&str, &str)]| Reading {
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..reading(now)
+        };
+        let fits = with(&[("a", "x".repeat(16).as_str()), ("bb", "y"), ("k", "")]);
+        assert_eq!(limits.check(&fits, now), Ok(()));
+        let too_long = "v".repeat(17);
+        let cases = [
+            (
+                with(&[("a", ""), ("b", ""), ("c", ""), ("d", "")]),
+                "max_labels`",
+            ),
+            (with(&[("keykeykey", "")]), "max_label_key_bytes"),
+            (with(&[("k", too_long.as_str())]), "max_label_value_bytes"),
+            (
+                with(&[
+                    ("a", "\u{1}".repeat(16).as_str()),
+                    ("b", "x".repeat(16).as_str()),
+                ]),
+                "max_labels_bytes",
+            ),
+        ];
+        for (r, reason) in cases {
+            let e = limits.check(&r, now).unwrap_err();
+            assert!(e.contains(reason), "{e} vs {reason}");
+        }
     }
 }

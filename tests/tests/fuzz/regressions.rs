@@ -62,6 +62,12 @@ async fn fuzz_findings_stay_fixed() {
                 .concat(),
             ],
         },
+        // Replication: an Ack naming a `peer_region` with a NUL reached the
+        // database and failed there (INTERNAL); now INVALID_ARGUMENT.
+        grpc::Case {
+            method: "/meridian.v1.Replication/Ack",
+            messages: vec![b"\n\x03a\x00b\x10\x01".to_vec()],
+        },
         // A 16 KB model name came back in the status message, over the
         // client's header-list limit: an h2 protocol error, not NOT_FOUND.
         grpc::Case {
