@@ -60,6 +60,9 @@ pub(crate) struct Parts {
     /// `server.max_body_bytes`: the largest JSON body (telemetry ingest
     /// has its own).
     pub max_body_bytes: usize,
+    /// `server.stream_write_timeout_ms`: how long a streamed answer waits
+    /// for its reader before it is cut.
+    pub stream_write_timeout: std::time::Duration,
 }
 
 /// What every handler shares: the [`Parts`], read only, and the region's

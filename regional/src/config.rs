@@ -39,6 +39,9 @@ pub struct Config {
     pub(crate) max_in_flight: u32,
     /// Largest JSON API body, in bytes (`server.max_body_bytes`).
     pub(crate) max_body_bytes: usize,
+    /// How long a streamed answer waits for its reader
+    /// (`server.stream_write_timeout_ms`).
+    pub(crate) stream_write_timeout: Duration,
     /// Redis URL of this region.
     pub(crate) redis_url: String,
     /// PostgreSQL URL of this region.
@@ -125,6 +128,10 @@ struct RawServer {
     /// Largest request body of the JSON API, in bytes; telemetry ingest
     /// has its own (`telemetry.max_body_bytes`).
     max_body_bytes: usize,
+    /// How long a streamed answer (SSE, gRPC server stream) waits for its
+    /// reader to take more, in milliseconds, before it is cut and what it
+    /// holds (admission slot, model work, watch slot) released.
+    stream_write_timeout_ms: u64,
 }
 
 impl Default for RawServer {
@@ -134,6 +141,7 @@ impl Default for RawServer {
             shutdown_grace_ms: 10_000,
             max_in_flight: 1024,
             max_body_bytes: 8 << 20,
+            stream_write_timeout_ms: 30_000,
         }
     }
 }
@@ -294,6 +302,9 @@ impl RawConfig {
         if self.postgres.max_connections == 0 {
             problems.push("`postgres.max_connections` must be at least 1");
         }
+        if self.server.stream_write_timeout_ms < 10 {
+            problems.push("`server.stream_write_timeout_ms` must be at least 10");
+        }
         if self.server.max_body_bytes < 1024 {
             problems.push("`server.max_body_bytes` must be at least 1024");
         }
@@ -323,6 +334,7 @@ impl RawConfig {
             shutdown_grace: Duration::from_millis(self.server.shutdown_grace_ms),
             max_in_flight: self.server.max_in_flight,
             max_body_bytes: self.server.max_body_bytes,
+            stream_write_timeout: Duration::from_millis(self.server.stream_write_timeout_ms),
             redis_url: self.redis.url,
             postgres_url: self.postgres.url,
             postgres_max_connections: self.postgres.max_connections,

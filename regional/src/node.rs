@@ -176,6 +176,7 @@ impl RegionalNode {
             tracer: tracer.clone(),
             replication,
             max_body_bytes: config.max_body_bytes,
+            stream_write_timeout: config.stream_write_timeout,
         };
         let app = crate::mesh::protect(api::app(api, health_service), &config.mesh);
 

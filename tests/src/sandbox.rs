@@ -166,6 +166,15 @@ impl RegionSandbox {
         } else {
             MeshSection::Plaintext
         };
+        // A leading `[server]` table of the extra config joins the file's
+        // own, which TOML allows only once.
+        let (server, extra) = match self.extra_config.trim_start().strip_prefix("[server]") {
+            Some(rest) => match rest.find("\n[") {
+                Some(end) => (&rest[..end], &rest[end..]),
+                None => (rest, ""),
+            },
+            None => ("", self.extra_config.as_str()),
+        };
         let file =
             RegionConfigFile::new(&self.name, listen, &self.redis.url(), &self.postgres.url())
                 .shutdown_grace_ms(2000)
@@ -174,7 +183,8 @@ impl RegionSandbox {
                 .model(sim(TEST_MODEL, 0, 0))
                 .model(sim(TEST_SLOW_MODEL, 50, 150))
                 .mesh(mesh)
-                .extra(&self.extra_config);
+                .server_keys(server.trim())
+                .extra(extra);
         match &self.replication {
             Some((peers, settings)) => file.replication(peers.clone(), settings),
             None => file,

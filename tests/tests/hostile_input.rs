@@ -545,3 +545,64 @@ async fn clients_at_the_edge_reach_no_operator_endpoint() {
         .unwrap();
     assert_eq!(res.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_nobody_reads_gives_its_admission_slot_back() {
+    setup();
+    let region = RegionSandbox::start_with_config(
+        "eu-west",
+        "[server]\nstream_write_timeout_ms = 1500\n\
+         [inference]\nmax_in_flight_per_tenant = 1\n\
+         [[models]]\nid = \"sim-long\"\ncontext_window_tokens = 400000\n\
+         backend = { kind = \"sim\", prefill_us_per_token = 0, ttft_ms = 0, per_token_ms = 0 }\n",
+    )
+    .await;
+    // A reader with a tiny window that never reads: tens of MB of events
+    // (this seed's answer is long) fill every buffer on the way.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(region.addr()).await.unwrap();
+    let body = json!({"model": "sim-long", "stream": true, "max_tokens": 300_000, "seed": 7,
+                      "messages": [{"role": "user", "content": "tell me everything"}]})
+    .to_string();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: region\r\n{TENANT}: hostile\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    stalled.write_all(body.as_bytes()).await.unwrap();
+
+    let http = reqwest::Client::new();
+    let small = json!({"model": TEST_MODEL, "max_tokens": 4,
+                       "messages": [{"role": "user", "content": "hi"}]});
+    let chat = || {
+        http.post(format!("{}/v1/chat/completions", region.url()))
+            .header(TENANT, "hostile")
+            .json(&small)
+            .send()
+    };
+    // Held while the stalled stream is still waited on...
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let res = chat().await.unwrap();
+    assert_eq!(
+        res.status(),
+        429,
+        "the stalled stream holds the tenant's one slot"
+    );
+    // ...and given back once the stream is cut.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let res = chat().await.unwrap();
+        if res.status() == 200 {
+            break;
+        }
+        assert_eq!(res.status(), 429);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot was never given back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(stalled);
+}

@@ -72,6 +72,8 @@ pub struct RegionConfigFile {
     models: Vec<SimModel>,
     embeddings_dir: Option<PathBuf>,
     otlp_endpoint: Option<String>,
+    /// More `[server]` keys, one per line.
+    server_extra: String,
     extra: String,
     replication: Option<Replication>,
 }
@@ -98,6 +100,7 @@ impl RegionConfigFile {
             models: Vec::new(),
             embeddings_dir: None,
             otlp_endpoint: None,
+            server_extra: String::new(),
             extra: String::new(),
             replication: None,
         }
@@ -163,6 +166,12 @@ impl RegionConfigFile {
         self
     }
 
+    /// More keys of the `[server]` table, as TOML lines.
+    pub fn server_keys(mut self, toml: &str) -> Self {
+        self.server_extra = toml.to_string();
+        self
+    }
+
     /// The file's text.
     pub fn to_toml(&self) -> String {
         let mut t = String::new();
@@ -170,6 +179,9 @@ impl RegionConfigFile {
         let _ = writeln!(t, "\n[server]\nlisten = \"{}\"", self.listen);
         if let Some(ms) = self.shutdown_grace_ms {
             let _ = writeln!(t, "shutdown_grace_ms = {ms}");
+        }
+        if !self.server_extra.is_empty() {
+            let _ = writeln!(t, "{}", self.server_extra.trim_end());
         }
         let _ = writeln!(t, "\n[redis]\nurl = {}", quote(&self.redis_url));
         if let Some(ms) = self.redis_connect_timeout_ms {

@@ -23,6 +23,7 @@ use crate::inference::{
     parse_timeout_ms,
 };
 use crate::replication::{DURABILITY_HEADER, Durability};
+use crate::slow_reader::cut_after;
 
 pub(super) fn inference(state: Arc<AppState>) -> InferenceServer<InferenceApi> {
     InferenceServer::new(InferenceApi { state })
@@ -273,6 +274,13 @@ impl Inference for InferenceApi {
             }
             Ok(out)
         });
+        let timeout = self.state.stream_write_timeout;
+        let stream = cut_after(
+            stream,
+            timeout,
+            "GenerateStream",
+            Some(Err(unread(timeout))),
+        );
         let mut response = Response::new(stream.boxed());
         model_metadata(&mut response, &response_model);
         durability_metadata(&mut response, durability);
@@ -315,4 +323,14 @@ impl Inference for InferenceApi {
             region: self.state.region.clone(),
         }))
     }
+}
+
+/// The status a gRPC stream ends with when its reader took nothing for
+/// `timeout` (`server.stream_write_timeout_ms`).
+pub(super) fn unread(timeout: std::time::Duration) -> Status {
+    Status::deadline_exceeded(format!(
+        "the stream was cut: its reader took nothing for {} ms \
+         (`server.stream_write_timeout_ms`)",
+        timeout.as_millis()
+    ))
 }

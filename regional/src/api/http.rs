@@ -22,6 +22,7 @@ use crate::answer::Streamed;
 use crate::cache::RESULT_HEADER;
 use crate::error::Error;
 use crate::inference::Chunk;
+use crate::slow_reader::cut_after;
 
 pub(super) fn routes(state: Arc<AppState>) -> Router {
     Router::new()
@@ -77,6 +78,13 @@ async fn chat(
             durability_header(streamed.durability),
         );
         let body = sse(id, created, req.model, include_usage, streamed);
+        let body = Sse::new(cut_after(
+            body,
+            state.stream_write_timeout,
+            "chat completion stream",
+            None,
+        ))
+        .keep_alive(KeepAlive::default());
         return Ok((headers, body).into_response());
     }
     let done = state.pipeline.answer(&mut req, ask).await?;
@@ -124,7 +132,7 @@ fn sse(
     model: String,
     include_usage: bool,
     streamed: Streamed,
-) -> impl IntoResponse {
+) -> impl futures::Stream<Item = Result<Event, Infallible>> + Send + 'static {
     let Streamed {
         chunks,
         outcome,
@@ -191,7 +199,7 @@ fn sse(
         }
         yield Ok(Event::default().data("[DONE]"));
     };
-    Sse::new(body).keep_alive(KeepAlive::default())
+    body
 }
 
 /// `GET /v1/conversations/{id}`: the tenant's conversation as stored in

@@ -27,6 +27,7 @@ use crate::conversation::{CONVERSATION_HEADER, ConversationId};
 use crate::error::Error;
 use crate::inference::{ChatRequest, Chunk, Hints, Message, SizeHint, parse_timeout_ms};
 use crate::replication::{DURABILITY_HEADER, Durability};
+use crate::slow_reader::cut_after;
 
 /// Request header: the client's deadline for this request, in milliseconds.
 pub(crate) const TIMEOUT_HEADER: &str = meridian_proto::header::TIMEOUT_MS;
@@ -268,7 +269,13 @@ async fn completions(
         }
         yield Event::default().data("[DONE]");
     };
-    let body = Sse::new(events.map(Ok::<_, Infallible>)).keep_alive(KeepAlive::default());
+    let events = cut_after(
+        events.map(Ok::<_, Infallible>),
+        state.stream_write_timeout,
+        "completion stream",
+        None,
+    );
+    let body = Sse::new(events).keep_alive(KeepAlive::default());
     let cache = [(RESULT_HEADER, outcome.header())];
     Ok((model_header(&req.model), cache, durability, body).into_response())
 }

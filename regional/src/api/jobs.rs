@@ -23,6 +23,7 @@ use super::{AppState, Tenant};
 use crate::error::Error;
 use crate::queue::{Job, JobError, JobRequest, Priority, Submission};
 use crate::replication::{DURABILITY_HEADER, Durability};
+use crate::slow_reader::cut_after;
 
 pub(super) use self::grpc::service as grpc;
 
@@ -166,6 +167,7 @@ async fn events(
         };
         Ok::<_, Infallible>(event)
     });
+    let events = cut_after(events, state.stream_write_timeout, "job events", None);
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response())

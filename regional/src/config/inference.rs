@@ -16,8 +16,9 @@ pub struct InferenceConfig {
     /// Deadline of an HTTP inference request when it names none in
     /// `x-meridian-timeout-ms`, in milliseconds (gRPC uses `grpc-timeout`).
     pub request_timeout_ms: u64,
-    /// Inference requests one tenant may have in flight in this region; 0
-    /// means no limit besides `server.max_in_flight`.
+    /// Inference requests one tenant may have in flight on this node; 0
+    /// means no limit besides `server.max_in_flight`. A quarter of the
+    /// node's default capacity, so one tenant alone cannot take it all.
     pub max_in_flight_per_tenant: u32,
     /// What `Retry-After` tells a client refused by admission control, in
     /// milliseconds (rounded up to whole seconds on HTTP).
@@ -34,7 +35,7 @@ impl Default for InferenceConfig {
     fn default() -> Self {
         Self {
             request_timeout_ms: 60_000,
-            max_in_flight_per_tenant: 0,
+            max_in_flight_per_tenant: 256,
             retry_after_ms: 1_000,
             max_messages: 2_048,
             max_conversation_bytes: 4 << 20,

@@ -30,6 +30,10 @@ pub struct ReplicationConfig {
     /// replication messages up to 64 MiB, which leaves room for a change
     /// that outgrows the budget.
     pub max_batch_bytes: u64,
+    /// How long a snapshot or relay stream waits for its taker to read on,
+    /// in milliseconds, before it is cut: it holds a database snapshot
+    /// (and a connection) open while it runs.
+    pub snapshot_write_timeout_ms: u64,
     /// First wait before reconnecting to a peer after a failure, in
     /// milliseconds; it doubles per failure up to `reconnect_backoff_max_ms`.
     pub reconnect_backoff_ms: u64,
@@ -119,6 +123,7 @@ impl Default for ReplicationConfig {
             max_clock_drift_ms: 5_000,
             batch_size: 500,
             max_batch_bytes: 4 << 20,
+            snapshot_write_timeout_ms: 30_000,
             reconnect_backoff_ms: 100,
             reconnect_backoff_max_ms: 5_000,
             heartbeat_interval_ms: 1_000,
@@ -139,6 +144,9 @@ impl Default for ReplicationConfig {
 
 impl ReplicationConfig {
     pub(crate) fn validate(&self, region: &str, problems: &mut Problems) {
+        if self.snapshot_write_timeout_ms < 10 {
+            problems.push("`replication.snapshot_write_timeout_ms` must be at least 10");
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, p) in self.peers.iter().enumerate() {
             if p.region == region {

@@ -79,14 +79,25 @@ impl ReplicationApi for Service {
                 tracing::info!(peer = %req.peer_region, origin = %origin, "replication relay requested");
             }
         }
-        Ok(Response::new(snapshot::serve(
+        let chunks = snapshot::serve(
             r.pool.clone(),
             snapshot::Budget {
                 rows: limit,
                 bytes: r.config.max_batch_bytes,
             },
             scope,
-        )))
+        );
+        // A taker that stops reading would hold the snapshot's transaction
+        // (and the vacuum horizon) open.
+        let timeout = Duration::from_millis(r.config.snapshot_write_timeout_ms);
+        let cut = Status::deadline_exceeded(format!(
+            "the snapshot was cut: its taker read nothing for {} ms \
+             (`replication.snapshot_write_timeout_ms`)",
+            timeout.as_millis()
+        ));
+        let chunks =
+            crate::slow_reader::cut_after(chunks, timeout, "replication snapshot", Some(Err(cut)));
+        Ok(Response::new(Box::pin(chunks)))
     }
 
     async fn pull(

@@ -101,6 +101,13 @@ impl Jobs for JobsApi {
                 occurred_at: Some(std::time::SystemTime::from(change.at).into()),
             })
         });
+        let timeout = self.state.stream_write_timeout;
+        let events = crate::slow_reader::cut_after(
+            events,
+            timeout,
+            "job watch",
+            Some(Err(super::super::grpc::unread(timeout))),
+        );
         Ok(Response::new(events.boxed()))
     }
 
