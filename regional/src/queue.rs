@@ -45,7 +45,7 @@ pub(crate) use self::metrics::Metrics;
 pub(crate) use self::store::{Job, JobError, JobRequest, JobState, Priority};
 
 /// Longest idempotency key accepted (the proto allows servers this limit).
-const MAX_KEY_BYTES: usize = 255;
+pub(crate) const MAX_KEY_BYTES: usize = 255;
 
 /// The jobs of one node: submission, lookups, cancellation, and the handles
 /// its workers and sweeper share.
