@@ -212,6 +212,20 @@ impl Queue {
                 Some("idempotency_key"),
             ));
         }
+        if let Some(k) = &key
+            && let Some(existing) = store::by_key_any_home(&self.pool, tenant.as_str(), k).await?
+        {
+            // Keys are unique per home region, but a replay in another
+            // region (a failover after the first may have stored the job)
+            // finds the first job once its row has replicated here.
+            if existing.request != request || existing.priority != priority {
+                return Err(Error::IdempotencyKeyReused(k.clone()));
+            }
+            return Ok(Submitted {
+                job: existing,
+                logged_as: None,
+            });
+        }
         let mut tx = self.pool.begin().await?;
         let inserted = store::insert(
             &mut tx,
