@@ -34,7 +34,9 @@ use crate::regions::{Lease, Regions};
 use crate::respond::ErrorReply;
 use crate::route::{Plan, Reason, RequestFacts, Router};
 use crate::{CONVERSATION_HEADER, DURABILITY_HEADER, REGION_HEADER, ROUTE_HEADER, SESSION_HEADER};
-use meridian_proto::header::{IDEMPOTENCY_KEY as IDEMPOTENCY_KEY_HEADER, REPLAYED as REPLAYED_HEADER};
+use meridian_proto::header::{
+    IDEMPOTENCY_KEY as IDEMPOTENCY_KEY_HEADER, REPLAYED as REPLAYED_HEADER,
+};
 
 /// What a region answers when it cannot take a request now: the gateway
 /// tries the next region, if there is one.

@@ -135,10 +135,17 @@ async fn a_job_sent_to_a_region_that_reset_is_not_replayed_without_a_key() {
     let (a, b) = (pool(first).await, pool(second).await);
     let jobs = "SELECT count(*) FROM jobs";
 
-    let reply = reset_after_store(&gateway, &proxy, "/v1/jobs", &[], chat("once", None), || {
-        let a = a.clone();
-        async move { count(&a, jobs).await == 1 }
-    })
+    let reply = reset_after_store(
+        &gateway,
+        &proxy,
+        "/v1/jobs",
+        &[],
+        chat("once", None),
+        || {
+            let a = a.clone();
+            async move { count(&a, jobs).await == 1 }
+        },
+    )
     .await;
     assert_eq!(reply.status, 502, "{}", reply.body);
     assert_eq!(reply.replayed.as_deref(), Some("no"));
@@ -350,7 +357,10 @@ async fn a_write_whose_region_refused_the_connection_is_still_retried() {
     assert_eq!(count(&b, "SELECT count(*) FROM jobs").await, 1);
 
     let res = reqwest::Client::new()
-        .post(format!("http://{}/v1/chat/completions", gateway.local_addr()))
+        .post(format!(
+            "http://{}/v1/chat/completions",
+            gateway.local_addr()
+        ))
         .header("x-meridian-conversation", "conv-4")
         .json(&chat("hello", None))
         .send()

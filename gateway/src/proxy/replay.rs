@@ -140,16 +140,34 @@ mod tests {
             None
         ));
         assert!(!stores_without_key(&req("GET", "/v1/jobs/x", &[]), None));
-        assert!(!stores_without_key(&req("POST", "/v1/telemetry", &[]), None));
+        assert!(!stores_without_key(
+            &req("POST", "/v1/telemetry", &[]),
+            None
+        ));
         let chat_path = "/v1/chat/completions";
-        assert!(!stores_without_key(&req("POST", chat_path, &[]), Some(&chat)));
-        assert!(stores_without_key(&req("POST", chat_path, &[]), Some(&turn)));
+        assert!(!stores_without_key(
+            &req("POST", chat_path, &[]),
+            Some(&chat)
+        ));
+        assert!(stores_without_key(
+            &req("POST", chat_path, &[]),
+            Some(&turn)
+        ));
         assert!(stores_without_key(&req("POST", chat_path, &[]), None));
         let named = req("POST", chat_path, &[("x-meridian-conversation", "c")]);
         assert!(stores_without_key(&named, Some(&chat)));
         let generate = "/meridian.v1.Inference/Generate";
-        assert!(!stores_without_key(&req("POST", generate, &[]), Some(&frame(""))));
-        assert!(stores_without_key(&req("POST", generate, &[]), Some(&frame("c"))));
-        assert!(stores_without_key(&req("POST", "/meridian.v1.Jobs/Submit", &[]), None));
+        assert!(!stores_without_key(
+            &req("POST", generate, &[]),
+            Some(&frame(""))
+        ));
+        assert!(stores_without_key(
+            &req("POST", generate, &[]),
+            Some(&frame("c"))
+        ));
+        assert!(stores_without_key(
+            &req("POST", "/meridian.v1.Jobs/Submit", &[]),
+            None
+        ));
     }
 }

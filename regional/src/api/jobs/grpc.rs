@@ -37,11 +37,16 @@ impl Jobs for JobsApi {
         )?;
         // The gateway replays a submission in another region only when it
         // carries this metadata; the field and the metadata name one key.
-        let metadata_key = match request.metadata().get(crate::conversation::IDEMPOTENCY_HEADER) {
+        let metadata_key = match request
+            .metadata()
+            .get(crate::conversation::IDEMPOTENCY_HEADER)
+        {
             None => None,
             Some(v) => Some(
                 v.to_str()
-                    .map_err(|_| crate::error::Error::invalid("`idempotency-key` must be ASCII", None))?
+                    .map_err(|_| {
+                        crate::error::Error::invalid("`idempotency-key` must be ASCII", None)
+                    })?
                     .to_string(),
             ),
         };
