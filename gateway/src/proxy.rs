@@ -1,6 +1,7 @@
 //! The Pingora proxy: plan the regions in `request_filter`, connect to a
 //! node of the next one over h2c in `upstream_peer`, retry in the next region when a try
-//! fails before any byte reached the client, name the region in
+//! fails before any byte reached the client (a write that was sent only with
+//! an idempotency key, see [`replay`]), name the region in
 //! `response_filter`, and answer errors in the client's own protocol (OpenAI
 //! JSON for HTTP, a status for gRPC) through [`crate::respond`]. What it
 //! reports of each request (span, metrics, access log) is in [`observe`].

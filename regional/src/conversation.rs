@@ -207,9 +207,14 @@ async fn stored_answer(
     key: &str,
     asked: &[Message],
 ) -> Result<Option<String>, Error> {
+    // Two regions cut off from each other may each have stored the turn
+    // once; the rows of the one that stored first (by turn, then id) answer.
     let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT role, content FROM conversation_messages
-          WHERE conversation_id = $1 AND tenant_id = $2 AND idempotency_key = $3
+        "WITH keyed AS (
+             SELECT turn, id, role, content, origin_region FROM conversation_messages
+              WHERE conversation_id = $1 AND tenant_id = $2 AND idempotency_key = $3)
+         SELECT role, content FROM keyed
+          WHERE origin_region = (SELECT origin_region FROM keyed ORDER BY turn, id LIMIT 1)
           ORDER BY turn, id",
     )
     .bind(id.as_str())

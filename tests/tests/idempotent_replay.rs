@@ -369,3 +369,61 @@ async fn a_write_whose_region_refused_the_connection_is_still_retried() {
     assert_eq!(res.status(), 200);
     assert_eq!(not_replayed_metric(&gateway).await, 0.0);
 }
+
+#[tokio::test]
+async fn a_grpc_turn_sent_to_a_region_that_reset_is_not_replayed_without_a_key() {
+    use meridian_proto::v1::inference_client::InferenceClient;
+    use meridian_proto::v1::{ChatMessage, GenerateRequest};
+
+    init_logging();
+    let cluster = ClusterSandbox::start(&REGIONS).await;
+    let (first, second) = (&cluster.regions[0], &cluster.regions[1]);
+    let proxy = FaultProxy::start(first.addr(), seed("IDEMPOTENT_REPLAY_SEED"))
+        .await
+        .expect("a fault proxy starts");
+    let gateway = gateway((&first.name, proxy.addr()), second).await;
+    let (a, b) = (pool(first).await, pool(second).await);
+    let messages = "SELECT count(*) FROM conversation_messages";
+
+    proxy.cut(Direction::BtoA);
+    let url = format!("http://{}", gateway.local_addr());
+    let sent = tokio::spawn(async move {
+        let mut client = InferenceClient::connect(url).await.expect("h2c");
+        // The conversation is named in the message only: the gateway finds
+        // it by decoding the buffered request.
+        client
+            .generate(GenerateRequest {
+                model: TEST_MODEL.into(),
+                messages: vec![ChatMessage {
+                    role: "user".into(),
+                    content: "over grpc".into(),
+                    name: String::new(),
+                }],
+                max_tokens: Some(6),
+                conversation_id: "conv-grpc".into(),
+                ..Default::default()
+            })
+            .await
+    });
+    until(WAIT, "the first region stores the turn", || {
+        let a = a.clone();
+        async move { count(&a, messages).await == 2 }
+    })
+    .await;
+    proxy.cut_all();
+    let status = sent
+        .await
+        .expect("the client task does not panic")
+        .expect_err("the turn is not replayed");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(
+        status
+            .metadata()
+            .get("x-meridian-replayed")
+            .map(|v| v.to_str().unwrap()),
+        Some("no")
+    );
+    assert_eq!(count(&a, messages).await, 2);
+    assert_eq!(count(&b, messages).await, 0);
+    assert_eq!(not_replayed_metric(&gateway).await, 1.0);
+}
