@@ -50,7 +50,7 @@ impl Metrics {
         let retries = IntCounterVec::new(
             Opts::new(
                 "meridian_gateway_retries_total",
-                "Retries in another region, by whether the retry budget allowed them.",
+                "Retries in another region, by whether the retry budget allowed them, or not_replayed: a write without an idempotency key that may have reached a region.",
             ),
             &["outcome"],
         )

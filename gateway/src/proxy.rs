@@ -1,11 +1,13 @@
 //! The Pingora proxy: plan the regions in `request_filter`, connect to a
 //! node of the next one over h2c in `upstream_peer`, retry in the next region when a try
-//! fails before any byte reached the client, name the region in
+//! fails before any byte reached the client (a write that was sent only with
+//! an idempotency key, see [`replay`]), name the region in
 //! `response_filter`, and answer errors in the client's own protocol (OpenAI
 //! JSON for HTTP, a status for gRPC) through [`crate::respond`]. What it
 //! reports of each request (span, metrics, access log) is in [`observe`].
 
 mod observe;
+mod replay;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +35,9 @@ use crate::regions::{Lease, Regions};
 use crate::respond::ErrorReply;
 use crate::route::{Plan, Reason, RequestFacts, Router};
 use crate::{CONVERSATION_HEADER, DURABILITY_HEADER, REGION_HEADER, ROUTE_HEADER, SESSION_HEADER};
+use meridian_proto::header::{
+    IDEMPOTENCY_KEY as IDEMPOTENCY_KEY_HEADER, REPLAYED as REPLAYED_HEADER,
+};
 
 /// What a region answers when it cannot take a request now: the gateway
 /// tries the next region, if there is one.
@@ -80,6 +85,9 @@ pub(crate) struct Ctx {
     /// The request's span, when tracing is on; regions get it as their
     /// parent in `traceparent`.
     trace: Option<trace::Context>,
+    /// Set when a try failed after its write may have reached the region
+    /// and the write, carrying no idempotency key, was not replayed.
+    not_replayed: bool,
 }
 
 impl Proxy {
@@ -121,13 +129,19 @@ impl Proxy {
         }
     }
 
-    /// Whether another region may be tried now; spends from the retry budget.
-    fn may_retry(&self, ctx: &Ctx) -> bool {
+    /// Whether another region is left to try and the client has seen
+    /// nothing yet.
+    fn may_try_another(&self, ctx: &Ctx) -> bool {
         let remaining = ctx
             .plan
             .as_ref()
             .is_some_and(|p| ctx.attempts < p.order.len().min(self.max_attempts));
-        if !remaining || ctx.responded {
+        remaining && !ctx.responded
+    }
+
+    /// Whether another region may be tried now; spends from the retry budget.
+    fn may_retry(&self, ctx: &Ctx) -> bool {
+        if !self.may_try_another(ctx) {
             return false;
         }
         let allowed = self.budget.try_withdraw();
@@ -188,6 +202,7 @@ impl ProxyHttp for Proxy {
             responded: false,
             admitted: Admitted::default(),
             trace: None,
+            not_replayed: false,
         }
     }
 
@@ -347,10 +362,24 @@ impl ProxyHttp for Proxy {
         let retry = if e.etype() == &ErrorType::HTTPStatus(SATURATED.as_u16()) && e.retry() {
             // Decided (and paid for) in upstream_response_filter.
             true
+        } else if !upstream_fault
+            || session.as_downstream().retry_buffer_truncated()
+            || !self.may_try_another(ctx)
+        {
+            false
+        } else if replay::stores_without_key(
+            session.req_header(),
+            session.as_downstream().get_retry_buffer().as_ref(),
+        ) {
+            // The request was sent: the region may have stored it already.
+            ctx.not_replayed = true;
+            self.metrics
+                .retries
+                .with_label_values(&["not_replayed"])
+                .inc();
+            false
         } else {
-            upstream_fault
-                && !session.as_downstream().retry_buffer_truncated()
-                && self.may_retry(ctx)
+            self.may_retry(ctx)
         };
         e.set_retry(retry);
         tracing::debug!(peer = %peer, retry, error = %e, "try failed");
@@ -446,10 +475,22 @@ impl ProxyHttp for Proxy {
             ),
         };
         tracing::warn!(region = %region, attempts = ctx.attempts, error = %e, "request failed in every region tried");
+        let not_replayed = [(REPLAYED_HEADER, http::HeaderValue::from_static("no"))];
+        let message = if ctx.not_replayed {
+            format!(
+                "{message}, possibly after storing the request: it was not replayed in another \
+                 region because it carries no `{IDEMPOTENCY_KEY_HEADER}`; send one to make \
+                 retries safe"
+            )
+        } else {
+            message
+        };
+        let mut reply = ErrorReply::new(class, &message);
+        if ctx.not_replayed {
+            reply.headers = &not_replayed;
+        }
         if !ctx.responded
-            && let Err(write) = ErrorReply::new(class, &message)
-                .send(session, ctx.grpc)
-                .await
+            && let Err(write) = reply.send(session, ctx.grpc).await
         {
             tracing::debug!(error = %write, "could not send the error response");
         }

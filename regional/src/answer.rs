@@ -20,9 +20,11 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::cache::{Answer, Directives, Outcome, ResponseCache};
-use crate::conversation::{self, ConversationId, Turn};
+use crate::conversation::{self, Begun, ConversationId, Turn};
 use crate::error::Error;
-use crate::inference::{ChatRequest, ChunkStream, Completion, Hints, Inference, Permit, Routed};
+use crate::inference::{
+    ChatRequest, ChunkStream, Completion, Finish, Hints, Inference, Permit, Routed,
+};
 use crate::replication::{Durability, Replication};
 use crate::telemetry::UsageRecorder;
 use crate::telemetry::usage::UsageDraft;
@@ -68,6 +70,9 @@ pub(crate) struct TurnOptions {
     pub conversation: Option<ConversationId>,
     /// `x-meridian-durability` as asked; the tenant's default when `None`.
     pub durability: Option<Durability>,
+    /// `Idempotency-Key`: a repeat of the turn stored under it gets the
+    /// stored answer.
+    pub idempotency_key: Option<String>,
 }
 
 /// What the caller of the pipeline asks of it, beside the request itself.
@@ -131,7 +136,11 @@ impl Pipeline {
             .parts
             .replication
             .durability(tenant.as_str(), turn.durability)?;
-        let turn = self.begin_turn(tenant, req, turn.conversation).await?;
+        let turn = match self.begin_turn(tenant, req, turn).await? {
+            Some(Begun::Repeated(text)) => return Ok(repeated(text)),
+            Some(Begun::Turn(turn)) => Some(turn),
+            None => None,
+        };
         let (routed, record) = self.route(tenant.as_str(), req, &hints)?;
         let req = &*req;
         let policy = self.parts.cache.policy(req, directives);
@@ -238,19 +247,21 @@ impl Pipeline {
     }
 
     /// The conversation's stored turns prepended to `req`, and the turn to
-    /// store once answered.
+    /// store once answered; or the stored answer of a repeated turn.
     async fn begin_turn(
         &self,
         tenant: &Tenant,
         req: &mut ChatRequest,
-        conversation: Option<ConversationId>,
-    ) -> Result<Option<Turn>, Error> {
-        match conversation {
+        options: TurnOptions,
+    ) -> Result<Option<Begun>, Error> {
+        let id: Option<ConversationId> = options.conversation;
+        match id {
             None => Ok(None),
             Some(id) => conversation::begin(
                 &self.parts.pool,
                 tenant.as_str(),
                 id,
+                options.idempotency_key,
                 req,
                 &self.parts.limits,
             )
@@ -285,6 +296,27 @@ impl Pipeline {
     }
 }
 
+/// The answer to a repeated turn: the stored text, computed by nothing now.
+/// It reports `async`: committed here, which is what is known of a turn
+/// stored earlier.
+fn repeated(text: String) -> Answered {
+    Answered {
+        answer: Arc::new(repeated_answer(text)),
+        outcome: Outcome::Bypass,
+        time_to_first_token: Duration::ZERO,
+        durability: Some(Durability::Async),
+    }
+}
+
+fn repeated_answer(text: String) -> Answer {
+    Answer {
+        text,
+        finish: Finish::Stop,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+    }
+}
+
 /// [`Pipeline::store_turn`] without the pipeline, for the end of a stream,
 /// which outlives the borrow of the request.
 async fn store_turn(
@@ -296,7 +328,9 @@ async fn store_turn(
     durability: Durability,
 ) -> Result<(), Error> {
     let sequence = turn.store(pool, region, text).await?;
-    if durability == Durability::Sync {
+    if let Some(sequence) = sequence
+        && durability == Durability::Sync
+    {
         replication.wait_applied(sequence).await?;
     }
     Ok(())

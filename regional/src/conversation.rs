@@ -65,12 +65,43 @@ impl ConversationId {
     }
 }
 
+/// Request header (and gRPC metadata key) naming a turn so that a repeat
+/// stores it once; jobs read the same header.
+pub(crate) const IDEMPOTENCY_HEADER: &str = meridian_proto::header::IDEMPOTENCY_KEY;
+
+/// A turn's idempotency key: 1 to 255 ASCII bytes (as for jobs).
+pub(crate) fn idempotency_key(value: Option<&str>) -> Result<Option<String>, Error> {
+    match value {
+        None => Ok(None),
+        Some(k) if k.is_empty() || k.len() > crate::queue::MAX_KEY_BYTES || !k.is_ascii() => {
+            Err(Error::invalid(
+                format!(
+                    "`{IDEMPOTENCY_HEADER}` must be 1 to {} ASCII bytes",
+                    crate::queue::MAX_KEY_BYTES
+                ),
+                None,
+            ))
+        }
+        Some(k) => Ok(Some(k.to_string())),
+    }
+}
+
 /// A turn in progress: the messages the client sent, to be stored with the
 /// answer once it is complete.
 pub(crate) struct Turn {
     id: ConversationId,
     tenant: String,
     new: Vec<Message>,
+    key: Option<String>,
+}
+
+/// What [`begin`] found.
+pub(crate) enum Begun {
+    /// A new turn, its history prepended to the request.
+    Turn(Turn),
+    /// The turn was stored already under the request's idempotency key:
+    /// its stored answer.
+    Repeated(String),
 }
 
 fn not_found(id: &ConversationId) -> Error {
@@ -83,14 +114,17 @@ fn not_found(id: &ConversationId) -> Error {
 /// An id no one uses yet is a new conversation (created when its first turn
 /// is stored); another tenant's is NOT_FOUND. A conversation whose history
 /// and new messages would pass `limits` is refused before its history is
-/// read, so a turn never loads more than the limits allow.
+/// read, so a turn never loads more than the limits allow. A turn stored
+/// under `key` already is answered from the store when the request repeats
+/// its messages, and refused when it does not.
 pub(crate) async fn begin(
     pool: &PgPool,
     tenant: &str,
     id: ConversationId,
+    key: Option<String>,
     req: &mut ChatRequest,
     limits: &Limits,
-) -> Result<Turn, Error> {
+) -> Result<Begun, Error> {
     let owner: Option<String> =
         sqlx::query_scalar("SELECT tenant_id FROM conversations WHERE id = $1")
             .bind(id.as_str())
@@ -98,6 +132,11 @@ pub(crate) async fn begin(
             .await?;
     if owner.is_some_and(|o| o != tenant) {
         return Err(not_found(&id));
+    }
+    if let Some(key) = &key
+        && let Some(answer) = stored_answer(pool, tenant, &id, key, &req.messages).await?
+    {
+        return Ok(Begun::Repeated(answer));
     }
     let (stored, bytes): (i64, i64) = sqlx::query_as(
         "SELECT count(*), COALESCE(sum(octet_length(content)), 0)::bigint
@@ -151,11 +190,50 @@ pub(crate) async fn begin(
             .map(|(role, content)| Message { role, content }),
     );
     req.messages.extend(new.iter().cloned());
-    Ok(Turn {
+    Ok(Begun::Turn(Turn {
         id,
         tenant: tenant.to_string(),
         new,
-    })
+        key,
+    }))
+}
+
+/// The answer of the turn stored under `key`, if there is one; an error if
+/// that turn's messages were not `asked`.
+async fn stored_answer(
+    pool: &PgPool,
+    tenant: &str,
+    id: &ConversationId,
+    key: &str,
+    asked: &[Message],
+) -> Result<Option<String>, Error> {
+    // Two regions cut off from each other may each have stored the turn
+    // once; the rows of the one that stored first (by turn, then id) answer.
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "WITH keyed AS (
+             SELECT turn, id, role, content, origin_region FROM conversation_messages
+              WHERE conversation_id = $1 AND tenant_id = $2 AND idempotency_key = $3)
+         SELECT role, content FROM keyed
+          WHERE origin_region = (SELECT origin_region FROM keyed ORDER BY turn, id LIMIT 1)
+          ORDER BY turn, id",
+    )
+    .bind(id.as_str())
+    .bind(tenant)
+    .bind(key)
+    .fetch_all(pool)
+    .await?;
+    let Some(((_, answer), stored)) = rows.split_last() else {
+        return Ok(None);
+    };
+    let same = stored.len() == asked.len()
+        && stored
+            .iter()
+            .zip(asked)
+            .all(|((role, content), m)| *role == m.role && *content == m.content);
+    if !same {
+        return Err(Error::IdempotencyKeyReused(key.to_string()));
+    }
+    Ok(Some(answer.clone()))
 }
 
 impl Turn {
@@ -163,13 +241,15 @@ impl Turn {
     /// one transaction: either the whole exchange is in the history or none
     /// of it. `region` becomes the home of a conversation created here.
     /// Returns the last sequence of the replication log the turn wrote, for
-    /// a writer that waits until a peer applied it.
+    /// a writer that waits until a peer applied it; `None` when a request
+    /// with the same idempotency key stored the turn meanwhile (two
+    /// concurrent repeats store it once).
     pub(crate) async fn store(
         &self,
         pool: &PgPool,
         region: &str,
         answer: &str,
-    ) -> Result<u64, Error> {
+    ) -> Result<Option<u64>, Error> {
         let mut tx = pool.begin().await?;
         // Takes the conversation's row lock too, so two requests of one
         // conversation in this region number their turns one after the other.
@@ -188,6 +268,22 @@ impl Turn {
             // Another tenant created it between `begin` and now.
             return Err(not_found(&self.id));
         }
+        if let Some(key) = &self.key {
+            // Under the conversation's row lock: a concurrent repeat that
+            // stored first is seen here.
+            let stored: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM conversation_messages
+                  WHERE conversation_id = $1 AND tenant_id = $2 AND idempotency_key = $3)",
+            )
+            .bind(self.id.as_str())
+            .bind(&self.tenant)
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await?;
+            if stored {
+                return Ok(None);
+            }
+        }
         let last: i32 = sqlx::query_scalar(
             "SELECT COALESCE(max(turn), 0) FROM conversation_messages WHERE conversation_id = $1",
         )
@@ -201,8 +297,8 @@ impl Turn {
         for (turn, m) in (last + 1..).zip(self.new.iter().chain([&answer])) {
             sqlx::query(
                 "INSERT INTO conversation_messages
-                     (id, conversation_id, tenant_id, turn, role, content)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
+                     (id, conversation_id, tenant_id, turn, role, content, idempotency_key)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
             )
             .bind(uuid::Uuid::now_v7())
             .bind(self.id.as_str())
@@ -210,6 +306,7 @@ impl Turn {
             .bind(turn)
             .bind(&m.role)
             .bind(&m.content)
+            .bind(&self.key)
             .execute(&mut *tx)
             .await?;
         }
@@ -221,7 +318,7 @@ impl Turn {
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(u64::try_from(sequence).unwrap_or(0))
+        Ok(Some(u64::try_from(sequence).unwrap_or(0)))
     }
 }
 

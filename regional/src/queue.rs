@@ -45,7 +45,7 @@ pub(crate) use self::metrics::Metrics;
 pub(crate) use self::store::{Job, JobError, JobRequest, JobState, Priority};
 
 /// Longest idempotency key accepted (the proto allows servers this limit).
-const MAX_KEY_BYTES: usize = 255;
+pub(crate) const MAX_KEY_BYTES: usize = 255;
 
 /// The jobs of one node: submission, lookups, cancellation, and the handles
 /// its workers and sweeper share.
@@ -211,6 +211,20 @@ impl Queue {
                 format!("`idempotency_key` must be 1 to {MAX_KEY_BYTES} bytes"),
                 Some("idempotency_key"),
             ));
+        }
+        if let Some(k) = &key
+            && let Some(existing) = store::by_key_any_home(&self.pool, tenant.as_str(), k).await?
+        {
+            // Keys are unique per home region, but a replay in another
+            // region (a failover after the first may have stored the job)
+            // finds the first job once its row has replicated here.
+            if existing.request != request || existing.priority != priority {
+                return Err(Error::IdempotencyKeyReused(k.clone()));
+            }
+            return Ok(Submitted {
+                job: existing,
+                logged_as: None,
+            });
         }
         let mut tx = self.pool.begin().await?;
         let inserted = store::insert(

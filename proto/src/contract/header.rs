@@ -76,3 +76,14 @@ pub const RATELIMIT_LIMIT_TOKENS: &str = "x-ratelimit-limit-tokens";
 pub const RATELIMIT_REMAINING_TOKENS: &str = "x-ratelimit-remaining-tokens";
 /// Time until the tokens limit is fully replenished.
 pub const RATELIMIT_RESET_TOKENS: &str = "x-ratelimit-reset-tokens";
+
+/// Request header (and gRPC metadata key) naming a write so that repeating
+/// it stores it once: a job submission or a conversation turn. The gateway
+/// replays a write in another region after its bytes may have reached the
+/// first only when it carries one.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// Response header (and gRPC metadata) the gateway sets to `no` on an error
+/// after a try whose write may have reached a region: the request was not
+/// tried again elsewhere, and may or may not have been stored.
+pub const REPLAYED: &str = "x-meridian-replayed";

@@ -4,9 +4,9 @@
 
 use futures::StreamExt;
 
-use super::{Ask, Pipeline, Streamed, store_turn};
+use super::{Ask, Pipeline, Streamed, repeated_answer, store_turn};
 use crate::cache::{Answer, Outcome, Policy};
-use crate::conversation::Turn;
+use crate::conversation::{Begun, Turn};
 use crate::error::Error;
 use crate::inference::{ChatRequest, Chunk, ChunkStream};
 use crate::replication::Durability;
@@ -25,8 +25,20 @@ impl Pipeline {
             .parts
             .replication
             .durability(ask.tenant.as_str(), ask.turn.durability)?;
-        let conversation = ask.turn.conversation.take();
-        let turn = self.begin_turn(ask.tenant, req, conversation).await?;
+        let options = std::mem::take(&mut ask.turn);
+        let turn = match self.begin_turn(ask.tenant, req, options).await? {
+            Some(Begun::Repeated(text)) => {
+                return Ok(Streamed {
+                    chunks: std::sync::Arc::new(repeated_answer(text)).stream(),
+                    outcome: Outcome::Bypass,
+                    record: self.parts.usage.begin(ask.tenant.as_str(), &req.model),
+                    permit: None,
+                    durability: Some(Durability::Async),
+                });
+            }
+            Some(Begun::Turn(turn)) => Some(turn),
+            None => None,
+        };
         let mut streamed = self.stream_answer(req, &ask).await?;
         if let Some(turn) = turn {
             streamed.chunks = self.store_at_end(streamed.chunks, turn, durability);

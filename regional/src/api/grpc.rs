@@ -16,7 +16,9 @@ use super::http::completion_id;
 use super::{AppState, Tenant};
 use crate::answer::{Ask, TurnOptions};
 use crate::cache::{Directives, RESULT_HEADER};
-use crate::conversation::{CONVERSATION_HEADER, ConversationId};
+use crate::conversation::{
+    CONVERSATION_HEADER, ConversationId, IDEMPOTENCY_HEADER, idempotency_key,
+};
 use crate::error::Error;
 use crate::inference::{
     ChatRequest, Chunk, Finish, Hints, Message, SizeHint, Usage, parse_grpc_timeout,
@@ -70,7 +72,8 @@ fn call_ask<'a>(
 
 /// The conversation a call continues (`x-meridian-conversation` metadata,
 /// which the gateway's affinity reads, or the request's `conversation_id`)
-/// and the durability it asks for (`x-meridian-durability`).
+/// and the durability it asks for (`x-meridian-durability`), and the turn's
+/// `idempotency-key`.
 fn call_turn(request: &Request<GenerateRequest>) -> Result<TurnOptions, Error> {
     let metadata = |name: &'static str| {
         request
@@ -91,6 +94,7 @@ fn call_turn(request: &Request<GenerateRequest>) -> Result<TurnOptions, Error> {
             .map(Durability::parse)
             .transpose()?
             .flatten(),
+        idempotency_key: idempotency_key(metadata(IDEMPOTENCY_HEADER)?)?,
     })
 }
 

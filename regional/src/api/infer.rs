@@ -23,7 +23,9 @@ use super::openai::{UsageBody, finish_reason, max_tokens};
 use super::{AppState, Tenant};
 use crate::answer::{Ask, TurnOptions};
 use crate::cache::{Directives, RESULT_HEADER};
-use crate::conversation::{CONVERSATION_HEADER, ConversationId};
+use crate::conversation::{
+    CONVERSATION_HEADER, ConversationId, IDEMPOTENCY_HEADER, idempotency_key,
+};
 use crate::error::Error;
 use crate::inference::{ChatRequest, Chunk, Hints, Message, SizeHint, parse_timeout_ms};
 use crate::replication::{DURABILITY_HEADER, Durability};
@@ -54,6 +56,8 @@ pub(super) struct RequestFacts {
     conversation: Option<String>,
     /// `x-meridian-durability`, parsed.
     durability: Option<Durability>,
+    /// `Idempotency-Key`, checked.
+    idempotency_key: Option<String>,
 }
 
 impl RequestFacts {
@@ -79,6 +83,7 @@ impl RequestFacts {
             turn: TurnOptions {
                 conversation: ConversationId::from_request(self.conversation.as_deref(), body_id)?,
                 durability: self.durability,
+                idempotency_key: self.idempotency_key.clone(),
             },
         })
     }
@@ -108,6 +113,7 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestFacts {
                 .map(Durability::parse)
                 .transpose()?
                 .flatten(),
+            idempotency_key: idempotency_key(header(IDEMPOTENCY_HEADER)?)?,
         })
     }
 }

@@ -37,5 +37,5 @@ mod sweep;
 pub(super) use self::adoption::{adopt, unfinished_of};
 pub(super) use self::attempt::{Claim, Lease, claim, fail, renew, retry, succeed};
 pub(crate) use self::record::{Job, JobError, JobRequest, JobResult, JobState, Priority};
-pub(super) use self::submit::{by_key, cancel, depth, get, insert};
+pub(super) use self::submit::{by_key, by_key_any_home, cancel, depth, get, insert};
 pub(super) use self::sweep::{queued_per_lane, runnable};

@@ -90,6 +90,7 @@ pub(crate) const TABLES: &[Table] = &[
             "role",
             "content",
             "created_at",
+            "idempotency_key",
         ],
         bytea: &[],
         fence: None,

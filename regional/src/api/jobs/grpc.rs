@@ -35,7 +35,33 @@ impl Jobs for JobsApi {
                 .get(DURABILITY_HEADER)
                 .map(|v| v.as_bytes()),
         )?;
+        // The gateway replays a submission in another region only when it
+        // carries this metadata; the field and the metadata name one key.
+        let metadata_key = match request
+            .metadata()
+            .get(crate::conversation::IDEMPOTENCY_HEADER)
+        {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .map_err(|_| {
+                        crate::error::Error::invalid("`idempotency-key` must be ASCII", None)
+                    })?
+                    .to_string(),
+            ),
+        };
         let req = request.into_inner();
+        let field_key = (!req.idempotency_key.is_empty()).then_some(req.idempotency_key);
+        let idempotency_key = match (field_key, metadata_key) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(crate::error::Error::invalid(
+                    "`idempotency_key` and the `idempotency-key` metadata differ",
+                    Some("idempotency_key"),
+                )
+                .into());
+            }
+            (a, b) => a.or(b),
+        };
         let generate = req.request.ok_or_else(|| {
             crate::error::Error::invalid("`request` is required", Some("request"))
         })?;
@@ -49,7 +75,7 @@ impl Jobs for JobsApi {
         let submission = Submission {
             request: chat.into(),
             priority,
-            idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
+            idempotency_key,
         };
         let durability = self
             .state

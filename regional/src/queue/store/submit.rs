@@ -76,6 +76,26 @@ pub(crate) async fn by_key(
     job(row)
 }
 
+/// The earliest job of `tenant` under `key` whatever its home: one that
+/// another region stored and replicated here before a replay of the same
+/// submission arrived.
+pub(crate) async fn by_key_any_home(
+    pool: &PgPool,
+    tenant: &str,
+    key: &str,
+) -> Result<Option<Job>, Error> {
+    let row = sqlx::query_as::<_, JobRow>(
+        "SELECT *, now() AS now FROM jobs
+         WHERE tenant = $1 AND idempotency_key = $2
+         ORDER BY created_at, id LIMIT 1",
+    )
+    .bind(tenant)
+    .bind(key)
+    .fetch_optional(pool)
+    .await?;
+    job(row)
+}
+
 pub(crate) async fn get(pool: &PgPool, tenant: &str, id: Uuid) -> Result<Option<Job>, Error> {
     let row = sqlx::query_as::<_, JobRow>(
         "SELECT *, now() AS now FROM jobs WHERE id = $1 AND tenant = $2",
