@@ -4,9 +4,72 @@
 use std::time::Duration;
 
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
+
+/// What a [`listen`] loop hands its caller.
+pub(crate) enum Heard<'a> {
+    /// A notification's payload.
+    Payload(&'a str),
+    /// The listening connection was (re)made: notifications sent while it
+    /// was down are lost, so whatever waits on them should look again.
+    Gap,
+}
+
+/// Listens on the NOTIFY `channel` until `shutdown`, reconnecting with
+/// backoff (100 ms doubling to 5 s), and hands each notification, and each
+/// gap a reconnect may have left, to `heard`. `what` names the listener in
+/// its log lines.
+pub(crate) async fn listen(
+    pool: &PgPool,
+    channel: &str,
+    what: &str,
+    shutdown: &CancellationToken,
+    mut heard: impl FnMut(Heard<'_>),
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let connect = async {
+            let mut l = PgListener::connect_with(pool).await?;
+            l.listen(channel).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        let mut listener = tokio::select! {
+            l = connect => match l {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, listener = what, "cannot listen; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        backoff = Duration::from_millis(100);
+        heard(Heard::Gap);
+        loop {
+            let next = tokio::select! {
+                n = listener.try_recv() => n,
+                () = shutdown.cancelled() => return,
+            };
+            match next {
+                Ok(Some(n)) => heard(Heard::Payload(n.payload())),
+                // Lost and remade on this call: a gap.
+                Ok(None) => heard(Heard::Gap),
+                Err(e) => {
+                    tracing::warn!(error = %e, listener = what, "listener failed; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 

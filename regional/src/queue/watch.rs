@@ -9,15 +9,14 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::Error;
+use crate::store::Heard;
 
 /// The channel the `jobs_notify_state` trigger notifies on.
 const CHANNEL: &str = "meridian_job_changes";
@@ -32,54 +31,18 @@ pub(super) async fn listen(
     changes: broadcast::Sender<Uuid>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let connect = async {
-            let mut l = PgListener::connect_with(&pool).await?;
-            l.listen(CHANNEL).await?;
-            Ok::<_, sqlx::Error>(l)
-        };
-        let mut listener = tokio::select! {
-            l = connect => match l {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for job changes; watchers hear only this node's until it can");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = shutdown.cancelled() => return,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
+    crate::store::listen(&pool, CHANNEL, "job changes", &shutdown, |heard| {
+        let id = match heard {
+            Heard::Payload(id) => match id.parse::<Uuid>() {
+                Ok(id) => id,
+                Err(_) => return,
             },
-            () = shutdown.cancelled() => return,
+            // Whatever changed while nobody listened.
+            Heard::Gap => RESYNC,
         };
-        backoff = Duration::from_millis(100);
-        // Whatever changed while nobody listened.
-        let _ = changes.send(RESYNC);
-        loop {
-            let next = tokio::select! {
-                n = listener.try_recv() => n,
-                () = shutdown.cancelled() => return,
-            };
-            match next {
-                Ok(Some(n)) => {
-                    if let Ok(id) = n.payload().parse::<Uuid>() {
-                        let _ = changes.send(id);
-                    }
-                }
-                // The connection was lost; `try_recv` reconnects on the
-                // next call, and what was missed is resynced.
-                Ok(None) => {
-                    let _ = changes.send(RESYNC);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "job change listener failed; reconnecting");
-                    break;
-                }
-            }
-        }
-    }
+        let _ = changes.send(id);
+    })
+    .await;
 }
 
 /// Open watches per tenant on this node.

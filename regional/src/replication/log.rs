@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use meridian_proto::v1::{Change, ChangeOp};
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -222,46 +221,11 @@ pub(crate) async fn ack(pool: &PgPool, peer: &str, applied: u64) -> Result<(), E
 /// Notifications sent while the listening connection is down are lost; a
 /// bump after every reconnect and the heartbeat's read of the log cover that.
 pub(crate) async fn listen(pool: PgPool, commits: watch::Sender<u64>, shutdown: CancellationToken) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let listener = async {
-            let mut l = PgListener::connect_with(&pool).await?;
-            l.listen(CHANNEL).await?;
-            Ok::<_, sqlx::Error>(l)
-        };
-        let mut listener = tokio::select! {
-            l = listener => match l {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for outbox commits; pull streams poll meanwhile");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = shutdown.cancelled() => return,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => return,
-        };
-        backoff = Duration::from_millis(100);
+    // A gap wakes the streams too: something may have committed meanwhile.
+    crate::store::listen(&pool, CHANNEL, "outbox commits", &shutdown, |_| {
         commits.send_modify(|n| *n += 1);
-        loop {
-            let next = tokio::select! {
-                n = listener.try_recv() => n,
-                () = shutdown.cancelled() => return,
-            };
-            match next {
-                Ok(Some(_)) => commits.send_modify(|n| *n += 1),
-                // Reconnected: something may have committed meanwhile.
-                Ok(None) => commits.send_modify(|n| *n += 1),
-                Err(e) => {
-                    tracing::warn!(error = %e, "lost the outbox listener; reconnecting");
-                    break;
-                }
-            }
-        }
-    }
+    })
+    .await;
 }
 
 /// Trims the log every `prune_interval_ms`: through the lowest sequence every
