@@ -321,7 +321,11 @@ impl ProxyHttp for Proxy {
         // gRPC needs HTTP/2 (trailers): prior knowledge (h2c), multiplexed
         // on pooled connections. Plain HTTP defaults to pooled HTTP/1.1,
         // which costs Pingora less per small request than HTTP/2 framing.
-        peer.options.alpn = if ctx.grpc || self.http_upstream == UpstreamProtocol::H2 {
+        // An answer that may stream its usage in a trailer takes HTTP/2 too.
+        peer.options.alpn = if ctx.grpc
+            || self.http_upstream == UpstreamProtocol::H2
+            || ctx.admitted.usage_in_trailers()
+        {
             ALPN::H2
         } else {
             ALPN::H1
@@ -420,6 +424,16 @@ impl ProxyHttp for Proxy {
         Ok(())
     }
 
+    fn upstream_response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        self.gate.trailers(&mut ctx.admitted, trailers);
+        Ok(())
+    }
+
     async fn upstream_request_filter(
         &self,
         _session: &mut Session,
@@ -441,7 +455,7 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.responded = true;
-        self.gate.response(&ctx.admitted, upstream_response)?;
+        self.gate.response(&mut ctx.admitted, upstream_response)?;
         if let Some(reason) = ctx.reason {
             upstream_response.insert_header(REGION_HEADER, self.region_name(ctx).to_string())?;
             upstream_response.insert_header(ROUTE_HEADER, reason.as_str())?;

@@ -32,7 +32,7 @@ mod states;
 pub(crate) use self::config::Limits;
 pub use self::config::RateLimitConfig;
 pub use self::estimate::scan_max_tokens;
-pub(crate) use self::estimate::{SCAN_BODY_LIMIT, estimate};
+pub(crate) use self::estimate::{SCAN_BODY_LIMIT, Scan, estimate, scan};
 pub(crate) use self::gcra::{Decision, Kind};
 pub(crate) use self::headers::{duration_text, headers};
 pub(crate) use self::limiter::Limiter;

@@ -4,6 +4,7 @@
 
 mod admin;
 mod body;
+mod charge;
 mod embeddings;
 mod grpc;
 mod http;
@@ -133,6 +134,7 @@ where
     let traced = state.clone();
     router
         .fallback(fallback)
+        .layer(axum::middleware::map_response(charge::trailing_usage))
         .layer(axum::middleware::from_fn_with_state(
             state.status.clone(),
             crate::status::track_in_flight,

@@ -12,6 +12,7 @@
 mod collector;
 mod dns;
 pub mod fault_proxy;
+pub mod keys;
 pub mod load;
 mod pki;
 mod process;

@@ -6,40 +6,18 @@
 
 use std::time::{Duration, Instant};
 
-use meridian_gateway::{AuthConfig, RegionConfig};
+use meridian_gateway::RegionConfig;
 use meridian_proto::v1::inference_client::InferenceClient;
 use meridian_proto::v1::{ChatMessage, GenerateRequest};
 use meridian_regional::tenancy::{self, TenantLimits};
+use meridian_tests::keys::{key_pool as pool, keyed_cluster, tenant_with_key};
 use meridian_tests::{ClusterSandbox, TEST_MODEL, init_logging, start_gateway};
 use serde_json::{Value, json};
-use sqlx::PgPool;
 
 const REGIONS: [&str; 2] = ["us-east", "eu-west"];
 
-/// A sandbox whose gateway reads keys from us-east's PostgreSQL and, when
-/// `shared_limits`, keeps limits in eu-west's Redis.
 async fn sandbox(reload_ms: u64, shared_limits: bool) -> ClusterSandbox {
-    ClusterSandbox::start_with_regions(&REGIONS, |regions, config| {
-        config.auth = Some(AuthConfig {
-            reload_interval_ms: reload_ms,
-            ..AuthConfig::new(regions[0].postgres.url())
-        });
-        if shared_limits {
-            config.rate_limit.redis_url = Some(regions[1].redis.url());
-        }
-    })
-    .await
-}
-
-async fn pool(sandbox: &ClusterSandbox) -> PgPool {
-    tenancy::connect(&sandbox.regions[0].postgres.url())
-        .await
-        .unwrap()
-}
-
-async fn tenant_with_key(pool: &PgPool, id: &str, limits: TenantLimits) -> String {
-    tenancy::create_tenant(pool, id, limits).await.unwrap();
-    tenancy::create_api_key(pool, id).await.unwrap()
+    keyed_cluster(&REGIONS, reload_ms, shared_limits).await
 }
 
 fn chat_body(max_tokens: u32) -> Value {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderValue, header};
+use http::{HeaderMap, HeaderValue, Method, header};
 use meridian_proto::ErrorClass;
 use meridian_proto::contract::openai_code;
 use pingora_error::Result;
@@ -14,11 +14,11 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
 use super::{Auth, KeyLoader, Refusal, TENANT_HEADER, Tenant};
-use crate::USAGE_TOKENS_HEADER;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::ratelimit::{self, Decision, Limiter, SCAN_BODY_LIMIT};
 use crate::respond::ErrorReply;
+use meridian_proto::header::{MAX_TOKENS, PROMPT_TOKENS, USAGE_TOKENS};
 
 /// Paths open without a key: health checks and server reflection.
 const OPEN_PREFIXES: [&str; 3] = [
@@ -34,12 +34,23 @@ pub(crate) struct Admitted {
     tenant: Option<Arc<Tenant>>,
     /// None when the tenant has no limits.
     decision: Option<Decision>,
+    /// Tokens charged so far: the estimate, then what the region reported.
+    charged: u64,
+    /// The answer may be a stream, whose usage comes in a trailer: HTTP/2
+    /// to the region, whatever `http_upstream` says (HTTP/1.1 has no
+    /// trailers through Pingora).
+    usage_in_trailers: bool,
 }
 
 impl Admitted {
     /// The tenant's id; `None` on open paths and when auth is off.
     pub(crate) fn tenant(&self) -> Option<&str> {
         self.tenant.as_ref().map(|t| &*t.id)
+    }
+
+    /// Whether the region's report of usage may come in a trailer.
+    pub(crate) fn usage_in_trailers(&self) -> bool {
+        self.usage_in_trailers
     }
 }
 
@@ -117,13 +128,21 @@ impl Gate {
         if !Limiter::applies(&tenant.limits) {
             return Ok(Some(Admitted {
                 tenant: Some(tenant),
-                decision: None,
+                ..Admitted::default()
             }));
         }
-        let tokens = if Limiter::counts_tokens(&tenant.limits) {
-            self.estimate_tokens(session, grpc).await?
+        let (tokens, usage_in_trailers) = if Limiter::counts_tokens(&tenant.limits) {
+            let (tokens, scan) = self.estimate_tokens(session, grpc).await?;
+            let req = session.req_header();
+            // Chat and text completions are the answers that stream; a body
+            // not read may be one.
+            let may_stream = !grpc
+                && req.method == Method::POST
+                && req.uri.path().ends_with("/completions")
+                && scan.is_none_or(|s| s.stream);
+            (tokens, may_stream)
         } else {
-            0
+            (0, false)
         };
         let decision = self.limiter.check(&tenant.id, &tenant.limits, tokens).await;
         if let Some(kind) = decision.rejected {
@@ -166,22 +185,31 @@ impl Gate {
         }
         Ok(Some(Admitted {
             tenant: Some(tenant),
+            charged: decision.tokens,
             decision: Some(decision),
+            usage_in_trailers,
         }))
     }
 
     /// Tokens to charge before the region reports usage: a quarter of the
-    /// body's length plus `max_tokens`. Small JSON bodies are read here to
-    /// find `max_tokens` (Pingora's retry buffer then replays them upstream);
-    /// gRPC, chunked and large bodies are not read.
-    async fn estimate_tokens(&self, session: &mut Session, grpc: bool) -> Result<u64> {
+    /// body's length plus `max_tokens`, and what was read of the body. Small
+    /// JSON bodies are read here to find `max_tokens` (Pingora's retry
+    /// buffer then replays them upstream); gRPC, chunked and large bodies
+    /// are not read (a partial read could outgrow that buffer), and are
+    /// charged their real shape when the region reports it, at the head of
+    /// the answer.
+    async fn estimate_tokens(
+        &self,
+        session: &mut Session,
+        grpc: bool,
+    ) -> Result<(u64, Option<ratelimit::Scan>)> {
         let length = session
             .req_header()
             .headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let mut max_tokens = None;
+        let mut scan = None;
         if !grpc && length.is_some_and(|l| l > 0 && l <= SCAN_BODY_LIMIT as u64) {
             let downstream = session.as_downstream_mut();
             downstream.enable_retry_buffering();
@@ -198,13 +226,14 @@ impl Gate {
                     joined.extend_from_slice(&chunk);
                 }
             }
-            max_tokens = ratelimit::scan_max_tokens(first.as_deref().unwrap_or(&joined));
+            scan = Some(ratelimit::scan(first.as_deref().unwrap_or(&joined)));
         }
-        Ok(ratelimit::estimate(
+        let tokens = ratelimit::estimate(
             length,
-            max_tokens,
+            scan.and_then(|s| s.max_tokens),
             self.limiter.default_completion_tokens,
-        ))
+        );
+        Ok((tokens, scan))
     }
 
     /// The request to the region: the tenant the gateway established, never
@@ -224,35 +253,68 @@ impl Gate {
         Ok(())
     }
 
-    /// The response to the client: `x-ratelimit-*`, and the estimate
-    /// corrected from the usage the region reported.
+    /// The response to the client: `x-ratelimit-*`, and the charge
+    /// corrected from what the region reported in the head of its answer:
+    /// the usage of a whole answer, or the prompt and `max_tokens` of one
+    /// whose usage comes later (see [`Gate::trailers`]).
     pub(crate) fn response(
         &self,
-        admitted: &Admitted,
+        admitted: &mut Admitted,
         response: &mut ResponseHeader,
     ) -> Result<()> {
-        let used = response
-            .headers
-            .get(USAGE_TOKENS_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if used.is_some() {
-            response.remove_header(USAGE_TOKENS_HEADER);
+        let number = |name: &str| {
+            response
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        let used = number(USAGE_TOKENS);
+        let shape = number(PROMPT_TOKENS).map(|prompt| {
+            prompt.saturating_add(
+                number(MAX_TOKENS).unwrap_or(self.limiter.default_completion_tokens),
+            )
+        });
+        for name in [USAGE_TOKENS, PROMPT_TOKENS, MAX_TOKENS] {
+            response.remove_header(name);
         }
-        let (Some(tenant), Some(decision)) = (&admitted.tenant, &admitted.decision) else {
+        let Some(decision) = &admitted.decision else {
             return Ok(());
         };
         for (name, value) in ratelimit::headers(decision) {
             response.insert_header(name, value)?;
         }
-        if let Some(used) = used
-            && Limiter::counts_tokens(&tenant.limits)
-        {
-            let delta = i64::try_from(used).unwrap_or(i64::MAX)
-                - i64::try_from(decision.tokens).unwrap_or(i64::MAX);
-            self.limiter
-                .adjust_tokens(&tenant.id, &tenant.limits, delta);
+        if let Some(tokens) = used.or(shape) {
+            self.charge(admitted, tokens);
         }
         Ok(())
+    }
+
+    /// The trailers of a streamed answer: its usage, now known, replaces
+    /// what its head charged. The client does not see it.
+    pub(crate) fn trailers(&self, admitted: &mut Admitted, trailers: &mut HeaderMap) {
+        let Some(used) = trailers.remove(USAGE_TOKENS) else {
+            return;
+        };
+        if admitted.decision.is_some()
+            && let Some(used) = used.to_str().ok().and_then(|v| v.parse::<u64>().ok())
+        {
+            self.charge(admitted, used);
+        }
+    }
+
+    /// Makes `tokens` the request's charge, from what it was charged so far.
+    fn charge(&self, admitted: &mut Admitted, tokens: u64) {
+        let Some(tenant) = &admitted.tenant else {
+            return;
+        };
+        if !Limiter::counts_tokens(&tenant.limits) {
+            return;
+        }
+        let delta = i64::try_from(tokens).unwrap_or(i64::MAX)
+            - i64::try_from(admitted.charged).unwrap_or(i64::MAX);
+        admitted.charged = tokens;
+        self.limiter
+            .adjust_tokens(&tenant.id, &tenant.limits, delta);
     }
 }

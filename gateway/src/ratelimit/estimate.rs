@@ -4,25 +4,46 @@
 /// larger (or chunked) bodies are estimated from their length alone.
 pub(crate) const SCAN_BODY_LIMIT: usize = 16 * 1024;
 
-/// `max_tokens` (or `max_completion_tokens`, the larger when both are
-/// given) of a JSON request body: the top-level keys only, so a key of that
-/// name inside a message or a tool schema is not read as the request's. A
-/// body that is not a JSON object, or a value that is not a whole number,
-/// gives none (the region refuses such a body anyway).
-pub fn scan_max_tokens(body: &[u8]) -> Option<u64> {
+/// What the gateway reads of a small JSON request body before deciding.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Scan {
+    /// `max_tokens` (or `max_completion_tokens`, the larger when both are
+    /// given).
+    pub max_tokens: Option<u64>,
+    /// `"stream": true`: the usage of the answer comes only at its end.
+    pub stream: bool,
+}
+
+/// The top-level keys only, so a key of that name inside a message or a
+/// tool schema is not read as the request's. A body that is not a JSON
+/// object, or a value of the wrong type, gives none (the region refuses such
+/// a body anyway).
+pub(crate) fn scan(body: &[u8]) -> Scan {
     #[derive(serde::Deserialize)]
-    struct Limits {
+    struct Keys {
         #[serde(default)]
         max_tokens: Option<serde_json::Value>,
         #[serde(default)]
         max_completion_tokens: Option<serde_json::Value>,
+        #[serde(default)]
+        stream: Option<serde_json::Value>,
     }
-    let limits: Limits = serde_json::from_slice(body).ok()?;
-    [limits.max_tokens, limits.max_completion_tokens]
-        .iter()
-        .flatten()
-        .filter_map(serde_json::Value::as_u64)
-        .max()
+    let Ok(keys) = serde_json::from_slice::<Keys>(body) else {
+        return Scan::default();
+    };
+    Scan {
+        max_tokens: [keys.max_tokens, keys.max_completion_tokens]
+            .iter()
+            .flatten()
+            .filter_map(serde_json::Value::as_u64)
+            .max(),
+        stream: keys.stream == Some(serde_json::Value::Bool(true)),
+    }
+}
+
+/// `max_tokens` of a JSON request body, as [`scan`] reads it.
+pub fn scan_max_tokens(body: &[u8]) -> Option<u64> {
+    scan(body).max_tokens
 }
 
 /// Tokens a request is charged before the region says: a quarter of the
@@ -61,6 +82,14 @@ mod tests {
         assert_eq!(scan_max_tokens(br#"{"max_tokens":-1}"#), None);
         assert_eq!(scan_max_tokens(br#"{"max_tokens":1e30}"#), None);
         assert_eq!(scan_max_tokens(br#"[{"max_tokens":5}]"#), None);
+    }
+
+    #[test]
+    fn only_a_true_stream_is_a_stream() {
+        assert!(scan(br#"{"stream":true}"#).stream);
+        assert!(!scan(br#"{"stream":"true"}"#).stream);
+        assert!(!scan(br#"{"stream":false,"max_tokens":3}"#).stream);
+        assert!(!scan(br#"{"messages":[{"stream":true}]}"#).stream);
     }
 
     #[test]

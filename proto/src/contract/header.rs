@@ -41,7 +41,22 @@ pub const CACHE: &str = "x-meridian-cache";
 /// Response header in which a region reports the tokens (prompt and
 /// completion) a request used; the gateway corrects its rate-limit estimate
 /// with it and removes it before the client sees the response.
+///
+/// A streamed answer knows its usage only at its end: it reports it in a
+/// trailer of this name (HTTP/2), and [`PROMPT_TOKENS`] and [`MAX_TOKENS`] in
+/// its head.
 pub const USAGE_TOKENS: &str = "x-meridian-usage-tokens";
+
+/// Response header, at the head of an answer whose usage comes later (a
+/// stream, a queued job): the prompt's tokens as the region counted them,
+/// conversation history included. The gateway charges them with
+/// [`MAX_TOKENS`] (or its default completion charge) at once, whatever it
+/// could read of the request itself.
+pub const PROMPT_TOKENS: &str = "x-meridian-prompt-tokens";
+
+/// Response header beside [`PROMPT_TOKENS`]: the completion tokens the
+/// request may use (`max_tokens`), when it set a limit.
+pub const MAX_TOKENS: &str = "x-meridian-max-tokens";
 
 /// Request header with the client's country (ISO 3166 alpha-2), trusted only
 /// from peers the gateway's `[geo]` config trusts.

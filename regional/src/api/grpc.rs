@@ -12,6 +12,7 @@ use meridian_proto::v1::{
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
+use super::charge::Charge;
 use super::http::completion_id;
 use super::{AppState, Tenant};
 use crate::answer::{Ask, TurnOptions};
@@ -231,6 +232,8 @@ impl Inference for InferenceApi {
         let ask = call_ask(&self.state, &request, &tenant)?;
         let mut req = chat_request(request.into_inner())?;
         let streamed = self.state.pipeline.answer_stream(&mut req, ask).await?;
+        let charge = Charge::of(&req);
+        let settle = charge.clone();
         let model = req.model.clone();
         let durability = streamed.durability;
         let (chunks, outcome, record, permit) = (
@@ -272,6 +275,7 @@ impl Inference for InferenceApi {
                     usage: u,
                 } => {
                     record.completed(u, ttft.unwrap_or_else(|| record.elapsed()), outcome.label());
+                    settle.settle(u, outcome);
                     out.finish_reason = finish(f).into();
                     out.usage = Some(usage(u));
                 }
@@ -291,6 +295,10 @@ impl Inference for InferenceApi {
         response
             .metadata_mut()
             .insert(RESULT_HEADER, MetadataValue::from_static(outcome.header()));
+        for (name, value) in charge.head(outcome.is_hit()) {
+            response.metadata_mut().insert(name, value.into());
+        }
+        charge.trail_grpc(&mut response);
         Ok(response)
     }
 

@@ -12,6 +12,7 @@ use axum::routing::{get, post};
 use futures::StreamExt;
 
 use super::body::JsonBody;
+use super::charge::Charge;
 use super::infer::{RequestFacts, durability_header, error_event, model_header};
 use super::openai::{
     ChatCompletion, ChatCompletionBody, ChatCompletionChunk, Choice, ChunkChoice, Delta,
@@ -72,12 +73,21 @@ async fn chat(
     let created = chrono::Utc::now().timestamp();
     if stream {
         let streamed = state.pipeline.answer_stream(&mut req, ask).await?;
+        let charge = Charge::of(&req);
         let headers = (
             model_header(&req.model),
             [(RESULT_HEADER, streamed.outcome.header())],
             durability_header(streamed.durability),
+            charge.head_headers(streamed.outcome.is_hit()),
         );
-        let body = sse(id, created, req.model, include_usage, streamed);
+        let body = sse(
+            id,
+            created,
+            req.model,
+            include_usage,
+            streamed,
+            charge.clone(),
+        );
         let body = Sse::new(cut_after(
             body,
             state.stream_write_timeout,
@@ -85,7 +95,9 @@ async fn chat(
             None,
         ))
         .keep_alive(KeepAlive::default());
-        return Ok((headers, body).into_response());
+        let mut response = (headers, body).into_response();
+        charge.trail(&mut response);
+        return Ok(response);
     }
     let done = state.pipeline.answer(&mut req, ask).await?;
     let usage = done.answer.usage();
@@ -132,6 +144,7 @@ fn sse(
     model: String,
     include_usage: bool,
     streamed: Streamed,
+    charge: Charge,
 ) -> impl futures::Stream<Item = Result<Event, Infallible>> + Send + 'static {
     let Streamed {
         chunks,
@@ -186,6 +199,7 @@ fn sse(
                 }
                 Ok(Chunk::Done { finish, usage }) => {
                     record.completed(usage, ttft.unwrap_or_else(|| record.elapsed()), outcome.label());
+                    charge.settle(usage, outcome);
                     yield Ok(event(vec![ChunkChoice {
                         index: 0,
                         delta: Delta { role: None, content: None },

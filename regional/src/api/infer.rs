@@ -19,6 +19,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::body::JsonBody;
+use super::charge::Charge;
 use super::openai::{UsageBody, finish_reason, max_tokens};
 use super::{AppState, Tenant};
 use crate::answer::{Ask, TurnOptions};
@@ -235,7 +236,18 @@ async fn completions(
             Some(finish_reason(done.answer.finish)),
             Some(done.answer.usage().into()),
         );
-        let cache = [(RESULT_HEADER, done.outcome.header())];
+        // Tokens used, for the gateway's tokens-per-minute accounting; a hit
+        // used none.
+        let usage = done.answer.usage();
+        let total = if done.outcome.is_hit() {
+            0
+        } else {
+            u64::from(usage.prompt_tokens) + u64::from(usage.completion_tokens)
+        };
+        let cache = [
+            (RESULT_HEADER, done.outcome.header().to_string()),
+            (meridian_proto::header::USAGE_TOKENS, total.to_string()),
+        ];
         return Ok((
             model_header(&req.model),
             cache,
@@ -246,6 +258,8 @@ async fn completions(
     }
     let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
     let streamed = state.pipeline.answer_stream(&mut req, ask).await?;
+    let charge = Charge::of(&req);
+    let settle = charge.clone();
     let outcome = streamed.outcome;
     let record = streamed.record;
     let chunks = streamed.chunks;
@@ -268,6 +282,7 @@ async fn completions(
                 }
                 Ok(Chunk::Done { finish, usage }) => {
                     record.completed(usage, ttft.unwrap_or_else(|| record.elapsed()), outcome.label());
+                    settle.settle(usage, outcome);
                     let usage = include_usage.then(|| usage.into());
                     yield Event::default().data(object("", Some(finish_reason(finish)), usage).to_string());
                 }
@@ -283,5 +298,8 @@ async fn completions(
     );
     let body = Sse::new(events).keep_alive(KeepAlive::default());
     let cache = [(RESULT_HEADER, outcome.header())];
-    Ok((model_header(&req.model), cache, durability, body).into_response())
+    let head = charge.head_headers(outcome.is_hit());
+    let mut response = (model_header(&req.model), cache, durability, head, body).into_response();
+    charge.trail(&mut response);
+    Ok(response)
 }

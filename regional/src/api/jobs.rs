@@ -18,6 +18,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::body::JsonBody;
+use super::charge::Charge;
 use super::openai::{ChatCompletion, ChatCompletionBody, Choice, MessageOut, UsageBody};
 use super::{AppState, Tenant};
 use crate::error::Error;
@@ -46,7 +47,11 @@ struct JobOptions {
 
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 
-fn submission(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Submission, Error> {
+fn submission(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(Submission, Charge), Error> {
     let chat = ChatCompletionBody::parse(body)?;
     if chat.stream {
         return Err(Error::invalid(
@@ -85,11 +90,15 @@ fn submission(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Subm
         }
         (a, b) => a.or(b),
     };
-    Ok(Submission {
-        request: request.into(),
-        priority,
-        idempotency_key,
-    })
+    let charge = Charge::of(&request);
+    Ok((
+        Submission {
+            request: request.into(),
+            priority,
+            idempotency_key,
+        },
+        charge,
+    ))
 }
 
 /// Refused at submission, not after a trip through the queue.
@@ -107,7 +116,7 @@ async fn submit(
     headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<Response, Error> {
-    let submission = submission(&state, &headers, &body)?;
+    let (submission, charge) = submission(&state, &headers, &body)?;
     let requested = Durability::requested(headers.get(DURABILITY_HEADER).map(|v| v.as_bytes()))?;
     let durability = state.replication.durability(tenant.as_str(), requested)?;
     let submitted = state.jobs.submit(&tenant, submission).await?;
@@ -115,6 +124,7 @@ async fn submit(
         state.replication.wait_logged(submitted.logged_as).await?;
     }
     let job = submitted.job;
+    let head = charge.head_headers(submitted.logged_as.is_none());
     let location = format!("/v1/jobs/{}", job.id);
     Ok((
         StatusCode::ACCEPTED,
@@ -125,6 +135,7 @@ async fn submit(
                 durability.header().to_string(),
             ),
         ],
+        head,
         axum::Json(JobBody::new(&job, &state.region)),
     )
         .into_response())

@@ -8,6 +8,7 @@ use meridian_proto::v1 as pb;
 use meridian_proto::v1::jobs_server::{Jobs, JobsServer};
 use tonic::{Request, Response, Status};
 
+use super::super::charge::Charge;
 use super::super::grpc::chat_request;
 use super::super::{AppState, Tenant};
 use super::check_model;
@@ -72,6 +73,7 @@ impl Jobs for JobsApi {
             Ok(pb::JobPriority::Interactive) => Priority::Interactive,
             _ => Priority::Batch,
         };
+        let charge = Charge::of(&chat);
         let submission = Submission {
             request: chat.into(),
             priority,
@@ -93,6 +95,9 @@ impl Jobs for JobsApi {
             DURABILITY_HEADER,
             tonic::metadata::MetadataValue::from_static(durability.header()),
         );
+        for (name, value) in charge.head(submitted.logged_as.is_none()) {
+            response.metadata_mut().insert(name, value.into());
+        }
         Ok(response)
     }
 
