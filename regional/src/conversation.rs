@@ -4,6 +4,8 @@
 //! transaction before the client hears the answer, which is what makes a
 //! turn acknowledged. Both tables replicate (0007_conversations.sql), so the
 //! history follows the conversation to another region when its home dies.
+//! A conversation is named by its tenant and its id together: another
+//! tenant's use of an id is invisible.
 //!
 //! See `docs/ARCHITECTURE.md` (Conversations).
 
@@ -105,14 +107,13 @@ pub(crate) enum Begun {
 }
 
 fn not_found(id: &ConversationId) -> Error {
-    // The same words whether the id is unknown or another tenant's, so an
-    // answer never tells that a conversation exists.
     Error::NotFound(format!("no conversation {:?}", id.as_str()))
 }
 
 /// Loads the stored turns of `id` for `tenant` and prepends them to `req`.
-/// An id no one uses yet is a new conversation (created when its first turn
-/// is stored); another tenant's is NOT_FOUND. A conversation whose history
+/// An id the tenant does not use yet is a new conversation (created when
+/// its first turn is stored): ids are the tenant's own
+/// (`0014_conversation_scope.sql`), whatever other tenants use. A conversation whose history
 /// and new messages would pass `limits` is refused before its history is
 /// read, so a turn never loads more than the limits allow. A turn stored
 /// under `key` already is answered from the store when the request repeats
@@ -125,14 +126,6 @@ pub(crate) async fn begin(
     req: &mut ChatRequest,
     limits: &Limits,
 ) -> Result<Begun, Error> {
-    let owner: Option<String> =
-        sqlx::query_scalar("SELECT tenant_id FROM conversations WHERE id = $1")
-            .bind(id.as_str())
-            .fetch_optional(pool)
-            .await?;
-    if owner.is_some_and(|o| o != tenant) {
-        return Err(not_found(&id));
-    }
     if let Some(key) = &key
         && let Some(answer) = stored_answer(pool, tenant, &id, key, &req.messages).await?
     {
@@ -253,21 +246,15 @@ impl Turn {
         let mut tx = pool.begin().await?;
         // Takes the conversation's row lock too, so two requests of one
         // conversation in this region number their turns one after the other.
-        let ours: Option<i32> = sqlx::query_scalar(
+        sqlx::query(
             "INSERT INTO conversations (id, tenant_id, home_region) VALUES ($1, $2, $3)
-             ON CONFLICT (id) DO UPDATE SET updated_at = now()
-                 WHERE conversations.tenant_id = EXCLUDED.tenant_id
-             RETURNING 1",
+             ON CONFLICT (scoped_id) DO UPDATE SET updated_at = now()",
         )
         .bind(self.id.as_str())
         .bind(&self.tenant)
         .bind(region)
-        .fetch_optional(&mut *tx)
+        .execute(&mut *tx)
         .await?;
-        if ours.is_none() {
-            // Another tenant created it between `begin` and now.
-            return Err(not_found(&self.id));
-        }
         if let Some(key) = &self.key {
             // Under the conversation's row lock: a concurrent repeat that
             // stored first is seen here.
@@ -285,8 +272,10 @@ impl Turn {
             }
         }
         let last: i32 = sqlx::query_scalar(
-            "SELECT COALESCE(max(turn), 0) FROM conversation_messages WHERE conversation_id = $1",
+            "SELECT COALESCE(max(turn), 0) FROM conversation_messages
+              WHERE tenant_id = $1 AND conversation_id = $2",
         )
+        .bind(&self.tenant)
         .bind(self.id.as_str())
         .fetch_one(&mut *tx)
         .await?;
@@ -350,15 +339,14 @@ pub(crate) struct StoredMessage {
 /// The conversation `id` of `tenant` as stored in this region.
 pub(crate) async fn transcript(pool: &PgPool, tenant: &str, id: &str) -> Result<Transcript, Error> {
     let id = ConversationId::parse(id)?;
-    let row: Option<(String, String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT tenant_id, home_region, created_at, updated_at FROM conversations WHERE id = $1",
+    let row: Option<(String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT home_region, created_at, updated_at FROM conversations
+          WHERE tenant_id = $1 AND id = $2",
     )
+    .bind(tenant)
     .bind(id.as_str())
     .fetch_optional(pool)
     .await?;
-    if row.as_ref().is_some_and(|r| r.0 != tenant) {
-        return Err(not_found(&id));
-    }
     let messages: Vec<StoredMessage> = sqlx::query_as(
         "SELECT turn, role, content, created_at, origin_region FROM conversation_messages
           WHERE conversation_id = $1 AND tenant_id = $2 ORDER BY turn, id",
@@ -373,9 +361,9 @@ pub(crate) async fn transcript(pool: &PgPool, tenant: &str, id: &str) -> Result<
     Ok(Transcript {
         id: id.0,
         object: "conversation",
-        home_region: row.as_ref().map(|r| r.1.clone()),
-        created_at: row.as_ref().map(|r| r.2),
-        updated_at: row.as_ref().map(|r| r.3),
+        home_region: row.as_ref().map(|r| r.0.clone()),
+        created_at: row.as_ref().map(|r| r.1),
+        updated_at: row.as_ref().map(|r| r.2),
         messages,
     })
 }

@@ -2,7 +2,8 @@
 //! client sends only its new message and the region prepends the stored
 //! history (the simulator's prompt token count shows what the model got);
 //! HTTP (header or `extra_body` field), SSE and gRPC share one history; a
-//! cached answer is stored too; another tenant's conversation is NOT_FOUND;
+//! cached answer is stored too; an id is its tenant's own (another
+//! tenant's use of it is a separate conversation);
 //! the turns replicate to equal digests; and when the home region dies (node
 //! and PostgreSQL) the conversation continues through the gateway in another
 //! region with every acknowledged turn.
@@ -219,10 +220,47 @@ async fn each_turn_carries_the_history_and_the_turns_replicate() {
             .collect();
         assert_eq!(turns, (1..=expected).collect::<Vec<_>>(), "{}", r.name);
     }
+
+    // Another tenant starting a conversation of the same id in another
+    // region: both replicate side by side, neither replaces the other.
+    let elsewhere = &cluster.regions[1];
+    let (status, _, theirs) = chat(
+        &client,
+        &elsewhere.url(),
+        &[(TENANT, "rival"), (CONVERSATION, id)],
+        &turn("a rival question"),
+    )
+    .await;
+    assert_eq!(status, 200, "{theirs}");
+    until(
+        CONVERGE,
+        "both tenants' conversations everywhere",
+        || async {
+            let first = digest(&cluster.regions[0]).await;
+            if rows(&first, "conversations") != 2 {
+                return false;
+            }
+            for r in &cluster.regions[1..] {
+                if digest(r).await != first {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    for r in &cluster.regions {
+        let (_, stored) = transcript(&r.url(), "acme", id).await;
+        assert_eq!(contents(&stored), history, "{}", r.name);
+        assert_eq!(stored["home_region"], home.name.as_str(), "{}", r.name);
+        let (_, rival) = transcript(&r.url(), "rival", id).await;
+        assert_eq!(contents(&rival)[0], "a rival question", "{}", r.name);
+        assert_eq!(rival["home_region"], elsewhere.name.as_str(), "{}", r.name);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_tenants_conversation_is_not_found_and_cached_answers_are_stored() {
+async fn a_conversation_id_is_its_tenants_own_and_cached_answers_are_stored() {
     init_logging();
     let region = RegionSandbox::start("eu-west").await;
     let url = region.url();
@@ -241,32 +279,31 @@ async fn another_tenants_conversation_is_not_found_and_cached_answers_are_stored
     assert_eq!(status, 200, "{answer}");
     assert_eq!(first["x-meridian-cache"], "miss");
 
-    // Another tenant can neither continue it nor read it, and the answer
-    // is the one an unknown id gets.
-    let (status, _, refused) = chat(
+    // Another tenant's use of the same id is a conversation of its own: it
+    // neither joins nor reads acme's (no squatting, and nothing tells it
+    // that acme uses the id), and acme's is untouched.
+    let (status, _, theirs) = chat(
         &client,
         &url,
         &[(TENANT, "other"), (CONVERSATION, "private-1")],
-        &body,
+        &turn("who else is here"),
     )
     .await;
-    assert_eq!(status, 404, "{refused}");
+    assert_eq!(status, 200, "{theirs}");
     let (status, read) = transcript(&url, "other", "private-1").await;
-    assert_eq!(status, 404, "{read}");
-    let (status, unknown) = transcript(&url, "other", "never-used").await;
-    assert_eq!(status, 404);
+    assert_eq!(status, 200, "{read}");
     assert_eq!(
-        read["error"]["message"]
-            .as_str()
-            .unwrap()
-            .replace("private-1", "X"),
-        unknown["error"]["message"]
-            .as_str()
-            .unwrap()
-            .replace("never-used", "X"),
+        contents(&read),
+        [
+            "who else is here",
+            theirs["choices"][0]["message"]["content"].as_str().unwrap()
+        ]
     );
+    let (status, _) = transcript(&url, "other", "never-used").await;
+    assert_eq!(status, 404);
     let (status, mine) = transcript(&url, "acme", "private-1").await;
     assert_eq!(status, 200);
+    assert_eq!(contents(&mine)[0], "hello there", "{mine}");
     assert_eq!(mine["messages"].as_array().unwrap().len(), 2, "{mine}");
 
     // A cache hit still stores the turn.

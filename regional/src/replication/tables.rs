@@ -59,9 +59,11 @@ pub(crate) const TABLES: &[Table] = &[
         fence: None,
         digest: None,
     },
+    // Keyed by tenant and id together (`0014_conversation_scope.sql`): a
+    // computed column, so not among the columns a peer's row sets.
     Table {
         name: "conversations",
-        key: "id",
+        key: "scoped_id",
         key_type: "text",
         columns: &[
             "id",
