@@ -707,7 +707,7 @@ async fn full_queues_refuse_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interactive_jobs_overtake_batch_jobs() {
     setup();
-    let extra = format!("[jobs]\nworkers = 1\n{}", slow_model("job-slow", 100));
+    let extra = format!("[jobs]\nworkers = 1\n{}", slow_model("job-slow", 250));
     let region = RegionSandbox::start_with_config("eu-west", &extra).await;
     let api = Api::new(&region);
     let mut batch = Vec::new();
@@ -726,19 +726,27 @@ async fn interactive_jobs_overtake_batch_jobs() {
         count(&db, "SELECT count(*) FROM jobs WHERE state = 'succeeded'").await == 9
     })
     .await;
+    // Judged against the batch jobs still waiting when the interactive job
+    // arrived, however many a slow machine had started by then: each of
+    // them starts after it, but one the worker had already read.
     let id: uuid::Uuid = interactive.parse().unwrap();
-    let overtaken: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM jobs b, jobs i
-         WHERE i.id = $1 AND b.priority = 'batch' AND b.started_at > i.started_at",
+    let (waiting, overtook): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE b.started_at < i.started_at)
+           FROM jobs b, jobs i
+          WHERE i.id = $1 AND b.priority = 'batch' AND b.started_at > i.created_at",
     )
     .bind(id)
     .fetch_one(&db)
     .await
     .unwrap();
-    // At most the batch job already running (and one read with it) start first.
     assert!(
-        overtaken >= 6,
-        "the interactive job overtook only {overtaken} of 8"
+        waiting >= 3,
+        "only {waiting} batch jobs were still waiting when the interactive one arrived: \
+         submitting took longer than running five jobs"
+    );
+    assert!(
+        overtook <= 1,
+        "{overtook} of the {waiting} waiting batch jobs started before the interactive one"
     );
 }
 

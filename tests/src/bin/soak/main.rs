@@ -4,7 +4,7 @@
 //! chat, embeddings, telemetry ingest, jobs) for `SOAK_MINUTES` (default
 //! 30), while a seeded schedule kills a region's node (SIGKILL) and starts
 //! it again. Every `SOAK_SAMPLE_SECONDS` (default 10) it prints each
-//! process's resident memory, open descriptors and established TCP
+//! process's private memory (RssAnon), open descriptors and established TCP
 //! connections (a process with its children: PostgreSQL's backends), and at
 //! the end judges whether memory and descriptors stayed flat (`sample::flat`
 //! states the rule), exiting 1 if not. `SOAK_SEED` replays a schedule;
@@ -259,7 +259,7 @@ async fn main() {
     println!(
         "verdict: per process, over its samples since it last started: the first third is \
          warm-up; the last third's median may exceed the second third's by max(20%, 16 MiB) of \
-         resident memory and by max(20%, 16) descriptors"
+         private memory (RssAnon) and by max(20%, 16) descriptors"
     );
     let mut failed = !totals.every_kind_answered();
     if failed {
@@ -308,7 +308,7 @@ fn print_sample(started: Instant, watched: &mut [Watched], interval: &load::Tota
                 line.push_str(&format!(
                     " | {} {:.0}M {}fd {}tcp",
                     w.name,
-                    s.rss_kb as f64 / 1024.0,
+                    s.private_kb as f64 / 1024.0,
                     s.fds,
                     s.tcp
                 ));
