@@ -126,6 +126,17 @@ pub(crate) async fn begin(
     req: &mut ChatRequest,
     limits: &Limits,
 ) -> Result<Begun, Error> {
+    // PostgreSQL text holds no NUL: said here, not failed by the store.
+    if req
+        .messages
+        .iter()
+        .any(|m| m.role.contains('\0') || m.content.contains('\0'))
+    {
+        return Err(Error::invalid(
+            "a message of a conversation turn contains a NUL character, which cannot be stored",
+            Some("messages"),
+        ));
+    }
     if let Some(key) = &key
         && let Some(answer) = stored_answer(pool, tenant, &id, key, &req.messages).await?
     {

@@ -462,6 +462,18 @@ async fn a_conversation_stops_growing_at_its_limit() {
         .await
         .unwrap();
     assert_eq!(res["messages"].as_array().unwrap().len(), 2 * n, "{res}");
+
+    // A NUL cannot be stored as text: a turn carrying one is refused by
+    // name, not failed by the database.
+    let nul = json!({"model": TEST_MODEL, "conversation_id": "nul-talk", "max_tokens": 4,
+                     "messages": [{"role": "user", "content": "before\0after"}]});
+    let (status, body) = chat(&http, &url, &nul).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "messages", "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("NUL"),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
