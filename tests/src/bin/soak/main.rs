@@ -259,7 +259,7 @@ async fn main() {
     println!(
         "verdict: per process, over its samples since it last started: the first third is \
          warm-up; the last third's median may exceed the second third's by max(20%, 16 MiB) of \
-         private memory (RssAnon) and by max(20%, 16) descriptors"
+         private memory (RssAnon) and by max(20%, 16) descriptors, each per process of its tree"
     );
     let mut failed = !totals.every_kind_answered();
     if failed {
@@ -306,9 +306,10 @@ fn print_sample(started: Instant, watched: &mut [Watched], interval: &load::Tota
             Some(s) => {
                 w.series.push(s);
                 line.push_str(&format!(
-                    " | {} {:.0}M {}fd {}tcp",
+                    " | {} {:.0}M/{}p {}fd {}tcp",
                     w.name,
                     s.private_kb as f64 / 1024.0,
+                    s.procs,
                     s.fds,
                     s.tcp
                 ));

@@ -6,15 +6,21 @@
 //! `VmRSS` also counts the shared memory a process has touched, and every
 //! PostgreSQL backend touches more of the shared buffers as it serves,
 //! which looks like growth summed over the backends although nothing
-//! leaks. A leak is private memory that grows.
+//! leaks. A leak is private memory that grows. And it is judged per
+//! process of the tree: PostgreSQL runs a backend per connection, each with
+//! its own few MiB, and the number of connections follows the clients'
+//! pools (a region's node killed and started again opens new ones), so the
+//! tree's sum moves with the connection count while no process grows.
 
 use std::collections::{HashMap, HashSet};
 
 /// One reading of one process tree.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Sample {
-    /// `RssAnon`, kB.
+    /// `RssAnon`, kB, summed over the tree.
     pub private_kb: u64,
+    /// Processes in the tree.
+    pub procs: u64,
     pub fds: u64,
     pub tcp: u64,
 }
@@ -76,6 +82,7 @@ pub(crate) fn tree(
     while let Some(p) = stack.pop() {
         if let Some(s) = one(p, tcp) {
             total.private_kb += s.private_kb;
+            total.procs += 1;
             total.fds += s.fds;
             total.tcp += s.tcp;
         }
@@ -94,6 +101,7 @@ fn one(pid: u32, tcp: &HashSet<u64>) -> Option<Sample> {
         .unwrap_or(0);
     let mut sample = Sample {
         private_kb,
+        procs: 1,
         ..Sample::default()
     };
     for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
@@ -115,7 +123,7 @@ fn one(pid: u32, tcp: &HashSet<u64>) -> Option<Sample> {
 /// The verdict on one process's series since it last started: after the
 /// first third (warm-up), the median of the last third may exceed the
 /// median of the second third by at most `max(20%, slack)`, for memory and
-/// for descriptors alike. `None` when the series is too short to judge.
+/// for descriptors alike, each per process of the tree. `None` when the series is too short to judge.
 pub(crate) fn flat(series: &[Sample]) -> Option<Result<(), String>> {
     if series.len() < 6 {
         return None;
@@ -134,8 +142,18 @@ pub(crate) fn flat(series: &[Sample]) -> Option<Result<(), String>> {
         }
     };
     Some(
-        check("private memory (kB)", |s| s.private_kb, 16 * 1024)
-            .and_then(|()| check("open descriptors", |s| s.fds, 16)),
+        check(
+            "private memory per process (kB)",
+            |s| s.private_kb / s.procs.max(1),
+            16 * 1024,
+        )
+        .and_then(|()| {
+            check(
+                "open descriptors per process",
+                |s| s.fds / s.procs.max(1),
+                16,
+            )
+        }),
     )
 }
 
