@@ -4,6 +4,8 @@
 # libprotobuf-dev (proto crate: protoc and the well-known types it imports),
 # redis-server and postgresql (one of each per region, started by the launcher
 # and by the test harness), postgresql-15-partman when the release has it.
+# Then TimescaleDB and pgvector (pg-extensions.sh: the vendor's package, else
+# built from ../shared/vendor, else said plainly and left out).
 set -euo pipefail
 
 say() { printf 'setup: %s\n' "$*"; }
