@@ -266,11 +266,22 @@ fn print_banner(gateway: &Gateway, regions: &[Region], api_key: &str) {
             .as_ref()
             .map(|n| n.local_addr().to_string())
             .unwrap_or_default();
+        let time_series = r.node.as_ref().map_or("-", |n| n.time_series_mode());
         println!(
-            "  {:<10} api {api:<16} redis {:<28} postgres {}",
+            "  {:<10} api {api:<16} redis {:<28} postgres {}  time series {time_series}",
             r.name,
             r.redis.url(),
             r.postgres.url()
+        );
+    }
+    if regions
+        .iter()
+        .any(|r| r.node.as_ref().map(|n| n.time_series_mode()) == Some("pg_partman"))
+    {
+        println!();
+        println!(
+            "Time series on pg_partman: TimescaleDB is not installed in this PostgreSQL \
+             (infra/scripts/setup.sh installs it; see the README)."
         );
     }
     let body =

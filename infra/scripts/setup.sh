@@ -4,6 +4,8 @@
 # libprotobuf-dev (proto crate: protoc and the well-known types it imports),
 # redis-server and postgresql (one of each per region, started by the launcher
 # and by the test harness), postgresql-15-partman when the release has it.
+# Then TimescaleDB and pgvector (pg-extensions.sh: the vendor's package, else
+# built from ../shared/vendor, else said plainly and left out).
 set -euo pipefail
 
 say() { printf 'setup: %s\n' "$*"; }
@@ -17,10 +19,10 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
   need+=(postgresql)
 fi
 command -v make >/dev/null 2>&1 || need+=(make)
-# Telemetry keeps its partitions with pg_partman when TimescaleDB (no Debian
-# package) is absent; the extension must match the installed server version.
-if ! ls /usr/share/postgresql/*/extension/pg_partman.control >/dev/null 2>&1 \
-  && ! ls /usr/share/postgresql/*/extension/timescaledb.control >/dev/null 2>&1; then
+# Telemetry runs on pg_partman wherever TimescaleDB is absent, and the tests
+# run every time-series test in both modes, so pg_partman is always wanted;
+# the extension must match the installed server version.
+if ! ls /usr/share/postgresql/*/extension/pg_partman.control >/dev/null 2>&1; then
   pg_major=$(ls /usr/lib/postgresql 2>/dev/null | sort -n | tail -1)
   need+=("postgresql-${pg_major:-15}-partman")
 fi
@@ -50,6 +52,8 @@ if [ ${#need[@]} -gt 0 ]; then
 else
   say "Debian packages present (cmake, protoc, protobuf well-known types, redis-server, postgresql, pg_partman)"
 fi
+
+bash "$(dirname "$0")/pg-extensions.sh"
 
 if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
   say "installing cargo-nextest"

@@ -28,6 +28,7 @@ pub struct RegionalNode {
     tasks: TaskTracker,
     grace: std::time::Duration,
     tracer: meridian_mesh::Tracer,
+    time_series: crate::telemetry::Mode,
 }
 
 impl RegionalNode {
@@ -89,6 +90,7 @@ impl RegionalNode {
             &tasks,
         )
         .await?;
+        let time_series = telemetry.mode;
         let embedder = match embedder {
             Some(load) => {
                 Some(Arc::new(load.await.map_err(|e| {
@@ -208,6 +210,7 @@ impl RegionalNode {
             tasks,
             grace: config.shutdown_grace,
             tracer,
+            time_series,
         })
     }
 
@@ -225,6 +228,12 @@ impl RegionalNode {
     /// This node's region.
     pub fn region(&self) -> &str {
         &self.region
+    }
+
+    /// How the region keeps its time series: `timescaledb` (hypertables)
+    /// or `pg_partman` (native partitions).
+    pub fn time_series_mode(&self) -> &'static str {
+        self.time_series.name()
     }
 
     /// Stops accepting, lets in-flight requests finish within the grace

@@ -1,5 +1,9 @@
-//! Telemetry: sustained ingest through one region over gRPC client streaming
-//! and over HTTP, and the latency of a one-day bucketed query over many rows.
+//! Telemetry, in both time-series modes side by side (pg_partman, then
+//! TimescaleDB where installed, with chunks past the compression age
+//! compressed): sustained ingest through one region over gRPC client
+//! streaming and over HTTP, and the latency of a one-day bucketed query over
+//! many rows (`TELEMETRY_BENCH_QUERY_RUNS`, default 20: median and p99),
+//! closing with a table and the ratios TimescaleDB / pg_partman.
 //! Run with `make bench` (or `cargo bench -p meridian-tests --bench
 //! telemetry`). `TELEMETRY_BENCH_INGEST_ROWS` (default 400,000) sets the
 //! readings sent per protocol, `TELEMETRY_BENCH_QUERY_ROWS` (default
@@ -15,7 +19,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use meridian_proto::v1::telemetry_client::TelemetryClient;
 use meridian_proto::v1::{IngestRequest, QueryRequest, Reading};
-use meridian_tests::{ClusterSandbox, RegionSandbox};
+use meridian_tests::{ClusterSandbox, RegionSandbox, TimeSeries};
 
 const BATCH: usize = 5_000;
 const CLIENTS: usize = 4;
@@ -124,15 +128,91 @@ async fn http_ingest(url: &str, rows: usize) -> f64 {
     done as f64 / started.elapsed().as_secs_f64()
 }
 
+/// What one mode measured.
+struct Measured {
+    mode: TimeSeries,
+    grpc: f64,
+    http: f64,
+    /// Sorted query latencies.
+    query: Vec<Duration>,
+}
+
+/// Nearest-rank percentile of sorted `times`.
+fn percentile(times: &[Duration], p: f64) -> Duration {
+    let rank = ((p * times.len() as f64).ceil() as usize).clamp(1, times.len());
+    times[rank - 1]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 #[tokio::main]
 async fn main() {
     // reqwest is built with `rustls-no-provider` in this crate.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let ingest_rows = env("TELEMETRY_BENCH_INGEST_ROWS", 400_000);
     let query_rows = env("TELEMETRY_BENCH_QUERY_ROWS", 10_000_000);
+    let query_runs = env("TELEMETRY_BENCH_QUERY_RUNS", 20).max(1);
+    let mut measured = Vec::new();
+    for mode in [TimeSeries::Partman, TimeSeries::Timescaledb] {
+        if mode == TimeSeries::Timescaledb
+            && !meridian_launcher::extension_installed("timescaledb", Some("timescaledb"))
+        {
+            println!(
+                "timescaledb: not installed here, left out (infra/scripts/setup.sh installs it)"
+            );
+            continue;
+        }
+        println!("== {mode}");
+        let m = one_mode(mode, ingest_rows, query_rows, query_runs).await;
+        if env("TELEMETRY_BENCH_REPLICATED", 1) == 1 {
+            replicated_ingest(mode, ingest_rows, m.grpc).await;
+        }
+        measured.push(m);
+    }
+
+    println!();
+    println!(
+        "{:<12} {:>14} {:>14} {:>12} {:>12} {:>12}",
+        "mode", "gRPC rows/s", "HTTP rows/s", "query p50", "query p99", "query best"
+    );
+    for m in &measured {
+        println!(
+            "{:<12} {:>14.0} {:>14.0} {:>9.1} ms {:>9.1} ms {:>9.1} ms",
+            m.mode.storage(),
+            m.grpc,
+            m.http,
+            ms(percentile(&m.query, 0.5)),
+            ms(percentile(&m.query, 0.99)),
+            ms(m.query[0])
+        );
+    }
+    if let [base, other] = &measured[..] {
+        println!(
+            "{} / {}: gRPC ingest {:.2} x, HTTP ingest {:.2} x, query p50 {:.2} x, p99 {:.2} x \
+             ({query_runs} queries over {query_rows} rows, ingest {ingest_rows} rows per protocol)",
+            other.mode,
+            base.mode,
+            other.grpc / base.grpc,
+            other.http / base.http,
+            ms(percentile(&other.query, 0.5)) / ms(percentile(&base.query, 0.5)),
+            ms(percentile(&other.query, 0.99)) / ms(percentile(&base.query, 0.99)),
+        );
+    }
+}
+
+/// Ingest over both protocols, then the one-day bucketed query over
+/// `query_rows` rows, in a region of its own keeping time series in `mode`.
+async fn one_mode(
+    mode: TimeSeries,
+    ingest_rows: usize,
+    query_rows: usize,
+    query_runs: usize,
+) -> Measured {
     let region = RegionSandbox::start_with_config(
         "eu-west",
-        "[telemetry]\nwrite_buffer_readings = 200000\n",
+        &mode.config("write_buffer_readings = 200000\n"),
     )
     .await;
     let url = region.url();
@@ -145,10 +225,6 @@ async fn main() {
     println!(
         "ingest HTTP JSON:   {http:>9.0} rows/s  ({ingest_rows} rows, {CLIENTS} clients, {BATCH} per request)"
     );
-
-    if env("TELEMETRY_BENCH_REPLICATED", 1) == 1 {
-        replicated_ingest(ingest_rows, grpc).await;
-    }
 
     // One device, `query_rows` readings evenly over the last 28 days.
     let pool = sqlx::PgPool::connect(&region.postgres.url())
@@ -168,14 +244,52 @@ async fn main() {
     .execute(&pool)
     .await
     .expect("generate rows");
-    sqlx::query("ANALYZE telemetry_readings")
-        .execute(&pool)
-        .await
-        .expect("analyze");
     println!(
         "generated {query_rows} rows server-side in {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    if mode == TimeSeries::Timescaledb {
+        // As an operator runs it: chunks past `timescale_compress_after_days`
+        // compressed, by the policy's own job run now rather than on its
+        // schedule (which could start in the middle of the measurement).
+        let started = Instant::now();
+        let job: i32 = sqlx::query_scalar(
+            "SELECT job_id FROM timescaledb_information.jobs
+              WHERE proc_name = 'policy_compression' AND hypertable_name = 'telemetry_readings'",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("compression policy");
+        sqlx::query("CALL run_job($1)")
+            .bind(job)
+            .execute(&pool)
+            .await
+            .expect("compression job");
+        let (compressed, total): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE is_compressed), count(*)
+               FROM timescaledb_information.chunks WHERE hypertable_name = 'telemetry_readings'",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("chunks");
+        let (before, after): (i64, i64) = sqlx::query_as(
+            "SELECT before_compression_total_bytes, after_compression_total_bytes
+               FROM hypertable_compression_stats('telemetry_readings')",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("compression stats");
+        println!(
+            "compressed {compressed} of {total} chunks in {:.1} s: {} MiB -> {} MiB",
+            started.elapsed().as_secs_f64(),
+            before >> 20,
+            after >> 20
+        );
+    }
+    sqlx::query("ANALYZE telemetry_readings")
+        .execute(&pool)
+        .await
+        .expect("analyze");
 
     let mut client = TelemetryClient::connect(url).await.expect("connect");
     let now = Utc::now();
@@ -191,7 +305,7 @@ async fn main() {
         ..Default::default()
     };
     let mut times = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..query_runs {
         let t = Instant::now();
         let res = client
             .query(query.clone())
@@ -204,16 +318,23 @@ async fn main() {
     }
     times.sort();
     println!(
-        "query 1-day buckets, all aggregates, over {query_rows} rows: median {:.0} ms, best {:.0} ms (5 runs)",
-        times[2].as_secs_f64() * 1e3,
-        times[0].as_secs_f64() * 1e3
+        "query 1-day buckets, all aggregates, over {query_rows} rows: median {:.1} ms, p99 {:.1} ms, best {:.1} ms ({query_runs} runs)",
+        ms(percentile(&times, 0.5)),
+        ms(percentile(&times, 0.99)),
+        ms(times[0])
     );
+    Measured {
+        mode,
+        grpc,
+        http,
+        query: times,
+    }
 }
 
 /// gRPC ingest in us-east, whose readings replicate to eu-west, against
 /// `baseline` (rows/s of the same ingest in a region without replication),
 /// and how long after the last commit eu-west held every reading.
-async fn replicated_ingest(rows: usize, baseline: f64) {
+async fn replicated_ingest(mode: TimeSeries, rows: usize, baseline: f64) {
     let cluster = ClusterSandbox::start_replicated_each(
         &["us-east", "eu-west"],
         // The same buffer as the single region's; a table after the
@@ -224,7 +345,7 @@ async fn replicated_ingest(rows: usize, baseline: f64) {
             } else {
                 ""
             };
-            format!("{peers}[telemetry]\nwrite_buffer_readings = 200000\n")
+            format!("{peers}{}", mode.config("write_buffer_readings = 200000\n"))
         },
         |_, _| {},
     )

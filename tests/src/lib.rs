@@ -18,6 +18,7 @@ mod pki;
 mod process;
 pub mod replicated;
 mod sandbox;
+mod time_series;
 mod upstream;
 
 pub use meridian_launcher::{PostgresServer, RedisServer};
@@ -31,6 +32,7 @@ pub use self::sandbox::{
     ClusterSandbox, RegionNode, RegionSandbox, TEST_MODEL, TEST_SLOW_MODEL, embedding_model_dir,
     region_location, start_gateway,
 };
+pub use self::time_series::{TimeSeries, require_extension};
 pub use self::upstream::{SimServer, metric};
 
 /// Per-process test setup: sends the harness's and the system's logs to the

@@ -387,7 +387,19 @@ impl ClusterSandbox {
         replication_extra: impl Fn(&str) -> String,
         adjust: impl FnOnce(&[RegionSandbox], &mut GatewayConfig),
     ) -> Self {
-        let mut cluster = Self::start_configured(names, |_| String::new(), adjust).await;
+        Self::start_replicated_configured(names, |_| String::new(), replication_extra, adjust).await
+    }
+
+    /// Like [`ClusterSandbox::start_replicated_each`], with `region_extra(name)`
+    /// appended to each region's config, as in
+    /// [`ClusterSandbox::start_configured`].
+    pub async fn start_replicated_configured(
+        names: &[&str],
+        region_extra: impl Fn(&str) -> String,
+        replication_extra: impl Fn(&str) -> String,
+        adjust: impl FnOnce(&[RegionSandbox], &mut GatewayConfig),
+    ) -> Self {
+        let mut cluster = Self::start_configured(names, region_extra, adjust).await;
         cluster.restart_with_peers(&replication_extra).await;
         cluster
     }

@@ -2,7 +2,8 @@
 //! `POST /v1/embeddings` and gRPC `Inference.Embed`: its vectors match the
 //! reference implementation's, requests are batched, bad input is refused.
 //!
-//! The model files come from `infra/scripts/setup.sh` (`make test` runs it).
+//! The model files come from `infra/scripts/setup.sh` (`make test` runs it),
+//! and so does pgvector, which [`pgvector`] checks in a region's database.
 
 use std::collections::HashMap;
 
@@ -11,6 +12,9 @@ use meridian_proto::v1::{EmbedRequest, ListModelsRequest, ModelKind};
 use meridian_regional::{Config, RegionalNode};
 use meridian_tests::{RegionSandbox, embedding_model_dir, init_logging};
 use serde_json::{Value, json};
+
+#[path = "embeddings/pgvector.rs"]
+mod pgvector;
 
 const MODEL: &str = "all-minilm-l6-v2";
 

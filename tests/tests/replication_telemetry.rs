@@ -5,7 +5,7 @@
 //! through eu-west's query API); ap-south never receives them, yet its
 //! position in us-east's log moves past them, so its lag reaches 0 and
 //! us-east trims them from its log; the same readings ingested in eu-west
-//! too merge without duplicates or errors.
+//! too merge without duplicates or errors. In both time-series modes.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -15,7 +15,9 @@ use meridian_proto::v1::telemetry_client::TelemetryClient;
 use meridian_proto::v1::{Aggregate, IngestRequest, QueryRequest, Reading};
 use meridian_regional::tenancy::{self, TenantLimits};
 use meridian_tests::replicated::until;
-use meridian_tests::{ClusterSandbox, RegionSandbox, init_logging, metric};
+use meridian_tests::{
+    ClusterSandbox, RegionSandbox, TimeSeries, in_both_time_series_modes, init_logging, metric,
+};
 use sqlx::PgPool;
 
 const A: &str = "us-east";
@@ -165,11 +167,13 @@ async fn caught_up(pool: &PgPool, origin_pool: &PgPool, origin: &str, what: &str
     .await;
 }
 
-#[tokio::test]
-async fn readings_replicate_to_the_configured_peers_only() {
+in_both_time_series_modes!(readings_replicate_to_the_configured_peers_only);
+
+async fn readings_replicate_to_the_configured_peers_only(mode: TimeSeries) {
     init_logging();
-    let mut cluster = ClusterSandbox::start_replicated_each(
+    let mut cluster = ClusterSandbox::start_replicated_configured(
         &[A, B, C],
+        |_| mode.config(""),
         |name| {
             let peers = if name == A {
                 format!("telemetry_peers = [\"{B}\"]\n")

@@ -28,7 +28,7 @@ mod region_config;
 mod regions;
 
 pub use error::Error;
-pub use postgres::{PostgresOptions, PostgresServer};
+pub use postgres::{PostgresOptions, PostgresServer, extension_installed};
 pub use process::free_port;
 pub use redis::{RedisOptions, RedisServer};
 pub use region_config::{MeshSection, RegionConfigFile, SimModel};

@@ -78,6 +78,23 @@ pub struct PostgresServer {
     dir: StateDir,
 }
 
+/// Whether the PostgreSQL server that [`PostgresServer::start`] runs has
+/// extension `name` installed: its control file, and its library when it
+/// has one (`library`, without `.so`). Checked on disk, without a server.
+pub fn extension_installed(name: &str, library: Option<&str>) -> bool {
+    let Ok(bin) = BinDir::find() else {
+        return false;
+    };
+    let lib_ok = library.is_none_or(|lib| bin.path(&format!("../lib/{lib}.so")).exists());
+    lib_ok
+        && bin.share_dirs().iter().any(|share| {
+            share
+                .join("extension")
+                .join(format!("{name}.control"))
+                .exists()
+        })
+}
+
 impl PostgresServer {
     /// Initializes the cluster if needed, starts postgres and waits until it
     /// accepts connections.
@@ -258,8 +275,11 @@ impl Launcher<'_> {
         }
         // TimescaleDB only loads when preloaded; where it is installed, the
         // regions' time series use it (see regional/src/telemetry/schema.rs).
+        // Its telemetry would report each cluster to Timescale and fetch
+        // version news at every start: regions keep to themselves.
         if self.bin.path("../lib/timescaledb.so").exists() {
-            cmd.args(["-c", "shared_preload_libraries=timescaledb"]);
+            cmd.args(["-c", "shared_preload_libraries=timescaledb"])
+                .args(["-c", "timescaledb.telemetry_level=off"]);
         }
         cmd.current_dir(self.dir);
         if let Some(user) = self.run_as {

@@ -54,9 +54,9 @@ pub struct TelemetryConfig {
     /// TimescaleDB chunk interval in hours; defaults to
     /// `partition_interval_hours`.
     pub timescale_chunk_interval_hours: Option<u32>,
-    /// TimescaleDB compresses chunks older than this many days; unset means
-    /// no compression.
-    pub timescale_compress_after_days: Option<u32>,
+    /// TimescaleDB compresses chunks older than this many days (segments by
+    /// tenant, device and metric, ordered by time); 0 turns compression off.
+    pub timescale_compress_after_days: u32,
 }
 
 /// The extension that keeps time series.
@@ -91,7 +91,7 @@ impl Default for TelemetryConfig {
             usage_buffer: 10_000,
             max_query_buckets: 10_000,
             timescale_chunk_interval_hours: None,
-            timescale_compress_after_days: None,
+            timescale_compress_after_days: 7,
         }
     }
 }
@@ -119,10 +119,6 @@ impl TelemetryConfig {
             (
                 "timescale_chunk_interval_hours",
                 self.timescale_chunk_interval_hours.map_or(1, u64::from),
-            ),
-            (
-                "timescale_compress_after_days",
-                self.timescale_compress_after_days.map_or(1, u64::from),
             ),
         ];
         for (key, _) in at_least_one.iter().filter(|(_, v)| *v == 0) {
@@ -159,7 +155,7 @@ impl TelemetryConfig {
     }
 
     pub(crate) fn compress_after(&self) -> Option<Duration> {
-        self.timescale_compress_after_days.map(days)
+        (self.timescale_compress_after_days > 0).then(|| days(self.timescale_compress_after_days))
     }
 
     pub(crate) fn maintenance_interval(&self) -> Duration {
@@ -201,15 +197,16 @@ mod tests {
             (c.max_batch, c.retention_days, c.max_future_skew_s),
             (10_000, 30, 300)
         );
-        let c = parse("storage = \"pg_partman\"\npremake = 2\ntimescale_compress_after_days = 7\n")
-            .unwrap()
-            .telemetry;
-        assert_eq!(c.storage, super::Storage::PgPartman);
-        assert_eq!(c.premake, 2);
         assert_eq!(
             c.compress_after(),
             Some(std::time::Duration::from_secs(7 * 86_400))
         );
+        let c = parse("storage = \"pg_partman\"\npremake = 2\ntimescale_compress_after_days = 0\n")
+            .unwrap()
+            .telemetry;
+        assert_eq!(c.storage, super::Storage::PgPartman);
+        assert_eq!(c.premake, 2);
+        assert_eq!(c.compress_after(), None);
     }
 
     #[test]

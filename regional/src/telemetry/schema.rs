@@ -28,7 +28,7 @@ pub(crate) enum Mode {
 }
 
 impl Mode {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Timescale => "timescaledb",
             Self::Partman => "pg_partman",

@@ -52,6 +52,21 @@ impl BinDir {
     pub(crate) fn path(&self, program: &str) -> PathBuf {
         self.0.join(program)
     }
+
+    /// Where the server may look for extension control files: Debian's
+    /// /usr/share/postgresql/<major> beside /usr/lib/postgresql/<major>,
+    /// else a source install's <prefix>/share/postgresql.
+    pub(crate) fn share_dirs(&self) -> Vec<PathBuf> {
+        let version = self.0.parent().and_then(Path::file_name);
+        let mut dirs: Vec<PathBuf> = version
+            .map(|v| Path::new("/usr/share/postgresql").join(v))
+            .into_iter()
+            .collect();
+        if let Some(prefix) = self.0.parent() {
+            dirs.push(prefix.join("share/postgresql"));
+        }
+        dirs
+    }
 }
 
 /// "15" → [15], "9.6" → [9, 6], so that 10 sorts above 9.6.
