@@ -55,6 +55,40 @@ async fn gateway(first: (&str, SocketAddr), second: &RegionSandbox) -> Gateway {
     start_gateway(config).await
 }
 
+/// Two regions, replicated or not, behind a gateway that reaches the first
+/// through a fault proxy; the regions' databases to count rows in.
+struct Behind {
+    a: sqlx::PgPool,
+    b: sqlx::PgPool,
+    gateway: Gateway,
+    proxy: FaultProxy,
+    /// Bound by every test (a pattern's `..` would drop it at once).
+    _cluster: ClusterSandbox,
+}
+
+impl Behind {
+    async fn start(replicated: bool) -> Self {
+        let cluster = if replicated {
+            ClusterSandbox::start_replicated(&REGIONS, "", |_, _| {}).await
+        } else {
+            ClusterSandbox::start(&REGIONS).await
+        };
+        let (first, second) = (&cluster.regions[0], &cluster.regions[1]);
+        let proxy = FaultProxy::start(first.addr(), seed("IDEMPOTENT_REPLAY_SEED"))
+            .await
+            .expect("a fault proxy starts");
+        let gateway = gateway((&first.name, proxy.addr()), second).await;
+        let (a, b) = (pool(first).await, pool(second).await);
+        Self {
+            a,
+            b,
+            gateway,
+            proxy,
+            _cluster: cluster,
+        }
+    }
+}
+
 async fn count(pool: &sqlx::PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql)
         .fetch_one(pool)
@@ -126,13 +160,14 @@ async fn not_replayed_metric(gateway: &Gateway) -> f64 {
 #[tokio::test]
 async fn a_job_sent_to_a_region_that_reset_is_not_replayed_without_a_key() {
     init_logging();
-    let cluster = ClusterSandbox::start(&REGIONS).await;
-    let (first, second) = (&cluster.regions[0], &cluster.regions[1]);
-    let proxy = FaultProxy::start(first.addr(), seed("IDEMPOTENT_REPLAY_SEED"))
-        .await
-        .expect("a fault proxy starts");
-    let gateway = gateway((&first.name, proxy.addr()), second).await;
-    let (a, b) = (pool(first).await, pool(second).await);
+    let Behind {
+        proxy,
+        gateway,
+        a,
+        b,
+        _cluster,
+        ..
+    } = Behind::start(false).await;
     let jobs = "SELECT count(*) FROM jobs";
 
     let reply = reset_after_store(
@@ -159,13 +194,14 @@ async fn a_job_sent_to_a_region_that_reset_is_not_replayed_without_a_key() {
 #[tokio::test]
 async fn a_keyed_job_is_replayed_and_found_by_its_key_in_the_next_region() {
     init_logging();
-    let cluster = ClusterSandbox::start_replicated(&REGIONS, "", |_, _| {}).await;
-    let (first, second) = (&cluster.regions[0], &cluster.regions[1]);
-    let proxy = FaultProxy::start(first.addr(), seed("IDEMPOTENT_REPLAY_SEED"))
-        .await
-        .expect("a fault proxy starts");
-    let gateway = gateway((&first.name, proxy.addr()), second).await;
-    let (a, b) = (pool(first).await, pool(second).await);
+    let Behind {
+        proxy,
+        gateway,
+        a,
+        b,
+        _cluster,
+        ..
+    } = Behind::start(true).await;
     let keyed = "SELECT count(*) FROM jobs WHERE idempotency_key = 'job-1'";
 
     // The first region's job reaches the second before the reset, so the
@@ -196,13 +232,14 @@ async fn a_keyed_job_is_replayed_and_found_by_its_key_in_the_next_region() {
 #[tokio::test]
 async fn a_turn_sent_to_a_region_that_reset_is_not_replayed_without_a_key() {
     init_logging();
-    let cluster = ClusterSandbox::start(&REGIONS).await;
-    let (first, second) = (&cluster.regions[0], &cluster.regions[1]);
-    let proxy = FaultProxy::start(first.addr(), seed("IDEMPOTENT_REPLAY_SEED"))
-        .await
-        .expect("a fault proxy starts");
-    let gateway = gateway((&first.name, proxy.addr()), second).await;
-    let (a, b) = (pool(first).await, pool(second).await);
+    let Behind {
+        proxy,
+        gateway,
+        a,
+        b,
+        _cluster,
+        ..
+    } = Behind::start(false).await;
     let messages = "SELECT count(*) FROM conversation_messages";
 
     let body = chat("hello", Some("conv-1"));
@@ -221,12 +258,12 @@ async fn a_turn_sent_to_a_region_that_reset_is_not_replayed_without_a_key() {
 #[tokio::test]
 async fn a_chat_that_names_no_conversation_is_replayed_without_a_key() {
     init_logging();
-    let cluster = ClusterSandbox::start(&REGIONS).await;
-    let (first, second) = (&cluster.regions[0], &cluster.regions[1]);
-    let proxy = FaultProxy::start(first.addr(), seed("IDEMPOTENT_REPLAY_SEED"))
-        .await
-        .expect("a fault proxy starts");
-    let gateway = gateway((&first.name, proxy.addr()), second).await;
+    let Behind {
+        proxy,
+        gateway,
+        _cluster,
+        ..
+    } = Behind::start(false).await;
 
     // It stores nothing: once it was sent, a replay is safe.
     let before = proxy.stats().bytes_a_to_b;
@@ -250,13 +287,14 @@ async fn a_chat_that_names_no_conversation_is_replayed_without_a_key() {
 #[tokio::test]
 async fn a_keyed_turn_is_replayed_and_answered_from_the_stored_turn() {
     init_logging();
-    let cluster = ClusterSandbox::start_replicated(&REGIONS, "", |_, _| {}).await;
-    let (first, second) = (&cluster.regions[0], &cluster.regions[1]);
-    let proxy = FaultProxy::start(first.addr(), seed("IDEMPOTENT_REPLAY_SEED"))
-        .await
-        .expect("a fault proxy starts");
-    let gateway = gateway((&first.name, proxy.addr()), second).await;
-    let (a, b) = (pool(first).await, pool(second).await);
+    let Behind {
+        proxy,
+        gateway,
+        a,
+        b,
+        _cluster,
+        ..
+    } = Behind::start(true).await;
     let keyed = "SELECT count(*) FROM conversation_messages WHERE idempotency_key = 'turn-1'";
 
     let reply = reset_after_store(
@@ -376,13 +414,14 @@ async fn a_grpc_turn_sent_to_a_region_that_reset_is_not_replayed_without_a_key()
     use meridian_proto::v1::{ChatMessage, GenerateRequest};
 
     init_logging();
-    let cluster = ClusterSandbox::start(&REGIONS).await;
-    let (first, second) = (&cluster.regions[0], &cluster.regions[1]);
-    let proxy = FaultProxy::start(first.addr(), seed("IDEMPOTENT_REPLAY_SEED"))
-        .await
-        .expect("a fault proxy starts");
-    let gateway = gateway((&first.name, proxy.addr()), second).await;
-    let (a, b) = (pool(first).await, pool(second).await);
+    let Behind {
+        proxy,
+        gateway,
+        a,
+        b,
+        _cluster,
+        ..
+    } = Behind::start(false).await;
     let messages = "SELECT count(*) FROM conversation_messages";
 
     proxy.cut(Direction::BtoA);
