@@ -75,12 +75,7 @@ impl Charge {
 
     /// Records the usage of the finished stream, for its trailer.
     pub(super) fn settle(&self, usage: Usage, outcome: Outcome) {
-        let used = if outcome.is_hit() {
-            0
-        } else {
-            u64::from(usage.prompt_tokens) + u64::from(usage.completion_tokens)
-        };
-        self.used.store(used, Ordering::Relaxed);
+        self.used.store(used(usage, outcome), Ordering::Relaxed);
     }
 
     /// Marks `response` (HTTP or gRPC) to carry the usage in its trailers.
@@ -95,6 +90,16 @@ impl Charge {
         response
             .extensions_mut()
             .insert(Trailing(self.used.clone()));
+    }
+}
+
+/// The tokens an answer used, as the gateway charges them: prompt and
+/// completion, or none when the cache answered.
+pub(super) fn used(usage: Usage, outcome: Outcome) -> u64 {
+    if outcome.is_hit() {
+        0
+    } else {
+        u64::from(usage.prompt_tokens) + u64::from(usage.completion_tokens)
     }
 }
 

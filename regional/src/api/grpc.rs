@@ -12,7 +12,7 @@ use meridian_proto::v1::{
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
-use super::charge::Charge;
+use super::charge::{self, Charge};
 use super::http::completion_id;
 use super::{AppState, Tenant};
 use crate::answer::{Ask, TurnOptions};
@@ -186,13 +186,7 @@ impl Inference for InferenceApi {
         let done = self.state.pipeline.answer(&mut req, ask).await?;
         let now = std::time::SystemTime::now();
         let answer_usage = done.answer.usage();
-        // Tokens used, for the gateway's tokens-per-minute accounting; a hit
-        // used none.
-        let total = if done.outcome.is_hit() {
-            0
-        } else {
-            answer_usage.prompt_tokens + answer_usage.completion_tokens
-        };
+        let total = charge::used(answer_usage, done.outcome);
         let mut response = Response::new(GenerateResponse {
             id: completion_id(),
             model: req.model,

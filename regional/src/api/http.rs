@@ -12,7 +12,7 @@ use axum::routing::{get, post};
 use futures::StreamExt;
 
 use super::body::JsonBody;
-use super::charge::Charge;
+use super::charge::{self, Charge};
 use super::infer::{RequestFacts, durability_header, error_event, model_header};
 use super::openai::{
     ChatCompletion, ChatCompletionBody, ChatCompletionChunk, Choice, ChunkChoice, Delta,
@@ -116,13 +116,7 @@ async fn chat(
         }],
         usage: usage.into(),
     };
-    // Tokens used, for the gateway's tokens-per-minute accounting; a hit
-    // used none.
-    let total = if done.outcome.is_hit() {
-        0
-    } else {
-        usage.prompt_tokens + usage.completion_tokens
-    };
+    let total = charge::used(usage, done.outcome);
     Ok((
         model_header(&req.model),
         [

@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::body::JsonBody;
-use super::charge::Charge;
+use super::charge::{self, Charge};
 use super::openai::{UsageBody, finish_reason, max_tokens};
 use super::{AppState, Tenant};
 use crate::answer::{Ask, TurnOptions};
@@ -236,14 +236,7 @@ async fn completions(
             Some(finish_reason(done.answer.finish)),
             Some(done.answer.usage().into()),
         );
-        // Tokens used, for the gateway's tokens-per-minute accounting; a hit
-        // used none.
-        let usage = done.answer.usage();
-        let total = if done.outcome.is_hit() {
-            0
-        } else {
-            u64::from(usage.prompt_tokens) + u64::from(usage.completion_tokens)
-        };
+        let total = charge::used(done.answer.usage(), done.outcome);
         let cache = [
             (RESULT_HEADER, done.outcome.header().to_string()),
             (meridian_proto::header::USAGE_TOKENS, total.to_string()),
