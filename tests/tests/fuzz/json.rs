@@ -223,17 +223,21 @@ pub(crate) fn chat_body(served: &'static str) -> BoxedStrategy<Value> {
     prop_oneof![2 => chat_body_with(served, false), 1 => chat_body_with(served, true)].boxed()
 }
 
+/// `model` and `max_tokens` of a body: the served model and a valid
+/// budget, or (messy) any shape of either.
+fn model_and_max_tokens(
+    served: &'static str,
+    messy: bool,
+) -> (BoxedStrategy<Value>, BoxedStrategy<Value>) {
+    if messy {
+        (model(served), small_tokens())
+    } else {
+        (Just(json!(served)).boxed(), valid_tokens())
+    }
+}
+
 fn chat_body_with(served: &'static str, messy: bool) -> BoxedStrategy<Value> {
-    let model = if messy {
-        model(served)
-    } else {
-        Just(json!(served)).boxed()
-    };
-    let max_tokens = if messy {
-        small_tokens()
-    } else {
-        valid_tokens()
-    };
+    let (model, max_tokens) = model_and_max_tokens(served, messy);
     object(
         vec![
             ("model", req(model, messy)),
@@ -319,16 +323,7 @@ fn completion_body_with(served: &'static str, messy: bool) -> BoxedStrategy<Valu
         1 => prop::collection::vec(text().prop_map(Value::String), 0..3).prop_map(Value::Array),
     ]
     .boxed();
-    let model = if messy {
-        model(served)
-    } else {
-        Just(json!(served)).boxed()
-    };
-    let max_tokens = if messy {
-        small_tokens()
-    } else {
-        valid_tokens()
-    };
+    let (model, max_tokens) = model_and_max_tokens(served, messy);
     object(
         vec![
             ("model", req(model, messy)),
