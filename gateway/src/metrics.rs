@@ -14,6 +14,7 @@ pub(crate) struct Metrics {
     pub requests: IntCounterVec,
     pub duration: HistogramVec,
     pub retries: IntCounterVec,
+    pub store_refusals: IntCounterVec,
     pub region_healthy: IntGaugeVec,
     pub ejections: IntCounterVec,
     pub rate_limited: IntCounterVec,
@@ -53,6 +54,14 @@ impl Metrics {
                 "Retries in another region, by whether the retry budget allowed them, or not_replayed: a write without an idempotency key that may have reached a region.",
             ),
             &["outcome"],
+        )
+        .expect("valid metric");
+        let store_refusals = IntCounterVec::new(
+            Opts::new(
+                "meridian_gateway_store_refusals_total",
+                "Requests a region refused because a store they need (postgres, redis) is down there; replayed in the next region while one is left.",
+            ),
+            &["region", "store"],
         )
         .expect("valid metric");
         let region_healthy = IntGaugeVec::new(
@@ -120,6 +129,7 @@ impl Metrics {
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
             Box::new(retries.clone()),
+            Box::new(store_refusals.clone()),
             Box::new(region_healthy.clone()),
             Box::new(ejections.clone()),
             Box::new(rate_limited.clone()),
@@ -136,6 +146,7 @@ impl Metrics {
             requests,
             duration,
             retries,
+            store_refusals,
             region_healthy,
             ejections,
             rate_limited,

@@ -36,7 +36,7 @@ use crate::respond::ErrorReply;
 use crate::route::{Plan, Reason, RequestFacts, Router};
 use crate::{CONVERSATION_HEADER, DURABILITY_HEADER, REGION_HEADER, ROUTE_HEADER, SESSION_HEADER};
 use meridian_proto::header::{
-    IDEMPOTENCY_KEY as IDEMPOTENCY_KEY_HEADER, REPLAYED as REPLAYED_HEADER,
+    IDEMPOTENCY_KEY as IDEMPOTENCY_KEY_HEADER, REPLAYED as REPLAYED_HEADER, UNAVAILABLE,
 };
 
 /// What a region answers when it cannot take a request now: the gateway
@@ -88,6 +88,9 @@ pub(crate) struct Ctx {
     /// Set when a try failed after its write may have reached the region
     /// and the write, carrying no idempotency key, was not replayed.
     not_replayed: bool,
+    /// `upstream_response_filter` refused the region's answer as one to
+    /// replay (saturated, or a store down) and paid for the retry.
+    replay_decided: bool,
 }
 
 impl Proxy {
@@ -203,6 +206,7 @@ impl ProxyHttp for Proxy {
             admitted: Admitted::default(),
             trace: None,
             not_replayed: false,
+            replay_decided: false,
         }
     }
 
@@ -357,16 +361,19 @@ impl ProxyHttp for Proxy {
         _client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("region {}", self.region_name(ctx)));
+        if std::mem::take(&mut ctx.replay_decided) {
+            // The region answered, and said it stored nothing: no fault of
+            // its own to count, whatever the protocol's status code.
+            e.set_retry(true);
+            return e;
+        }
         let upstream_fault = matches!(e.esource(), ErrorSource::Upstream);
         if upstream_fault {
             self.passive_failure(ctx, e.etype().as_str());
         }
         // Bodies are replayable unless Pingora's retry buffer overflowed;
         // nothing is retried once the client has seen a byte.
-        let retry = if e.etype() == &ErrorType::HTTPStatus(SATURATED.as_u16()) && e.retry() {
-            // Decided (and paid for) in upstream_response_filter.
-            true
-        } else if !upstream_fault
+        let retry = if !upstream_fault
             || session.as_downstream().retry_buffer_truncated()
             || !self.may_try_another(ctx)
         {
@@ -397,6 +404,23 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
+        // A region whose store is down refuses what needs it at once and
+        // serves the rest: that refusal counts against no node, and the
+        // request goes to the next region whatever its protocol (a gRPC
+        // refusal is a trailers-only 200 with `grpc-status: 14`).
+        if let Some(store) = store_down(upstream_response) {
+            self.metrics
+                .store_refusals
+                .with_label_values(&[self.region_name(ctx), store])
+                .inc();
+            if self.may_retry(ctx) {
+                ctx.replay_decided = true;
+                let mut e = Error::explain(ErrorType::HTTPStatus(status), "region store down");
+                e.set_retry(true);
+                return Err(e);
+            }
+            return Ok(());
+        }
         if let Some(node) = &ctx.node {
             if matches!(
                 StatusCode::from_u16(status),
@@ -417,6 +441,7 @@ impl ProxyHttp for Proxy {
         // it twice.
         let stored = upstream_response.headers.contains_key(DURABILITY_HEADER);
         if status == SATURATED.as_u16() && !stored && self.may_retry(ctx) {
+            ctx.replay_decided = true;
             let mut e = Error::explain(ErrorType::HTTPStatus(status), "region saturated");
             e.set_retry(true);
             return Err(e);
@@ -516,5 +541,30 @@ impl ProxyHttp for Proxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         self.record(session, e, ctx);
+    }
+}
+
+/// The store a region's refusal names as down, when the response is such a
+/// refusal and says it stored nothing: a 503, or a gRPC `UNAVAILABLE` before
+/// any message.
+fn store_down(response: &ResponseHeader) -> Option<&'static str> {
+    let store = response.headers.get(UNAVAILABLE)?;
+    if response.headers.contains_key(DURABILITY_HEADER) {
+        return None;
+    }
+    let refused = response.status == StatusCode::SERVICE_UNAVAILABLE
+        || (response.status == StatusCode::OK
+            && response
+                .headers
+                .get("grpc-status")
+                .is_some_and(|s| s.as_bytes() == b"14"));
+    if !refused {
+        return None;
+    }
+    // Label values come from a fixed set, never from what a region sent.
+    match store.as_bytes() {
+        b"postgres" => Some("postgres"),
+        b"redis" => Some("redis"),
+        _ => Some("other"),
     }
 }

@@ -32,6 +32,10 @@ pub mod reason {
     pub const REGION_DRAINING: &str = "REGION_DRAINING";
     /// The region cannot serve, e.g. a dependency is down (UNAVAILABLE).
     pub const REGION_NOT_SERVING: &str = "REGION_NOT_SERVING";
+    /// A store of the region the request needs (PostgreSQL, Redis) is down;
+    /// nothing of the request was stored, another region may serve it
+    /// (UNAVAILABLE, retryable).
+    pub const STORE_UNAVAILABLE: &str = "STORE_UNAVAILABLE";
     /// A rate limit or quota was hit (RESOURCE_EXHAUSTED).
     pub const RATE_LIMITED: &str = "RATE_LIMITED";
     /// The job queue is full (RESOURCE_EXHAUSTED).

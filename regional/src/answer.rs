@@ -26,6 +26,7 @@ use crate::inference::{
     ChatRequest, ChunkStream, Completion, Finish, Hints, Inference, Permit, Routed,
 };
 use crate::replication::{Durability, Replication};
+use crate::store::{Store, StoreHealth};
 use crate::telemetry::UsageRecorder;
 use crate::telemetry::usage::UsageDraft;
 use crate::tenancy::Tenant;
@@ -36,6 +37,8 @@ pub(crate) struct Parts {
     pub region: String,
     /// The region's PostgreSQL, where conversation turns are stored.
     pub pool: PgPool,
+    /// Whether PostgreSQL answers now: a turn is refused at once when not.
+    pub stores: Arc<StoreHealth>,
     pub inference: Arc<Inference>,
     pub cache: Arc<ResponseCache>,
     pub usage: UsageRecorder,
@@ -257,16 +260,19 @@ impl Pipeline {
         let id: Option<ConversationId> = options.conversation;
         match id {
             None => Ok(None),
-            Some(id) => conversation::begin(
-                &self.parts.pool,
-                tenant.as_str(),
-                id,
-                options.idempotency_key,
-                req,
-                &self.parts.limits,
-            )
-            .await
-            .map(Some),
+            Some(id) => {
+                self.parts.stores.require(Store::Postgres)?;
+                conversation::begin(
+                    &self.parts.pool,
+                    tenant.as_str(),
+                    id,
+                    options.idempotency_key,
+                    req,
+                    &self.parts.limits,
+                )
+                .await
+                .map(Some)
+            }
         }
     }
 

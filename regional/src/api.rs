@@ -42,6 +42,8 @@ pub(crate) struct Parts {
     pub inference: Arc<Inference>,
     /// The region's PostgreSQL.
     pub pool: sqlx::PgPool,
+    /// Whether PostgreSQL and Redis answer now.
+    pub stores: Arc<crate::store::StoreHealth>,
     /// Cancelled when the node starts shutting down.
     pub shutdown: tokio_util::sync::CancellationToken,
     /// In-flight count, capacity and drain state, for `Admin.RegionStatus`.

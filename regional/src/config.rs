@@ -14,6 +14,7 @@ mod embeddings;
 pub(crate) mod inference;
 mod jobs;
 mod replication;
+mod stores;
 pub(crate) mod telemetry;
 
 pub use self::cache::{CacheConfig, DEFAULT_SEMANTIC_THRESHOLD, SemanticCacheConfig};
@@ -22,6 +23,7 @@ pub use self::inference::{AliasConfig, InferenceConfig, OpenAiConfig, UpstreamCo
 pub use self::jobs::JobsConfig;
 pub(crate) use self::replication::MAX_BATCH_BYTES;
 pub use self::replication::{PeerConfig, ReplicationConfig};
+pub use self::stores::StoresConfig;
 pub use self::telemetry::TelemetryConfig;
 
 /// A validated regional node configuration. Its fields are readable only
@@ -74,6 +76,8 @@ pub struct Config {
     pub(crate) tracing: meridian_mesh::TraceConfig,
     /// Peers to pull changes from, and the log's limits (`[replication]`).
     pub(crate) replication: ReplicationConfig,
+    /// Probes of this region's PostgreSQL and Redis (`[stores]`).
+    pub(crate) stores: StoresConfig,
 }
 
 /// The TOML shape of the configuration. Every field has a default except the
@@ -113,6 +117,8 @@ struct RawConfig {
     /// Cross-region replication; no peers by default.
     #[serde(default)]
     replication: ReplicationConfig,
+    #[serde(default)]
+    stores: StoresConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -326,6 +332,7 @@ impl RawConfig {
         let mesh = self.mesh.validate(&self.region, &mut problems);
         problems.check(self.tracing.validate());
         self.replication.validate(&self.region, &mut problems);
+        self.stores.validate(&mut problems);
         // `None` comes with a problem, so the stand-in never reaches a Config.
         let mesh = mesh.unwrap_or(crate::mesh::Mesh::Plaintext);
         problems.finish(|| Config {
@@ -350,6 +357,7 @@ impl RawConfig {
             cache: self.cache,
             tracing: self.tracing,
             replication: self.replication,
+            stores: self.stores,
         })
     }
 }

@@ -169,6 +169,13 @@ pub enum Error {
          safe from the loss of this region"
     )]
     SyncTimeout { waited_ms: u64 },
+    /// A store the request needs (`postgres`, `redis`) is down: refused
+    /// before anything of the request was stored, for another region.
+    #[error(
+        "this region's {0} is unavailable and the request needs it: nothing was stored; \
+         retry, the gateway sends it to another region"
+    )]
+    StoreUnavailable(&'static str),
     /// An I/O failure not covered above.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
@@ -199,7 +206,10 @@ impl Error {
                 retry_after: *retry_after,
             },
             Self::NoHealthyBackend(m) => Self::NoHealthyBackend(m.clone()),
-            other => Self::Unavailable(other.to_string()),
+            other => match other.store_down() {
+                Some(store) => Self::StoreUnavailable(store),
+                None => Self::Unavailable(other.to_string()),
+            },
         }
     }
 
@@ -241,8 +251,36 @@ impl Error {
             | Self::SyncTimeout { .. }
             | Self::NoHealthyBackend(_)
             | Self::RedisUnreachable { .. }
-            | Self::PostgresUnreachable { .. } => ErrorClass::Unavailable,
+            | Self::PostgresUnreachable { .. }
+            | Self::StoreUnavailable(_) => ErrorClass::Unavailable,
+            _ if self.store_down().is_some() => ErrorClass::Unavailable,
             _ => ErrorClass::Internal,
+        }
+    }
+
+    /// The store this error says is down, if it says one is: a refusal by
+    /// a probe's verdict, or a query that lost its connection or found none
+    /// in time. Such a request stored nothing, unless the connection went
+    /// during its commit; that window is left to idempotency keys.
+    pub(crate) fn store_down(&self) -> Option<&'static str> {
+        match self {
+            Self::StoreUnavailable(store) => Some(store),
+            Self::Postgres(
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::WorkerCrashed,
+            ) => Some("postgres"),
+            // Class 08 (connection exception) and 57P0x (the server is
+            // shutting down or crashed).
+            Self::Postgres(sqlx::Error::Database(e))
+                if e.code()
+                    .is_some_and(|c| c.starts_with("08") || c.starts_with("57P0")) =>
+            {
+                Some("postgres")
+            }
+            _ => None,
         }
     }
 
@@ -275,6 +313,7 @@ impl Error {
             Self::LogTruncated { .. } => Some(reason::REPLICATION_LOG_TRUNCATED),
             Self::SyncTimeout { .. } => Some(reason::SYNC_NOT_CONFIRMED),
             Self::SyncUnavailable => Some(reason::SYNC_UNAVAILABLE),
+            _ if self.store_down().is_some() => Some(reason::STORE_UNAVAILABLE),
             _ => None,
         }
     }
@@ -284,6 +323,9 @@ impl Error {
             Self::QueueFull { retry_after, .. } | Self::Overloaded { retry_after, .. } => {
                 Some(*retry_after)
             }
+            // The gateway retries at once elsewhere; a client that talks to
+            // the region itself waits about a probe round.
+            _ if self.store_down().is_some() => Some(std::time::Duration::from_secs(1)),
             _ => None,
         }
     }
@@ -322,7 +364,14 @@ impl From<Error> for tonic::Status {
                         .map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX)),
                     region: String::new(),
                 };
-                meridian_proto::status_with_detail(e.code(), message, detail)
+                let mut status = meridian_proto::status_with_detail(e.code(), message, detail);
+                if let Some(store) = e.store_down() {
+                    status.metadata_mut().insert(
+                        meridian_proto::header::UNAVAILABLE,
+                        tonic::metadata::MetadataValue::from_static(store),
+                    );
+                }
+                status
             }
             None => tonic::Status::new(e.code(), message),
         }
@@ -351,7 +400,9 @@ impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.class().http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        if status.is_server_error() {
+        // A store that is down is logged once by its probe, not once per
+        // request it turns away.
+        if status.is_server_error() && self.store_down().is_none() {
             tracing::error!(error = %self, "request failed");
         }
         let mut res = (status, axum::Json(self.openai_body())).into_response();
@@ -362,6 +413,12 @@ impl IntoResponse for Error {
             res.headers_mut().insert(
                 meridian_proto::header::DURABILITY,
                 axum::http::HeaderValue::from_static("local"),
+            );
+        }
+        if let Some(store) = self.store_down() {
+            res.headers_mut().insert(
+                meridian_proto::header::UNAVAILABLE,
+                axum::http::HeaderValue::from_static(store),
             );
         }
         if let Some(after) = self.retry_after() {

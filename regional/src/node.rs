@@ -25,6 +25,7 @@ pub struct RegionalNode {
     server: Option<JoinHandle<Result<(), Error>>>,
     pool: sqlx::PgPool,
     health: tonic_health::server::HealthReporter,
+    stores: Arc<store::StoreHealth>,
     tasks: TaskTracker,
     grace: std::time::Duration,
     tracer: meridian_mesh::Tracer,
@@ -76,8 +77,10 @@ impl RegionalNode {
             &config.region,
             config.postgres_max_connections,
             config.connect_timeout,
+            config.stores.acquire_timeout(),
         )
         .await?;
+        let stores = store::StoreHealth::new(&config.region);
 
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -127,6 +130,21 @@ impl RegionalNode {
                 .set_service_status(service, tonic_health::ServingStatus::Serving)
                 .await;
         }
+        stores.start(
+            store::Urls {
+                postgres: config.postgres_url.clone(),
+                redis: redis::Client::open(config.redis_url.as_str()).map_err(|e| {
+                    Error::RedisUnreachable {
+                        url: store::redact(&config.redis_url),
+                        message: e.to_string(),
+                    }
+                })?,
+            },
+            &config.stores,
+            health.clone(),
+            &shutdown,
+            &tasks,
+        );
         let inference = Arc::new(Inference::new(&config, shutdown.clone())?);
         let cache = Arc::new(crate::cache::ResponseCache::new(
             &config.cache,
@@ -137,6 +155,7 @@ impl RegionalNode {
         let pipeline = Arc::new(Pipeline::new(answer::Parts {
             region: config.region.clone(),
             pool: pool.clone(),
+            stores: stores.clone(),
             inference: inference.clone(),
             cache: cache.clone(),
             usage: telemetry.usage.clone(),
@@ -151,6 +170,7 @@ impl RegionalNode {
         let jobs = Arc::new(crate::queue::Queue::new(
             pool.clone(),
             redis.clone(),
+            stores.clone(),
             config.jobs.clone(),
             &config.region,
             shutdown.clone(),
@@ -169,6 +189,7 @@ impl RegionalNode {
             pipeline,
             inference,
             pool: pool.clone(),
+            stores: stores.clone(),
             shutdown: shutdown.clone(),
             status: Arc::new(crate::status::NodeStatus::new(config.max_in_flight)),
             telemetry,
@@ -207,6 +228,7 @@ impl RegionalNode {
             server: Some(server),
             pool,
             health,
+            stores,
             tasks,
             grace: config.shutdown_grace,
             tracer,
@@ -240,7 +262,9 @@ impl RegionalNode {
     /// period, and closes the database pool.
     pub async fn shutdown(mut self) -> Result<(), Error> {
         // Health checkers see NOT_SERVING first, so a gateway stops sending
-        // new work while in-flight requests drain.
+        // new work while in-flight requests drain; the store probes no
+        // longer say otherwise.
+        self.stores.close().await;
         for service in [
             "",
             "meridian.v1.Inference",

@@ -39,6 +39,7 @@ use crate::answer::Pipeline;
 use crate::config::JobsConfig;
 use crate::error::Error;
 use crate::peers::Peers;
+use crate::store::{Store, StoreHealth};
 use crate::tenancy::Tenant;
 
 pub(crate) use self::metrics::Metrics;
@@ -49,12 +50,19 @@ pub(crate) const MAX_KEY_BYTES: usize = 255;
 
 /// The jobs of one node: submission, lookups, cancellation, and the handles
 /// its workers and sweeper share.
+/// The longest a submission waits for Redis to take a job it already
+/// stored: past it the sweeper enqueues the job instead.
+const ENQUEUE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
 pub(crate) struct Queue {
     pool: PgPool,
     /// This region: the owner of the jobs submitted here, and of those it
     /// adopts from a lost peer.
     region: String,
     redis: ConnectionManager,
+    /// Whether PostgreSQL (the jobs' record of truth) and Redis (their
+    /// dispatch) answer now.
+    stores: Arc<StoreHealth>,
     config: JobsConfig,
     shutdown: CancellationToken,
     /// This node's consumer name in the stream group: new per start, so a
@@ -133,6 +141,7 @@ impl Queue {
     pub(crate) fn new(
         pool: PgPool,
         redis: ConnectionManager,
+        stores: Arc<StoreHealth>,
         config: JobsConfig,
         region: &str,
         shutdown: CancellationToken,
@@ -140,6 +149,7 @@ impl Queue {
         let max_watches = config.max_watches_per_tenant;
         Self {
             pool,
+            stores,
             region: region.to_string(),
             redis,
             config,
@@ -162,6 +172,7 @@ impl Queue {
         submission: Submission,
     ) -> Result<Submitted, Error> {
         submission.check_storable()?;
+        self.stores.require(Store::Postgres)?;
         let model = KeyValue::new("meridian.model", submission.request.model.clone());
         trace::set_attributes(&trace::Context::current(), [model.clone()]);
         let cx = trace::child_span(
@@ -278,9 +289,20 @@ impl Queue {
         tx.commit().await?;
         self.metrics.submitted.inc();
         // Committed means accepted: if Redis fails now, the sweeper enqueues
-        // the job later, so the client still gets its 202.
-        if let Err(e) = stream::enqueue(&mut self.redis.clone(), job.id, priority).await {
-            tracing::warn!(job = %job.id, error = %e, "enqueue failed; the sweeper will retry");
+        // the job later, so the client still gets its 202, without waiting
+        // on a Redis that its probe already knows is down.
+        if self.stores.is_up(Store::Redis) {
+            let mut redis = self.redis.clone();
+            let enqueue = stream::enqueue(&mut redis, job.id, priority);
+            match tokio::time::timeout(ENQUEUE_TIMEOUT, enqueue).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(job = %job.id, error = %e, "enqueue failed; the sweeper will retry");
+                }
+                Err(_) => {
+                    tracing::warn!(job = %job.id, "enqueue timed out; the sweeper will retry");
+                }
+            }
         }
         self.wake.notify_one();
         Ok(Submitted {
@@ -291,6 +313,7 @@ impl Queue {
 
     pub(crate) async fn get(&self, tenant: &Tenant, id: &str) -> Result<Job, Error> {
         let uuid = parse_id(id)?;
+        self.stores.require(Store::Postgres)?;
         store::get(&self.pool, tenant.as_str(), uuid)
             .await?
             .ok_or_else(|| Error::JobNotFound(id.to_string()))
@@ -300,6 +323,7 @@ impl Queue {
     /// another terminal state cannot be cancelled.
     pub(crate) async fn cancel(&self, tenant: &Tenant, id: &str) -> Result<Job, Error> {
         let uuid = parse_id(id)?;
+        self.stores.require(Store::Postgres)?;
         if let Some(job) = store::cancel(&self.pool, tenant.as_str(), uuid).await? {
             let token = self
                 .running

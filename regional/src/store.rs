@@ -9,6 +9,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 
+mod health;
+
+pub(crate) use health::{Store, StoreHealth, Urls};
+
 /// What a [`listen`] loop hands its caller.
 pub(crate) enum Heard<'a> {
     /// A notification's payload.
@@ -73,22 +77,38 @@ pub(crate) async fn listen(
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// Connects, migrates, and claims (or checks) the database for `region`.
+/// Connects (waiting up to `connect_timeout` for a server that is still
+/// starting), migrates, and claims (or checks) the database for `region`.
+/// Requests later wait at most `acquire_timeout` for a connection.
 pub(crate) async fn connect(
     url: &str,
     region: &str,
     max_connections: u32,
-    timeout: Duration,
+    connect_timeout: Duration,
+    acquire_timeout: Duration,
 ) -> Result<PgPool, Error> {
+    let unreachable = |e: sqlx::Error| Error::PostgresUnreachable {
+        url: redact(url),
+        message: e.to_string(),
+    };
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(timeout)
-        .connect(url)
-        .await
-        .map_err(|e| Error::PostgresUnreachable {
-            url: redact(url),
-            message: e.to_string(),
-        })?;
+        .acquire_timeout(acquire_timeout)
+        .connect_lazy(url)
+        .map_err(unreachable)?;
+    let deadline = tokio::time::Instant::now() + connect_timeout;
+    loop {
+        match pool.acquire().await {
+            Ok(_) => break,
+            // Refused or timed out: the server may still be starting.
+            Err(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut)
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(unreachable(e)),
+        }
+    }
     MIGRATOR.run(&pool).await?;
     let found: String = sqlx::query_scalar(
         "INSERT INTO region_identity (region) VALUES ($1)

@@ -22,6 +22,7 @@ const SUBSYSTEMS: &[&str] = &[
     "jobs",
     "embedding",
     "replication",
+    "store",
 ];
 
 /// Where metrics are defined, from the workspace root.

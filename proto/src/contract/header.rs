@@ -102,3 +102,10 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// after a try whose write may have reached a region: the request was not
 /// tried again elsewhere, and may or may not have been stored.
 pub const REPLAYED: &str = "x-meridian-replayed";
+
+/// Response header on a refusal (HTTP 503, gRPC `UNAVAILABLE`) naming the
+/// store of the region the request needs and that is down now: `postgres`
+/// or `redis`. The region stored nothing of the request, so the gateway
+/// replays it in another region, and keeps sending the region what does not
+/// need that store.
+pub const UNAVAILABLE: &str = "x-meridian-unavailable";

@@ -74,6 +74,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> axum::response::Response
             + &state.inference.render_metrics()
             + &state.cache.render_metrics()
             + &state.replication.render_metrics()
+            + &state.stores.render_metrics()
             + &state
                 .embedder
                 .as_ref()
@@ -156,6 +157,13 @@ impl Admin for AdminApi {
             cache_l1_entries: cache.l1_entries,
             cache_semantic_entries: cache.semantic_entries,
             replication_lag: self.state.replication.lag(),
+            unavailable_stores: self
+                .state
+                .stores
+                .down()
+                .into_iter()
+                .map(String::from)
+                .collect(),
             ..Default::default()
         }))
     }

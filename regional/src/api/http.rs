@@ -31,6 +31,7 @@ pub(super) fn routes(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/conversations/{id}", get(get_conversation))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .with_state(state)
 }
 
@@ -217,8 +218,38 @@ async fn get_conversation(
     tenant: Tenant,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Response, Error> {
+    state.stores.require(crate::store::Store::Postgres)?;
     let transcript = crate::conversation::transcript(&state.pool, tenant.as_str(), &id).await?;
     Ok(axum::Json(transcript).into_response())
+}
+
+/// `GET /readyz`: 200 while the node takes requests, 503 once it shuts
+/// down. A store that is down does not make the node unready (what does
+/// not need it is still served); the body names it, as `Admin.RegionStatus`
+/// does for gateways.
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let ready = !state.shutdown.is_cancelled();
+    let stores: serde_json::Map<String, serde_json::Value> =
+        [crate::store::Store::Postgres, crate::store::Store::Redis]
+            .into_iter()
+            .map(|s| {
+                let up = if state.stores.is_up(s) { "up" } else { "down" };
+                (s.name().to_string(), serde_json::Value::from(up))
+            })
+            .collect();
+    let status = if ready {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "ready": ready,
+        "region": state.region,
+        "draining": state.status.draining(),
+        "stores": stores,
+        "unavailable_stores": state.stores.down(),
+    });
+    (status, axum::Json(body)).into_response()
 }
 
 async fn list_models(State(state): State<Arc<AppState>>) -> Response {

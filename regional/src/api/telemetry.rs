@@ -22,6 +22,7 @@ use serde_json::value::RawValue;
 
 use super::{AppState, Tenant, body};
 use crate::error::Error;
+use crate::store::Store;
 use crate::telemetry::Reading;
 use crate::telemetry::ingest::{Sorted, sort_out};
 use crate::telemetry::query::{self, Aggregate, Aggregates, ReadingsQuery, Series, UsageSummary};
@@ -212,6 +213,7 @@ async fn ingest(
     body: Body,
 ) -> Result<axum::Json<IngestReport>, Error> {
     let t = &state.telemetry;
+    state.stores.require(Store::Postgres)?;
     let limit = t.config.body_limit();
     let body = body::read(&headers, body, limit, "telemetry.max_body_bytes").await?;
     let sorted = match body_items(&headers, &body, t.config.max_batch)? {
@@ -364,6 +366,7 @@ async fn run_query(
 ) -> Result<Vec<Series>, Error> {
     let t = &state.telemetry;
     q.check(t.config.max_query_buckets)?;
+    state.stores.require(Store::Postgres)?;
     query::readings(&state.pool, t.mode, tenant.as_str(), q).await
 }
 
@@ -423,6 +426,7 @@ async fn usage_summary(
     let p = query_params(params)?;
     let start = parse_time("start", &p.start)?;
     let end = parse_time("end", &p.end)?;
+    state.stores.require(Store::Postgres)?;
     let models = query::usage(&state.pool, tenant.as_str(), start, end, p.model.as_deref()).await?;
     Ok(axum::Json(UsageReport {
         tenant: tenant.as_str().to_string(),

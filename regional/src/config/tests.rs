@@ -296,3 +296,18 @@ fn the_mesh_certificate_is_loaded_while_validating() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(e.contains("`mesh.cert_path`"), "{e}");
 }
+
+#[test]
+fn store_probes_have_defaults_and_checked_bounds() {
+    let c = Config::from_toml(MINIMAL, "t").unwrap();
+    assert_eq!(c.stores.probe_interval(), Duration::from_millis(100));
+    assert_eq!(c.stores.probe_timeout(), Duration::from_millis(250));
+    assert_eq!(c.stores.failures_to_trip, 2);
+    assert_eq!(c.stores.acquire_timeout(), Duration::from_millis(1000));
+    let e = err(&format!(
+        "{MINIMAL}\n[stores]\nprobe_interval_ms = 1\nfailures_to_trip = 0\nacquire_timeout_ms = 0\n"
+    ));
+    assert!(e.contains("`stores.probe_interval_ms`"), "{e}");
+    assert!(e.contains("`stores.failures_to_trip`"), "{e}");
+    assert!(e.contains("`stores.acquire_timeout_ms`"), "{e}");
+}

@@ -16,6 +16,7 @@ use super::super::{AppState, Tenant};
 use super::guard::Oversized;
 use super::{MAX_LISTED_REJECTIONS, run_query};
 use crate::error::Error;
+use crate::store::Store;
 use crate::telemetry::Reading;
 use crate::telemetry::ingest::{Sorted, sort_out};
 use crate::telemetry::query::{Aggregate, Aggregates, ReadingsQuery};
@@ -106,6 +107,7 @@ impl TelemetryService for TelemetryApi {
         request: Request<Streaming<pb::IngestRequest>>,
     ) -> Result<Response<pb::IngestResponse>, Status> {
         let tenant = Tenant::from_metadata(request.metadata())?;
+        self.state.stores.require(Store::Postgres)?;
         let oversized = request
             .extensions()
             .get::<Oversized>()
