@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 
 use meridian_proto::v1::inference_client::InferenceClient;
 use meridian_proto::v1::{ChatMessage, GenerateRequest};
-use meridian_tests::replicated::until;
+use meridian_tests::replicated::{job_rows, pool, seed, until};
 use meridian_tests::{ClusterSandbox, TEST_MODEL, init_logging};
 use rand::{Rng, SeedableRng};
+
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
@@ -25,17 +26,6 @@ const REGIONS: [&str; 2] = ["us-east", "eu-west"];
 const VICTIM: &str = "eu-west";
 const OTHER: &str = "us-east";
 const PATIENCE: Duration = Duration::from_secs(30);
-
-fn seed() -> u64 {
-    let seed = std::env::var("GRAY_FAILURE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    println!(
-        "seed {seed} (replay: GRAY_FAILURE_SEED={seed} cargo test -p meridian-tests --test gray_failures)"
-    );
-    seed
-}
 
 fn chat_body(content: &str) -> Value {
     json!({ "model": TEST_MODEL, "max_tokens": 4,
@@ -82,7 +72,7 @@ struct Seen {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_postgres_sends_what_needs_it_elsewhere_and_keeps_plain_chat() {
     init_logging();
-    let seed = seed();
+    let seed = seed("GRAY_FAILURE_SEED");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut cluster = ClusterSandbox::start_replicated(&REGIONS, "", |_, _| {}).await;
     let gateway = cluster.gateway_url();

@@ -13,6 +13,7 @@ use super::redis_error;
 use super::store::{self, Priority};
 use super::stream;
 use crate::error::Error;
+use crate::store::Store;
 
 /// Most jobs looked at per sweep, oldest first; more wait for the next one.
 const BATCH: i64 = 10_000;
@@ -26,6 +27,9 @@ pub(super) fn spawn(state: Arc<Workers>) {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                // Jobs accepted while Redis was down go out as soon as it
+                // answers again, not at the next tick.
+                () = state.jobs.stores.returned(Store::Redis) => {}
                 () = state.shutdown().cancelled() => return,
             }
             if let Err(e) = sweep(&state).await {

@@ -55,6 +55,10 @@ impl Store {
 pub(crate) struct StoreHealth {
     postgres: AtomicBool,
     redis: AtomicBool,
+    /// Woken when a store comes back, for work that waited for it (jobs
+    /// accepted while Redis was down are enqueued then).
+    postgres_back: tokio::sync::Notify,
+    redis_back: tokio::sync::Notify,
     /// Held while the gRPC health statuses are written, so a probe cannot
     /// write `SERVING` after shutdown wrote `NOT_SERVING`.
     reporting: tokio::sync::Mutex<Reporting>,
@@ -75,6 +79,8 @@ impl StoreHealth {
         Arc::new(Self {
             postgres: AtomicBool::new(true),
             redis: AtomicBool::new(true),
+            postgres_back: tokio::sync::Notify::new(),
+            redis_back: tokio::sync::Notify::new(),
             reporting: tokio::sync::Mutex::new(Reporting { health: None }),
             metrics,
         })
@@ -84,6 +90,14 @@ impl StoreHealth {
         match store {
             Store::Postgres => &self.postgres,
             Store::Redis => &self.redis,
+        }
+    }
+
+    /// Resolves the next time `store` comes back after being down.
+    pub(crate) async fn returned(&self, store: Store) {
+        match store {
+            Store::Postgres => self.postgres_back.notified().await,
+            Store::Redis => self.redis_back.notified().await,
         }
     }
 
@@ -232,6 +246,10 @@ impl StoreHealth {
                 store = name,
                 "store answers again; requests that need it are served"
             );
+            match store {
+                Store::Postgres => self.postgres_back.notify_waiters(),
+                Store::Redis => self.redis_back.notify_waiters(),
+            }
         } else {
             tracing::warn!(
                 store = name,
