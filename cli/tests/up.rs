@@ -84,8 +84,9 @@ fn pid_in(file: &Path) -> Option<u32> {
 fn mentions(pid: u32, dir: &Path) -> bool {
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"));
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    cwd.is_ok_and(|c| c.starts_with(dir))
-        || String::from_utf8_lossy(&cmdline).contains(&*dir.to_string_lossy())
+    // The temp dir's random name, as a node given relative paths shows it.
+    let name = dir.file_name().unwrap().to_string_lossy();
+    cwd.is_ok_and(|c| c.starts_with(dir)) || String::from_utf8_lossy(&cmdline).contains(&*name)
 }
 
 fn signal(pid: u32, signal: Signal) {
@@ -109,7 +110,7 @@ struct Up {
 }
 
 impl Up {
-    fn start(state: &State) -> Self {
+    fn start(state: &State, extra: &[&str]) -> Self {
         let (port, admin, region) = (free_port(), free_port(), free_port());
         let mut child = Command::new(env!("CARGO_BIN_EXE_meridian"))
             .arg("up")
@@ -120,6 +121,7 @@ impl Up {
             // The regions take this port and the next.
             .args(["--region-port", &region.to_string()])
             .args(["--regions", REGIONS])
+            .args(extra)
             .env("MERIDIAN_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
@@ -222,6 +224,16 @@ impl Drop for Up {
     }
 }
 
+/// A node started by hand, killed on drop if the test fails before it stops.
+struct ByHand(Child);
+
+impl Drop for ByHand {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn api_key(state: &State) -> String {
     std::fs::read_to_string(state.path().join("api-key"))
         .unwrap()
@@ -232,7 +244,7 @@ fn api_key(state: &State) -> String {
 #[test]
 fn a_hard_killed_up_leaves_nothing_that_stops_the_next_one() {
     let state = State::new();
-    let mut first = Up::start(&state);
+    let mut first = Up::start(&state, &[]);
     let key_line = format!("(kept in {})", state.path().join("api-key").display());
     assert!(
         first.seen.iter().any(|l| l.contains(&key_line)),
@@ -245,7 +257,7 @@ fn a_hard_killed_up_leaves_nothing_that_stops_the_next_one() {
     signal(first.child.id(), Signal::KILL);
     first.child.wait().unwrap();
 
-    let second = Up::start(&state);
+    let second = Up::start(&state, &[]);
     for region in REGIONS.split(',') {
         for program in ["postgres", "redis"] {
             let dir = state.path().join(region).join(program);
@@ -268,7 +280,8 @@ fn a_hard_killed_up_leaves_nothing_that_stops_the_next_one() {
 #[test]
 fn a_killed_node_is_reported_restarted_by_hand_and_stopped_with_the_rest() {
     let state = State::new();
-    let mut up = Up::start(&state);
+    // Far beyond the waits below: a frozen node must stop without it.
+    let mut up = Up::start(&state, &["--node-stop-timeout-secs", "300"]);
     let key = api_key(&state);
     let pid_file = state.path().join("us-east/node.pid");
     let node = pid_in(&pid_file).unwrap();
@@ -295,22 +308,33 @@ fn a_killed_node_is_reported_restarted_by_hand_and_stopped_with_the_rest() {
     assert_eq!(up.child.try_wait().unwrap(), None, "meridian up stopped");
     assert_eq!(up.chat_ok(&key), "eu-west");
 
-    // The printed command, as a person would paste it.
-    let mut words = restart.split_whitespace();
-    let mut by_hand = Command::new(words.next().unwrap())
-        .args(words)
-        .env("MERIDIAN_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // The printed command, as a person would type it from the state dir's
+    // parent (relative paths).
+    let parent = state.path().parent().unwrap().to_path_buf();
+    let relative = restart.replace(&format!("{}/", parent.display()), "");
+    let mut words = relative.split_whitespace();
+    let mut by_hand = ByHand(
+        Command::new(words.next().unwrap())
+            .args(words)
+            .current_dir(&parent)
+            .env("MERIDIAN_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut ready = String::new();
-    BufReader::new(by_hand.stdout.take().unwrap())
+    BufReader::new(by_hand.0.stdout.take().unwrap())
         .read_line(&mut ready)
         .unwrap();
     assert!(ready.starts_with("ready region=us-east"), "{ready:?}");
     let again = pid_in(&pid_file).unwrap();
-    assert_eq!(again, by_hand.id());
+    assert_eq!(again, by_hand.0.id());
 
+    // A frozen node still stops: it is sent SIGCONT with the SIGTERM.
+    signal(
+        pid_in(&state.path().join("eu-west/node.pid")).unwrap(),
+        Signal::STOP,
+    );
     let running = state.pids();
     signal(up.child.id(), Signal::TERM);
     up.line_with(
@@ -320,7 +344,7 @@ fn a_killed_node_is_reported_restarted_by_hand_and_stopped_with_the_rest() {
     up.line_with("stopped", EVENT_TIMEOUT);
     assert!(up.child.wait().unwrap().success());
     assert!(
-        by_hand.wait().unwrap().success(),
+        by_hand.0.wait().unwrap().success(),
         "the node stops gracefully"
     );
     assert_eq!(running.len(), 6, "a node, redis and postgres per region");

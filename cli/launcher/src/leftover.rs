@@ -183,16 +183,24 @@ pub async fn stop_leftover_node(
     config: &Path,
     timeout: Duration,
 ) -> Result<Option<Leftover>, Error> {
+    let config = config
+        .canonicalize()
+        .unwrap_or_else(|_| config.to_path_buf());
     let is_it = |info: &ProcInfo| -> Option<bool> {
         let exe = info.exe.as_ref()?;
+        let cwd = info.cwd.as_ref()?;
+        // Started by hand, its config may be a path relative to its cwd.
+        let names_config = |arg: &String| {
+            let path = cwd.join(arg);
+            path == config || path.canonicalize().is_ok_and(|p| p == config)
+        };
         let meridian = exe
             .file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with("meridian"));
-        let config = config.to_string_lossy();
         Some(
             meridian
                 && info.cmdline.iter().any(|a| a == "regional")
-                && info.cmdline.iter().any(|a| *a == config),
+                && info.cmdline.iter().any(names_config),
         )
     };
     stop(
