@@ -299,6 +299,40 @@ fn a_killed_node_is_reported_restarted_by_hand_and_stopped_with_the_rest() {
         .expect("a restart command for us-east")
         .to_string();
 
+    // A second `meridian up` on the same state stops nothing of the first.
+    let mut second = ByHand(
+        Command::new(env!("CARGO_BIN_EXE_meridian"))
+            .arg("up")
+            .arg("--state-dir")
+            .arg(state.path())
+            .args(["--port", &free_port().to_string()])
+            .args(["--admin-port", &free_port().to_string()])
+            .args(["--region-port", &free_port().to_string()])
+            .args(["--regions", REGIONS])
+            .env("MERIDIAN_LOG", "off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut pipe = second.0.stderr.take().unwrap();
+    let (send, said) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut stderr = String::new();
+        let _ = pipe.read_to_string(&mut stderr);
+        let _ = send.send(stderr);
+    });
+    let stderr = said
+        .recv_timeout(EVENT_TIMEOUT)
+        .expect("a second meridian up on the same state exits");
+    assert!(!second.0.wait().unwrap().success(), "{stderr}");
+    let owner = format!(
+        "belongs to meridian (pid {}), which still runs",
+        up.child.id()
+    );
+    assert!(stderr.contains(&owner), "{stderr}");
+    assert_eq!(up.chat(&key).0, 200);
+
     signal(node, Signal::KILL);
     let exited = up.line_with("node (pid", EVENT_TIMEOUT);
     assert!(

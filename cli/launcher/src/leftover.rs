@@ -145,6 +145,14 @@ pub(crate) async fn stop(pid_file: &Path, kind: Kind<'_>) -> Result<Option<Lefto
             return Ok(None);
         }
     }
+    if let Some(owner) = live_launcher(proc) {
+        return Err(Error::OwnedByLiveLauncher {
+            program: kind.program,
+            pid,
+            dir: kind.dir.to_path_buf(),
+            owner,
+        });
+    }
     let _ = rustix::process::pidfd_send_signal(&pidfd, kind.signal);
     let deadline = Instant::now() + kind.timeout;
     let mut killed = false;
@@ -168,6 +176,23 @@ pub(crate) async fn stop(pid_file: &Path, kind: Kind<'_>) -> Result<Option<Lefto
         dir: kind.dir.to_path_buf(),
         killed,
     }))
+}
+
+/// The pid of the `meridian` that started `proc` and still runs, if any.
+///
+/// A leftover's launcher is gone, so it has been reparented (to init or a
+/// subreaper). One whose parent is another live `meridian` is not left
+/// over. This process itself may stop what it started (tests do).
+fn live_launcher(proc: Proc) -> Option<u32> {
+    let parent = proc.parent()?;
+    if parent == std::process::id() {
+        return None;
+    }
+    let exe = ProcInfo::read(parent).exe?;
+    exe.file_name()?
+        .to_string_lossy()
+        .starts_with("meridian")
+        .then_some(parent)
 }
 
 fn open_pidfd(pid: u32) -> Option<OwnedFd> {

@@ -45,6 +45,11 @@ impl Proc {
         self.pid
     }
 
+    /// Its parent's pid, while it exists.
+    pub(crate) fn parent(self) -> Option<u32> {
+        self.exists().map(|s| s.ppid)
+    }
+
     /// Whether it has exited: gone, a zombie, or reaped here.
     pub(crate) fn is_dead(self) -> bool {
         reap_or_dead(self)
