@@ -2,6 +2,7 @@
 //! one regional node or gateway from its config file.
 
 mod certs;
+mod regional;
 mod up;
 
 use std::path::PathBuf;
@@ -22,11 +23,15 @@ enum Command {
     /// Start three local regions (each with its own Redis and PostgreSQL) and
     /// the gateway; Ctrl-C stops everything.
     Up(up::Args),
-    /// Run one regional node.
+    /// Run one regional node; prints `ready addr=… time_series=…` on
+    /// stdout once it serves.
     Regional {
         /// The node's TOML config.
         #[arg(long, short)]
         config: PathBuf,
+        /// Write the node's process id to this file (removed on a clean exit).
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
     },
     /// Run the gateway.
     Gateway {
@@ -159,14 +164,7 @@ fn init_logging() {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Up(args) => runtime()?.block_on(up::run(args)),
-        Command::Regional { config } => {
-            let config = meridian_regional::Config::from_file(&config)?;
-            runtime()?.block_on(async {
-                let node = meridian_regional::RegionalNode::start(config).await?;
-                node.run_until(shutdown_signal()).await?;
-                Ok(())
-            })
-        }
+        Command::Regional { config, pid_file } => regional::run(&config, pid_file),
         Command::Keys(keys) => runtime()?.block_on(manage_keys(keys)),
         Command::Certs(args) => certs::run(args),
         Command::Sim(args) => runtime()?.block_on(sim(args)),
@@ -246,7 +244,7 @@ async fn manage_keys(keys: Keys) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

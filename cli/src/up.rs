@@ -1,7 +1,16 @@
 //! `meridian up`: a local three-region deployment with one gateway.
+//!
+//! Stores and nodes are child processes, each region's node started from
+//! the config file written here, so a person can stop, kill and restart one
+//! region's node while the rest keep serving. Pid files in the state
+//! directory let the next start find whatever a killed run left behind.
+
+mod banner;
+pub(crate) mod node;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use meridian_gateway::{Gateway, RegionConfig};
@@ -9,7 +18,11 @@ use meridian_launcher::{
     MeshSection, PostgresOptions, PostgresServer, RedisOptions, RedisServer, RegionConfigFile,
     SimModel,
 };
-use meridian_regional::RegionalNode;
+
+/// A region's node config, in `<state>/<region>/`.
+const REGION_CONFIG_FILE: &str = "regional.toml";
+/// The pid of a region's node, in `<state>/<region>/`.
+const NODE_PID_FILE: &str = "node.pid";
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -36,13 +49,21 @@ pub(crate) struct Args {
         default_value = "us-east,eu-west,ap-south"
     )]
     regions: Vec<String>,
+    /// How long a region's node may take to start (migrations, loading the
+    /// embedding model) before `meridian up` gives up.
+    #[arg(long, default_value_t = 120)]
+    node_start_timeout_secs: u64,
+    /// How long a node gets to stop after SIGTERM before it is killed; also
+    /// the bound for a node a previous run left behind.
+    #[arg(long, default_value_t = 10)]
+    node_stop_timeout_secs: u64,
 }
 
 struct Region {
     name: String,
     redis: RedisServer,
     postgres: PostgresServer,
-    node: Option<RegionalNode>,
+    node: Option<node::Node>,
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
@@ -52,6 +73,13 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         .state_dir
         .canonicalize()
         .with_context(|| format!("cannot open {}", args.state_dir.display()))?;
+    let node_stop_timeout = Duration::from_secs(args.node_stop_timeout_secs);
+    futures::future::try_join_all(
+        args.regions
+            .iter()
+            .map(|name| stop_leftovers(&state_dir, name, node_stop_timeout)),
+    )
+    .await?;
 
     // Stores start concurrently: initdb dominates and runs in child processes.
     let mut regions = futures::future::try_join_all(
@@ -79,7 +107,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             (r.name.clone(), SocketAddr::from(([127, 0, 0, 1], port)))
         })
         .collect();
-    for (i, region) in regions.iter_mut().enumerate() {
+    let mut configs = Vec::new();
+    for (i, region) in regions.iter().enumerate() {
         let listen = addresses[i].1;
         let identity = meridian_mesh::Identity::region(&region.name).map_err(anyhow::Error::msg)?;
         let mesh = crate::certs::files(&certs_dir, &identity);
@@ -87,19 +116,29 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             .iter()
             .filter(|(n, _)| *n != region.name)
             .collect();
-        let config_path = write_region_config(
+        configs.push(write_region_config(
             &state_dir,
             region,
             listen,
             &mesh,
             args.otlp_endpoint.as_deref(),
             &peers,
-        )?;
-        let config = meridian_regional::Config::from_file(&config_path)?;
-        let node = RegionalNode::start(config)
-            .await
-            .with_context(|| format!("region {}", region.name))?;
-        let mut entry = RegionConfig::new(region.name.clone(), node.local_addr());
+        )?);
+    }
+    // Started here, not in spawned tasks: the parent-death signal a node
+    // asks for follows the thread that forked it, and this one lives as
+    // long as `meridian up`.
+    let start_timeout = Duration::from_secs(args.node_start_timeout_secs);
+    let nodes =
+        futures::future::try_join_all(regions.iter().zip(&configs).map(|(r, config)| {
+            let pid_file = state_dir.join(&r.name).join(NODE_PID_FILE);
+            async move {
+                node::start(&r.name, config, &pid_file, start_timeout, node_stop_timeout).await
+            }
+        }))
+        .await?;
+    for (region, node) in regions.iter_mut().zip(nodes) {
+        let mut entry = RegionConfig::new(region.name.clone(), node.addr);
         if let Some((lat, lon)) = meridian_launcher::local_location(&region.name) {
             entry = entry.at(lat, lon);
         }
@@ -125,30 +164,51 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let api_key = local_api_key(&state_dir, &home.postgres.url()).await?;
     let gateway = Gateway::start(gateway_config.build()?)?;
 
-    print_banner(&gateway, &regions, &api_key);
-    if let Some(node) = regions.first().and_then(|r| r.node.as_ref()) {
-        let c = certs_dir.display();
-        println!("Regions accept mutual TLS only (certificates in {c}); as an operator:");
-        println!(
-            "  grpcurl -cacert {c}/ca.pem -cert {c}/operator-admin.pem -key {c}/operator-admin.key {} meridian.v1.Admin/RegionStatus",
-            node.local_addr()
-        );
-        println!();
-    }
+    banner::print(&gateway, &regions, &state_dir, &api_key);
     crate::shutdown_signal().await;
 
     println!("stopping...");
+    // Nodes first, while their stores still answer, then the gateway, then
+    // the stores.
+    futures::future::join_all(
+        regions
+            .iter_mut()
+            .filter_map(|r| r.node.take())
+            .map(|n| n.stop(node_stop_timeout)),
+    )
+    .await;
     gateway.shutdown();
     for region in &mut regions {
-        if let Some(node) = region.node.take()
-            && let Err(e) = node.shutdown().await
-        {
-            tracing::warn!(region = %region.name, error = %e, "node shutdown");
-        }
         region.postgres.stop().await.ok();
         region.redis.stop().await.ok();
     }
     println!("stopped");
+    Ok(())
+}
+
+/// Stops what a killed earlier run left in the region's state directory:
+/// the node first, while its stores still answer, then the stores.
+async fn stop_leftovers(
+    state_dir: &Path,
+    name: &str,
+    node_timeout: Duration,
+) -> anyhow::Result<()> {
+    let dir = state_dir.join(name);
+    let found = [
+        meridian_launcher::stop_leftover_node(
+            &dir.join(NODE_PID_FILE),
+            &dir.join(REGION_CONFIG_FILE),
+            node_timeout,
+        )
+        .await,
+        RedisServer::stop_leftover(&dir.join("redis")).await,
+        PostgresServer::stop_leftover(&dir.join("postgres")).await,
+    ];
+    for leftover in found {
+        if let Some(leftover) = leftover.with_context(|| format!("region {name}"))? {
+            println!("{name}: {leftover}");
+        }
+    }
     Ok(())
 }
 
@@ -211,7 +271,7 @@ fn write_region_config(
     if let Some(endpoint) = otlp_endpoint {
         file = file.otlp_endpoint(endpoint);
     }
-    let path = state_dir.join(&region.name).join("regional.toml");
+    let path = state_dir.join(&region.name).join(REGION_CONFIG_FILE);
     let text = format!(
         "# Written by `meridian up`; rewritten at every start.\n{}",
         file.to_toml()
@@ -250,64 +310,4 @@ async fn local_api_key(state_dir: &Path, postgres_url: &str) -> anyhow::Result<S
     pool.close().await;
     meridian_mesh::write_private(&path, &key).map_err(anyhow::Error::msg)?;
     Ok(key)
-}
-
-fn print_banner(gateway: &Gateway, regions: &[Region], api_key: &str) {
-    let addr = gateway.local_addr();
-    println!();
-    println!(
-        "Meridian is up: {} regions behind http://{addr}",
-        regions.len()
-    );
-    println!();
-    for r in regions {
-        let api = r
-            .node
-            .as_ref()
-            .map(|n| n.local_addr().to_string())
-            .unwrap_or_default();
-        let time_series = r.node.as_ref().map_or("-", |n| n.time_series_mode());
-        println!(
-            "  {:<10} api {api:<16} redis {:<28} postgres {}  time series {time_series}",
-            r.name,
-            r.redis.url(),
-            r.postgres.url()
-        );
-    }
-    if regions
-        .iter()
-        .any(|r| r.node.as_ref().map(|n| n.time_series_mode()) == Some("pg_partman"))
-    {
-        println!();
-        println!(
-            "Time series on pg_partman: TimescaleDB is not installed in this PostgreSQL \
-             (infra/scripts/setup.sh installs it; see the README)."
-        );
-    }
-    let body =
-        r#"{"model":"sim-small","messages":[{"role":"user","content":"Hello from the edge"}]}"#;
-    let auth = format!("-H 'authorization: Bearer {api_key}'");
-    let json = "-H 'content-type: application/json'";
-    let url = format!("http://{addr}/v1/chat/completions");
-    let last = regions.last().map(|r| r.name.as_str()).unwrap_or("us-east");
-    println!();
-    println!("API key of the `local` tenant (kept in .meridian/api-key); for OpenAI SDKs:");
-    println!("  export OPENAI_API_KEY={api_key} OPENAI_BASE_URL=http://{addr}/v1");
-    println!("Chat completion (OpenAI-compatible):");
-    println!("  curl -s {url} {auth} {json} -d '{body}'");
-    println!("Pin a region and see which one served it:");
-    let pin = meridian_gateway::REGION_HEADER;
-    println!("  curl -si {url} {auth} -H '{pin}: {last}' {json} -d '{body}'");
-    println!("Pretend to be in Paris (loopback is a trusted proxy here):");
-    let country = meridian_gateway::COUNTRY_HEADER;
-    println!("  curl -si {url} {auth} -H '{country}: FR' {json} -d '{body}'");
-    println!("gRPC through the gateway:");
-    println!(
-        "  grpcurl -plaintext -H 'authorization: Bearer {api_key}' -d '{body}' {addr} meridian.v1.Inference/Generate"
-    );
-    if let Some(admin) = gateway.admin_addr() {
-        println!("Gateway admin: http://{admin}/routing  /metrics  /readyz");
-    }
-    println!();
-    println!("Ctrl-C stops everything.");
 }

@@ -79,6 +79,23 @@ pub enum Error {
         secs: u64,
     },
 
+    /// A pid file names a server that a running `meridian` still owns: two
+    /// launchers on one state directory would stop each other's servers.
+    #[error(
+        "the {program} (pid {pid}) in {} belongs to meridian (pid {owner}), which still runs: stop that one first",
+        dir.display()
+    )]
+    OwnedByLiveLauncher {
+        /// `"redis"`, `"postgres"` or `"node"`.
+        program: &'static str,
+        /// The server's pid.
+        pid: u32,
+        /// The directory it serves.
+        dir: PathBuf,
+        /// The pid of the launcher that started it.
+        owner: u32,
+    },
+
     /// Running as root, but there is no unprivileged user to run PostgreSQL as.
     #[error("running as root but neither a postgres nor a nobody user exists in /etc/passwd")]
     NoUnprivilegedUser,

@@ -9,6 +9,10 @@
 //! tree and removes its temporary directory, also when a test panics. Ports
 //! raced away by parallel test processes are retried with fresh ones.
 //!
+//! A launcher killed before it could stop its servers leaves them running;
+//! `stop_leftover` on either server type (and [`stop_leftover_node`] for a
+//! regional node) finds such a process through its pid file and stops it.
+//!
 //! Linux only: teardown walks `/proc` to find a server's descendants, and the
 //! first server started makes this process the child subreaper
 //! (`PR_SET_CHILD_SUBREAPER`) so that backends orphaned by a killed
@@ -21,6 +25,7 @@
 
 mod error;
 mod files;
+mod leftover;
 mod postgres;
 mod process;
 mod redis;
@@ -28,6 +33,7 @@ mod region_config;
 mod regions;
 
 pub use error::Error;
+pub use leftover::{Leftover, stop_leftover_node};
 pub use postgres::{PostgresOptions, PostgresServer, extension_installed};
 pub use process::free_port;
 pub use redis::{RedisOptions, RedisServer};

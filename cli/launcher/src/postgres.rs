@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 
 use crate::Error;
 use crate::files::{LogFile, StateDir};
+use crate::leftover::{self, Kind, Leftover, ProcInfo};
 use crate::process::{ServerProcess, with_port_retry};
 use setup::{BinDir, ROLE, RunAs};
 
@@ -216,6 +217,29 @@ impl PostgresServer {
     /// Whether the postmaster is alive.
     pub fn is_running(&mut self) -> bool {
         self.process.is_running()
+    }
+
+    /// Stops the postgres a previous run left serving the cluster in state
+    /// directory `dir` (its launcher was killed): fast shutdown, then kill
+    /// after 30 s. Returns what it found; `None` when nothing runs there.
+    ///
+    /// A postmaster.pid whose process is gone is left to postgres, which
+    /// checks the shared memory it names before it starts again.
+    pub async fn stop_leftover(dir: &Path) -> Result<Option<Leftover>, Error> {
+        let data = dir.join("data");
+        let is_it = |info: &ProcInfo| Some(info.exe_named(SERVER)? && info.works_in(&data)?);
+        leftover::stop(
+            &data.join("postmaster.pid"),
+            Kind {
+                program: SERVER,
+                dir,
+                is_it: &is_it,
+                signal: Signal::INT,
+                timeout: STOP_TIMEOUT,
+                remove_stale: false,
+            },
+        )
+        .await
     }
 }
 

@@ -4,7 +4,7 @@
 //! [`Drop`] can kill and reap it synchronously, with or without a runtime
 //! (a panicking `#[tokio::test]` drops it while its runtime is shutting down).
 
-mod tree;
+pub(crate) mod tree;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, TcpListener};

@@ -11,11 +11,14 @@ use tokio::net::TcpStream;
 
 use crate::Error;
 use crate::files::{LogFile, StateDir, find_in_path};
+use crate::leftover::{self, Kind, Leftover, ProcInfo};
 use crate::process::{ServerProcess, with_port_retry};
 
 const SERVER: &str = "redis";
 /// Redis exits promptly on SIGTERM even with an AOF to flush.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// In the state dir, so the next run finds a redis this one left behind.
+const PID_FILE: &str = "redis.pid";
 
 /// How to start a [`RedisServer`].
 #[derive(Debug, Clone)]
@@ -155,6 +158,32 @@ impl RedisServer {
     pub fn is_running(&mut self) -> bool {
         self.process.is_running()
     }
+
+    /// Stops the redis a previous run left serving state directory `dir`
+    /// (its launcher was killed): SIGTERM, then kill after 30 s. Returns what
+    /// it found; `None` when nothing runs there. A stale pid file is removed.
+    pub async fn stop_leftover(dir: &Path) -> Result<Option<Leftover>, Error> {
+        // Debian's redis-server is a symlink to redis-check-rdb, which is
+        // what /proc shows as the executable.
+        let binary = find_in_path("redis-server").and_then(|b| b.canonicalize().ok());
+        let is_it = |info: &ProcInfo| {
+            let exe = info.exe.as_ref()?;
+            let redis = binary.as_ref() == Some(exe) || info.exe_named("redis-server")?;
+            Some(redis && info.works_in(dir)?)
+        };
+        leftover::stop(
+            &dir.join(PID_FILE),
+            Kind {
+                program: SERVER,
+                dir,
+                is_it: &is_it,
+                signal: Signal::TERM,
+                timeout: STOP_TIMEOUT,
+                remove_stale: true,
+            },
+        )
+        .await
+    }
 }
 
 impl Drop for RedisServer {
@@ -183,6 +212,8 @@ async fn launch(
         .args(["--daemonize", "no", "--protected-mode", "no"])
         .arg("--logfile")
         .arg(log.path())
+        .arg("--pidfile")
+        .arg(dir.join(PID_FILE))
         .current_dir(dir);
     let offset = log.len();
     let mut process = ServerProcess::spawn(SERVER, cmd, log)?;

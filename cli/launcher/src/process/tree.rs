@@ -33,6 +33,28 @@ pub(crate) struct Proc {
 }
 
 impl Proc {
+    /// The process `pid` names now, if any.
+    pub(crate) fn of(pid: u32) -> Option<Proc> {
+        stat(pid).map(|s| Proc {
+            pid,
+            start: s.start,
+        })
+    }
+
+    pub(crate) fn pid(self) -> u32 {
+        self.pid
+    }
+
+    /// Its parent's pid, while it exists.
+    pub(crate) fn parent(self) -> Option<u32> {
+        self.exists().map(|s| s.ppid)
+    }
+
+    /// Whether it has exited: gone, a zombie, or reaped here.
+    pub(crate) fn is_dead(self) -> bool {
+        reap_or_dead(self)
+    }
+
     /// Whether `pid` still names this process (it may be a zombie).
     fn exists(self) -> Option<Stat> {
         stat(self.pid).filter(|s| s.start == self.start)
