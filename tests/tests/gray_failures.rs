@@ -388,3 +388,127 @@ async fn a_dead_postgres_sends_what_needs_it_elsewhere_and_keeps_plain_chat() {
         .await;
     assert!(refused >= 1.0, "the victim refused what needed postgres");
 }
+
+/// Submits a job of the default tenant to the region at `url`: its id and
+/// how long the region took to acknowledge it, or what it answered instead.
+async fn submit(
+    http: &reqwest::Client,
+    url: &str,
+    model: &str,
+    n: usize,
+) -> Result<(uuid::Uuid, Duration), String> {
+    let started = Instant::now();
+    let res = http
+        .post(format!("{url}/v1/jobs"))
+        .json(&json!({ "model": model, "max_tokens": 4,
+                       "messages": [{ "role": "user", "content": format!("job {n}") }] }))
+        .send()
+        .await
+        .expect("the region answers");
+    let status = res.status().as_u16();
+    let body: Value = res.json().await.unwrap_or_default();
+    match body["id"].as_str().and_then(|id| id.parse().ok()) {
+        Some(id) if status == 202 => Ok((id, started.elapsed())),
+        _ => Err(format!("job {n}: {status} {body}")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_redis_still_takes_jobs_and_runs_each_once_when_it_returns() {
+    init_logging();
+    let seed = seed("GRAY_FAILURE_SEED");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // Sweeps a minute apart: what the outage held back goes out because
+    // Redis returned, not because a sweep came round.
+    let mut region = meridian_tests::RegionSandbox::start_with_config(
+        VICTIM,
+        "[jobs]\nsweep_interval_ms = 60000\n",
+    )
+    .await;
+    let (http, url) = (reqwest::Client::new(), region.url());
+    let checks = pool(&region).await;
+
+    // Jobs that ran, and jobs queued or running when Redis dies.
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(submit(&http, &url, TEST_MODEL, n).await.unwrap().0);
+    }
+    until(PATIENCE, "the first jobs run through Redis", || async {
+        let rows = job_rows(&checks).await;
+        ids.iter().all(|id| rows[id].0 == "succeeded")
+    })
+    .await;
+    for n in 3..3 + rng.random_range(2..6) {
+        ids.push(
+            submit(&http, &url, meridian_tests::TEST_SLOW_MODEL, n)
+                .await
+                .unwrap()
+                .0,
+        );
+    }
+
+    let killed = Instant::now();
+    region.redis.kill();
+    until(PATIENCE, "the region notices its Redis is gone", || async {
+        let ready: Value = http
+            .get(format!("{url}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ready["unavailable_stores"] == json!(["redis"])
+    })
+    .await;
+    let detected = killed.elapsed();
+
+    // Accepted while Redis is down: PostgreSQL holds them.
+    let during = rng.random_range(4..10);
+    let mut slowest = Duration::ZERO;
+    let mut held = Vec::new();
+    for n in 100..100 + during {
+        let (id, took) = submit(&http, &url, TEST_MODEL, n)
+            .await
+            .expect("a job is acknowledged without Redis");
+        slowest = slowest.max(took);
+        held.push(id);
+    }
+    // Cached or not, chat needs no Redis.
+    let res = http
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&chat_body("chat without redis"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let rows = job_rows(&checks).await;
+    assert!(
+        held.iter().all(|id| rows[id].0 == "queued"),
+        "jobs taken during the outage wait for Redis"
+    );
+
+    region.redis.restart().await.expect("redis restarts");
+    let back = Instant::now();
+    ids.extend(held);
+    until(PATIENCE, "every acknowledged job succeeds", || async {
+        let rows = job_rows(&checks).await;
+        ids.iter().all(|id| rows[id].0 == "succeeded")
+    })
+    .await;
+    println!(
+        "redis killed: detected in {} ms; {during} jobs acknowledged during the outage (slowest {} ms); \
+         all {} done {} ms after redis returned",
+        detected.as_millis(),
+        slowest.as_millis(),
+        ids.len(),
+        back.elapsed().as_millis()
+    );
+    let rows = job_rows(&checks).await;
+    for id in &ids {
+        let (state, completions, attempts, ..) = &rows[id];
+        assert_eq!(state, "succeeded", "job {id}");
+        assert_eq!(*completions, 1, "job {id} finished once");
+        assert_eq!(*attempts, 1, "job {id} ran once");
+    }
+}
