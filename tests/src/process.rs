@@ -60,6 +60,22 @@ impl RegionProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the process runs")
+    }
+
+    /// Sends it `signal` (`"STOP"`, `"CONT"`, ...) with kill(1): how an
+    /// operator freezes and thaws a process.
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill(1) runs");
+        assert!(status.success(), "kill -{signal} {}", self.pid());
+    }
+
     /// Its resident memory (`VmRSS`), in KiB.
     pub fn rss_kib(&self) -> u64 {
         let pid = self.child.id().expect("the process runs");

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use meridian_proto::v1::inference_client::InferenceClient;
 use meridian_proto::v1::{ChatMessage, GenerateRequest};
 use meridian_tests::replicated::{job_rows, pool, seed, until};
-use meridian_tests::{ClusterSandbox, TEST_MODEL, init_logging};
+use meridian_tests::{ClusterSandbox, RegionProcess, TEST_MODEL, init_logging};
 use rand::{Rng, SeedableRng};
 
 use serde_json::{Value, json};
@@ -511,4 +511,158 @@ async fn a_dead_redis_still_takes_jobs_and_runs_each_once_when_it_returns() {
         assert_eq!(*completions, 1, "job {id} finished once");
         assert_eq!(*attempts, 1, "job {id} ran once");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_region_is_ejected_and_readmitted_when_it_thaws() {
+    init_logging();
+    let seed = seed("GRAY_FAILURE_SEED");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let other = meridian_tests::RegionSandbox::start(OTHER).await;
+    let mut victim = meridian_tests::RegionSandbox::start(VICTIM).await;
+    // Its node in a process of its own, to be stopped like a real one.
+    let node = RegionProcess::start(env!("CARGO_BIN_EXE_region-process"), &mut victim).await;
+    let regions = [(OTHER, other.addr()), (VICTIM, node.addr())]
+        .into_iter()
+        .map(|(name, addr)| {
+            let region = meridian_gateway::RegionConfig::new(name.to_string(), addr);
+            match meridian_tests::region_location(name) {
+                Some((lat, lon)) => region.at(lat, lon),
+                None => region,
+            }
+        })
+        .collect();
+    let mut config = meridian_gateway::Config::builder(([127, 0, 0, 1], 0).into(), regions);
+    config.threads = 1;
+    config.shutdown_grace = Duration::ZERO;
+    let gateway = meridian_tests::start_gateway(config).await;
+    let chat_url = format!("http://{}/v1/chat/completions", gateway.local_addr());
+    let metrics = format!("http://{}/metrics", gateway.admin_addr().unwrap());
+    let http = reqwest::Client::new();
+
+    let mut session = None;
+    for i in 0..200 {
+        let candidate = format!("frozen-{seed:x}-{i}");
+        let (status, region, _) = post(
+            &http,
+            &chat_url,
+            &[("x-meridian-session", &candidate)],
+            &chat_body("where is home"),
+        )
+        .await;
+        assert_eq!(status, 200);
+        if region == VICTIM {
+            session = Some(candidate);
+            break;
+        }
+    }
+    let session = session.expect("a session lands in the victim");
+
+    // A request every 20 ms, each on its own: one the frozen region holds
+    // does not hold back the others.
+    let stop = Arc::new(AtomicBool::new(false));
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let traffic = {
+        let (http, url, stop, results) = (
+            http.clone(),
+            chat_url.clone(),
+            stop.clone(),
+            results.clone(),
+        );
+        tokio::spawn(async move {
+            let mut sent = tokio::task::JoinSet::new();
+            while !stop.load(Ordering::Relaxed) {
+                let (http, url, session, results) =
+                    (http.clone(), url.clone(), session.clone(), results.clone());
+                sent.spawn(async move {
+                    let at = Instant::now();
+                    let answer = post(
+                        &http,
+                        &url,
+                        &[("x-meridian-session", &session)],
+                        &chat_body("are you there"),
+                    )
+                    .await;
+                    results.lock().await.push((at, Instant::now(), answer));
+                });
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            while sent.join_next().await.is_some() {}
+        })
+    };
+
+    tokio::time::sleep(Duration::from_millis(rng.random_range(300..1000))).await;
+    let frozen = Instant::now();
+    node.signal("STOP");
+    let healthy = |want: f64| {
+        let metrics = metrics.clone();
+        async move {
+            meridian_tests::metric(
+                &metrics,
+                "meridian_gateway_region_healthy",
+                &[&format!("region=\"{VICTIM}\"")],
+            )
+            .await
+                == want
+        }
+    };
+    until(PATIENCE, "the frozen region is ejected", || healthy(0.0)).await;
+    let ejected = frozen.elapsed();
+    until(
+        PATIENCE,
+        "requests sent after the freeze are served elsewhere",
+        || async {
+            results
+                .lock()
+                .await
+                .iter()
+                .any(|(at, _, (status, region, _))| {
+                    *at > frozen && *status == 200 && region == OTHER
+                })
+        },
+    )
+    .await;
+    let first_elsewhere = results
+        .lock()
+        .await
+        .iter()
+        .filter(|(at, _, (_, region, _))| *at > frozen && region == OTHER)
+        .map(|(_, done, _)| *done - frozen)
+        .min()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(rng.random_range(200..800))).await;
+
+    node.signal("CONT");
+    let thawed = Instant::now();
+    until(PATIENCE, "the thawed region is readmitted", || healthy(1.0)).await;
+    let readmitted = thawed.elapsed();
+    until(PATIENCE, "its session comes back to it", || async {
+        results
+            .lock()
+            .await
+            .iter()
+            .any(|(at, _, (status, region, _))| *at > thawed && *status == 200 && region == VICTIM)
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    traffic.await.unwrap();
+    println!(
+        "node frozen: ejected in {} ms, first answer from {OTHER} {} ms after the freeze; \
+         thawed: readmitted in {} ms",
+        ejected.as_millis(),
+        first_elsewhere.as_millis(),
+        readmitted.as_millis()
+    );
+    let results = results.lock().await;
+    let failed: Vec<_> = results
+        .iter()
+        .filter(|(_, _, (status, ..))| *status != 200)
+        .collect();
+    assert!(failed.is_empty(), "requests failed: {failed:?}");
+    // Held by the frozen node, answered once it thawed: late, not lost.
+    let held = results
+        .iter()
+        .filter(|(at, done, (_, region, _))| *at > frozen && *done > thawed && region == VICTIM)
+        .count();
+    println!("{held} requests the frozen node held were answered after it thawed");
 }
