@@ -711,3 +711,70 @@ async fn admission_refuses_past_the_tenant_limit_at_once() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_ten_times_slower_than_its_peers_stops_getting_traffic() {
+    init_logging();
+    let client = http();
+    let sim = |ttft_ms| SimConfig {
+        prefill_us_per_token: 0,
+        ttft_ms,
+        per_token_ms: 0,
+        ..SimConfig::default()
+    };
+    let (a, b) = (
+        SimServer::start(sim(20)).await,
+        SimServer::start(sim(20)).await,
+    );
+    let slow = SimServer::start(sim(200)).await;
+    // No affinity: upstreams are chosen by load alone, so the slow one gets
+    // its share until its breaker opens; a long cooldown keeps it out.
+    let extra = pool_model(
+        "pool",
+        &[&a, &b, &slow],
+        ", affinity_prefix_bytes = 0, breaker_cooldown_ms = 600000",
+    );
+    let region = RegionSandbox::start_with_config("eu-west", &extra).await;
+    let url = format!("{}/v1/chat/completions", region.url());
+    let metrics = format!("{}/metrics", region.url());
+    let label = format!("upstream=\"{}\"", slow.base_url());
+    let send = |i: usize| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let res = client
+                .post(&url)
+                .json(&chat("pool", &format!("question {i}"), 2))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200, "request {i}");
+        }
+    };
+    let mut sent = 0;
+    while metric(&metrics, "meridian_upstream_up", &[&label]).await != 0.0 {
+        assert!(sent < 200, "the slow upstream is never taken out");
+        send(sent).await;
+        sent += 1;
+    }
+    let slow_answers = metric(
+        &metrics,
+        "meridian_upstream_attempts_total",
+        &[&label, "outcome=\"slow\""],
+    )
+    .await;
+    println!("taken out after {sent} requests, {slow_answers} of its answers slow");
+    assert!(slow_answers >= 3.0, "{slow_answers}");
+
+    // Out of the pool: what follows goes to its peers only.
+    let queries = "meridian_sim_prefix_cache_queries_total";
+    let before = slow.metric(queries).await;
+    for i in 0..30 {
+        send(1000 + i).await;
+    }
+    assert_eq!(
+        slow.metric(queries).await,
+        before,
+        "the slow upstream got traffic"
+    );
+    assert!(a.metric(queries).await > 0.0 && b.metric(queries).await > 0.0);
+}

@@ -85,6 +85,17 @@ pub struct OpenAiConfig {
     /// Time allowed to connect to an upstream, in milliseconds.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// An answer whose first token took more than this factor times the
+    /// typical first-token time of the pool's other upstreams (the median
+    /// of their moving averages) counts as a failure for the breaker, so an
+    /// upstream that turned slow is taken out like one that errs. 0 turns
+    /// latency outliers off.
+    #[serde(default = "default_outlier_latency_factor")]
+    pub outlier_latency_factor: f64,
+    /// First tokens faster than this are never slow, in milliseconds: a
+    /// factor of a few milliseconds is noise.
+    #[serde(default = "default_outlier_min_ttft_ms")]
+    pub outlier_min_ttft_ms: u64,
 }
 
 /// One OpenAI-compatible server.
@@ -122,6 +133,12 @@ fn default_retry_backoff_ms() -> u64 {
 }
 fn default_connect_timeout_ms() -> u64 {
     1_000
+}
+fn default_outlier_latency_factor() -> f64 {
+    3.0
+}
+fn default_outlier_min_ttft_ms() -> u64 {
+    50
 }
 
 /// A model name that routes to real models: by request size (`small` and
@@ -178,6 +195,12 @@ pub(super) fn validate(models: &[ModelConfig], aliases: &[AliasConfig], problems
         if pool.breaker_failures == 0 {
             problems.push(format!(
                 "`models[{i}].backend.breaker_failures` must be at least 1"
+            ));
+        }
+        let factor = pool.outlier_latency_factor;
+        if !(factor == 0.0 || (factor.is_finite() && factor > 1.0)) {
+            problems.push(format!(
+                "`models[{i}].backend.outlier_latency_factor` must be 0 (off) or more than 1"
             ));
         }
         if pool.health_interval_ms == 0 {

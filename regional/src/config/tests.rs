@@ -311,3 +311,21 @@ fn store_probes_have_defaults_and_checked_bounds() {
     assert!(e.contains("`stores.failures_to_trip`"), "{e}");
     assert!(e.contains("`stores.acquire_timeout_ms`"), "{e}");
 }
+
+#[test]
+fn latency_outlier_factor_is_off_or_above_one() {
+    let pool = |factor: &str| {
+        format!(
+            "{MINIMAL}\n[[models]]\nid = \"p\"\nbackend = {{ kind = \"openai\", \
+             upstreams = [{{ base_url = \"http://127.0.0.1:1/v1\" }}], \
+             outlier_latency_factor = {factor} }}\n"
+        )
+    };
+    assert!(Config::from_toml(&pool("0.0"), "t").is_ok());
+    assert!(Config::from_toml(&pool("3.0"), "t").is_ok());
+    let e = err(&pool("0.5"));
+    assert!(
+        e.contains("`models[0].backend.outlier_latency_factor`"),
+        "{e}"
+    );
+}

@@ -40,6 +40,9 @@ pub(crate) struct UpstreamMetrics {
     pub outstanding: IntGauge,
     pub ok: IntCounter,
     pub failed: IntCounter,
+    /// Answered, but its first token came so late next to its peers' that
+    /// the breaker counts it as a failure.
+    pub slow: IntCounter,
 }
 
 const TTFT_BUCKETS: &[f64] = &[
@@ -116,7 +119,7 @@ impl Metrics {
             ),
             upstream_attempts: counter(
                 "meridian_upstream_attempts_total",
-                "Attempts sent to an upstream, by outcome (ok: it started answering).",
+                "Attempts sent to an upstream, by outcome (ok: it started answering; slow: it did, but its first token took outlier_latency_factor times its peers' typical time; failed).",
                 &["model", "upstream", "outcome"],
             ),
             registry,
@@ -149,6 +152,9 @@ impl Metrics {
             failed: self
                 .upstream_attempts
                 .with_label_values(&[model, upstream, "failed"]),
+            slow: self
+                .upstream_attempts
+                .with_label_values(&[model, upstream, "slow"]),
         }
     }
 

@@ -12,7 +12,7 @@
 //! on another upstream after a jittered backoff; once a token went to the
 //! client, a failure ends the client's stream instead.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -46,6 +46,9 @@ struct Upstream {
     base_url: String,
     api_key: Option<String>,
     outstanding: AtomicU32,
+    /// Moving average of the time to the first token of its answers, in
+    /// microseconds; 0 before the first.
+    ttft_us: AtomicU64,
     /// The latest health check passed (true until the first one says no).
     healthy: AtomicBool,
     breaker: Mutex<Breaker>,
@@ -127,6 +130,7 @@ impl Pool {
                     base_url,
                     api_key: u.api_key.clone(),
                     outstanding: AtomicU32::new(0),
+                    ttft_us: AtomicU64::new(0),
                     healthy: AtomicBool::new(true),
                     breaker: Mutex::new(Breaker::Closed { failures: 0 }),
                     metrics,
@@ -173,6 +177,7 @@ impl Pool {
             tried.push(i);
             let mut guard = Outstanding::new(self.clone(), i);
             let up = &self.upstreams[i];
+            let started = Instant::now();
             let result = match self.send(up, &body, prompt_tokens).await {
                 Ok(stream) => first_chunk(stream).await.map_err(Failure::Retry),
                 Err(f) => Err(f),
@@ -180,7 +185,14 @@ impl Pool {
             match result {
                 Ok(stream) => {
                     guard.decided = true;
-                    self.outcome(i, true);
+                    let ttft = started.elapsed();
+                    if self.slow(i, ttft) {
+                        up.metrics.slow.inc();
+                        self.outcome(i, false);
+                    } else {
+                        self.outcome(i, true);
+                    }
+                    up.record_ttft(ttft);
                     if let Some(key) = key {
                         self.affinity[key as usize % AFFINITY_SLOTS]
                             .store(i as u32 + 1, Ordering::Relaxed);
@@ -202,6 +214,33 @@ impl Pool {
             }
         }
         Err(last.unwrap_or_else(|| Error::NoHealthyBackend(self.model.clone())))
+    }
+
+    /// Whether `ttft` at upstream `i` is a latency outlier: more than
+    /// `outlier_latency_factor` times the median of the other usable
+    /// upstreams' moving averages (and over `outlier_min_ttft_ms`). The
+    /// peers are the yardstick, so a model that is slow everywhere (long
+    /// prompts, a big model) is not an outlier anywhere.
+    fn slow(&self, i: usize, ttft: Duration) -> bool {
+        let factor = self.config.outlier_latency_factor;
+        if factor == 0.0 || ttft < Duration::from_millis(self.config.outlier_min_ttft_ms) {
+            return false;
+        }
+        let now = Instant::now();
+        let mut peers: Vec<u64> = self
+            .upstreams
+            .iter()
+            .enumerate()
+            .filter(|(j, u)| *j != i && u.usable(now))
+            .map(|(_, u)| u.ttft_us.load(Ordering::Relaxed))
+            .filter(|us| *us > 0)
+            .collect();
+        if peers.is_empty() {
+            return false;
+        }
+        peers.sort_unstable();
+        let median = peers[peers.len() / 2] as f64;
+        ttft.as_micros() as f64 > factor * median
     }
 
     /// The prompt's first `affinity_prefix_bytes` bytes, hashed.
@@ -382,6 +421,21 @@ impl Pool {
 }
 
 impl Upstream {
+    /// Folds one first-token time into the moving average (weight 1/5:
+    /// a few answers move it, one does not).
+    fn record_ttft(&self, ttft: Duration) {
+        let sample = u64::try_from(ttft.as_micros()).unwrap_or(u64::MAX).max(1);
+        let _ = self
+            .ttft_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |avg| {
+                Some(if avg == 0 {
+                    sample
+                } else {
+                    avg.saturating_mul(4).saturating_add(sample) / 5
+                })
+            });
+    }
+
     fn usable(&self, now: Instant) -> bool {
         self.healthy.load(Ordering::Relaxed)
             && self.breaker.lock().expect("breaker lock").usable(now)

@@ -30,6 +30,7 @@ pub(super) fn spawn(state: Arc<Workers>) {
                 // Jobs accepted while Redis was down go out as soon as it
                 // answers again, not at the next tick.
                 () = state.jobs.stores.returned(Store::Redis) => {}
+                () = state.jobs.stores.returned(Store::Postgres) => {}
                 () = state.shutdown().cancelled() => return,
             }
             if let Err(e) = sweep(&state).await {

@@ -19,6 +19,7 @@ use tracing::Instrument;
 use super::Workers;
 use crate::error::Error;
 use crate::inference::{Completion, Finish};
+use crate::store::Store;
 
 /// How long an idle dispatcher waits before looking at Redis again when no
 /// local submission woke it: jobs submitted on other nodes of the region,
@@ -56,6 +57,16 @@ async fn dispatch(state: Arc<Workers>) {
         // A free worker first, then a message: taking messages only when
         // they can start keeps the rest in Redis, where a later interactive
         // job still overtakes them.
+        // Without PostgreSQL no job can be claimed: messages stay in Redis
+        // until it answers again.
+        if !q.stores.is_up(Store::Postgres) {
+            tokio::select! {
+                () = q.stores.returned(Store::Postgres) => {}
+                () = tokio::time::sleep(IDLE_POLL) => {}
+                () = state.shutdown().cancelled() => return,
+            }
+            continue;
+        }
         let first = tokio::select! {
             permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
             () = state.shutdown().cancelled() => return,
@@ -192,9 +203,13 @@ async fn run(state: Arc<Workers>, d: Delivery, _permit: OwnedSemaphorePermit) {
             ack(&mut redis, &d).await;
             return;
         }
-        // Left pending: reclaimed once it has been idle for a lease.
+        // PostgreSQL failed us (gone, most likely): the job there is as it
+        // was, or its claim's lease runs out. Acked, the message does not
+        // wait out a lease in Redis; the sweeper, which runs as soon as
+        // PostgreSQL answers again, enqueues whatever is runnable.
         Err(e) => {
-            tracing::warn!(job = %id, error = %e, "claiming a job failed");
+            tracing::warn!(job = %id, error = %e, "claiming a job failed; the sweeper will enqueue it again");
+            ack(&mut redis, &d).await;
             return;
         }
     };
@@ -273,7 +288,12 @@ async fn run(state: Arc<Workers>, d: Delivery, _permit: OwnedSemaphorePermit) {
             return;
         }
         Outcome::Lost => Ok(()),
-        Outcome::Done(done, latency) => store::succeed(state.pool(), owner, &result(done, latency))
+        Outcome::Done(done, latency) => {
+            let result = result(done, latency);
+            let lease = Duration::from_millis(q.config.lease_ms);
+            once_postgres_answers(&state, lease, || {
+                store::succeed(state.pool(), owner, &result)
+            })
             .await
             .map(|won| {
                 if won {
@@ -282,7 +302,8 @@ async fn run(state: Arc<Workers>, d: Delivery, _permit: OwnedSemaphorePermit) {
                         .with_label_values(&[JobState::Succeeded.as_str()])
                         .inc();
                 }
-            }),
+            })
+        }
         Outcome::Failed(e) => failed(&state, &d, id, owner, &claim, &e).await,
     };
     drop(finishing);
@@ -294,6 +315,34 @@ async fn run(state: Arc<Workers>, d: Delivery, _permit: OwnedSemaphorePermit) {
         // Not acknowledged: the message is reclaimed after a lease, and the
         // lapsed lease lets that attempt run the job again.
         Err(e) => tracing::warn!(job = %id, error = %e, "recording a job's outcome failed"),
+    }
+}
+
+/// Runs `write` again while PostgreSQL is down, for up to `lease`: an
+/// answer the model already produced is worth waiting for, rather than
+/// running the job again once its lease has lapsed. Writes are fenced by
+/// the attempt's lease, so a late one that lost the job changes nothing.
+async fn once_postgres_answers<T, F, Fut>(
+    state: &Workers,
+    lease: Duration,
+    mut write: F,
+) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    let deadline = Instant::now() + lease;
+    loop {
+        match write().await {
+            Err(e) if e.store_down().is_some() && Instant::now() < deadline => {
+                tokio::select! {
+                    () = state.jobs.stores.returned(Store::Postgres) => {}
+                    () = tokio::time::sleep(IDLE_POLL) => {}
+                    () = state.shutdown().cancelled() => return Err(e),
+                }
+            }
+            other => return other,
+        }
     }
 }
 
