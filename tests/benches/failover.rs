@@ -7,6 +7,13 @@
 //! node between rounds; the baseline is the same clients' request latency
 //! before any kill, measured in the same run. Also counts requests that
 //! failed across all kills (the gateway retries those that reached no one).
+//!
+//! Then gray failures, next to the crash: the region's PostgreSQL killed
+//! under job submissions from the same clients (detected when the region's
+//! `/readyz` names it; recovered at the first submission acknowledged
+//! elsewhere, and again by the region once PostgreSQL is back), and its
+//! Redis killed under submissions (detected likewise; recovered when every
+//! job acknowledged during the outage has run, after Redis is back).
 //! Run with `make bench` or `cargo bench -p meridian-tests --bench failover`.
 
 use std::sync::Arc;
@@ -56,6 +63,64 @@ async fn send(client: &reqwest::Client, url: &str) -> Outcome {
         done: Instant::now(),
         status,
         region,
+    }
+}
+
+/// Submits a job as a client near Dublin.
+async fn submit(client: &reqwest::Client, url: &str) -> Outcome {
+    let sent = Instant::now();
+    let body = json!({ "model": TEST_MODEL, "max_tokens": 2,
+        "messages": [{ "role": "user", "content": "failover job" }] });
+    let res = client
+        .post(format!("{url}/v1/jobs"))
+        .header("x-meridian-client-country", "IE")
+        .json(&body)
+        .send()
+        .await;
+    let (status, region) = match res {
+        Ok(r) => {
+            let region = r
+                .headers()
+                .get("x-meridian-region")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let status = r.status().as_u16();
+            let _ = r.bytes().await;
+            (status, region)
+        }
+        Err(_) => (0, String::new()),
+    };
+    Outcome {
+        sent,
+        done: Instant::now(),
+        status,
+        region,
+    }
+}
+
+/// Waits until the region's `/readyz` names `store` among those down (or
+/// not, with `down` false); the time it took.
+async fn store_seen(region_url: &str, store: &str, down: bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        let ready: Value = reqwest::get(format!("{region_url}/readyz"))
+            .await
+            .expect("readyz")
+            .json()
+            .await
+            .expect("readyz json");
+        let listed = ready["unavailable_stores"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s == store));
+        if listed == down {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{store} never seen"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -151,4 +216,146 @@ async fn main() {
         f99.as_secs_f64() / b99.as_secs_f64()
     );
     println!("  requests across the kills: {total}, failed: {failed}");
+
+    gray(&mut sandbox, &client, &url, rounds.min(5)).await;
+}
+
+/// The PostgreSQL and Redis rounds, printed beside the crash figures.
+async fn gray(sandbox: &mut ClusterSandbox, client: &reqwest::Client, url: &str, rounds: u64) {
+    let region_url = sandbox.region("eu-west").url();
+    let (mut detect, mut elsewhere, mut back) = (Vec::new(), Vec::new(), Vec::new());
+    let mut failed = 0usize;
+    for _ in 0..rounds {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(tokio::sync::Mutex::new(Vec::<Outcome>::new()));
+        let clients: Vec<_> = (0..4)
+            .map(|_| {
+                let (client, url, stop) = (client.clone(), url.to_string(), stop.clone());
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let o = submit(&client, &url).await;
+                        seen.lock().await.push(o);
+                    }
+                })
+            })
+            .collect();
+        // The earliest answer that matches, measured from `since`.
+        let first = |since: Instant, home: bool| {
+            let seen = seen.clone();
+            async move {
+                seen.lock()
+                    .await
+                    .iter()
+                    .filter(|o| o.sent >= since && o.status == 202)
+                    .filter(|o| (o.region == "eu-west") == home)
+                    .map(|o| o.done - since)
+                    .min()
+            }
+        };
+        let wait_for = |since: Instant, home: bool| async move {
+            let limit = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Some(t) = first(since, home).await {
+                    return t;
+                }
+                assert!(Instant::now() < limit, "no job acknowledged (home: {home})");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let killed = Instant::now();
+        sandbox.region("eu-west").postgres.kill();
+        detect.push(store_seen(&region_url, "postgres", true).await);
+        elsewhere.push(wait_for(killed, false).await);
+        sandbox
+            .region("eu-west")
+            .postgres
+            .restart()
+            .await
+            .expect("postgres restarts");
+        back.push(wait_for(Instant::now(), true).await);
+        stop.store(true, Ordering::Relaxed);
+        for c in clients {
+            c.await.expect("client task");
+        }
+        failed += seen.lock().await.iter().filter(|o| o.status != 202).count();
+    }
+    for v in [&mut detect, &mut elsewhere, &mut back] {
+        v.sort();
+    }
+    println!(
+        "postgres of eu-west killed under job submissions, {rounds} rounds, 4 clients near it:"
+    );
+    for (what, v) in [
+        ("detected (readyz)", &detect),
+        ("first job elsewhere", &elsewhere),
+        ("back home after restart", &back),
+    ] {
+        println!(
+            "  {what:<24} p50 {:7.3} ms  p99 {:7.3} ms",
+            ms(percentile(v, 0.5)),
+            ms(percentile(v, 0.99))
+        );
+    }
+    println!("  submissions refused to the client: {failed}");
+
+    let (mut detect, mut drained) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let killed = Instant::now();
+        sandbox.region("eu-west").redis.kill();
+        detect.push(killed.elapsed() + store_seen(&region_url, "redis", true).await);
+        let mut ids = Vec::new();
+        for _ in 0..20 {
+            let res = client
+                .post(format!("{region_url}/v1/jobs"))
+                .json(&json!({ "model": TEST_MODEL, "max_tokens": 2,
+                    "messages": [{ "role": "user", "content": "held job" }] }))
+                .send()
+                .await
+                .expect("the region answers");
+            assert_eq!(res.status(), 202, "a job is acknowledged without redis");
+            let job: Value = res.json().await.expect("a job");
+            ids.push(job["id"].as_str().expect("an id").to_string());
+        }
+        sandbox
+            .region("eu-west")
+            .redis
+            .restart()
+            .await
+            .expect("redis restarts");
+        let restarted = Instant::now();
+        for id in &ids {
+            loop {
+                let job: Value = reqwest::get(format!("{region_url}/v1/jobs/{id}"))
+                    .await
+                    .expect("job")
+                    .json()
+                    .await
+                    .expect("job json");
+                if job["state"] == "succeeded" {
+                    break;
+                }
+                assert!(
+                    restarted.elapsed() < Duration::from_secs(60),
+                    "job {id} never ran"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        drained.push(restarted.elapsed());
+    }
+    detect.sort();
+    drained.sort();
+    println!("redis of eu-west killed, 20 jobs acknowledged during each outage, {rounds} rounds:");
+    println!(
+        "  detected (readyz)        p50 {:7.3} ms  p99 {:7.3} ms",
+        ms(percentile(&detect, 0.5)),
+        ms(percentile(&detect, 0.99))
+    );
+    println!(
+        "  all run after restart    p50 {:7.3} ms  p99 {:7.3} ms",
+        ms(percentile(&drained, 0.5)),
+        ms(percentile(&drained, 0.99))
+    );
 }

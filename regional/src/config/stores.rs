@@ -22,8 +22,11 @@ pub struct StoresConfig {
     /// Consecutive failed probes that mark a store down; one success marks
     /// it up again.
     pub failures_to_trip: u32,
-    /// How long a request waits for a free PostgreSQL connection of the
-    /// pool, in milliseconds, before it is refused with 503.
+    /// How long a request waits for a PostgreSQL connection of the pool, in
+    /// milliseconds, before it is refused with 503 (which the gateway
+    /// replays elsewhere). It bounds what a request that was already waiting
+    /// when the database died loses before it goes to another region; a
+    /// region whose pool is this busy sheds the work as well.
     pub acquire_timeout_ms: u64,
 }
 
@@ -33,7 +36,7 @@ impl Default for StoresConfig {
             probe_interval_ms: 100,
             probe_timeout_ms: 250,
             failures_to_trip: 2,
-            acquire_timeout_ms: 1_000,
+            acquire_timeout_ms: 500,
         }
     }
 }

@@ -303,7 +303,7 @@ fn store_probes_have_defaults_and_checked_bounds() {
     assert_eq!(c.stores.probe_interval(), Duration::from_millis(100));
     assert_eq!(c.stores.probe_timeout(), Duration::from_millis(250));
     assert_eq!(c.stores.failures_to_trip, 2);
-    assert_eq!(c.stores.acquire_timeout(), Duration::from_millis(1000));
+    assert_eq!(c.stores.acquire_timeout(), Duration::from_millis(500));
     let e = err(&format!(
         "{MINIMAL}\n[stores]\nprobe_interval_ms = 1\nfailures_to_trip = 0\nacquire_timeout_ms = 0\n"
     ));
