@@ -20,7 +20,7 @@ use tonic_health::pb::health_client::HealthClient;
 
 use crate::config::HealthConfig;
 use crate::metrics::Metrics;
-use crate::regions::{Node, Region, Regions, Transition};
+use crate::regions::{Node, Region, Regions, Stores, Transition};
 
 pub(crate) struct HealthChecker {
     regions: Arc<Regions>,
@@ -89,7 +89,11 @@ pub(crate) fn apply_region(
         .set(i64::from(region.is_healthy()));
 }
 
-async fn check(channel: Channel, timeout: Duration) -> Result<Option<(bool, u32, u32)>, String> {
+/// What a node's `Admin.RegionStatus` says: draining, in flight, capacity,
+/// stores down.
+type Reported = (bool, u32, u32, Stores);
+
+async fn check(channel: Channel, timeout: Duration) -> Result<Option<Reported>, String> {
     let health = async {
         let status = HealthClient::new(channel.clone())
             .check(HealthCheckRequest {
@@ -113,6 +117,7 @@ async fn check(channel: Channel, timeout: Duration) -> Result<Option<(bool, u32,
                     r.state == RegionState::Draining as i32,
                     r.in_flight_requests,
                     r.capacity_requests,
+                    Stores::from_names(r.unavailable_stores.iter().map(String::as_str)),
                 )
             });
         Ok(status)
@@ -192,8 +197,8 @@ impl BackgroundService for HealthChecker {
                         // The check's round trip, not requests' time to first
                         // byte: that mixes in how long each model takes.
                         region.observe_latency(rtt.as_micros() as u64);
-                        if let Some((draining, in_flight, capacity)) = status {
-                            node.report(draining, in_flight, capacity);
+                        if let Some((draining, in_flight, capacity, down)) = status {
+                            node.report(draining, in_flight, capacity, down);
                         }
                         let t = node.success(&self.config);
                         apply(&self.metrics, region, &node, t, "");

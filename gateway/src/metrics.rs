@@ -15,6 +15,7 @@ pub(crate) struct Metrics {
     pub duration: HistogramVec,
     pub retries: IntCounterVec,
     pub store_refusals: IntCounterVec,
+    pub store_reroutes: IntCounterVec,
     pub region_healthy: IntGaugeVec,
     pub ejections: IntCounterVec,
     pub rate_limited: IntCounterVec,
@@ -62,6 +63,14 @@ impl Metrics {
                 "Requests a region refused because a store they need (postgres, redis) is down there; replayed in the next region while one is left.",
             ),
             &["region", "store"],
+        )
+        .expect("valid metric");
+        let store_reroutes = IntCounterVec::new(
+            Opts::new(
+                "meridian_gateway_store_reroutes_total",
+                "Requests sent past a region because a store they need is down there, as its last status said.",
+            ),
+            &["region"],
         )
         .expect("valid metric");
         let region_healthy = IntGaugeVec::new(
@@ -130,6 +139,7 @@ impl Metrics {
             Box::new(duration.clone()),
             Box::new(retries.clone()),
             Box::new(store_refusals.clone()),
+            Box::new(store_reroutes.clone()),
             Box::new(region_healthy.clone()),
             Box::new(ejections.clone()),
             Box::new(rate_limited.clone()),
@@ -147,6 +157,7 @@ impl Metrics {
             duration,
             retries,
             store_refusals,
+            store_reroutes,
             region_healthy,
             ejections,
             rate_limited,

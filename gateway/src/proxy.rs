@@ -31,7 +31,7 @@ use crate::config::{Config, HealthConfig, UpstreamProtocol};
 use crate::geo::{COUNTRY_HEADER, LATLON_HEADER, Locator};
 use crate::health;
 use crate::metrics::Metrics;
-use crate::regions::{Lease, Regions};
+use crate::regions::{Lease, Regions, Stores};
 use crate::respond::ErrorReply;
 use crate::route::{Plan, Reason, RequestFacts, Router};
 use crate::{CONVERSATION_HEADER, DURABILITY_HEADER, REGION_HEADER, ROUTE_HEADER, SESSION_HEADER};
@@ -91,6 +91,8 @@ pub(crate) struct Ctx {
     /// `upstream_response_filter` refused the region's answer as one to
     /// replay (saturated, or a store down) and paid for the retry.
     replay_decided: bool,
+    /// The region stores this request needs, as far as its head tells.
+    needs: Stores,
 }
 
 impl Proxy {
@@ -207,6 +209,7 @@ impl ProxyHttp for Proxy {
             trace: None,
             not_replayed: false,
             replay_decided: false,
+            needs: Stores::NONE,
         }
     }
 
@@ -214,6 +217,7 @@ impl ProxyHttp for Proxy {
         ctx.grpc = header_str(session, header::CONTENT_TYPE.as_str())
             .is_some_and(|v| v.starts_with("application/grpc"));
         ctx.trace = self.start_span(session, ctx.grpc);
+        ctx.needs = needs(session.req_header());
         // Regions' operator endpoints are for operators on the mesh, never
         // for clients at the edge.
         if crate::admin::is_operator_path(session.req_header().uri.path()) {
@@ -295,7 +299,18 @@ impl ProxyHttp for Proxy {
                 .ok_or_else(|| Error::explain(ErrorType::InternalError, "no region left to try"))?;
             ctx.attempts += 1;
             if let Some(node) = self.regions.list[index].pick() {
-                break (index, node);
+                // A region whose store this request needs is down is passed
+                // over while another is left; the last one is tried anyway
+                // (its refusal then reaches the client with its reason).
+                let last = ctx.attempts >= plan.order.len().min(self.max_attempts);
+                if node.serves(ctx.needs) || last {
+                    break (index, node);
+                }
+                self.metrics
+                    .store_reroutes
+                    .with_label_values(&[self.regions.list[index].name.as_str()])
+                    .inc();
+                continue;
             }
             ctx.current = Some(index);
             if ctx.attempts >= plan.order.len().min(self.max_attempts) {
@@ -566,5 +581,36 @@ fn store_down(response: &ResponseHeader) -> Option<&'static str> {
         b"postgres" => Some("postgres"),
         b"redis" => Some("redis"),
         _ => Some("other"),
+    }
+}
+
+/// The stores a request needs, from its head: job and telemetry calls,
+/// conversation reads, and turns that name their conversation in a header
+/// need the region's PostgreSQL. A turn that names it only in its body is
+/// not known here; the region refuses it if it must, and it is replayed.
+fn needs(req: &RequestHeader) -> Stores {
+    let path = req.uri.path();
+    let stored = [
+        "/v1/jobs",
+        "/v1/telemetry",
+        "/v1/conversations",
+        "/v1/usage",
+    ]
+    .iter()
+    .any(|p| {
+        path == *p
+            || path
+                .strip_prefix(p)
+                .is_some_and(|rest| rest.starts_with('/'))
+    }) || path.starts_with("/meridian.v1.Jobs/")
+        || path.starts_with("/meridian.v1.Telemetry/")
+        || req
+            .headers
+            .get(CONVERSATION_HEADER)
+            .is_some_and(|v| !v.is_empty());
+    if stored {
+        Stores::POSTGRES
+    } else {
+        Stores::NONE
     }
 }

@@ -21,7 +21,7 @@ use arc_swap::ArcSwap;
 use meridian_mesh::SrvNode;
 use rand::Rng;
 
-pub(crate) use self::node::{Lease, Node};
+pub(crate) use self::node::{Lease, Node, Stores};
 use crate::config::{Config, HealthConfig};
 use crate::geo::LatLon;
 

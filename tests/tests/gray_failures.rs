@@ -257,6 +257,19 @@ async fn a_dead_postgres_sends_what_needs_it_elsewhere_and_keeps_plain_chat() {
         .expect("the gRPC turn is served by the other region");
     assert_eq!(res.into_inner().region, OTHER);
 
+    // Once its status says so, the gateway no longer tries the region for
+    // what needs its database.
+    let gateway_metrics = format!("{}/metrics", cluster.admin_url());
+    until(PATIENCE, "the gateway routes past the region", || async {
+        meridian_tests::metric(
+            &gateway_metrics,
+            "meridian_gateway_store_reroutes_total",
+            &[&format!("region=\"{VICTIM}\"")],
+        )
+        .await
+            > 0.0
+    })
+    .await;
     until(PATIENCE, "turns and jobs are served elsewhere", || async {
         let seen = seen.lock().await;
         seen.turns

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 
 use super::Transition;
 use crate::config::HealthConfig;
@@ -24,6 +24,30 @@ pub(crate) struct Node {
     load_permille: AtomicU32,
     /// Requests this gateway has sent to the node and not finished.
     outstanding: AtomicU32,
+    /// The region's stores this node reported down ([`Stores`] bits).
+    stores_down: AtomicU8,
+}
+
+/// Stores a request needs, or a node reported down, as bits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Stores(pub u8);
+
+impl Stores {
+    pub(crate) const NONE: Self = Self(0);
+    pub(crate) const POSTGRES: Self = Self(1);
+    pub(crate) const REDIS: Self = Self(2);
+
+    /// From the names `Admin.RegionStatus` lists; unknown names are not
+    /// needed by anything this gateway routes.
+    pub(crate) fn from_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
+        Self(names.into_iter().fold(0, |bits, name| {
+            bits | match name {
+                "postgres" => Self::POSTGRES.0,
+                "redis" => Self::REDIS.0,
+                _ => 0,
+            }
+        }))
+    }
 }
 
 impl Node {
@@ -38,6 +62,7 @@ impl Node {
             successes: AtomicU32::new(0),
             load_permille: AtomicU32::new(0),
             outstanding: AtomicU32::new(0),
+            stores_down: AtomicU8::new(0),
         }
     }
 
@@ -75,8 +100,14 @@ impl Node {
         self.outstanding.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn report(&self, draining: bool, in_flight: u32, capacity: u32) {
+    /// Whether the node has every store `needs` up, as it last reported.
+    pub(crate) fn serves(&self, needs: Stores) -> bool {
+        self.stores_down.load(Ordering::Relaxed) & needs.0 == 0
+    }
+
+    pub(crate) fn report(&self, draining: bool, in_flight: u32, capacity: u32, down: Stores) {
         self.draining.store(draining, Ordering::Relaxed);
+        self.stores_down.store(down.0, Ordering::Relaxed);
         let permille = if capacity == 0 {
             1000
         } else {

@@ -69,10 +69,10 @@ fn a_region_is_healthy_while_any_node_is_and_draining_while_all_are() {
             "ejected nodes are skipped"
         );
     }
-    nodes[1].report(true, 50, 100);
+    nodes[1].report(true, 50, 100, Stores::NONE);
     r.refresh();
     assert!(r.is_healthy() && r.is_draining() && !r.is_available());
-    nodes[1].report(false, 50, 100);
+    nodes[1].report(false, 50, 100, Stores::NONE);
     r.refresh();
     assert!((r.load() - 0.5).abs() < 1e-9);
     r.observe_latency(8_000);

@@ -1,5 +1,6 @@
 use super::*;
 use crate::config::{HealthConfig, RegionConfig};
+use crate::regions::Stores;
 
 const US: usize = 0;
 const EU: usize = 1;
@@ -27,7 +28,7 @@ fn eject(regions: &Regions, i: usize) {
 
 /// What a region's only node reports in `Admin.RegionStatus`.
 fn report(regions: &Regions, i: usize, draining: bool, in_flight: u32, capacity: u32) {
-    regions.list[i].nodes()[0].report(draining, in_flight, capacity);
+    regions.list[i].nodes()[0].report(draining, in_flight, capacity, Stores::NONE);
     regions.list[i].refresh();
 }
 
