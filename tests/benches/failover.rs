@@ -13,15 +13,23 @@
 //! `/readyz` names it; recovered at the first submission acknowledged
 //! elsewhere, and again by the region once PostgreSQL is back), and its
 //! Redis killed under submissions (detected likewise; recovered when every
-//! job acknowledged during the outage has run, after Redis is back).
+//! job acknowledged during the outage has run, after Redis is back). A
+//! region's node frozen (SIGSTOP) under traffic: ejected, first success
+//! elsewhere, readmitted after SIGCONT. And a pool upstream ten times slower
+//! than its two peers: how long until it is out, and the pool's latency with
+//! it in and out.
 //! Run with `make bench` or `cargo bench -p meridian-tests --bench failover`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use meridian_regional::SimConfig;
 use meridian_tests::load::{env_or, ms, percentile};
-use meridian_tests::{ClusterSandbox, TEST_MODEL};
+use meridian_tests::{
+    ClusterSandbox, RegionProcess, RegionSandbox, SimServer, TEST_MODEL, metric, region_location,
+    start_gateway,
+};
 use serde_json::{Value, json};
 
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
@@ -140,6 +148,8 @@ async fn healthy(admin: &str, region: &str) -> bool {
 
 #[tokio::main]
 async fn main() {
+    // The regions' upstream clients (the slow-pool round) need a provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let rounds = env_or("BENCH_ROUNDS", 10);
     let mut sandbox = ClusterSandbox::start_with(&REGIONS, |c| {
         c.geo.trusted_proxies = vec!["127.0.0.1/32".parse().expect("cidr")];
@@ -218,6 +228,9 @@ async fn main() {
     println!("  requests across the kills: {total}, failed: {failed}");
 
     gray(&mut sandbox, &client, &url, rounds.min(5)).await;
+    drop(sandbox);
+    frozen(&client, rounds.min(5)).await;
+    slow_upstream(&client).await;
 }
 
 /// The PostgreSQL and Redis rounds, printed beside the crash figures.
@@ -357,5 +370,167 @@ async fn gray(sandbox: &mut ClusterSandbox, client: &reqwest::Client, url: &str,
         "  all run after restart    p50 {:7.3} ms  p99 {:7.3} ms",
         ms(percentile(&drained, 0.5)),
         ms(percentile(&drained, 0.99))
+    );
+}
+
+/// Rounds of SIGSTOP and SIGCONT of eu-west's node, in a process of its own,
+/// behind a gateway of its own, under clients near it.
+async fn frozen(client: &reqwest::Client, rounds: u64) {
+    let other = RegionSandbox::start("us-east").await;
+    let mut victim = RegionSandbox::start("eu-west").await;
+    let node = RegionProcess::start(env!("CARGO_BIN_EXE_region-process"), &mut victim).await;
+    let regions = [("us-east", other.addr()), ("eu-west", node.addr())]
+        .into_iter()
+        .map(|(name, addr)| {
+            let region = meridian_gateway::RegionConfig::new(name.to_string(), addr);
+            match region_location(name) {
+                Some((lat, lon)) => region.at(lat, lon),
+                None => region,
+            }
+        })
+        .collect();
+    let mut config = meridian_gateway::Config::builder(([127, 0, 0, 1], 0).into(), regions);
+    config.threads = 1;
+    config.shutdown_grace = Duration::ZERO;
+    config.geo.trusted_proxies = vec!["127.0.0.1/32".parse().expect("cidr")];
+    let gateway = start_gateway(config).await;
+    let url = format!("http://{}", gateway.local_addr());
+    let admin = format!("http://{}", gateway.admin_addr().expect("an admin port"));
+    let (mut ejected, mut elsewhere, mut readmitted) = (Vec::new(), Vec::new(), Vec::new());
+    let mut failed = 0usize;
+    for _ in 0..rounds {
+        while !healthy(&admin, "eu-west").await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(tokio::sync::Mutex::new(Vec::<Outcome>::new()));
+        // A request every 10 ms, each on its own: what the frozen node
+        // holds does not hold back the rest.
+        let traffic = {
+            let (client, url) = (client.clone(), url.clone());
+            let (stop, seen) = (stop.clone(), seen.clone());
+            tokio::spawn(async move {
+                let mut sent = tokio::task::JoinSet::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let (client, url, seen) = (client.clone(), url.clone(), seen.clone());
+                    sent.spawn(async move {
+                        let o = send(&client, &url).await;
+                        seen.lock().await.push(o);
+                    });
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                while sent.join_next().await.is_some() {}
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let stopped = Instant::now();
+        node.signal("STOP");
+        while healthy(&admin, "eu-west").await {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        ejected.push(stopped.elapsed());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        node.signal("CONT");
+        let thawed = Instant::now();
+        while !healthy(&admin, "eu-west").await {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        readmitted.push(thawed.elapsed());
+        stop.store(true, Ordering::Relaxed);
+        traffic.await.expect("traffic task");
+        let seen = seen.lock().await;
+        failed += seen.iter().filter(|o| o.status != 200).count();
+        elsewhere.push(
+            seen.iter()
+                .filter(|o| o.sent >= stopped && o.status == 200 && o.region != "eu-west")
+                .map(|o| o.done - stopped)
+                .min()
+                .expect("a request served elsewhere during the freeze"),
+        );
+    }
+    println!("eu-west's node frozen (SIGSTOP), a request every 10 ms near it, {rounds} rounds:");
+    for (what, v) in [
+        ("ejected", &mut ejected),
+        ("first success elsewhere", &mut elsewhere),
+        ("readmitted after SIGCONT", &mut readmitted),
+    ] {
+        v.sort();
+        println!(
+            "  {what:<24} p50 {:7.3} ms  p99 {:7.3} ms",
+            ms(percentile(v, 0.5)),
+            ms(percentile(v, 0.99))
+        );
+    }
+    println!("  requests failed: {failed} (those it held are answered after the thaw)");
+}
+
+/// A pool of three upstreams, one answering its first token ten times
+/// later than the others: how long until it is out, and what it cost.
+async fn slow_upstream(client: &reqwest::Client) {
+    let sim = |ttft_ms| SimConfig {
+        prefill_us_per_token: 0,
+        ttft_ms,
+        per_token_ms: 0,
+        ..SimConfig::default()
+    };
+    let (a, b) = (
+        SimServer::start(sim(20)).await,
+        SimServer::start(sim(20)).await,
+    );
+    let slow = SimServer::start(sim(200)).await;
+    let list = [&a, &b, &slow]
+        .iter()
+        .map(|u| format!("{{ base_url = \"{}\" }}", u.base_url()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let extra = format!(
+        "[[models]]\nid = \"pool\"\nbackend = {{ kind = \"openai\", upstreams = [{list}], \
+         affinity_prefix_bytes = 0, breaker_cooldown_ms = 600000 }}\n"
+    );
+    let region = RegionSandbox::start_with_config("eu-west", &extra).await;
+    let (url, metrics) = (
+        format!("{}/v1/chat/completions", region.url()),
+        format!("{}/metrics", region.url()),
+    );
+    let label = format!("upstream=\"{}\"", slow.base_url());
+    let one = || async {
+        let started = Instant::now();
+        let res = client
+            .post(&url)
+            .json(&json!({ "model": "pool", "max_tokens": 2,
+                "messages": [{ "role": "user", "content": "slow pool" }] }))
+            .send()
+            .await
+            .expect("the region answers");
+        assert_eq!(res.status(), 200);
+        let _ = res.bytes().await;
+        started.elapsed()
+    };
+    let started = Instant::now();
+    let mut before = Vec::new();
+    while metric(&metrics, "meridian_upstream_up", &[&label]).await != 0.0 {
+        before.push(one().await);
+    }
+    let out = started.elapsed();
+    let requests = before.len();
+    let mut after = Vec::new();
+    for _ in 0..200 {
+        after.push(one().await);
+    }
+    before.sort();
+    after.sort();
+    println!("a pool upstream 10x slower than its two peers (200 vs 20 ms to first token):");
+    println!("  taken out after {requests} requests, {:.3} ms", ms(out));
+    println!(
+        "  request latency while in  p50 {:7.3} ms  p99 {:7.3} ms",
+        ms(percentile(&before, 0.5)),
+        ms(percentile(&before, 0.99))
+    );
+    println!(
+        "  request latency once out  p50 {:7.3} ms  p99 {:7.3} ms   ratio in/out: p50 {:.1}  p99 {:.1}",
+        ms(percentile(&after, 0.5)),
+        ms(percentile(&after, 0.99)),
+        percentile(&before, 0.5).as_secs_f64() / percentile(&after, 0.5).as_secs_f64(),
+        percentile(&before, 0.99).as_secs_f64() / percentile(&after, 0.99).as_secs_f64()
     );
 }

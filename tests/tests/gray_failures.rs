@@ -226,6 +226,8 @@ async fn a_dead_postgres_sends_what_needs_it_elsewhere_and_keeps_plain_chat() {
             .await
             .unwrap();
         if ready["unavailable_stores"] == json!(["postgres"]) {
+            // Its models still serve: plain chat stays.
+            assert_eq!(ready["models"][TEST_MODEL]["serving"], true, "{ready}");
             detected = Some(killed.elapsed());
             break;
         }

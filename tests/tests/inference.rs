@@ -764,6 +764,20 @@ async fn an_upstream_ten_times_slower_than_its_peers_stops_getting_traffic() {
     .await;
     println!("taken out after {sent} requests, {slow_answers} of its answers slow");
     assert!(slow_answers >= 3.0, "{slow_answers}");
+    // Readiness says what the model has left.
+    let ready: Value = client
+        .get(format!("{}/readyz", region.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        ready["models"]["pool"],
+        json!({ "healthy_backends": 2, "total_backends": 3, "serving": true }),
+        "{ready}"
+    );
 
     // Out of the pool: what follows goes to its peers only.
     let queries = "meridian_sim_prefix_cache_queries_total";

@@ -224,9 +224,10 @@ async fn get_conversation(
 }
 
 /// `GET /readyz`: 200 while the node takes requests, 503 once it shuts
-/// down. A store that is down does not make the node unready (what does
-/// not need it is still served); the body names it, as `Admin.RegionStatus`
-/// does for gateways.
+/// down. A store that is down, or a model without a healthy backend, does
+/// not make the node unready (what does not need it is still served); the
+/// body says which parts can serve: each store, each model's backends and
+/// the embedding model, as `Admin.RegionStatus` does for gateways.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let ready = !state.shutdown.is_cancelled();
     let stores: serde_json::Map<String, serde_json::Value> =
@@ -242,12 +243,28 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     } else {
         axum::http::StatusCode::SERVICE_UNAVAILABLE
     };
+    let models: serde_json::Map<String, serde_json::Value> = state
+        .inference
+        .models()
+        .filter(|m| !m.alias)
+        .map(|m| {
+            let backends = serde_json::json!({
+                "healthy_backends": m.healthy_backends,
+                "total_backends": m.total_backends,
+                "serving": m.healthy_backends > 0,
+            });
+            (m.id, backends)
+        })
+        .collect();
     let body = serde_json::json!({
         "ready": ready,
         "region": state.region,
         "draining": state.status.draining(),
         "stores": stores,
         "unavailable_stores": state.stores.down(),
+        "models": models,
+        // Loaded before the node serves, or off (`[embeddings]` absent).
+        "embeddings": if state.embedder.is_some() { "up" } else { "off" },
     });
     (status, axum::Json(body)).into_response()
 }
