@@ -28,7 +28,7 @@ if ! ls /usr/share/postgresql/*/extension/pg_partman.control >/dev/null 2>&1; th
 fi
 command -v gcc >/dev/null 2>&1 || need+=(build-essential)
 # The drills (and their tests) freeze and thaw a region's node with kill(1).
-command -v kill >/dev/null 2>&1 || need+=(procps)
+type -P kill >/dev/null 2>&1 || need+=(procps)
 # `make bench` measures the gateway next to HAProxy doing plain proxying.
 command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 # The embedding model's files come from a PyPI package (below).
