@@ -393,6 +393,14 @@ impl ProxyHttp for Proxy {
             || !self.may_try_another(ctx)
         {
             false
+        } else if session.as_downstream().get_retry_buffer().is_none()
+            && !session.as_downstream_mut().is_body_empty()
+        {
+            // Not a byte of the body has been read from the client (a
+            // pooled connection that was dead when its request head was
+            // written), so none reached the region: it cannot have stored
+            // the request, whatever it is.
+            self.may_retry(ctx)
         } else if replay::stores_without_key(
             session.req_header(),
             session.as_downstream().get_retry_buffer().as_ref(),
