@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use meridian_regional::SimConfig;
 use meridian_tests::load::{env_or, ms, percentile};
 use meridian_tests::{
-    ClusterSandbox, RegionProcess, RegionSandbox, SimServer, TEST_MODEL, metric, region_location,
+    ClusterSandbox, RegionProcess, RegionSandbox, SimServer, TEST_MODEL, gateway_config, metric,
     start_gateway,
 };
 use serde_json::{Value, json};
@@ -43,46 +43,26 @@ struct Outcome {
 }
 
 async fn send(client: &reqwest::Client, url: &str) -> Outcome {
-    let sent = Instant::now();
     let body = json!({ "model": TEST_MODEL, "max_tokens": 4,
         "messages": [{ "role": "user", "content": "failover" }] });
-    let res = client
-        .post(format!("{url}/v1/chat/completions"))
-        .header("x-meridian-client-country", "IE")
-        .json(&body)
-        .send()
-        .await;
-    let (status, region) = match res {
-        Ok(r) => {
-            let region = r
-                .headers()
-                .get("x-meridian-region")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_string();
-            let status = r.status().as_u16();
-            let _ = r.bytes().await;
-            (status, region)
-        }
-        Err(_) => (0, String::new()),
-    };
-    Outcome {
-        sent,
-        done: Instant::now(),
-        status,
-        region,
-    }
+    post_near_dublin(client, &format!("{url}/v1/chat/completions"), &body).await
 }
 
 /// Submits a job as a client near Dublin.
 async fn submit(client: &reqwest::Client, url: &str) -> Outcome {
-    let sent = Instant::now();
     let body = json!({ "model": TEST_MODEL, "max_tokens": 2,
         "messages": [{ "role": "user", "content": "failover job" }] });
+    post_near_dublin(client, &format!("{url}/v1/jobs"), &body).await
+}
+
+/// POSTs `body` to `url` as a client in Ireland; a request that got no
+/// answer at all is status 0.
+async fn post_near_dublin(client: &reqwest::Client, url: &str, body: &Value) -> Outcome {
+    let sent = Instant::now();
     let res = client
-        .post(format!("{url}/v1/jobs"))
+        .post(url)
         .header("x-meridian-client-country", "IE")
-        .json(&body)
+        .json(body)
         .send()
         .await;
     let (status, region) = match res {
@@ -379,19 +359,7 @@ async fn frozen(client: &reqwest::Client, rounds: u64) {
     let other = RegionSandbox::start("us-east").await;
     let mut victim = RegionSandbox::start("eu-west").await;
     let node = RegionProcess::start(env!("CARGO_BIN_EXE_region-process"), &mut victim).await;
-    let regions = [("us-east", other.addr()), ("eu-west", node.addr())]
-        .into_iter()
-        .map(|(name, addr)| {
-            let region = meridian_gateway::RegionConfig::new(name.to_string(), addr);
-            match region_location(name) {
-                Some((lat, lon)) => region.at(lat, lon),
-                None => region,
-            }
-        })
-        .collect();
-    let mut config = meridian_gateway::Config::builder(([127, 0, 0, 1], 0).into(), regions);
-    config.threads = 1;
-    config.shutdown_grace = Duration::ZERO;
+    let mut config = gateway_config([("us-east", other.addr()), ("eu-west", node.addr())]);
     config.geo.trusted_proxies = vec!["127.0.0.1/32".parse().expect("cidr")];
     let gateway = start_gateway(config).await;
     let url = format!("http://{}", gateway.local_addr());

@@ -30,7 +30,7 @@ pub use self::pki::{TestPki, mesh_channel};
 pub use self::process::RegionProcess;
 pub use self::sandbox::{
     ClusterSandbox, RegionNode, RegionSandbox, TEST_MODEL, TEST_SLOW_MODEL, embedding_model_dir,
-    region_location, start_gateway,
+    gateway_config, region_location, start_gateway,
 };
 pub use self::time_series::{TimeSeries, require_extension};
 pub use self::upstream::{SimServer, metric};

@@ -341,21 +341,7 @@ impl ClusterSandbox {
         adjust: impl FnOnce(&[RegionSandbox], &mut GatewayConfig),
     ) -> Self {
         let regions = futures_join(names, region_extra).await;
-        let mut config = meridian_gateway::Config::builder(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            regions
-                .iter()
-                .map(|r| {
-                    let region = RegionConfig::new(r.name.clone(), r.addr());
-                    match region_location(&r.name) {
-                        Some((lat, lon)) => region.at(lat, lon),
-                        None => region,
-                    }
-                })
-                .collect(),
-        );
-        config.threads = 1;
-        config.shutdown_grace = std::time::Duration::from_secs(0);
+        let mut config = gateway_config(regions.iter().map(|r| (r.name.as_str(), r.addr())));
         adjust(&regions, &mut config);
         let gateway = start_gateway(config.clone()).await;
         Self {
@@ -521,6 +507,29 @@ impl ClusterSandbox {
             .find(|r| r.name == name)
             .unwrap_or_else(|| panic!("no region {name} in this sandbox"))
     }
+}
+
+/// A gateway config with the sandbox's test defaults (one thread, no
+/// shutdown grace) before regions at these addresses, each placed where
+/// [`region_location`] puts its name.
+pub fn gateway_config<'a>(
+    regions: impl IntoIterator<Item = (&'a str, SocketAddr)>,
+) -> GatewayConfig {
+    let regions = regions
+        .into_iter()
+        .map(|(name, addr)| {
+            let region = RegionConfig::new(name.to_string(), addr);
+            match region_location(name) {
+                Some((lat, lon)) => region.at(lat, lon),
+                None => region,
+            }
+        })
+        .collect();
+    let mut config =
+        meridian_gateway::Config::builder(SocketAddr::from(([127, 0, 0, 1], 0)), regions);
+    config.threads = 1;
+    config.shutdown_grace = std::time::Duration::from_secs(0);
+    config
 }
 
 /// Starts a gateway on free ports (client and admin). A free port can be

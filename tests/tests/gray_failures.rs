@@ -57,6 +57,26 @@ async fn post(
     (status, region, served_by)
 }
 
+/// A session id starting with `prefix` whose home, by the gateway's
+/// affinity, is the victim.
+async fn session_homed_in_victim(http: &reqwest::Client, chat_url: &str, prefix: &str) -> String {
+    for i in 0..200 {
+        let candidate = format!("{prefix}-{i}");
+        let (status, region, _) = post(
+            http,
+            chat_url,
+            &[("x-meridian-session", &candidate)],
+            &chat_body("where is home"),
+        )
+        .await;
+        assert_eq!(status, 200);
+        if region == VICTIM {
+            return candidate;
+        }
+    }
+    panic!("no session lands in {VICTIM}");
+}
+
 /// What the traffic saw: acknowledged writes and every unexpected answer.
 #[derive(Default)]
 struct Seen {
@@ -100,23 +120,8 @@ async fn a_dead_postgres_sends_what_needs_it_elsewhere_and_keeps_plain_chat() {
             conversations.push(id);
         }
     }
-    let mut session = None;
-    for i in 0..200 {
-        let candidate = format!("gray-session-{seed:x}-{i}");
-        let (status, region, _) = post(
-            &http,
-            &chat_url,
-            &[("x-meridian-session", &candidate)],
-            &chat_body("where is home"),
-        )
-        .await;
-        assert_eq!(status, 200);
-        if region == VICTIM {
-            session = Some(candidate);
-            break;
-        }
-    }
-    let session = session.expect("a session lands in the victim");
+    let session =
+        session_homed_in_victim(&http, &chat_url, &format!("gray-session-{seed:x}")).await;
 
     let seen = Arc::new(Mutex::new(Seen::default()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -549,41 +554,13 @@ async fn a_frozen_region_is_ejected_and_readmitted_when_it_thaws() {
     let mut victim = meridian_tests::RegionSandbox::start(VICTIM).await;
     // Its node in a process of its own, to be stopped like a real one.
     let node = RegionProcess::start(env!("CARGO_BIN_EXE_region-process"), &mut victim).await;
-    let regions = [(OTHER, other.addr()), (VICTIM, node.addr())]
-        .into_iter()
-        .map(|(name, addr)| {
-            let region = meridian_gateway::RegionConfig::new(name.to_string(), addr);
-            match meridian_tests::region_location(name) {
-                Some((lat, lon)) => region.at(lat, lon),
-                None => region,
-            }
-        })
-        .collect();
-    let mut config = meridian_gateway::Config::builder(([127, 0, 0, 1], 0).into(), regions);
-    config.threads = 1;
-    config.shutdown_grace = Duration::ZERO;
+    let config = meridian_tests::gateway_config([(OTHER, other.addr()), (VICTIM, node.addr())]);
     let gateway = meridian_tests::start_gateway(config).await;
     let chat_url = format!("http://{}/v1/chat/completions", gateway.local_addr());
     let metrics = format!("http://{}/metrics", gateway.admin_addr().unwrap());
     let http = reqwest::Client::new();
 
-    let mut session = None;
-    for i in 0..200 {
-        let candidate = format!("frozen-{seed:x}-{i}");
-        let (status, region, _) = post(
-            &http,
-            &chat_url,
-            &[("x-meridian-session", &candidate)],
-            &chat_body("where is home"),
-        )
-        .await;
-        assert_eq!(status, 200);
-        if region == VICTIM {
-            session = Some(candidate);
-            break;
-        }
-    }
-    let session = session.expect("a session lands in the victim");
+    let session = session_homed_in_victim(&http, &chat_url, &format!("frozen-{seed:x}")).await;
 
     // A request every 20 ms, each on its own: one the frozen region holds
     // does not hold back the others.
