@@ -298,11 +298,11 @@ impl ProxyHttp for Proxy {
                 .get(ctx.attempts)
                 .ok_or_else(|| Error::explain(ErrorType::InternalError, "no region left to try"))?;
             ctx.attempts += 1;
+            let last = ctx.attempts >= plan.order.len().min(self.max_attempts);
             if let Some(node) = self.regions.list[index].pick() {
                 // A region whose store this request needs is down is passed
                 // over while another is left; the last one is tried anyway
                 // (its refusal then reaches the client with its reason).
-                let last = ctx.attempts >= plan.order.len().min(self.max_attempts);
                 if node.serves(ctx.needs) || last {
                     break (index, node);
                 }
@@ -313,7 +313,7 @@ impl ProxyHttp for Proxy {
                 continue;
             }
             ctx.current = Some(index);
-            if ctx.attempts >= plan.order.len().min(self.max_attempts) {
+            if last {
                 return Err(Error::explain(
                     ErrorType::ConnectNoRoute,
                     format!("region {} has no nodes", self.regions.list[index].name),
@@ -437,10 +437,7 @@ impl ProxyHttp for Proxy {
                 .with_label_values(&[self.region_name(ctx), store])
                 .inc();
             if self.may_retry(ctx) {
-                ctx.replay_decided = true;
-                let mut e = Error::explain(ErrorType::HTTPStatus(status), "region store down");
-                e.set_retry(true);
-                return Err(e);
+                return Err(replay_elsewhere(ctx, status, "region store down"));
             }
             return Ok(());
         }
@@ -464,10 +461,7 @@ impl ProxyHttp for Proxy {
         // it twice.
         let stored = upstream_response.headers.contains_key(DURABILITY_HEADER);
         if status == SATURATED.as_u16() && !stored && self.may_retry(ctx) {
-            ctx.replay_decided = true;
-            let mut e = Error::explain(ErrorType::HTTPStatus(status), "region saturated");
-            e.set_retry(true);
-            return Err(e);
+            return Err(replay_elsewhere(ctx, status, "region saturated"));
         }
         Ok(())
     }
@@ -565,6 +559,15 @@ impl ProxyHttp for Proxy {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         self.record(session, e, ctx);
     }
+}
+
+/// The error that turns a region's refusal (`status`, for `why`) into a
+/// try in the next region; the retry is already paid for.
+fn replay_elsewhere(ctx: &mut Ctx, status: u16, why: &'static str) -> Box<Error> {
+    ctx.replay_decided = true;
+    let mut e = Error::explain(ErrorType::HTTPStatus(status), why);
+    e.set_retry(true);
+    e
 }
 
 /// The store a region's refusal names as down, when the response is such a

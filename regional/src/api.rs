@@ -133,6 +133,7 @@ where
         crate::replication::service(state.replication.clone()),
     );
     let region_header = state.region_header.clone();
+    let stores = state.stores.clone();
     let traced = state.clone();
     router
         .fallback(fallback)
@@ -143,6 +144,11 @@ where
         ))
         .layer(axum::middleware::map_response(move |mut res: Response| {
             let value = region_header.clone();
+            // Every refusal for a store that is down carries its name, so
+            // they are counted here, however they were refused.
+            if let Some(store) = res.headers().get(meridian_proto::header::UNAVAILABLE) {
+                stores.count_refusal(store.as_bytes());
+            }
             async move {
                 res.headers_mut().insert(SERVED_BY, value);
                 res

@@ -230,14 +230,13 @@ async fn get_conversation(
 /// the embedding model, as `Admin.RegionStatus` does for gateways.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let ready = !state.shutdown.is_cancelled();
-    let stores: serde_json::Map<String, serde_json::Value> =
-        [crate::store::Store::Postgres, crate::store::Store::Redis]
-            .into_iter()
-            .map(|s| {
-                let up = if state.stores.is_up(s) { "up" } else { "down" };
-                (s.name().to_string(), serde_json::Value::from(up))
-            })
-            .collect();
+    let stores: serde_json::Map<String, serde_json::Value> = crate::store::Store::ALL
+        .into_iter()
+        .map(|s| {
+            let up = if state.stores.is_up(s) { "up" } else { "down" };
+            (s.name().to_string(), serde_json::Value::from(up))
+        })
+        .collect();
     let status = if ready {
         axum::http::StatusCode::OK
     } else {

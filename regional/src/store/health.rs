@@ -30,6 +30,8 @@ pub(crate) enum Store {
 }
 
 impl Store {
+    pub(crate) const ALL: [Store; 2] = [Store::Postgres, Store::Redis];
+
     pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Postgres => "postgres",
@@ -53,16 +55,20 @@ impl Store {
 
 /// The probes' verdicts and what they count.
 pub(crate) struct StoreHealth {
-    postgres: AtomicBool,
-    redis: AtomicBool,
-    /// Woken when a store comes back, for work that waited for it (jobs
-    /// accepted while Redis was down are enqueued then).
-    postgres_back: tokio::sync::Notify,
-    redis_back: tokio::sync::Notify,
+    /// One per store, in the order of [`Store::ALL`].
+    stores: [Verdict; 2],
     /// Held while the gRPC health statuses are written, so a probe cannot
     /// write `SERVING` after shutdown wrote `NOT_SERVING`.
     reporting: tokio::sync::Mutex<Reporting>,
     metrics: Metrics,
+}
+
+/// One store's state as its probe last saw it.
+struct Verdict {
+    up: AtomicBool,
+    /// Woken when the store comes back, for work that waited for it (jobs
+    /// accepted while Redis was down are enqueued then).
+    back: tokio::sync::Notify,
 }
 
 struct Reporting {
@@ -73,54 +79,60 @@ impl StoreHealth {
     /// Both stores up: the node checked them at start.
     pub(crate) fn new(region: &str) -> Arc<Self> {
         let metrics = Metrics::new(region);
-        for store in [Store::Postgres, Store::Redis] {
+        for store in Store::ALL {
             metrics.up.with_label_values(&[store.name()]).set(1);
         }
+        let verdict = || Verdict {
+            up: AtomicBool::new(true),
+            back: tokio::sync::Notify::new(),
+        };
         Arc::new(Self {
-            postgres: AtomicBool::new(true),
-            redis: AtomicBool::new(true),
-            postgres_back: tokio::sync::Notify::new(),
-            redis_back: tokio::sync::Notify::new(),
+            stores: [verdict(), verdict()],
             reporting: tokio::sync::Mutex::new(Reporting { health: None }),
             metrics,
         })
     }
 
-    fn flag(&self, store: Store) -> &AtomicBool {
-        match store {
-            Store::Postgres => &self.postgres,
-            Store::Redis => &self.redis,
-        }
+    fn verdict(&self, store: Store) -> &Verdict {
+        &self.stores[store as usize]
     }
 
     /// Resolves the next time `store` comes back after being down.
     pub(crate) async fn returned(&self, store: Store) {
-        match store {
-            Store::Postgres => self.postgres_back.notified().await,
-            Store::Redis => self.redis_back.notified().await,
-        }
+        self.verdict(store).back.notified().await;
     }
 
     pub(crate) fn is_up(&self, store: Store) -> bool {
-        self.flag(store).load(Ordering::Relaxed)
+        self.verdict(store).up.load(Ordering::Relaxed)
     }
 
     /// `Ok` when `store` is up; else the refusal a request that needs it
-    /// gets, counted.
+    /// gets.
     pub(crate) fn require(&self, store: Store) -> Result<(), Error> {
         if self.is_up(store) {
             return Ok(());
         }
-        self.metrics
-            .refused
-            .with_label_values(&[store.name()])
-            .inc();
         Err(Error::StoreUnavailable(store.name()))
+    }
+
+    /// Counts a refusal that named `store` (the `x-meridian-unavailable`
+    /// value of an answer): a probe's verdict and a query that lost its
+    /// connection alike, HTTP and gRPC alike.
+    pub(crate) fn count_refusal(&self, store: &[u8]) {
+        if let Some(store) = Store::ALL
+            .into_iter()
+            .find(|s| s.name().as_bytes() == store)
+        {
+            self.metrics
+                .refused
+                .with_label_values(&[store.name()])
+                .inc();
+        }
     }
 
     /// The stores that are down now, by name.
     pub(crate) fn down(&self) -> Vec<&'static str> {
-        [Store::Postgres, Store::Redis]
+        Store::ALL
             .into_iter()
             .filter(|s| !self.is_up(*s))
             .map(Store::name)
@@ -237,7 +249,8 @@ impl StoreHealth {
     }
 
     async fn set(&self, store: Store, up: bool, cause: Option<&str>) {
-        if self.flag(store).swap(up, Ordering::Relaxed) == up {
+        let verdict = self.verdict(store);
+        if verdict.up.swap(up, Ordering::Relaxed) == up {
             return;
         }
         let name = store.name();
@@ -246,10 +259,7 @@ impl StoreHealth {
                 store = name,
                 "store answers again; requests that need it are served"
             );
-            match store {
-                Store::Postgres => self.postgres_back.notify_waiters(),
-                Store::Redis => self.redis_back.notify_waiters(),
-            }
+            verdict.back.notify_waiters();
         } else {
             tracing::warn!(
                 store = name,
@@ -269,7 +279,7 @@ impl StoreHealth {
         if let Some(health) = &reporting.health {
             // A service is served when every store it needs is up.
             for service in store.services() {
-                let serving = [Store::Postgres, Store::Redis]
+                let serving = Store::ALL
                     .into_iter()
                     .filter(|s| s.services().contains(service))
                     .all(|s| self.is_up(s));
@@ -352,7 +362,7 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "meridian_store_refused_total",
-                        "Requests refused with 503 because a store they need is down.",
+                        "Requests refused with 503 (UNAVAILABLE) because a store they need is down, by the probe's verdict or a query that lost its connection.",
                     ),
                     &["store"],
                 )
