@@ -155,9 +155,11 @@ impl SrvWatch {
     fn apply(&self, outcome: Result<Answer, DiscoveryError>, config: &DiscoveryConfig) -> Duration {
         match outcome {
             Ok(answer) => {
-                self.tx.send_if_modified(|state| {
-                    let changed = *state.nodes != *answer.nodes;
-                    if changed {
+                // Every good answer is published, a routine one too: the
+                // follower records its time (the refresh age operators
+                // alert on) and finds the same nodes, which costs nothing.
+                self.tx.send_modify(|state| {
+                    if *state.nodes != *answer.nodes {
                         tracing::info!(
                             name = %self.name,
                             nodes = answer.nodes.len(),
@@ -166,12 +168,8 @@ impl SrvWatch {
                         );
                         state.nodes = answer.nodes.into();
                     }
-                    // The first answer and a recovery are news even when the
-                    // set is the same; a routine refresh is not.
-                    let news = changed || state.refreshed.is_none() || state.last_error.is_some();
                     state.refreshed = Some(Instant::now());
                     state.last_error = None;
-                    news
                 });
                 refresh_after(answer.ttl, config)
             }
