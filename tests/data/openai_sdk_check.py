@@ -40,7 +40,23 @@ for chunk in client.chat.completions.create(
         usage = chunk.usage.total_tokens
 seen["stream"] = {"text": "".join(deltas), "total_tokens": usage}
 
+# Typed clients generated from OpenAI's description need these keys present
+# (null when empty); the Python SDK would accept their absence.
+raw = client.chat.completions.with_raw_response.create(
+    model="sim-fast", messages=messages, max_tokens=2
+).http_response.json()
+seen["required_keys"] = {
+    "logprobs": "logprobs" in raw["choices"][0],
+    "refusal": "refusal" in raw["choices"][0]["message"],
+}
+
 seen["models"] = sorted(m.id for m in client.models.list())
+seen["retrieved"] = client.models.retrieve("sim-fast").id
+try:
+    client.models.retrieve("no-such-model")
+    seen["retrieve_missing"] = None
+except openai.NotFoundError as e:
+    seen["retrieve_missing"] = e.status_code
 
 emb = client.embeddings.create(model="all-minilm-l6-v2", input=["edge", "inference"])
 seen["embeddings"] = {"count": len(emb.data), "dims": len(emb.data[0].embedding)}

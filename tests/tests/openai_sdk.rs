@@ -1,5 +1,5 @@
 //! The official OpenAI Python SDK works against the gateway unchanged: chat,
-//! streaming with usage, model listing, embeddings, and errors raised as the
+//! streaming with usage, model listing and retrieval, embeddings, and errors raised as the
 //! SDK's own exception types. `infra/scripts/setup.sh` installs the SDK.
 
 use std::process::Command;
@@ -51,6 +51,13 @@ async fn the_official_python_sdk_works_unchanged() {
     assert!(
         models.contains(&"sim-fast") && models.contains(&"all-minilm-l6-v2"),
         "{models:?}"
+    );
+    assert_eq!(seen["retrieved"], "sim-fast");
+    assert_eq!(seen["retrieve_missing"], 404);
+    assert_eq!(
+        seen["required_keys"],
+        serde_json::json!({"logprobs": true, "refusal": true}),
+        "`choices[].logprobs` and `message.refusal` are present, null when empty"
     );
     assert_eq!(seen["embeddings"]["count"], 2);
     assert_eq!(seen["embeddings"]["dims"], 384);

@@ -29,6 +29,7 @@ pub(super) fn routes(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
+        .route("/v1/models/{model}", get(retrieve_model))
         .route("/v1/conversations/{id}", get(get_conversation))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -112,8 +113,10 @@ async fn chat(
             message: MessageOut {
                 role: "assistant",
                 content: &done.answer.text,
+                refusal: None,
             },
             finish_reason: finish_reason(done.answer.finish),
+            logprobs: None,
         }],
         usage: usage.into(),
     };
@@ -167,6 +170,7 @@ fn sse(
                 content: Some(""),
             },
             finish_reason: None,
+            logprobs: None,
         }],
         None,
     );
@@ -190,6 +194,7 @@ fn sse(
                         index: 0,
                         delta: Delta { role: None, content: Some(&text) },
                         finish_reason: None,
+                        logprobs: None,
                     }], None));
                 }
                 Ok(Chunk::Done { finish, usage }) => {
@@ -199,6 +204,7 @@ fn sse(
                         index: 0,
                         delta: Delta { role: None, content: None },
                         finish_reason: Some(finish_reason(finish)),
+                        logprobs: None,
                     }], None));
                     if include_usage {
                         yield Ok(event(vec![], Some(usage.into())));
@@ -269,11 +275,32 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn list_models(State(state): State<Arc<AppState>>) -> Response {
-    let models: Vec<_> = state.inference.models().collect();
-    let mut data: Vec<_> = models
-        .iter()
+    axum::Json(ModelList {
+        object: "list",
+        data: served_models(&state),
+    })
+    .into_response()
+}
+
+/// `GET /v1/models/{model}` (the SDKs' `models.retrieve`): one entry of the
+/// list, an alias included, or 404 `model_not_found`.
+async fn retrieve_model(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(model): axum::extract::Path<String>,
+) -> Result<Response, Error> {
+    served_models(&state)
+        .into_iter()
+        .find(|m| m.id == model)
+        .map(|m| axum::Json(m).into_response())
+        .ok_or(Error::ModelNotFound(model))
+}
+
+fn served_models(state: &AppState) -> Vec<ModelEntry> {
+    let mut data: Vec<_> = state
+        .inference
+        .models()
         .map(|m| ModelEntry {
-            id: &m.id,
+            id: m.id,
             object: "model",
             created: 0,
             owned_by: "meridian",
@@ -282,15 +309,11 @@ async fn list_models(State(state): State<Arc<AppState>>) -> Response {
     // The built-in embedding model lives beside the model table, not in it.
     if state.embedder.is_some() {
         data.push(ModelEntry {
-            id: crate::inference::EMBEDDING_MODEL_ID,
+            id: crate::inference::EMBEDDING_MODEL_ID.to_string(),
             object: "model",
             created: 0,
             owned_by: "meridian",
         });
     }
-    axum::Json(ModelList {
-        object: "list",
-        data,
-    })
-    .into_response()
+    data
 }

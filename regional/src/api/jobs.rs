@@ -217,12 +217,14 @@ impl<'a> JobBody<'a> {
                 message: MessageOut {
                     role: "assistant",
                     content: &r.text,
+                    refusal: None,
                 },
                 finish_reason: if r.finish == "length" {
                     "length"
                 } else {
                     "stop"
                 },
+                logprobs: None,
             }],
             usage: UsageBody {
                 prompt_tokens: r.prompt_tokens,

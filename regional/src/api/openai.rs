@@ -188,12 +188,19 @@ pub(super) struct Choice<'a> {
     pub index: u32,
     pub message: MessageOut<'a>,
     pub finish_reason: &'static str,
+    /// Always present, `null` when not asked for: OpenAI's description
+    /// requires the key, and typed clients generated from it reject an
+    /// answer without it.
+    pub logprobs: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize)]
 pub(super) struct MessageOut<'a> {
     pub role: &'static str,
     pub content: &'a str,
+    /// Required by the description like `logprobs`; `null` unless a model
+    /// refused.
+    pub refusal: Option<&'a str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -212,6 +219,8 @@ pub(super) struct ChunkChoice<'a> {
     pub index: u32,
     pub delta: Delta<'a>,
     pub finish_reason: Option<&'static str>,
+    /// `null`, as OpenAI sends it in every chunk.
+    pub logprobs: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -247,14 +256,14 @@ pub(super) fn finish_reason(f: Finish) -> &'static str {
 }
 
 #[derive(Debug, Serialize)]
-pub(super) struct ModelList<'a> {
+pub(super) struct ModelList {
     pub object: &'static str,
-    pub data: Vec<ModelEntry<'a>>,
+    pub data: Vec<ModelEntry>,
 }
 
 #[derive(Debug, Serialize)]
-pub(super) struct ModelEntry<'a> {
-    pub id: &'a str,
+pub(super) struct ModelEntry {
+    pub id: String,
     pub object: &'static str,
     pub created: i64,
     pub owned_by: &'static str,
