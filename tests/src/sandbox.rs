@@ -31,11 +31,13 @@ pub fn embedding_model_dir() -> std::path::PathBuf {
 pub struct RegionSandbox {
     /// The region's name.
     pub name: String,
+    // Fields drop in order: the node before the stores it uses, so it is
+    // gone before they are, as when a region's host dies.
+    node: Option<NodeHandle>,
     /// The region's own Redis.
     pub redis: RedisServer,
     /// The region's own PostgreSQL.
     pub postgres: PostgresServer,
-    node: Option<NodeHandle>,
     addr: Option<SocketAddr>,
     extra_config: String,
     /// Its peers and more `[replication]` keys, once the cluster named them.
@@ -48,6 +50,10 @@ struct NodeHandle {
     node: Option<RegionalNode>,
     addr: SocketAddr,
 }
+
+/// How long a dropped node's threads get to drop its tasks; they only
+/// drop futures, which takes milliseconds unless a task blocks.
+const NODE_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Numbers the extra nodes' config files, so they never share one.
 static EXTRA_NODES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -114,10 +120,15 @@ impl RegionNode {
 impl Drop for NodeHandle {
     fn drop(&mut self) {
         // Dropping the runtime's tasks closes the node's listener and every
-        // connection; shutdown_background does not block, so this is safe
-        // inside the test's own runtime.
+        // connection at once, as a crash would. The caller waits until the
+        // node's threads have dropped them all, so no part of the node still
+        // runs while the test (or the rest of the teardown) goes on; the
+        // wait happens on a thread of its own because the caller may be on
+        // the test's runtime, where tokio forbids blocking shutdowns.
         if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
+            std::thread::scope(|s| {
+                s.spawn(|| runtime.shutdown_timeout(NODE_STOP_TIMEOUT));
+            });
         }
         drop(self.node.take());
     }
@@ -303,10 +314,12 @@ pub fn region_location(name: &str) -> Option<(f64, f64)> {
 
 /// Several regions and a gateway in front of them.
 pub struct ClusterSandbox {
+    // Declared first so it stops first: a gateway outliving its regions
+    // would spend the teardown ejecting them.
+    gateway: Option<Gateway>,
     /// The regions, in the order given to [`ClusterSandbox::start`]; the first
     /// is the gateway's default region.
     pub regions: Vec<RegionSandbox>,
-    gateway: Option<Gateway>,
     gateway_config: Option<GatewayConfig>,
     links: Links,
 }
