@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SETUP := infra/scripts/setup.sh
 
-.PHONY: up test lint bench build setup fmt fuzz soak
+.PHONY: up test lint bench build setup fmt fuzz soak conformance
 
 ## Start three local regions (own Redis + PostgreSQL each) and the gateway.
 up: setup
@@ -38,6 +38,15 @@ bench: setup
 FUZZ_SECONDS ?= 600
 fuzz: setup
 	FUZZ_SECONDS=$(FUZZ_SECONDS) $(CARGO) test -p meridian-tests --test fuzz -- --test-threads=1 --nocapture
+
+## OpenAI conformance, deeper than in `make test`: schemathesis generates
+## CONFORMANCE_EXAMPLES (default 400) cases per operation and phase from
+## OpenAI's API description (../shared/openai-openapi) against a local
+## deployment, under CONFORMANCE_SEED when set (else the fixed seed it
+## prints); prints per-operation counts and fails on any finding.
+CONFORMANCE_EXAMPLES ?= 400
+conformance: setup
+	CONFORMANCE_EXAMPLES=$(CONFORMANCE_EXAMPLES) $(CARGO) test -p meridian-tests --test conformance -- --test-threads=1 --nocapture
 
 ## Three regions and a gateway as processes under mixed load for
 ## SOAK_MINUTES (default 30), a region killed and restarted now and then;

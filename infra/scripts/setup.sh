@@ -97,4 +97,16 @@ else
   PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q openai
 fi
 
+# schemathesis: the OpenAI conformance run (tests/tests/conformance.rs, `make
+# conformance`) generates requests from OpenAI's API description with it.
+# Pinned: its reports and generated cases change between releases, and the
+# run's fixed seed should mean the same cases everywhere.
+SCHEMATHESIS_VERSION=4.32.5
+if python3 -c 'import schemathesis' >/dev/null 2>&1; then
+  say "schemathesis present ($(python3 -c 'import schemathesis; print(schemathesis.__version__)'))"
+else
+  say "installing schemathesis $SCHEMATHESIS_VERSION from PyPI (for the OpenAI conformance run)"
+  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q "schemathesis==$SCHEMATHESIS_VERSION"
+fi
+
 say "ready: $(redis-server --version | cut -d' ' -f3), postgres $(ls -d /usr/lib/postgresql/*/ 2>/dev/null | xargs -n1 basename | tr '\n' ' ')"

@@ -5,15 +5,18 @@
 //! regional node on a free port; a [`ClusterSandbox`] starts several regions and
 //! the gateway in front of them; a [`TestDns`] serves the SRV records a
 //! gateway discovers region nodes from; a [`FaultProxy`] sits between
-//! regions to delay, drop or cut their traffic. Every handle can be stopped
-//! and restarted, and everything is torn down on drop, even when a test
-//! panics.
+//! regions to delay, drop or cut their traffic; [`conformance`] runs
+//! schemathesis over OpenAI's API description against a deployment. Every
+//! handle can be stopped and restarted, and everything is torn down on drop,
+//! even when a test panics.
 
 mod collector;
+pub mod conformance;
 mod dns;
 pub mod fault_proxy;
 pub mod keys;
 pub mod load;
+mod openai_upstream;
 mod pki;
 mod process;
 pub mod replicated;
@@ -26,6 +29,7 @@ pub use meridian_launcher::{PostgresServer, RedisServer};
 pub use self::collector::{OtlpCollector, ReceivedSpan};
 pub use self::dns::{SrvTarget, TestDns};
 pub use self::fault_proxy::{Direction, FaultProxy, Link, Links, ProxyStats};
+pub use self::openai_upstream::{OPENAI_UPSTREAM_MODEL, OpenAiUpstream};
 pub use self::pki::{TestPki, mesh_channel};
 pub use self::process::RegionProcess;
 pub use self::sandbox::{
