@@ -202,6 +202,35 @@ def before_load_schema(context, raw_schema):
             del raw_schema["paths"][local]
     raw_schema.pop("webhooks", None)
     pin_models(raw_schema, served, served_models())
+    stream_events_as_json(raw_schema)
+
+
+def stream_events_as_json(raw):
+    """The description gives a `text/event-stream` response the schema of one
+    event's JSON payload, as OpenAPI 3.0 tools read it; schemathesis applies a
+    stream's schema to each parsed event (`{"data": ..., "event": ...}`), as
+    OpenAPI 3.2 does, so every event would fail. Said in the 3.2 way instead:
+    each event's `data` is that JSON, or the literal `[DONE]` that ends an
+    OpenAI stream. The payload schema itself is unchanged."""
+    for item in raw["paths"].values():
+        for method in (m for m in item if m in METHODS):
+            for response in item[method].get("responses", {}).values():
+                media = response.get("content", {}).get("text/event-stream")
+                if not media or "schema" not in media:
+                    continue
+                payload = media["schema"]
+                media["schema"] = {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {
+                        "data": {
+                            "anyOf": [
+                                {"const": "[DONE]"},
+                                {"contentMediaType": "application/json", "contentSchema": payload},
+                            ]
+                        }
+                    },
+                }
 
 
 if API_KEY:

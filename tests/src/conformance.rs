@@ -117,9 +117,12 @@ pub async fn run(run: Run, base_url: String, api_key: Option<String>) -> Outcome
         "conformance: seed {} (CONFORMANCE_SEED), {} examples per operation and phase (CONFORMANCE_EXAMPLES)",
         run.seed, run.max_examples
     );
-    let mut command = Command::new("schemathesis");
+    // Through the interpreter, not the `schemathesis` script: pip may put
+    // the script in a directory that is not on PATH (or behind a pyenv shim
+    // not yet rehashed), while `python3` is what setup.sh installed it for.
+    let mut command = Command::new("python3");
     command
-        .arg("run")
+        .args(["-m", "schemathesis.cli", "run"])
         .arg(&description)
         .args(["--url", &base_url])
         .args(["--checks", CHECKS])

@@ -189,6 +189,54 @@ async fn bad_requests_get_clear_errors_and_the_service_keeps_running() {
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["error"]["param"], "messages");
 
+    // What OpenAI's description allows is served: an integer written
+    // `3.0`, a negative seed, `stream: null`, the deprecated `function` role.
+    let res = http
+        .post(&url)
+        .json(
+            &json!({ "model": MODEL, "max_tokens": 3.0, "seed": -7, "stream": null,
+            "messages": [{ "role": "function", "name": "f", "content": "{}" },
+                         { "role": "user", "content": "hi" }] }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    // What is refused is refused by name: a token-id prompt, a fractional
+    // token count.
+    let res = http
+        .post(format!("{}/v1/completions", sandbox.gateway_url()))
+        .json(&json!({ "model": MODEL, "prompt": [[1, 2, 3]] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["param"], "prompt");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("token ids"),
+        "{body}"
+    );
+    let res = http
+        .post(&url)
+        .json(&json!({ "model": MODEL, "max_tokens": 3.5,
+            "messages": [{ "role": "user", "content": "hi" }] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let body: Value = res.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expected an integer"),
+        "{body}"
+    );
+
     let res = http
         .post(&url)
         .json(&json!({ "model": "gpt-nonexistent", "messages": [{ "role": "user", "content": "hi" }] }))

@@ -35,10 +35,20 @@ pub(crate) fn scan(body: &[u8]) -> Scan {
         max_tokens: [keys.max_tokens, keys.max_completion_tokens]
             .iter()
             .flatten()
-            .filter_map(serde_json::Value::as_u64)
+            .filter_map(whole_number)
             .max(),
         stream: keys.stream == Some(serde_json::Value::Bool(true)),
     }
+}
+
+/// A non-negative integer as JSON Schema reads one, `5.0` included: the
+/// region accepts that spelling, so the estimate must read it too.
+fn whole_number(v: &serde_json::Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.fract() == 0.0 && (0.0..=9_007_199_254_740_992.0).contains(f))
+            .map(|f| f as u64)
+    })
 }
 
 /// `max_tokens` of a JSON request body, as [`scan`] reads it.
@@ -66,6 +76,9 @@ mod tests {
         assert_eq!(scan_max_tokens(br#"{"max_completion_tokens":7}"#), Some(7));
         assert_eq!(scan_max_tokens(br#"{"model":"max_tokens"}"#), None);
         assert_eq!(scan_max_tokens(b"{}"), None);
+        // The region takes `512.0` as 512; the estimate must too.
+        assert_eq!(scan_max_tokens(br#"{"max_tokens":512.0}"#), Some(512));
+        assert_eq!(scan_max_tokens(br#"{"max_tokens":512.5}"#), None);
         assert_eq!(
             scan_max_tokens(br#"{"max_tokens":3,"max_completion_tokens":9}"#),
             Some(9)

@@ -30,7 +30,7 @@ struct EmbeddingsBody {
     model: String,
     #[serde(default)]
     encoding_format: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::openai::integer")]
     dimensions: Option<u64>,
 }
 

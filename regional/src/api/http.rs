@@ -16,7 +16,7 @@ use super::charge::{self, Charge};
 use super::infer::{RequestFacts, durability_header, error_event, model_header};
 use super::openai::{
     ChatCompletion, ChatCompletionBody, ChatCompletionChunk, Choice, ChunkChoice, Delta,
-    MessageOut, ModelEntry, ModelList, UsageBody, finish_reason,
+    MessageOut, ModelEntry, ModelList, StreamOptions, UsageBody, finish_reason,
 };
 use super::{AppState, Tenant};
 use crate::answer::Streamed;
@@ -59,11 +59,8 @@ async fn chat(
     body: &[u8],
 ) -> Result<Response, Error> {
     let body = ChatCompletionBody::parse(body)?;
-    let stream = body.stream;
-    let include_usage = body
-        .stream_options
-        .as_ref()
-        .is_some_and(|o| o.include_usage);
+    let stream = body.stream();
+    let include_usage = StreamOptions::include_usage(body.stream_options.as_ref());
     let ask = facts.ask(
         &state,
         tenant,

@@ -141,14 +141,15 @@ pub(super) fn error_event(e: &Error) -> Event {
 struct CompletionBody {
     model: String,
     prompt: Prompt,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::openai::integer")]
     max_tokens: Option<i64>,
-    #[serde(default)]
-    seed: Option<u64>,
+    #[serde(default, deserialize_with = "super::openai::integer")]
+    seed: Option<i64>,
     #[serde(default)]
     stop: Option<Stop>,
+    /// `null` is "not set", as the description allows.
     #[serde(default)]
-    stream: bool,
+    stream: Option<bool>,
     #[serde(default)]
     stream_options: Option<super::openai::StreamOptions>,
     #[serde(default)]
@@ -160,6 +161,8 @@ struct CompletionBody {
 enum Prompt {
     One(String),
     Many(Vec<String>),
+    /// Token ids, or anything else: refused with a message saying which.
+    Other(serde_json::Value),
 }
 
 #[derive(Deserialize)]
@@ -187,6 +190,20 @@ async fn completions(
         Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
         Prompt::Many(_) => {
             return Err(Error::invalid(
+                "`prompt` must be a string or an array of exactly one string: \
+                 one completion per request",
+                Some("prompt"),
+            ));
+        }
+        Prompt::Other(v) if v.is_array() => {
+            return Err(Error::invalid(
+                "`prompt` as token ids is not supported: models here take text, \
+                 so send the prompt as a string",
+                Some("prompt"),
+            ));
+        }
+        Prompt::Other(_) => {
+            return Err(Error::invalid(
                 "`prompt` must be a string or an array of exactly one string",
                 Some("prompt"),
             ));
@@ -208,7 +225,7 @@ async fn completions(
             content: prompt,
         }],
         max_tokens: max_tokens(body.max_tokens)?,
-        seed: body.seed,
+        seed: body.seed.map(super::openai::seed_bits),
         stop: match body.stop {
             None => vec![],
             Some(Stop::One(s)) => vec![s],
@@ -229,7 +246,7 @@ async fn completions(
         }
         v
     };
-    if !body.stream {
+    if !body.stream.unwrap_or(false) {
         let done = state.pipeline.answer(&mut req, ask).await?;
         let body = object(
             &done.answer.text,
@@ -249,7 +266,7 @@ async fn completions(
         )
             .into_response());
     }
-    let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
+    let include_usage = super::openai::StreamOptions::include_usage(body.stream_options.as_ref());
     let streamed = state.pipeline.answer_stream(&mut req, ask).await?;
     let charge = Charge::of(&req);
     let settle = charge.clone();

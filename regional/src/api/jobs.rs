@@ -53,7 +53,7 @@ fn submission(
     body: &[u8],
 ) -> Result<(Submission, Charge), Error> {
     let chat = ChatCompletionBody::parse(body)?;
-    if chat.stream {
+    if chat.stream() {
         return Err(Error::invalid(
             "`stream` is not supported for jobs: follow /v1/jobs/{id}/events instead",
             Some("stream"),

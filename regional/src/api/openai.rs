@@ -12,19 +12,21 @@ pub(super) struct ChatCompletionBody {
     messages: Vec<MessageBody>,
     // Signed, so a negative value gets an error naming the field rather
     // than a serde message about u32.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integer")]
     max_tokens: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integer")]
     max_completion_tokens: Option<i64>,
-    #[serde(default)]
-    seed: Option<u64>,
+    /// Any 64-bit integer, negative ones included, as OpenAI takes it.
+    #[serde(default, deserialize_with = "integer")]
+    seed: Option<i64>,
     #[serde(default)]
     stop: Option<Stop>,
+    /// `null` is "not set", as the description allows.
     #[serde(default)]
-    pub stream: bool,
+    stream: Option<bool>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integer")]
     n: Option<u32>,
     #[serde(default)]
     temperature: Option<f32>,
@@ -41,7 +43,36 @@ pub(super) struct ChatCompletionBody {
 #[derive(Debug, Deserialize)]
 pub(super) struct StreamOptions {
     #[serde(default)]
-    pub include_usage: bool,
+    include_usage: Option<bool>,
+}
+
+impl StreamOptions {
+    pub(super) fn include_usage(options: Option<&Self>) -> bool {
+        options.and_then(|o| o.include_usage).unwrap_or(false)
+    }
+}
+
+/// An `integer` field as JSON Schema reads the word, which OpenAI's
+/// description uses: `5.0` is the integer 5. `null` is "not set".
+pub(super) fn integer<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<i64> + TryFrom<u64>,
+{
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    // Beyond 2^53 a float no longer names one integer.
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    let value = match (n.as_u64(), n.as_i64(), n.as_f64()) {
+        (Some(u), _, _) => T::try_from(u).ok(),
+        (_, Some(i), _) => T::try_from(i).ok(),
+        (_, _, Some(f)) if f.fract() == 0.0 && f.abs() <= EXACT => T::try_from(f as i64).ok(),
+        _ => None,
+    };
+    value
+        .map(Some)
+        .ok_or_else(|| serde::de::Error::custom(format!("expected an integer in range, got {n}")))
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,13 +104,27 @@ struct Part {
     text: Option<String>,
 }
 
-const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
+/// `function` is the deprecated name of `tool`, still in OpenAI's
+/// description and still sent by older clients.
+const ROLES: &[&str] = &[
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
 
 impl ChatCompletionBody {
     /// Parses a request body, naming the problem when it is not one.
     pub(super) fn parse(bytes: &[u8]) -> Result<Self, Error> {
         serde_json::from_slice(bytes)
             .map_err(|e| Error::invalid(format!("invalid request body: {e}"), None))
+    }
+
+    /// Whether the client asked for server-sent events.
+    pub(super) fn stream(&self) -> bool {
+        self.stream.unwrap_or(false)
     }
 
     /// Whether the request offers the model tools.
@@ -145,7 +190,7 @@ impl ChatCompletionBody {
             model: self.model,
             messages,
             max_tokens,
-            seed: self.seed,
+            seed: self.seed.map(seed_bits),
             stop: match self.stop {
                 None => vec![],
                 Some(Stop::One(s)) => vec![s],
@@ -154,6 +199,12 @@ impl ChatCompletionBody {
             temperature: self.temperature,
         })
     }
+}
+
+/// A client's seed as the backends take it: the same bits, so each of the
+/// 2^64 values still names its own seed.
+pub(super) fn seed_bits(seed: i64) -> u64 {
+    seed as u64
 }
 
 /// Checks `max_tokens`: at least 1, and within u32.
