@@ -170,8 +170,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sim(args) => runtime()?.block_on(sim(args)),
         Command::Gateway { config } => {
             let config = meridian_gateway::Config::from_file(&config)?;
+            let runtime = runtime()?;
+            let stop = {
+                let _context = runtime.enter();
+                shutdown_signal()?
+            };
             let gateway = meridian_gateway::Gateway::start(config)?;
-            runtime()?.block_on(shutdown_signal());
+            runtime.block_on(stop);
             gateway.shutdown();
             Ok(())
         }
@@ -200,9 +205,9 @@ async fn sim(args: SimArgs) -> anyhow::Result<()> {
     };
     let tracer = meridian_mesh::Tracer::start(&tracing, "meridian-sim", vec![])
         .map_err(anyhow::Error::msg)?;
+    let stop = shutdown_signal()?;
     eprintln!("simulated LLM on http://{}/v1", listener.local_addr()?);
-    meridian_regional::serve_sim_traced(config, listener, shutdown_signal(), tracer.clone())
-        .await?;
+    meridian_regional::serve_sim_traced(config, listener, stop, tracer.clone()).await?;
     tokio::task::spawn_blocking(move || tracer.shutdown()).await?;
     Ok(())
 }
@@ -251,22 +256,20 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub(crate) async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
+/// Takes over SIGINT (Ctrl-C) and SIGTERM at once and resolves on the first
+/// of them. Call it before saying the process is ready: until a handler is
+/// in place, a SIGTERM kills the process on the spot, so one sent right
+/// after the ready line (by `meridian up`, systemd, Kubernetes) would skip
+/// the graceful stop. Needs a runtime context, as tokio's signals do.
+pub(crate) fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
         }
-    };
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
-    tracing::info!("shutdown requested");
+        tracing::info!("shutdown requested");
+    })
 }

@@ -11,6 +11,9 @@ pub(crate) fn run(config: &Path, pid_file: Option<PathBuf>) -> anyhow::Result<()
     let config = meridian_regional::Config::from_file(config)?;
     let _pid_file = pid_file.map(PidFile::write).transpose()?;
     crate::runtime()?.block_on(async {
+        // Before the ready line: a SIGTERM right after it must find the
+        // handler in place.
+        let stop = crate::shutdown_signal()?;
         let node = meridian_regional::RegionalNode::start(config).await?;
         // One line on stdout once serving: `meridian up` waits for it, and
         // a person who restarted the node by hand sees where it listens.
@@ -21,7 +24,7 @@ pub(crate) fn run(config: &Path, pid_file: Option<PathBuf>) -> anyhow::Result<()
             node.time_series_mode(),
             std::process::id()
         );
-        node.run_until(crate::shutdown_signal()).await?;
+        node.run_until(stop).await?;
         Ok(())
     })
 }

@@ -164,8 +164,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let api_key = local_api_key(&state_dir, &home.postgres.url()).await?;
     let gateway = Gateway::start(gateway_config.build()?)?;
 
+    let stop = crate::shutdown_signal()?;
     banner::print(&gateway, &regions, &state_dir, &api_key);
-    crate::shutdown_signal().await;
+    stop.await;
 
     println!("stopping...");
     // Nodes first, while their stores still answer, then the gateway, then

@@ -377,10 +377,8 @@ fn a_killed_node_is_reported_restarted_by_hand_and_stopped_with_the_rest() {
     );
     up.line_with("stopped", EVENT_TIMEOUT);
     assert!(up.child.wait().unwrap().success());
-    assert!(
-        by_hand.0.wait().unwrap().success(),
-        "the node stops gracefully"
-    );
+    let status = by_hand.0.wait().unwrap();
+    assert!(status.success(), "the node stops gracefully: {status}");
     assert_eq!(running.len(), 6, "a node, redis and postgres per region");
     for pid in running {
         assert!(dead(pid), "pid {pid} outlived meridian up");
