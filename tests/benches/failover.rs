@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use meridian_regional::SimConfig;
 use meridian_tests::load::{env_or, ms, percentile};
 use meridian_tests::{
     ClusterSandbox, RegionProcess, RegionSandbox, SimServer, TEST_MODEL, gateway_config, metric,
@@ -435,17 +434,7 @@ async fn frozen(client: &reqwest::Client, rounds: u64) {
 /// A pool of three upstreams, one answering its first token ten times
 /// later than the others: how long until it is out, and what it cost.
 async fn slow_upstream(client: &reqwest::Client) {
-    let sim = |ttft_ms| SimConfig {
-        prefill_us_per_token: 0,
-        ttft_ms,
-        per_token_ms: 0,
-        ..SimConfig::default()
-    };
-    let (a, b) = (
-        SimServer::start(sim(20)).await,
-        SimServer::start(sim(20)).await,
-    );
-    let slow = SimServer::start(sim(200)).await;
+    let [a, b, slow] = SimServer::one_slow_of_three().await;
     let list = [&a, &b, &slow]
         .iter()
         .map(|u| format!("{{ base_url = \"{}\" }}", u.base_url()))

@@ -31,6 +31,24 @@ impl SimServer {
         }
     }
 
+    /// Three simulators for one pool, the last ten times slower to its first
+    /// token (200 ms) than the others (20 ms), and nothing else slow: the
+    /// pool a slow-upstream outlier has to leave.
+    pub async fn one_slow_of_three() -> [SimServer; 3] {
+        let sim = |ttft_ms| SimConfig {
+            prefill_us_per_token: 0,
+            ttft_ms,
+            per_token_ms: 0,
+            ..SimConfig::default()
+        };
+        let (a, b, slow) = tokio::join!(
+            SimServer::start(sim(20)),
+            SimServer::start(sim(20)),
+            SimServer::start(sim(200))
+        );
+        [a, b, slow]
+    }
+
     /// The `base_url` a region's config names.
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)

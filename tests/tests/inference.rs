@@ -716,17 +716,7 @@ async fn admission_refuses_past_the_tenant_limit_at_once() {
 async fn an_upstream_ten_times_slower_than_its_peers_stops_getting_traffic() {
     init_logging();
     let client = http();
-    let sim = |ttft_ms| SimConfig {
-        prefill_us_per_token: 0,
-        ttft_ms,
-        per_token_ms: 0,
-        ..SimConfig::default()
-    };
-    let (a, b) = (
-        SimServer::start(sim(20)).await,
-        SimServer::start(sim(20)).await,
-    );
-    let slow = SimServer::start(sim(200)).await;
+    let [a, b, slow] = SimServer::one_slow_of_three().await;
     // No affinity: upstreams are chosen by load alone, so the slow one gets
     // its share until its breaker opens; a long cooldown keeps it out.
     let extra = pool_model(

@@ -140,6 +140,18 @@ async fn three_regions_behind_the_gateway() {
     assert_eq!(streamed, unary.message.unwrap().content);
 }
 
+/// POSTs `body` as JSON: the status and the JSON answer.
+async fn post_json(http: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
+    let res = http.post(url).json(body).send().await.unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap())
+}
+
+/// `error.message` of an OpenAI error body.
+fn error_message(body: &Value) -> &str {
+    body["error"]["message"].as_str().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_errors_and_the_service_keeps_running() {
     init_logging();
@@ -157,94 +169,45 @@ async fn bad_requests_get_clear_errors_and_the_service_keeps_running() {
     assert_eq!(res.status(), 400);
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["error"]["type"], "invalid_request_error");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("invalid request body")
-    );
+    assert!(error_message(&body).contains("invalid request body"));
 
-    let res = http
-        .post(&url)
-        .json(&json!({ "model": MODEL }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 400);
-    let body: Value = res.json().await.unwrap();
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("missing field `messages`")
-    );
+    let (status, body) = post_json(&http, &url, &json!({ "model": MODEL })).await;
+    assert_eq!(status, 400);
+    assert!(error_message(&body).contains("missing field `messages`"));
 
-    let res = http
-        .post(&url)
-        .json(&json!({ "model": MODEL, "messages": [{ "role": "wizard", "content": "hi" }] }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 400);
-    let body: Value = res.json().await.unwrap();
+    let wizard = json!({ "model": MODEL, "messages": [{ "role": "wizard", "content": "hi" }] });
+    let (status, body) = post_json(&http, &url, &wizard).await;
+    assert_eq!(status, 400);
     assert_eq!(body["error"]["param"], "messages");
 
     // What OpenAI's description allows is served: an integer written
     // `3.0`, a negative seed, `stream: null`, the deprecated `function` role.
-    let res = http
-        .post(&url)
-        .json(
-            &json!({ "model": MODEL, "max_tokens": 3.0, "seed": -7, "stream": null,
-            "messages": [{ "role": "function", "name": "f", "content": "{}" },
-                         { "role": "user", "content": "hi" }] }),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    let allowed = json!({ "model": MODEL, "max_tokens": 3.0, "seed": -7, "stream": null,
+        "messages": [{ "role": "function", "name": "f", "content": "{}" },
+                     { "role": "user", "content": "hi" }] });
+    let (status, body) = post_json(&http, &url, &allowed).await;
+    assert_eq!(status, 200, "{body}");
     // What is refused is refused by name: a token-id prompt, a fractional
     // token count.
-    let res = http
-        .post(format!("{}/v1/completions", sandbox.gateway_url()))
-        .json(&json!({ "model": MODEL, "prompt": [[1, 2, 3]] }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 400);
-    let body: Value = res.json().await.unwrap();
+    let completions = format!("{}/v1/completions", sandbox.gateway_url());
+    let token_ids = json!({ "model": MODEL, "prompt": [[1, 2, 3]] });
+    let (status, body) = post_json(&http, &completions, &token_ids).await;
+    assert_eq!(status, 400);
     assert_eq!(body["error"]["param"], "prompt");
+    assert!(error_message(&body).contains("token ids"), "{body}");
+    let fractional = json!({ "model": MODEL, "max_tokens": 3.5,
+        "messages": [{ "role": "user", "content": "hi" }] });
+    let (status, body) = post_json(&http, &url, &fractional).await;
+    assert_eq!(status, 400);
     assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("token ids"),
-        "{body}"
-    );
-    let res = http
-        .post(&url)
-        .json(&json!({ "model": MODEL, "max_tokens": 3.5,
-            "messages": [{ "role": "user", "content": "hi" }] }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 400);
-    let body: Value = res.json().await.unwrap();
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("expected an integer"),
+        error_message(&body).contains("expected an integer"),
         "{body}"
     );
 
-    let res = http
-        .post(&url)
-        .json(&json!({ "model": "gpt-nonexistent", "messages": [{ "role": "user", "content": "hi" }] }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 404);
-    let body: Value = res.json().await.unwrap();
+    let unknown =
+        json!({ "model": "gpt-nonexistent", "messages": [{ "role": "user", "content": "hi" }] });
+    let (status, body) = post_json(&http, &url, &unknown).await;
+    assert_eq!(status, 404);
     assert_eq!(body["error"]["code"], "model_not_found");
 
     let res = http
@@ -256,7 +219,7 @@ async fn bad_requests_get_clear_errors_and_the_service_keeps_running() {
         .unwrap();
     assert_eq!(res.status(), 400);
     let body: Value = res.json().await.unwrap();
-    let message = body["error"]["message"].as_str().unwrap();
+    let message = error_message(&body);
     assert!(
         message.contains("mars") && message.contains("eu-west"),
         "{message}"
