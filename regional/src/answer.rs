@@ -152,12 +152,7 @@ impl Pipeline {
             let _permit = self.parts.inference.admit(tenant.as_str())?;
             let done = routed.complete(req, Some(deadline)).await?;
             ttft = done.time_to_first_token;
-            Ok(Answer {
-                text: done.text,
-                finish: done.finish,
-                prompt_tokens: done.usage.prompt_tokens,
-                completion_tokens: done.usage.completion_tokens,
-            })
+            Ok(Answer::of(done))
         };
         let (answer, outcome) = self
             .parts
@@ -320,6 +315,7 @@ fn repeated_answer(text: String) -> Answer {
         finish: Finish::Stop,
         prompt_tokens: 0,
         completion_tokens: 0,
+        extras: Default::default(),
     }
 }
 

@@ -202,6 +202,19 @@ async fn fallback(req: Request<Body>) -> Response {
     .into_response()
 }
 
+/// A `/v1/chat/completions` body read as the region reads it: the request,
+/// whether the client asked for a stream, and whether for usage in it. The
+/// simulator's own server reads bodies through this, so it takes what a
+/// region takes.
+pub(crate) fn read_chat_body(
+    bytes: &[u8],
+) -> Result<(crate::inference::ChatRequest, bool, bool), Error> {
+    let body = openai::ChatCompletionBody::parse(bytes)?;
+    let stream = body.stream();
+    let include_usage = openai::StreamOptions::include_usage(body.stream_options.as_ref());
+    Ok((body.into_request()?, stream, include_usage))
+}
+
 /// Parses and checks a `/v1/chat/completions` body as its handler does,
 /// serving nothing: the fuzz harness reaches the parser through this.
 #[doc(hidden)]

@@ -126,6 +126,7 @@ pub(crate) async fn begin(
     req: &mut ChatRequest,
     limits: &Limits,
 ) -> Result<Begun, Error> {
+    storable(req)?;
     // PostgreSQL text holds no NUL: said here, not failed by the store.
     if req
         .messages
@@ -191,7 +192,7 @@ pub(crate) async fn begin(
     req.messages.extend(
         history
             .into_iter()
-            .map(|(role, content)| Message { role, content }),
+            .map(|(role, content)| Message::text(role, content)),
     );
     req.messages.extend(new.iter().cloned());
     Ok(Begun::Turn(Turn {
@@ -200,6 +201,36 @@ pub(crate) async fn begin(
         new,
         key,
     }))
+}
+
+/// Refuses a turn that a conversation would store only in part. Stored
+/// turns are text: a message with content parts or tool fields, or a
+/// request offering tools (whose answer may be calls), would lose what it
+/// carries, so it is refused whole rather than stored less.
+fn storable(req: &ChatRequest) -> Result<(), Error> {
+    if let Some(i) = req.messages.iter().position(|m| m.raw.is_some()) {
+        return Err(Error::invalid(
+            format!(
+                "`messages[{i}]` carries content parts or tool fields, which a conversation \
+                 does not store yet (stored turns are text): send the request without a \
+                 conversation, with the history in `messages`"
+            ),
+            Some("messages"),
+        ));
+    }
+    for field in ["tools", "functions"] {
+        if req.extra.get(field).is_some_and(|v| !v.is_null()) {
+            return Err(Error::invalid(
+                format!(
+                    "`{field}` cannot be used with a conversation yet: stored turns are text \
+                     and its answer may be tool calls; send the request without a \
+                     conversation, with the history in `messages`"
+                ),
+                Some(field),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The answer of the turn stored under `key`, if there is one; an error if
@@ -290,10 +321,7 @@ impl Turn {
         .bind(self.id.as_str())
         .fetch_one(&mut *tx)
         .await?;
-        let answer = Message {
-            role: "assistant".into(),
-            content: answer.to_string(),
-        };
+        let answer = Message::text("assistant", answer);
         for (turn, m) in (last + 1..).zip(self.new.iter().chain([&answer])) {
             sqlx::query(
                 "INSERT INTO conversation_messages

@@ -13,6 +13,7 @@ mod embed;
 mod metrics;
 mod openai;
 mod pool;
+mod reply;
 mod route;
 mod sim;
 
@@ -22,6 +23,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
+use serde_json::{Map, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +34,10 @@ use self::admission::Admission;
 pub(crate) use self::admission::Permit;
 pub(crate) use self::embed::{EMBEDDING_MODEL_ID, Embedder};
 use self::metrics::Metrics;
+pub(crate) use self::openai::json_f32;
+pub(crate) use self::reply::{
+    Assembly, Delta, Extras, FunctionCall, FunctionDelta, Meta, ToolCall, ToolCallDelta,
+};
 pub(crate) use self::route::SizeHint;
 use self::route::Table;
 pub(crate) use self::sim::SimBackend;
@@ -41,7 +47,24 @@ pub use self::sim::{serve_sim, serve_sim_traced};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Message {
     pub role: String,
+    /// The text of the message (of its text parts, when it has parts):
+    /// what token estimates, the simulator and the semantic cache read.
     pub content: String,
+    /// The message as the client sent it, when it carries more than a role
+    /// and a text: content parts (images, audio, files), an assistant's
+    /// `tool_calls`, a tool result's `tool_call_id`, a `name`. Sent to an
+    /// OpenAI-protocol upstream as is.
+    pub raw: Option<Arc<Map<String, Value>>>,
+}
+
+impl Message {
+    pub(crate) fn text(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            raw: None,
+        }
+    }
 }
 
 /// A chat request after the API layer has checked it.
@@ -50,13 +73,37 @@ pub(crate) struct ChatRequest {
     pub model: String,
     pub messages: Vec<Message>,
     pub max_tokens: Option<u32>,
+    /// Whether the client named the limit `max_completion_tokens` (which
+    /// reasoning models require) rather than `max_tokens`; the upstream
+    /// gets the name the client used.
+    pub max_completion_tokens: bool,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
     /// Sampling temperature, 0 to 2; the backend's default when unset.
     pub temperature: Option<f32>,
+    /// Every top-level field of the client's request that Meridian does not
+    /// act on itself (`tools`, `tool_choice`, `response_format`, `top_p`,
+    /// `logprobs`, `user`, and fields not invented yet), passed to an
+    /// OpenAI-protocol upstream unchanged. Part of the cache key.
+    pub extra: Arc<Map<String, Value>>,
 }
 
 impl ChatRequest {
+    /// One user message to `model`, nothing else set.
+    #[cfg(test)]
+    pub(crate) fn asking(model: &str, content: &str) -> Self {
+        Self {
+            model: model.into(),
+            messages: vec![Message::text("user", content)],
+            max_tokens: None,
+            max_completion_tokens: false,
+            seed: None,
+            stop: vec![],
+            temperature: None,
+            extra: Arc::default(),
+        }
+    }
+
     /// Prompt tokens, estimated: each whitespace-separated word is one
     /// token, a long one (over 16 bytes) one more per 4 bytes beyond, as a
     /// BPE tokenizer splits what it has no word for; plus 4 per message.
@@ -79,10 +126,38 @@ fn word_tokens(word: &str) -> u64 {
 
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub(crate) enum Finish {
     Stop,
     Length,
+    ToolCalls,
+    ContentFilter,
+    /// The deprecated single-function form of `tool_calls`.
+    FunctionCall,
+}
+
+impl Finish {
+    /// OpenAI's `finish_reason`.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::ToolCalls => "tool_calls",
+            Self::ContentFilter => "content_filter",
+            Self::FunctionCall => "function_call",
+        }
+    }
+
+    /// Reads an OpenAI `finish_reason`; one not known here is a stop.
+    pub(crate) fn parse(reason: &str) -> Self {
+        match reason {
+            "length" => Self::Length,
+            "tool_calls" => Self::ToolCalls,
+            "content_filter" => Self::ContentFilter,
+            "function_call" => Self::FunctionCall,
+            _ => Self::Stop,
+        }
+    }
 }
 
 /// Token counts of one request.
@@ -92,11 +167,16 @@ pub(crate) struct Usage {
     pub completion_tokens: u32,
 }
 
-/// One piece of a streamed completion: text, or the end with its reason and usage.
+/// One piece of a streamed completion, or the end with its reason, usage
+/// and the answer's fields Meridian passes on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Chunk {
-    Delta(String),
-    Done { finish: Finish, usage: Usage },
+    Delta(Delta),
+    Done {
+        finish: Finish,
+        usage: Usage,
+        meta: Meta,
+    },
 }
 
 /// A streamed completion: chunks ending with [`Chunk::Done`], or an error
@@ -111,6 +191,7 @@ pub(crate) struct Completion {
     pub finish: Finish,
     pub usage: Usage,
     pub time_to_first_token: std::time::Duration,
+    pub extras: Extras,
 }
 
 /// What routes a request besides its body: the parts of a request that
@@ -370,20 +451,26 @@ fn cut_at(stream: ChunkStream, deadline: Instant) -> ChunkStream {
 async fn collect(stream: ChunkStream) -> Result<Completion, Error> {
     let started = Instant::now();
     let mut stream = stream;
-    let mut text = String::new();
+    let mut assembly = Assembly::default();
     let mut first = None;
     while let Some(chunk) = stream.try_next().await? {
         match chunk {
             Chunk::Delta(d) => {
                 first.get_or_insert_with(|| started.elapsed());
-                text.push_str(&d);
+                assembly.push(&d);
             }
-            Chunk::Done { finish, usage } => {
+            Chunk::Done {
+                finish,
+                usage,
+                meta,
+            } => {
+                let (text, extras) = assembly.finish(meta);
                 return Ok(Completion {
                     text,
                     finish,
                     usage,
                     time_to_first_token: first.unwrap_or_else(|| started.elapsed()),
+                    extras,
                 });
             }
         }

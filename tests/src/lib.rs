@@ -19,6 +19,7 @@ pub mod load;
 mod openai_upstream;
 mod pki;
 mod process;
+mod recording_upstream;
 pub mod replicated;
 mod sandbox;
 mod time_series;
@@ -32,6 +33,9 @@ pub use self::fault_proxy::{Direction, FaultProxy, Link, Links, ProxyStats};
 pub use self::openai_upstream::{OPENAI_UPSTREAM_MODEL, OpenAiUpstream};
 pub use self::pki::{TestPki, mesh_channel};
 pub use self::process::RegionProcess;
+pub use self::recording_upstream::{
+    RECORDED_ARGUMENTS, RecordingUpstream, UPSTREAM_FINGERPRINT, UPSTREAM_ONLY_FIELD,
+};
 pub use self::sandbox::{
     ClusterSandbox, RegionNode, RegionSandbox, TEST_MODEL, TEST_SLOW_MODEL, embedding_model_dir,
     gateway_config, region_location, start_gateway,

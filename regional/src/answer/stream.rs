@@ -8,7 +8,7 @@ use super::{Ask, Pipeline, Streamed, repeated_answer, store_turn};
 use crate::cache::{Answer, Outcome, Policy};
 use crate::conversation::{Begun, Turn};
 use crate::error::Error;
-use crate::inference::{ChatRequest, Chunk, ChunkStream};
+use crate::inference::{Assembly, ChatRequest, Chunk, ChunkStream};
 use crate::replication::Durability;
 
 impl Pipeline {
@@ -61,7 +61,7 @@ impl Pipeline {
             while let Some(chunk) = chunks.next().await {
                 match chunk {
                     Ok(Chunk::Delta(d)) => {
-                        text.push_str(&d);
+                        text.push_str(&d.content);
                         yield Ok(Chunk::Delta(d));
                     }
                     Ok(done @ Chunk::Done { .. }) => {
@@ -119,20 +119,24 @@ impl Pipeline {
             // would delay.
             let (cache, tasks) = (self.parts.cache.clone(), self.parts.tasks.clone());
             let mut pending = Some(looked.pending);
-            let mut text = String::new();
+            let mut assembly = Assembly::default();
             chunks
                 .inspect(move |chunk| match chunk {
-                    Ok(Chunk::Delta(d)) => text.push_str(d),
-                    Ok(Chunk::Done { finish, usage }) => {
+                    Ok(Chunk::Delta(d)) => assembly.push(d),
+                    Ok(Chunk::Done {
+                        finish,
+                        usage,
+                        meta,
+                    }) => {
                         let Some(pending) = pending.take() else {
                             return;
                         };
-                        let answer = Answer {
-                            text: std::mem::take(&mut text),
-                            finish: *finish,
-                            prompt_tokens: usage.prompt_tokens,
-                            completion_tokens: usage.completion_tokens,
-                        };
+                        let answer = Answer::assembled(
+                            std::mem::take(&mut assembly),
+                            *finish,
+                            *usage,
+                            meta.clone(),
+                        );
                         let cache = cache.clone();
                         tasks.spawn(async move {
                             cache.store_answer(pending, answer).await;

@@ -137,27 +137,44 @@ pub(super) fn chat_request(req: GenerateRequest) -> Result<ChatRequest, Error> {
             Some("max_tokens"),
         ));
     }
+    // The typed fields that have an OpenAI name go to the upstream under it.
+    let mut extra = serde_json::Map::new();
+    if let Some(top_p) = req.top_p {
+        extra.insert("top_p".into(), crate::inference::json_f32(top_p));
+    }
+    if !req.user.is_empty() {
+        extra.insert("user".into(), req.user.into());
+    }
     Ok(ChatRequest {
         model: req.model,
-        messages: req
-            .messages
-            .into_iter()
-            .map(|m| Message {
-                role: m.role,
-                content: m.content,
-            })
-            .collect(),
+        messages: req.messages.into_iter().map(message).collect(),
         max_tokens: req.max_tokens,
+        max_completion_tokens: false,
         seed: req.seed,
         stop: req.stop,
         temperature: req.temperature,
+        extra: std::sync::Arc::new(extra),
     })
+}
+
+/// A gRPC message; its `name`, when set, goes upstream as OpenAI's `name`.
+fn message(m: ChatMessage) -> Message {
+    if m.name.is_empty() {
+        return Message::text(m.role, m.content);
+    }
+    let raw = serde_json::json!({ "role": m.role, "content": m.content, "name": m.name });
+    Message {
+        raw: raw.as_object().cloned().map(std::sync::Arc::new),
+        ..Message::text(m.role, m.content)
+    }
 }
 
 fn finish(f: Finish) -> FinishReason {
     match f {
         Finish::Stop => FinishReason::Stop,
         Finish::Length => FinishReason::Length,
+        Finish::ToolCalls | Finish::FunctionCall => FinishReason::ToolCalls,
+        Finish::ContentFilter => FinishReason::ContentFilter,
     }
 }
 
@@ -260,13 +277,14 @@ impl Inference for InferenceApi {
             };
             index += 1;
             match chunk {
-                Chunk::Delta(text) => {
+                Chunk::Delta(piece) => {
                     ttft.get_or_insert_with(|| record.elapsed());
-                    out.delta = text;
+                    out.delta = piece.content;
                 }
                 Chunk::Done {
                     finish: f,
                     usage: u,
+                    ..
                 } => {
                     record.completed(u, ttft.unwrap_or_else(|| record.elapsed()), outcome.label());
                     settle.settle(u, outcome);

@@ -10,13 +10,14 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
+use serde_json::{Map, Value};
 
 use super::body::JsonBody;
 use super::charge::{self, Charge};
 use super::infer::{RequestFacts, durability_header, error_event, model_header};
 use super::openai::{
-    ChatCompletion, ChatCompletionBody, ChatCompletionChunk, Choice, ChunkChoice, Delta,
-    MessageOut, ModelEntry, ModelList, StreamOptions, UsageBody, finish_reason,
+    ChatCompletion, ChatCompletionBody, ChatCompletionChunk, ChunkChoice, Delta, ModelEntry,
+    ModelList, StreamOptions, UsageBody,
 };
 use super::{AppState, Tenant};
 use crate::answer::Streamed;
@@ -100,23 +101,16 @@ async fn chat(
     }
     let done = state.pipeline.answer(&mut req, ask).await?;
     let usage = done.answer.usage();
-    let body = ChatCompletion {
-        id: &id,
-        object: "chat.completion",
+    let answer = &done.answer;
+    let body = ChatCompletion::new(
+        &id,
         created,
-        model: &req.model,
-        choices: [Choice {
-            index: 0,
-            message: MessageOut {
-                role: "assistant",
-                content: &done.answer.text,
-                refusal: None,
-            },
-            finish_reason: finish_reason(done.answer.finish),
-            logprobs: None,
-        }],
-        usage: usage.into(),
-    };
+        &req.model,
+        &answer.text,
+        answer.finish,
+        usage,
+        &answer.extras,
+    );
     let total = charge::used(usage, done.outcome);
     Ok((
         model_header(&req.model),
@@ -148,7 +142,9 @@ fn sse(
         permit,
         ..
     } = streamed;
-    let event = move |choices: Vec<ChunkChoice<'_>>, usage: Option<UsageBody>| {
+    let event = move |choices: Vec<ChunkChoice<'_>>,
+                      usage: Option<UsageBody>,
+                      fields: &Map<String, Value>| {
         let chunk = ChatCompletionChunk {
             id: &id,
             object: "chat.completion.chunk",
@@ -156,20 +152,24 @@ fn sse(
             model: &model,
             choices,
             usage,
+            fields,
         };
         Event::default().json_data(chunk).expect("chunks serialize")
     };
+    let no_fields = Map::new();
     let first = event(
         vec![ChunkChoice {
             index: 0,
             delta: Delta {
                 role: Some("assistant"),
                 content: Some(""),
+                ..Delta::default()
             },
             finish_reason: None,
             logprobs: None,
         }],
         None,
+        &no_fields,
     );
     let body = async_stream::stream! {
         // Admitted for as long as the stream runs.
@@ -185,26 +185,26 @@ fn sse(
                     yield Ok(error_event(&e));
                     return;
                 }
-                Ok(Chunk::Delta(text)) => {
+                Ok(Chunk::Delta(piece)) => {
                     ttft.get_or_insert_with(|| record.elapsed());
                     yield Ok(event(vec![ChunkChoice {
                         index: 0,
-                        delta: Delta { role: None, content: Some(&text) },
+                        delta: Delta::of(&piece),
                         finish_reason: None,
-                        logprobs: None,
-                    }], None));
+                        logprobs: piece.logprobs.as_ref(),
+                    }], None, &no_fields));
                 }
-                Ok(Chunk::Done { finish, usage }) => {
+                Ok(Chunk::Done { finish, usage, meta }) => {
                     record.completed(usage, ttft.unwrap_or_else(|| record.elapsed()), outcome.label());
                     charge.settle(usage, outcome);
                     yield Ok(event(vec![ChunkChoice {
                         index: 0,
-                        delta: Delta { role: None, content: None },
-                        finish_reason: Some(finish_reason(finish)),
+                        delta: Delta::default(),
+                        finish_reason: Some(finish.as_str()),
                         logprobs: None,
-                    }], None));
+                    }], None, &meta.fields));
                     if include_usage {
-                        yield Ok(event(vec![], Some(usage.into())));
+                        yield Ok(event(vec![], Some(UsageBody::with_details(usage, &meta)), &meta.fields));
                     }
                 }
             }

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use super::body::JsonBody;
 use super::charge::{self, Charge};
-use super::openai::{UsageBody, finish_reason, max_tokens};
+use super::openai::{UsageBody, max_tokens};
 use super::{AppState, Tenant};
 use crate::answer::{Ask, TurnOptions};
 use crate::cache::{Directives, RESULT_HEADER};
@@ -220,11 +220,9 @@ async fn completions(
     }
     let mut req = ChatRequest {
         model: body.model,
-        messages: vec![Message {
-            role: "user".into(),
-            content: prompt,
-        }],
+        messages: vec![Message::text("user", prompt)],
         max_tokens: max_tokens(body.max_tokens)?,
+        max_completion_tokens: false,
         seed: body.seed.map(super::openai::seed_bits),
         stop: match body.stop {
             None => vec![],
@@ -232,6 +230,9 @@ async fn completions(
             Some(Stop::Many(v)) => v,
         },
         temperature: body.temperature,
+        // The legacy API's other fields (`echo`, `best_of`, `suffix`) mean
+        // nothing to the chat upstreams that serve it.
+        extra: Default::default(),
     };
     let ask = facts.ask(&state, &tenant, false, None)?;
     let id = format!("cmpl-{}", uuid::Uuid::now_v7().simple());
@@ -250,7 +251,7 @@ async fn completions(
         let done = state.pipeline.answer(&mut req, ask).await?;
         let body = object(
             &done.answer.text,
-            Some(finish_reason(done.answer.finish)),
+            Some(done.answer.finish.as_str()),
             Some(done.answer.usage().into()),
         );
         let total = charge::used(done.answer.usage(), done.outcome);
@@ -286,15 +287,15 @@ async fn completions(
                     yield error_event(&e);
                     return;
                 }
-                Ok(Chunk::Delta(text)) => {
+                Ok(Chunk::Delta(piece)) => {
                     ttft.get_or_insert_with(|| record.elapsed());
-                    yield Event::default().data(object(&text, None, None).to_string());
+                    yield Event::default().data(object(&piece.content, None, None).to_string());
                 }
-                Ok(Chunk::Done { finish, usage }) => {
+                Ok(Chunk::Done { finish, usage, .. }) => {
                     record.completed(usage, ttft.unwrap_or_else(|| record.elapsed()), outcome.label());
                     settle.settle(usage, outcome);
                     let usage = include_usage.then(|| usage.into());
-                    yield Event::default().data(object("", Some(finish_reason(finish)), usage).to_string());
+                    yield Event::default().data(object("", Some(finish.as_str()), usage).to_string());
                 }
             }
         }

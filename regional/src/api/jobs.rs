@@ -19,9 +19,10 @@ use serde::{Deserialize, Serialize};
 
 use super::body::JsonBody;
 use super::charge::Charge;
-use super::openai::{ChatCompletion, ChatCompletionBody, Choice, MessageOut, UsageBody};
+use super::openai::{ChatCompletion, ChatCompletionBody};
 use super::{AppState, Tenant};
 use crate::error::Error;
+use crate::inference::{Finish, Usage};
 use crate::queue::{Job, JobError, JobRequest, Priority, Submission};
 use crate::replication::{DURABILITY_HEADER, Durability};
 use crate::slow_reader::cut_after;
@@ -52,7 +53,10 @@ fn submission(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<(Submission, Charge), Error> {
-    let chat = ChatCompletionBody::parse(body)?;
+    let mut chat = ChatCompletionBody::parse(body)?;
+    // The job's own fields, read below: not for the model.
+    chat.take_field("priority");
+    chat.take_field("idempotency_key");
     if chat.stream() {
         return Err(Error::invalid(
             "`stream` is not supported for jobs: follow /v1/jobs/{id}/events instead",
@@ -207,30 +211,19 @@ struct JobBody<'a> {
 
 impl<'a> JobBody<'a> {
     fn new(job: &'a Job, region: &'a str) -> Self {
-        let result = job.result.as_ref().map(|r| ChatCompletion {
-            id: &r.completion_id,
-            object: "chat.completion",
-            created: r.created,
-            model: &job.request.model,
-            choices: [Choice {
-                index: 0,
-                message: MessageOut {
-                    role: "assistant",
-                    content: &r.text,
-                    refusal: None,
+        let result = job.result.as_ref().map(|r| {
+            ChatCompletion::new(
+                &r.completion_id,
+                r.created,
+                &job.request.model,
+                &r.text,
+                Finish::parse(&r.finish),
+                Usage {
+                    prompt_tokens: r.prompt_tokens,
+                    completion_tokens: r.completion_tokens,
                 },
-                finish_reason: if r.finish == "length" {
-                    "length"
-                } else {
-                    "stop"
-                },
-                logprobs: None,
-            }],
-            usage: UsageBody {
-                prompt_tokens: r.prompt_tokens,
-                completion_tokens: r.completion_tokens,
-                total_tokens: r.prompt_tokens + r.completion_tokens,
-            },
+                &r.extras,
+            )
         });
         Self {
             id: job.id.to_string(),

@@ -1,15 +1,24 @@
-//! OpenAI wire types for `/v1/chat/completions` and `/v1/models`. Requests
-//! accept and ignore fields Meridian does not use, as OpenAI's SDKs send many.
+//! OpenAI wire types for `/v1/chat/completions` and `/v1/models`. A request
+//! field Meridian does not act on is kept as sent and passed to the model's
+//! upstream (`ChatRequest::extra`); an answer's fields Meridian does not set
+//! come back to the client the same way.
+
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 use crate::error::Error;
-use crate::inference::{ChatRequest, Finish, Message, Usage};
+use crate::inference::{
+    ChatRequest, Extras, Finish, Message, Meta, ToolCall, ToolCallDelta, Usage,
+};
 
 #[derive(Debug, Deserialize)]
 pub(super) struct ChatCompletionBody {
     model: String,
-    messages: Vec<MessageBody>,
+    /// Read one by one ([`message`]), so each keeps what it carries beyond
+    /// a role and a text.
+    messages: Vec<Value>,
     // Signed, so a negative value gets an error naming the field rather
     // than a serde message about u32.
     #[serde(default, deserialize_with = "integer")]
@@ -30,14 +39,14 @@ pub(super) struct ChatCompletionBody {
     n: Option<u32>,
     #[serde(default)]
     temperature: Option<f32>,
-    /// Only its presence matters: an alias routes requests with tools to
-    /// its large model.
-    #[serde(default)]
-    tools: Option<serde_json::Value>,
     /// Meridian's own field (OpenAI's SDKs send it through `extra_body`):
     /// the conversation this request continues, as `x-meridian-conversation`.
+    /// Not passed on.
     #[serde(default)]
     pub conversation_id: Option<String>,
+    /// Every other field, for the upstream.
+    #[serde(flatten)]
+    extra: Map<String, Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -82,28 +91,6 @@ enum Stop {
     Many(Vec<String>),
 }
 
-#[derive(Debug, Deserialize)]
-struct MessageBody {
-    role: String,
-    #[serde(default)]
-    content: Option<Content>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<Part>),
-}
-
-#[derive(Debug, Deserialize)]
-struct Part {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    text: Option<String>,
-}
-
 /// `function` is the deprecated name of `tool`, still in OpenAI's
 /// description and still sent by older clients.
 const ROLES: &[&str] = &[
@@ -127,11 +114,20 @@ impl ChatCompletionBody {
         self.stream.unwrap_or(false)
     }
 
-    /// Whether the request offers the model tools.
+    /// Whether the request offers the model tools (or, in the deprecated
+    /// form, functions).
     pub(super) fn has_tools(&self) -> bool {
-        self.tools
-            .as_ref()
-            .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
+        ["tools", "functions"].iter().any(|k| {
+            self.extra
+                .get(*k)
+                .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
+        })
+    }
+
+    /// Removes a field that belongs to the route (a job's `priority`), so
+    /// it is not passed to the model.
+    pub(super) fn take_field(&mut self, name: &str) -> Option<Value> {
+        self.extra.remove(name)
     }
 
     /// Checks the request and turns it into the inference request.
@@ -159,37 +155,13 @@ impl ChatCompletionBody {
             .messages
             .into_iter()
             .enumerate()
-            .map(|(i, m)| {
-                if !ROLES.contains(&m.role.as_str()) {
-                    return Err(Error::invalid(
-                        format!(
-                            "`messages[{i}].role` must be one of {}, got {:?}",
-                            ROLES.join(", "),
-                            m.role
-                        ),
-                        Some("messages"),
-                    ));
-                }
-                let content = match m.content {
-                    None => String::new(),
-                    Some(Content::Text(t)) => t,
-                    Some(Content::Parts(parts)) => parts
-                        .into_iter()
-                        .filter(|p| p.kind == "text")
-                        .filter_map(|p| p.text)
-                        .collect::<Vec<_>>()
-                        .join("\n"),
-                };
-                Ok(Message {
-                    role: m.role,
-                    content,
-                })
-            })
+            .map(|(i, m)| message(i, m))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(ChatRequest {
             model: self.model,
             messages,
             max_tokens,
+            max_completion_tokens: self.max_completion_tokens.is_some(),
             seed: self.seed.map(seed_bits),
             stop: match self.stop {
                 None => vec![],
@@ -197,8 +169,65 @@ impl ChatCompletionBody {
                 Some(Stop::Many(v)) => v,
             },
             temperature: self.temperature,
+            extra: Arc::new(self.extra),
         })
     }
+}
+
+/// Reads `messages[i]`: its role checked, its text gathered from the text
+/// parts, and the whole object kept when it carries more than a role and a
+/// string (parts, tool calls, a tool call id, a name).
+fn message(i: usize, value: Value) -> Result<Message, Error> {
+    let invalid = |what: String| Error::invalid(what, Some("messages"));
+    let Value::Object(map) = value else {
+        return Err(invalid(format!("`messages[{i}]` must be an object")));
+    };
+    let role = match map.get("role") {
+        Some(Value::String(r)) if ROLES.contains(&r.as_str()) => r.clone(),
+        other => {
+            return Err(invalid(format!(
+                "`messages[{i}].role` must be one of {}, got {}",
+                ROLES.join(", "),
+                other.map_or("nothing".to_string(), Value::to_string)
+            )));
+        }
+    };
+    let (content, plain) = match map.get("content") {
+        None | Some(Value::Null) => (String::new(), true),
+        Some(Value::String(t)) => (t.clone(), true),
+        Some(Value::Array(parts)) => {
+            let mut texts = Vec::new();
+            for (j, part) in parts.iter().enumerate() {
+                match (part["type"].as_str(), &part["text"]) {
+                    (Some("text"), Value::String(t)) => texts.push(t.as_str()),
+                    (Some("text"), _) => {
+                        return Err(invalid(format!(
+                            "`messages[{i}].content[{j}].text` must be a string"
+                        )));
+                    }
+                    (Some(_), _) => {}
+                    (None, _) => {
+                        return Err(invalid(format!(
+                            "`messages[{i}].content[{j}].type` must be a string naming the part \
+                             (text, image_url, input_audio, file, ...)"
+                        )));
+                    }
+                }
+            }
+            (texts.join("\n"), false)
+        }
+        Some(_) => {
+            return Err(invalid(format!(
+                "`messages[{i}].content` must be a string or an array of content parts"
+            )));
+        }
+    };
+    let plain = plain && map.keys().all(|k| k == "role" || k == "content");
+    Ok(Message {
+        role,
+        content,
+        raw: (!plain).then(|| Arc::new(map)),
+    })
 }
 
 /// A client's seed as the backends take it: the same bits, so each of the
@@ -232,6 +261,45 @@ pub(super) struct ChatCompletion<'a> {
     pub model: &'a str,
     pub choices: [Choice<'a>; 1],
     pub usage: UsageBody,
+    /// The upstream's own top-level fields (`system_fingerprint`, ...).
+    #[serde(flatten)]
+    pub fields: &'a Map<String, Value>,
+}
+
+impl<'a> ChatCompletion<'a> {
+    /// A `chat.completion` of one choice.
+    pub(super) fn new(
+        id: &'a str,
+        created: i64,
+        model: &'a str,
+        text: &'a str,
+        finish: Finish,
+        usage: Usage,
+        extras: &'a Extras,
+    ) -> Self {
+        // OpenAI sends `content: null` when the model only called tools or
+        // refused, and SDKs test it for null.
+        let silent = text.is_empty() && (!extras.tool_calls.is_empty() || extras.refusal.is_some());
+        Self {
+            id,
+            object: "chat.completion",
+            created,
+            model,
+            choices: [Choice {
+                index: 0,
+                message: MessageOut {
+                    role: "assistant",
+                    content: (!silent).then_some(text),
+                    refusal: extras.refusal.as_deref(),
+                    tool_calls: &extras.tool_calls,
+                },
+                finish_reason: finish.as_str(),
+                logprobs: extras.logprobs.as_ref(),
+            }],
+            usage: UsageBody::with_details(usage, &extras.meta),
+            fields: &extras.meta.fields,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -242,16 +310,18 @@ pub(super) struct Choice<'a> {
     /// Always present, `null` when not asked for: OpenAI's description
     /// requires the key, and typed clients generated from it reject an
     /// answer without it.
-    pub logprobs: Option<serde_json::Value>,
+    pub logprobs: Option<&'a Value>,
 }
 
 #[derive(Debug, Serialize)]
 pub(super) struct MessageOut<'a> {
     pub role: &'static str,
-    pub content: &'a str,
+    pub content: Option<&'a str>,
     /// Required by the description like `logprobs`; `null` unless a model
     /// refused.
     pub refusal: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub tool_calls: &'a [ToolCall],
 }
 
 #[derive(Debug, Serialize)]
@@ -263,6 +333,10 @@ pub(super) struct ChatCompletionChunk<'a> {
     pub choices: Vec<ChunkChoice<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageBody>,
+    /// The upstream's own top-level fields, once known (they arrive with
+    /// the end of the answer).
+    #[serde(flatten)]
+    pub fields: &'a Map<String, Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -270,16 +344,33 @@ pub(super) struct ChunkChoice<'a> {
     pub index: u32,
     pub delta: Delta<'a>,
     pub finish_reason: Option<&'static str>,
-    /// `null`, as OpenAI sends it in every chunk.
-    pub logprobs: Option<serde_json::Value>,
+    /// `null` unless asked for, as OpenAI sends it in every chunk.
+    pub logprobs: Option<&'a Value>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub(super) struct Delta<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub tool_calls: &'a [ToolCallDelta],
+}
+
+impl<'a> Delta<'a> {
+    /// The wire delta of one piece of an answer.
+    pub(super) fn of(d: &'a crate::inference::Delta) -> Self {
+        Self {
+            role: None,
+            content: (!d.content.is_empty() || (d.tool_calls.is_empty() && d.refusal.is_none()))
+                .then_some(d.content.as_str()),
+            refusal: d.refusal.as_deref(),
+            tool_calls: &d.tool_calls,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -287,6 +378,10 @@ pub(super) struct UsageBody {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+    /// `prompt_tokens_details`, `completion_tokens_details`, as the
+    /// upstream reported them.
+    #[serde(flatten)]
+    pub details: Map<String, Value>,
 }
 
 impl From<Usage> for UsageBody {
@@ -295,14 +390,17 @@ impl From<Usage> for UsageBody {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
             total_tokens: u.prompt_tokens + u.completion_tokens,
+            details: Map::new(),
         }
     }
 }
 
-pub(super) fn finish_reason(f: Finish) -> &'static str {
-    match f {
-        Finish::Stop => "stop",
-        Finish::Length => "length",
+impl UsageBody {
+    pub(super) fn with_details(u: Usage, meta: &Meta) -> Self {
+        Self {
+            details: meta.usage.clone(),
+            ..u.into()
+        }
     }
 }
 

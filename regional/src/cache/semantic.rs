@@ -217,6 +217,7 @@ mod tests {
             finish: Finish::Stop,
             prompt_tokens: 1,
             completion_tokens: 1,
+            extras: Default::default(),
         })
     }
 

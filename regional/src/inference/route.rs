@@ -194,7 +194,6 @@ impl Table {
 mod tests {
     use super::*;
     use crate::config::{BackendConfig, SimConfig};
-    use crate::inference::Message;
     use crate::inference::metrics::Metrics;
 
     fn table(aliases: &str) -> Table {
@@ -223,15 +222,8 @@ mod tests {
 
     fn req(model: &str, words: usize, seed: Option<u64>) -> ChatRequest {
         ChatRequest {
-            model: model.into(),
-            messages: vec![Message {
-                role: "user".into(),
-                content: "word ".repeat(words),
-            }],
-            max_tokens: None,
             seed,
-            stop: vec![],
-            temperature: None,
+            ..ChatRequest::asking(model, &"word ".repeat(words))
         }
     }
 

@@ -9,6 +9,7 @@
 
 mod cache;
 mod server;
+mod tools;
 
 pub use self::server::{serve_sim, serve_sim_traced};
 
@@ -26,7 +27,10 @@ use tokio::sync::Semaphore;
 
 use self::cache::PrefixCache;
 use super::metrics::SimMetrics;
-use super::{ChatRequest, Chunk, Completion, Finish, Usage};
+use super::{
+    ChatRequest, Chunk, Completion, Delta, Finish, FunctionDelta, Meta, ToolCall, ToolCallDelta,
+    Usage,
+};
 use crate::config::SimConfig;
 use crate::error::Error;
 
@@ -113,27 +117,13 @@ impl SimBackend {
                 "simulated backend failure (fail_rate)".into(),
             ));
         }
-        let started = Instant::now();
-        let mut stream = plan(&self.config, req).run(self.engine.clone());
-        let mut text = String::new();
-        let mut first = None;
-        while let Some(chunk) = stream.next().await {
-            match chunk {
-                Chunk::Delta(d) => {
-                    first.get_or_insert_with(|| started.elapsed());
-                    text.push_str(&d);
-                }
-                Chunk::Done { finish, usage } => {
-                    return Ok(Completion {
-                        text,
-                        finish,
-                        usage,
-                        time_to_first_token: first.unwrap_or_else(|| started.elapsed()),
-                    });
-                }
-            }
-        }
-        Err(Error::Unavailable("simulated backend stopped early".into()))
+        super::collect(
+            plan(&self.config, req)
+                .run(self.engine.clone())
+                .map(Ok)
+                .boxed(),
+        )
+        .await
     }
 
     pub(crate) fn stream(&self, req: ChatRequest) -> BoxStream<'static, Chunk> {
@@ -144,7 +134,8 @@ impl SimBackend {
 /// Everything about one generation decided up front, so the output depends
 /// only on the request, never on timing.
 struct Plan {
-    tokens: Vec<&'static str>,
+    /// The answer, one piece per output token.
+    pieces: Vec<Delta>,
     finish: Finish,
     usage: Usage,
     /// Prefill time per prompt token not in the prefix cache.
@@ -191,17 +182,56 @@ fn plan(config: &SimConfig, req: &ChatRequest) -> Plan {
     }
     let mut rng = StdRng::seed_from_u64(hash.finish());
     let max = req.max_tokens.unwrap_or(config.default_max_tokens).max(1);
+    let (mut pieces, finish) = match tools::shape(req) {
+        tools::Shape::Text => text(req, max, &mut rng),
+        tools::Shape::Calls(offered) => {
+            let calls = tools::calls(&offered, &mut rng);
+            (call_pieces(&calls), Finish::ToolCalls)
+        }
+        tools::Shape::Json(schema) => {
+            let document = tools::document(schema.unwrap_or(&serde_json::Value::Null), &mut rng);
+            (
+                fragments(&document).map(Delta::text).collect(),
+                Finish::Stop,
+            )
+        }
+    };
+    // Calls and documents are cut by `max_tokens` like text.
+    let finish = if pieces.len() > max as usize {
+        pieces.truncate(max as usize);
+        Finish::Length
+    } else {
+        finish
+    };
+    let prompt = req.prompt_tokens();
+    Plan {
+        usage: Usage {
+            prompt_tokens: prompt,
+            completion_tokens: pieces.len() as u32,
+        },
+        pieces,
+        finish,
+        prefill_per_token: Duration::from_micros(config.prefill_us_per_token),
+        blocks: prefix_blocks(req, config.prefix_block_tokens),
+        block_tokens: config.prefix_block_tokens,
+        ttft: Duration::from_millis(config.ttft_ms),
+        per_token: Duration::from_millis(config.per_token_ms),
+    }
+}
+
+/// Words drawn until the natural length, `max` or a stop sequence.
+fn text(req: &ChatRequest, max: u32, rng: &mut StdRng) -> (Vec<Delta>, Finish) {
     let natural = rng.random_range(max.min(8)..=max);
     // Routing bounds `max_tokens` by the context window, but the capacity
     // asked of the allocator never comes from a client's number alone.
-    let mut tokens = Vec::with_capacity(natural.min(4_096) as usize);
+    let mut pieces = Vec::with_capacity(natural.min(4_096) as usize);
     let mut finish = if natural == max {
         Finish::Length
     } else {
         Finish::Stop
     };
     let mut text_so_far = String::new();
-    for _ in 0..natural {
+    for i in 0..natural {
         let word = VOCABULARY[rng.random_range(0..VOCABULARY.len())];
         text_so_far.push(' ');
         text_so_far.push_str(word);
@@ -213,22 +243,53 @@ fn plan(config: &SimConfig, req: &ChatRequest) -> Plan {
             finish = Finish::Stop;
             break;
         }
-        tokens.push(word);
+        pieces.push(Delta::text(if i == 0 {
+            word.to_string()
+        } else {
+            format!(" {word}")
+        }));
     }
-    let prompt = req.prompt_tokens();
-    Plan {
-        usage: Usage {
-            prompt_tokens: prompt,
-            completion_tokens: tokens.len() as u32,
-        },
-        tokens,
-        finish,
-        prefill_per_token: Duration::from_micros(config.prefill_us_per_token),
-        blocks: prefix_blocks(req, config.prefix_block_tokens),
-        block_tokens: config.prefix_block_tokens,
-        ttft: Duration::from_millis(config.ttft_ms),
-        per_token: Duration::from_millis(config.per_token_ms),
+    (pieces, finish)
+}
+
+/// Tool calls as a stream sends them: per call, its id, type and name,
+/// then its arguments in fragments, all under the call's index.
+fn call_pieces(calls: &[ToolCall]) -> Vec<Delta> {
+    let mut pieces = Vec::new();
+    for (i, call) in calls.iter().enumerate() {
+        let fragment = |id: Option<&str>, name: Option<&str>, arguments: &str| Delta {
+            tool_calls: vec![ToolCallDelta {
+                index: i as u32,
+                id: id.map(str::to_string),
+                kind: id.map(|_| "function".to_string()),
+                function: Some(FunctionDelta {
+                    name: name.map(str::to_string),
+                    arguments: Some(arguments.to_string()),
+                }),
+            }],
+            ..Delta::default()
+        };
+        pieces.push(fragment(Some(&call.id), Some(&call.function.name), ""));
+        pieces.extend(fragments(&call.function.arguments).map(|a| fragment(None, None, a)));
     }
+    pieces
+}
+
+/// `text` in pieces of about a token (8 bytes, cut at character bounds).
+fn fragments(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut end = rest.len().min(8);
+        while !rest.is_char_boundary(end) {
+            end += 1;
+        }
+        let (piece, tail) = rest.split_at(end);
+        rest = tail;
+        Some(piece)
+    })
 }
 
 impl Plan {
@@ -252,14 +313,13 @@ impl Plan {
             let uncached = self.usage.prompt_tokens.saturating_sub(cached);
             sleep(self.prefill_per_token * uncached + self.ttft).await;
             metrics.ttft.observe(arrived.elapsed().as_secs_f64());
-            for (i, word) in self.tokens.iter().enumerate() {
+            for (i, piece) in self.pieces.into_iter().enumerate() {
                 if i > 0 {
                     sleep(self.per_token).await;
                 }
-                let piece = if i == 0 { (*word).to_string() } else { format!(" {word}") };
                 yield Chunk::Delta(piece);
             }
-            yield Chunk::Done { finish: self.finish, usage: self.usage };
+            yield Chunk::Done { finish: self.finish, usage: self.usage, meta: Meta::default() };
         }
         .boxed()
     }

@@ -40,15 +40,9 @@ fn slow_model() -> Routed {
 
 fn request() -> ChatRequest {
     ChatRequest {
-        model: "slow".into(),
-        messages: vec![Message {
-            role: "user".into(),
-            content: "tell me a long story".into(),
-        }],
         max_tokens: Some(50),
         seed: Some(1),
-        stop: vec![],
-        temperature: None,
+        ..ChatRequest::asking("slow", "tell me a long story")
     }
 }
 

@@ -18,7 +18,7 @@ use tracing::Instrument;
 
 use super::Workers;
 use crate::error::Error;
-use crate::inference::{Completion, Finish};
+use crate::inference::Completion;
 use crate::store::Store;
 
 /// How long an idle dispatcher waits before looking at Redis again when no
@@ -504,14 +504,11 @@ fn result(done: Completion, latency: Duration) -> JobResult {
         completion_id: format!("chatcmpl-{}", Uuid::now_v7().simple()),
         created: chrono::Utc::now().timestamp(),
         text: done.text,
-        finish: match done.finish {
-            Finish::Stop => "stop",
-            Finish::Length => "length",
-        }
-        .into(),
+        finish: done.finish.as_str().into(),
         prompt_tokens: done.usage.prompt_tokens,
         completion_tokens: done.usage.completion_tokens,
         time_to_first_token_ms: ms(done.time_to_first_token),
         latency_ms: ms(latency),
+        extras: done.extras,
     }
 }

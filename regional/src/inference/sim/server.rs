@@ -15,14 +15,13 @@ use axum::routing::{get, post};
 use futures::StreamExt;
 use meridian_mesh::Tracer;
 use meridian_mesh::trace::{self, FutureExt, KeyValue, TraceContextExt};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use super::SimBackend;
 use crate::config::SimConfig;
 use crate::inference::metrics::Metrics;
-use crate::inference::{ChatRequest, Chunk, Finish, Message};
+use crate::inference::{Chunk, ToolCall};
 
 /// The model name `/v1/models` lists; requests may name any model.
 const MODEL: &str = "sim";
@@ -89,92 +88,25 @@ async fn request_span(
     res
 }
 
-#[derive(Deserialize)]
-struct Body {
-    model: String,
-    messages: Vec<MessageBody>,
-    #[serde(default)]
-    max_tokens: Option<u32>,
-    #[serde(default)]
-    max_completion_tokens: Option<u32>,
-    #[serde(default)]
-    seed: Option<u64>,
-    #[serde(default)]
-    stop: Option<Value>,
-    #[serde(default)]
-    stream: bool,
-    #[serde(default)]
-    stream_options: Option<StreamOptions>,
-    #[serde(default)]
-    temperature: Option<f32>,
-}
-
-#[derive(Deserialize)]
-struct MessageBody {
-    role: String,
-    #[serde(default)]
-    content: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
-}
-
 fn error(status: StatusCode, message: String) -> Response {
     let body = json!({ "error": { "message": message, "type": "invalid_request_error",
         "param": null, "code": null } });
     (status, axum::Json(body)).into_response()
 }
 
-fn finish_reason(f: Finish) -> &'static str {
-    match f {
-        Finish::Stop => "stop",
-        Finish::Length => "length",
-    }
-}
-
 async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
-    let body: Body = match serde_json::from_slice(&body) {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid body: {e}")),
-    };
-    if body.messages.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "`messages` is empty".into());
-    }
-    let stop = match body.stop {
-        Some(Value::String(s)) => vec![s],
-        Some(Value::Array(a)) => a
-            .into_iter()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect(),
-        _ => vec![],
-    };
-    let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
-    let req = ChatRequest {
-        model: body.model,
-        messages: body
-            .messages
-            .into_iter()
-            .map(|m| Message {
-                role: m.role,
-                content: m.content.unwrap_or_default(),
-            })
-            .collect(),
-        max_tokens: body.max_completion_tokens.or(body.max_tokens),
-        seed: body.seed,
-        stop,
-        temperature: body.temperature,
+    let (req, stream, include_usage) = match crate::api::read_chat_body(&body) {
+        Ok(read) => read,
+        Err(e) => return e.into_response(),
     };
     let id = format!("chatcmpl-sim-{}", uuid::Uuid::now_v7().simple());
     let created = chrono::Utc::now().timestamp();
-    if !body.stream {
+    if !stream {
         return match sim.backend.complete(&req).await {
             Ok(done) => axum::Json(json!({
                 "id": id, "object": "chat.completion", "created": created, "model": req.model,
-                "choices": [{ "index": 0, "finish_reason": finish_reason(done.finish),
-                    "message": { "role": "assistant", "content": done.text } }],
+                "choices": [{ "index": 0, "finish_reason": done.finish.as_str(),
+                    "message": message(&done.text, &done.extras.tool_calls) }],
                 "usage": usage(done.usage),
             }))
             .into_response(),
@@ -192,9 +124,12 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
         let mut chunks = chunks;
         while let Some(c) = chunks.next().await {
             match c {
-                Chunk::Delta(text) => yield chunk(json!({ "content": text }), None),
-                Chunk::Done { finish, usage: u } => {
-                    yield chunk(json!({}), Some(finish_reason(finish)));
+                Chunk::Delta(piece) if piece.tool_calls.is_empty() => {
+                    yield chunk(json!({ "content": piece.content }), None);
+                }
+                Chunk::Delta(piece) => yield chunk(json!({ "tool_calls": piece.tool_calls }), None),
+                Chunk::Done { finish, usage: u, .. } => {
+                    yield chunk(json!({}), Some(finish.as_str()));
                     if include_usage {
                         let mut last = chunk(json!({}), None);
                         last["choices"] = json!([]);
@@ -211,6 +146,16 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
             Ok(Event::default().data("[DONE]"))
         }));
     Sse::new(events).into_response()
+}
+
+/// The answer's message: `content` null when the model only called tools,
+/// as OpenAI sends it.
+fn message(text: &str, calls: &[ToolCall]) -> Value {
+    if calls.is_empty() {
+        json!({ "role": "assistant", "content": text })
+    } else {
+        json!({ "role": "assistant", "content": null, "tool_calls": calls })
+    }
 }
 
 fn usage(u: crate::inference::Usage) -> Value {

@@ -1,5 +1,4 @@
 use super::*;
-use crate::inference::Message;
 use crate::inference::metrics::Metrics;
 
 fn sim(config: SimConfig) -> SimBackend {
@@ -19,15 +18,9 @@ fn fast() -> SimConfig {
 
 fn request(content: &str, seed: Option<u64>, max_tokens: Option<u32>) -> ChatRequest {
     ChatRequest {
-        model: "sim".into(),
-        messages: vec![Message {
-            role: "user".into(),
-            content: content.into(),
-        }],
         max_tokens,
         seed,
-        stop: vec![],
-        temperature: None,
+        ..ChatRequest::asking("sim", content)
     }
 }
 
@@ -82,7 +75,7 @@ async fn stream_concatenates_to_the_completion() {
     let text: String = chunks
         .iter()
         .filter_map(|c| match c {
-            Chunk::Delta(d) => Some(d.as_str()),
+            Chunk::Delta(d) => Some(d.content.as_str()),
             Chunk::Done { .. } => None,
         })
         .collect();
@@ -188,5 +181,170 @@ async fn prefix_cache_hits_skip_prefill() {
     assert!(
         text.contains("meridian_sim_prefix_cache_hits_total{model=\"sim\"} 64"),
         "{text}"
+    );
+}
+
+fn with(extra: serde_json::Value, messages: &[(&str, &str)]) -> ChatRequest {
+    let serde_json::Value::Object(extra) = extra else {
+        unreachable!("extra is an object")
+    };
+    ChatRequest {
+        seed: Some(7),
+        max_tokens: Some(512),
+        messages: messages
+            .iter()
+            .map(|(r, c)| crate::inference::Message::text(*r, *c))
+            .collect(),
+        extra: Arc::new(extra),
+        ..ChatRequest::asking("sim", "")
+    }
+}
+
+/// Schemas as agents and structured-output clients send them: nested
+/// objects, enums, bounds, arrays, nullable fields, `$defs` references.
+fn schemas() -> Vec<serde_json::Value> {
+    use serde_json::json;
+    vec![
+        json!({"type": "object", "properties": {"city": {"type": "string"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"], "additionalProperties": false}),
+        json!({"type": "object", "properties": {
+            "count": {"type": "integer", "minimum": 3, "maximum": 5},
+            "ratio": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 2},
+            "tags": {"type": "array", "items": {"type": "string", "minLength": 4}, "minItems": 2, "maxItems": 4},
+            "when": {"type": "string", "format": "date-time"},
+            "note": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "flag": {"type": ["boolean", "null"]},
+            "kind": {"const": "report"}},
+            "required": ["count", "ratio", "tags", "when", "note", "flag", "kind"]}),
+        json!({"type": "object", "$defs": {"step": {"type": "object",
+            "properties": {"explanation": {"type": "string"}, "output": {"type": "string"}},
+            "required": ["explanation", "output"], "additionalProperties": false}},
+            "properties": {"steps": {"type": "array", "items": {"$ref": "#/$defs/step"}},
+                "final_answer": {"type": "string"}},
+            "required": ["steps", "final_answer"], "additionalProperties": false}),
+    ]
+}
+
+#[tokio::test]
+async fn offered_tools_are_called_with_arguments_valid_against_their_schemas() {
+    use serde_json::json;
+    let sim = sim(fast());
+    let tools: Vec<_> = schemas()
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| json!({"type": "function", "function": {"name": format!("tool_{i}"), "parameters": s}}))
+        .collect();
+    let asked = [("user", "plan my trip")];
+    let done = sim
+        .complete(&with(json!({"tools": tools}), &asked))
+        .await
+        .unwrap();
+    assert_eq!(done.finish, Finish::ToolCalls);
+    assert_eq!(done.extras.tool_calls.len(), 3, "parallel calls by default");
+    for (call, schema) in done.extras.tool_calls.iter().zip(schemas()) {
+        assert!(call.id.starts_with("call_"));
+        let args: serde_json::Value = serde_json::from_str(&call.function.arguments).unwrap();
+        assert!(
+            jsonschema::is_valid(&schema, &args),
+            "{} against {schema}",
+            call.function.arguments
+        );
+    }
+    // Deterministic: the same request, the same calls.
+    let again = sim
+        .complete(&with(json!({"tools": tools}), &asked))
+        .await
+        .unwrap();
+    assert_eq!(again.extras.tool_calls, done.extras.tool_calls);
+    // Streamed, the fragments assemble to the same calls.
+    let mut assembly = crate::inference::Assembly::default();
+    let mut chunks = sim.stream(with(json!({"tools": tools}), &asked));
+    let mut fragments = 0;
+    while let Some(c) = chunks.next().await {
+        if let Chunk::Delta(d) = c {
+            fragments += 1;
+            assembly.push(&d);
+        }
+    }
+    assert!(fragments > 6, "arguments arrive in pieces");
+    let (_, extras) = assembly.finish(Default::default());
+    assert_eq!(extras.tool_calls, done.extras.tool_calls);
+
+    let one = sim
+        .complete(&with(
+            json!({"tools": tools, "parallel_tool_calls": false}),
+            &asked,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(one.extras.tool_calls.len(), 1);
+    let named = sim
+        .complete(&with(
+            json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "tool_2"}}}),
+            &asked,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(named.extras.tool_calls.len(), 1);
+    assert_eq!(named.extras.tool_calls[0].function.name, "tool_2");
+    let none = sim
+        .complete(&with(
+            json!({"tools": tools, "tool_choice": "none"}),
+            &asked,
+        ))
+        .await
+        .unwrap();
+    assert!(none.extras.tool_calls.is_empty() && !none.text.is_empty());
+    // After a tool's result, `auto` answers in text; `required` calls again.
+    let answered = [
+        ("user", "plan my trip"),
+        ("assistant", ""),
+        ("tool", "sunny"),
+    ];
+    let after = sim
+        .complete(&with(json!({"tools": tools}), &answered))
+        .await
+        .unwrap();
+    assert!(after.extras.tool_calls.is_empty() && after.finish != Finish::ToolCalls);
+    let required = sim
+        .complete(&with(
+            json!({"tools": tools, "tool_choice": "required"}),
+            &answered,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(required.finish, Finish::ToolCalls);
+}
+
+#[tokio::test]
+async fn response_format_gets_json_valid_against_its_schema() {
+    use serde_json::json;
+    let sim = sim(fast());
+    for schema in schemas() {
+        let format = json!({"response_format": {"type": "json_schema",
+            "json_schema": {"name": "answer", "strict": true, "schema": schema}}});
+        let done = sim
+            .complete(&with(format, &[("user", "answer")]))
+            .await
+            .unwrap();
+        let document: serde_json::Value = serde_json::from_str(&done.text).unwrap();
+        assert!(
+            jsonschema::is_valid(&schema, &document),
+            "{} against {schema}",
+            done.text
+        );
+    }
+    let object = sim
+        .complete(&with(
+            json!({"response_format": {"type": "json_object"}}),
+            &[("user", "answer")],
+        ))
+        .await
+        .unwrap();
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&object.text)
+            .unwrap()
+            .is_object()
     );
 }

@@ -6,8 +6,12 @@ use serde::{Deserialize, Serialize};
 use sqlx::types::Json;
 use uuid::Uuid;
 
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
 use crate::error::Error;
-use crate::inference::{ChatRequest, Message};
+use crate::inference::{ChatRequest, Extras, Message};
 
 /// Where a job is in its lifecycle; the strings are the `jobs.state` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,22 +80,32 @@ impl Priority {
 /// The generation a job runs, as stored: the checked inference request, so
 /// both APIs read back the same thing and idempotent resubmissions compare
 /// equal whatever optional fields the client spelled out.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct JobRequest {
     pub model: String,
     pub messages: Vec<JobMessage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub max_completion_tokens: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// The fields passed to the upstream as sent (`tools`, ...).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub extra: Map<String, Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct JobMessage {
     pub role: String,
     pub content: String,
+    /// The message as sent, when it carries more than a role and a text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<Map<String, Value>>,
 }
 
 impl From<ChatRequest> for JobRequest {
@@ -104,11 +118,15 @@ impl From<ChatRequest> for JobRequest {
                 .map(|m| JobMessage {
                     role: m.role,
                     content: m.content,
+                    raw: m.raw.map(Arc::unwrap_or_clone),
                 })
                 .collect(),
             max_tokens: r.max_tokens,
+            max_completion_tokens: r.max_completion_tokens,
             seed: r.seed,
             stop: r.stop,
+            temperature: r.temperature,
+            extra: Arc::unwrap_or_clone(r.extra),
         }
     }
 }
@@ -123,12 +141,15 @@ impl JobRequest {
                 .map(|m| Message {
                     role: m.role.clone(),
                     content: m.content.clone(),
+                    raw: m.raw.clone().map(Arc::new),
                 })
                 .collect(),
             max_tokens: self.max_tokens,
+            max_completion_tokens: self.max_completion_tokens,
             seed: self.seed,
             stop: self.stop.clone(),
-            temperature: None,
+            temperature: self.temperature,
+            extra: Arc::new(self.extra.clone()),
         }
     }
 }
@@ -146,6 +167,9 @@ pub(crate) struct JobResult {
     pub completion_tokens: u32,
     pub time_to_first_token_ms: u32,
     pub latency_ms: u32,
+    /// Tool calls, refusal, log probabilities, the upstream's own fields.
+    #[serde(flatten)]
+    pub extras: Extras,
 }
 
 /// Why the latest attempt failed.

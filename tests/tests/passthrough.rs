@@ -1,0 +1,329 @@
+//! A faithful OpenAI endpoint: every request field Meridian does not act on
+//! reaches the upstream unchanged (tools, response formats, content parts,
+//! tool messages, fields not invented yet), every answer field comes back
+//! (tool calls whole and in stream fragments, log probabilities, the
+//! upstream's own fields), the cache tells such requests apart, and the
+//! official OpenAI SDK runs a tool loop and structured output through the
+//! gateway against the simulator as an upstream.
+
+use std::process::Command;
+
+use meridian_regional::SimConfig;
+use meridian_tests::{
+    ClusterSandbox, RECORDED_ARGUMENTS, RecordingUpstream, SimServer, UPSTREAM_FINGERPRINT,
+    UPSTREAM_ONLY_FIELD, init_logging,
+};
+use serde_json::{Value, json};
+
+const MODEL: &str = "hosted";
+const UPSTREAM_MODEL: &str = "provider-model-v2";
+
+/// A gateway before one region whose model `hosted` is served by the
+/// upstream at `base_url` under the name `provider-model-v2`.
+async fn cluster(base_url: &str) -> ClusterSandbox {
+    let model = format!(
+        "[[models]]\nid = \"{MODEL}\"\n\
+         backend = {{ kind = \"openai\", upstream_model = \"{UPSTREAM_MODEL}\", \
+         upstreams = [{{ base_url = \"{base_url}\" }}] }}\n"
+    );
+    ClusterSandbox::start_configured(&["eu-west"], |_| model.clone(), |_, _| {}).await
+}
+
+async fn post(url: &str, body: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn weather_tool() -> Value {
+    json!({"type": "function", "function": {"name": "get_weather", "strict": true,
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"], "additionalProperties": false}}})
+}
+
+/// What an agent sends on its second turn: an image, its earlier call, the
+/// tool's result, and fields of every kind.
+fn agent_request() -> Value {
+    json!({
+        "model": MODEL,
+        "messages": [
+            {"role": "developer", "content": "Use tools."},
+            {"role": "user", "name": "ana", "content": [
+                {"type": "text", "text": "Weather where this photo was taken?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}}]},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_prev", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\":\"Lyon\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_prev", "content": "{\"temp\": 21}"},
+        ],
+        "tools": [weather_tool()],
+        "tool_choice": "auto",
+        "parallel_tool_calls": true,
+        "response_format": {"type": "text"},
+        "top_p": 0.9,
+        "frequency_penalty": 0.5,
+        "presence_penalty": -0.5,
+        "logit_bias": {"50256": -100},
+        "logprobs": true,
+        "top_logprobs": 2,
+        "user": "user-1234",
+        "metadata": {"team": "travel"},
+        "reasoning_effort": "low",
+        "max_completion_tokens": 64,
+        "temperature": 0.7,
+        "x_future_field": {"nested": [1, 2, 3]},
+        "seed": -5,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_field_meridian_does_not_own_reaches_the_upstream_and_comes_back() {
+    init_logging();
+    let upstream = RecordingUpstream::start().await;
+    let sandbox = cluster(&upstream.base_url()).await;
+    let url = sandbox.gateway_url();
+    let sent = agent_request();
+
+    let res = post(&url, &sent).await;
+    assert_eq!(res.status(), 200);
+    let answer: Value = res.json().await.unwrap();
+
+    let bodies = upstream.bodies();
+    assert_eq!(bodies.len(), 1);
+    let got = &bodies[0];
+    // Unchanged: every field Meridian does not act on, the messages whole.
+    for field in [
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
+        "top_p",
+        "frequency_penalty",
+        "presence_penalty",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "user",
+        "metadata",
+        "reasoning_effort",
+        "x_future_field",
+        "messages",
+    ] {
+        assert_eq!(
+            got[field], sent[field],
+            "`{field}` reached the upstream unchanged"
+        );
+    }
+    // Meridian's own, as the upstream needs them: its model name, the limit
+    // under the client's name for it, the exact numbers sent, a stream.
+    assert_eq!(got["model"], UPSTREAM_MODEL);
+    assert_eq!(got["max_completion_tokens"], 64);
+    assert!(got.get("max_tokens").is_none(), "{got}");
+    assert_eq!(got["temperature"], json!(0.7));
+    assert_eq!(got["seed"], -5);
+    assert_eq!(got["stream"], true);
+
+    // The answer: the calls joined, their finish reason, the upstream's own
+    // fields, usage details, and Meridian's id and model.
+    let choice = &answer["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(choice["message"]["content"], Value::Null);
+    assert_eq!(
+        choice["message"]["tool_calls"],
+        json!([{"id": "call_0", "type": "function",
+                "function": {"name": "get_weather", "arguments": RECORDED_ARGUMENTS}}])
+    );
+    assert_eq!(answer["model"], MODEL);
+    assert!(answer["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(answer["system_fingerprint"], UPSTREAM_FINGERPRINT);
+    assert_eq!(answer[UPSTREAM_ONLY_FIELD], json!({"kept": true}));
+    assert!(
+        answer.get("obfuscation").is_none(),
+        "per-chunk padding is dropped"
+    );
+    assert_eq!(answer["usage"]["total_tokens"], 18);
+    assert_eq!(
+        answer["usage"]["completion_tokens_details"]["reasoning_tokens"],
+        2
+    );
+
+    // Streamed: the calls arrive as indexed fragments, and the end carries
+    // the upstream's fields.
+    let mut streamed = sent.clone();
+    streamed["stream"] = json!(true);
+    // Another seed: not the first answer from the cache, which would come
+    // back whole rather than in the upstream's fragments.
+    streamed["seed"] = json!(-6);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let res = post(&url, &streamed).await;
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    let chunks: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let fragments: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
+        .flatten()
+        .collect();
+    assert!(fragments.len() >= 3, "{text}");
+    assert_eq!(fragments[0]["id"], "call_0");
+    assert_eq!(fragments[0]["function"]["name"], "get_weather");
+    let arguments: String = fragments
+        .iter()
+        .filter_map(|f| f["function"]["arguments"].as_str())
+        .collect();
+    assert_eq!(arguments, RECORDED_ARGUMENTS);
+    assert!(fragments.iter().all(|f| f["index"] == 0));
+    let finish = chunks
+        .iter()
+        .find(|c| c["choices"][0]["finish_reason"].is_string())
+        .unwrap();
+    assert_eq!(finish["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(finish["system_fingerprint"], UPSTREAM_FINGERPRINT);
+    let usage = chunks.iter().find(|c| c["usage"].is_object()).unwrap();
+    assert_eq!(
+        usage["usage"]["completion_tokens_details"]["reasoning_tokens"],
+        2
+    );
+
+    // Without tools, log probabilities come back joined.
+    let mut plain = json!({"model": MODEL, "logprobs": true,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let res = post(&url, &plain).await;
+    let answer: Value = res.json().await.unwrap();
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "recorded answer"
+    );
+    let tokens: Vec<&str> = answer["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(tokens, ["recorded", " answer"]);
+    plain["stream"] = json!(true);
+    let text = post(&url, &plain).await.text().await.unwrap();
+    assert!(text.contains(r#""logprobs":{"content":[{"#), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_differ_only_in_tools_or_response_format_are_two_cache_entries() {
+    init_logging();
+    let upstream = RecordingUpstream::start().await;
+    let sandbox = cluster(&upstream.base_url()).await;
+    let url = sandbox.gateway_url();
+    let base = json!({"model": MODEL, "seed": 1,
+        "messages": [{"role": "user", "content": "weather in Oslo?"}]});
+    let mut forecast = weather_tool();
+    forecast["function"]["name"] = json!("get_forecast");
+    let variants = [
+        base.clone(),
+        json!({"tools": [weather_tool()]}),
+        json!({"tools": [forecast]}),
+        json!({"response_format": {"type": "json_object"}}),
+        json!({"response_format": {"type": "json_schema",
+            "json_schema": {"name": "w", "schema": {"type": "object"}}}}),
+    ];
+    let mut caches = Vec::new();
+    for (i, fields) in variants.iter().enumerate() {
+        let mut body = base.clone();
+        if i > 0 {
+            for (k, v) in fields.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+        }
+        for _ in 0..2 {
+            let res = post(&url, &body).await;
+            assert_eq!(res.status(), 200);
+            caches.push(
+                res.headers()["x-meridian-cache"]
+                    .to_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+    }
+    assert_eq!(
+        upstream.bodies().len(),
+        variants.len(),
+        "each variant generated once: {caches:?}"
+    );
+    for pair in caches.chunks(2) {
+        assert_eq!(pair[0], "miss", "{caches:?}");
+        assert!(pair[1].starts_with("hit"), "{caches:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_refuses_tools_by_name_rather_than_store_them_in_part() {
+    init_logging();
+    let upstream = RecordingUpstream::start().await;
+    let sandbox = cluster(&upstream.base_url()).await;
+    let body = json!({"model": MODEL, "tools": [weather_tool()],
+        "messages": [{"role": "user", "content": "weather?"}]});
+    let res = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", sandbox.gateway_url()))
+        .header("x-meridian-conversation", "trip-1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let error: Value = res.json().await.unwrap();
+    assert_eq!(error["error"]["param"], "tools", "{error}");
+    assert!(upstream.bodies().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_sdk_runs_a_tool_loop_and_structured_output_against_the_simulator() {
+    init_logging();
+    let sim = SimServer::start(SimConfig {
+        prefill_us_per_token: 0,
+        ttft_ms: 0,
+        per_token_ms: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    let sandbox = cluster(&sim.base_url()).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/data/openai_sdk_tools.py");
+    let base_url = format!("{}/v1", sandbox.gateway_url());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(script)
+            .env("OPENAI_BASE_URL", base_url)
+            .env("OPENAI_API_KEY", "sk-unused")
+            .env("MODEL", MODEL)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("python3 runs (infra/scripts/setup.sh installs it and the SDK)");
+    assert!(
+        out.status.success(),
+        "the SDK script failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).expect("the script prints JSON");
+    eprintln!("{seen}");
+    let both = json!(["get_weather", "get_time"]);
+    assert_eq!(seen["call"]["finish_reason"], "tool_calls");
+    assert_eq!(seen["call"]["names"], both, "parallel calls of both tools");
+    assert_eq!(seen["call"]["ids_unique"], true);
+    assert_eq!(seen["answer"]["finish_reason"], "stop");
+    assert_eq!(seen["answer"]["has_text"], true);
+    assert_eq!(seen["answer"]["tool_calls"], Value::Null);
+    assert_eq!(seen["stream"]["finish_reason"], "tool_calls");
+    assert_eq!(seen["stream"]["names"], both);
+    assert_eq!(seen["stream"]["same_as_whole"], true);
+    assert_eq!(seen["stream_helper"], both);
+    assert!(seen["structured"]["steps"].is_array());
+    assert!(seen["parsed"]["destination"].is_string());
+    assert!(seen["parsed"]["nights"].is_i64());
+}
