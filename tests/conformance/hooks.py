@@ -203,6 +203,44 @@ def before_load_schema(context, raw_schema):
     raw_schema.pop("webhooks", None)
     pin_models(raw_schema, served, served_models())
     stream_events_as_json(raw_schema)
+    discriminators_by_value(raw_schema)
+
+
+def discriminators_by_value(raw):
+    """A `discriminator` without a `mapping` names, by OpenAPI's default, the
+    schemas themselves: a tool call would have to say `"type":
+    "ChatCompletionMessageToolCall"`. What the description means, and what
+    OpenAI sends, is each alternative's own value of that property
+    (`function`, `custom`), which its schema pins with a one-value enum.
+    Said with an explicit mapping from those values; alternatives without
+    such a value are left as they are."""
+    schemas = raw.get("components", {}).get("schemas", {})
+
+    def value(ref, prop):
+        target = resolve(schemas, {"$ref": ref})
+        pinned = target.get("properties", {}).get(prop, {})
+        pinned = resolve(schemas, pinned)
+        if "const" in pinned:
+            return pinned["const"]
+        enum = pinned.get("enum", [])
+        return enum[0] if len(enum) == 1 else None
+
+    def walk(node):
+        if isinstance(node, dict):
+            d = node.get("discriminator")
+            alternatives = node.get("oneOf") or node.get("anyOf") or []
+            if isinstance(d, dict) and "mapping" not in d and alternatives:
+                refs = [a.get("$ref") for a in alternatives if isinstance(a, dict)]
+                values = [value(r, d["propertyName"]) if r else None for r in refs]
+                if all(values) and len(set(values)) == len(values):
+                    d["mapping"] = dict(zip(values, refs))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(raw)
 
 
 def stream_events_as_json(raw):
