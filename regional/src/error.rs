@@ -122,6 +122,19 @@ pub enum Error {
     /// No upstream of the model could take the request.
     #[error("no healthy backend for model `{0}`")]
     NoHealthyBackend(String),
+    /// An upstream answered 401 or 403: it refused the key (or the client
+    /// certificate) this region is configured with for it. The client's own
+    /// key was fine, so this is a bad gateway, not a 401.
+    #[error(
+        "upstream {upstream} refused Meridian's credentials (HTTP {status}): the key this \
+         region is configured with for it is wrong or lacks access; it said: {said}"
+    )]
+    UpstreamRefused {
+        upstream: String,
+        status: u16,
+        /// What the upstream said, with the key scrubbed from it.
+        said: String,
+    },
     /// `[embeddings]` is on but its model files are not there.
     #[error(
         "the embedding model is missing {missing} in {dir}: run infra/scripts/setup.sh, \
@@ -206,6 +219,15 @@ impl Error {
                 retry_after: *retry_after,
             },
             Self::NoHealthyBackend(m) => Self::NoHealthyBackend(m.clone()),
+            Self::UpstreamRefused {
+                upstream,
+                status,
+                said,
+            } => Self::UpstreamRefused {
+                upstream: upstream.clone(),
+                status: *status,
+                said: said.clone(),
+            },
             other => match other.store_down() {
                 Some(store) => Self::StoreUnavailable(store),
                 None => Self::Unavailable(other.to_string()),
@@ -242,6 +264,7 @@ impl Error {
                 ErrorClass::RateLimited
             }
             Self::DeadlineExceeded => ErrorClass::Timeout,
+            Self::UpstreamRefused { .. } => ErrorClass::BadGateway,
             Self::IdempotencyKeyReused(_) => ErrorClass::Conflict,
             Self::JobAlreadyFinished { .. } | Self::LogTruncated { .. } => {
                 ErrorClass::FailedPrecondition
