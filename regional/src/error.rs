@@ -120,8 +120,12 @@ pub enum Error {
         retry_after: std::time::Duration,
     },
     /// No upstream of the model could take the request.
-    #[error("no healthy backend for model `{0}`")]
-    NoHealthyBackend(String),
+    #[error("no healthy backend for model `{model}`{why}")]
+    NoHealthyBackend {
+        model: String,
+        /// Why, when known: `: upstream <url>: <reason>`, else empty.
+        why: String,
+    },
     /// An upstream answered 401 or 403: it refused the key (or the client
     /// certificate) this region is configured with for it. The client's own
     /// key was fine, so this is a bad gateway, not a 401.
@@ -218,7 +222,10 @@ impl Error {
                 scope,
                 retry_after: *retry_after,
             },
-            Self::NoHealthyBackend(m) => Self::NoHealthyBackend(m.clone()),
+            Self::NoHealthyBackend { model, why } => Self::NoHealthyBackend {
+                model: model.clone(),
+                why: why.clone(),
+            },
             Self::UpstreamRefused {
                 upstream,
                 status,
@@ -272,7 +279,7 @@ impl Error {
             Self::Unavailable(_)
             | Self::SyncUnavailable
             | Self::SyncTimeout { .. }
-            | Self::NoHealthyBackend(_)
+            | Self::NoHealthyBackend { .. }
             | Self::RedisUnreachable { .. }
             | Self::PostgresUnreachable { .. }
             | Self::StoreUnavailable(_) => ErrorClass::Unavailable,
@@ -330,7 +337,7 @@ impl Error {
             Self::JobNotFound(_) => Some(reason::JOB_NOT_FOUND),
             Self::QueueFull { .. } => Some(reason::QUEUE_FULL),
             Self::Overloaded { .. } | Self::TooManyWatches { .. } => Some(reason::RATE_LIMITED),
-            Self::NoHealthyBackend(_) => Some(reason::NO_HEALTHY_BACKEND),
+            Self::NoHealthyBackend { .. } => Some(reason::NO_HEALTHY_BACKEND),
             Self::IdempotencyKeyReused(_) => Some(reason::IDEMPOTENCY_KEY_REUSED),
             Self::JobAlreadyFinished { .. } => Some(reason::JOB_ALREADY_FINISHED),
             Self::LogTruncated { .. } => Some(reason::REPLICATION_LOG_TRUNCATED),

@@ -16,7 +16,7 @@ mod breaker;
 mod client;
 mod health;
 
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,9 +58,9 @@ struct Upstream {
     key: Option<ApiKey>,
     /// Its static headers and its key, sent on every request to it.
     headers: reqwest::header::HeaderMap,
-    /// The status (401 or 403) of its latest health check when that refused
-    /// the pool's credentials, else 0.
-    refused: AtomicU16,
+    /// Why its latest health check or attempt failed, while it fails: what
+    /// a request that finds no usable upstream is told.
+    failure: Mutex<Option<Down>>,
     outstanding: AtomicU32,
     /// Moving average of the time to the first token of its answers, in
     /// microseconds; 0 before the first.
@@ -69,6 +69,16 @@ struct Upstream {
     healthy: AtomicBool,
     breaker: Mutex<Breaker>,
     metrics: UpstreamMetrics,
+}
+
+/// Why an upstream is out.
+#[derive(Clone)]
+enum Down {
+    /// It answered 401 or 403 (the pool's credentials are wrong for it),
+    /// saying this, key scrubbed.
+    Refused { status: u16, said: String },
+    /// Anything else, said with the key scrubbed.
+    Failed(String),
 }
 
 enum Failure {
@@ -107,7 +117,7 @@ impl Pool {
                     base_url,
                     key,
                     headers,
-                    refused: AtomicU16::new(0),
+                    failure: Mutex::new(None),
                     outstanding: AtomicU32::new(0),
                     ttft_us: AtomicU64::new(0),
                     healthy: AtomicBool::new(true),
@@ -201,21 +211,33 @@ impl Pool {
         Err(last.unwrap_or_else(|| self.none_usable()))
     }
 
-    /// Why no upstream could be tried: when a health check found the
-    /// pool's credentials refused, that (the operator has a key to fix),
-    /// else no healthy backend.
+    /// Why no upstream could be tried: an upstream that refused the pool's
+    /// credentials first (the operator has a key to fix), else no healthy
+    /// backend, with the first reason known.
     fn none_usable(&self) -> Error {
-        self.upstreams
+        let failures: Vec<(&Upstream, Down)> = self
+            .upstreams
             .iter()
-            .find_map(|up| {
-                let status = up.refused.load(Ordering::Relaxed);
-                (status != 0).then(|| Error::UpstreamRefused {
-                    upstream: up.base_url.clone(),
-                    status,
-                    said: "its health check was refused".into(),
-                })
-            })
-            .unwrap_or_else(|| Error::NoHealthyBackend(self.model.clone()))
+            .filter_map(|up| Some((up, up.failure.lock().expect("failure lock").clone()?)))
+            .collect();
+        if let Some((up, Down::Refused { status, said })) = failures
+            .iter()
+            .find(|(_, d)| matches!(d, Down::Refused { .. }))
+        {
+            return Error::UpstreamRefused {
+                upstream: up.base_url.clone(),
+                status: *status,
+                said: said.clone(),
+            };
+        }
+        let why = match failures.first() {
+            Some((up, Down::Failed(why))) => format!(": upstream {}: {why}", up.base_url),
+            _ => String::new(),
+        };
+        Error::NoHealthyBackend {
+            model: self.model.clone(),
+            why,
+        }
     }
 
     /// Whether `ttft` at upstream `i` is a latency outlier: more than
@@ -360,8 +382,11 @@ impl Pool {
             Err(Failure::Retry(e)) => Err(Failure::Retry(client::scrub_error(e, key.as_ref()))),
             Err(Failure::Fatal(e)) => Err(Failure::Fatal(client::scrub_error(e, key.as_ref()))),
         };
-        if let Err(Failure::Retry(Error::UpstreamRefused { status, .. })) = &result {
-            up.refused.store(*status, Ordering::Relaxed);
+        if let Err(Failure::Retry(Error::UpstreamRefused { status, said, .. })) = &result {
+            *up.failure.lock().expect("failure lock") = Some(Down::Refused {
+                status: *status,
+                said: said.clone(),
+            });
         }
         if let Err(Failure::Retry(e) | Failure::Fatal(e)) = &result {
             trace::set_error(&cx, e.to_string());

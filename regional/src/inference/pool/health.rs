@@ -7,7 +7,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Pool;
+use super::{Down, Pool, client};
+use crate::inference::openai;
 
 /// Checks every upstream each `health_interval_ms` with `GET {base_url}/models`.
 pub(super) async fn check_health(pool: Weak<Pool>, shutdown: CancellationToken) {
@@ -36,17 +37,30 @@ pub(super) async fn check_health(pool: Weak<Pool>, shutdown: CancellationToken) 
                 .headers(up.headers.clone())
                 .timeout(timeout);
             async move {
-                let status = request.send().await.map(|r| r.status().as_u16());
-                let ok = status.as_ref().is_ok_and(|s| (200..300).contains(s));
-                // Kept so that a request finding no usable upstream says
-                // why when the reason is the key, not "no healthy backend".
-                let refused = status
-                    .as_ref()
-                    .ok()
-                    .copied()
-                    .filter(|s| matches!(s, 401 | 403))
-                    .unwrap_or(0);
-                up.refused.store(refused, Ordering::Relaxed);
+                let down = match request.send().await {
+                    Ok(r) if r.status().is_success() => None,
+                    Ok(r) if matches!(r.status().as_u16(), 401 | 403) => {
+                        let status = r.status().as_u16();
+                        let said = openai::error_message(&r.text().await.unwrap_or_default());
+                        Some(Down::Refused {
+                            status,
+                            said: match &up.key {
+                                Some(key) => client::scrub(&said, key),
+                                None => said,
+                            },
+                        })
+                    }
+                    Ok(r) => Some(Down::Failed(format!(
+                        "its health check answered {}",
+                        r.status()
+                    ))),
+                    Err(e) => Some(Down::Failed(format!(
+                        "its health check failed: {}",
+                        causes(&e)
+                    ))),
+                };
+                let ok = down.is_none();
+                *up.failure.lock().expect("failure lock") = down;
                 let was = up.healthy.swap(ok, Ordering::Relaxed);
                 if was != ok {
                     tracing::warn!(model, upstream = %up.base_url, healthy = ok, "upstream health changed");
@@ -56,4 +70,18 @@ pub(super) async fn check_health(pool: Weak<Pool>, shutdown: CancellationToken) 
         });
         futures::future::join_all(checks).await;
     }
+}
+
+/// An error and its causes, one after the other: reqwest's own message
+/// says only that sending failed, its sources say why (a certificate from an
+/// unknown issuer, a refused connection).
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
