@@ -274,3 +274,51 @@ async fn an_upstream_that_never_answers_is_left_for_the_other_after_the_first_by
     .await;
     assert!(failed >= 1.0, "counted against the silent upstream");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_reads_a_rotated_key_and_names_a_missing_ca_file() {
+    init_logging();
+    let pki = TestPki::new();
+    let (_sim, tls) = hosted(&pki, false, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = file(&dir, "key", WRONG_KEY);
+    let upstream = format!(
+        "{{ base_url = \"{}\", api_key_file = {key_file:?} }}",
+        tls.base_url()
+    );
+    let with_ca = |ca: &str| model("hosted", &upstream, &format!(", ca_file = {ca:?}"));
+    let mut region = RegionSandbox::start_with_config("eu-west", &with_ca(tls.ca_file())).await;
+    let reload = |url: String| async move {
+        let res = reqwest::Client::new()
+            .post(format!("{url}/admin/reload"))
+            .send()
+            .await
+            .unwrap();
+        (res.status().as_u16(), res.text().await.unwrap())
+    };
+    // Each its own question: a repeated one could be answered from the cache.
+    let ask = |i: u32| {
+        let mut body = chat("hosted");
+        body["messages"][0]["content"] = format!("question {i}").into();
+        body
+    };
+
+    let (status, body) = post(&region.url(), &ask(0)).await;
+    assert_eq!(status, 502, "{body}");
+    // The config is the same; the file it points at is not.
+    std::fs::write(&key_file, GOOD_KEY).unwrap();
+    let (status, body) = reload(region.url()).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post(&region.url(), &ask(1)).await;
+    assert_eq!(status, 200, "{body}");
+
+    region.rewrite_config(&with_ca("/nonexistent/ca.pem"));
+    let (status, body) = reload(region.url()).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("backend.ca_file`: cannot read /nonexistent/ca.pem: No such file"),
+        "{body}"
+    );
+    let (status, body) = post(&region.url(), &ask(2)).await;
+    assert_eq!(status, 200, "the old pool still serves: {body}");
+}
