@@ -34,6 +34,7 @@ use crate::error::Error;
 
 use self::breaker::Breaker;
 pub(crate) use self::client::Material;
+use self::health::Down;
 
 /// Affinity slots: a direct-mapped table of prefix hash → upstream, so its
 /// size is fixed whatever the traffic; a collision only costs a cache miss.
@@ -69,16 +70,6 @@ struct Upstream {
     healthy: AtomicBool,
     breaker: Mutex<Breaker>,
     metrics: UpstreamMetrics,
-}
-
-/// Why an upstream is out.
-#[derive(Clone)]
-enum Down {
-    /// It answered 401 or 403 (the pool's credentials are wrong for it),
-    /// saying this, key scrubbed.
-    Refused { status: u16, said: String },
-    /// Anything else, said with the key scrubbed.
-    Failed(String),
 }
 
 enum Failure {
@@ -209,35 +200,6 @@ impl Pool {
             }
         }
         Err(last.unwrap_or_else(|| self.none_usable()))
-    }
-
-    /// Why no upstream could be tried: an upstream that refused the pool's
-    /// credentials first (the operator has a key to fix), else no healthy
-    /// backend, with the first reason known.
-    fn none_usable(&self) -> Error {
-        let failures: Vec<(&Upstream, Down)> = self
-            .upstreams
-            .iter()
-            .filter_map(|up| Some((up, up.failure.lock().expect("failure lock").clone()?)))
-            .collect();
-        if let Some((up, Down::Refused { status, said })) = failures
-            .iter()
-            .find(|(_, d)| matches!(d, Down::Refused { .. }))
-        {
-            return Error::UpstreamRefused {
-                upstream: up.base_url.clone(),
-                status: *status,
-                said: said.clone(),
-            };
-        }
-        let why = match failures.first() {
-            Some((up, Down::Failed(why))) => format!(": upstream {}: {why}", up.base_url),
-            _ => String::new(),
-        };
-        Error::NoHealthyBackend {
-            model: self.model.clone(),
-            why,
-        }
     }
 
     /// Whether `ttft` at upstream `i` is a latency outlier: more than

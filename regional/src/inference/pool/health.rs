@@ -7,8 +7,50 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Down, Pool, client};
+use super::{Pool, Upstream, client};
+use crate::error::Error;
 use crate::inference::openai;
+
+/// Why an upstream is out.
+#[derive(Clone)]
+pub(super) enum Down {
+    /// It answered 401 or 403 (the pool's credentials are wrong for it),
+    /// saying this, key scrubbed.
+    Refused { status: u16, said: String },
+    /// Anything else, said with the key scrubbed.
+    Failed(String),
+}
+
+impl Pool {
+    /// Why no upstream could be tried: an upstream that refused the pool's
+    /// credentials first (the operator has a key to fix), else no healthy
+    /// backend, with the first reason known.
+    pub(super) fn none_usable(&self) -> Error {
+        let failures: Vec<(&Upstream, Down)> = self
+            .upstreams
+            .iter()
+            .filter_map(|up| Some((up, up.failure.lock().expect("failure lock").clone()?)))
+            .collect();
+        if let Some((up, Down::Refused { status, said })) = failures
+            .iter()
+            .find(|(_, d)| matches!(d, Down::Refused { .. }))
+        {
+            return Error::UpstreamRefused {
+                upstream: up.base_url.clone(),
+                status: *status,
+                said: said.clone(),
+            };
+        }
+        let why = match failures.first() {
+            Some((up, Down::Failed(why))) => format!(": upstream {}: {why}", up.base_url),
+            _ => String::new(),
+        };
+        Error::NoHealthyBackend {
+            model: self.model.clone(),
+            why,
+        }
+    }
+}
 
 /// Checks every upstream each `health_interval_ms` with `GET {base_url}/models`.
 pub(super) async fn check_health(pool: Weak<Pool>, shutdown: CancellationToken) {
