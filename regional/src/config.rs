@@ -16,15 +16,17 @@ mod jobs;
 mod replication;
 mod stores;
 pub(crate) mod telemetry;
+mod upstream;
 
 pub use self::cache::{CacheConfig, DEFAULT_SEMANTIC_THRESHOLD, SemanticCacheConfig};
 pub use self::embeddings::EmbeddingsConfig;
-pub use self::inference::{AliasConfig, InferenceConfig, OpenAiConfig, UpstreamConfig};
+pub use self::inference::{AliasConfig, InferenceConfig, OpenAiConfig};
 pub use self::jobs::JobsConfig;
 pub(crate) use self::replication::MAX_BATCH_BYTES;
 pub use self::replication::{PeerConfig, ReplicationConfig};
 pub use self::stores::StoresConfig;
 pub use self::telemetry::TelemetryConfig;
+pub use self::upstream::{ApiKey, UpstreamConfig};
 
 /// A validated regional node configuration. Its fields are readable only
 /// inside this crate, so no other crate changes a config after validation;

@@ -120,8 +120,25 @@ pub enum Error {
         retry_after: std::time::Duration,
     },
     /// No upstream of the model could take the request.
-    #[error("no healthy backend for model `{0}`")]
-    NoHealthyBackend(String),
+    #[error("no healthy backend for model `{model}`{why}")]
+    NoHealthyBackend {
+        model: String,
+        /// Why, when known: `: upstream <url>: <reason>`, else empty.
+        why: String,
+    },
+    /// An upstream answered 401 or 403: it refused the key (or the client
+    /// certificate) this region is configured with for it. The client's own
+    /// key was fine, so this is a bad gateway, not a 401.
+    #[error(
+        "upstream {upstream} refused Meridian's credentials (HTTP {status}): the key this \
+         region is configured with for it is wrong or lacks access; it said: {said}"
+    )]
+    UpstreamRefused {
+        upstream: String,
+        status: u16,
+        /// What the upstream said, with the key scrubbed from it.
+        said: String,
+    },
     /// `[embeddings]` is on but its model files are not there.
     #[error(
         "the embedding model is missing {missing} in {dir}: run infra/scripts/setup.sh, \
@@ -205,7 +222,19 @@ impl Error {
                 scope,
                 retry_after: *retry_after,
             },
-            Self::NoHealthyBackend(m) => Self::NoHealthyBackend(m.clone()),
+            Self::NoHealthyBackend { model, why } => Self::NoHealthyBackend {
+                model: model.clone(),
+                why: why.clone(),
+            },
+            Self::UpstreamRefused {
+                upstream,
+                status,
+                said,
+            } => Self::UpstreamRefused {
+                upstream: upstream.clone(),
+                status: *status,
+                said: said.clone(),
+            },
             other => match other.store_down() {
                 Some(store) => Self::StoreUnavailable(store),
                 None => Self::Unavailable(other.to_string()),
@@ -242,6 +271,7 @@ impl Error {
                 ErrorClass::RateLimited
             }
             Self::DeadlineExceeded => ErrorClass::Timeout,
+            Self::UpstreamRefused { .. } => ErrorClass::BadGateway,
             Self::IdempotencyKeyReused(_) => ErrorClass::Conflict,
             Self::JobAlreadyFinished { .. } | Self::LogTruncated { .. } => {
                 ErrorClass::FailedPrecondition
@@ -249,7 +279,7 @@ impl Error {
             Self::Unavailable(_)
             | Self::SyncUnavailable
             | Self::SyncTimeout { .. }
-            | Self::NoHealthyBackend(_)
+            | Self::NoHealthyBackend { .. }
             | Self::RedisUnreachable { .. }
             | Self::PostgresUnreachable { .. }
             | Self::StoreUnavailable(_) => ErrorClass::Unavailable,
@@ -307,7 +337,7 @@ impl Error {
             Self::JobNotFound(_) => Some(reason::JOB_NOT_FOUND),
             Self::QueueFull { .. } => Some(reason::QUEUE_FULL),
             Self::Overloaded { .. } | Self::TooManyWatches { .. } => Some(reason::RATE_LIMITED),
-            Self::NoHealthyBackend(_) => Some(reason::NO_HEALTHY_BACKEND),
+            Self::NoHealthyBackend { .. } => Some(reason::NO_HEALTHY_BACKEND),
             Self::IdempotencyKeyReused(_) => Some(reason::IDEMPOTENCY_KEY_REUSED),
             Self::JobAlreadyFinished { .. } => Some(reason::JOB_ALREADY_FINISHED),
             Self::LogTruncated { .. } => Some(reason::REPLICATION_LOG_TRUNCATED),

@@ -17,7 +17,7 @@ mod reply;
 mod route;
 mod sim;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -41,7 +41,7 @@ pub(crate) use self::reply::{
 pub(crate) use self::route::SizeHint;
 use self::route::Table;
 pub(crate) use self::sim::SimBackend;
-pub use self::sim::{serve_sim, serve_sim_traced};
+pub use self::sim::{serve_sim, serve_sim_requiring, serve_sim_traced};
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,8 +222,6 @@ pub(crate) struct Inference {
     table: ArcSwap<Table>,
     admission: Admission,
     metrics: Arc<Metrics>,
-    /// One HTTP client for every upstream pool, made when the first pool is.
-    client: OnceLock<reqwest::Client>,
     /// Stops the health checkers of every pool at shutdown.
     shutdown: CancellationToken,
     /// Where `reload` reads models and aliases from.
@@ -249,7 +247,6 @@ impl Inference {
                 Duration::from_millis(config.inference.retry_after_ms),
             ),
             metrics,
-            client: OnceLock::new(),
             shutdown,
             source: config.source.clone(),
             default_timeout: Duration::from_millis(config.inference.request_timeout_ms),
@@ -260,18 +257,37 @@ impl Inference {
     }
 
     /// Makes a table; backends whose config did not change are taken over
-    /// from `old`, so a reload keeps their caches, breakers and queues.
+    /// from `old`, so a reload keeps their caches, breakers and queues. A
+    /// pool is kept only if the files and variables it read (keys,
+    /// certificates) say the same too: a reload is how a rotated key
+    /// reaches a running region. Those files are small, read on the
+    /// runtime like the config file itself.
     fn build(
         &self,
         models: &[ModelConfig],
         aliases: &[AliasConfig],
         old: Option<&Table>,
     ) -> Result<Table, Error> {
+        let invalid = |message: String| Error::Config {
+            origin: self
+                .source
+                .as_ref()
+                .map_or_else(|| "(no file)".into(), |p| p.display().to_string()),
+            message,
+        };
         let mut built = Vec::with_capacity(models.len());
-        for m in models {
+        for (i, m) in models.iter().enumerate() {
+            let material = match &m.backend {
+                BackendConfig::OpenAi(cfg) => Some(pool::Material::read(i, cfg).map_err(invalid)?),
+                BackendConfig::Sim(_) => None,
+            };
             let reused = old
                 .and_then(|t| t.model(&m.id))
                 .filter(|o| o.config.backend == m.backend)
+                .filter(|o| match (&o.backend, &material) {
+                    (route::Backend::Pool(p), Some(material)) => p.material() == material,
+                    _ => true,
+                })
                 .map(|o| o.backend.clone());
             let backend = match (reused, &m.backend) {
                 (Some(b), _) => b,
@@ -279,27 +295,16 @@ impl Inference {
                     sim.clone(),
                     self.metrics.sim(&m.id),
                 ))),
-                (None, BackendConfig::OpenAi(cfg)) => {
-                    let client = match self.client.get() {
-                        Some(c) => c.clone(),
-                        None => {
-                            let c = reqwest::Client::builder()
-                                .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
-                                .build()
-                                .map_err(|e| {
-                                    Error::Unavailable(format!("cannot build the HTTP client: {e}"))
-                                })?;
-                            self.client.get_or_init(|| c).clone()
-                        }
-                    };
-                    route::Backend::Pool(pool::Pool::start(
-                        &m.id,
+                (None, BackendConfig::OpenAi(cfg)) => route::Backend::Pool(
+                    pool::Pool::start(
+                        (i, &m.id),
                         cfg.clone(),
-                        client,
+                        material.expect("read for every pool above"),
                         self.metrics.clone(),
                         self.shutdown.clone(),
-                    ))
-                }
+                    )
+                    .map_err(invalid)?,
+                ),
             };
             built.push(route::Model {
                 config: m.clone(),
@@ -323,7 +328,12 @@ impl Inference {
         // serving the old table.
         let config = Config::from_file(path).map_err(|e| Error::invalid(e.to_string(), None))?;
         let old = self.table.load_full();
-        let table = self.build(&config.models, &config.aliases, Some(&old))?;
+        let table = self
+            .build(&config.models, &config.aliases, Some(&old))
+            .map_err(|e| match e {
+                Error::Config { .. } => Error::invalid(e.to_string(), None),
+                e => e,
+            })?;
         self.table.store(Arc::new(table));
         tracing::info!(path = %path.display(), "models and aliases reloaded");
         Ok(self.models().collect())

@@ -31,11 +31,11 @@ pub mod tenancy;
 pub use self::api::check_chat_body;
 pub use self::cache::compatible as semantic_questions_compatible;
 pub use self::config::{
-    AliasConfig, BackendConfig, CacheConfig, Config, DEFAULT_SEMANTIC_THRESHOLD, InferenceConfig,
-    ModelConfig, OpenAiConfig, PeerConfig, ReplicationConfig, SemanticCacheConfig, SimConfig,
-    TelemetryConfig, UpstreamConfig,
+    AliasConfig, ApiKey, BackendConfig, CacheConfig, Config, DEFAULT_SEMANTIC_THRESHOLD,
+    InferenceConfig, ModelConfig, OpenAiConfig, PeerConfig, ReplicationConfig, SemanticCacheConfig,
+    SimConfig, TelemetryConfig, UpstreamConfig,
 };
 pub use self::error::Error;
-pub use self::inference::{serve_sim, serve_sim_traced};
+pub use self::inference::{serve_sim, serve_sim_requiring, serve_sim_traced};
 pub use self::mesh::{AllowRule, Mesh, MeshConfig, PolicyConfig};
 pub use self::node::RegionalNode;

@@ -23,6 +23,7 @@ mod recording_upstream;
 pub mod replicated;
 mod sandbox;
 mod time_series;
+mod tls_upstream;
 mod upstream;
 
 pub use meridian_launcher::{PostgresServer, RedisServer};
@@ -41,7 +42,8 @@ pub use self::sandbox::{
     gateway_config, region_location, start_gateway,
 };
 pub use self::time_series::{TimeSeries, require_extension};
-pub use self::upstream::{SimServer, metric};
+pub use self::tls_upstream::TlsUpstream;
+pub use self::upstream::{SilentUpstream, SimServer, metric};
 
 /// Per-process test setup: sends the harness's and the system's logs to the
 /// test output (`RUST_LOG` selects what is shown; default: warnings), and

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -14,6 +15,8 @@ use crate::RegionSandbox;
 pub struct RegionProcess {
     child: Child,
     addr: SocketAddr,
+    /// What it logged, when started with [`RegionProcess::start_with_env`].
+    logs: Arc<Mutex<String>>,
 }
 
 impl RegionProcess {
@@ -21,17 +24,61 @@ impl RegionProcess {
     /// own process instead, from `exe` (`env!("CARGO_BIN_EXE_region-process")`
     /// in an integration test), on a free port.
     pub async fn start(exe: impl AsRef<Path>, region: &mut RegionSandbox) -> Self {
+        Self::spawn(exe.as_ref(), region, &[], false).await
+    }
+
+    /// Like [`RegionProcess::start`], with `env` added to the process's
+    /// environment (as an operator hands a node its secrets) and its log
+    /// output (stderr) kept for [`RegionProcess::logs`].
+    pub async fn start_with_env(
+        exe: impl AsRef<Path>,
+        region: &mut RegionSandbox,
+        env: &[(&str, &str)],
+    ) -> Self {
+        Self::spawn(exe.as_ref(), region, env, true).await
+    }
+
+    /// Everything the process logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    async fn spawn(
+        exe: &Path,
+        region: &mut RegionSandbox,
+        env: &[(&str, &str)],
+        keep_logs: bool,
+    ) -> Self {
         region.stop_node().await;
         let path = region.postgres.dir().join("regional-process.toml");
         let listen = SocketAddr::from(([127, 0, 0, 1], 0));
         std::fs::write(&path, region.config_toml(listen)).expect("the node's config is written");
-        let mut child = Command::new(exe.as_ref())
+        let mut child = Command::new(exe)
             .arg(&path)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
+            .stderr(if keep_logs {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .kill_on_drop(true)
             .spawn()
             .expect("the region process starts");
+        let logs = Arc::new(Mutex::new(String::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let logs = logs.clone();
+            // Drained as it comes, or a chatty node would block on a full pipe.
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let mut logs = logs.lock().unwrap();
+                    logs.push_str(&line);
+                    logs.push('\n');
+                }
+            });
+        }
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();
         let addr = loop {
@@ -44,7 +91,7 @@ impl RegionProcess {
                 break addr.parse().expect("an address");
             }
         };
-        Self { child, addr }
+        Self { child, addr, logs }
     }
 
     pub fn url(&self) -> String {

@@ -2,7 +2,11 @@
 //! over HTTP on a free port, and a reader of Prometheus metrics, so tests
 //! can count what reached an upstream.
 
-use meridian_regional::{SimConfig, serve_sim};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use axum::routing::{get, post};
+use meridian_regional::{SimConfig, serve_sim_requiring};
 use tokio::sync::oneshot;
 
 /// A simulator behind real HTTP on a free port.
@@ -14,13 +18,25 @@ pub struct SimServer {
 
 impl SimServer {
     pub async fn start(config: SimConfig) -> Self {
+        Self::start_requiring(config, Vec::new()).await
+    }
+
+    /// A simulator whose `/v1` routes answer 401 to a request missing one
+    /// of `required` headers (name, exact value), as a hosted provider
+    /// does to a wrong key.
+    pub async fn start_requiring(config: SimConfig, required: Vec<(String, String)>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            serve_sim(config, listener, async {
-                let _ = stopped.await;
-            })
+            serve_sim_requiring(
+                config,
+                listener,
+                async {
+                    let _ = stopped.await;
+                },
+                required,
+            )
             .await
             .unwrap();
         });
@@ -49,6 +65,11 @@ impl SimServer {
         [a, b, slow]
     }
 
+    /// Where it listens, for a proxy in front of it.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
     /// The `base_url` a region's config names.
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
@@ -73,4 +94,52 @@ pub async fn metric(url: &str, name: &str, labels: &[&str]) -> f64 {
         .filter(|l| labels.iter().all(|label| l.contains(label)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .fold(0.0, |sum, v| sum + v)
+}
+
+/// An upstream that passes its health checks but never answers a chat: it
+/// accepts the request and holds it, as a wedged inference server does.
+pub struct SilentUpstream {
+    addr: std::net::SocketAddr,
+    chats: Arc<AtomicU32>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SilentUpstream {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let chats = Arc::new(AtomicU32::new(0));
+        let counted = chats.clone();
+        let app = axum::Router::new()
+            .route(
+                "/v1/models",
+                get(|| async { axum::Json(serde_json::json!({ "object": "list", "data": [] })) }),
+            )
+            .route(
+                "/v1/chat/completions",
+                post(move || {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    std::future::pending::<&'static str>()
+                }),
+            );
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, chats, task }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Chat requests that reached it.
+    pub fn chats(&self) -> u32 {
+        self.chats.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for SilentUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

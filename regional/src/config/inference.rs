@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 use meridian_proto::config::Problems;
 use serde::Deserialize;
 
-use super::{BackendConfig, ModelConfig};
+use super::{BackendConfig, ModelConfig, UpstreamConfig, upstream};
 
 /// The `[inference]` table: request deadlines and admission control.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -82,9 +82,35 @@ pub struct OpenAiConfig {
     /// (full jitter).
     #[serde(default = "default_retry_backoff_ms")]
     pub retry_backoff_ms: u64,
-    /// Time allowed to connect to an upstream, in milliseconds.
+    /// Time allowed to connect to an upstream (TLS handshake included), in
+    /// milliseconds.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// Time an attempt may wait for the upstream's response head, from its
+    /// start, in milliseconds; past it the attempt fails like a connect
+    /// error and the pool tries another upstream. Generous by default: a
+    /// long prompt is prefilled before the head of a streamed answer.
+    #[serde(default = "default_first_byte_timeout_ms")]
+    pub first_byte_timeout_ms: u64,
+    /// How long an idle keep-alive connection to an upstream stays open, in
+    /// milliseconds.
+    #[serde(default = "default_pool_idle_timeout_ms")]
+    pub pool_idle_timeout_ms: u64,
+    /// Idle keep-alive connections kept per upstream host; 0 closes each
+    /// connection after its request.
+    #[serde(default = "default_pool_max_idle_per_host")]
+    pub pool_max_idle_per_host: usize,
+    /// A PEM file of CA certificates trusted for `https://` upstreams besides
+    /// the public roots (a private CA in front of vLLM, say).
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// A PEM certificate chain presented to upstreams that ask for a client
+    /// certificate; needs `client_key_file`.
+    #[serde(default)]
+    pub client_cert_file: Option<String>,
+    /// The PEM private key of `client_cert_file`.
+    #[serde(default)]
+    pub client_key_file: Option<String>,
     /// An answer whose first token took more than this factor times the
     /// typical first-token time of the pool's other upstreams (the median
     /// of their moving averages) counts as a failure for the breaker, so an
@@ -96,18 +122,6 @@ pub struct OpenAiConfig {
     /// factor of a few milliseconds is noise.
     #[serde(default = "default_outlier_min_ttft_ms")]
     pub outlier_min_ttft_ms: u64,
-}
-
-/// One OpenAI-compatible server.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamConfig {
-    /// Base URL up to and including the API version, e.g.
-    /// `http://10.0.0.5:8000/v1`; requests go to `{base_url}/chat/completions`.
-    pub base_url: String,
-    /// Bearer token sent as `Authorization`, when the server needs one.
-    #[serde(default)]
-    pub api_key: Option<String>,
 }
 
 fn default_affinity_prefix_bytes() -> usize {
@@ -133,6 +147,15 @@ fn default_retry_backoff_ms() -> u64 {
 }
 fn default_connect_timeout_ms() -> u64 {
     1_000
+}
+fn default_first_byte_timeout_ms() -> u64 {
+    30_000
+}
+fn default_pool_idle_timeout_ms() -> u64 {
+    90_000
+}
+fn default_pool_max_idle_per_host() -> usize {
+    32
 }
 fn default_outlier_latency_factor() -> f64 {
     3.0
@@ -173,20 +196,7 @@ pub(super) fn validate(models: &[ModelConfig], aliases: &[AliasConfig], problems
         let BackendConfig::OpenAi(pool) = &m.backend else {
             continue;
         };
-        if pool.upstreams.is_empty() {
-            problems.push(format!(
-                "`models[{i}].backend.upstreams` must name at least one upstream"
-            ));
-        }
-        for (j, u) in pool.upstreams.iter().enumerate() {
-            if !u.base_url.starts_with("http://") {
-                problems.push(format!(
-                    "`models[{i}].backend.upstreams[{j}].base_url` must start with http:// \
-                     (this build has no TLS client), got {:?}",
-                    u.base_url
-                ));
-            }
-        }
+        upstream::validate(i, pool, problems);
         if pool.affinity_overload_factor < 1.0 {
             problems.push(format!(
                 "`models[{i}].backend.affinity_overload_factor` must be at least 1"
@@ -276,7 +286,7 @@ mod tests {
         let e = err("[[models]]\nid = \"p\"\nbackend = { kind = \"openai\", upstreams = [] }\n");
         assert!(e.contains("`models[1].backend.upstreams`"), "{e}");
         let e = err(
-            "[[models]]\nid = \"p\"\nbackend = { kind = \"openai\", upstreams = [{ base_url = \"https://x/v1\" }] }\n",
+            "[[models]]\nid = \"p\"\nbackend = { kind = \"openai\", upstreams = [{ base_url = \"ftp://x/v1\" }] }\n",
         );
         assert!(
             e.contains("`models[1].backend.upstreams[0].base_url`"),

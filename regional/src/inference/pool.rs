@@ -12,8 +12,12 @@
 //! on another upstream after a jittered backoff; once a token went to the
 //! client, a failure ends the client's stream instead.
 
+mod breaker;
+mod client;
+mod health;
+
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -25,8 +29,12 @@ use tokio_util::sync::CancellationToken;
 use super::metrics::{Metrics, UpstreamMetrics};
 use super::sim::Fnv;
 use super::{ChatRequest, ChunkStream, first_chunk, openai};
-use crate::config::OpenAiConfig;
+use crate::config::{ApiKey, OpenAiConfig};
 use crate::error::Error;
+
+use self::breaker::Breaker;
+pub(crate) use self::client::Material;
+use self::health::Down;
 
 /// Affinity slots: a direct-mapped table of prefix hash → upstream, so its
 /// size is fixed whatever the traffic; a collision only costs a cache miss.
@@ -40,11 +48,20 @@ pub(crate) struct Pool {
     /// Upstream index + 1 per slot; 0 is empty.
     affinity: Vec<AtomicU32>,
     client: reqwest::Client,
+    /// What the client and the keys were made from, to tell at a reload
+    /// whether the pool can be kept.
+    material: Material,
 }
 
 struct Upstream {
     base_url: String,
-    api_key: Option<String>,
+    /// Scrubbed from whatever the upstream says before anyone sees it.
+    key: Option<ApiKey>,
+    /// Its static headers and its key, sent on every request to it.
+    headers: reqwest::header::HeaderMap,
+    /// Why its latest health check or attempt failed, while it fails: what
+    /// a request that finds no usable upstream is told.
+    failure: Mutex<Option<Down>>,
     outstanding: AtomicU32,
     /// Moving average of the time to the first token of its answers, in
     /// microseconds; 0 before the first.
@@ -55,53 +72,6 @@ struct Upstream {
     metrics: UpstreamMetrics,
 }
 
-/// A circuit breaker: consecutive failures open it for a cooldown; then one
-/// probe request is let through, whose outcome closes or reopens it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Breaker {
-    Closed { failures: u32 },
-    Open { until: Instant },
-    HalfOpen { probing: bool },
-}
-
-impl Breaker {
-    fn usable(&self, now: Instant) -> bool {
-        match *self {
-            Self::Closed { .. } => true,
-            Self::Open { until } => now >= until,
-            Self::HalfOpen { probing } => !probing,
-        }
-    }
-
-    /// Lets a request through, taking the probe slot when half open.
-    fn admit(&mut self, now: Instant) -> bool {
-        match *self {
-            Self::Closed { .. } => true,
-            Self::Open { until } if now >= until => {
-                *self = Self::HalfOpen { probing: true };
-                true
-            }
-            Self::HalfOpen { probing: false } => {
-                *self = Self::HalfOpen { probing: true };
-                true
-            }
-            _ => false,
-        }
-    }
-
-    fn failure(&mut self, now: Instant, threshold: u32, cooldown: Duration) {
-        *self = match *self {
-            Self::Closed { failures } if failures + 1 < threshold => Self::Closed {
-                failures: failures + 1,
-            },
-            Self::Open { until } => Self::Open { until },
-            _ => Self::Open {
-                until: now + cooldown,
-            },
-        };
-    }
-}
-
 enum Failure {
     /// Worth another upstream: connect errors, 5xx, 429, early ends.
     Retry(Error),
@@ -110,33 +80,43 @@ enum Failure {
 }
 
 impl Pool {
-    /// Makes the pool and starts its health checker, which stops with
-    /// `shutdown` or when the pool is dropped (replaced by a reload).
+    /// Makes the pool of `models[index]` from its config and `material`,
+    /// and starts its health checker, which stops with `shutdown` or when
+    /// the pool is dropped (replaced by a reload). An error names the key
+    /// at fault.
     pub(super) fn start(
-        model: &str,
+        (index, model): (usize, &str),
         config: OpenAiConfig,
-        client: reqwest::Client,
+        material: Material,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
-    ) -> Arc<Self> {
+    ) -> Result<Arc<Self>, String> {
+        let client = material.client(index, &config)?;
         let upstreams = config
             .upstreams
             .iter()
-            .map(|u| {
+            .enumerate()
+            .map(|(j, u)| {
+                let key = material.key(j).cloned();
+                let headers = client::headers(u, key.as_ref()).map_err(|e| {
+                    format!("`models[{index}].backend.upstreams[{j}].headers`: {e}")
+                })?;
                 let base_url = u.base_url.trim_end_matches('/').to_string();
                 let metrics = metrics.upstream(model, &base_url);
                 metrics.up.set(1);
-                Upstream {
+                Ok(Upstream {
                     base_url,
-                    api_key: u.api_key.clone(),
+                    key,
+                    headers,
+                    failure: Mutex::new(None),
                     outstanding: AtomicU32::new(0),
                     ttft_us: AtomicU64::new(0),
                     healthy: AtomicBool::new(true),
                     breaker: Mutex::new(Breaker::Closed { failures: 0 }),
                     metrics,
-                }
+                })
             })
-            .collect();
+            .collect::<Result<_, String>>()?;
         let pool = Arc::new(Self {
             model: model.to_string(),
             upstream_model: config.upstream_model.clone().unwrap_or(model.to_string()),
@@ -144,9 +124,15 @@ impl Pool {
             affinity: (0..AFFINITY_SLOTS).map(|_| AtomicU32::new(0)).collect(),
             config,
             client,
+            material,
         });
-        tokio::spawn(check_health(Arc::downgrade(&pool), shutdown));
-        pool
+        tokio::spawn(health::check_health(Arc::downgrade(&pool), shutdown));
+        Ok(pool)
+    }
+
+    /// What the pool was made from.
+    pub(super) fn material(&self) -> &Material {
+        &self.material
     }
 
     /// Upstreams taking requests now, and all of them.
@@ -213,7 +199,7 @@ impl Pool {
                 }
             }
         }
-        Err(last.unwrap_or_else(|| Error::NoHealthyBackend(self.model.clone())))
+        Err(last.unwrap_or_else(|| self.none_usable()))
     }
 
     /// Whether `ttft` at upstream `i` is a latency outlier: more than
@@ -333,7 +319,37 @@ impl Pool {
                 KeyValue::new("meridian.upstream", up.base_url.clone()),
             ],
         );
-        let result = self.send_in(&cx, up, body, prompt_tokens).await;
+        let first_byte = Duration::from_millis(self.config.first_byte_timeout_ms);
+        let result = match tokio::time::timeout(
+            first_byte,
+            self.send_in(&cx, up, body, prompt_tokens),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(Failure::Retry(Error::Unavailable(format!(
+                "upstream {} sent no response head within {} ms (`first_byte_timeout_ms`)",
+                up.base_url, self.config.first_byte_timeout_ms
+            )))),
+        };
+        // Whatever the upstream said may quote the key it was sent.
+        let key = up.key.clone();
+        let result = match result {
+            Ok(stream) => Ok(match key {
+                Some(key) => stream
+                    .map(move |item| item.map_err(|e| client::scrub_error(e, Some(&key))))
+                    .boxed(),
+                None => stream,
+            }),
+            Err(Failure::Retry(e)) => Err(Failure::Retry(client::scrub_error(e, key.as_ref()))),
+            Err(Failure::Fatal(e)) => Err(Failure::Fatal(client::scrub_error(e, key.as_ref()))),
+        };
+        if let Err(Failure::Retry(Error::UpstreamRefused { status, said, .. })) = &result {
+            *up.failure.lock().expect("failure lock") = Some(Down::Refused {
+                status: *status,
+                said: said.clone(),
+            });
+        }
         if let Err(Failure::Retry(e) | Failure::Fatal(e)) = &result {
             trace::set_error(&cx, e.to_string());
         }
@@ -351,10 +367,8 @@ impl Pool {
         let mut request = self
             .client
             .post(format!("{}/chat/completions", up.base_url))
+            .headers(up.headers.clone())
             .json(body);
-        if let Some(key) = &up.api_key {
-            request = request.bearer_auth(key);
-        }
         if let Some(traceparent) = trace::traceparent(cx) {
             request = request.header(trace::TRACEPARENT, traceparent);
         }
@@ -372,10 +386,17 @@ impl Pool {
         if status.is_success() {
             return Ok(openai::chunks(response, prompt_tokens, up.base_url.clone()));
         }
-        let message = openai::error_message(&response.text().await.unwrap_or_default());
-        let message = format!("upstream {} answered {status}: {message}", up.base_url);
+        let said = openai::error_message(&response.text().await.unwrap_or_default());
+        let message = format!("upstream {} answered {status}: {said}", up.base_url);
         Err(match status.as_u16() {
             400 | 413 | 422 => Failure::Fatal(Error::invalid(message, None)),
+            // Another upstream may hold a key that works; this one counts
+            // as failing until its key is fixed.
+            s @ (401 | 403) => Failure::Retry(Error::UpstreamRefused {
+                upstream: up.base_url.clone(),
+                status: s,
+                said,
+            }),
             _ => Failure::Retry(Error::Unavailable(message)),
         })
     }
@@ -476,76 +497,5 @@ impl Drop for Outstanding {
                 *breaker = Breaker::HalfOpen { probing: false };
             }
         }
-    }
-}
-
-/// Checks every upstream each `health_interval_ms` with `GET {base_url}/models`.
-async fn check_health(pool: Weak<Pool>, shutdown: CancellationToken) {
-    let Some(interval) = pool
-        .upgrade()
-        .map(|p| Duration::from_millis(p.config.health_interval_ms))
-    else {
-        return;
-    };
-    let timeout = interval.clamp(Duration::from_millis(200), Duration::from_secs(5));
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        let Some(pool) = pool.upgrade() else {
-            return;
-        };
-        let model = pool.model.as_str();
-        let checks = pool.upstreams.iter().map(|up| {
-            let mut request = pool
-                .client
-                .get(format!("{}/models", up.base_url))
-                .timeout(timeout);
-            if let Some(key) = &up.api_key {
-                request = request.bearer_auth(key);
-            }
-            async move {
-                let ok = request
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success());
-                let was = up.healthy.swap(ok, Ordering::Relaxed);
-                if was != ok {
-                    tracing::warn!(model, upstream = %up.base_url, healthy = ok, "upstream health changed");
-                }
-                up.metrics.up.set(i64::from(up.usable(Instant::now())));
-            }
-        });
-        futures::future::join_all(checks).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn breaker_opens_probes_and_closes() {
-        let cooldown = Duration::from_millis(100);
-        let mut b = Breaker::Closed { failures: 0 };
-        let now = Instant::now();
-        b.failure(now, 2, cooldown);
-        assert!(b.usable(now), "one failure of two");
-        b.failure(now, 2, cooldown);
-        assert!(!b.usable(now) && !b.admit(now), "open");
-        let later = now + cooldown;
-        assert!(b.usable(later));
-        assert!(b.admit(later), "the probe");
-        assert!(!b.admit(later), "one probe at a time");
-        b.failure(later, 2, cooldown);
-        assert_eq!(
-            b,
-            Breaker::Open {
-                until: later + cooldown
-            }
-        );
     }
 }

@@ -11,7 +11,7 @@ mod cache;
 mod server;
 mod tools;
 
-pub use self::server::{serve_sim, serve_sim_traced};
+pub use self::server::{serve_sim, serve_sim_requiring, serve_sim_traced};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

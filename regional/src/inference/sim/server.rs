@@ -50,20 +50,72 @@ pub async fn serve_sim_traced(
     shutdown: impl Future<Output = ()> + Send + 'static,
     tracer: Tracer,
 ) -> std::io::Result<()> {
+    serve(config, listener, shutdown, tracer, Vec::new()).await
+}
+
+/// [`serve_sim`] behind credentials, as a hosted provider is: a `/v1`
+/// request missing one of the `required` headers (name, exact value; e.g.
+/// `authorization` = `Bearer k`) gets a 401 whose message quotes the
+/// `authorization` it came with, as a careless provider's does.
+pub async fn serve_sim_requiring(
+    config: SimConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    required: Vec<(String, String)>,
+) -> std::io::Result<()> {
+    serve(config, listener, shutdown, Tracer::disabled(), required).await
+}
+
+async fn serve(
+    config: SimConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    tracer: Tracer,
+    required: Vec<(String, String)>,
+) -> std::io::Result<()> {
     let metrics = Metrics::with_labels(None);
     let sim = Arc::new(Sim {
         backend: SimBackend::new(config, metrics.sim(MODEL)),
         metrics,
     });
-    let app = Router::new()
+    let v1 = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::new(required),
+            require_headers,
+        ));
+    let app = v1
         .route("/metrics", get(metrics_text))
         .with_state(sim)
         .layer(axum::middleware::from_fn_with_state(tracer, request_span));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+async fn require_headers(
+    State(required): State<Arc<Vec<(String, String)>>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let headers = req.headers();
+    let missing = required.iter().any(|(name, value)| {
+        headers
+            .get(name.as_str())
+            .is_none_or(|v| v != value.as_str())
+    });
+    if !missing {
+        return next.run(req).await;
+    }
+    let sent = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("nothing");
+    let message = format!("Incorrect API key provided: {sent}");
+    let body = json!({ "error": { "message": message, "type": "invalid_request_error",
+        "param": null, "code": "invalid_api_key" } });
+    (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response()
 }
 
 async fn request_span(
