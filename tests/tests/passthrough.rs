@@ -4,14 +4,15 @@
 //! (tool calls whole and in stream fragments, log probabilities, the
 //! upstream's own fields), the cache tells such requests apart, and the
 //! official OpenAI SDK runs a tool loop and structured output through the
-//! gateway against the simulator as an upstream.
+//! gateway against the simulator as a hosted upstream: over HTTPS with a
+//! certificate from a test CA, demanding an API key.
 
 use std::process::Command;
 
 use meridian_regional::SimConfig;
 use meridian_tests::{
-    ClusterSandbox, RECORDED_ARGUMENTS, RecordingUpstream, SimServer, UPSTREAM_FINGERPRINT,
-    UPSTREAM_ONLY_FIELD, init_logging,
+    ClusterSandbox, RECORDED_ARGUMENTS, RecordingUpstream, SimServer, TestPki, TlsUpstream,
+    UPSTREAM_FINGERPRINT, UPSTREAM_ONLY_FIELD, init_logging,
 };
 use serde_json::{Value, json};
 
@@ -21,10 +22,15 @@ const UPSTREAM_MODEL: &str = "provider-model-v2";
 /// A gateway before one region whose model `hosted` is served by the
 /// upstream at `base_url` under the name `provider-model-v2`.
 async fn cluster(base_url: &str) -> ClusterSandbox {
+    cluster_with(base_url, "", "").await
+}
+
+/// [`cluster`] with `pool` settings and `upstream` settings added.
+async fn cluster_with(base_url: &str, pool: &str, upstream: &str) -> ClusterSandbox {
     let model = format!(
         "[[models]]\nid = \"{MODEL}\"\n\
-         backend = {{ kind = \"openai\", upstream_model = \"{UPSTREAM_MODEL}\", \
-         upstreams = [{{ base_url = \"{base_url}\" }}] }}\n"
+         backend = {{ kind = \"openai\", upstream_model = \"{UPSTREAM_MODEL}\"{pool}, \
+         upstreams = [{{ base_url = \"{base_url}\"{upstream} }}] }}\n"
     );
     ClusterSandbox::start_configured(&["eu-west"], |_| model.clone(), |_, _| {}).await
 }
@@ -282,16 +288,30 @@ async fn a_conversation_refuses_tools_by_name_rather_than_store_them_in_part() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_official_sdk_runs_a_tool_loop_and_structured_output_against_the_simulator() {
+async fn the_official_sdk_runs_a_tool_loop_and_structured_output_against_a_hosted_simulator() {
     init_logging();
-    let sim = SimServer::start(SimConfig {
-        prefill_us_per_token: 0,
-        ttft_ms: 0,
-        per_token_ms: 0,
-        ..SimConfig::default()
-    })
+    const KEY: &str = "sk-hosted-0123456789abcdef";
+    let sim = SimServer::start_requiring(
+        SimConfig {
+            prefill_us_per_token: 0,
+            ttft_ms: 0,
+            per_token_ms: 0,
+            ..SimConfig::default()
+        },
+        vec![("authorization".into(), format!("Bearer {KEY}"))],
+    )
     .await;
-    let sandbox = cluster(&sim.base_url()).await;
+    let pki = TestPki::new();
+    let tls = TlsUpstream::start(&pki, sim.addr(), false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("provider.key");
+    std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
+    let sandbox = cluster_with(
+        &tls.base_url(),
+        &format!(", ca_file = {:?}", tls.ca_file()),
+        &format!(", api_key_file = {:?}", key_file.display().to_string()),
+    )
+    .await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/data/openai_sdk_tools.py");
     let base_url = format!("{}/v1", sandbox.gateway_url());
     let out = tokio::task::spawn_blocking(move || {
@@ -326,4 +346,9 @@ async fn the_official_sdk_runs_a_tool_loop_and_structured_output_against_the_sim
     assert!(seen["structured"]["steps"].is_array());
     assert!(seen["parsed"]["destination"].is_string());
     assert!(seen["parsed"]["nights"].is_i64());
+    assert!(
+        !tls.negotiated().is_empty() && tls.negotiated().iter().all(|p| p == "h2"),
+        "the pool speaks HTTP/2 to the upstream: {:?}",
+        tls.negotiated()
+    );
 }
