@@ -23,7 +23,7 @@ use crate::cache::{Answer, Directives, Outcome, ResponseCache};
 use crate::conversation::{self, Begun, ConversationId, Turn};
 use crate::error::Error;
 use crate::inference::{
-    ChatRequest, ChunkStream, Completion, Finish, Hints, Inference, Permit, Routed,
+    ChatRequest, ChunkStream, Completion, Fallback, Finish, Hints, Inference, Permit, Routed,
 };
 use crate::replication::{Durability, Replication};
 use crate::store::{Store, StoreHealth};
@@ -111,6 +111,8 @@ pub(crate) struct Streamed {
     /// How the turn is acknowledged (its last chunk waits for it); `None`
     /// without a conversation.
     pub durability: Option<Durability>,
+    /// Set when a fallback model serves.
+    pub fallback: Option<Fallback>,
 }
 
 impl Pipeline {
@@ -144,22 +146,26 @@ impl Pipeline {
             Some(Begun::Turn(turn)) => Some(turn),
             None => None,
         };
-        let (routed, record) = self.route(tenant.as_str(), req, &hints)?;
-        let req = &*req;
-        let policy = self.parts.cache.policy(req, directives);
+        let (routed, mut record) = self.route(tenant.as_str(), req, &hints)?;
+        let asked = &*req;
+        let policy = self.parts.cache.policy(asked, directives);
         let mut ttft = Duration::ZERO;
         let compute = async {
             let _permit = self.parts.inference.admit(tenant.as_str())?;
-            let done = routed.complete(req, Some(deadline)).await?;
+            let done = routed.complete(asked, Some(deadline)).await?;
             ttft = done.time_to_first_token;
             Ok(Answer::of(done))
         };
         let (answer, outcome) = self
             .parts
             .cache
-            .get_or_compute(tenant.as_str(), req, policy, compute)
+            .get_or_compute(tenant.as_str(), asked, policy, compute)
             .await
             .inspect_err(|e| record.failed(e))?;
+        if let Some(fallback) = &answer.fallback {
+            req.model.clone_from(&fallback.to);
+            record.served_by(&fallback.to);
+        }
         record.completed(answer.usage(), ttft, outcome.label());
         self.note_cache(outcome);
         let durability = match turn {
@@ -191,12 +197,15 @@ impl Pipeline {
         req: &ChatRequest,
     ) -> Result<Completion, Error> {
         let mut req = req.clone();
-        let (routed, record) = self.route(tenant, &mut req, &Hints::default())?;
+        let (routed, mut record) = self.route(tenant, &mut req, &Hints::default())?;
         let _permit = self.parts.inference.admit_waiting(tenant).await;
         let done = routed
             .complete(&req, None)
             .await
             .inspect_err(|e| record.failed(e))?;
+        if let Some(fallback) = &done.fallback {
+            record.served_by(&fallback.to);
+        }
         record.completed(
             done.usage,
             done.time_to_first_token,
@@ -316,6 +325,7 @@ fn repeated_answer(text: String) -> Answer {
         prompt_tokens: 0,
         completion_tokens: 0,
         extras: Default::default(),
+        fallback: None,
     }
 }
 

@@ -187,6 +187,8 @@ fn default_models() -> Vec<ModelConfig> {
         id: "sim-small".into(),
         context_window_tokens: 8192,
         backend: BackendConfig::Sim(SimConfig::default()),
+        fallbacks: vec![],
+        context_fallbacks: vec![],
     }]
 }
 
@@ -201,6 +203,16 @@ pub struct ModelConfig {
     pub context_window_tokens: u32,
     /// What serves the model.
     pub backend: BackendConfig,
+    /// Models tried in order, in this region, when this one fails before
+    /// its answer starts (429, 5xx, connect failure, first-byte timeout,
+    /// refused credentials, no healthy upstream). Before the gateway's
+    /// failover to another region.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+    /// Models tried in order when the request does not fit this one's
+    /// context window: the first that fits serves it.
+    #[serde(default)]
+    pub context_fallbacks: Vec<String>,
 }
 
 fn default_context_window() -> u32 {

@@ -192,6 +192,39 @@ pub(crate) struct Completion {
     pub usage: Usage,
     pub time_to_first_token: std::time::Duration,
     pub extras: Extras,
+    /// Set when another model than the one routed to served.
+    pub fallback: Option<Fallback>,
+}
+
+/// A request served by a fallback: by `to` rather than `from`, the model
+/// it was routed to, because of `reason`. Kept with a cached answer, so a
+/// hit says which model wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Fallback {
+    pub from: String,
+    pub to: String,
+    /// `context_window` (the request did not fit `from`), `unavailable`
+    /// (429, 5xx, connect failure, first-byte timeout, no healthy
+    /// upstream) or `refused` (the upstream refused the region's key).
+    pub reason: String,
+}
+
+impl Fallback {
+    /// The `x-meridian-fallback` value: where the request went first, and why
+    /// it left (`x-meridian-model` names the model that served).
+    pub(crate) fn header(&self) -> String {
+        format!("from={}; reason={}", self.from, self.reason)
+    }
+}
+
+/// Whether `e`, from a model's backend before its answer started, sends the
+/// request on to the next fallback; the reason it gives.
+fn fallback_reason(e: &Error) -> Option<&'static str> {
+    match e {
+        Error::Unavailable(_) | Error::NoHealthyBackend { .. } => Some("unavailable"),
+        Error::UpstreamRefused { .. } => Some("refused"),
+        _ => None,
+    }
 }
 
 /// What routes a request besides its body: the parts of a request that
@@ -230,10 +263,15 @@ pub(crate) struct Inference {
     pub default_timeout: Duration,
 }
 
-/// A request's model, chosen: the backend that serves it and its config.
+/// A request's model, chosen: the backend that serves it and its config,
+/// and the models tried after it when it fails before answering.
 #[derive(Clone)]
 pub(crate) struct Routed {
     model: Arc<route::Model>,
+    /// In order; each fits the request.
+    fallbacks: Vec<Arc<route::Model>>,
+    /// Set when a context fallback is `model`.
+    chosen: Option<Fallback>,
 }
 
 impl Inference {
@@ -357,17 +395,40 @@ impl Inference {
     /// Resolves an alias to a real model (rewriting `req.model`) and checks
     /// the request fits that model.
     pub(crate) fn route(&self, req: &mut ChatRequest, hints: &Hints) -> Result<Routed, Error> {
-        let model = self.table.load().route(req, hints)?;
-        req.model = model.config.id.clone();
+        let table = self.table.load();
+        let first = table.route(req, hints)?;
+        let fallbacks = table.fallbacks(&req.model, &first);
         // In u64: `max_tokens` may be as large as u32 allows.
         let tokens = u64::from(req.prompt_tokens()) + u64::from(req.max_tokens.unwrap_or(0));
-        if tokens > u64::from(model.config.context_window_tokens) {
-            return Err(Error::ContextLengthExceeded {
-                tokens,
-                window: model.config.context_window_tokens,
-            });
-        }
-        Ok(Routed { model })
+        let fits = |m: &route::Model| tokens <= u64::from(m.config.context_window_tokens);
+        let (model, chosen) = if fits(&first) {
+            (first, None)
+        } else {
+            let Some(bigger) = fallbacks.context.iter().find(|m| fits(m)) else {
+                return Err(Error::ContextLengthExceeded {
+                    tokens,
+                    window: first.config.context_window_tokens,
+                });
+            };
+            let chosen = Fallback {
+                from: first.config.id.clone(),
+                to: bigger.config.id.clone(),
+                reason: "context_window".into(),
+            };
+            (bigger.clone(), Some(chosen))
+        };
+        req.model = model.config.id.clone();
+        let fallbacks = fallbacks
+            .errors
+            .iter()
+            .filter(|m| m.config.id != model.config.id && fits(m))
+            .cloned()
+            .collect();
+        Ok(Routed {
+            model,
+            fallbacks,
+            chosen,
+        })
     }
 
     /// The Prometheus text of the inference metrics.
@@ -377,17 +438,34 @@ impl Inference {
 }
 
 impl Routed {
-    /// Generates a whole completion, cut at `deadline`.
+    /// Generates a whole completion, cut at `deadline`; a model that fails
+    /// before answering hands the request to the next fallback, all within
+    /// the one deadline.
     pub(crate) async fn complete(
         &self,
         req: &ChatRequest,
         deadline: Option<Instant>,
     ) -> Result<Completion, Error> {
         let work = async {
-            match &self.model.backend {
-                route::Backend::Sim(sim) => sim.complete(req).await,
-                route::Backend::Pool(pool) => collect(pool.stream(req.clone()).await?).await,
+            let mut failed = None;
+            for (i, model) in self.candidates().enumerate() {
+                let asked = self.asked(req, i, model);
+                let result = match &model.backend {
+                    route::Backend::Sim(sim) => sim.complete(&asked).await,
+                    route::Backend::Pool(pool) => match pool.stream(asked.into_owned()).await {
+                        Ok(stream) => collect(stream).await,
+                        Err(e) => Err(e),
+                    },
+                };
+                match self.next(i, model, result, &mut failed)? {
+                    Some(mut done) => {
+                        done.fallback = self.fallback(i, model, failed.as_ref());
+                        return Ok(done);
+                    }
+                    None => continue,
+                }
             }
+            unreachable!("the last candidate's error is returned")
         };
         match deadline {
             Some(d) => tokio::time::timeout_at(d, work)
@@ -399,27 +477,102 @@ impl Routed {
 
     /// Generates a completion as a stream. Resolves once the first chunk is
     /// ready, so everything that fails before the client sees a byte (and
-    /// every retry) happens here and gets a proper status; the stream ends
-    /// with an error if `deadline` passes while it runs.
+    /// every retry and fallback) happens here and gets a proper status; the
+    /// stream ends with an error if `deadline` passes while it runs.
     pub(crate) async fn stream(
         &self,
         req: ChatRequest,
         deadline: Option<Instant>,
-    ) -> Result<ChunkStream, Error> {
+    ) -> Result<(ChunkStream, Option<Fallback>), Error> {
         let work = async {
-            let stream = match &self.model.backend {
-                route::Backend::Sim(sim) => sim.stream(req).map(Ok).boxed(),
-                route::Backend::Pool(pool) => pool.stream(req).await?,
-            };
-            first_chunk(stream).await
+            let mut failed = None;
+            for (i, model) in self.candidates().enumerate() {
+                let asked = self.asked(&req, i, model).into_owned();
+                let result = async {
+                    let stream = match &model.backend {
+                        route::Backend::Sim(sim) => sim.stream(asked).map(Ok).boxed(),
+                        route::Backend::Pool(pool) => pool.stream(asked).await?,
+                    };
+                    first_chunk(stream).await
+                }
+                .await;
+                if let Some(stream) = self.next(i, model, result, &mut failed)? {
+                    return Ok((stream, self.fallback(i, model, failed.as_ref())));
+                }
+            }
+            unreachable!("the last candidate's error is returned")
         };
         let Some(deadline) = deadline else {
             return work.await;
         };
-        let stream = tokio::time::timeout_at(deadline, work)
+        let (stream, fallback) = tokio::time::timeout_at(deadline, work)
             .await
             .map_err(|_| Error::DeadlineExceeded)??;
-        Ok(cut_at(stream, deadline))
+        Ok((cut_at(stream, deadline), fallback))
+    }
+
+    fn candidates(&self) -> impl Iterator<Item = &Arc<route::Model>> {
+        std::iter::once(&self.model).chain(&self.fallbacks)
+    }
+
+    /// The request as candidate `i` gets it: a fallback under its own name,
+    /// which the simulator's output depends on.
+    fn asked<'r>(
+        &self,
+        req: &'r ChatRequest,
+        i: usize,
+        model: &route::Model,
+    ) -> std::borrow::Cow<'r, ChatRequest> {
+        if i == 0 {
+            return std::borrow::Cow::Borrowed(req);
+        }
+        let mut req = req.clone();
+        req.model = model.config.id.clone();
+        std::borrow::Cow::Owned(req)
+    }
+
+    /// What candidate `i`'s `result` means: its answer; `None` to go on to
+    /// the next (the failure kept in `failed`); or the error to return,
+    /// when it does not send a request on or no candidate is left.
+    fn next<T>(
+        &self,
+        i: usize,
+        model: &route::Model,
+        result: Result<T, Error>,
+        failed: &mut Option<(String, &'static str)>,
+    ) -> Result<Option<T>, Error> {
+        match result {
+            Ok(done) => Ok(Some(done)),
+            Err(e) => match fallback_reason(&e) {
+                Some(reason) if i < self.fallbacks.len() => {
+                    tracing::warn!(model = %model.config.id, error = %e, "model failed; trying its next fallback");
+                    failed.get_or_insert((model.config.id.clone(), reason));
+                    Ok(None)
+                }
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// The fallback that candidate `i` answering makes: the context
+    /// fallback chosen at routing, or the first failure's.
+    fn fallback(
+        &self,
+        i: usize,
+        model: &route::Model,
+        failed: Option<&(String, &'static str)>,
+    ) -> Option<Fallback> {
+        match (i, failed) {
+            (0, _) | (_, None) => self.chosen.clone(),
+            (_, Some((first, reason))) => Some(Fallback {
+                from: self
+                    .chosen
+                    .as_ref()
+                    .map_or_else(|| first.clone(), |c| c.from.clone()),
+                to: model.config.id.clone(),
+                reason: (*reason).into(),
+            }),
+        }
     }
 }
 
@@ -481,6 +634,7 @@ async fn collect(stream: ChunkStream) -> Result<Completion, Error> {
                     usage,
                     time_to_first_token: first.unwrap_or_else(|| started.elapsed()),
                     extras,
+                    fallback: None,
                 });
             }
         }

@@ -43,7 +43,7 @@ pub use self::sandbox::{
 };
 pub use self::time_series::{TimeSeries, require_extension};
 pub use self::tls_upstream::TlsUpstream;
-pub use self::upstream::{SilentUpstream, SimServer, metric};
+pub use self::upstream::{FaultyUpstream, SimServer, metric};
 
 /// Per-process test setup: sends the harness's and the system's logs to the
 /// test output (`RUST_LOG` selects what is shown; default: warnings), and

@@ -96,16 +96,27 @@ pub async fn metric(url: &str, name: &str, labels: &[&str]) -> f64 {
         .fold(0.0, |sum, v| sum + v)
 }
 
-/// An upstream that passes its health checks but never answers a chat: it
-/// accepts the request and holds it, as a wedged inference server does.
-pub struct SilentUpstream {
+/// An upstream that passes its health checks but fails every chat: it
+/// holds the request without answering, as a wedged inference server does,
+/// or answers one error status, as an overloaded (429) or broken (5xx) one.
+pub struct FaultyUpstream {
     addr: std::net::SocketAddr,
     chats: Arc<AtomicU32>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl SilentUpstream {
-    pub async fn start() -> Self {
+impl FaultyUpstream {
+    /// Holds every chat request without answering.
+    pub async fn silent() -> Self {
+        Self::start(None).await
+    }
+
+    /// Answers every chat request with `status` and an OpenAI error body.
+    pub async fn answering(status: u16) -> Self {
+        Self::start(Some(status)).await
+    }
+
+    async fn start(status: Option<u16>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let chats = Arc::new(AtomicU32::new(0));
@@ -117,9 +128,15 @@ impl SilentUpstream {
             )
             .route(
                 "/v1/chat/completions",
-                post(move || {
+                post(move || async move {
                     counted.fetch_add(1, Ordering::Relaxed);
-                    std::future::pending::<&'static str>()
+                    let Some(status) = status else {
+                        return std::future::pending().await;
+                    };
+                    let status = axum::http::StatusCode::from_u16(status).unwrap();
+                    let body = serde_json::json!({ "error": { "message": format!("failing with {status}"),
+                        "type": "server_error", "param": null, "code": null } });
+                    (status, axum::Json(body))
                 }),
             );
         let task = tokio::spawn(async move {
@@ -138,7 +155,7 @@ impl SilentUpstream {
     }
 }
 
-impl Drop for SilentUpstream {
+impl Drop for FaultyUpstream {
     fn drop(&mut self) {
         self.task.abort();
     }

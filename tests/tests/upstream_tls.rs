@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use meridian_mesh::Identity;
 use meridian_regional::SimConfig;
 use meridian_tests::{
-    RegionProcess, RegionSandbox, SilentUpstream, SimServer, TestPki, TlsUpstream, init_logging,
+    FaultyUpstream, RegionProcess, RegionSandbox, SimServer, TestPki, TlsUpstream, init_logging,
     metric,
 };
 use serde_json::{Value, json};
@@ -230,7 +230,7 @@ async fn static_headers_reach_the_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_never_answers_is_left_for_the_other_after_the_first_byte_timeout() {
     init_logging();
-    let silent = SilentUpstream::start().await;
+    let silent = FaultyUpstream::silent().await;
     let sim = SimServer::start(fast_sim()).await;
     // No affinity: each request picks by load, so the silent upstream gets
     // its share of first attempts.

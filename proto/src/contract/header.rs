@@ -76,6 +76,12 @@ pub const ROUTING_HINT: &str = "x-meridian-routing-hint";
 /// Response header (and gRPC metadata) naming the model that answered.
 pub const MODEL: &str = "x-meridian-model";
 
+/// Response header (and gRPC metadata) present when a fallback model
+/// answered instead of the one the request was routed to:
+/// `from=<model>; reason=<context_window|unavailable|refused>`;
+/// [`MODEL`] names the model that answered.
+pub const FALLBACK: &str = "x-meridian-fallback";
+
 /// Seconds to wait before retrying a refused request (RFC 9110).
 pub const RETRY_AFTER: &str = "retry-after";
 

@@ -29,6 +29,7 @@ impl Pipeline {
         let turn = match self.begin_turn(ask.tenant, req, options).await? {
             Some(Begun::Repeated(text)) => {
                 return Ok(Streamed {
+                    fallback: None,
                     chunks: std::sync::Arc::new(repeated_answer(text)).stream(),
                     outcome: Outcome::Bypass,
                     record: self.parts.usage.begin(ask.tenant.as_str(), &req.model),
@@ -86,9 +87,15 @@ impl Pipeline {
         let (routed, record) = self.route(tenant.as_str(), req, &ask.hints)?;
         let policy = self.parts.cache.policy(req, ask.cache);
         let looked = self.parts.cache.lookup(tenant.as_str(), req, policy).await;
+        let mut record = record;
         if let Some((answer, outcome)) = looked.hit {
             self.note_cache(outcome);
+            if let Some(fallback) = &answer.fallback {
+                req.model.clone_from(&fallback.to);
+                record.served_by(&fallback.to);
+            }
             return Ok(Streamed {
+                fallback: answer.fallback.clone(),
                 chunks: answer.stream(),
                 outcome,
                 record,
@@ -101,10 +108,14 @@ impl Pipeline {
             .inference
             .admit(tenant.as_str())
             .inspect_err(|e| record.failed(e))?;
-        let chunks = routed
+        let (chunks, fallback) = routed
             .stream(req.clone(), Some(deadline))
             .await
             .inspect_err(|e| record.failed(e))?;
+        if let Some(fallback) = &fallback {
+            req.model.clone_from(&fallback.to);
+            record.served_by(&fallback.to);
+        }
         let outcome = if policy == Policy::Bypass {
             Outcome::Bypass
         } else {
@@ -120,6 +131,7 @@ impl Pipeline {
             let (cache, tasks) = (self.parts.cache.clone(), self.parts.tasks.clone());
             let mut pending = Some(looked.pending);
             let mut assembly = Assembly::default();
+            let written_by = fallback.clone();
             chunks
                 .inspect(move |chunk| match chunk {
                     Ok(Chunk::Delta(d)) => assembly.push(d),
@@ -131,12 +143,15 @@ impl Pipeline {
                         let Some(pending) = pending.take() else {
                             return;
                         };
-                        let answer = Answer::assembled(
-                            std::mem::take(&mut assembly),
-                            *finish,
-                            *usage,
-                            meta.clone(),
-                        );
+                        let answer = Answer {
+                            fallback: written_by.clone(),
+                            ..Answer::assembled(
+                                std::mem::take(&mut assembly),
+                                *finish,
+                                *usage,
+                                meta.clone(),
+                            )
+                        };
                         let cache = cache.clone();
                         tasks.spawn(async move {
                             cache.store_answer(pending, answer).await;
@@ -152,6 +167,7 @@ impl Pipeline {
             record,
             permit: Some(permit),
             durability: None,
+            fallback,
         })
     }
 }

@@ -22,7 +22,7 @@ use crate::conversation::{
 };
 use crate::error::Error;
 use crate::inference::{
-    ChatRequest, Chunk, Finish, Hints, Message, SizeHint, Usage, parse_grpc_timeout,
+    ChatRequest, Chunk, Fallback, Finish, Hints, Message, SizeHint, Usage, parse_grpc_timeout,
     parse_timeout_ms,
 };
 use crate::replication::{DURABILITY_HEADER, Durability};
@@ -107,11 +107,17 @@ fn durability_metadata<T>(response: &mut Response<T>, durability: Option<Durabil
     }
 }
 
-fn model_metadata<T>(response: &mut Response<T>, model: &str) {
+/// `x-meridian-model`, and `x-meridian-fallback` when a fallback served.
+fn model_metadata<T>(response: &mut Response<T>, model: &str, fallback: Option<&Fallback>) {
     if let Ok(v) = model.parse() {
         response
             .metadata_mut()
             .insert(meridian_proto::header::MODEL, v);
+    }
+    if let Some(v) = fallback.and_then(|f| f.header().parse().ok()) {
+        response
+            .metadata_mut()
+            .insert(meridian_proto::header::FALLBACK, v);
     }
 }
 
@@ -228,7 +234,7 @@ impl Inference for InferenceApi {
             .metadata_mut()
             .insert(meridian_proto::header::USAGE_TOKENS, total.into());
         let model = response.get_ref().model.clone();
-        model_metadata(&mut response, &model);
+        model_metadata(&mut response, &model, done.answer.fallback.as_ref());
         durability_metadata(&mut response, done.durability);
         Ok(response)
     }
@@ -247,6 +253,7 @@ impl Inference for InferenceApi {
         let settle = charge.clone();
         let model = req.model.clone();
         let durability = streamed.durability;
+        let fallback = streamed.fallback.clone();
         let (chunks, outcome, record, permit) = (
             streamed.chunks,
             streamed.outcome,
@@ -302,7 +309,7 @@ impl Inference for InferenceApi {
             Some(Err(unread(timeout))),
         );
         let mut response = Response::new(stream.boxed());
-        model_metadata(&mut response, &response_model);
+        model_metadata(&mut response, &response_model, fallback.as_ref());
         durability_metadata(&mut response, durability);
         response
             .metadata_mut()

@@ -75,7 +75,7 @@ async fn chat(
         let streamed = state.pipeline.answer_stream(&mut req, ask).await?;
         let charge = Charge::of(&req);
         let headers = (
-            model_header(&req.model),
+            model_header(&req.model, streamed.fallback.as_ref()),
             [(RESULT_HEADER, streamed.outcome.header())],
             durability_header(streamed.durability),
             charge.head_headers(streamed.outcome.is_hit()),
@@ -113,7 +113,7 @@ async fn chat(
     );
     let total = charge::used(usage, done.outcome);
     Ok((
-        model_header(&req.model),
+        model_header(&req.model, answer.fallback.as_ref()),
         [
             (meridian_proto::header::USAGE_TOKENS, total.to_string()),
             (RESULT_HEADER, done.outcome.header().to_string()),

@@ -28,7 +28,7 @@ use crate::conversation::{
     CONVERSATION_HEADER, ConversationId, IDEMPOTENCY_HEADER, idempotency_key,
 };
 use crate::error::Error;
-use crate::inference::{ChatRequest, Chunk, Hints, Message, SizeHint, parse_timeout_ms};
+use crate::inference::{ChatRequest, Chunk, Fallback, Hints, Message, SizeHint, parse_timeout_ms};
 use crate::replication::{DURABILITY_HEADER, Durability};
 use crate::slow_reader::cut_after;
 
@@ -119,8 +119,16 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestFacts {
     }
 }
 
-pub(super) fn model_header(model: &str) -> [(&'static str, String); 1] {
-    [(MODEL_HEADER, model.to_string())]
+/// `x-meridian-model`, and `x-meridian-fallback` when a fallback served.
+pub(super) fn model_header(
+    model: &str,
+    fallback: Option<&Fallback>,
+) -> axum::response::AppendHeaders<Vec<(&'static str, String)>> {
+    let mut headers = vec![(MODEL_HEADER, model.to_string())];
+    if let Some(f) = fallback {
+        headers.push((meridian_proto::header::FALLBACK, f.header()));
+    }
+    axum::response::AppendHeaders(headers)
 }
 
 /// `x-meridian-durability` of a stored turn: how it was (or, for a stream,
@@ -260,7 +268,7 @@ async fn completions(
             (meridian_proto::header::USAGE_TOKENS, total.to_string()),
         ];
         return Ok((
-            model_header(&req.model),
+            model_header(&req.model, done.answer.fallback.as_ref()),
             cache,
             durability_header(done.durability),
             axum::Json(body),
@@ -276,6 +284,7 @@ async fn completions(
     let chunks = streamed.chunks;
     let permit = streamed.permit;
     let durability = durability_header(streamed.durability);
+    let streamed_fallback = streamed.fallback;
     let events = async_stream::stream! {
         let _permit = permit;
         let mut chunks = chunks;
@@ -310,7 +319,14 @@ async fn completions(
     let body = Sse::new(events).keep_alive(KeepAlive::default());
     let cache = [(RESULT_HEADER, outcome.header())];
     let head = charge.head_headers(outcome.is_hit());
-    let mut response = (model_header(&req.model), cache, durability, head, body).into_response();
+    let mut response = (
+        model_header(&req.model, streamed_fallback.as_ref()),
+        cache,
+        durability,
+        head,
+        body,
+    )
+        .into_response();
     charge.trail(&mut response);
     Ok(response)
 }

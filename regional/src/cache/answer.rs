@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::inference::{Assembly, Chunk, ChunkStream, Completion, Delta, Extras, Finish, Usage};
+use crate::inference::{
+    Assembly, Chunk, ChunkStream, Completion, Delta, Extras, Fallback, Finish, Usage,
+};
 
 /// A cached answer: what replaying a completion needs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -17,6 +19,9 @@ pub(crate) struct Answer {
     /// absent from entries written before answers carried them.
     #[serde(default)]
     pub extras: Extras,
+    /// Set when a fallback model wrote the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Fallback>,
 }
 
 impl Answer {
@@ -59,6 +64,7 @@ impl Answer {
             prompt_tokens: done.usage.prompt_tokens,
             completion_tokens: done.usage.completion_tokens,
             extras: done.extras,
+            fallback: done.fallback,
         }
     }
 
@@ -76,6 +82,7 @@ impl Answer {
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
             extras,
+            fallback: None,
         }
     }
 }
@@ -142,6 +149,7 @@ mod tests {
             prompt_tokens: 4,
             completion_tokens: 3,
             extras: Extras::default(),
+            fallback: None,
         });
         let chunks: Vec<_> = answer.stream().map(|c| c.unwrap()).collect().await;
         let text: String = chunks
@@ -182,6 +190,7 @@ mod tests {
                 meta,
                 ..Extras::default()
             },
+            fallback: None,
         };
         // Through Redis's encoding and back, as an L2 hit is.
         let answer: Answer = serde_json::from_slice(&serde_json::to_vec(&answer).unwrap()).unwrap();

@@ -218,6 +218,7 @@ mod tests {
             prompt_tokens: 1,
             completion_tokens: 1,
             extras: Default::default(),
+            fallback: None,
         })
     }
 

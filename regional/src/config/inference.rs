@@ -184,6 +184,14 @@ pub struct AliasConfig {
     /// `{ "sim-v1" = 90, "sim-v2" = 10 }`.
     #[serde(default)]
     pub weights: BTreeMap<String, u32>,
+    /// Like a model's `fallbacks`, for requests to this alias; when empty,
+    /// the chosen model's own list applies.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+    /// Like a model's `context_fallbacks`, for requests to this alias; when
+    /// empty, the chosen model's own list applies.
+    #[serde(default)]
+    pub context_fallbacks: Vec<String>,
 }
 
 fn default_large_above_prompt_tokens() -> u32 {
@@ -220,6 +228,39 @@ pub(super) fn validate(models: &[ModelConfig], aliases: &[AliasConfig], problems
         }
     }
     let model_ids: HashSet<&str> = models.iter().map(|m| m.id.as_str()).collect();
+    let lists = models
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            (
+                format!("models[{i}]"),
+                m.id.as_str(),
+                &m.fallbacks,
+                &m.context_fallbacks,
+            )
+        })
+        .chain(aliases.iter().enumerate().map(|(i, a)| {
+            (
+                format!("aliases[{i}]"),
+                a.id.as_str(),
+                &a.fallbacks,
+                &a.context_fallbacks,
+            )
+        }));
+    for (at, id, fallbacks, context) in lists {
+        for (key, list) in [("fallbacks", fallbacks), ("context_fallbacks", context)] {
+            for target in list {
+                if target == id {
+                    problems.push(format!("`{at}.{key}` names {id:?} itself"));
+                } else if !model_ids.contains(target.as_str()) {
+                    problems.push(format!(
+                        "`{at}.{key}` names {target:?}, which is not a model of this region \
+                         (fallbacks name models, not aliases)"
+                    ));
+                }
+            }
+        }
+    }
     let mut alias_ids = HashSet::new();
     for (i, a) in aliases.iter().enumerate() {
         if a.id.is_empty() {
@@ -302,5 +343,28 @@ mod tests {
         assert!(e.contains("`aliases[0].weights`"), "{e}");
         let e = err("[inference]\nbogus = 1\n");
         assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn fallbacks_name_other_models() {
+        let e = err("[[models]]\nid = \"b\"\nfallbacks = [\"b\"]\nbackend = { kind = \"sim\" }\n");
+        assert!(
+            e.contains("`models[1].fallbacks` names \"b\" itself"),
+            "{e}"
+        );
+        let e = err(
+            "[[models]]\nid = \"b\"\ncontext_fallbacks = [\"nope\"]\nbackend = { kind = \"sim\" }\n",
+        );
+        assert!(
+            e.contains("`models[1].context_fallbacks` names \"nope\""),
+            "{e}"
+        );
+        let e = err("[[aliases]]\nid = \"w\"\nweights = { a = 1 }\nfallbacks = [\"w\"]\n");
+        assert!(e.contains("`aliases[0].fallbacks`"), "{e}");
+        let ok = format!(
+            "{BASE}[[models]]\nid = \"b\"\nfallbacks = [\"a\"]\ncontext_fallbacks = [\"a\"]\n\
+             backend = {{ kind = \"sim\" }}\n"
+        );
+        Config::from_toml(&ok, "t").unwrap();
     }
 }

@@ -53,10 +53,20 @@ enum Rule {
     ByWeight { cumulative: Vec<(u64, Arc<Model>)> },
 }
 
+/// Where a request goes when its model fails or is too small for it, in
+/// order.
+#[derive(Default)]
+pub(super) struct Fallbacks {
+    pub errors: Vec<Arc<Model>>,
+    pub context: Vec<Arc<Model>>,
+}
+
 #[derive(Default)]
 pub(super) struct Table {
     models: HashMap<String, Arc<Model>>,
     aliases: HashMap<String, Rule>,
+    /// By model or alias id, for those that name any.
+    fallbacks: HashMap<String, Arc<Fallbacks>>,
     /// Models, then aliases, in config order.
     order: Vec<String>,
 }
@@ -70,6 +80,30 @@ impl Table {
             .map(|m| (m.config.id.clone(), Arc::new(m)))
             .collect();
         let get = |id: &str| models[id].clone();
+        let lists = |errors: &[String], context: &[String]| {
+            let all = |ids: &[String]| ids.iter().map(|id| get(id)).collect();
+            Arc::new(Fallbacks {
+                errors: all(errors),
+                context: all(context),
+            })
+        };
+        let fallbacks = models
+            .values()
+            .map(|m| {
+                (
+                    &m.config.id,
+                    &m.config.fallbacks,
+                    &m.config.context_fallbacks,
+                )
+            })
+            .chain(
+                aliases
+                    .iter()
+                    .map(|a| (&a.id, &a.fallbacks, &a.context_fallbacks)),
+            )
+            .filter(|(_, e, c)| !e.is_empty() || !c.is_empty())
+            .map(|(id, e, c)| (id.clone(), lists(e, c)))
+            .collect();
         let aliases = aliases
             .iter()
             .map(|a| {
@@ -100,8 +134,19 @@ impl Table {
         Self {
             models,
             aliases,
+            fallbacks,
             order,
         }
+    }
+
+    /// The fallbacks of a request to `asked` served first by `model`: the
+    /// alias's own lists, else the model's.
+    pub(super) fn fallbacks(&self, asked: &str, model: &Model) -> Arc<Fallbacks> {
+        self.fallbacks
+            .get(asked)
+            .or_else(|| self.fallbacks.get(&model.config.id))
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub(super) fn model(&self, id: &str) -> Option<&Arc<Model>> {
@@ -205,6 +250,8 @@ mod tests {
                     id: id.into(),
                     context_window_tokens: 8192,
                     backend: BackendConfig::Sim(SimConfig::default()),
+                    fallbacks: vec![],
+                    context_fallbacks: vec![],
                 },
                 backend: Backend::Sim(Arc::new(SimBackend::new(
                     SimConfig::default(),

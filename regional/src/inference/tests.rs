@@ -32,9 +32,13 @@ fn slow_model() -> Routed {
                 id: "slow".into(),
                 context_window_tokens: 8192,
                 backend: BackendConfig::Sim(config.clone()),
+                fallbacks: vec![],
+                context_fallbacks: vec![],
             },
             backend: route::Backend::Sim(Arc::new(SimBackend::new(config, metrics.sim("slow")))),
         }),
+        fallbacks: vec![],
+        chosen: None,
     }
 }
 
@@ -72,6 +76,7 @@ async fn deadline_cuts_whole_and_streamed_completions() {
         .stream(request(), Some(started + Duration::from_millis(450)))
         .await
         .unwrap()
+        .0
         .collect()
         .await;
     assert!(items.len() >= 2, "some tokens arrived");

@@ -165,7 +165,7 @@ async fn pause(shutdown: &CancellationToken, d: Duration) {
 }
 
 enum Outcome {
-    Done(Completion, Duration),
+    Done(Box<Completion>, Duration),
     Failed(Error),
     /// The attempt lost its job: cancelled, or its lease was taken over.
     Lost,
@@ -289,7 +289,7 @@ async fn run(state: Arc<Workers>, d: Delivery, _permit: OwnedSemaphorePermit) {
         }
         Outcome::Lost => Ok(()),
         Outcome::Done(done, latency) => {
-            let result = result(done, latency);
+            let result = result(*done, latency);
             let lease = Duration::from_millis(q.config.lease_ms);
             once_postgres_answers(&state, lease, || {
                 store::succeed(state.pool(), owner, &result)
@@ -405,7 +405,7 @@ async fn attempt(
         () = token.cancelled() => Outcome::Lost,
         () = renew => Outcome::Lost,
         done = state.pipeline.attempt(&claim.tenant, &request) => match done {
-            Ok(done) => Outcome::Done(done, started.elapsed()),
+            Ok(done) => Outcome::Done(Box::new(done), started.elapsed()),
             Err(e) => Outcome::Failed(e),
         },
     }

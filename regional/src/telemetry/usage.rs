@@ -105,6 +105,12 @@ pub(crate) struct UsageDraft {
 }
 
 impl UsageDraft {
+    /// The model that served, when a fallback did rather than the one the
+    /// request was routed to.
+    pub(crate) fn served_by(&mut self, model: &str) {
+        model.clone_into(&mut self.model);
+    }
+
     pub(crate) fn completed(&self, usage: Usage, ttft: Duration, cache: &'static str) {
         self.finish(usage, ttft, cache, "ok".into());
     }
