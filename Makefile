@@ -6,9 +6,10 @@ SETUP := infra/scripts/setup.sh
 .PHONY: up test lint bench build setup fmt fuzz soak conformance
 
 ## Start three local regions (own Redis + PostgreSQL each) and the gateway.
+## MODELS=file.toml adds its [[models]] and [[aliases]] to every region.
 up: setup
 	$(CARGO) build --bin meridian
-	./target/debug/meridian up
+	./target/debug/meridian up $(if $(MODELS),--models $(MODELS))
 
 ## Run every test (unit, integration, fault) with cargo-nextest. Tests of a
 ## PostgreSQL extension this machine lacks (TimescaleDB, pgvector) are left

@@ -57,6 +57,12 @@ pub(crate) struct Args {
     /// the bound for a node a previous run left behind.
     #[arg(long, default_value_t = 10)]
     node_stop_timeout_secs: u64,
+    /// A TOML file of `[[models]]` and `[[aliases]]` every region serves
+    /// besides the simulated ones: a hosted provider, a local vLLM. Keys
+    /// named by `api_key_env` are read from the environment `meridian up`
+    /// runs in, which the nodes inherit.
+    #[arg(long)]
+    models: Option<PathBuf>,
 }
 
 struct Region {
@@ -107,6 +113,10 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             (r.name.clone(), SocketAddr::from(([127, 0, 0, 1], port)))
         })
         .collect();
+    let models = match &args.models {
+        Some(path) => extra_models(path)?,
+        None => String::new(),
+    };
     let mut configs = Vec::new();
     for (i, region) in regions.iter().enumerate() {
         let listen = addresses[i].1;
@@ -123,6 +133,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             &mesh,
             args.otlp_endpoint.as_deref(),
             &peers,
+            &models,
         )?);
     }
     // Started here, not in spawned tasks: the parent-death signal a node
@@ -244,6 +255,7 @@ fn write_region_config(
     mesh: &meridian_mesh::CertFiles,
     otlp_endpoint: Option<&str>,
     peers: &[&(String, SocketAddr)],
+    models: &str,
 ) -> anyhow::Result<PathBuf> {
     let large = SimModel {
         context_window_tokens: Some(32_768),
@@ -272,6 +284,9 @@ fn write_region_config(
     if let Some(endpoint) = otlp_endpoint {
         file = file.otlp_endpoint(endpoint);
     }
+    if !models.is_empty() {
+        file = file.extra(models);
+    }
     let path = state_dir.join(&region.name).join(REGION_CONFIG_FILE);
     let text = format!(
         "# Written by `meridian up`; rewritten at every start.\n{}",
@@ -279,6 +294,24 @@ fn write_region_config(
     );
     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
+}
+
+/// The `--models` file, checked before any node starts: TOML holding only
+/// `models` and `aliases` (a node checks the tables themselves, naming the
+/// key at fault).
+fn extra_models(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --models {}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("--models {} is not TOML", path.display()))?;
+    if let Some(other) = table.keys().find(|k| *k != "models" && *k != "aliases") {
+        anyhow::bail!(
+            "--models {} may hold only [[models]] and [[aliases]] tables, not `{other}`",
+            path.display()
+        );
+    }
+    Ok(text)
 }
 
 /// The built-in embedding model, when `infra/scripts/setup.sh` has put its

@@ -174,7 +174,13 @@ impl Up {
 
     /// POSTs a chat completion through the gateway; (status, served-by region).
     fn chat(&self, key: &str) -> (u16, String) {
-        let body = r#"{"model":"sim-small","messages":[{"role":"user","content":"drill"}]}"#;
+        self.chat_with(key, "sim-small")
+    }
+
+    /// [`Up::chat`] to `model`.
+    fn chat_with(&self, key: &str, model: &str) -> (u16, String) {
+        let body =
+            format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"drill"}}]}}"#);
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
         stream.set_read_timeout(Some(EVENT_TIMEOUT)).unwrap();
         write!(
@@ -257,7 +263,14 @@ fn a_hard_killed_up_leaves_nothing_that_stops_the_next_one() {
     signal(first.child.id(), Signal::KILL);
     first.child.wait().unwrap();
 
-    let second = Up::start(&state, &[]);
+    // The second run also serves a model of the user's own.
+    let models = state.path().join("models.toml");
+    std::fs::write(
+        &models,
+        "[[models]]\nid = \"mine\"\nfallbacks = [\"sim-small\"]\nbackend = { kind = \"sim\" }\n",
+    )
+    .unwrap();
+    let second = Up::start(&state, &["--models", models.to_str().unwrap()]);
     for region in REGIONS.split(',') {
         for program in ["postgres", "redis"] {
             let dir = state.path().join(region).join(program);
@@ -275,6 +288,7 @@ fn a_hard_killed_up_leaves_nothing_that_stops_the_next_one() {
         assert!(dead(pid), "pid {pid} of the first run still runs");
     }
     assert_eq!(second.chat(&api_key(&state)).0, 200);
+    assert_eq!(second.chat_with(&api_key(&state), "mine").0, 200);
 }
 
 #[test]
