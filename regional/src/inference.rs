@@ -9,6 +9,7 @@
 //! while in-flight requests finish on the table they started with.
 
 mod admission;
+mod anthropic;
 mod embed;
 mod metrics;
 mod openai;
@@ -277,9 +278,9 @@ impl Inference {
         };
         let mut built = Vec::with_capacity(models.len());
         for (i, m) in models.iter().enumerate() {
-            let material = match &m.backend {
-                BackendConfig::OpenAi(cfg) => Some(pool::Material::read(i, cfg).map_err(invalid)?),
-                BackendConfig::Sim(_) => None,
+            let material = match m.backend.pool() {
+                Some(cfg) => Some(pool::Material::read(i, cfg).map_err(invalid)?),
+                None => None,
             };
             let reused = old
                 .and_then(|t| t.model(&m.id))
@@ -295,10 +296,18 @@ impl Inference {
                     sim.clone(),
                     self.metrics.sim(&m.id),
                 ))),
-                (None, BackendConfig::OpenAi(cfg)) => route::Backend::Pool(
+                (
+                    None,
+                    BackendConfig::OpenAi(cfg)
+                    | BackendConfig::Anthropic(cfg)
+                    | BackendConfig::Azure(cfg),
+                ) => route::Backend::Pool(
                     pool::Pool::start(
                         (i, &m.id),
-                        cfg.clone(),
+                        (
+                            pool::Protocol::of(&m.backend).expect("a pool backend"),
+                            cfg.clone(),
+                        ),
                         material.expect("read for every pool above"),
                         self.metrics.clone(),
                         self.shutdown.clone(),
