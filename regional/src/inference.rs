@@ -42,7 +42,7 @@ pub(crate) use self::reply::{
 pub(crate) use self::route::SizeHint;
 use self::route::Table;
 pub(crate) use self::sim::SimBackend;
-pub use self::sim::{serve_sim, serve_sim_requiring, serve_sim_traced};
+pub use self::sim::{SimProtocol, serve_sim, serve_sim_as, serve_sim_requiring, serve_sim_traced};
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq)]
