@@ -14,7 +14,7 @@ use crate::inference::{ChatRequest, Message, json_f32};
 
 /// Top-level fields that may come with a value that asks for nothing
 /// Anthropic would not do anyway: those values pass, any other is refused.
-const NEUTRAL: &[(&str, fn(&Value) -> bool)] = &[
+const NEUTRAL: &[(&str, Neutral)] = &[
     ("logprobs", |v| v == &Value::Bool(false)),
     ("store", |v| v == &Value::Bool(false)),
     ("frequency_penalty", |v| v.as_f64() == Some(0.0)),
@@ -22,6 +22,9 @@ const NEUTRAL: &[(&str, fn(&Value) -> bool)] = &[
     ("response_format", |v| v == &json!({"type": "text"})),
     ("modalities", |v| v == &json!(["text"])),
 ];
+
+/// Whether a value of a field asks for nothing beyond the API's default.
+type Neutral = fn(&Value) -> bool;
 
 fn refuse(field: &str, why: &str) -> Error {
     Error::invalid(

@@ -135,8 +135,12 @@ pub async fn serve_sim_as(
         .await
 }
 
+/// The protocol, whose error shape a refusal takes, and the headers (name,
+/// exact value) a request must carry.
+type Required = (SimProtocol, Vec<(String, String)>);
+
 async fn require_headers(
-    State(required): State<Arc<(SimProtocol, Vec<(String, String)>)>>,
+    State(required): State<Arc<Required>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
