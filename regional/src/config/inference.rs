@@ -396,4 +396,44 @@ mod tests {
         let e = err("[inference]\nbogus = 1\n");
         assert!(e.contains("bogus"), "{e}");
     }
+
+    #[test]
+    fn protocol_settings_belong_to_their_kind() {
+        let pool = |kind: &str, extra: &str| {
+            format!(
+                "[[models]]\nid = \"p\"\nbackend = {{ kind = \"{kind}\", \
+                 upstreams = [{{ base_url = \"https://x\" }}]{extra} }}\n"
+            )
+        };
+        let e = err(&pool("azure", ""));
+        assert!(
+            e.contains("`models[1].backend.api_version` is required for kind = \"azure\""),
+            "{e}"
+        );
+        let e = err(&pool("azure", ", api_version = \"2024-10-21&x=1\""));
+        assert!(e.contains("`models[1].backend.api_version` must be"), "{e}");
+        let e = err(&pool("openai", ", anthropic_version = \"2023-06-01\""));
+        assert!(
+            e.contains(
+                "`models[1].backend.anthropic_version` applies only to kind = \"anthropic\""
+            ),
+            "{e}"
+        );
+        let e = err(&pool("anthropic", ", api_version = \"2024-10-21\""));
+        assert!(
+            e.contains("`models[1].backend.api_version` applies only"),
+            "{e}"
+        );
+        let e = err(&pool("anthropic", ", default_max_tokens = 0"));
+        assert!(
+            e.contains("`models[1].backend.default_max_tokens` must be"),
+            "{e}"
+        );
+        for ok in [
+            pool("anthropic", ", default_max_tokens = 1024"),
+            pool("azure", ", api_version = \"2024-10-21\""),
+        ] {
+            Config::from_toml(&format!("{BASE}{ok}"), "t").unwrap();
+        }
+    }
 }
