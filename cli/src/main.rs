@@ -76,6 +76,17 @@ struct SimArgs {
     /// `traceparent` (from a region's upstream pool), e.g. http://127.0.0.1:4317.
     #[arg(long)]
     otlp_endpoint: Option<String>,
+    /// The API it serves: OpenAI's chat completions, or Anthropic's
+    /// Messages (`POST /v1/messages`).
+    #[arg(long, value_enum, default_value = "openai")]
+    protocol: SimProtocolArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SimProtocolArg {
+    #[value(name = "openai")]
+    OpenAi,
+    Anthropic,
 }
 
 #[derive(Subcommand)]
@@ -207,7 +218,12 @@ async fn sim(args: SimArgs) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
     let stop = shutdown_signal()?;
     eprintln!("simulated LLM on http://{}/v1", listener.local_addr()?);
-    meridian_regional::serve_sim_traced(config, listener, stop, tracer.clone()).await?;
+    let protocol = match args.protocol {
+        SimProtocolArg::OpenAi => meridian_regional::SimProtocol::OpenAi,
+        SimProtocolArg::Anthropic => meridian_regional::SimProtocol::Anthropic,
+    };
+    meridian_regional::serve_sim_as(protocol, config, listener, stop, tracer.clone(), Vec::new())
+        .await?;
     tokio::task::spawn_blocking(move || tracer.shutdown()).await?;
     Ok(())
 }

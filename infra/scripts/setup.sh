@@ -97,6 +97,17 @@ else
   PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q openai
 fi
 
+# The official Anthropic Python SDK: tests/tests/anthropic.rs checks the
+# simulator's Messages API with it. Pinned: its wire shapes and defaults
+# (auth header, `anthropic-version`) change between major releases.
+ANTHROPIC_SDK_VERSION=2.17.0
+if python3 -c 'import anthropic' >/dev/null 2>&1; then
+  say "Anthropic Python SDK present ($(python3 -c 'import anthropic; print(anthropic.__version__)'))"
+else
+  say "installing the Anthropic Python SDK $ANTHROPIC_SDK_VERSION from PyPI (for the Anthropic protocol test)"
+  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q "anthropic==$ANTHROPIC_SDK_VERSION"
+fi
+
 # schemathesis: the OpenAI conformance run (tests/tests/conformance.rs, `make
 # conformance`) generates requests from OpenAI's API description with it.
 # Pinned: its reports and generated cases change between releases, and the

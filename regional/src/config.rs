@@ -228,6 +228,22 @@ pub enum BackendConfig {
     /// A pool of OpenAI-compatible HTTP servers.
     #[serde(rename = "openai")]
     OpenAi(OpenAiConfig),
+    /// A pool of servers speaking Anthropic's Messages API; OpenAI requests
+    /// are translated to it and its answers back.
+    Anthropic(OpenAiConfig),
+    /// A pool of Azure OpenAI deployments: the OpenAI protocol at Azure's
+    /// paths, with its `api-key` header and `api-version` parameter.
+    Azure(OpenAiConfig),
+}
+
+impl BackendConfig {
+    /// The pool settings of a backend that is a pool of upstreams.
+    pub(crate) fn pool(&self) -> Option<&OpenAiConfig> {
+        match self {
+            Self::Sim(_) => None,
+            Self::OpenAi(p) | Self::Anthropic(p) | Self::Azure(p) => Some(p),
+        }
+    }
 }
 
 /// Timing and limits of the built-in simulated LLM.

@@ -9,6 +9,7 @@
 //! while in-flight requests finish on the table they started with.
 
 mod admission;
+mod anthropic;
 mod embed;
 mod metrics;
 mod openai;
@@ -41,7 +42,7 @@ pub(crate) use self::reply::{
 pub(crate) use self::route::SizeHint;
 use self::route::Table;
 pub(crate) use self::sim::SimBackend;
-pub use self::sim::{serve_sim, serve_sim_requiring, serve_sim_traced};
+pub use self::sim::{SimProtocol, serve_sim, serve_sim_as, serve_sim_requiring, serve_sim_traced};
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -315,9 +316,9 @@ impl Inference {
         };
         let mut built = Vec::with_capacity(models.len());
         for (i, m) in models.iter().enumerate() {
-            let material = match &m.backend {
-                BackendConfig::OpenAi(cfg) => Some(pool::Material::read(i, cfg).map_err(invalid)?),
-                BackendConfig::Sim(_) => None,
+            let material = match m.backend.pool() {
+                Some(cfg) => Some(pool::Material::read(i, cfg).map_err(invalid)?),
+                None => None,
             };
             let reused = old
                 .and_then(|t| t.model(&m.id))
@@ -333,10 +334,18 @@ impl Inference {
                     sim.clone(),
                     self.metrics.sim(&m.id),
                 ))),
-                (None, BackendConfig::OpenAi(cfg)) => route::Backend::Pool(
+                (
+                    None,
+                    BackendConfig::OpenAi(cfg)
+                    | BackendConfig::Anthropic(cfg)
+                    | BackendConfig::Azure(cfg),
+                ) => route::Backend::Pool(
                     pool::Pool::start(
                         (i, &m.id),
-                        cfg.clone(),
+                        (
+                            pool::Protocol::of(&m.backend).expect("a pool backend"),
+                            cfg.clone(),
+                        ),
                         material.expect("read for every pool above"),
                         self.metrics.clone(),
                         self.shutdown.clone(),

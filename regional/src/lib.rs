@@ -36,6 +36,8 @@ pub use self::config::{
     SimConfig, TelemetryConfig, UpstreamConfig,
 };
 pub use self::error::Error;
-pub use self::inference::{serve_sim, serve_sim_requiring, serve_sim_traced};
+pub use self::inference::{
+    SimProtocol, serve_sim, serve_sim_as, serve_sim_requiring, serve_sim_traced,
+};
 pub use self::mesh::{AllowRule, Mesh, MeshConfig, PolicyConfig};
 pub use self::node::RegionalNode;

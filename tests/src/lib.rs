@@ -6,10 +6,12 @@
 //! the gateway in front of them; a [`TestDns`] serves the SRV records a
 //! gateway discovers region nodes from; a [`FaultProxy`] sits between
 //! regions to delay, drop or cut their traffic; [`conformance`] runs
-//! schemathesis over OpenAI's API description against a deployment. Every
+//! schemathesis over OpenAI's API description against a deployment; an
+//! [`AzureUpstream`] answers only Azure OpenAI's paths and key header. Every
 //! handle can be stopped and restarted, and everything is torn down on drop,
 //! even when a test panics.
 
+mod azure_upstream;
 mod collector;
 pub mod conformance;
 mod dns;
@@ -28,6 +30,7 @@ mod upstream;
 
 pub use meridian_launcher::{PostgresServer, RedisServer};
 
+pub use self::azure_upstream::{AZURE_API_VERSION, AzureUpstream};
 pub use self::collector::{OtlpCollector, ReceivedSpan};
 pub use self::dns::{SrvTarget, TestDns};
 pub use self::fault_proxy::{Direction, FaultProxy, Link, Links, ProxyStats};

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use axum::routing::{get, post};
-use meridian_regional::{SimConfig, serve_sim_requiring};
+use meridian_mesh::Tracer;
+use meridian_regional::{SimConfig, SimProtocol, serve_sim_as};
 use tokio::sync::oneshot;
 
 /// A simulator behind real HTTP on a free port.
@@ -25,16 +26,27 @@ impl SimServer {
     /// of `required` headers (name, exact value), as a hosted provider
     /// does to a wrong key.
     pub async fn start_requiring(config: SimConfig, required: Vec<(String, String)>) -> Self {
+        Self::start_speaking(SimProtocol::OpenAi, config, required).await
+    }
+
+    /// A simulator speaking `protocol`, behind `required` headers.
+    pub async fn start_speaking(
+        protocol: SimProtocol,
+        config: SimConfig,
+        required: Vec<(String, String)>,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            serve_sim_requiring(
+            serve_sim_as(
+                protocol,
                 config,
                 listener,
                 async {
                     let _ = stopped.await;
                 },
+                Tracer::disabled(),
                 required,
             )
             .await

@@ -122,7 +122,25 @@ pub struct OpenAiConfig {
     /// factor of a few milliseconds is noise.
     #[serde(default = "default_outlier_min_ttft_ms")]
     pub outlier_min_ttft_ms: u64,
+    /// `kind = "anthropic"` only: the `anthropic-version` header sent on
+    /// every request; `2023-06-01` when absent.
+    #[serde(default)]
+    pub anthropic_version: Option<String>,
+    /// `kind = "anthropic"` only: the `max_tokens` sent when the client
+    /// gives no limit, since the Messages API requires one; 4096 when
+    /// absent.
+    #[serde(default)]
+    pub default_max_tokens: Option<u32>,
+    /// `kind = "azure"` only, and required there: the `api-version` query
+    /// parameter of every request, e.g. `2024-10-21`.
+    #[serde(default)]
+    pub api_version: Option<String>,
 }
+
+/// The `anthropic-version` of an Anthropic pool that names none.
+pub(crate) const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
+/// The `max_tokens` of an Anthropic pool that names none.
+pub(crate) const DEFAULT_ANTHROPIC_MAX_TOKENS: u32 = 4096;
 
 fn default_affinity_prefix_bytes() -> usize {
     256
@@ -198,13 +216,88 @@ fn default_large_above_prompt_tokens() -> u32 {
     512
 }
 
+/// Checks the settings that belong to one protocol: each only on its own
+/// kind, where a stray one would be silently ignored otherwise.
+fn protocol_settings(
+    i: usize,
+    backend: &BackendConfig,
+    pool: &OpenAiConfig,
+    problems: &mut Problems,
+) {
+    let (kind, anthropic, azure) = match backend {
+        BackendConfig::Anthropic(_) => ("anthropic", true, false),
+        BackendConfig::Azure(_) => ("azure", false, true),
+        _ => ("openai", false, false),
+    };
+    let only = |name: &str, on: &str, set: bool, problems: &mut Problems| {
+        if set {
+            problems.push(format!(
+                "`models[{i}].backend.{name}` applies only to kind = \"{on}\", not \"{kind}\""
+            ));
+        }
+    };
+    if !anthropic {
+        only(
+            "anthropic_version",
+            "anthropic",
+            pool.anthropic_version.is_some(),
+            problems,
+        );
+        only(
+            "default_max_tokens",
+            "anthropic",
+            pool.default_max_tokens.is_some(),
+            problems,
+        );
+    }
+    if !azure {
+        only("api_version", "azure", pool.api_version.is_some(), problems);
+    }
+    if anthropic {
+        if pool.default_max_tokens == Some(0) {
+            problems.push(format!(
+                "`models[{i}].backend.default_max_tokens` must be at least 1"
+            ));
+        }
+        if pool
+            .anthropic_version
+            .as_deref()
+            .is_some_and(|v| v.trim().is_empty())
+        {
+            problems.push(format!(
+                "`models[{i}].backend.anthropic_version` must not be empty"
+            ));
+        }
+    }
+    if azure {
+        match pool.api_version.as_deref() {
+            None => problems.push(format!(
+                "`models[{i}].backend.api_version` is required for kind = \"azure\" \
+                 (e.g. \"2024-10-21\")"
+            )),
+            Some(v)
+                if v.is_empty()
+                    || !v
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') =>
+            {
+                problems.push(format!(
+                    "`models[{i}].backend.api_version` must be a version such as \"2024-10-21\", got {v:?}"
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+}
+
 /// Checks what `config.rs` does not: upstream pools and aliases.
 pub(super) fn validate(models: &[ModelConfig], aliases: &[AliasConfig], problems: &mut Problems) {
     for (i, m) in models.iter().enumerate() {
-        let BackendConfig::OpenAi(pool) = &m.backend else {
+        let Some(pool) = m.backend.pool() else {
             continue;
         };
         upstream::validate(i, pool, problems);
+        protocol_settings(i, &m.backend, pool, problems);
         if pool.affinity_overload_factor < 1.0 {
             problems.push(format!(
                 "`models[{i}].backend.affinity_overload_factor` must be at least 1"
@@ -366,5 +459,45 @@ mod tests {
              backend = {{ kind = \"sim\" }}\n"
         );
         Config::from_toml(&ok, "t").unwrap();
+    }
+
+    #[test]
+    fn protocol_settings_belong_to_their_kind() {
+        let pool = |kind: &str, extra: &str| {
+            format!(
+                "[[models]]\nid = \"p\"\nbackend = {{ kind = \"{kind}\", \
+                 upstreams = [{{ base_url = \"https://x\" }}]{extra} }}\n"
+            )
+        };
+        let e = err(&pool("azure", ""));
+        assert!(
+            e.contains("`models[1].backend.api_version` is required for kind = \"azure\""),
+            "{e}"
+        );
+        let e = err(&pool("azure", ", api_version = \"2024-10-21&x=1\""));
+        assert!(e.contains("`models[1].backend.api_version` must be"), "{e}");
+        let e = err(&pool("openai", ", anthropic_version = \"2023-06-01\""));
+        assert!(
+            e.contains(
+                "`models[1].backend.anthropic_version` applies only to kind = \"anthropic\""
+            ),
+            "{e}"
+        );
+        let e = err(&pool("anthropic", ", api_version = \"2024-10-21\""));
+        assert!(
+            e.contains("`models[1].backend.api_version` applies only"),
+            "{e}"
+        );
+        let e = err(&pool("anthropic", ", default_max_tokens = 0"));
+        assert!(
+            e.contains("`models[1].backend.default_max_tokens` must be"),
+            "{e}"
+        );
+        for ok in [
+            pool("anthropic", ", default_max_tokens = 1024"),
+            pool("azure", ", api_version = \"2024-10-21\""),
+        ] {
+            Config::from_toml(&format!("{BASE}{ok}"), "t").unwrap();
+        }
     }
 }

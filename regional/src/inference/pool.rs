@@ -1,4 +1,5 @@
-//! A pool of OpenAI-compatible upstreams serving one model.
+//! A pool of upstreams serving one model, all speaking one protocol
+//! ([`Protocol`]: OpenAI, Anthropic Messages or Azure OpenAI).
 //!
 //! Choice: prefix affinity first (a request whose prompt starts like an
 //! earlier one goes where that one went, so the upstream's prefix cache
@@ -15,6 +16,7 @@
 mod breaker;
 mod client;
 mod health;
+mod protocol;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,6 +37,7 @@ use crate::error::Error;
 use self::breaker::Breaker;
 pub(crate) use self::client::Material;
 use self::health::Down;
+pub(crate) use self::protocol::Protocol;
 
 /// Affinity slots: a direct-mapped table of prefix hash → upstream, so its
 /// size is fixed whatever the traffic; a collision only costs a cache miss.
@@ -43,6 +46,7 @@ const AFFINITY_SLOTS: usize = 4096;
 pub(crate) struct Pool {
     model: String,
     upstream_model: String,
+    protocol: Protocol,
     config: OpenAiConfig,
     upstreams: Vec<Upstream>,
     /// Upstream index + 1 per slot; 0 is empty.
@@ -86,7 +90,7 @@ impl Pool {
     /// at fault.
     pub(super) fn start(
         (index, model): (usize, &str),
-        config: OpenAiConfig,
+        (protocol, config): (Protocol, OpenAiConfig),
         material: Material,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
@@ -98,7 +102,7 @@ impl Pool {
             .enumerate()
             .map(|(j, u)| {
                 let key = material.key(j).cloned();
-                let headers = client::headers(u, key.as_ref()).map_err(|e| {
+                let headers = client::headers(u, key.as_ref(), &protocol).map_err(|e| {
                     format!("`models[{index}].backend.upstreams[{j}].headers`: {e}")
                 })?;
                 let base_url = u.base_url.trim_end_matches('/').to_string();
@@ -120,6 +124,7 @@ impl Pool {
         let pool = Arc::new(Self {
             model: model.to_string(),
             upstream_model: config.upstream_model.clone().unwrap_or(model.to_string()),
+            protocol,
             upstreams,
             affinity: (0..AFFINITY_SLOTS).map(|_| AtomicU32::new(0)).collect(),
             config,
@@ -146,7 +151,7 @@ impl Pool {
     /// produced its first chunk.
     pub(super) async fn stream(self: &Arc<Self>, req: ChatRequest) -> Result<ChunkStream, Error> {
         let key = self.affinity_key(&req);
-        let body = openai::request_body(&req, &self.upstream_model);
+        let body = self.protocol.body(&req, &self.upstream_model)?;
         let prompt_tokens = req.prompt_tokens();
         let mut tried = Vec::new();
         let mut last = None;
@@ -366,7 +371,7 @@ impl Pool {
     ) -> Result<ChunkStream, Failure> {
         let mut request = self
             .client
-            .post(format!("{}/chat/completions", up.base_url))
+            .post(self.protocol.chat_url(&up.base_url, &self.upstream_model))
             .headers(up.headers.clone())
             .json(body);
         if let Some(traceparent) = trace::traceparent(cx) {
@@ -384,7 +389,9 @@ impl Pool {
             )],
         );
         if status.is_success() {
-            return Ok(openai::chunks(response, prompt_tokens, up.base_url.clone()));
+            return Ok(self
+                .protocol
+                .chunks(response, prompt_tokens, up.base_url.clone()));
         }
         let said = openai::error_message(&response.text().await.unwrap_or_default());
         let message = format!("upstream {} answered {status}: {said}", up.base_url);
@@ -397,6 +404,8 @@ impl Pool {
                 status: s,
                 said,
             }),
+            // 429, 5xx and Anthropic's 529 (overloaded): another upstream
+            // may take it.
             _ => Failure::Retry(Error::Unavailable(message)),
         })
     }

@@ -7,11 +7,14 @@
 //! that keeps shared prefixes together shows up as a lower time to first
 //! token. [`serve_sim`] serves it over HTTP as an OpenAI-compatible server.
 
+mod anthropic;
 mod cache;
 mod server;
 mod tools;
 
-pub use self::server::{serve_sim, serve_sim_requiring, serve_sim_traced};
+pub use self::server::{
+    SimProtocol, serve_sim, serve_sim_as, serve_sim_requiring, serve_sim_traced,
+};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -10,8 +10,9 @@ use std::time::Duration;
 use meridian_mesh::rustls::pki_types::pem::PemObject;
 use meridian_mesh::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use meridian_mesh::rustls::{ClientConfig, RootCertStore};
-use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
+use super::Protocol;
 use crate::config::{ApiKey, OpenAiConfig, UpstreamConfig};
 use crate::error::Error;
 
@@ -168,7 +169,11 @@ fn api_key(u: &UpstreamConfig) -> Result<Option<ApiKey>, String> {
 
 /// The headers of every request to an upstream: its static headers and its
 /// key, all marked sensitive so no HTTP layer prints them.
-pub(super) fn headers(u: &UpstreamConfig, key: Option<&ApiKey>) -> Result<HeaderMap, String> {
+pub(super) fn headers(
+    u: &UpstreamConfig,
+    key: Option<&ApiKey>,
+    protocol: &Protocol,
+) -> Result<HeaderMap, String> {
     let mut map = HeaderMap::new();
     for (name, value) in &u.headers {
         let name = HeaderName::from_bytes(name.as_bytes())
@@ -178,11 +183,8 @@ pub(super) fn headers(u: &UpstreamConfig, key: Option<&ApiKey>) -> Result<Header
         value.set_sensitive(true);
         map.insert(name, value);
     }
-    if let Some(key) = key {
-        let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-            .map_err(|_| "the key is not a valid header value".to_string())?;
-        value.set_sensitive(true);
-        map.insert(AUTHORIZATION, value);
+    for (name, value) in protocol.auth_headers(key)? {
+        map.insert(name, value);
     }
     Ok(map)
 }

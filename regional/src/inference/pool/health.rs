@@ -52,7 +52,8 @@ impl Pool {
     }
 }
 
-/// Checks every upstream each `health_interval_ms` with `GET {base_url}/models`.
+/// Checks every upstream each `health_interval_ms` with a `GET` its
+/// protocol answers cheaply ([`super::Protocol::health_url`]).
 pub(super) async fn check_health(pool: Weak<Pool>, shutdown: CancellationToken) {
     let Some(interval) = pool
         .upgrade()
@@ -75,7 +76,7 @@ pub(super) async fn check_health(pool: Weak<Pool>, shutdown: CancellationToken) 
         let checks = pool.upstreams.iter().map(|up| {
             let request = pool
                 .client
-                .get(format!("{}/models", up.base_url))
+                .get(pool.protocol.health_url(&up.base_url))
                 .headers(up.headers.clone())
                 .timeout(timeout);
             async move {

@@ -1,9 +1,12 @@
 //! The simulator as a standalone OpenAI-compatible server: real HTTP
 //! upstreams for tests, benchmarks and demos, without a GPU.
-//! `POST /v1/chat/completions` (JSON or SSE), `GET /v1/models`, `GET /metrics`.
+//! `POST /v1/chat/completions` (JSON or SSE), `GET /v1/models`, `GET /metrics`;
+//! or, speaking Anthropic's protocol, `POST /v1/messages` instead
+//! ([`super::anthropic`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -24,11 +27,23 @@ use crate::inference::metrics::Metrics;
 use crate::inference::{Chunk, ToolCall};
 
 /// The model name `/v1/models` lists; requests may name any model.
-const MODEL: &str = "sim";
+pub(super) const MODEL: &str = "sim";
 
-struct Sim {
-    backend: SimBackend,
+/// The protocol a simulator server speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SimProtocol {
+    /// OpenAI's chat completions.
+    #[default]
+    OpenAi,
+    /// Anthropic's Messages API.
+    Anthropic,
+}
+
+pub(super) struct Sim {
+    pub(super) backend: SimBackend,
     metrics: Metrics,
+    /// Image blocks received over the Anthropic protocol, base64 and URL.
+    pub(super) images: [AtomicU64; 2],
 }
 
 /// Serves the simulator on `listener` until `shutdown` resolves, then
@@ -50,7 +65,15 @@ pub async fn serve_sim_traced(
     shutdown: impl Future<Output = ()> + Send + 'static,
     tracer: Tracer,
 ) -> std::io::Result<()> {
-    serve(config, listener, shutdown, tracer, Vec::new()).await
+    serve_sim_as(
+        SimProtocol::OpenAi,
+        config,
+        listener,
+        shutdown,
+        tracer,
+        Vec::new(),
+    )
+    .await
 }
 
 /// [`serve_sim`] behind credentials, as a hosted provider is: a `/v1`
@@ -63,10 +86,22 @@ pub async fn serve_sim_requiring(
     shutdown: impl Future<Output = ()> + Send + 'static,
     required: Vec<(String, String)>,
 ) -> std::io::Result<()> {
-    serve(config, listener, shutdown, Tracer::disabled(), required).await
+    serve_sim_as(
+        SimProtocol::OpenAi,
+        config,
+        listener,
+        shutdown,
+        Tracer::disabled(),
+        required,
+    )
+    .await
 }
 
-async fn serve(
+/// The simulator speaking `protocol`, traced as [`serve_sim_traced`] and
+/// behind the `required` headers of [`serve_sim_requiring`] (for
+/// Anthropic, `x-api-key`; its 401 is Anthropic's error shape).
+pub async fn serve_sim_as(
+    protocol: SimProtocol,
     config: SimConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -77,14 +112,20 @@ async fn serve(
     let sim = Arc::new(Sim {
         backend: SimBackend::new(config, metrics.sim(MODEL)),
         metrics,
+        images: Default::default(),
     });
-    let v1 = Router::new()
-        .route("/v1/chat/completions", post(chat))
-        .route("/v1/models", get(models))
-        .route_layer(axum::middleware::from_fn_with_state(
-            Arc::new(required),
-            require_headers,
-        ));
+    let v1 = match protocol {
+        SimProtocol::OpenAi => Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/models", get(models)),
+        SimProtocol::Anthropic => Router::new()
+            .route("/v1/messages", post(super::anthropic::messages))
+            .route("/v1/models", get(super::anthropic::models)),
+    };
+    let v1 = v1.route_layer(axum::middleware::from_fn_with_state(
+        Arc::new((protocol, required)),
+        require_headers,
+    ));
     let app = v1
         .route("/metrics", get(metrics_text))
         .with_state(sim)
@@ -94,12 +135,17 @@ async fn serve(
         .await
 }
 
+/// The protocol, whose error shape a refusal takes, and the headers (name,
+/// exact value) a request must carry.
+type Required = (SimProtocol, Vec<(String, String)>);
+
 async fn require_headers(
-    State(required): State<Arc<Vec<(String, String)>>>,
+    State(required): State<Arc<Required>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     let headers = req.headers();
+    let (protocol, required) = &*required;
     let missing = required.iter().any(|(name, value)| {
         headers
             .get(name.as_str())
@@ -108,11 +154,20 @@ async fn require_headers(
     if !missing {
         return next.run(req).await;
     }
+    let carrier = match protocol {
+        SimProtocol::OpenAi => "authorization",
+        SimProtocol::Anthropic => "x-api-key",
+    };
     let sent = headers
-        .get(axum::http::header::AUTHORIZATION)
+        .get(carrier)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("nothing");
     let message = format!("Incorrect API key provided: {sent}");
+    if *protocol == SimProtocol::Anthropic {
+        let body = json!({ "type": "error",
+            "error": { "type": "authentication_error", "message": message } });
+        return (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
+    }
     let body = json!({ "error": { "message": message, "type": "invalid_request_error",
         "param": null, "code": "invalid_api_key" } });
     (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response()
@@ -227,7 +282,14 @@ async fn metrics_text(State(sim): State<Arc<Sim>>) -> Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        sim.metrics.render(),
+        format!(
+            "{}# TYPE meridian_sim_image_blocks_total counter\n\
+             meridian_sim_image_blocks_total{{source=\"base64\"}} {}\n\
+             meridian_sim_image_blocks_total{{source=\"url\"}} {}\n",
+            sim.metrics.render(),
+            sim.images[0].load(Ordering::Relaxed),
+            sim.images[1].load(Ordering::Relaxed),
+        ),
     )
         .into_response()
 }
