@@ -39,6 +39,10 @@ impl TlsUpstream {
                 let seen = seen.clone();
                 // Ends when either side closes; a failed handshake is the
                 // client's to see.
+                // Small TLS records and HTTP/2 frames would otherwise wait
+                // on Nagle's algorithm for the peer's delayed ACK: tens of
+                // milliseconds no real provider adds.
+                let _ = tcp.set_nodelay(true);
                 tokio::spawn(async move {
                     let Ok(mut tls) = acceptor.accept(tcp).await else {
                         return;
@@ -50,6 +54,7 @@ impl TlsUpstream {
                     let Ok(mut plain) = tokio::net::TcpStream::connect(backend).await else {
                         return;
                     };
+                    let _ = plain.set_nodelay(true);
                     let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
                 });
             }

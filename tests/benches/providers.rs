@@ -1,0 +1,152 @@
+//! What a provider's protocol costs on the way through a region: the same
+//! requests, at the same fixed rate, to three models of one region, each a
+//! pool of one simulator: plain HTTP speaking OpenAI's protocol (the
+//! baseline), HTTPS (HTTP/2, a test CA) in front of the same simulator,
+//! and a simulator speaking Anthropic's Messages API, which the region
+//! translates both ways. The simulators answer at once, so the latency is
+//! the hops and the region's work. Rounds alternate between the models so
+//! a noisy neighbour hurts all three alike. Reports p50 and p99 of each and
+//! their ratio to the baseline. Run with `make bench` (or `cargo bench -p
+//! meridian-tests --bench providers`); `BENCH_RPS`, `BENCH_SECONDS` set the
+//! rate and the duration per model.
+
+use std::time::{Duration, Instant};
+
+use meridian_regional::{SimConfig, SimProtocol, serve_sim_as};
+use meridian_tests::{RegionSandbox, TestPki, TlsUpstream};
+use serde_json::json;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Sends `n` requests to `model` at `rps`, open loop, and adds each
+/// latency to `into`.
+async fn run(
+    client: &reqwest::Client,
+    url: &str,
+    model: &str,
+    rps: u64,
+    n: u64,
+    into: &mut Vec<Duration>,
+) {
+    let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rps));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        ticker.tick().await;
+        let (client, url) = (client.clone(), url.to_string());
+        let body = json!({ "model": model, "max_tokens": 8,
+            "messages": [{ "role": "system", "content": "Be brief." },
+                         { "role": "user", "content": format!("benchmark request {i}") }] });
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let res = client.post(&url).json(&body).send().await.expect("send");
+            assert_eq!(res.status(), 200);
+            res.bytes().await.expect("body");
+            started.elapsed()
+        }));
+    }
+    for t in tasks {
+        into.push(t.await.expect("request task"));
+    }
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+async fn sim(protocol: SimProtocol) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let config = SimConfig {
+        prefill_us_per_token: 0,
+        ttft_ms: 0,
+        per_token_ms: 0,
+        max_concurrency: 1024,
+        ..SimConfig::default()
+    };
+    tokio::spawn(serve_sim_as(
+        protocol,
+        config,
+        listener,
+        std::future::pending(),
+        meridian_mesh::Tracer::disabled(),
+        Vec::new(),
+    ));
+    addr
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rps = env("BENCH_RPS", 200);
+    let n = rps * env("BENCH_SECONDS", 5);
+    let (openai, anthropic) = tokio::join!(sim(SimProtocol::OpenAi), sim(SimProtocol::Anthropic));
+    let pki = TestPki::new();
+    let tls = TlsUpstream::start(&pki, openai, false).await;
+    let pool = |id: &str, kind: &str, base_url: &str, extra: &str| {
+        format!(
+            "[[models]]\nid = \"{id}\"\n\
+             backend = {{ kind = \"{kind}\", upstreams = [{{ base_url = \"{base_url}\" }}]{extra} }}\n"
+        )
+    };
+    let config = [
+        pool("plain", "openai", &format!("http://{openai}/v1"), ""),
+        pool(
+            "https",
+            "openai",
+            &tls.base_url(),
+            &format!(", ca_file = {:?}", tls.ca_file()),
+        ),
+        pool(
+            "anthropic",
+            "anthropic",
+            &format!("http://{anthropic}/v1"),
+            "",
+        ),
+    ]
+    .concat();
+    let region = RegionSandbox::start_with_config("eu-west", &config).await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/chat/completions", region.url());
+    let models = ["plain", "https", "anthropic"];
+
+    // Warm every pool's connections.
+    for m in models {
+        run(&client, &url, m, rps, rps / 2, &mut Vec::new()).await;
+    }
+    let rounds = 10;
+    let mut latencies = vec![Vec::new(); models.len()];
+    for _ in 0..rounds {
+        for (i, m) in models.iter().enumerate() {
+            run(&client, &url, m, rps, n / rounds, &mut latencies[i]).await;
+        }
+    }
+    for l in &mut latencies {
+        l.sort();
+    }
+    let (base50, base99) = (ms(pct(&latencies[0], 0.5)), ms(pct(&latencies[0], 0.99)));
+    println!(
+        "providers through a region, {} requests each at {rps}/s, non-streamed, 8 tokens:",
+        latencies[0].len()
+    );
+    for (m, l) in models.iter().zip(&latencies) {
+        let (p50, p99) = (ms(pct(l, 0.5)), ms(pct(l, 0.99)));
+        println!(
+            "  {m:<10} p50 {p50:.3} ms ({:.2}x)  p99 {p99:.3} ms ({:.2}x)",
+            p50 / base50,
+            p99 / base99
+        );
+    }
+    println!("  (ratios against `plain`: OpenAI's protocol over plain HTTP, same run)");
+}
