@@ -84,7 +84,7 @@ fn generate_request(key: Option<&str>) -> tonic::Request<GenerateRequest> {
         messages: vec![ChatMessage {
             role: "user".into(),
             content: "hi".into(),
-            name: String::new(),
+            ..Default::default()
         }],
         max_tokens: Some(4),
         ..Default::default()

@@ -196,12 +196,12 @@ async fn exact_cache_layers_keys_directives_and_purge() {
             ChatMessage {
                 role: "system".into(),
                 content: "Answer briefly.".into(),
-                name: String::new(),
+                ..Default::default()
             },
             ChatMessage {
                 role: "user".into(),
                 content: "What is an edge region?".into(),
-                name: String::new(),
+                ..Default::default()
             },
         ],
         max_tokens: Some(12),

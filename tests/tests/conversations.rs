@@ -173,7 +173,7 @@ async fn each_turn_carries_the_history_and_the_turns_replicate() {
         messages: vec![ChatMessage {
             role: "user".into(),
             content: content.into(),
-            name: String::new(),
+            ..Default::default()
         }],
         max_tokens: Some(6),
         conversation_id: id.into(),

@@ -251,7 +251,7 @@ async fn a_dead_postgres_sends_what_needs_it_elsewhere_and_keeps_plain_chat() {
         messages: vec![ChatMessage {
             role: "user".into(),
             content: format!("{} over grpc", conversations[0]),
-            name: String::new(),
+            ..Default::default()
         }],
         max_tokens: Some(4),
         ..Default::default()

@@ -436,7 +436,7 @@ async fn a_grpc_turn_sent_to_a_region_that_reset_is_not_replayed_without_a_key()
                 messages: vec![ChatMessage {
                     role: "user".into(),
                     content: "over grpc".into(),
-                    name: String::new(),
+                    ..Default::default()
                 }],
                 max_tokens: Some(6),
                 conversation_id: "conv-grpc".into(),

@@ -70,7 +70,7 @@ fn generate(model: &str, content: &str, max_tokens: u32) -> GenerateRequest {
         messages: vec![ChatMessage {
             role: "user".into(),
             content: content.into(),
-            name: String::new(),
+            ..Default::default()
         }],
         max_tokens: Some(max_tokens),
         seed: Some(1),

@@ -151,7 +151,7 @@ fn generate(model: &str, content: &str) -> GenerateRequest {
         messages: vec![ChatMessage {
             role: "user".into(),
             content: content.into(),
-            name: String::new(),
+            ..Default::default()
         }],
         max_tokens: Some(4),
         ..Default::default()

@@ -352,3 +352,85 @@ async fn the_official_sdk_runs_a_tool_loop_and_structured_output_against_a_hoste
         tls.negotiated()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_generate_carries_tools_and_structured_output_as_typed_fields() {
+    use meridian_proto::v1::inference_client::InferenceClient;
+    use meridian_proto::v1::response_format::Type;
+    use meridian_proto::v1::{ChatMessage, FinishReason, GenerateRequest, ResponseFormat, Tool};
+    init_logging();
+    let region = meridian_tests::RegionSandbox::start_with_config(
+        "eu-west",
+        "[[models]]\nid = \"agent\"\n\
+         backend = { kind = \"sim\", ttft_ms = 0, per_token_ms = 0, prefill_us_per_token = 0 }\n",
+    )
+    .await;
+    let mut client = InferenceClient::connect(region.url()).await.unwrap();
+    let schema = r#"{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}"#;
+    let ask = |extra_json: &str| GenerateRequest {
+        model: "agent".into(),
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: "weather in Oslo?".into(),
+            ..Default::default()
+        }],
+        tools: vec![Tool {
+            name: "get_weather".into(),
+            parameters_json: schema.into(),
+            ..Default::default()
+        }],
+        tool_choice: "required".into(),
+        extra_json: extra_json.into(),
+        ..Default::default()
+    };
+    let done = client.generate(ask("")).await.unwrap().into_inner();
+    assert_eq!(done.finish_reason(), FinishReason::ToolCalls);
+    let calls = done.message.unwrap().tool_calls;
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].name, "get_weather");
+    let args: Value = serde_json::from_str(&calls[0].arguments_json).unwrap();
+    assert!(args["city"].is_string(), "{args}");
+
+    // Streamed, the call arrives in fragments that join to a whole one.
+    let mut stream = client.generate_stream(ask("")).await.unwrap().into_inner();
+    let (mut id, mut arguments) = (String::new(), String::new());
+    while let Some(chunk) = stream.message().await.unwrap() {
+        for f in chunk.tool_calls {
+            assert_eq!(f.index, 0);
+            id.push_str(&f.id);
+            arguments.push_str(&f.arguments_delta);
+        }
+    }
+    assert_eq!(id, calls[0].id);
+    assert_eq!(arguments, calls[0].arguments_json);
+
+    // The escape hatch reaches the model: no parallel calls of two tools.
+    let mut two = ask(r#"{"parallel_tool_calls": false}"#);
+    two.tools.push(Tool {
+        name: "get_time".into(),
+        ..Default::default()
+    });
+    let done = client.generate(two).await.unwrap().into_inner();
+    assert_eq!(done.message.unwrap().tool_calls.len(), 1);
+
+    // Structured output: JSON valid against the schema.
+    let structured = GenerateRequest {
+        tools: vec![],
+        tool_choice: String::new(),
+        response_format: Some(ResponseFormat {
+            r#type: Type::JsonSchema.into(),
+            name: "place".into(),
+            schema_json: schema.into(),
+            strict: true,
+        }),
+        ..ask("")
+    };
+    let done = client.generate(structured).await.unwrap().into_inner();
+    let document: Value = serde_json::from_str(&done.message.unwrap().content).unwrap();
+    assert!(document["city"].is_string(), "{document}");
+
+    // A typed field in the escape hatch is refused by name.
+    let status = client.generate(ask(r#"{"tools": []}"#)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("`tools`"), "{}", status.message());
+}

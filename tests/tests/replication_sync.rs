@@ -292,7 +292,7 @@ async fn with_every_peer_down_sync_times_out_and_async_is_served() {
         messages: vec![ChatMessage {
             role: "user".into(),
             content: "over grpc".into(),
-            name: String::new(),
+            ..Default::default()
         }],
         max_tokens: Some(6),
         conversation_id: "t-grpc".into(),

@@ -111,7 +111,7 @@ fn generate(
         messages: vec![ChatMessage {
             role: "user".into(),
             content: prompt.into(),
-            name: String::new(),
+            ..Default::default()
         }],
         max_tokens: Some(max_tokens),
         stop: stop.iter().map(|s| s.to_string()).collect(),

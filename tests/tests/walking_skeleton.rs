@@ -28,7 +28,7 @@ fn generate_request(content: &str) -> GenerateRequest {
         messages: vec![ChatMessage {
             role: "user".into(),
             content: content.into(),
-            name: String::new(),
+            ..Default::default()
         }],
         max_tokens: Some(12),
         seed: Some(7),

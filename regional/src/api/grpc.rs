@@ -1,17 +1,22 @@
 //! The `meridian.v1` gRPC services of a region.
 
+mod chat;
+
 use std::sync::Arc;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use meridian_proto::v1::inference_server::{Inference, InferenceServer};
 use meridian_proto::v1::{
-    ChatMessage, EmbedRequest, EmbedResponse, FinishReason, GenerateChunk, GenerateRequest,
-    GenerateResponse, ListModelsRequest, ListModelsResponse, Model, ModelKind,
+    EmbedRequest, EmbedResponse, FinishReason, GenerateChunk, GenerateRequest, GenerateResponse,
+    ListModelsRequest, ListModelsResponse, Model, ModelKind,
 };
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
+pub(super) use self::chat::chat_request;
+use self::chat::pb_deltas;
+pub(super) use self::chat::pb_message;
 use super::charge::{self, Charge};
 use super::http::completion_id;
 use super::{AppState, Tenant};
@@ -22,8 +27,7 @@ use crate::conversation::{
 };
 use crate::error::Error;
 use crate::inference::{
-    ChatRequest, Chunk, Fallback, Finish, Hints, Message, SizeHint, Usage, parse_grpc_timeout,
-    parse_timeout_ms,
+    Chunk, Fallback, Finish, Hints, SizeHint, Usage, parse_grpc_timeout, parse_timeout_ms,
 };
 use crate::replication::{DURABILITY_HEADER, Durability};
 use crate::slow_reader::cut_after;
@@ -121,61 +125,7 @@ fn model_metadata<T>(response: &mut Response<T>, model: &str, fallback: Option<&
     }
 }
 
-pub(super) fn chat_request(req: GenerateRequest) -> Result<ChatRequest, Error> {
-    if req.model.is_empty() {
-        return Err(Error::invalid("`model` must not be empty", Some("model")));
-    }
-    if req.messages.is_empty() {
-        return Err(Error::invalid(
-            "`messages` must contain at least one message",
-            Some("messages"),
-        ));
-    }
-    if req.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
-        return Err(Error::invalid(
-            "`temperature` must be between 0 and 2",
-            Some("temperature"),
-        ));
-    }
-    if req.max_tokens == Some(0) {
-        return Err(Error::invalid(
-            "`max_tokens` must be at least 1",
-            Some("max_tokens"),
-        ));
-    }
-    // The typed fields that have an OpenAI name go to the upstream under it.
-    let mut extra = serde_json::Map::new();
-    if let Some(top_p) = req.top_p {
-        extra.insert("top_p".into(), crate::inference::json_f32(top_p));
-    }
-    if !req.user.is_empty() {
-        extra.insert("user".into(), req.user.into());
-    }
-    Ok(ChatRequest {
-        model: req.model,
-        messages: req.messages.into_iter().map(message).collect(),
-        max_tokens: req.max_tokens,
-        max_completion_tokens: false,
-        seed: req.seed,
-        stop: req.stop,
-        temperature: req.temperature,
-        extra: std::sync::Arc::new(extra),
-    })
-}
-
-/// A gRPC message; its `name`, when set, goes upstream as OpenAI's `name`.
-fn message(m: ChatMessage) -> Message {
-    if m.name.is_empty() {
-        return Message::text(m.role, m.content);
-    }
-    let raw = serde_json::json!({ "role": m.role, "content": m.content, "name": m.name });
-    Message {
-        raw: raw.as_object().cloned().map(std::sync::Arc::new),
-        ..Message::text(m.role, m.content)
-    }
-}
-
-fn finish(f: Finish) -> FinishReason {
+pub(super) fn finish_reason(f: Finish) -> FinishReason {
     match f {
         Finish::Stop => FinishReason::Stop,
         Finish::Length => FinishReason::Length,
@@ -213,12 +163,13 @@ impl Inference for InferenceApi {
         let mut response = Response::new(GenerateResponse {
             id: completion_id(),
             model: req.model,
-            message: Some(ChatMessage {
-                role: "assistant".into(),
-                content: done.answer.text.clone(),
-                name: String::new(),
-            }),
-            finish_reason: finish(done.answer.finish).into(),
+            message: Some(pb_message(
+                "assistant",
+                &done.answer.text,
+                None,
+                &done.answer.extras.tool_calls,
+            )),
+            finish_reason: finish_reason(done.answer.finish).into(),
             usage: Some(usage(answer_usage)),
             region: self.state.region.clone(),
             created_at: Some(now.into()),
@@ -286,6 +237,7 @@ impl Inference for InferenceApi {
             match chunk {
                 Chunk::Delta(piece) => {
                     ttft.get_or_insert_with(|| record.elapsed());
+                    out.tool_calls = pb_deltas(&piece.tool_calls);
                     out.delta = piece.content;
                 }
                 Chunk::Done {
@@ -295,7 +247,7 @@ impl Inference for InferenceApi {
                 } => {
                     record.completed(u, ttft.unwrap_or_else(|| record.elapsed()), outcome.label());
                     settle.settle(u, outcome);
-                    out.finish_reason = finish(f).into();
+                    out.finish_reason = finish_reason(f).into();
                     out.usage = Some(usage(u));
                 }
             }

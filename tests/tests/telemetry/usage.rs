@@ -60,7 +60,7 @@ async fn inference_records_usage_and_summaries_match_the_records(mode: TimeSerie
         messages: vec![meridian_proto::v1::ChatMessage {
             role: "user".into(),
             content: "hi".into(),
-            name: String::new(),
+            ..Default::default()
         }],
         ..Default::default()
     });

@@ -9,7 +9,7 @@ use meridian_proto::v1::jobs_server::{Jobs, JobsServer};
 use tonic::{Request, Response, Status};
 
 use super::super::charge::Charge;
-use super::super::grpc::chat_request;
+use super::super::grpc::{chat_request, finish_reason, pb_message};
 use super::super::{AppState, Tenant};
 use super::check_model;
 use crate::queue::{Job, JobState, Priority, Submission};
@@ -182,11 +182,7 @@ fn job_pb(job: &Job, region: &str) -> pb::Job {
             .request
             .messages
             .iter()
-            .map(|m| pb::ChatMessage {
-                role: m.role.clone(),
-                content: m.content.clone(),
-                name: String::new(),
-            })
+            .map(|m| pb_message(&m.role, &m.content, m.raw.as_ref(), &[]))
             .collect(),
         max_tokens: job.request.max_tokens,
         seed: job.request.seed,
@@ -196,17 +192,8 @@ fn job_pb(job: &Job, region: &str) -> pb::Job {
     let result = job.result.as_ref().map(|r| pb::GenerateResponse {
         id: r.completion_id.clone(),
         model: job.request.model.clone(),
-        message: Some(pb::ChatMessage {
-            role: "assistant".into(),
-            content: r.text.clone(),
-            name: String::new(),
-        }),
-        finish_reason: if r.finish == "length" {
-            pb::FinishReason::Length
-        } else {
-            pb::FinishReason::Stop
-        }
-        .into(),
+        message: Some(pb_message("assistant", &r.text, None, &r.extras.tool_calls)),
+        finish_reason: finish_reason(crate::inference::Finish::parse(&r.finish)).into(),
         usage: Some(pb::Usage {
             prompt_tokens: r.prompt_tokens,
             completion_tokens: r.completion_tokens,
