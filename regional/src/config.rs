@@ -15,6 +15,7 @@ pub(crate) mod inference;
 mod jobs;
 mod replication;
 mod stores;
+mod task;
 pub(crate) mod telemetry;
 mod upstream;
 
@@ -25,6 +26,7 @@ pub use self::jobs::JobsConfig;
 pub(crate) use self::replication::MAX_BATCH_BYTES;
 pub use self::replication::{PeerConfig, ReplicationConfig};
 pub use self::stores::StoresConfig;
+pub use self::task::{EmbeddingModelConfig, Task};
 pub use self::telemetry::TelemetryConfig;
 pub use self::upstream::{ApiKey, UpstreamConfig};
 
@@ -189,6 +191,8 @@ fn default_models() -> Vec<ModelConfig> {
         backend: BackendConfig::Sim(SimConfig::default()),
         fallbacks: vec![],
         context_fallbacks: vec![],
+        task: Task::Chat,
+        embeddings: None,
     }]
 }
 
@@ -213,6 +217,14 @@ pub struct ModelConfig {
     /// context window: the first that fits serves it.
     #[serde(default)]
     pub context_fallbacks: Vec<String>,
+    /// What the model serves: `chat` (the default) or `embeddings` (an
+    /// OpenAI-compatible embedding server, `kind = "openai"` or `"azure"`).
+    #[serde(default)]
+    pub task: Task,
+    /// `task = "embeddings"` only: input limit and batching of its requests;
+    /// the defaults when absent.
+    #[serde(default)]
+    pub embeddings: Option<EmbeddingModelConfig>,
 }
 
 fn default_context_window() -> u32 {
@@ -352,6 +364,7 @@ impl RawConfig {
         }
         check_models(&self.models, &mut problems);
         inference::validate(&self.models, &self.aliases, &mut problems);
+        task::validate(&self.models, &self.aliases, &mut problems);
         self.telemetry.validate(&mut problems);
         self.jobs.validate(&mut problems);
         let embeddings = self.embeddings.filter(|e| e.enabled);

@@ -11,6 +11,7 @@
 mod admission;
 mod anthropic;
 mod embed;
+mod embed_pool;
 mod metrics;
 mod openai;
 mod pool;
@@ -28,12 +29,13 @@ use serde_json::{Map, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AliasConfig, BackendConfig, Config, ModelConfig};
+use crate::config::{AliasConfig, BackendConfig, Config, ModelConfig, Task};
 use crate::error::Error;
 
 use self::admission::Admission;
 pub(crate) use self::admission::Permit;
 pub(crate) use self::embed::{EMBEDDING_MODEL_ID, Embedder};
+pub(crate) use self::embed_pool::{EmbedCall, EmbedPool};
 use self::metrics::Metrics;
 pub(crate) use self::openai::json_f32;
 pub(crate) use self::reply::{
@@ -245,6 +247,8 @@ pub(crate) struct ModelInfo {
     pub context_window_tokens: u32,
     /// An alias rather than a model.
     pub alias: bool,
+    /// What it serves (an alias serves chat).
+    pub task: crate::config::Task,
     /// Upstreams able to take requests now, and all of them (1 and 1 for
     /// the simulator).
     pub healthy_backends: u32,
@@ -323,8 +327,10 @@ impl Inference {
             let reused = old
                 .and_then(|t| t.model(&m.id))
                 .filter(|o| o.config.backend == m.backend)
+                .filter(|o| o.config.task == m.task && o.config.embeddings == m.embeddings)
                 .filter(|o| match (&o.backend, &material) {
                     (route::Backend::Pool(p), Some(material)) => p.material() == material,
+                    (route::Backend::Embed(e), Some(material)) => e.pool().material() == material,
                     _ => true,
                 })
                 .map(|o| o.backend.clone());
@@ -339,8 +345,8 @@ impl Inference {
                     BackendConfig::OpenAi(cfg)
                     | BackendConfig::Anthropic(cfg)
                     | BackendConfig::Azure(cfg),
-                ) => route::Backend::Pool(
-                    pool::Pool::start(
+                ) => {
+                    let pool = pool::Pool::start(
                         (i, &m.id),
                         (
                             pool::Protocol::of(&m.backend).expect("a pool backend"),
@@ -350,8 +356,17 @@ impl Inference {
                         self.metrics.clone(),
                         self.shutdown.clone(),
                     )
-                    .map_err(invalid)?,
-                ),
+                    .map_err(invalid)?;
+                    match m.task {
+                        Task::Chat => route::Backend::Pool(pool),
+                        Task::Embeddings => route::Backend::Embed(Arc::new(EmbedPool::start(
+                            &m.id,
+                            pool,
+                            m.embeddings.clone().unwrap_or_default(),
+                            self.metrics.embed_batch(&m.id),
+                        ))),
+                    }
+                }
             };
             built.push(route::Model {
                 config: m.clone(),
@@ -440,6 +455,19 @@ impl Inference {
         })
     }
 
+    /// The upstream embedding model `id`; `None` when the table has no
+    /// such name (the built-in model may have it); a chat model or an
+    /// alias is refused by name.
+    pub(crate) fn embedding_model(&self, id: &str) -> Result<Option<Arc<EmbedPool>>, Error> {
+        let table = self.table.load();
+        match table.model(id).map(|m| &m.backend) {
+            Some(route::Backend::Embed(e)) => Ok(Some(e.clone())),
+            Some(_) => Err(route::wrong_task(id, Task::Chat, Task::Embeddings)),
+            None if table.is_alias(id) => Err(route::wrong_task(id, Task::Chat, Task::Embeddings)),
+            None => Ok(None),
+        }
+    }
+
     /// The Prometheus text of the inference metrics.
     pub(crate) fn render_metrics(&self) -> String {
         self.metrics.render()
@@ -465,6 +493,7 @@ impl Routed {
                         Ok(stream) => collect(stream).await,
                         Err(e) => Err(e),
                     },
+                    route::Backend::Embed(_) => Err(embedding_for_chat(model)),
                 };
                 match self.next(i, model, result, &mut failed)? {
                     Some(mut done) => {
@@ -501,6 +530,7 @@ impl Routed {
                     let stream = match &model.backend {
                         route::Backend::Sim(sim) => sim.stream(asked).map(Ok).boxed(),
                         route::Backend::Pool(pool) => pool.stream(asked).await?,
+                        route::Backend::Embed(_) => return Err(embedding_for_chat(model)),
                     };
                     first_chunk(stream).await
                 }
@@ -583,6 +613,12 @@ impl Routed {
             }),
         }
     }
+}
+
+/// Routing refuses chat with an embedding model; this keeps a table that
+/// says otherwise from sending one to an embedding server.
+fn embedding_for_chat(model: &route::Model) -> Error {
+    route::wrong_task(&model.config.id, Task::Embeddings, Task::Chat)
 }
 
 /// Waits for the first item, then hands back the whole stream.

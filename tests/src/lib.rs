@@ -15,6 +15,7 @@ mod azure_upstream;
 mod collector;
 pub mod conformance;
 mod dns;
+mod embedding_upstream;
 pub mod fault_proxy;
 pub mod keys;
 pub mod load;
@@ -33,6 +34,9 @@ pub use meridian_launcher::{PostgresServer, RedisServer};
 pub use self::azure_upstream::{AZURE_API_VERSION, AzureUpstream};
 pub use self::collector::{OtlpCollector, ReceivedSpan};
 pub use self::dns::{SrvTarget, TestDns};
+pub use self::embedding_upstream::{
+    EMBEDDING_UPSTREAM_DIMENSIONS, EMBEDDING_UPSTREAM_NOTE, EmbeddingUpstream, expected_vector,
+};
 pub use self::fault_proxy::{Direction, FaultProxy, Link, Links, ProxyStats};
 pub use self::openai_upstream::{OPENAI_UPSTREAM_MODEL, OpenAiUpstream};
 pub use self::pki::{TestPki, mesh_channel};

@@ -374,7 +374,13 @@ async fn bad_inputs_are_refused_and_the_node_keeps_serving() {
         })
         .await
         .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::NotFound);
+    // A chat model is named, with what it serves.
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("sim-fast") && status.message().contains("serves chat"),
+        "{}",
+        status.message()
+    );
 
     // Still serving, and a text right at the limit is taken.
     let (status, body) = post(

@@ -1,5 +1,8 @@
 //! `POST /v1/embeddings` (OpenAI's shape) and the work behind gRPC
-//! `Inference.Embed`: both go to the node's built-in embedding model.
+//! `Inference.Embed`: both go by `model` to an upstream embedding model of
+//! the table (`upstream.rs`) or to the node's built-in embedding model.
+
+mod upstream;
 
 use std::sync::Arc;
 
@@ -14,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::body::JsonBody;
 use super::{AppState, Tenant};
 use crate::error::Error;
-use crate::inference::{EMBEDDING_MODEL_ID, Embedder, Usage};
+use crate::inference::{EMBEDDING_MODEL_ID, EmbedPool, Embedder, Usage};
 
 pub(super) fn routes(state: Arc<AppState>) -> Router {
     Router::new()
@@ -79,8 +82,14 @@ struct UsageOut {
 }
 
 impl EmbeddingsBody {
+    #[cfg(test)]
     fn parse(bytes: &[u8]) -> Result<Self, Error> {
         serde_json::from_slice(bytes)
+            .map_err(|e| Error::invalid(format!("invalid request body: {e}"), None))
+    }
+
+    fn from_value(body: serde_json::Value) -> Result<Self, Error> {
+        serde_json::from_value(body)
             .map_err(|e| Error::invalid(format!("invalid request body: {e}"), None))
     }
 
@@ -129,10 +138,16 @@ fn input_problem(v: &serde_json::Value) -> String {
     }
 }
 
-fn embedder(state: &AppState, model: &str) -> Result<Arc<Embedder>, Error> {
+/// The upstream embedding model `model` names, if it names one; a chat
+/// model is refused by name.
+fn upstream_model(state: &AppState, model: &str) -> Result<Option<Arc<EmbedPool>>, Error> {
     if model.is_empty() {
         return Err(Error::invalid("`model` must not be empty", Some("model")));
     }
+    state.inference.embedding_model(model)
+}
+
+fn embedder(state: &AppState, model: &str) -> Result<Arc<Embedder>, Error> {
     state
         .embedder
         .clone()
@@ -151,10 +166,33 @@ async fn embeddings(
 }
 
 async fn embed_http(state: &AppState, tenant: &Tenant, body: &[u8]) -> Result<Response, Error> {
-    let body = EmbeddingsBody::parse(body)?;
+    let body: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| Error::invalid(format!("invalid request body: {e}"), None))?;
+    let model = body["model"].as_str().unwrap_or_default().to_string();
+    if let Some(upstream) = upstream_model(state, &model)?
+        && let serde_json::Value::Object(body) = body
+    {
+        let call = upstream::call(body, &upstream)?;
+        let (answer, usage) = run(state, tenant, &model, async {
+            let answer = upstream.embed(call).await?;
+            let usage = upstream::usage(&answer);
+            Ok((answer, usage))
+        })
+        .await?;
+        // Tokens used, for the gateway's tokens-per-minute accounting.
+        return Ok((
+            [(
+                meridian_proto::header::USAGE_TOKENS,
+                usage.prompt_tokens.to_string(),
+            )],
+            axum::Json(answer),
+        )
+            .into_response());
+    }
+    let body = EmbeddingsBody::from_value(body)?;
     let embedder = embedder(state, &body.model)?;
     let (model, inputs, encoding) = body.check(embedder.dimensions())?;
-    let (vectors, usage) = run(state, tenant, &embedder, &model, inputs).await?;
+    let (vectors, usage) = run_builtin(state, tenant, &embedder, &model, inputs).await?;
     let data = vectors
         .into_iter()
         .enumerate()
@@ -195,8 +233,23 @@ pub(super) async fn embed_grpc(
     use meridian_proto::v1::{EmbedResponse, Embedding};
     let tenant = Tenant::from_metadata(request.metadata())?;
     let req = request.into_inner();
-    let embedder = embedder(state, &req.model)?;
-    let (vectors, usage) = run(state, &tenant, &embedder, &req.model, req.inputs).await?;
+    let (vectors, usage) = match upstream_model(state, &req.model)? {
+        Some(upstream) => {
+            // The proto carries floats, so the upstream is asked for them.
+            let body = serde_json::json!({"input": req.inputs, "encoding_format": "float"});
+            let call = upstream::call(body.as_object().cloned().unwrap_or_default(), &upstream)?;
+            run(state, &tenant, &req.model, async {
+                let answer = upstream.embed(call).await?;
+                let usage = upstream::usage(&answer);
+                Ok((upstream::vectors(&answer)?, usage))
+            })
+            .await?
+        }
+        None => {
+            let embedder = embedder(state, &req.model)?;
+            run_builtin(state, &tenant, &embedder, &req.model, req.inputs).await?
+        }
+    };
     let mut response = tonic::Response::new(EmbedResponse {
         embeddings: vectors
             .into_iter()
@@ -218,27 +271,38 @@ pub(super) async fn embed_grpc(
     Ok(response)
 }
 
-/// Embeds under the tenant's admission slot and records the usage.
-async fn run(
+/// Runs `work` under the tenant's admission slot and records its usage.
+async fn run<T>(
+    state: &AppState,
+    tenant: &Tenant,
+    model: &str,
+    work: impl Future<Output = Result<(T, Usage), Error>>,
+) -> Result<(T, Usage), Error> {
+    let _permit = state.inference.admit(tenant.as_str())?;
+    let record = state.telemetry.usage.begin(tenant.as_str(), model);
+    let (out, usage) = work.await.inspect_err(|e| record.failed(e))?;
+    // An embedding has no first token: the whole call stands for it.
+    record.completed(usage, record.elapsed(), "bypass");
+    Ok((out, usage))
+}
+
+/// Embeds with the built-in model.
+async fn run_builtin(
     state: &AppState,
     tenant: &Tenant,
     embedder: &Embedder,
     model: &str,
     inputs: Vec<String>,
 ) -> Result<(Vec<Vec<f32>>, Usage), Error> {
-    let _permit = state.inference.admit(tenant.as_str())?;
-    let record = state.telemetry.usage.begin(tenant.as_str(), model);
-    let out = embedder
-        .embed(model, inputs)
-        .await
-        .inspect_err(|e| record.failed(e))?;
-    let usage = Usage {
-        prompt_tokens: out.prompt_tokens,
-        completion_tokens: 0,
-    };
-    // An embedding has no first token: the whole call stands for it.
-    record.completed(usage, record.elapsed(), "bypass");
-    Ok((out.vectors, usage))
+    run(state, tenant, model, async {
+        let out = embedder.embed(model, inputs).await?;
+        let usage = Usage {
+            prompt_tokens: out.prompt_tokens,
+            completion_tokens: 0,
+        };
+        Ok((out.vectors, usage))
+    })
+    .await
 }
 
 fn base64(v: &[f32]) -> String {

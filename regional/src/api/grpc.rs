@@ -291,7 +291,11 @@ impl Inference for InferenceApi {
             .map(|m| Model {
                 id: m.id,
                 owned_by: "meridian".into(),
-                kind: ModelKind::Chat.into(),
+                kind: match m.task {
+                    crate::config::Task::Chat => ModelKind::Chat,
+                    crate::config::Task::Embeddings => ModelKind::Embedding,
+                }
+                .into(),
                 context_window_tokens: m.context_window_tokens,
             })
             .collect();

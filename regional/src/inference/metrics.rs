@@ -18,6 +18,20 @@ pub(crate) struct Metrics {
     upstream_up: IntGaugeVec,
     upstream_outstanding: IntGaugeVec,
     upstream_attempts: IntCounterVec,
+    embed_batches: IntCounterVec,
+    embed_batch_inputs: HistogramVec,
+    embed_merged: IntCounterVec,
+}
+
+/// One upstream embedding model's batching metrics.
+#[derive(Clone)]
+pub(crate) struct EmbedBatchMetrics {
+    /// Upstream calls the batcher made.
+    pub batches: IntCounter,
+    /// Inputs per upstream call.
+    pub inputs: Histogram,
+    /// Requests that shared their upstream call with at least one other.
+    pub merged: IntCounter,
 }
 
 /// One simulated model's metrics.
@@ -122,6 +136,30 @@ impl Metrics {
                 "Attempts sent to an upstream, by outcome (ok: it started answering; slow: it did, but its first token took outlier_latency_factor times its peers' typical time; failed).",
                 &["model", "upstream", "outcome"],
             ),
+            embed_batches: counter(
+                "meridian_upstream_embedding_batches_total",
+                "Upstream embedding calls made by the batcher, each carrying one or more requests.",
+                &["model"],
+            ),
+            embed_batch_inputs: reg(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "meridian_upstream_embedding_batch_inputs",
+                        "Inputs per upstream embedding call made by the batcher.",
+                    )
+                    .buckets(vec![
+                        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0,
+                    ]),
+                    &["model"],
+                )
+                .expect("valid metric"),
+            ),
+            embed_merged: counter(
+                "meridian_upstream_embedding_requests_merged_total",
+                "Embedding requests that shared their upstream call with at least one other.",
+                &["model"],
+            ),
             registry,
         }
     }
@@ -155,6 +193,14 @@ impl Metrics {
             slow: self
                 .upstream_attempts
                 .with_label_values(&[model, upstream, "slow"]),
+        }
+    }
+
+    pub(crate) fn embed_batch(&self, model: &str) -> EmbedBatchMetrics {
+        EmbedBatchMetrics {
+            batches: self.embed_batches.with_label_values(&[model]),
+            inputs: self.embed_batch_inputs.with_label_values(&[model]),
+            merged: self.embed_merged.with_label_values(&[model]),
         }
     }
 

@@ -15,22 +15,24 @@
 
 mod breaker;
 mod client;
+mod embed;
 mod health;
 mod protocol;
+mod send;
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use meridian_mesh::trace::{self, KeyValue};
 use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::{Metrics, UpstreamMetrics};
 use super::sim::Fnv;
-use super::{ChatRequest, ChunkStream, first_chunk, openai};
+use super::{ChatRequest, ChunkStream, first_chunk};
 use crate::config::{ApiKey, OpenAiConfig};
 use crate::error::Error;
 
@@ -153,12 +155,35 @@ impl Pool {
         let key = self.affinity_key(&req);
         let body = self.protocol.body(&req, &self.upstream_model)?;
         let prompt_tokens = req.prompt_tokens();
+        let body = &body;
+        let (stream, guard) = self
+            .retrying(key, |i| async move {
+                let stream = self.send(&self.upstreams[i], body, prompt_tokens).await?;
+                first_chunk(stream).await.map_err(Failure::Retry)
+            })
+            .await?;
+        Ok(self.watch(stream, guard))
+    }
+
+    /// Runs `attempt` (given the upstream's index) on one upstream after
+    /// another until one answers, the request itself is refused, or the
+    /// retries are spent; the breakers, the latency averages and the
+    /// affinity table learn from each. Hands back the answer and the
+    /// attempt's outstanding count, which a stream keeps while it runs.
+    async fn retrying<T, Fut>(
+        self: &Arc<Self>,
+        key: Option<u64>,
+        attempt: impl Fn(usize) -> Fut,
+    ) -> Result<(T, Outstanding), Error>
+    where
+        Fut: Future<Output = Result<T, Failure>>,
+    {
         let mut tried = Vec::new();
         let mut last = None;
-        for attempt in 0..=self.config.retries {
-            if attempt > 0 {
+        for n in 0..=self.config.retries {
+            if n > 0 {
                 // Full jitter: retries from many requests do not line up.
-                let cap = self.config.retry_backoff_ms << (attempt - 1).min(10);
+                let cap = self.config.retry_backoff_ms << (n - 1).min(10);
                 let wait = rand::rng().random_range(0..=cap);
                 tokio::time::sleep(Duration::from_millis(wait)).await;
             }
@@ -169,13 +194,10 @@ impl Pool {
             let mut guard = Outstanding::new(self.clone(), i);
             let up = &self.upstreams[i];
             let started = Instant::now();
-            let result = match self.send(up, &body, prompt_tokens).await {
-                Ok(stream) => first_chunk(stream).await.map_err(Failure::Retry),
-                Err(f) => Err(f),
-            };
+            let result = attempt(i).await;
+            guard.decided = true;
             match result {
-                Ok(stream) => {
-                    guard.decided = true;
+                Ok(answer) => {
                     let ttft = started.elapsed();
                     if self.slow(i, ttft) {
                         up.metrics.slow.inc();
@@ -188,17 +210,15 @@ impl Pool {
                         self.affinity[key as usize % AFFINITY_SLOTS]
                             .store(i as u32 + 1, Ordering::Relaxed);
                     }
-                    return Ok(self.watch(stream, guard));
+                    return Ok((answer, guard));
                 }
                 Err(Failure::Retry(e)) => {
-                    guard.decided = true;
-                    tracing::warn!(model = %self.model, upstream = %up.base_url, error = %e, attempt, "upstream attempt failed");
+                    tracing::warn!(model = %self.model, upstream = %up.base_url, error = %e, attempt = n, "upstream attempt failed");
                     self.outcome(i, false);
                     last = Some(e);
                 }
                 Err(Failure::Fatal(e)) => {
                     // The upstream answered: it is alive.
-                    guard.decided = true;
                     self.outcome(i, true);
                     return Err(e);
                 }
@@ -307,107 +327,32 @@ impl Pool {
         None
     }
 
-    /// One attempt at one upstream, in a client span that ends with the
-    /// response head; the upstream gets the span's `traceparent`, so an
-    /// upstream that traces (the simulator can) continues the trace.
+    /// One chat attempt at one upstream, in a client span that ends with
+    /// the response head.
     async fn send(
         &self,
         up: &Upstream,
         body: &serde_json::Value,
         prompt_tokens: u32,
     ) -> Result<ChunkStream, Failure> {
-        let cx = trace::child_span(
-            "upstream.chat",
-            trace::Kind::Client,
-            vec![
-                KeyValue::new("meridian.model", self.model.clone()),
-                KeyValue::new("meridian.upstream", up.base_url.clone()),
-            ],
-        );
-        let first_byte = Duration::from_millis(self.config.first_byte_timeout_ms);
-        let result = match tokio::time::timeout(
-            first_byte,
-            self.send_in(&cx, up, body, prompt_tokens),
-        )
-        .await
-        {
-            Ok(result) => result,
-            Err(_) => Err(Failure::Retry(Error::Unavailable(format!(
-                "upstream {} sent no response head within {} ms (`first_byte_timeout_ms`)",
-                up.base_url, self.config.first_byte_timeout_ms
-            )))),
-        };
+        let cx = self.span("upstream.chat", up);
+        let url = self.protocol.chat_url(&up.base_url, &self.upstream_model);
+        let result = self
+            .within_first_byte(up, async {
+                let response = self.post(&cx, up, url, body).await?;
+                Ok(self
+                    .protocol
+                    .chunks(response, prompt_tokens, up.base_url.clone()))
+            })
+            .await;
         // Whatever the upstream said may quote the key it was sent.
-        let key = up.key.clone();
-        let result = match result {
-            Ok(stream) => Ok(match key {
-                Some(key) => stream
-                    .map(move |item| item.map_err(|e| client::scrub_error(e, Some(&key))))
-                    .boxed(),
-                None => stream,
-            }),
-            Err(Failure::Retry(e)) => Err(Failure::Retry(client::scrub_error(e, key.as_ref()))),
-            Err(Failure::Fatal(e)) => Err(Failure::Fatal(client::scrub_error(e, key.as_ref()))),
-        };
-        if let Err(Failure::Retry(Error::UpstreamRefused { status, said, .. })) = &result {
-            *up.failure.lock().expect("failure lock") = Some(Down::Refused {
-                status: *status,
-                said: said.clone(),
-            });
-        }
-        if let Err(Failure::Retry(e) | Failure::Fatal(e)) = &result {
-            trace::set_error(&cx, e.to_string());
-        }
-        trace::end(&cx);
-        result
-    }
-
-    async fn send_in(
-        &self,
-        cx: &trace::Context,
-        up: &Upstream,
-        body: &serde_json::Value,
-        prompt_tokens: u32,
-    ) -> Result<ChunkStream, Failure> {
-        let mut request = self
-            .client
-            .post(self.protocol.chat_url(&up.base_url, &self.upstream_model))
-            .headers(up.headers.clone())
-            .json(body);
-        if let Some(traceparent) = trace::traceparent(cx) {
-            request = request.header(trace::TRACEPARENT, traceparent);
-        }
-        let response = request.send().await.map_err(|e| {
-            Failure::Retry(Error::Unavailable(format!("upstream {}: {e}", up.base_url)))
-        })?;
-        let status = response.status();
-        trace::set_attributes(
-            cx,
-            [KeyValue::new(
-                "http.response.status_code",
-                i64::from(status.as_u16()),
-            )],
-        );
-        if status.is_success() {
-            return Ok(self
-                .protocol
-                .chunks(response, prompt_tokens, up.base_url.clone()));
-        }
-        let said = openai::error_message(&response.text().await.unwrap_or_default());
-        let message = format!("upstream {} answered {status}: {said}", up.base_url);
-        Err(match status.as_u16() {
-            400 | 413 | 422 => Failure::Fatal(Error::invalid(message, None)),
-            // Another upstream may hold a key that works; this one counts
-            // as failing until its key is fixed.
-            s @ (401 | 403) => Failure::Retry(Error::UpstreamRefused {
-                upstream: up.base_url.clone(),
-                status: s,
-                said,
-            }),
-            // 429, 5xx and Anthropic's 529 (overloaded): another upstream
-            // may take it.
-            _ => Failure::Retry(Error::Unavailable(message)),
-        })
+        let result = result.map(|stream| match up.key.clone() {
+            Some(key) => stream
+                .map(move |item| item.map_err(|e| client::scrub_error(e, Some(&key))))
+                .boxed(),
+            None => stream,
+        });
+        self.settle(&cx, up, result)
     }
 
     fn outcome(&self, i: usize, ok: bool) {

@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use rand::Rng;
 
+use super::embed_pool::EmbedPool;
 use super::pool::Pool;
 use super::sim::{Fnv, SimBackend};
 use super::{ChatRequest, Hints, ModelInfo};
-use crate::config::{AliasConfig, ModelConfig};
+use crate::config::{AliasConfig, ModelConfig, Task};
 use crate::error::Error;
 
 /// `x-meridian-routing-hint` / `routing_hint`: the client's own view of
@@ -32,10 +33,24 @@ impl SizeHint {
     }
 }
 
+/// The refusal of a request for `wanted` to model `id`, which serves `task`.
+pub(super) fn wrong_task(id: &str, task: Task, wanted: Task) -> Error {
+    Error::invalid(
+        format!(
+            "model {id:?} serves {}, not {}",
+            task.serves(),
+            wanted.serves()
+        ),
+        Some("model"),
+    )
+}
+
 #[derive(Clone)]
 pub(super) enum Backend {
     Sim(Arc<SimBackend>),
     Pool(Arc<Pool>),
+    /// A pool serving embeddings, behind its batcher.
+    Embed(Arc<EmbedPool>),
 }
 
 pub(super) struct Model {
@@ -149,6 +164,10 @@ impl Table {
             .unwrap_or_default()
     }
 
+    pub(super) fn is_alias(&self, id: &str) -> bool {
+        self.aliases.contains_key(id)
+    }
+
     pub(super) fn model(&self, id: &str) -> Option<&Arc<Model>> {
         self.models.get(id)
     }
@@ -156,6 +175,9 @@ impl Table {
     /// The model that serves `req`: itself, or the one its alias picks.
     pub(super) fn route(&self, req: &ChatRequest, hints: &Hints) -> Result<Arc<Model>, Error> {
         if let Some(m) = self.models.get(&req.model) {
+            if m.config.task != Task::Chat {
+                return Err(wrong_task(&m.config.id, m.config.task, Task::Chat));
+            }
             return Ok(m.clone());
         }
         match self.aliases.get(&req.model) {
@@ -201,11 +223,13 @@ impl Table {
                     let (healthy, total) = match &m.backend {
                         Backend::Sim(_) => (1, 1),
                         Backend::Pool(p) => p.health(),
+                        Backend::Embed(e) => e.pool().health(),
                     };
                     ModelInfo {
                         id: id.clone(),
                         context_window_tokens: m.config.context_window_tokens,
                         alias: false,
+                        task: m.config.task,
                         healthy_backends: healthy,
                         total_backends: total,
                     }
@@ -226,6 +250,7 @@ impl Table {
                             .min()
                             .unwrap_or(0),
                         alias: true,
+                        task: Task::Chat,
                         healthy_backends: 0,
                         total_backends: 0,
                     }
@@ -252,6 +277,8 @@ mod tests {
                     backend: BackendConfig::Sim(SimConfig::default()),
                     fallbacks: vec![],
                     context_fallbacks: vec![],
+                    task: crate::config::Task::Chat,
+                    embeddings: None,
                 },
                 backend: Backend::Sim(Arc::new(SimBackend::new(
                     SimConfig::default(),

@@ -34,6 +34,8 @@ fn slow_model() -> Routed {
                 backend: BackendConfig::Sim(config.clone()),
                 fallbacks: vec![],
                 context_fallbacks: vec![],
+                task: crate::config::Task::Chat,
+                embeddings: None,
             },
             backend: route::Backend::Sim(Arc::new(SimBackend::new(config, metrics.sim("slow")))),
         }),

@@ -70,6 +70,19 @@ impl Protocol {
         }
     }
 
+    /// Where embeddings are asked for; only OpenAI and Azure pools serve
+    /// them (config validation sees to that).
+    pub(super) fn embeddings_url(&self, base_url: &str, upstream_model: &str) -> String {
+        match self {
+            Self::OpenAi | Self::Anthropic { .. } => format!("{base_url}/embeddings"),
+            Self::Azure { api_version } => azure_url(
+                base_url,
+                &["openai", "deployments", upstream_model, "embeddings"],
+                api_version,
+            ),
+        }
+    }
+
     /// What the health check gets: the model list on OpenAI and Anthropic
     /// (cheap, and it checks the key); on Azure the resource's model list,
     /// the one cheap authenticated `GET` its data plane has (a deployment
@@ -154,6 +167,14 @@ mod tests {
         assert_eq!(
             azure.chat_url("https://r.openai.azure.com/", "gpt 4o"),
             "https://r.openai.azure.com/openai/deployments/gpt%204o/chat/completions?api-version=2024-10-21"
+        );
+        assert_eq!(
+            azure.embeddings_url("https://r.openai.azure.com", "emb"),
+            "https://r.openai.azure.com/openai/deployments/emb/embeddings?api-version=2024-10-21"
+        );
+        assert_eq!(
+            Protocol::OpenAi.embeddings_url("https://api.openai.com/v1", "m"),
+            "https://api.openai.com/v1/embeddings"
         );
         assert_eq!(
             azure.health_url("https://r.openai.azure.com"),
