@@ -18,6 +18,7 @@ mod pool;
 mod reply;
 mod route;
 mod sim;
+mod sse;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -72,70 +72,60 @@ pub(super) fn chunks(
     origin: String,
 ) -> ChunkStream {
     async_stream::stream! {
-        let mut body = response.bytes_stream();
-        let mut buf: Vec<u8> = Vec::new();
+        let mut events = super::sse::data(response, &origin);
         let mut finish = None;
         let mut usage = None;
         let mut deltas = 0u32;
         let mut done = false;
         let mut meta = Meta::default();
-        'read: while let Some(bytes) = body.next().await {
-            let bytes = match bytes {
-                Ok(b) => b,
+        while let Some(data) = events.next().await {
+            let data = match data {
+                Ok(d) => d,
                 Err(e) => {
-                    yield Err(Error::Unavailable(format!("upstream {origin} broke off: {e}")));
+                    yield Err(e);
                     return;
                 }
             };
-            buf.extend_from_slice(&bytes);
-            while let Some(end) = buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=end).collect();
-                let line = String::from_utf8_lossy(&line);
-                let Some(data) = line.trim_end().strip_prefix("data:") else {
-                    continue;
-                };
-                let data = data.trim_start();
-                if data == "[DONE]" {
-                    done = true;
-                    break 'read;
-                }
-                let Ok(event) = serde_json::from_str::<Value>(data) else {
-                    yield Err(Error::Unavailable(format!("upstream {origin} sent an unreadable event")));
-                    return;
-                };
-                if let Some(message) = event["error"]["message"].as_str() {
-                    yield Err(Error::Unavailable(format!("upstream {origin}: {message}")));
-                    return;
-                }
-                let Some(event) = event.as_object() else {
-                    yield Err(Error::Unavailable(format!("upstream {origin} sent an event that is not an object")));
-                    return;
-                };
-                meta.absorb(event);
-                if let Some(choice) = event.get("choices").and_then(|c| c.get(0)) {
-                    match delta(choice) {
-                        Ok(Some(d)) => {
-                            deltas += 1;
-                            yield Ok(Chunk::Delta(d));
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            yield Err(Error::Unavailable(format!("upstream {origin} sent an unreadable event: {e}")));
-                            return;
-                        }
+            if data == "[DONE]" {
+                done = true;
+                break;
+            }
+            let Ok(event) = serde_json::from_str::<Value>(&data) else {
+                yield Err(Error::Unavailable(format!("upstream {origin} sent an unreadable event")));
+                return;
+            };
+            if let Some(message) = event["error"]["message"].as_str() {
+                yield Err(Error::Unavailable(format!("upstream {origin}: {message}")));
+                return;
+            }
+            let Some(event) = event.as_object() else {
+                yield Err(Error::Unavailable(format!("upstream {origin} sent an event that is not an object")));
+                return;
+            };
+            meta.absorb(event);
+            if let Some(choice) = event.get("choices").and_then(|c| c.get(0)) {
+                match delta(choice) {
+                    Ok(Some(d)) => {
+                        deltas += 1;
+                        yield Ok(Chunk::Delta(d));
                     }
-                    if let Some(reason) = choice["finish_reason"].as_str() {
-                        finish = Some(Finish::parse(reason));
+                    Ok(None) => {}
+                    Err(e) => {
+                        yield Err(Error::Unavailable(format!("upstream {origin} sent an unreadable event: {e}")));
+                        return;
                     }
                 }
-                if let Some(u) = event.get("usage")
-                    && let (Some(p), Some(c)) = (u["prompt_tokens"].as_u64(), u["completion_tokens"].as_u64())
-                {
-                    usage = Some(Usage {
-                        prompt_tokens: u32::try_from(p).unwrap_or(u32::MAX),
-                        completion_tokens: u32::try_from(c).unwrap_or(u32::MAX),
-                    });
+                if let Some(reason) = choice["finish_reason"].as_str() {
+                    finish = Some(Finish::parse(reason));
                 }
+            }
+            if let Some(u) = event.get("usage")
+                && let (Some(p), Some(c)) = (u["prompt_tokens"].as_u64(), u["completion_tokens"].as_u64())
+            {
+                usage = Some(Usage {
+                    prompt_tokens: u32::try_from(p).unwrap_or(u32::MAX),
+                    completion_tokens: u32::try_from(c).unwrap_or(u32::MAX),
+                });
             }
         }
         let Some(finish) = finish.or(done.then_some(Finish::Stop)) else {

@@ -39,44 +39,35 @@ pub(crate) fn chunks(
     origin: String,
 ) -> ChunkStream {
     async_stream::stream! {
-        let mut body = response.bytes_stream();
-        let mut buf: Vec<u8> = Vec::new();
+        // `event:` lines repeat the data's own `type`: the data is enough.
+        let mut events = crate::inference::sse::data(response, &origin);
         let mut reading = Reading::default();
         let mut ended = false;
-        'read: while let Some(bytes) = body.next().await {
-            let bytes = match bytes {
-                Ok(b) => b,
+        while let Some(data) = events.next().await {
+            let data = match data {
+                Ok(d) => d,
                 Err(e) => {
-                    yield Err(Error::Unavailable(format!("upstream {origin} broke off: {e}")));
+                    yield Err(e);
                     return;
                 }
             };
-            buf.extend_from_slice(&bytes);
-            while let Some(end) = buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=end).collect();
-                let line = String::from_utf8_lossy(&line);
-                // `event:` lines repeat the data's own `type`.
-                let Some(data) = line.trim_end().strip_prefix("data:") else {
-                    continue;
-                };
-                let Ok(event) = serde_json::from_str::<Value>(data.trim_start()) else {
-                    yield Err(Error::Unavailable(format!("upstream {origin} sent an unreadable event")));
+            let Ok(event) = serde_json::from_str::<Value>(&data) else {
+                yield Err(Error::Unavailable(format!("upstream {origin} sent an unreadable event")));
+                return;
+            };
+            match reading.step(&event) {
+                Ok(Step::Piece(d)) => {
+                    reading.pieces += 1;
+                    yield Ok(Chunk::Delta(d));
+                }
+                Ok(Step::Nothing) => {}
+                Ok(Step::End) => {
+                    ended = true;
+                    break;
+                }
+                Err(why) => {
+                    yield Err(Error::Unavailable(format!("upstream {origin}: {why}")));
                     return;
-                };
-                match reading.step(&event) {
-                    Ok(Step::Piece(d)) => {
-                        reading.pieces += 1;
-                        yield Ok(Chunk::Delta(d));
-                    }
-                    Ok(Step::Nothing) => {}
-                    Ok(Step::End) => {
-                        ended = true;
-                        break 'read;
-                    }
-                    Err(why) => {
-                        yield Err(Error::Unavailable(format!("upstream {origin}: {why}")));
-                        return;
-                    }
                 }
             }
         }
