@@ -14,18 +14,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use meridian_regional::SimConfig;
 use serde_json::json;
-use tokio::sync::oneshot;
 
 use crate::SimServer;
+use crate::served::Served;
 
 /// The `api-version` the resource takes.
 pub const AZURE_API_VERSION: &str = "2024-10-21";
 
 /// An Azure-shaped proxy on a free port before a simulator; stopped on drop.
 pub struct AzureUpstream {
-    addr: std::net::SocketAddr,
+    served: Served,
     _sim: SimServer,
-    _stop: oneshot::Sender<()>,
 }
 
 struct Resource {
@@ -58,27 +57,15 @@ impl AzureUpstream {
             )
             .route("/openai/models", get(models))
             .with_state(resource);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-        });
         Self {
-            addr,
+            served: Served::start(app).await,
             _sim: sim,
-            _stop: stop,
         }
     }
 
     /// The resource's endpoint, as an Azure `base_url` is written.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}", self.served.addr())
     }
 }
 

@@ -5,7 +5,6 @@
 //! took and check that each caller got the vectors of its own inputs.
 //! With a key set, it refuses any other with OpenAI's 401.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -15,7 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
+
+use crate::served::Served;
 
 /// Length of every vector it answers.
 pub const EMBEDDING_UPSTREAM_DIMENSIONS: usize = 8;
@@ -30,9 +30,8 @@ struct Shared {
 }
 
 pub struct EmbeddingUpstream {
-    addr: SocketAddr,
+    served: Served,
     shared: Shared,
-    stop: Option<oneshot::Sender<()>>,
 }
 
 /// The vector the upstream answers for `input` (a string, or token ids as
@@ -62,8 +61,6 @@ impl EmbeddingUpstream {
     /// A server that answers only `Authorization: Bearer {key}` when a key
     /// is given.
     pub async fn start_with_key(key: Option<&str>) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let shared = Shared {
             bodies: Arc::default(),
             key: key.map(str::to_string),
@@ -72,36 +69,19 @@ impl EmbeddingUpstream {
             .route("/v1/models", get(models))
             .route("/v1/embeddings", post(embeddings))
             .with_state(shared.clone());
-        let (stop, stopped) = oneshot::channel::<()>();
-        // Ends with the handle: dropping `stop` resolves `stopped`.
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-        });
         Self {
-            addr,
+            served: Served::start(app).await,
             shared,
-            stop: Some(stop),
         }
     }
 
     pub fn base_url(&self) -> String {
-        format!("http://{}/v1", self.addr)
+        format!("http://{}/v1", self.served.addr())
     }
 
     /// Every embeddings body received, oldest first.
     pub fn bodies(&self) -> Vec<Value> {
         self.shared.bodies.lock().unwrap().clone()
-    }
-}
-
-impl Drop for EmbeddingUpstream {
-    fn drop(&mut self) {
-        let _ = self.stop.take().map(|s| s.send(()));
     }
 }
 

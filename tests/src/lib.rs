@@ -22,9 +22,11 @@ pub mod load;
 mod openai_upstream;
 mod pki;
 mod process;
+mod python;
 mod recording_upstream;
 pub mod replicated;
 mod sandbox;
+mod served;
 mod time_series;
 mod tls_upstream;
 mod upstream;
@@ -41,6 +43,7 @@ pub use self::fault_proxy::{Direction, FaultProxy, Link, Links, ProxyStats};
 pub use self::openai_upstream::{OPENAI_UPSTREAM_MODEL, OpenAiUpstream};
 pub use self::pki::{TestPki, mesh_channel};
 pub use self::process::RegionProcess;
+pub use self::python::run_data_script;
 pub use self::recording_upstream::{
     RECORDED_ARGUMENTS, RecordingUpstream, UPSTREAM_FINGERPRINT, UPSTREAM_ONLY_FIELD,
 };

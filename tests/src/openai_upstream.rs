@@ -3,59 +3,38 @@
 //! conformance harness is run against it to show that a missing required
 //! key fails the run, independently of what Meridian's own answers carry.
 
-use std::net::SocketAddr;
-
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
+
+use crate::served::Served;
 
 /// The one model the upstream lists.
 pub const OPENAI_UPSTREAM_MODEL: &str = "conformance-chat";
 
 /// An OpenAI-protocol server on a free port, stopped on drop.
 pub struct OpenAiUpstream {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
+    served: Served,
 }
 
 impl OpenAiUpstream {
     /// Serves `GET /v1/models` and `POST /v1/chat/completions`; each answer's
     /// `choices[].message` lacks `dropped_message_key` when one is given.
     pub async fn start(dropped_message_key: Option<&'static str>) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let app = Router::new().route("/v1/models", get(models)).route(
             "/v1/chat/completions",
             post(move |Json(request): Json<Value>| async move {
                 Json(completion(&request, dropped_message_key))
             }),
         );
-        let (stop, stopped) = oneshot::channel::<()>();
-        // Ends with the handle: dropping `stop` resolves `stopped`.
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-        });
         Self {
-            addr,
-            stop: Some(stop),
+            served: Served::start(app).await,
         }
     }
 
     /// The OpenAI base URL clients are given.
     pub fn base_url(&self) -> String {
-        format!("http://{}/v1", self.addr)
-    }
-}
-
-impl Drop for OpenAiUpstream {
-    fn drop(&mut self) {
-        let _ = self.stop.take().map(|s| s.send(()));
+        format!("http://{}/v1", self.served.addr())
     }
 }
 

@@ -4,7 +4,6 @@
 //! offered, usage with token details, and a top-level field no client
 //! library knows yet. Tests read what reached it, and what came back.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -13,7 +12,8 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
+
+use crate::served::Served;
 
 /// The top-level field every answer carries, unknown to any SDK.
 pub const UPSTREAM_ONLY_FIELD: &str = "x_upstream_note";
@@ -24,15 +24,12 @@ pub const RECORDED_ARGUMENTS: &str = r#"{"city": "Paris", "unit": "celsius"}"#;
 type Bodies = Arc<Mutex<Vec<Value>>>;
 
 pub struct RecordingUpstream {
-    addr: SocketAddr,
+    served: Served,
     bodies: Bodies,
-    stop: Option<oneshot::Sender<()>>,
 }
 
 impl RecordingUpstream {
     pub async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let bodies = Bodies::default();
         let app = Router::new()
             .route(
@@ -41,35 +38,19 @@ impl RecordingUpstream {
             )
             .route("/v1/chat/completions", post(chat))
             .with_state(bodies.clone());
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-        });
         Self {
-            addr,
+            served: Served::start(app).await,
             bodies,
-            stop: Some(stop),
         }
     }
 
     pub fn base_url(&self) -> String {
-        format!("http://{}/v1", self.addr)
+        format!("http://{}/v1", self.served.addr())
     }
 
     /// Every chat body received, oldest first.
     pub fn bodies(&self) -> Vec<Value> {
         self.bodies.lock().unwrap().clone()
-    }
-}
-
-impl Drop for RecordingUpstream {
-    fn drop(&mut self) {
-        let _ = self.stop.take().map(|s| s.send(()));
     }
 }
 

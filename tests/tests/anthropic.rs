@@ -4,11 +4,8 @@
 //! gateway (chat, streams, a parallel tool loop, images), refusing by name
 //! what the protocol cannot carry.
 
-use std::process::{Command, Output};
-
 use meridian_regional::{SimConfig, SimProtocol};
-use meridian_tests::{ClusterSandbox, SimServer, init_logging};
-use serde_json::Value;
+use meridian_tests::{ClusterSandbox, SimServer, init_logging, run_data_script};
 
 const MODEL: &str = "claude";
 const KEY: &str = "sk-ant-test-0123456789";
@@ -35,29 +32,11 @@ async fn anthropic_sim(strict: bool) -> SimServer {
     SimServer::start_speaking(SimProtocol::Anthropic, config, required).await
 }
 
-/// Runs `tests/data/{script}` with `env`, and reads the JSON it prints.
-async fn python(script: &str, env: Vec<(&'static str, String)>) -> Value {
-    let script = format!("{}/data/{script}", env!("CARGO_MANIFEST_DIR"));
-    let out: Output =
-        tokio::task::spawn_blocking(move || Command::new("python3").arg(script).envs(env).output())
-            .await
-            .unwrap()
-            .expect("python3 runs (infra/scripts/setup.sh installs it and the SDKs)");
-    assert!(
-        out.status.success(),
-        "the SDK script failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let seen: Value = serde_json::from_slice(&out.stdout).expect("the script prints JSON");
-    eprintln!("{seen}");
-    seen
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_anthropic_sdk_reads_the_simulators_messages_and_events() {
     init_logging();
     let sim = anthropic_sim(false).await;
-    let seen = python(
+    let seen = run_data_script(
         "anthropic_sdk.py",
         vec![
             ("ANTHROPIC_BASE_URL", format!("http://{}", sim.addr())),
@@ -94,7 +73,7 @@ async fn the_openai_sdk_reaches_an_anthropic_upstream_through_the_gateway() {
     );
     let sandbox =
         ClusterSandbox::start_configured(&["eu-west"], |_| model.clone(), |_, _| {}).await;
-    let seen = python(
+    let seen = run_data_script(
         "openai_sdk_anthropic.py",
         vec![
             ("OPENAI_BASE_URL", format!("{}/v1", sandbox.gateway_url())),

@@ -6,14 +6,12 @@
 //! its own inputs, the official OpenAI SDK works through the gateway, and a
 //! wrong key is a 502 naming the upstream.
 
-use std::process::Command;
-
 use base64::Engine as _;
 use meridian_proto::v1::inference_client::InferenceClient;
 use meridian_proto::v1::{EmbedRequest, ListModelsRequest, ModelKind};
 use meridian_tests::{
     ClusterSandbox, EMBEDDING_UPSTREAM_NOTE, EmbeddingUpstream, RegionSandbox, TEST_MODEL,
-    expected_vector, init_logging,
+    expected_vector, init_logging, run_data_script,
 };
 use serde_json::{Value, json};
 
@@ -292,27 +290,16 @@ async fn the_official_sdk_gets_the_upstream_vectors_through_the_gateway() {
     let sandbox =
         ClusterSandbox::start_configured(&["eu-west"], |_| config.clone(), |_, _| {}).await;
     let inputs = json!(["the sdk asks base64", "and decodes it"]);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/data/openai_sdk_embeddings.py");
-    let base_url = format!("{}/v1", sandbox.gateway_url());
-    let env_inputs = inputs.to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(script)
-            .env("OPENAI_BASE_URL", base_url)
-            .env("OPENAI_API_KEY", "sk-unused")
-            .env("MODEL", MODEL)
-            .env("INPUTS", env_inputs)
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("python3 runs (infra/scripts/setup.sh installs it and the SDK)");
-    assert!(
-        out.status.success(),
-        "the SDK script failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let seen: Value = serde_json::from_slice(&out.stdout).expect("the script prints JSON");
+    let seen = run_data_script(
+        "openai_sdk_embeddings.py",
+        vec![
+            ("OPENAI_BASE_URL", format!("{}/v1", sandbox.gateway_url())),
+            ("OPENAI_API_KEY", "sk-unused".into()),
+            ("MODEL", MODEL.into()),
+            ("INPUTS", inputs.to_string()),
+        ],
+    )
+    .await;
     assert_eq!(seen["model"], MODEL);
     assert_eq!(seen["indexes"], json!([0, 1]));
     for (i, input) in inputs.as_array().unwrap().iter().enumerate() {

@@ -2,10 +2,7 @@
 //! streaming with usage, model listing and retrieval, embeddings, and errors raised as the
 //! SDK's own exception types. `infra/scripts/setup.sh` installs the SDK.
 
-use std::process::Command;
-
-use meridian_tests::{ClusterSandbox, embedding_model_dir, init_logging};
-use serde_json::Value;
+use meridian_tests::{ClusterSandbox, embedding_model_dir, init_logging, run_data_script};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_python_sdk_works_unchanged() {
@@ -13,25 +10,15 @@ async fn the_official_python_sdk_works_unchanged() {
     let embeddings = format!("[embeddings]\nmodel_dir = {:?}\n", embedding_model_dir());
     let sandbox =
         ClusterSandbox::start_configured(&["eu-west"], |_| embeddings.clone(), |_, _| {}).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/data/openai_sdk_check.py");
-    let base_url = format!("{}/v1", sandbox.gateway_url());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(script)
-            .env("OPENAI_BASE_URL", base_url)
+    let seen = run_data_script(
+        "openai_sdk_check.py",
+        vec![
+            ("OPENAI_BASE_URL", format!("{}/v1", sandbox.gateway_url())),
             // The sandbox gateway runs without [auth]; the SDK insists on a key.
-            .env("OPENAI_API_KEY", "sk-unused")
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("python3 runs (infra/scripts/setup.sh installs it and the SDK)");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "the SDK script failed (is the SDK installed? run infra/scripts/setup.sh):\n{stderr}"
-    );
-    let seen: Value = serde_json::from_slice(&out.stdout).expect("the script prints JSON");
+            ("OPENAI_API_KEY", "sk-unused".into()),
+        ],
+    )
+    .await;
     eprintln!("openai sdk {}", seen["sdk_version"]);
 
     let chat = &seen["chat"];

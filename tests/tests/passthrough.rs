@@ -7,12 +7,10 @@
 //! gateway against the simulator as a hosted upstream: over HTTPS with a
 //! certificate from a test CA, demanding an API key.
 
-use std::process::Command;
-
 use meridian_regional::SimConfig;
 use meridian_tests::{
     ClusterSandbox, RECORDED_ARGUMENTS, RecordingUpstream, SimServer, TestPki, TlsUpstream,
-    UPSTREAM_FINGERPRINT, UPSTREAM_ONLY_FIELD, init_logging,
+    UPSTREAM_FINGERPRINT, UPSTREAM_ONLY_FIELD, init_logging, run_data_script,
 };
 use serde_json::{Value, json};
 
@@ -312,26 +310,15 @@ async fn the_official_sdk_runs_a_tool_loop_and_structured_output_against_a_hoste
         &format!(", api_key_file = {:?}", key_file.display().to_string()),
     )
     .await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/data/openai_sdk_tools.py");
-    let base_url = format!("{}/v1", sandbox.gateway_url());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(script)
-            .env("OPENAI_BASE_URL", base_url)
-            .env("OPENAI_API_KEY", "sk-unused")
-            .env("MODEL", MODEL)
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("python3 runs (infra/scripts/setup.sh installs it and the SDK)");
-    assert!(
-        out.status.success(),
-        "the SDK script failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let seen: Value = serde_json::from_slice(&out.stdout).expect("the script prints JSON");
-    eprintln!("{seen}");
+    let seen = run_data_script(
+        "openai_sdk_tools.py",
+        vec![
+            ("OPENAI_BASE_URL", format!("{}/v1", sandbox.gateway_url())),
+            ("OPENAI_API_KEY", "sk-unused".into()),
+            ("MODEL", MODEL.into()),
+        ],
+    )
+    .await;
     let both = json!(["get_weather", "get_time"]);
     assert_eq!(seen["call"]["finish_reason"], "tool_calls");
     assert_eq!(seen["call"]["names"], both, "parallel calls of both tools");
