@@ -7,52 +7,22 @@
 //! -p meridian-tests --bench inference`); `BENCH_RPS` and `BENCH_SECONDS`
 //! set the rate and duration.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use meridian_regional::{SimConfig, serve_sim};
 use meridian_tests::RegionSandbox;
+use meridian_tests::load::{env_or, ms, percentile, service_times};
 use serde_json::json;
 
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Sends `n` requests at `rps`, open loop (a slow answer does not delay the
-/// next send), and returns each latency, sorted.
+/// `n` requests to `model` at `rps`; each latency, sorted.
 async fn run(client: &reqwest::Client, url: &str, model: &str, rps: u64, n: u64) -> Vec<Duration> {
-    let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rps));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut tasks = Vec::with_capacity(n as usize);
-    for i in 0..n {
-        ticker.tick().await;
-        let (client, url) = (client.clone(), url.to_string());
-        let body = json!({ "model": model, "max_tokens": 8, "seed": i,
-            "messages": [{ "role": "user", "content": format!("benchmark request {i}") }] });
-        tasks.push(tokio::spawn(async move {
-            let started = Instant::now();
-            let res = client.post(&url).json(&body).send().await.expect("send");
-            assert_eq!(res.status(), 200);
-            res.bytes().await.expect("body");
-            started.elapsed()
-        }));
-    }
-    let mut latencies = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        latencies.push(t.await.expect("request task"));
-    }
+    let mut latencies = service_times(client, url, rps, n, |i| {
+        json!({ "model": model, "max_tokens": 8, "seed": i,
+            "messages": [{ "role": "user", "content": format!("benchmark request {i}") }] })
+    })
+    .await;
     latencies.sort();
     latencies
-}
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 #[tokio::main]
@@ -60,8 +30,8 @@ async fn main() {
     // reqwest is built with TLS but without a provider in this crate; the
     // region's upstream client is the same reqwest, so install one first.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let rps = env("BENCH_RPS", 200);
-    let n = rps * env("BENCH_SECONDS", 5);
+    let rps = env_or("BENCH_RPS", 200);
+    let n = rps * env_or("BENCH_SECONDS", 5);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -91,17 +61,17 @@ async fn main() {
     println!("inference overhead, {n} requests at {rps}/s, non-streamed, 8 tokens:");
     println!(
         "  direct to the sim:  p50 {:.3} ms  p99 {:.3} ms",
-        ms(pct(&d, 0.5)),
-        ms(pct(&d, 0.99))
+        ms(percentile(&d, 0.5)),
+        ms(percentile(&d, 0.99))
     );
     println!(
         "  through the region: p50 {:.3} ms  p99 {:.3} ms",
-        ms(pct(&r, 0.5)),
-        ms(pct(&r, 0.99))
+        ms(percentile(&r, 0.5)),
+        ms(percentile(&r, 0.99))
     );
     println!(
         "  region overhead:    p50 {:.3} ms  p99 {:.3} ms",
-        ms(pct(&r, 0.5)) - ms(pct(&d, 0.5)),
-        ms(pct(&r, 0.99)) - ms(pct(&d, 0.99))
+        ms(percentile(&r, 0.5)) - ms(percentile(&d, 0.5)),
+        ms(percentile(&r, 0.99)) - ms(percentile(&d, 0.99))
     );
 }

@@ -10,21 +10,14 @@
 //! meridian-tests --bench providers`); `BENCH_RPS`, `BENCH_SECONDS` set the
 //! rate and the duration per model.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use meridian_regional::{SimConfig, SimProtocol, serve_sim_as};
+use meridian_tests::load::{env_or, ms, percentile, service_times};
 use meridian_tests::{RegionSandbox, TestPki, TlsUpstream};
 use serde_json::json;
 
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Sends `n` requests to `model` at `rps`, open loop, and adds each
-/// latency to `into`.
+/// `n` requests to `model` at `rps`; each latency added to `into`.
 async fn run(
     client: &reqwest::Client,
     url: &str,
@@ -33,34 +26,13 @@ async fn run(
     n: u64,
     into: &mut Vec<Duration>,
 ) {
-    let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rps));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut tasks = Vec::with_capacity(n as usize);
-    for i in 0..n {
-        ticker.tick().await;
-        let (client, url) = (client.clone(), url.to_string());
-        let body = json!({ "model": model, "max_tokens": 8,
+    let times = service_times(client, url, rps, n, |i| {
+        json!({ "model": model, "max_tokens": 8,
             "messages": [{ "role": "system", "content": "Be brief." },
-                         { "role": "user", "content": format!("benchmark request {i}") }] });
-        tasks.push(tokio::spawn(async move {
-            let started = Instant::now();
-            let res = client.post(&url).json(&body).send().await.expect("send");
-            assert_eq!(res.status(), 200);
-            res.bytes().await.expect("body");
-            started.elapsed()
-        }));
-    }
-    for t in tasks {
-        into.push(t.await.expect("request task"));
-    }
-}
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
+                         { "role": "user", "content": format!("benchmark request {i}") }] })
+    })
+    .await;
+    into.extend(times);
 }
 
 async fn sim(protocol: SimProtocol) -> std::net::SocketAddr {
@@ -89,8 +61,8 @@ async fn sim(protocol: SimProtocol) -> std::net::SocketAddr {
 #[tokio::main]
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let rps = env("BENCH_RPS", 200);
-    let n = rps * env("BENCH_SECONDS", 5);
+    let rps = env_or("BENCH_RPS", 200);
+    let n = rps * env_or("BENCH_SECONDS", 5);
     let (openai, anthropic) = tokio::join!(sim(SimProtocol::OpenAi), sim(SimProtocol::Anthropic));
     let pki = TestPki::new();
     let tls = TlsUpstream::start(&pki, openai, false).await;
@@ -135,13 +107,16 @@ async fn main() {
     for l in &mut latencies {
         l.sort();
     }
-    let (base50, base99) = (ms(pct(&latencies[0], 0.5)), ms(pct(&latencies[0], 0.99)));
+    let (base50, base99) = (
+        ms(percentile(&latencies[0], 0.5)),
+        ms(percentile(&latencies[0], 0.99)),
+    );
     println!(
         "providers through a region, {} requests each at {rps}/s, non-streamed, 8 tokens:",
         latencies[0].len()
     );
     for (m, l) in models.iter().zip(&latencies) {
-        let (p50, p99) = (ms(pct(l, 0.5)), ms(pct(l, 0.99)));
+        let (p50, p99) = (ms(percentile(l, 0.5)), ms(percentile(l, 0.99)));
         println!(
             "  {m:<10} p50 {p50:.3} ms ({:.2}x)  p99 {p99:.3} ms ({:.2}x)",
             p50 / base50,

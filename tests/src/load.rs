@@ -28,6 +28,39 @@ pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// Sends `n` requests to `url` at `rps`, open loop (a slow answer does not
+/// delay the next send), the `i`th with `body(i)`, each expected to answer
+/// 200; the time each took from its send, in sending order. Unlike
+/// [`Load::fixed_rate`], which counts from when a request was due, this is
+/// the service time alone, for comparing two paths finely.
+pub async fn service_times(
+    client: &reqwest::Client,
+    url: &str,
+    rps: u64,
+    n: u64,
+    body: impl Fn(u64) -> serde_json::Value,
+) -> Vec<Duration> {
+    let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rps));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        ticker.tick().await;
+        let (client, url, body) = (client.clone(), url.to_string(), body(i));
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let res = client.post(&url).json(&body).send().await.expect("send");
+            assert_eq!(res.status(), 200);
+            res.bytes().await.expect("body");
+            started.elapsed()
+        }));
+    }
+    let mut times = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        times.push(t.await.expect("request task"));
+    }
+    times
+}
+
 /// What every request sends: a short completion of the zero-latency test
 /// model, and an optional bearer key (only a gateway with `[auth]` checks it).
 #[derive(Clone)]
