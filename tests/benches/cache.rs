@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use meridian_tests::load::{env_or, ms, percentile};
-use meridian_tests::{RegionSandbox, SimServer, embedding_model_dir};
+use meridian_tests::{RegionSandbox, SimServer, embedding_model_dir, instant_sim};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -87,11 +87,8 @@ async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let n = env_or("BENCH_REQUESTS", 400);
     let upstream = SimServer::start(meridian_regional::SimConfig {
-        prefill_us_per_token: 0,
-        ttft_ms: 0,
-        per_token_ms: 0,
         max_concurrency: 1024,
-        ..meridian_regional::SimConfig::default()
+        ..instant_sim()
     })
     .await;
     let extra = format!(

@@ -10,8 +10,8 @@
 use std::time::Duration;
 
 use meridian_regional::{SimConfig, serve_sim};
-use meridian_tests::RegionSandbox;
 use meridian_tests::load::{env_or, ms, percentile, service_times};
+use meridian_tests::{RegionSandbox, instant_sim};
 use serde_json::json;
 
 /// `n` requests to `model` at `rps`; each latency, sorted.
@@ -37,11 +37,8 @@ async fn main() {
         .expect("bind");
     let sim_addr = listener.local_addr().expect("addr");
     let sim = SimConfig {
-        prefill_us_per_token: 0,
-        ttft_ms: 0,
-        per_token_ms: 0,
         max_concurrency: 1024,
-        ..SimConfig::default()
+        ..instant_sim()
     };
     tokio::spawn(serve_sim(sim, listener, std::future::pending()));
     let extra = format!(

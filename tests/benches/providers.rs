@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use meridian_regional::{SimConfig, SimProtocol, serve_sim_as};
 use meridian_tests::load::{env_or, ms, percentile, service_times};
-use meridian_tests::{RegionSandbox, TestPki, TlsUpstream};
+use meridian_tests::{RegionSandbox, TestPki, TlsUpstream, instant_sim};
 use serde_json::json;
 
 /// `n` requests to `model` at `rps`; each latency added to `into`.
@@ -41,11 +41,8 @@ async fn sim(protocol: SimProtocol) -> std::net::SocketAddr {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let config = SimConfig {
-        prefill_us_per_token: 0,
-        ttft_ms: 0,
-        per_token_ms: 0,
         max_concurrency: 1024,
-        ..SimConfig::default()
+        ..instant_sim()
     };
     tokio::spawn(serve_sim_as(
         protocol,

@@ -12,11 +12,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use meridian_regional::SimConfig;
 use serde_json::json;
 
-use crate::SimServer;
 use crate::served::Served;
+use crate::{SimServer, instant_sim};
 
 /// The `api-version` the resource takes.
 pub const AZURE_API_VERSION: &str = "2024-10-21";
@@ -37,13 +36,7 @@ struct Resource {
 impl AzureUpstream {
     /// A resource with one deployment, `deployment`, open to `key`.
     pub async fn start(key: &str, deployment: &str) -> Self {
-        let sim = SimServer::start(SimConfig {
-            prefill_us_per_token: 0,
-            ttft_ms: 0,
-            per_token_ms: 0,
-            ..SimConfig::default()
-        })
-        .await;
+        let sim = SimServer::start(instant_sim()).await;
         let resource = Arc::new(Resource {
             key: key.into(),
             deployment: deployment.into(),

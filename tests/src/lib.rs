@@ -53,7 +53,7 @@ pub use self::sandbox::{
 };
 pub use self::time_series::{TimeSeries, require_extension};
 pub use self::tls_upstream::TlsUpstream;
-pub use self::upstream::{FaultyUpstream, SimServer, metric};
+pub use self::upstream::{FaultyUpstream, SimServer, instant_sim, metric};
 
 /// Per-process test setup: sends the harness's and the system's logs to the
 /// test output (`RUST_LOG` selects what is shown; default: warnings), and

@@ -10,6 +10,17 @@ use meridian_mesh::Tracer;
 use meridian_regional::{SimConfig, SimProtocol, serve_sim_as};
 use tokio::sync::oneshot;
 
+/// A simulator that answers at once: no prefill, time to first token or
+/// time per token, so only the path to it takes time.
+pub fn instant_sim() -> SimConfig {
+    SimConfig {
+        prefill_us_per_token: 0,
+        ttft_ms: 0,
+        per_token_ms: 0,
+        ..SimConfig::default()
+    }
+}
+
 /// A simulator behind real HTTP on a free port.
 pub struct SimServer {
     addr: std::net::SocketAddr,

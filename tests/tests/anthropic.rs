@@ -4,8 +4,8 @@
 //! gateway (chat, streams, a parallel tool loop, images), refusing by name
 //! what the protocol cannot carry.
 
-use meridian_regional::{SimConfig, SimProtocol};
-use meridian_tests::{ClusterSandbox, SimServer, init_logging, run_data_script};
+use meridian_regional::SimProtocol;
+use meridian_tests::{ClusterSandbox, SimServer, init_logging, instant_sim, run_data_script};
 
 const MODEL: &str = "claude";
 const KEY: &str = "sk-ant-test-0123456789";
@@ -15,12 +15,7 @@ const KEY: &str = "sk-ant-test-0123456789";
 /// own (2.x sends a bearer token and a newer version) are not checked:
 /// its test is of wire shapes.
 async fn anthropic_sim(strict: bool) -> SimServer {
-    let config = SimConfig {
-        prefill_us_per_token: 0,
-        ttft_ms: 0,
-        per_token_ms: 0,
-        ..SimConfig::default()
-    };
+    let config = instant_sim();
     let required = if strict {
         vec![
             ("x-api-key".to_string(), KEY.to_string()),

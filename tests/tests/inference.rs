@@ -8,7 +8,9 @@ use futures::StreamExt;
 use meridian_proto::v1::inference_client::InferenceClient;
 use meridian_proto::v1::{ChatMessage, GenerateRequest};
 use meridian_regional::SimConfig;
-use meridian_tests::{RegionSandbox, SimServer, TEST_SLOW_MODEL, init_logging, metric};
+use meridian_tests::{
+    RegionSandbox, SimServer, TEST_SLOW_MODEL, init_logging, instant_sim, metric,
+};
 use serde_json::{Value, json};
 
 fn slow_sim() -> SimConfig {
@@ -16,15 +18,6 @@ fn slow_sim() -> SimConfig {
         prefill_us_per_token: 0,
         ttft_ms: 50,
         per_token_ms: 100,
-        ..SimConfig::default()
-    }
-}
-
-fn fast_sim() -> SimConfig {
-    SimConfig {
-        prefill_us_per_token: 0,
-        ttft_ms: 0,
-        per_token_ms: 0,
         ..SimConfig::default()
     }
 }
@@ -191,12 +184,12 @@ async fn a_killed_upstream_is_ejected_and_traffic_moves_without_errors() {
     init_logging();
     let client = http();
     let (mut a, b) = (
-        SimServer::start(fast_sim()).await,
-        SimServer::start(fast_sim()).await,
+        SimServer::start(instant_sim()).await,
+        SimServer::start(instant_sim()).await,
     );
     let (mut c, d) = (
-        SimServer::start(fast_sim()).await,
-        SimServer::start(fast_sim()).await,
+        SimServer::start(instant_sim()).await,
+        SimServer::start(instant_sim()).await,
     );
     // `pool` checks health only at start, so what ejects `a` below is the
     // breaker, fed by requests; `checked` sees no requests, so what ejects

@@ -7,10 +7,9 @@
 //! gateway against the simulator as a hosted upstream: over HTTPS with a
 //! certificate from a test CA, demanding an API key.
 
-use meridian_regional::SimConfig;
 use meridian_tests::{
     ClusterSandbox, RECORDED_ARGUMENTS, RecordingUpstream, SimServer, TestPki, TlsUpstream,
-    UPSTREAM_FINGERPRINT, UPSTREAM_ONLY_FIELD, init_logging, run_data_script,
+    UPSTREAM_FINGERPRINT, UPSTREAM_ONLY_FIELD, init_logging, instant_sim, run_data_script,
 };
 use serde_json::{Value, json};
 
@@ -290,12 +289,7 @@ async fn the_official_sdk_runs_a_tool_loop_and_structured_output_against_a_hoste
     init_logging();
     const KEY: &str = "sk-hosted-0123456789abcdef";
     let sim = SimServer::start_requiring(
-        SimConfig {
-            prefill_us_per_token: 0,
-            ttft_ms: 0,
-            per_token_ms: 0,
-            ..SimConfig::default()
-        },
+        instant_sim(),
         vec![("authorization".into(), format!("Bearer {KEY}"))],
     )
     .await;

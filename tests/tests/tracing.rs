@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use meridian_gateway::AuthConfig;
 use meridian_mesh::{TraceConfig, Tracer};
+use meridian_regional::serve_sim_traced;
 use meridian_regional::tenancy::{self, TenantLimits};
-use meridian_regional::{SimConfig, serve_sim_traced};
-use meridian_tests::{ClusterSandbox, OtlpCollector, ReceivedSpan, init_logging};
+use meridian_tests::{ClusterSandbox, OtlpCollector, ReceivedSpan, init_logging, instant_sim};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -39,12 +39,7 @@ impl Upstream {
             vec![],
         )
         .unwrap();
-        let config = SimConfig {
-            prefill_us_per_token: 0,
-            ttft_ms: 0,
-            per_token_ms: 0,
-            ..SimConfig::default()
-        };
+        let config = instant_sim();
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(serve_sim_traced(
             config,

@@ -6,24 +6,14 @@
 use std::time::{Duration, Instant};
 
 use meridian_mesh::Identity;
-use meridian_regional::SimConfig;
 use meridian_tests::{
     FaultyUpstream, RegionProcess, RegionSandbox, SimServer, TestPki, TlsUpstream, init_logging,
-    metric,
+    instant_sim, metric,
 };
 use serde_json::{Value, json};
 
 const GOOD_KEY: &str = "sk-meridian-test-good-0123456789";
 const WRONG_KEY: &str = "sk-meridian-test-WRONG-9876543210";
-
-fn fast_sim() -> SimConfig {
-    SimConfig {
-        prefill_us_per_token: 0,
-        ttft_ms: 0,
-        per_token_ms: 0,
-        ..SimConfig::default()
-    }
-}
 
 /// A sim behind HTTPS that wants `Bearer GOOD_KEY` and any `extra` headers.
 async fn hosted(
@@ -33,7 +23,7 @@ async fn hosted(
 ) -> (SimServer, TlsUpstream) {
     let mut required = vec![("authorization".to_string(), format!("Bearer {GOOD_KEY}"))];
     required.extend(extra.iter().map(|(n, v)| (n.to_string(), v.to_string())));
-    let sim = SimServer::start_requiring(fast_sim(), required).await;
+    let sim = SimServer::start_requiring(instant_sim(), required).await;
     let tls = TlsUpstream::start(pki, sim.addr(), client_auth).await;
     (sim, tls)
 }
@@ -231,7 +221,7 @@ async fn static_headers_reach_the_upstream() {
 async fn an_upstream_that_never_answers_is_left_for_the_other_after_the_first_byte_timeout() {
     init_logging();
     let silent = FaultyUpstream::silent().await;
-    let sim = SimServer::start(fast_sim()).await;
+    let sim = SimServer::start(instant_sim()).await;
     // No affinity: each request picks by load, so the silent upstream gets
     // its share of first attempts.
     let models = format!(
