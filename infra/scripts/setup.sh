@@ -88,36 +88,32 @@ else
   say "embedding model all-minilm-l6-v2 copied from $src to $minilm"
 fi
 
+# A Python package from PyPI, unless its module imports already: module,
+# pip requirement, what it is for.
+python_package() {
+  local module=$1 requirement=$2 why=$3
+  if python3 -c "import $module" >/dev/null 2>&1; then
+    say "$module present ($(python3 -c "import $module; print(getattr($module, '__version__', 'unknown version'))"))"
+  else
+    say "installing $requirement from PyPI ($why)"
+    PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q "$requirement"
+  fi
+}
+
 # The official OpenAI Python SDK: `make test` checks that it works against
 # the gateway unchanged (tests/tests/openai_sdk.rs).
-if python3 -c 'import openai' >/dev/null 2>&1; then
-  say "OpenAI Python SDK present"
-else
-  say "installing the OpenAI Python SDK from PyPI (for the SDK compatibility test)"
-  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q openai
-fi
+python_package openai openai "the OpenAI SDK compatibility tests"
 
 # The official Anthropic Python SDK: tests/tests/anthropic.rs checks the
 # simulator's Messages API with it. Pinned: its wire shapes and defaults
 # (auth header, `anthropic-version`) change between major releases.
-ANTHROPIC_SDK_VERSION=2.17.0
-if python3 -c 'import anthropic' >/dev/null 2>&1; then
-  say "Anthropic Python SDK present ($(python3 -c 'import anthropic; print(anthropic.__version__)'))"
-else
-  say "installing the Anthropic Python SDK $ANTHROPIC_SDK_VERSION from PyPI (for the Anthropic protocol test)"
-  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q "anthropic==$ANTHROPIC_SDK_VERSION"
-fi
+python_package anthropic "anthropic==2.17.0" "the Anthropic protocol test"
 
 # schemathesis: the OpenAI conformance run (tests/tests/conformance.rs, `make
-# conformance`) generates requests from OpenAI's API description with it.
-# Pinned: its reports and generated cases change between releases, and the
-# run's fixed seed should mean the same cases everywhere.
-SCHEMATHESIS_VERSION=4.32.5
-if python3 -c 'import schemathesis' >/dev/null 2>&1; then
-  say "schemathesis present ($(python3 -c 'import schemathesis; print(schemathesis.__version__)'))"
-else
-  say "installing schemathesis $SCHEMATHESIS_VERSION from PyPI (for the OpenAI conformance run)"
-  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q "schemathesis==$SCHEMATHESIS_VERSION"
-fi
+# conformance`) generates requests from OpenAI's API description with it;
+# it also brings `jsonschema`, with which the SDK scripts in tests/data check
+# structured answers. Pinned: its reports and generated cases change between
+# releases, and the run's fixed seed should mean the same cases everywhere.
+python_package schemathesis "schemathesis==4.32.5" "the OpenAI conformance run"
 
 say "ready: $(redis-server --version | cut -d' ' -f3), postgres $(ls -d /usr/lib/postgresql/*/ 2>/dev/null | xargs -n1 basename | tr '\n' ' ')"
