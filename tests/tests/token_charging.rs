@@ -126,8 +126,37 @@ fn generate(
 async fn requests_the_gateway_cannot_read_are_charged_their_real_shape() {
     init_logging();
     let sandbox = keyed_cluster(&["us-east"], 100, false).await;
-    let keys = tenants(&sandbox, &["chunked-stream", "grpc-stream", "chunked-job"]).await;
+    let keys = tenants(
+        &sandbox,
+        &["chunked-stream", "grpc-stream", "chunked-job", "too-large"],
+    )
+    .await;
     let client = reqwest::Client::new();
+
+    // A request the gateway reads, asking for more tokens than the whole
+    // minute's budget: no wait would let it through, so it is a 400 naming
+    // what to lower rather than a 429 to retry, and it costs nothing.
+    let res = client
+        .post(format!("{}/v1/chat/completions", sandbox.gateway_url()))
+        .bearer_auth(&keys[3])
+        .json(&json!({
+            "model": TEST_MODEL,
+            "messages": [{ "role": "user", "content": "hi" }],
+            "max_tokens": 10_000_000_000_000_000_u64,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    assert!(!res.headers().contains_key("retry-after"));
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "request_too_large", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("`max_tokens`") && message.contains("1500 tokens per minute"),
+        "{message}"
+    );
+    assert_eq!(small_chat(&client, &sandbox, &keys[3]).await.status(), 200);
 
     // A streamed chat whose chunked body holds a prompt larger than the
     // minute's budget: admitted on the default estimate, then charged the

@@ -144,6 +144,29 @@ impl Gate {
         } else {
             (0, false)
         };
+        if let Some(limit) = tenant.limits.tokens_per_minute
+            && tokens > limit
+        {
+            // No wait lets it through, so a 429 would have clients retry
+            // it for ever: refused as a bad request, naming what to lower.
+            self.metrics
+                .rate_limited
+                .with_label_values(&[&*tenant.id, ratelimit::Kind::Tokens.as_str()])
+                .inc();
+            let message = format!(
+                "Request too large for tenant {}: it may use about {tokens} tokens (its prompt \
+                 and `max_tokens`), more than the whole limit of {limit} tokens per minute, so \
+                 it can never be served. Lower `max_tokens` or shorten the prompt.",
+                tenant.id
+            );
+            ErrorReply {
+                code: Some(openai_code::REQUEST_TOO_LARGE),
+                ..ErrorReply::new(ErrorClass::InvalidRequest, &message)
+            }
+            .send(session, grpc)
+            .await?;
+            return Ok(None);
+        }
         let decision = self.limiter.check(&tenant.id, &tenant.limits, tokens).await;
         if let Some(kind) = decision.rejected {
             self.metrics

@@ -13,3 +13,6 @@ pub const MODEL_NOT_FOUND: &str = "model_not_found";
 pub const CONTEXT_LENGTH_EXCEEDED: &str = "context_length_exceeded";
 /// The region's mesh policy refused the calling identity.
 pub const MESH_POLICY_DENIED: &str = "mesh_policy_denied";
+/// A request's token estimate is above its tenant's whole tokens-per-minute
+/// limit: no wait would let it through.
+pub const REQUEST_TOO_LARGE: &str = "request_too_large";
