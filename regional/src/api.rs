@@ -10,6 +10,7 @@ mod grpc;
 mod http;
 mod infer;
 mod jobs;
+mod moderations;
 mod openai;
 mod telemetry;
 mod trace;
@@ -119,6 +120,7 @@ where
         .merge(telemetry::routes(state.clone()))
         .merge(jobs::routes(state.clone()))
         .merge(embeddings::routes(state.clone()))
+        .merge(moderations::routes(state.clone()))
         .merge(infer::routes(state.clone()))
         .merge(admin::routes(state.clone()));
     let router = grpc_service(router, grpc::inference(state.clone()));
@@ -136,6 +138,7 @@ where
     let stores = state.stores.clone();
     let traced = state.clone();
     router
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(fallback)
         .layer(axum::middleware::map_response(charge::trailing_usage))
         .layer(axum::middleware::from_fn_with_state(
@@ -200,6 +203,16 @@ async fn fallback(req: Request<Body>) -> Response {
         req.uri().path()
     ))
     .into_response()
+}
+
+/// A route called with a method it does not take: OpenAI's error object,
+/// as for every other refusal (axum's own answer has an empty body).
+async fn method_not_allowed(req: Request<Body>) -> Response {
+    let body = serde_json::json!({ "error": {
+        "message": format!("{} is not a method of {}", req.method(), req.uri().path()),
+        "type": "invalid_request_error", "param": null, "code": null,
+    }});
+    (axum::http::StatusCode::METHOD_NOT_ALLOWED, axum::Json(body)).into_response()
 }
 
 /// A `/v1/chat/completions` body read as the region reads it: the request,

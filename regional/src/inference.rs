@@ -39,6 +39,7 @@ pub(crate) use self::embed::{EMBEDDING_MODEL_ID, Embedder};
 pub(crate) use self::embed_pool::{EmbedCall, EmbedPool};
 use self::metrics::Metrics;
 pub(crate) use self::openai::json_f32;
+use self::pool::Pool;
 pub(crate) use self::reply::{
     Assembly, Delta, Extras, FunctionCall, FunctionDelta, Meta, ToolCall, ToolCallDelta,
 };
@@ -256,6 +257,10 @@ pub(crate) struct ModelInfo {
     pub total_backends: u32,
 }
 
+/// The moderation model a request that names none gets, if the region
+/// has one by this name: OpenAI's default.
+const DEFAULT_MODERATION_MODEL: &str = "omni-moderation-latest";
+
 /// The models of a region, their backends, and admission control.
 pub(crate) struct Inference {
     table: ArcSwap<Table>,
@@ -359,7 +364,9 @@ impl Inference {
                     )
                     .map_err(invalid)?;
                     match m.task {
-                        Task::Chat => route::Backend::Pool(pool),
+                        // Routing checks the task before it looks at the
+                        // backend, so a moderation pool never gets chat.
+                        Task::Chat | Task::Moderations => route::Backend::Pool(pool),
                         Task::Embeddings => route::Backend::Embed(Arc::new(EmbedPool::start(
                             &m.id,
                             pool,
@@ -466,6 +473,47 @@ impl Inference {
             Some(_) => Err(route::wrong_task(id, Task::Chat, Task::Embeddings)),
             None if table.is_alias(id) => Err(route::wrong_task(id, Task::Chat, Task::Embeddings)),
             None => Ok(None),
+        }
+    }
+
+    /// The moderation model `id` names, or without one the region's default:
+    /// the model named `omni-moderation-latest` (OpenAI's default, so a
+    /// client that names none gets what it would there), else the first
+    /// moderation model in config order. Its id and pool.
+    pub(crate) fn moderation_model(&self, id: Option<&str>) -> Result<(String, Arc<Pool>), Error> {
+        let table = self.table.load();
+        let pool = |m: &route::Model| match &m.backend {
+            route::Backend::Pool(p) if m.config.task == Task::Moderations => {
+                Ok((m.config.id.clone(), p.clone()))
+            }
+            _ => Err(route::wrong_task(
+                &m.config.id,
+                m.config.task,
+                Task::Moderations,
+            )),
+        };
+        let not_configured = || {
+            Error::NotFound(
+                "this region serves no moderation model: /v1/moderations needs a [[models]] \
+                 entry with task = \"moderations\" and an OpenAI-compatible backend that \
+                 offers it"
+                    .into(),
+            )
+        };
+        match id {
+            Some(id) => match table.model(id) {
+                Some(m) => pool(m),
+                None if table.is_alias(id) => {
+                    Err(route::wrong_task(id, Task::Chat, Task::Moderations))
+                }
+                None if table.of_task(Task::Moderations).next().is_none() => Err(not_configured()),
+                None => Err(Error::ModelNotFound(id.to_string())),
+            },
+            None => table
+                .model(DEFAULT_MODERATION_MODEL)
+                .filter(|m| m.config.task == Task::Moderations)
+                .or_else(|| table.of_task(Task::Moderations).next())
+                .map_or_else(|| Err(not_configured()), |m| pool(m)),
         }
     }
 

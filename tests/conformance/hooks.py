@@ -22,6 +22,7 @@ import re
 import threading
 from urllib.parse import urlparse
 
+import jsonschema
 import requests
 import schemathesis
 from schemathesis.generation import GenerationMode
@@ -34,7 +35,7 @@ OPERATIONS = os.environ.get("CONFORMANCE_OPERATIONS", os.path.join(HERE, "operat
 SUMMARY = os.environ.get("CONFORMANCE_SUMMARY")
 
 # Which served models each model-id schema of the description is pinned to:
-# "chat" (chat and text completions), "embedding", or "all". A request-body
+# "chat" (chat and text completions), "embedding", "moderation", or "all". A request-body
 # property named `model` that none of these covers stops the run (see
 # `unpinned_models`), so a new operation cannot test OpenAI's ids by mistake.
 PINNED_SCHEMAS = {
@@ -44,6 +45,7 @@ PINNED_SCHEMAS = {
 PINNED_PROPERTIES = {
     ("CreateCompletionRequest", "model"): "chat",
     ("CreateEmbeddingRequest", "model"): "embedding",
+    ("CreateModerationRequest", "model"): "moderation",
 }
 # `model` properties left as the description has them, with why.
 FREE_PROPERTIES = {
@@ -55,6 +57,11 @@ FREE_PROPERTIES = {
 # Path parameters naming a model, e.g. GET /models/{model}.
 PINNED_PATH_PARAMETERS = {"model": "all"}
 METHODS = ("get", "post", "put", "patch", "delete", "head", "options")
+# The flag of an operation in operations.txt that must serve every valid
+# case: one it refuses fails the run (conformance.rs), instead of only
+# being counted.
+ACCEPTS_ALL = "accepts-all-valid"
+MUST_ACCEPT = set()
 
 
 def headers():
@@ -70,10 +77,12 @@ def read_operations():
         raise SystemExit(f"conformance: cannot read the operation list {OPERATIONS}: {e}")
     operations = set()
     for line in filter(None, lines):
-        method, _, path = line.partition(" ")
-        if not path.startswith("/"):
-            raise SystemExit(f"conformance: {OPERATIONS}: `{line}` is not `METHOD /path`")
-        operations.add((method.lower(), path.strip()))
+        method, path, *flags = line.split()
+        if not path.startswith("/") or any(f != ACCEPTS_ALL for f in flags):
+            raise SystemExit(f"conformance: {OPERATIONS}: `{line}` is not `METHOD /path [{ACCEPTS_ALL}]`")
+        operations.add((method.lower(), path))
+        if flags:
+            MUST_ACCEPT.add(f"{method.upper()} {path}")
     if not operations:
         raise SystemExit(f"conformance: {OPERATIONS} lists no operation")
     return operations
@@ -81,25 +90,31 @@ def read_operations():
 
 def served_models():
     """The deployment's model ids, split by what they answer: a model that
-    embeds a probe text is an embedding model; /v1/models does not say."""
+    embeds a probe text is an embedding model, one that moderates it a
+    moderation model; /v1/models does not say."""
     url = f"{BASE_URL}/models"
     response = requests.get(url, headers=headers(), timeout=30)
     if response.status_code != 200:
         raise SystemExit(f"conformance: GET {url} answered {response.status_code}: {response.text[:300]}")
     ids = sorted(m["id"] for m in response.json()["data"])
-    embedding = []
-    for model in ids:
-        probe = requests.post(
-            f"{BASE_URL}/embeddings",
-            json={"model": model, "input": "conformance probe"},
-            headers=headers(),
-            timeout=30,
-        )
-        if probe.status_code == 200:
-            embedding.append(model)
-    chat = [m for m in ids if m not in embedding]
-    print(f"conformance: served model ids: chat {chat}, embedding {embedding}", flush=True)
-    return {"all": ids, "chat": chat, "embedding": embedding}
+
+    def answering(path):
+        return [
+            model
+            for model in ids
+            if requests.post(
+                f"{BASE_URL}/{path}",
+                json={"model": model, "input": "conformance probe"},
+                headers=headers(),
+                timeout=30,
+            ).status_code
+            == 200
+        ]
+
+    embedding, moderation = answering("embeddings"), answering("moderations")
+    chat = [m for m in ids if m not in embedding and m not in moderation]
+    print(f"conformance: served model ids: chat {chat}, embedding {embedding}, moderation {moderation}", flush=True)
+    return {"all": ids, "chat": chat, "embedding": embedding, "moderation": moderation}
 
 
 def pinned(schema, kind, models):
@@ -202,8 +217,44 @@ def before_load_schema(context, raw_schema):
             del raw_schema["paths"][local]
     raw_schema.pop("webhooks", None)
     pin_models(raw_schema, served, served_models())
+    error_response(raw_schema)
     stream_events_as_json(raw_schema)
     discriminators_by_value(raw_schema)
+
+
+# The description's error object (ErrorResponse, its Error inlined), which
+# `error_object_conformance` holds every error answer to; set when the
+# description loads.
+ERROR_RESPONSE = []
+
+
+def error_response(raw):
+    schemas = raw["components"]["schemas"]
+    for name in ("ErrorResponse", "Error"):
+        if name not in schemas:
+            raise SystemExit(f"conformance: the description has no schema {name}")
+    schema = {**schemas["ErrorResponse"], "properties": {"error": schemas["Error"]}}
+    ERROR_RESPONSE.append(jsonschema.Draft202012Validator(schema))
+
+
+@schemathesis.check
+def error_object_conformance(ctx, response, case):
+    """Every error answer, whatever its status and whoever wrote it (gateway
+    or region), is the description's error object: the description documents
+    success statuses only, so `response_schema_conformance` never looks at
+    errors, and typed clients parse them all the same."""
+    if response.status_code < 400 or not ERROR_RESPONSE:
+        return None
+    try:
+        body = json.loads(response.content)
+    except ValueError:
+        raise AssertionError(f"a {response.status_code} whose body is not JSON: {response.content[:200]!r}")
+    problem = jsonschema.exceptions.best_match(ERROR_RESPONSE[0].iter_errors(body))
+    if problem is not None:
+        raise AssertionError(
+            f"a {response.status_code} whose body is not OpenAI's error object: {problem.message}; body {str(body)[:200]}"
+        )
+    return None
 
 
 def discriminators_by_value(raw):
@@ -315,6 +366,7 @@ def reason(response):
     # Positions and generated numbers would split one reason into many.
     message = re.sub(r" at line \d+ column \d+", "", str(message))
     message = re.sub(r"`-?\d+(\.\d+)?`", "`N`", message)
+    message = re.sub(r"\d{4,}", "N", message)
     return f"{response.status_code} {message[:160]}"
 
 
@@ -342,6 +394,7 @@ def summarize():
         operations = {}
         for op in sorted(CASES):
             operations[op] = {
+                "must_accept": op in MUST_ACCEPT,
                 "cases": CASES[op],
                 "passed": CASES[op] - len(FAILED[op]),
                 "refused_valid": sum(REFUSED[op].values()),

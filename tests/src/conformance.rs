@@ -12,8 +12,11 @@ use serde_json::Value;
 /// failure seen once is seen again.
 pub const DEFAULT_SEED: u64 = 31_415;
 
-/// The checks every run applies to every response.
-pub const CHECKS: &str = "not_a_server_error,response_schema_conformance,content_type_conformance";
+/// The checks every run applies to every response: schemathesis' own, and
+/// `error_object_conformance` from `tests/conformance/hooks.py` (every error
+/// answer is OpenAI's error object).
+pub const CHECKS: &str = "not_a_server_error,response_schema_conformance,content_type_conformance,\
+                          error_object_conformance";
 
 /// OpenAI's API description, kept outside the repository and never edited:
 /// the hooks narrow and pin it in memory.
@@ -79,8 +82,8 @@ pub struct Outcome {
     pub output: String,
     /// Its JSON run report (`--report json`).
     pub report: Value,
-    /// The hooks' per-operation counts: cases, passed, refused_valid,
-    /// top_refusals, failures.
+    /// The hooks' per-operation counts: must_accept, cases, passed,
+    /// refused_valid, top_refusals, failures.
     pub summary: Value,
 }
 
@@ -102,6 +105,18 @@ impl Outcome {
                     f["title"], f["code"], f["count"], f["operations"]
                 )
             })
+            .collect()
+    }
+
+    /// Valid cases refused by operations marked `accepts-all-valid` in the
+    /// operation list, one line per operation with its top reasons.
+    pub fn refused_where_all_must_be_served(&self) -> Vec<String> {
+        self.summary
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, s)| s["must_accept"] == true && s["refused_valid"] != 0)
+            .map(|(op, s)| format!("{op}: {} x {}", s["refused_valid"], s["top_refusals"]))
             .collect()
     }
 }

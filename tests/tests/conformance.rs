@@ -1,5 +1,6 @@
 //! OpenAI conformance: OpenAI's published API description drives schemathesis
-//! against a deployment (gateway, region, built-in models) over every
+//! against a deployment (gateway, region, built-in models, a moderation model
+//! served by the simulator) over every
 //! operation in `tests/conformance/operations.txt`; a run against a server
 //! that leaves out a required key shows the check can fail; and streamed
 //! chat completions, which schemathesis does not read, are checked chunk by
@@ -13,7 +14,8 @@ use meridian_regional::tenancy::TenantLimits;
 use meridian_tests::conformance::{self, Run};
 use meridian_tests::keys::{key_pool, tenant_with_key};
 use meridian_tests::{
-    ClusterSandbox, OpenAiUpstream, TEST_MODEL, embedding_model_dir, init_logging,
+    ClusterSandbox, OpenAiUpstream, SimServer, TEST_MODEL, embedding_model_dir, init_logging,
+    instant_sim,
 };
 use serde_json::Value;
 
@@ -21,16 +23,28 @@ use serde_json::Value;
 /// busy cores, above the 1,500 cases the run must reach.
 const DEFAULT_EXAMPLES: u32 = 100;
 const MIN_GENERATED: u64 = 1_500;
+/// A chat model that answers ten tokens a second.
+const SLOW_MODEL: &str = "slow";
 
-fn embeddings() -> String {
-    format!("[embeddings]\nmodel_dir = {:?}\n", embedding_model_dir())
+/// The built-in embedding model, and OpenAI's default moderation model
+/// served by `moderations`.
+fn models(moderations: &SimServer) -> String {
+    format!(
+        "[embeddings]\nmodel_dir = {:?}\n\
+         [[models]]\nid = \"omni-moderation-latest\"\ntask = \"moderations\"\n\
+         backend = {{ kind = \"openai\", upstreams = [{{ base_url = \"{}\" }}] }}\n",
+        embedding_model_dir(),
+        moderations.base_url()
+    )
 }
 
-/// One region with the built-in chat and embedding models behind a gateway
-/// that asks for API keys, and a key of a tenant whose limits the run cannot
-/// reach: a 429 would be a finding of the harness, not of conformance.
-async fn keyed_deployment() -> (ClusterSandbox, String) {
-    let extra = embeddings();
+/// One region with the built-in chat and embedding models and a moderation
+/// model behind a gateway that asks for API keys, and a key of a tenant
+/// whose limits the run cannot reach: a 429 would be a finding of the
+/// harness, not of conformance.
+async fn keyed_deployment() -> (ClusterSandbox, SimServer, String) {
+    let moderations = SimServer::start(instant_sim()).await;
+    let extra = models(&moderations);
     let sandbox = ClusterSandbox::start_configured(
         &["eu-west"],
         |_| extra.clone(),
@@ -68,13 +82,13 @@ async fn keyed_deployment() -> (ClusterSandbox, String) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    (sandbox, key)
+    (sandbox, moderations, key)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_served_openai_operation_conforms_to_the_description() {
     init_logging();
-    let (sandbox, key) = keyed_deployment().await;
+    let (sandbox, _moderations, key) = keyed_deployment().await;
     let run = Run::from_env(DEFAULT_EXAMPLES);
     let outcome = conformance::run(run, format!("{}/v1", sandbox.gateway_url()), Some(key)).await;
     eprintln!("{}", outcome.output);
@@ -84,6 +98,12 @@ async fn every_served_openai_operation_conforms_to_the_description() {
         "schemathesis reports failures:\n  {}\nper operation: {:#}",
         failures.join("\n  "),
         outcome.summary
+    );
+    let refused = outcome.refused_where_all_must_be_served();
+    assert!(
+        refused.is_empty(),
+        "operations that must serve every valid case refused some:\n  {}",
+        refused.join("\n  ")
     );
     assert!(
         outcome.generated() >= MIN_GENERATED,
@@ -139,11 +159,17 @@ async fn a_missing_required_key_fails_the_conformance_run() {
 }
 
 /// Every chunk of streamed chat completions, with and without the usage
-/// chunk, validates against `CreateChatCompletionStreamResponse`.
+/// chunk, validates against `CreateChatCompletionStreamResponse`; a stream
+/// cut by its deadline ends with one event that is OpenAI's error object.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_chat_chunks_conform_to_the_stream_schema() {
     init_logging();
-    let sandbox = ClusterSandbox::start(&["eu-west"]).await;
+    // Ten tokens a second: 24 take longer than the cut scenario's 500 ms.
+    let slow = format!(
+        "[[models]]\nid = \"{SLOW_MODEL}\"\n\
+         backend = {{ kind = \"sim\", ttft_ms = 10, per_token_ms = 100, prefill_us_per_token = 0 }}\n"
+    );
+    let sandbox = ClusterSandbox::start_configured(&["eu-west"], |_| slow.clone(), |_, _| {}).await;
     let script = conformance::harness_dir().join("stream_check.py");
     let description = conformance::description_path();
     let base_url = format!("{}/v1", sandbox.gateway_url());
@@ -153,6 +179,7 @@ async fn streamed_chat_chunks_conform_to_the_stream_schema() {
             .arg(base_url)
             .arg(description)
             .arg(TEST_MODEL)
+            .arg(SLOW_MODEL)
             .output()
     })
     .await
@@ -173,6 +200,11 @@ async fn streamed_chat_chunks_conform_to_the_stream_schema() {
             result["errors"].as_array().unwrap().is_empty(),
             "{scenario}: chunks violate the stream schema: {:#}",
             result["errors"]
+        );
+        let error_events = u64::from(scenario == "cut");
+        assert_eq!(
+            result["error_events"], error_events,
+            "{scenario}: error events: {result:#}"
         );
     }
     let usage = &seen["include_usage"]["usage_chunk"];

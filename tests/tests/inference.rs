@@ -410,10 +410,10 @@ async fn bad_input_gets_openai_errors_and_the_region_keeps_serving() {
             Value::Null,
         ),
         (
-            "legacy completion, empty prompt",
+            "legacy completion, several prompts",
             client
                 .post(format!("{}/v1/completions", region.url()))
-                .json(&json!({ "model": "tiny", "prompt": "" })),
+                .json(&json!({ "model": "tiny", "prompt": ["one", "two"] })),
             400,
             "invalid_request_error",
             Value::Null,

@@ -175,6 +175,16 @@ async fn bad_requests_get_clear_errors_and_the_service_keeps_running() {
     assert_eq!(status, 400);
     assert!(error_message(&body).contains("missing field `messages`"));
 
+    // A route asked with a method it does not take: OpenAI's error object.
+    let res = http.get(&url).send().await.unwrap();
+    assert_eq!(res.status(), 405);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert!(
+        error_message(&body).contains("GET is not a method of /v1/chat/completions"),
+        "{body}"
+    );
+
     let wizard = json!({ "model": MODEL, "messages": [{ "role": "wizard", "content": "hi" }] });
     let (status, body) = post_json(&http, &url, &wizard).await;
     assert_eq!(status, 400);
@@ -187,9 +197,22 @@ async fn bad_requests_get_clear_errors_and_the_service_keeps_running() {
                      { "role": "user", "content": "hi" }] });
     let (status, body) = post_json(&http, &url, &allowed).await;
     assert_eq!(status, 200, "{body}");
+    // A text completion without a prompt, or with an empty one, starts a
+    // document, as OpenAI's default prompt does.
+    let completions = format!("{}/v1/completions", sandbox.gateway_url());
+    for prompt in [Value::Null, json!("")] {
+        let body = json!({ "model": MODEL, "prompt": prompt, "max_tokens": 3 });
+        let (status, body) = post_json(&http, &completions, &body).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body["choices"][0]["text"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty()),
+            "{body}"
+        );
+    }
     // What is refused is refused by name: a token-id prompt, a fractional
     // token count.
-    let completions = format!("{}/v1/completions", sandbox.gateway_url());
     let token_ids = json!({ "model": MODEL, "prompt": [[1, 2, 3]] });
     let (status, body) = post_json(&http, &completions, &token_ids).await;
     assert_eq!(status, 400);

@@ -17,6 +17,7 @@ use pingora_http::RequestHeader;
 /// drops by key (telemetry readings), whatever their method.
 const NO_WRITE: &[&str] = &[
     "/v1/embeddings",
+    "/v1/moderations",
     "/v1/telemetry",
     "/meridian.v1.Inference/Embed",
     "/meridian.v1.Inference/ListModels",

@@ -272,7 +272,7 @@ pub(super) async fn embed_grpc(
 }
 
 /// Runs `work` under the tenant's admission slot and records its usage.
-async fn run<T>(
+pub(super) async fn run<T>(
     state: &AppState,
     tenant: &Tenant,
     model: &str,

@@ -294,6 +294,7 @@ impl Inference for InferenceApi {
                 kind: match m.task {
                     crate::config::Task::Chat => ModelKind::Chat,
                     crate::config::Task::Embeddings => ModelKind::Embedding,
+                    crate::config::Task::Moderations => ModelKind::Moderation,
                 }
                 .into(),
                 context_window_tokens: m.context_window_tokens,

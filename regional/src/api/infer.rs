@@ -145,10 +145,15 @@ pub(super) fn error_event(e: &Error) -> Event {
     Event::default().data(e.openai_body().to_string())
 }
 
+/// OpenAI's default prompt, the separator its models saw between
+/// documents: completing it starts a new document.
+const DOCUMENT_START: &str = "<|endoftext|>";
+
 #[derive(Deserialize)]
 struct CompletionBody {
     model: String,
-    prompt: Prompt,
+    /// Missing or `null`: OpenAI's default, [`DOCUMENT_START`].
+    prompt: Option<Prompt>,
     #[serde(default, deserialize_with = "super::openai::integer")]
     max_tokens: Option<i64>,
     #[serde(default, deserialize_with = "super::openai::integer")]
@@ -194,23 +199,24 @@ async fn completions(
         return Err(Error::invalid("`model` must not be empty", Some("model")));
     }
     let prompt = match body.prompt {
-        Prompt::One(p) => p,
-        Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
-        Prompt::Many(_) => {
+        None => DOCUMENT_START.to_string(),
+        Some(Prompt::One(p)) => p,
+        Some(Prompt::Many(mut v)) if v.len() == 1 => v.remove(0),
+        Some(Prompt::Many(_)) => {
             return Err(Error::invalid(
                 "`prompt` must be a string or an array of exactly one string: \
                  one completion per request",
                 Some("prompt"),
             ));
         }
-        Prompt::Other(v) if v.is_array() => {
+        Some(Prompt::Other(v)) if v.is_array() => {
             return Err(Error::invalid(
                 "`prompt` as token ids is not supported: models here take text, \
                  so send the prompt as a string",
                 Some("prompt"),
             ));
         }
-        Prompt::Other(_) => {
+        Some(Prompt::Other(_)) => {
             return Err(Error::invalid(
                 "`prompt` must be a string or an array of exactly one string",
                 Some("prompt"),
@@ -223,9 +229,14 @@ async fn completions(
             Some("temperature"),
         ));
     }
-    if prompt.is_empty() {
-        return Err(Error::invalid("`prompt` must not be empty", Some("prompt")));
-    }
+    // An empty prompt asks, as a missing one does, for text from the start
+    // of a document; the chat upstreams that serve completions take no
+    // empty message, so they get OpenAI's marker for that start.
+    let prompt = if prompt.is_empty() {
+        DOCUMENT_START.to_string()
+    } else {
+        prompt
+    };
     let mut req = ChatRequest {
         model: body.model,
         messages: vec![Message::text("user", prompt)],

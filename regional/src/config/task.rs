@@ -1,12 +1,14 @@
 //! What a model of the table serves (`task`), and for embedding models
 //! served by upstreams, how their requests are merged (`[models.embeddings]`).
+//! Moderation models (`task = "moderations"`) have no settings of their own.
 
 use meridian_proto::config::Problems;
 use serde::Deserialize;
 
 use super::{AliasConfig, BackendConfig, ModelConfig};
 
-/// What a model answers: chat (and completions), or embeddings.
+/// What a model answers: chat (and completions), embeddings, or
+/// moderations.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Task {
@@ -15,14 +17,27 @@ pub enum Task {
     /// `/v1/embeddings` and `Inference.Embed`, from an OpenAI-compatible
     /// embedding server (`kind = "openai"` or `"azure"`).
     Embeddings,
+    /// `/v1/moderations`, from an OpenAI-protocol server that offers it
+    /// (`kind = "openai"`; Azure OpenAI has no moderations endpoint).
+    Moderations,
 }
 
 impl Task {
+    /// The value of `task` in config.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::Embeddings => "embeddings",
+            Self::Moderations => "moderations",
+        }
+    }
+
     /// What the model serves, as errors name it.
     pub(crate) fn serves(self) -> &'static str {
         match self {
             Self::Chat => "chat completions",
             Self::Embeddings => "embeddings",
+            Self::Moderations => "moderations",
         }
     }
 }
@@ -53,31 +68,39 @@ impl Default for EmbeddingModelConfig {
 }
 
 /// Checks tasks and their settings: an embedding model is an OpenAI or
-/// Azure pool, takes no chat fallbacks, and no alias routes chat to it.
+/// Azure pool, a moderation model an OpenAI pool; neither takes chat
+/// fallbacks, and no alias or chat fallback names one.
 pub(super) fn validate(models: &[ModelConfig], aliases: &[AliasConfig], problems: &mut Problems) {
     for (i, m) in models.iter().enumerate() {
-        if m.task == Task::Chat {
-            if m.embeddings.is_some() {
-                problems.push(format!(
-                    "`models[{i}].embeddings` applies only to task = \"embeddings\""
-                ));
-            }
-            continue;
-        }
-        if !matches!(
-            m.backend,
-            BackendConfig::OpenAi(_) | BackendConfig::Azure(_)
-        ) {
+        if m.task != Task::Embeddings && m.embeddings.is_some() {
             problems.push(format!(
-                "`models[{i}].backend.kind` must be \"openai\" or \"azure\" for \
-                 task = \"embeddings\" (an OpenAI-compatible embedding server)"
+                "`models[{i}].embeddings` applies only to task = \"embeddings\""
             ));
+        }
+        let kinds = match m.task {
+            Task::Chat => continue,
+            Task::Embeddings => matches!(
+                m.backend,
+                BackendConfig::OpenAi(_) | BackendConfig::Azure(_)
+            )
+            .then_some(())
+            .ok_or("\"openai\" or \"azure\" for task = \"embeddings\" (an OpenAI-compatible embedding server)"),
+            Task::Moderations => matches!(m.backend, BackendConfig::OpenAi(_))
+                .then_some(())
+                .ok_or("\"openai\" for task = \"moderations\" (an OpenAI-compatible server that offers /moderations)"),
+        };
+        if let Err(kinds) = kinds {
+            problems.push(format!("`models[{i}].backend.kind` must be {kinds}"));
         }
         if !m.fallbacks.is_empty() || !m.context_fallbacks.is_empty() {
             problems.push(format!(
                 "`models[{i}].fallbacks` and `context_fallbacks` are not supported for \
-                 task = \"embeddings\""
+                 task = \"{}\"",
+                m.task.name()
             ));
+        }
+        if m.task != Task::Embeddings {
+            continue;
         }
         let e = m.embeddings.clone().unwrap_or_default();
         if e.max_batch == 0 {
@@ -97,10 +120,11 @@ pub(super) fn validate(models: &[ModelConfig], aliases: &[AliasConfig], problems
             ));
         }
     }
-    let embedding = |id: &str| {
+    let not_chat = |id: &str| {
         models
             .iter()
-            .any(|m| m.id == id && m.task == Task::Embeddings)
+            .find(|m| m.id == id && m.task != Task::Chat)
+            .map(|m| m.task.name())
     };
     for (at, id, list) in models
         .iter()
@@ -114,9 +138,9 @@ pub(super) fn validate(models: &[ModelConfig], aliases: &[AliasConfig], problems
             .map(|(key, list)| (format!("models[{i}].{key}"), &m.id, list))
         })
     {
-        for target in list.iter().filter(|t| embedding(t)) {
+        for (target, task) in list.iter().filter_map(|t| Some((t, not_chat(t)?))) {
             problems.push(format!(
-                "`{at}` names {target:?}, an embedding model, for chat model {id:?}"
+                "`{at}` names {target:?}, a model of task = \"{task}\", for chat model {id:?}"
             ));
         }
     }
@@ -128,9 +152,9 @@ pub(super) fn validate(models: &[ModelConfig], aliases: &[AliasConfig], problems
             .chain(a.weights.keys())
             .chain(&a.fallbacks)
             .chain(&a.context_fallbacks);
-        for target in targets.filter(|t| embedding(t)) {
+        for (target, task) in targets.filter_map(|t| Some((t, not_chat(t)?))) {
             problems.push(format!(
-                "`aliases[{i}]` names {target:?}, an embedding model: aliases route chat"
+                "`aliases[{i}]` names {target:?}, a model of task = \"{task}\": aliases route chat"
             ));
         }
     }
@@ -196,6 +220,42 @@ mod tests {
             (
                 embedding("openai", "embeddings = { batch = 3 }\n"),
                 "unknown field",
+            ),
+        ] {
+            let e = load(&extra).unwrap_err();
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_moderation_model_is_an_openai_pool_that_nothing_routes_chat_to() {
+        let moderation = |kind: &str, extra: &str| {
+            format!(
+                "[[models]]\nid = \"m\"\ntask = \"moderations\"\n{extra}\
+                 backend = {{ kind = \"{kind}\", upstreams = [{{ base_url = \"https://x/v1\" }}] }}\n"
+            )
+        };
+        let config = load(&moderation("openai", "")).unwrap();
+        assert_eq!(config.models[1].task, super::Task::Moderations);
+        for (extra, key) in [
+            (
+                moderation("azure", ""),
+                "`models[1].backend.kind` must be \"openai\"",
+            ),
+            (
+                moderation("openai", "fallbacks = [\"a\"]\n"),
+                "`models[1].fallbacks`",
+            ),
+            (
+                moderation("openai", "embeddings = {}\n"),
+                "`models[1].embeddings` applies only",
+            ),
+            (
+                format!(
+                    "{}[[aliases]]\nid = \"w\"\nweights = {{ m = 1 }}\n",
+                    moderation("openai", "")
+                ),
+                "`aliases[0]` names \"m\", a model of task = \"moderations\"",
             ),
         ] {
             let e = load(&extra).unwrap_err();

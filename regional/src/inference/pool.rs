@@ -15,10 +15,10 @@
 
 mod breaker;
 mod client;
-mod embed;
 mod health;
 mod protocol;
 mod send;
+mod whole;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};

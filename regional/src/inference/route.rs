@@ -172,6 +172,14 @@ impl Table {
         self.models.get(id)
     }
 
+    /// The models serving `task`, in config order.
+    pub(super) fn of_task(&self, task: Task) -> impl Iterator<Item = &Arc<Model>> {
+        self.order
+            .iter()
+            .filter_map(|id| self.models.get(id))
+            .filter(move |m| m.config.task == task)
+    }
+
     /// The model that serves `req`: itself, or the one its alias picks.
     pub(super) fn route(&self, req: &ChatRequest, hints: &Hints) -> Result<Arc<Model>, Error> {
         if let Some(m) = self.models.get(&req.model) {

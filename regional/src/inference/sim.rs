@@ -9,6 +9,7 @@
 
 mod anthropic;
 mod cache;
+mod moderation;
 mod server;
 mod tools;
 

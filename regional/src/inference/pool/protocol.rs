@@ -83,6 +83,12 @@ impl Protocol {
         }
     }
 
+    /// Where moderations are asked for; only OpenAI pools serve them
+    /// (config validation sees to that).
+    pub(super) fn moderations_url(&self, base_url: &str) -> String {
+        format!("{base_url}/moderations")
+    }
+
     /// What the health check gets: the model list on OpenAI and Anthropic
     /// (cheap, and it checks the key); on Azure the resource's model list,
     /// the one cheap authenticated `GET` its data plane has (a deployment
@@ -175,6 +181,10 @@ mod tests {
         assert_eq!(
             Protocol::OpenAi.embeddings_url("https://api.openai.com/v1", "m"),
             "https://api.openai.com/v1/embeddings"
+        );
+        assert_eq!(
+            Protocol::OpenAi.moderations_url("https://api.openai.com/v1"),
+            "https://api.openai.com/v1/moderations"
         );
         assert_eq!(
             azure.health_url("https://r.openai.azure.com"),

@@ -1,6 +1,7 @@
 //! The simulator as a standalone OpenAI-compatible server: real HTTP
 //! upstreams for tests, benchmarks and demos, without a GPU.
-//! `POST /v1/chat/completions` (JSON or SSE), `GET /v1/models`, `GET /metrics`;
+//! `POST /v1/chat/completions` (JSON or SSE), `POST /v1/moderations`
+//! ([`super::moderation`]), `GET /v1/models`, `GET /metrics`;
 //! or, speaking Anthropic's protocol, `POST /v1/messages` instead
 //! ([`super::anthropic`]).
 
@@ -117,6 +118,7 @@ pub async fn serve_sim_as(
     let v1 = match protocol {
         SimProtocol::OpenAi => Router::new()
             .route("/v1/chat/completions", post(chat))
+            .route("/v1/moderations", post(moderations))
             .route("/v1/models", get(models)),
         SimProtocol::Anthropic => Router::new()
             .route("/v1/messages", post(super::anthropic::messages))
@@ -253,6 +255,27 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
             Ok(Event::default().data("[DONE]"))
         }));
     Sse::new(events).into_response()
+}
+
+async fn moderations(body: Bytes) -> Response {
+    let body: Value = match serde_json::from_slice(&body) {
+        Ok(body) => body,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid request body: {e}"),
+            );
+        }
+    };
+    match super::moderation::classify(&body["input"]) {
+        Ok(results) => axum::Json(json!({
+            "id": format!("modr-sim-{}", uuid::Uuid::now_v7().simple()),
+            "model": body["model"].as_str().unwrap_or("omni-moderation-latest"),
+            "results": results,
+        }))
+        .into_response(),
+        Err(message) => error(StatusCode::BAD_REQUEST, message),
+    }
 }
 
 /// The answer's message: `content` null when the model only called tools,
