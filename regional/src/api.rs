@@ -5,6 +5,7 @@
 mod admin;
 mod body;
 mod charge;
+mod completions;
 mod embeddings;
 mod grpc;
 mod http;
@@ -121,7 +122,7 @@ where
         .merge(jobs::routes(state.clone()))
         .merge(embeddings::routes(state.clone()))
         .merge(moderations::routes(state.clone()))
-        .merge(infer::routes(state.clone()))
+        .merge(completions::routes(state.clone()))
         .merge(admin::routes(state.clone()));
     let router = grpc_service(router, grpc::inference(state.clone()));
     let router = grpc_service(router, reflection_v1);

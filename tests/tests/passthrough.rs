@@ -8,8 +8,9 @@
 //! certificate from a test CA, demanding an API key.
 
 use meridian_tests::{
-    ClusterSandbox, RECORDED_ARGUMENTS, RecordingUpstream, SimServer, TestPki, TlsUpstream,
-    UPSTREAM_FINGERPRINT, UPSTREAM_ONLY_FIELD, init_logging, instant_sim, run_data_script,
+    ClusterSandbox, RECORDED_ARGUMENTS, RecordingUpstream, SimServer, TEST_MODEL, TestPki,
+    TlsUpstream, UPSTREAM_FINGERPRINT, UPSTREAM_ONLY_FIELD, init_logging, instant_sim,
+    run_data_script,
 };
 use serde_json::{Value, json};
 
@@ -414,4 +415,203 @@ async fn grpc_generate_carries_tools_and_structured_output_as_typed_fields() {
     let status = client.generate(ask(r#"{"tools": []}"#)).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("`tools`"), "{}", status.message());
+}
+
+/// Text completions, served by chat models: the sampling fields, `user` and
+/// fields not known yet reach the model as sent, `echo` puts the prompt
+/// before the text (streamed too), and what a chat model cannot give is
+/// refused by name without reaching it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_completions_pass_their_fields_on_and_refuse_what_chat_models_cannot_give() {
+    init_logging();
+    let upstream = RecordingUpstream::start().await;
+    let sandbox = cluster(&upstream.base_url()).await;
+    let url = format!("{}/v1/completions", sandbox.gateway_url());
+    let http = reqwest::Client::new();
+    let complete = |body: Value| {
+        let request = http.post(&url).json(&body);
+        async move {
+            let res = request.send().await.unwrap();
+            (res.status().as_u16(), res.text().await.unwrap())
+        }
+    };
+
+    let sent = json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8,
+        "echo": true, "top_p": 0.5, "frequency_penalty": 0.25, "presence_penalty": -0.5,
+        "logit_bias": {"50256": -100}, "user": "u-42", "x_future_field": {"a": [1]},
+        "logprobs": null, "suffix": null, "n": 1, "best_of": 1});
+    let (status, text) = complete(sent.clone()).await;
+    assert_eq!(status, 200, "{text}");
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        answer["choices"][0]["text"], "Once upon a timerecorded answer",
+        "the prompt, echoed, then the model's text"
+    );
+    let bodies = upstream.bodies();
+    assert_eq!(bodies.len(), 1);
+    let got = &bodies[0];
+    for field in [
+        "top_p",
+        "frequency_penalty",
+        "presence_penalty",
+        "logit_bias",
+        "user",
+        "x_future_field",
+    ] {
+        assert_eq!(got[field], sent[field], "`{field}` reached the model");
+    }
+    assert_eq!(got["messages"][0]["content"], "Once upon a time");
+    for own in ["echo", "logprobs", "suffix", "n", "best_of", "prompt"] {
+        assert!(got.get(own).is_none(), "`{own}` reached the model: {got}");
+    }
+
+    let mut streamed = sent.clone();
+    streamed["stream"] = json!(true);
+    let (status, text) = complete(streamed).await;
+    assert_eq!(status, 200, "{text}");
+    let pieces: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| {
+            let chunk: Value = serde_json::from_str(d).unwrap();
+            chunk["choices"][0]["text"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(pieces.first().map(String::as_str), Some("Once upon a time"));
+    assert_eq!(pieces.concat(), "Once upon a timerecorded answer");
+
+    for (field, value, echo) in [
+        ("logprobs", json!(6), false),
+        ("logprobs", json!(1), true),
+        ("suffix", json!("The end."), false),
+        ("best_of", json!(3), false),
+        ("n", json!(2), false),
+    ] {
+        let mut body = json!({"model": MODEL, "prompt": "hi", "max_tokens": 4, "echo": echo});
+        body[field] = value;
+        let (status, text) = complete(body).await;
+        assert_eq!(status, 400, "{field}: {text}");
+        let error: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(error["error"]["param"], field, "{text}");
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("`{field}`")),
+            "{text}"
+        );
+    }
+    assert_eq!(
+        upstream.bodies().len(),
+        2,
+        "a refused request reached the model"
+    );
+
+    // Without `max_tokens`, OpenAI's default for text completions: 16.
+    let (status, text) = complete(json!({"model": MODEL, "prompt": "no limit given"})).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(upstream.bodies()[2]["max_tokens"], 16);
+
+    // `logprobs: k` asks the chat model for its log probabilities with k
+    // alternatives, and its answer comes back in the legacy shape.
+    let (status, text) =
+        complete(json!({"model": MODEL, "prompt": "scored", "max_tokens": 4, "logprobs": 3})).await;
+    assert_eq!(status, 200, "{text}");
+    let asked = &upstream.bodies()[3];
+    assert_eq!(
+        (&asked["logprobs"], &asked["top_logprobs"]),
+        (&json!(true), &json!(3))
+    );
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    let logprobs = &answer["choices"][0]["logprobs"];
+    assert_eq!(
+        logprobs["tokens"],
+        json!(["recorded", " answer"]),
+        "{answer}"
+    );
+    assert_eq!(logprobs["token_logprobs"], json!([-0.5, -0.5]));
+    assert_eq!(logprobs["text_offset"], json!([0, 8]));
+}
+
+/// The simulator gives log probabilities when asked, in chat's shape and,
+/// through text completions, in the legacy one: one entry per token of
+/// the text, with the asked number of alternatives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_gives_log_probabilities_in_both_shapes() {
+    init_logging();
+    let sandbox = ClusterSandbox::start(&["eu-west"]).await;
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: Value| {
+        let request = http
+            .post(format!("{}/v1/{path}", sandbox.gateway_url()))
+            .json(&body);
+        async move {
+            let res = request.send().await.unwrap();
+            assert_eq!(res.status(), 200);
+            res.json::<Value>().await.unwrap()
+        }
+    };
+    let chat = post(
+        "chat/completions",
+        json!({"model": TEST_MODEL, "max_tokens": 6, "logprobs": true, "top_logprobs": 2,
+            "messages": [{"role": "user", "content": "score me"}]}),
+    )
+    .await;
+    let text = chat["choices"][0]["message"]["content"].as_str().unwrap();
+    let entries = chat["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    let tokens: String = entries
+        .iter()
+        .map(|e| e["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(tokens, text, "{chat}");
+    for e in entries {
+        assert_eq!(e["top_logprobs"].as_array().unwrap().len(), 2, "{e}");
+        assert!(e["logprob"].as_f64().unwrap() <= 0.0, "{e}");
+    }
+
+    let completion = post(
+        "completions",
+        json!({"model": TEST_MODEL, "prompt": "score me", "max_tokens": 6, "logprobs": 2}),
+    )
+    .await;
+    let choice = &completion["choices"][0];
+    let logprobs = &choice["logprobs"];
+    let tokens: Vec<&str> = logprobs["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        tokens.concat(),
+        choice["text"].as_str().unwrap(),
+        "{completion}"
+    );
+    let offsets: Vec<u64> = logprobs["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
+    assert!(
+        logprobs["top_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t.as_object().unwrap().len() == 2),
+        "{logprobs}"
+    );
+    // Without `logprobs`, none: the text is the same, the numbers absent.
+    let plain = post(
+        "completions",
+        json!({"model": TEST_MODEL, "prompt": "score me", "max_tokens": 6}),
+    )
+    .await;
+    assert_eq!(plain["choices"][0]["text"], choice["text"]);
+    assert!(plain["choices"][0]["logprobs"].is_null(), "{plain}");
 }

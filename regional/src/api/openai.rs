@@ -240,16 +240,18 @@ pub(super) fn seed_bits(seed: i64) -> u64 {
 pub(super) fn max_tokens(value: Option<i64>) -> Result<Option<u32>, Error> {
     match value {
         None => Ok(None),
-        Some(n) => u32::try_from(n)
-            .ok()
-            .filter(|n| *n >= 1)
-            .map(Some)
-            .ok_or_else(|| {
-                Error::invalid(
-                    format!("`max_tokens` must be at least 1, got {n}"),
-                    Some("max_tokens"),
-                )
-            }),
+        Some(n) if n < 1 => Err(Error::invalid(
+            format!("`max_tokens` must be at least 1, got {n}"),
+            Some("max_tokens"),
+        )),
+        // No model's window is that large; said as such rather than as a
+        // number the parser could not hold.
+        Some(n) => u32::try_from(n).map(Some).map_err(|_| {
+            Error::invalid(
+                format!("`max_tokens` must be at most {}, got {n}", u32::MAX),
+                Some("max_tokens"),
+            )
+        }),
     }
 }
 

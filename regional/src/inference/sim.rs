@@ -9,6 +9,7 @@
 
 mod anthropic;
 mod cache;
+mod logprobs;
 mod moderation;
 mod server;
 mod tools;
@@ -207,6 +208,9 @@ fn plan(config: &SimConfig, req: &ChatRequest) -> Plan {
     } else {
         finish
     };
+    if let Some(top) = logprobs::asked(req) {
+        logprobs::annotate(&mut pieces, top);
+    }
     let prompt = req.prompt_tokens();
     Plan {
         usage: Usage {

@@ -215,7 +215,8 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
             Ok(done) => axum::Json(json!({
                 "id": id, "object": "chat.completion", "created": created, "model": req.model,
                 "choices": [{ "index": 0, "finish_reason": done.finish.as_str(),
-                    "message": message(&done.text, &done.extras.tool_calls) }],
+                    "message": message(&done.text, &done.extras.tool_calls),
+                    "logprobs": done.extras.logprobs }],
                 "usage": usage(done.usage),
             }))
             .into_response(),
@@ -225,7 +226,8 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
     let model = req.model.clone();
     let chunk = move |delta: Value, finish: Option<&str>| {
         json!({ "id": id, "object": "chat.completion.chunk", "created": created,
-            "model": model, "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] })
+            "model": model, "choices": [{ "index": 0, "delta": delta, "finish_reason": finish,
+            "logprobs": null }] })
     };
     let chunks = sim.backend.stream(req);
     let events = async_stream::stream! {
@@ -234,7 +236,9 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
         while let Some(c) = chunks.next().await {
             match c {
                 Chunk::Delta(piece) if piece.tool_calls.is_empty() => {
-                    yield chunk(json!({ "content": piece.content }), None);
+                    let mut c = chunk(json!({ "content": piece.content }), None);
+                    c["choices"][0]["logprobs"] = piece.logprobs.unwrap_or(Value::Null);
+                    yield c;
                 }
                 Chunk::Delta(piece) => yield chunk(json!({ "tool_calls": piece.tool_calls }), None),
                 Chunk::Done { finish, usage: u, .. } => {
