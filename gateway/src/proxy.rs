@@ -36,7 +36,8 @@ use crate::respond::ErrorReply;
 use crate::route::{Plan, Reason, RequestFacts, Router};
 use crate::{CONVERSATION_HEADER, DURABILITY_HEADER, REGION_HEADER, ROUTE_HEADER, SESSION_HEADER};
 use meridian_proto::header::{
-    IDEMPOTENCY_KEY as IDEMPOTENCY_KEY_HEADER, REPLAYED as REPLAYED_HEADER, UNAVAILABLE,
+    IDEMPOTENCY_KEY as IDEMPOTENCY_KEY_HEADER, MODEL_FAILED, REPLAYED as REPLAYED_HEADER,
+    UNAVAILABLE,
 };
 
 /// What a region answers when it cannot take a request now: the gateway
@@ -441,8 +442,13 @@ impl ProxyHttp for Proxy {
             }
             return Ok(());
         }
+        // A model whose upstreams failed is not a failed region: the region
+        // answered as it should, and its other models serve.
+        let model_failed = upstream_response.headers.contains_key(MODEL_FAILED);
         if let Some(node) = &ctx.node {
-            if matches!(
+            if model_failed {
+                node.request_ok();
+            } else if matches!(
                 StatusCode::from_u16(status),
                 Ok(StatusCode::INTERNAL_SERVER_ERROR
                     | StatusCode::BAD_GATEWAY

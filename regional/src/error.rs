@@ -426,6 +426,18 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The model (or, for a refused key, the upstream) whose failure this
+    /// is, when the failure is its upstreams' rather than this region's.
+    fn failed_model(&self) -> Option<&str> {
+        match self {
+            Self::NoHealthyBackend { model, .. } => Some(model),
+            Self::UpstreamRefused { upstream, .. } => Some(upstream),
+            _ => None,
+        }
+    }
+}
+
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.class().http_status())
@@ -450,6 +462,12 @@ impl IntoResponse for Error {
                 meridian_proto::header::UNAVAILABLE,
                 axum::http::HeaderValue::from_static(store),
             );
+        }
+        if let Some(model) = self.failed_model()
+            && let Ok(value) = axum::http::HeaderValue::from_str(model)
+        {
+            res.headers_mut()
+                .insert(meridian_proto::header::MODEL_FAILED, value);
         }
         if let Some(after) = self.retry_after() {
             // Whole seconds, rounded up: `Retry-After` has no finer unit.

@@ -5,7 +5,10 @@
 //! answer names the model that served and says why in
 //! `x-meridian-fallback`, and the usage row records the model that served.
 
-use meridian_tests::{FaultyUpstream, RegionSandbox, init_logging};
+use meridian_tests::{
+    ClusterSandbox, FaultyUpstream, RegionSandbox, SimServer, TEST_MODEL, init_logging,
+    instant_sim, metric,
+};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
@@ -188,4 +191,95 @@ async fn without_a_fitting_fallback_the_request_gets_the_first_models_error() {
     let (status, _, body) = chat(&region.url(), "small", &long, false).await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["code"], "context_length_exceeded", "{body}");
+}
+
+/// A model whose upstreams are all down in one region is that model's
+/// failure, not the region's: the region says so (`x-meridian-model-failed`),
+/// the gateway replays the request in another region where the model
+/// answers (within its retry budget), and keeps the region for everything
+/// else instead of ejecting it after a run of 503s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_failing_in_one_region_does_not_eject_the_region() {
+    init_logging();
+    let working = SimServer::start(instant_sim()).await;
+    let dead = closed_port().await;
+    let upstream = |region: &str| {
+        let base_url = if region == "eu-west" {
+            dead.clone()
+        } else {
+            working.base_url()
+        };
+        format!(
+            "[[models]]\nid = \"hosted\"\n\
+             backend = {{ kind = \"openai\", retries = 0, upstreams = [{{ base_url = \"{base_url}\" }}] }}\n"
+        )
+    };
+    let sandbox =
+        ClusterSandbox::start_configured(&["eu-west", "us-east"], upstream, |_, _| {}).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/chat/completions", sandbox.gateway_url());
+    let ask = |model: &str, session: &str| {
+        let request = http
+            .post(&url)
+            .header("x-meridian-session", session)
+            .json(&json!({"model": model, "max_tokens": 4,
+                "messages": [{"role": "user", "content": "hi"}]}));
+        async move {
+            let res = request.send().await.unwrap();
+            let served_by = res.headers()["x-meridian-served-by"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            (res.status().as_u16(), served_by)
+        }
+    };
+    // A session the gateway homes in eu-west.
+    let mut session = None;
+    for i in 0..200 {
+        let id = format!("model-failed-{i}");
+        if ask(TEST_MODEL, &id).await == (200, "eu-west".to_string()) {
+            session = Some(id);
+            break;
+        }
+    }
+    let session = session.expect("no session homes in eu-west");
+
+    // Far more 503s from eu-west than ejection takes. Each is replayed in
+    // us-east while the gateway's retry budget lasts; past it, the client
+    // gets eu-west's 503.
+    let mut replayed = 0;
+    for i in 0..30 {
+        match ask("hosted", &session).await {
+            (200, region) if region == "us-east" => replayed += 1,
+            (503, region) if region == "eu-west" => {}
+            other => panic!("request {i}: {other:?}"),
+        }
+    }
+    assert!(
+        replayed >= 1,
+        "no request was served where the model answers"
+    );
+    let metrics = format!("{}/metrics", sandbox.admin_url());
+    let ejections = metric(
+        &metrics,
+        "meridian_gateway_region_ejections_total",
+        &["region=\"eu-west\""],
+    )
+    .await;
+    assert_eq!(
+        ejections, 0.0,
+        "eu-west was ejected for its model's upstreams"
+    );
+    let healthy = metric(
+        &metrics,
+        "meridian_gateway_region_healthy",
+        &["region=\"eu-west\""],
+    )
+    .await;
+    assert_eq!(healthy, 1.0, "eu-west is not in service");
+    assert_eq!(
+        ask(TEST_MODEL, &session).await,
+        (200, "eu-west".to_string()),
+        "the session's other models are still served at home"
+    );
 }

@@ -115,3 +115,10 @@ pub const REPLAYED: &str = "x-meridian-replayed";
 /// replays it in another region, and keeps sending the region what does not
 /// need that store.
 pub const UNAVAILABLE: &str = "x-meridian-unavailable";
+
+/// Response header on an error (HTTP 502 or 503) whose cause is a model's
+/// upstreams, not the region: none healthy, or they refused the region's
+/// credentials. Its value is the model. The region itself is fine and
+/// serves its other models, so the gateway counts the answer against no
+/// region; a 503 is replayed in another region, whose upstreams may answer.
+pub const MODEL_FAILED: &str = "x-meridian-model-failed";
