@@ -364,7 +364,7 @@ fn enums_have_prefixed_values_and_unspecified_zero() {
                 "BYPASS",
             ],
         ),
-        ("ModelKind", &["UNSPECIFIED", "CHAT", "EMBEDDING", "ALIAS"]),
+        ("ModelKind", &["UNSPECIFIED", "CHAT", "EMBEDDING", "ALIAS", "MODERATION"]),
         (
             "JobState",
             &[

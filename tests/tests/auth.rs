@@ -467,11 +467,16 @@ async fn limits_are_shared_by_two_gateways_and_429_says_when() {
     .await;
 
     // Tokens per minute: a request whose budget exceeds the whole minute's
-    // is refused as `tokens`.
+    // can never be admitted, so it is a 400 saying what to lower, not a 429
+    // to retry; it is charged nothing.
     let res = chat(&client, &urls[0], Some(&thrifty), &chat_body(5_000)).await;
-    assert_eq!(res.status(), 429);
-    assert_eq!(res.headers()["x-ratelimit-limit-tokens"], "1500");
-    assert_openai_error(&res.json().await.unwrap(), "tokens", "rate_limit_exceeded");
+    assert_eq!(res.status(), 400);
+    assert!(!res.headers().contains_key("retry-after"));
+    assert_openai_error(
+        &res.json().await.unwrap(),
+        "invalid_request_error",
+        "request_too_large",
+    );
     // Estimates are corrected by what the region used: two requests that
     // may each use 900 tokens fit in 1 500 a minute when they use few (a
     // stop sequence ends them at once). Without the correction the second
