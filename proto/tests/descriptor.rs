@@ -364,7 +364,10 @@ fn enums_have_prefixed_values_and_unspecified_zero() {
                 "BYPASS",
             ],
         ),
-        ("ModelKind", &["UNSPECIFIED", "CHAT", "EMBEDDING", "ALIAS", "MODERATION"]),
+        (
+            "ModelKind",
+            &["UNSPECIFIED", "CHAT", "EMBEDDING", "ALIAS", "MODERATION"],
+        ),
         (
             "JobState",
             &[

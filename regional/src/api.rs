@@ -11,6 +11,7 @@ mod grpc;
 mod http;
 mod infer;
 mod jobs;
+mod manage;
 mod moderations;
 mod openai;
 mod telemetry;
@@ -123,7 +124,8 @@ where
         .merge(embeddings::routes(state.clone()))
         .merge(moderations::routes(state.clone()))
         .merge(completions::routes(state.clone()))
-        .merge(admin::routes(state.clone()));
+        .merge(admin::routes(state.clone()))
+        .merge(manage::routes(state.clone()));
     let router = grpc_service(router, grpc::inference(state.clone()));
     let router = grpc_service(router, reflection_v1);
     let router = grpc_service(router, reflection_v1alpha);

@@ -11,6 +11,7 @@
 //! exists in clear only in what [`create_api_key`] returns.
 
 mod keys;
+pub(crate) mod manage;
 mod tenant;
 mod tenants;
 

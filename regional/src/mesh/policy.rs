@@ -178,6 +178,10 @@ mod tests {
         );
         assert!(!call(&gw, "/admin/reload"));
         assert!(call(&op, "/admin/reload"));
+        // The management API is operators' only: a gateway carries clients.
+        assert!(!call(&gw, "/admin/v1/tenants/acme/keys"));
+        assert!(!call(&region, "/admin/v1/tenants"));
+        assert!(call(&op, "/admin/v1/tenants/acme/keys"));
         assert_eq!(classify("/a.B/C/d"), ("a.B", Some("C/d")));
         assert!(!call(&gw, "/meridian.v1.Admin/RegionStatus/x"));
     }

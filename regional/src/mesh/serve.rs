@@ -55,7 +55,7 @@ pub(crate) async fn serve(
             (app.clone(), tls.clone(), shutdown.clone(), close_rx.clone());
         tokio::spawn(async move {
             match tls {
-                None => serve_connection(tcp, app, None, &shutdown).await,
+                None => serve_connection(tcp, app, remote, None, &shutdown).await,
                 Some(tls) => {
                     let acceptor = TlsAcceptor::from(tls.load_full());
                     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
@@ -77,7 +77,7 @@ pub(crate) async fn serve(
                     match meridian_mesh::peer_identity(stream.get_ref().1.peer_certificates()) {
                         Ok(identity) => {
                             let peer = Peer(Arc::new(identity));
-                            serve_connection(stream, app, Some(peer), &shutdown).await;
+                            serve_connection(stream, app, remote, Some(peer), &shutdown).await;
                         }
                         // Signed by our CA but naming no Meridian identity:
                         // nothing in the policy could allow it.
@@ -94,12 +94,20 @@ pub(crate) async fn serve(
     Ok(())
 }
 
-async fn serve_connection<IO>(io: IO, app: Router, peer: Option<Peer>, shutdown: &CancellationToken)
-where
+async fn serve_connection<IO>(
+    io: IO,
+    app: Router,
+    remote: std::net::SocketAddr,
+    peer: Option<Peer>,
+    shutdown: &CancellationToken,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = app.map_request(move |req: axum::http::Request<Incoming>| {
         let mut req = req.map(Body::new);
+        // Where the caller connected from, for the audit log.
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(remote));
         if let Some(peer) = &peer {
             req.extensions_mut().insert(peer.clone());
         }

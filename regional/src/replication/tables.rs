@@ -139,6 +139,18 @@ pub(crate) const TABLES: &[Table] = &[
                  'completions', t.completions, 'result', t.result)::text",
         ),
     },
+    // Append-only, like the messages (`0015_audit.sql`).
+    Table {
+        name: "audit_log",
+        key: "id",
+        key_type: "uuid",
+        columns: &[
+            "id", "at", "actor", "action", "resource", "source", "region", "detail",
+        ],
+        bytea: &[],
+        fence: None,
+        digest: None,
+    },
 ];
 
 /// Per table: the upsert and the delete, built once.

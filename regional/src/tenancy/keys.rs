@@ -16,19 +16,14 @@ const URL_SAFE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx
 /// Creates a key for `tenant` and returns it: the only time the key exists
 /// in clear.
 pub async fn create_api_key(pool: &PgPool, tenant: &str) -> Result<String, Error> {
-    let mut rng = rand::rng();
-    let mut key = String::with_capacity(KEY_PREFIX.len() + KEY_RANDOM_CHARS);
-    key.push_str(KEY_PREFIX);
-    for _ in 0..KEY_RANDOM_CHARS {
-        key.push(URL_SAFE[rng.random_range(0..URL_SAFE.len())] as char);
-    }
+    let (id, key, prefix) = new_key();
     let inserted = sqlx::query(
         "INSERT INTO api_keys (id, tenant_id, prefix, key_hash)
          SELECT $1, id, $3, $4 FROM tenants WHERE id = $2",
     )
-    .bind(uuid::Uuid::now_v7())
+    .bind(id)
     .bind(tenant)
-    .bind(&key[..DISPLAY_PREFIX_CHARS])
+    .bind(&prefix)
     .bind(&hash_key(key.as_bytes())[..])
     .execute(pool)
     .await?;
@@ -36,6 +31,18 @@ pub async fn create_api_key(pool: &PgPool, tenant: &str) -> Result<String, Error
         return Err(Error::UnknownTenant(tenant.to_string()));
     }
     Ok(key)
+}
+
+/// A new key: its row id, the key in clear, and the prefix kept for display.
+pub(super) fn new_key() -> (uuid::Uuid, String, String) {
+    let mut rng = rand::rng();
+    let mut key = String::with_capacity(KEY_PREFIX.len() + KEY_RANDOM_CHARS);
+    key.push_str(KEY_PREFIX);
+    for _ in 0..KEY_RANDOM_CHARS {
+        key.push(URL_SAFE[rng.random_range(0..URL_SAFE.len())] as char);
+    }
+    let prefix = key[..DISPLAY_PREFIX_CHARS].to_string();
+    (uuid::Uuid::now_v7(), key, prefix)
 }
 
 /// Revokes `key`; returns whether a live key was revoked (false when it was

@@ -1,0 +1,276 @@
+//! The management API's tenants and keys over HTTP (`/admin/v1/...`), for
+//! operators: the mesh policy lets only operator identities reach
+//! `/admin/*` (it classifies these routes as `meridian.v1.Admin`). Every
+//! write is audited with its caller and replicates to every region; a
+//! write may ask for `x-meridian-durability: sync`, and is then answered
+//! once a peer region has applied it. Lists are paginated as OpenAI's are
+//! (`limit`, `after`; answers carry `has_more` and `last_id`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::body::JsonBody;
+use crate::error::Error;
+use crate::mesh::Peer;
+use crate::replication::{DURABILITY_HEADER, Durability};
+use crate::tenancy::TenantLimits;
+use crate::tenancy::manage::{self, Actor};
+
+/// Items in a page unless `limit` says otherwise, and the most it may say.
+const DEFAULT_PAGE: i64 = 20;
+const MAX_PAGE: i64 = 100;
+
+pub(super) fn routes(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/admin/v1/tenants", get(list_tenants))
+        .route("/admin/v1/tenants/{id}", get(get_tenant).put(put_tenant))
+        .route(
+            "/admin/v1/tenants/{id}/keys",
+            post(create_key).get(list_keys),
+        )
+        .route("/admin/v1/keys/{id}", delete(revoke_key))
+        .route("/admin/v1/audit", get(list_audit))
+        .with_state(state)
+}
+
+/// The caller of a write, for the audit log.
+struct Caller(Actor);
+
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Error> {
+        let who = parts.extensions.get::<Peer>().map_or_else(
+            || "unauthenticated".to_string(),
+            |Peer(identity)| identity.to_string(),
+        );
+        let source = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or_else(|| "unknown".to_string(), |c| c.0.to_string());
+        Ok(Self(Actor {
+            who,
+            source,
+            region: state.region.clone(),
+        }))
+    }
+}
+
+#[derive(Deserialize)]
+struct Page {
+    limit: Option<i64>,
+    after: Option<String>,
+}
+
+impl Page {
+    fn limit(&self) -> Result<i64, Error> {
+        match self.limit {
+            None => Ok(DEFAULT_PAGE),
+            Some(l) if (1..=MAX_PAGE).contains(&l) => Ok(l),
+            Some(l) => Err(Error::invalid(
+                format!("`limit` must be between 1 and {MAX_PAGE}, got {l}"),
+                Some("limit"),
+            )),
+        }
+    }
+}
+
+/// A page of `items`, asked for one more than shown so `has_more` is known.
+fn page<T: serde::Serialize>(mut items: Vec<T>, limit: i64, id: impl Fn(&T) -> String) -> Value {
+    let has_more = items.len() as i64 > limit;
+    items.truncate(limit as usize);
+    json!({
+        "object": "list",
+        "first_id": items.first().map(&id),
+        "last_id": items.last().map(&id),
+        "has_more": has_more,
+        "data": items,
+    })
+}
+
+async fn list_tenants(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<Page>,
+) -> Result<Json<Value>, Error> {
+    let limit = q.limit()?;
+    let tenants = manage::list_tenants(pool(&state), q.after.as_deref(), limit + 1).await?;
+    Ok(Json(page(tenants, limit, |t| t.id.clone())))
+}
+
+async fn get_tenant(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, Error> {
+    let tenant = manage::get_tenant(pool(&state), &id)
+        .await?
+        .ok_or_else(|| no_tenant(&id))?;
+    Ok(Json(json!(tenant)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantBody {
+    display_name: Option<String>,
+    requests_per_second: Option<u32>,
+    tokens_per_minute: Option<u64>,
+}
+
+/// `PUT /admin/v1/tenants/{id}`: creates the tenant (201) or replaces its
+/// name and limits (200); a limit left out is the gateway's default.
+async fn put_tenant(
+    State(state): State<Arc<AppState>>,
+    Caller(actor): Caller,
+    Path(id): Path<String>,
+    durability: Durable,
+    JsonBody(body): JsonBody,
+) -> Result<Response, Error> {
+    let body: TenantBody = serde_json::from_slice(&body)
+        .map_err(|e| Error::invalid(format!("invalid request body: {e}"), None))?;
+    let limits = TenantLimits {
+        requests_per_second: body.requests_per_second,
+        tokens_per_minute: body.tokens_per_minute,
+    };
+    let created = manage::put_tenant(
+        pool(&state),
+        &actor,
+        &id,
+        body.display_name.as_deref(),
+        limits,
+    )
+    .await?;
+    let sync = durability.settle(&state).await?;
+    let tenant = manage::get_tenant(pool(&state), &id)
+        .await?
+        .ok_or_else(|| no_tenant(&id))?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        [(DURABILITY_HEADER, sync.header())],
+        Json(json!(tenant)),
+    )
+        .into_response())
+}
+
+/// `POST /admin/v1/tenants/{id}/keys`: a new key, in clear in this answer
+/// only.
+async fn create_key(
+    State(state): State<Arc<AppState>>,
+    Caller(actor): Caller,
+    Path(tenant): Path<String>,
+    durability: Durable,
+) -> Result<Response, Error> {
+    let (view, key) = manage::create_key(pool(&state), &actor, &tenant).await?;
+    let sync = durability.settle(&state).await?;
+    let mut body = json!(view);
+    body["key"] = Value::String(key);
+    Ok((
+        StatusCode::CREATED,
+        [(DURABILITY_HEADER, sync.header())],
+        Json(body),
+    )
+        .into_response())
+}
+
+async fn list_keys(
+    State(state): State<Arc<AppState>>,
+    Path(tenant): Path<String>,
+) -> Result<Json<Value>, Error> {
+    if manage::get_tenant(pool(&state), &tenant).await?.is_none() {
+        return Err(no_tenant(&tenant));
+    }
+    let keys = manage::list_keys(pool(&state), &tenant).await?;
+    let limit = keys.len() as i64;
+    Ok(Json(page(keys, limit, |k| k.id.to_string())))
+}
+
+/// `DELETE /admin/v1/keys/{id}`: the key revoked; gateways stop accepting
+/// it at their next reload. Revoking it again answers the same.
+async fn revoke_key(
+    State(state): State<Arc<AppState>>,
+    Caller(actor): Caller,
+    Path(id): Path<String>,
+    durability: Durable,
+) -> Result<Response, Error> {
+    let id = uuid::Uuid::parse_str(&id)
+        .map_err(|_| Error::invalid(format!("{id:?} is not a key id (a UUID)"), None))?;
+    let view = manage::revoke_key(pool(&state), &actor, id)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("no key {id}")))?;
+    let sync = durability.settle(&state).await?;
+    Ok(([(DURABILITY_HEADER, sync.header())], Json(json!(view))).into_response())
+}
+
+/// `GET /admin/v1/audit`: the audit log, newest first; `after` is the id of
+/// the last record of the previous page.
+async fn list_audit(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<Page>,
+) -> Result<Json<Value>, Error> {
+    let limit = q.limit()?;
+    let after = q
+        .after
+        .as_deref()
+        .map(uuid::Uuid::parse_str)
+        .transpose()
+        .map_err(|_| Error::invalid("`after` must be an audit record id", Some("after")))?;
+    let records = manage::list_audit(pool(&state), after, limit + 1).await?;
+    Ok(Json(page(records, limit, |r| r.id.to_string())))
+}
+
+/// The durability a write asks for; a sync write is answered once a peer
+/// region applied it. Refused before any work when no peer could.
+struct Durable(Durability);
+
+impl FromRequestParts<Arc<AppState>> for Durable {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Error> {
+        let asked =
+            Durability::requested(parts.headers.get(DURABILITY_HEADER).map(|v| v.as_bytes()))?;
+        // Management writes have no tenant default: async unless asked.
+        Ok(Self(state.replication.durability("", asked)?))
+    }
+}
+
+impl Durable {
+    async fn settle(self, state: &AppState) -> Result<Durability, Error> {
+        if self.0 == Durability::Sync {
+            state.replication.wait_logged(None).await?;
+        }
+        Ok(self.0)
+    }
+}
+
+fn pool(state: &AppState) -> &sqlx::PgPool {
+    state.replication.pool()
+}
+
+fn no_tenant(id: &str) -> Error {
+    Error::NotFound(format!("no tenant {id:?}"))
+}
+
+impl From<crate::tenancy::Error> for Error {
+    fn from(e: crate::tenancy::Error) -> Self {
+        use crate::tenancy::Error as T;
+        match e {
+            T::Database(e) => Self::Postgres(e),
+            T::InvalidTenant(_) | T::InvalidLimits => Self::invalid(e.to_string(), None),
+            T::UnknownTenant(id) => no_tenant(&id),
+            T::NotReplicated { waited_ms } => Self::SyncTimeout { waited_ms },
+        }
+    }
+}

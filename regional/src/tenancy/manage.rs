@@ -1,0 +1,308 @@
+//! Reads and audited writes of tenants and keys for the management API
+//! (`/admin/v1/...`): each write and its audit record are one transaction,
+//! so the log never misses a change nor records one that did not happen.
+
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{PgPool, Postgres, Row, Transaction};
+
+use super::{Error, TenantLimits};
+
+/// Who made a write and from where, as the audit log records it.
+#[derive(Debug, Clone)]
+pub(crate) struct Actor {
+    /// The caller's mesh identity, or `unauthenticated` on a plaintext mesh.
+    pub who: String,
+    /// The caller's address as this region saw it.
+    pub source: String,
+    /// The region that took the write.
+    pub region: String,
+}
+
+/// A tenant as the API shows it.
+#[derive(Debug, Serialize)]
+pub(crate) struct TenantView {
+    pub id: String,
+    pub display_name: String,
+    pub requests_per_second: Option<i32>,
+    pub tokens_per_minute: Option<i64>,
+    pub live_keys: i64,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// A key as the API shows it: never the key itself.
+#[derive(Debug, Serialize)]
+pub(crate) struct KeyView {
+    pub id: uuid::Uuid,
+    pub tenant: String,
+    pub prefix: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub revoked_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// One audit record.
+#[derive(Debug, Serialize)]
+pub(crate) struct AuditView {
+    pub id: uuid::Uuid,
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub actor: String,
+    pub action: String,
+    pub resource: String,
+    pub source: String,
+    pub region: String,
+    pub detail: Value,
+}
+
+/// What a tenant's view reads, from `tenants t` (a macro so the queries
+/// stay static strings).
+macro_rules! tenant_columns {
+    () => {
+        "t.id, t.display_name, t.requests_per_second, t.tokens_per_minute, t.created_at, \
+         t.updated_at, (SELECT count(*) FROM api_keys k \
+         WHERE k.tenant_id = t.id AND k.revoked_at IS NULL) AS live_keys"
+    };
+}
+
+fn tenant(row: &sqlx::postgres::PgRow) -> TenantView {
+    TenantView {
+        id: row.get("id"),
+        display_name: row.get("display_name"),
+        requests_per_second: row.get("requests_per_second"),
+        tokens_per_minute: row.get("tokens_per_minute"),
+        live_keys: row.get("live_keys"),
+        created_at: row.get("created_at"),
+        updated_at: row.get("updated_at"),
+    }
+}
+
+/// Up to `limit` tenants with ids after `after`, in id order.
+pub(crate) async fn list_tenants(
+    pool: &PgPool,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<TenantView>, Error> {
+    let rows = sqlx::query(concat!(
+        "SELECT ",
+        tenant_columns!(),
+        " FROM tenants t WHERE $1::text IS NULL OR t.id > $1 ORDER BY t.id LIMIT $2"
+    ))
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.iter().map(tenant).collect())
+}
+
+pub(crate) async fn get_tenant(pool: &PgPool, id: &str) -> Result<Option<TenantView>, Error> {
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        tenant_columns!(),
+        " FROM tenants t WHERE t.id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.as_ref().map(tenant))
+}
+
+/// Creates tenant `id` or replaces its name and limits (a limit left
+/// `None` is the gateway's default); whether it was created.
+pub(crate) async fn put_tenant(
+    pool: &PgPool,
+    actor: &Actor,
+    id: &str,
+    display_name: Option<&str>,
+    limits: TenantLimits,
+) -> Result<bool, Error> {
+    if !meridian_proto::valid_tenant_id(id) {
+        return Err(Error::InvalidTenant(id.to_string()));
+    }
+    if limits.requests_per_second == Some(0) || limits.tokens_per_minute == Some(0) {
+        return Err(Error::InvalidLimits);
+    }
+    let rps = limits
+        .requests_per_second
+        .map(|r| i32::try_from(r).unwrap_or(i32::MAX));
+    let tpm = limits
+        .tokens_per_minute
+        .map(|t| i64::try_from(t).unwrap_or(i64::MAX));
+    let mut tx = pool.begin().await?;
+    let created: bool = sqlx::query_scalar(
+        "INSERT INTO tenants (id, display_name, requests_per_second, tokens_per_minute)
+         VALUES ($1, COALESCE($2, $1), $3, $4)
+         ON CONFLICT (id) DO UPDATE SET
+             display_name = COALESCE($2, tenants.display_name),
+             requests_per_second = EXCLUDED.requests_per_second,
+             tokens_per_minute = EXCLUDED.tokens_per_minute,
+             updated_at = now()
+         RETURNING (xmax = 0)",
+    )
+    .bind(id)
+    .bind(display_name)
+    .bind(rps)
+    .bind(tpm)
+    .fetch_one(&mut *tx)
+    .await?;
+    let action = if created {
+        "tenant.create"
+    } else {
+        "tenant.update"
+    };
+    let detail = serde_json::json!({
+        "display_name": display_name,
+        "requests_per_second": rps,
+        "tokens_per_minute": tpm,
+    });
+    audit(&mut tx, actor, action, &format!("tenants/{id}"), detail).await?;
+    tx.commit().await?;
+    Ok(created)
+}
+
+/// A new key for `tenant`: its view and the key in clear, the only time it
+/// exists so.
+pub(crate) async fn create_key(
+    pool: &PgPool,
+    actor: &Actor,
+    tenant: &str,
+) -> Result<(KeyView, String), Error> {
+    let (id, key, prefix) = super::keys::new_key();
+    let mut tx = pool.begin().await?;
+    let row = sqlx::query(
+        "INSERT INTO api_keys (id, tenant_id, prefix, key_hash)
+         SELECT $1, id, $3, $4 FROM tenants WHERE id = $2
+         RETURNING created_at",
+    )
+    .bind(id)
+    .bind(tenant)
+    .bind(&prefix)
+    .bind(&meridian_proto::api_key::hash_key(key.as_bytes())[..])
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        return Err(Error::UnknownTenant(tenant.to_string()));
+    };
+    let detail = serde_json::json!({ "tenant": tenant, "prefix": prefix });
+    audit(&mut tx, actor, "key.create", &format!("keys/{id}"), detail).await?;
+    tx.commit().await?;
+    let view = KeyView {
+        id,
+        tenant: tenant.to_string(),
+        prefix,
+        created_at: row.get("created_at"),
+        revoked_at: None,
+    };
+    Ok((view, key))
+}
+
+/// The keys of `tenant`, newest first, revoked ones included.
+pub(crate) async fn list_keys(pool: &PgPool, tenant: &str) -> Result<Vec<KeyView>, Error> {
+    let rows = sqlx::query(
+        "SELECT id, tenant_id, prefix, created_at, revoked_at FROM api_keys
+         WHERE tenant_id = $1 ORDER BY created_at DESC, id DESC",
+    )
+    .bind(tenant)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.iter().map(key).collect())
+}
+
+fn key(row: &sqlx::postgres::PgRow) -> KeyView {
+    KeyView {
+        id: row.get("id"),
+        tenant: row.get("tenant_id"),
+        prefix: row.get("prefix"),
+        created_at: row.get("created_at"),
+        revoked_at: row.get("revoked_at"),
+    }
+}
+
+/// Revokes key `id`: its view once revoked, `None` when there is no such
+/// key. Revoking a revoked key changes nothing and records nothing.
+pub(crate) async fn revoke_key(
+    pool: &PgPool,
+    actor: &Actor,
+    id: uuid::Uuid,
+) -> Result<Option<KeyView>, Error> {
+    let mut tx = pool.begin().await?;
+    let revoked = sqlx::query(
+        "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL
+         RETURNING id, tenant_id, prefix, created_at, revoked_at",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let view = match revoked {
+        Some(row) => {
+            let view = key(&row);
+            let detail = serde_json::json!({ "tenant": view.tenant, "prefix": view.prefix });
+            audit(&mut tx, actor, "key.revoke", &format!("keys/{id}"), detail).await?;
+            Some(view)
+        }
+        None => sqlx::query(
+            "SELECT id, tenant_id, prefix, created_at, revoked_at FROM api_keys WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .as_ref()
+        .map(key),
+    };
+    tx.commit().await?;
+    Ok(view)
+}
+
+/// Up to `limit` audit records, newest first, older than record `before`
+/// when given.
+pub(crate) async fn list_audit(
+    pool: &PgPool,
+    before: Option<uuid::Uuid>,
+    limit: i64,
+) -> Result<Vec<AuditView>, Error> {
+    let rows = sqlx::query(
+        "SELECT id, at, actor, action, resource, source, region, detail FROM audit_log a
+         WHERE $1::uuid IS NULL
+            OR (a.at, a.id) < (SELECT at, id FROM audit_log WHERE id = $1)
+         ORDER BY at DESC, id DESC LIMIT $2",
+    )
+    .bind(before)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|row| AuditView {
+            id: row.get("id"),
+            at: row.get("at"),
+            actor: row.get("actor"),
+            action: row.get("action"),
+            resource: row.get("resource"),
+            source: row.get("source"),
+            region: row.get("region"),
+            detail: row.get("detail"),
+        })
+        .collect())
+}
+
+async fn audit(
+    tx: &mut Transaction<'_, Postgres>,
+    actor: &Actor,
+    action: &str,
+    resource: &str,
+    detail: Value,
+) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO audit_log (id, actor, action, resource, source, region, detail)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .bind(&actor.who)
+    .bind(action)
+    .bind(resource)
+    .bind(&actor.source)
+    .bind(&actor.region)
+    .bind(detail)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

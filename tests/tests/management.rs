@@ -1,0 +1,311 @@
+//! The management API for tenants and keys (`/admin/v1/...`), against three
+//! replicated regions and a gateway that reads keys from eu-west's
+//! database: a tenant and key made through the API in us-east authenticate
+//! through the gateway within 2 s, a key revoked through the API in
+//! ap-south stops within 2 s, lists paginate, bad requests are named, and
+//! every write is in the audit log of every region, with no secret in it.
+
+use std::time::{Duration, Instant};
+
+use meridian_gateway::AuthConfig;
+use meridian_tests::replicated::until;
+use meridian_tests::{ClusterSandbox, TEST_MODEL, init_logging};
+use serde_json::{Value, json};
+
+const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
+const PROMPT: Duration = Duration::from_secs(2);
+const CONVERGE: Duration = Duration::from_secs(10);
+
+struct Api {
+    http: reqwest::Client,
+    urls: Vec<String>,
+}
+
+impl Api {
+    async fn send(
+        &self,
+        region: usize,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}/admin/v1/{path}", self.urls[region]));
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        (status, headers, res.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, region: usize, path: &str) -> (u16, Value) {
+        let (status, _, body) = self
+            .send(region, reqwest::Method::GET, path, None, &[])
+            .await;
+        (status, body)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_and_keys_made_through_the_api_work_everywhere_and_are_audited() {
+    init_logging();
+    let cluster = ClusterSandbox::start_replicated(&REGIONS, "", |regions, config| {
+        config.auth = Some(AuthConfig {
+            reload_interval_ms: 100,
+            ..AuthConfig::new(regions[1].postgres.url())
+        });
+    })
+    .await;
+    let api = Api {
+        http: reqwest::Client::new(),
+        urls: cluster.regions.iter().map(|r| r.url()).collect(),
+    };
+    let chat = |key: String| {
+        let (http, url) = (api.http.clone(), cluster.gateway_url());
+        async move {
+            http.post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(key)
+                .json(&json!({ "model": TEST_MODEL, "max_tokens": 4,
+                    "messages": [{ "role": "user", "content": "hello" }] }))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+
+    // A tenant, created then updated in us-east: PUT replaces its limits.
+    let (status, _, tenant) = api
+        .send(
+            0,
+            reqwest::Method::PUT,
+            "tenants/acme",
+            Some(json!({ "display_name": "Acme", "requests_per_second": 50 })),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 201, "{tenant}");
+    assert_eq!(tenant["requests_per_second"], 50);
+    let (status, _, tenant) = api
+        .send(
+            0,
+            reqwest::Method::PUT,
+            "tenants/acme",
+            Some(json!({ "tokens_per_minute": 100000 })),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200, "{tenant}");
+    assert_eq!(
+        (
+            &tenant["display_name"],
+            &tenant["requests_per_second"],
+            &tenant["tokens_per_minute"]
+        ),
+        (&json!("Acme"), &Value::Null, &json!(100000))
+    );
+
+    // A key, acknowledged once another region has it; it authenticates
+    // through the gateway, which reads eu-west's database, within 2 s.
+    let (status, headers, made) = api
+        .send(
+            0,
+            reqwest::Method::POST,
+            "tenants/acme/keys",
+            None,
+            &[("x-meridian-durability", "sync")],
+        )
+        .await;
+    assert_eq!(status, 201, "{made}");
+    assert_eq!(headers["x-meridian-durability"], "sync");
+    let key = made["key"].as_str().unwrap().to_string();
+    assert!(key.starts_with("mk-") && key.starts_with(made["prefix"].as_str().unwrap()));
+    let made_at = Instant::now();
+    until(
+        PROMPT,
+        "the new key authenticating through the gateway",
+        || {
+            let chat = chat(key.clone());
+            async move { chat.await == 200 }
+        },
+    )
+    .await;
+    eprintln!("key usable after {:?}", made_at.elapsed());
+
+    // Listed anywhere, never in clear.
+    let key_id = made["id"].as_str().unwrap().to_string();
+    let (status, keys) = api.get(1, "tenants/acme/keys").await;
+    assert_eq!(status, 200, "{keys}");
+    assert_eq!(keys["data"][0]["id"], key_id.as_str());
+    assert!(keys["data"][0].get("key").is_none(), "{keys}");
+    assert!(!keys.to_string().contains(&key));
+    let (_, tenant) = api.get(1, "tenants/acme").await;
+    assert_eq!(tenant["live_keys"], 1, "{tenant}");
+
+    // Revoked in ap-south: it stops at the gateway within 2 s.
+    let (status, _, revoked) = api
+        .send(
+            2,
+            reqwest::Method::DELETE,
+            &format!("keys/{key_id}"),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200, "{revoked}");
+    assert!(revoked["revoked_at"].is_string(), "{revoked}");
+    until(PROMPT, "the revoked key refused by the gateway", || {
+        let chat = chat(key.clone());
+        async move { chat.await == 401 }
+    })
+    .await;
+
+    // Pages of tenants, in id order.
+    for i in 1..=4 {
+        let (status, _, _) = api
+            .send(
+                0,
+                reqwest::Method::PUT,
+                &format!("tenants/page-{i}"),
+                Some(json!({})),
+                &[],
+            )
+            .await;
+        assert_eq!(status, 201);
+    }
+    let (_, first) = api.get(0, "tenants?limit=2").await;
+    let ids = |page: &Value| -> Vec<String> {
+        page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids(&first), ["acme", "page-1"]);
+    assert_eq!(first["has_more"], true);
+    let (_, rest) = api
+        .get(
+            0,
+            &format!(
+                "tenants?limit=10&after={}",
+                first["last_id"].as_str().unwrap()
+            ),
+        )
+        .await;
+    assert_eq!(ids(&rest), ["page-2", "page-3", "page-4"]);
+    assert_eq!(rest["has_more"], false);
+
+    // Bad requests are named and change nothing.
+    for (method, path, body, status, named) in [
+        (
+            reqwest::Method::PUT,
+            "tenants/bad%20id",
+            Some(json!({})),
+            400,
+            "invalid tenant id",
+        ),
+        (
+            reqwest::Method::PUT,
+            "tenants/acme",
+            Some(json!({"rps": 1})),
+            400,
+            "unknown field `rps`",
+        ),
+        (
+            reqwest::Method::PUT,
+            "tenants/acme",
+            Some(json!({"requests_per_second": 0})),
+            400,
+            "at least 1",
+        ),
+        (
+            reqwest::Method::POST,
+            "tenants/nobody/keys",
+            None,
+            404,
+            "no tenant \"nobody\"",
+        ),
+        (
+            reqwest::Method::DELETE,
+            "keys/not-a-uuid",
+            None,
+            400,
+            "not a key id",
+        ),
+        (
+            reqwest::Method::DELETE,
+            "keys/00000000-0000-7000-8000-000000000000",
+            None,
+            404,
+            "no key",
+        ),
+        (
+            reqwest::Method::GET,
+            "tenants?limit=1000",
+            None,
+            400,
+            "`limit`",
+        ),
+    ] {
+        let (got, _, body) = api.send(0, method.clone(), path, body, &[]).await;
+        assert_eq!(got, status, "{method} {path}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(named), "{method} {path}: {body}");
+    }
+
+    // Every write of this test, in every region's audit log, newest first,
+    // with who, where and what, and no key in it.
+    for (region, name) in REGIONS.iter().enumerate() {
+        until(CONVERGE, "every write in the audit log", || {
+            let api = &api;
+            async move {
+                let (_, log) = api.get(region, "audit?limit=100").await;
+                log["data"].as_array().is_some_and(|d| d.len() == 8)
+            }
+        })
+        .await;
+        let (_, log) = api.get(region, "audit?limit=100").await;
+        assert!(!log.to_string().contains(&key), "a key in the audit log");
+        let records: Vec<(String, String, String)> = log["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .rev()
+            .map(|r| {
+                assert_eq!(r["actor"], "unauthenticated", "a plaintext mesh: {r}");
+                assert!(
+                    r["source"].as_str().unwrap().starts_with("127.0.0.1:"),
+                    "{r}"
+                );
+                (
+                    r["action"].as_str().unwrap().to_string(),
+                    r["resource"].as_str().unwrap().to_string(),
+                    r["region"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let expected: Vec<(String, String, String)> = [
+            ("tenant.create", "tenants/acme".to_string(), "us-east"),
+            ("tenant.update", "tenants/acme".to_string(), "us-east"),
+            ("key.create", format!("keys/{key_id}"), "us-east"),
+            ("key.revoke", format!("keys/{key_id}"), "ap-south"),
+            ("tenant.create", "tenants/page-1".to_string(), "us-east"),
+            ("tenant.create", "tenants/page-2".to_string(), "us-east"),
+            ("tenant.create", "tenants/page-3".to_string(), "us-east"),
+            ("tenant.create", "tenants/page-4".to_string(), "us-east"),
+        ]
+        .into_iter()
+        .map(|(a, r, g)| (a.to_string(), r, g.to_string()))
+        .collect();
+        assert_eq!(records, expected, "audit log of {name}");
+    }
+}
