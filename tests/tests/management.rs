@@ -309,3 +309,161 @@ async fn tenants_and_keys_made_through_the_api_work_everywhere_and_are_audited()
         assert_eq!(records, expected, "audit log of {name}");
     }
 }
+
+/// The same operations as `meridian.v1.Admin` methods, on one region: the
+/// same results, the same refusals as gRPC statuses, the same audit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_operations_are_admin_methods_over_grpc() {
+    use meridian_proto::v1::admin_client::AdminClient;
+    use meridian_proto::v1::{
+        CreateApiKeyRequest, GetTenantRequest, ListApiKeysRequest, ListAuditRequest,
+        ListTenantsRequest, PutTenantRequest, RevokeApiKeyRequest,
+    };
+    init_logging();
+    let region = meridian_tests::RegionSandbox::start("eu-west").await;
+    let mut admin = AdminClient::connect(region.url()).await.unwrap();
+
+    let put = |id: &str, rps: Option<u32>| PutTenantRequest {
+        id: id.into(),
+        display_name: None,
+        requests_per_second: rps,
+        tokens_per_minute: None,
+    };
+    let made = admin
+        .put_tenant(put("acme", Some(5)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(made.created);
+    let tenant = made.tenant.unwrap();
+    assert_eq!(
+        (tenant.id.as_str(), tenant.requests_per_second),
+        ("acme", Some(5))
+    );
+    assert_eq!(
+        tenant.display_name, "acme",
+        "a new tenant is named by its id"
+    );
+    let again = admin
+        .put_tenant(put("acme", Some(7)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.created);
+    admin.put_tenant(put("beta", None)).await.unwrap();
+    let got = admin
+        .get_tenant(GetTenantRequest { id: "acme".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.requests_per_second, Some(7));
+    let page = admin
+        .list_tenants(ListTenantsRequest {
+            limit: 1,
+            after: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((page.tenants.len(), page.has_more), (1, true));
+    let rest = admin
+        .list_tenants(ListTenantsRequest {
+            limit: 0,
+            after: "acme".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rest.tenants[0].id, "beta");
+    assert!(!rest.has_more);
+
+    let key = admin
+        .create_api_key(CreateApiKeyRequest {
+            tenant: "acme".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(key.secret.starts_with("mk-"));
+    let id = key.key.unwrap().id;
+    let keys = admin
+        .list_api_keys(ListApiKeysRequest {
+            tenant: "acme".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(keys.keys.len(), 1);
+    assert!(!format!("{keys:?}").contains(&key.secret));
+    let revoked = admin
+        .revoke_api_key(RevokeApiKeyRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(revoked.revoked_at.is_some());
+    let twice = admin
+        .revoke_api_key(RevokeApiKeyRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        twice.revoked_at, revoked.revoked_at,
+        "revoking again changes nothing"
+    );
+
+    // Refusals, by status; none is written or audited.
+    let status = admin.put_tenant(put("bad id", None)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let status = admin
+        .create_api_key(CreateApiKeyRequest {
+            tenant: "nobody".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    let status = admin
+        .revoke_api_key(RevokeApiKeyRequest { id: "nope".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    // Sync durability with no peer region to confirm it is refused before
+    // the write.
+    let mut sync = tonic::Request::new(put("gamma", None));
+    sync.metadata_mut()
+        .insert("x-meridian-durability", "sync".parse().unwrap());
+    let status = admin.put_tenant(sync).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("sync"), "{status:?}");
+    let status = admin
+        .get_tenant(GetTenantRequest { id: "gamma".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+
+    let audit = admin
+        .list_audit(ListAuditRequest {
+            limit: 100,
+            after: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let actions: Vec<(&str, &str)> = audit
+        .records
+        .iter()
+        .rev()
+        .map(|r| (r.action.as_str(), r.resource.as_str()))
+        .collect();
+    let key_resource = format!("keys/{id}");
+    assert_eq!(
+        actions,
+        [
+            ("tenant.create", "tenants/acme"),
+            ("tenant.update", "tenants/acme"),
+            ("tenant.create", "tenants/beta"),
+            ("key.create", key_resource.as_str()),
+            ("key.revoke", key_resource.as_str()),
+        ]
+    );
+    assert!(audit.records.iter().all(|r| r.region == "eu-west"));
+}

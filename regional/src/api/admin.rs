@@ -18,8 +18,10 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
+use super::manage::grpc as manage;
 use super::{AppState, Tenant};
 use crate::error::Error;
+use meridian_proto::v1 as pb;
 
 pub(super) fn routes(state: Arc<AppState>) -> Router {
     Router::new()
@@ -179,6 +181,55 @@ impl Admin for AdminApi {
             state: self.state().into(),
             region: self.state.region.clone(),
         }))
+    }
+
+    async fn put_tenant(
+        &self,
+        request: Request<pb::PutTenantRequest>,
+    ) -> Result<Response<pb::PutTenantResponse>, Status> {
+        manage::put_tenant(&self.state, request).await
+    }
+
+    async fn get_tenant(
+        &self,
+        request: Request<pb::GetTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        manage::get_tenant(&self.state, request).await
+    }
+
+    async fn list_tenants(
+        &self,
+        request: Request<pb::ListTenantsRequest>,
+    ) -> Result<Response<pb::ListTenantsResponse>, Status> {
+        manage::list_tenants(&self.state, request).await
+    }
+
+    async fn create_api_key(
+        &self,
+        request: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        manage::create_api_key(&self.state, request).await
+    }
+
+    async fn list_api_keys(
+        &self,
+        request: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        manage::list_api_keys(&self.state, request).await
+    }
+
+    async fn revoke_api_key(
+        &self,
+        request: Request<pb::RevokeApiKeyRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        manage::revoke_api_key(&self.state, request).await
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        manage::list_audit(&self.state, request).await
     }
 
     async fn purge_cache(

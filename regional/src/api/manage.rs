@@ -4,7 +4,10 @@
 //! write is audited with its caller and replicates to every region; a
 //! write may ask for `x-meridian-durability: sync`, and is then answered
 //! once a peer region has applied it. Lists are paginated as OpenAI's are
-//! (`limit`, `after`; answers carry `has_more` and `last_id`).
+//! (`limit`, `after`; answers carry `has_more` and `last_id`). The same
+//! operations are `meridian.v1.Admin` methods ([`grpc`]).
+
+pub(super) mod grpc;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -50,19 +53,24 @@ impl FromRequestParts<Arc<AppState>> for Caller {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Error> {
-        let who = parts.extensions.get::<Peer>().map_or_else(
-            || "unauthenticated".to_string(),
-            |Peer(identity)| identity.to_string(),
-        );
-        let source = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map_or_else(|| "unknown".to_string(), |c| c.0.to_string());
-        Ok(Self(Actor {
-            who,
-            source,
-            region: state.region.clone(),
-        }))
+        Ok(Self(actor(&parts.extensions, &state.region)))
+    }
+}
+
+/// The caller as the mesh and the accept loop left it in the request's
+/// extensions (HTTP and gRPC alike).
+fn actor(extensions: &axum::http::Extensions, region: &str) -> Actor {
+    let who = extensions.get::<Peer>().map_or_else(
+        || "unauthenticated".to_string(),
+        |Peer(identity)| identity.to_string(),
+    );
+    let source = extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or_else(|| "unknown".to_string(), |c| c.0.to_string());
+    Actor {
+        who,
+        source,
+        region: region.to_string(),
     }
 }
 
@@ -248,11 +256,17 @@ impl FromRequestParts<Arc<AppState>> for Durable {
 
 impl Durable {
     async fn settle(self, state: &AppState) -> Result<Durability, Error> {
-        if self.0 == Durability::Sync {
-            state.replication.wait_logged(None).await?;
-        }
-        Ok(self.0)
+        settle(state, self.0).await
     }
+}
+
+/// After a write: for a sync one, waits until a peer applied the log
+/// through its end, which holds the write.
+async fn settle(state: &AppState, durability: Durability) -> Result<Durability, Error> {
+    if durability == Durability::Sync {
+        state.replication.wait_logged(None).await?;
+    }
+    Ok(durability)
 }
 
 fn pool(state: &AppState) -> &sqlx::PgPool {

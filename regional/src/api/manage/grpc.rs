@@ -1,0 +1,211 @@
+//! The management API's tenants, keys and audit log as `meridian.v1.Admin`
+//! methods: the same functions as the HTTP routes, the same audit, the
+//! same durability (metadata `x-meridian-durability`).
+
+use meridian_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use super::{DEFAULT_PAGE, MAX_PAGE, actor, no_tenant, pool, settle};
+use crate::api::AppState;
+use crate::error::Error;
+use crate::replication::{DURABILITY_HEADER, Durability};
+use crate::tenancy::TenantLimits;
+use crate::tenancy::manage::{self, AuditView, KeyView, TenantView};
+
+fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+    std::time::SystemTime::from(t).into()
+}
+
+fn tenant_pb(t: TenantView) -> pb::Tenant {
+    pb::Tenant {
+        id: t.id,
+        display_name: t.display_name,
+        requests_per_second: t.requests_per_second.and_then(|r| u32::try_from(r).ok()),
+        tokens_per_minute: t.tokens_per_minute.and_then(|r| u64::try_from(r).ok()),
+        live_keys: u64::try_from(t.live_keys).unwrap_or(0),
+        created_at: Some(timestamp(t.created_at)),
+        updated_at: Some(timestamp(t.updated_at)),
+    }
+}
+
+fn key_pb(k: KeyView) -> pb::ApiKey {
+    pb::ApiKey {
+        id: k.id.to_string(),
+        tenant: k.tenant,
+        prefix: k.prefix,
+        created_at: Some(timestamp(k.created_at)),
+        revoked_at: k.revoked_at.map(timestamp),
+    }
+}
+
+fn audit_pb(r: AuditView) -> pb::AuditRecord {
+    pb::AuditRecord {
+        id: r.id.to_string(),
+        at: Some(timestamp(r.at)),
+        actor: r.actor,
+        action: r.action,
+        resource: r.resource,
+        source: r.source,
+        region: r.region,
+        detail_json: r.detail.to_string(),
+    }
+}
+
+/// A page size: 0 is the default, else 1 to [`MAX_PAGE`].
+fn limit(asked: u32) -> Result<i64, Error> {
+    match i64::from(asked) {
+        0 => Ok(DEFAULT_PAGE),
+        l if l <= MAX_PAGE => Ok(l),
+        l => Err(Error::invalid(
+            format!("`limit` must be between 1 and {MAX_PAGE}, got {l}"),
+            Some("limit"),
+        )),
+    }
+}
+
+fn durability<T>(state: &AppState, request: &Request<T>) -> Result<Durability, Error> {
+    let asked = Durability::requested(
+        request
+            .metadata()
+            .get(DURABILITY_HEADER)
+            .map(|v| v.as_bytes()),
+    )?;
+    state.replication.durability("", asked)
+}
+
+pub(in crate::api) async fn put_tenant(
+    state: &AppState,
+    request: Request<pb::PutTenantRequest>,
+) -> Result<Response<pb::PutTenantResponse>, Status> {
+    let actor = actor(request.extensions(), &state.region);
+    let sync = durability(state, &request)?;
+    let req = request.into_inner();
+    let limits = TenantLimits {
+        requests_per_second: req.requests_per_second,
+        tokens_per_minute: req.tokens_per_minute,
+    };
+    let created = manage::put_tenant(
+        pool(state),
+        &actor,
+        &req.id,
+        req.display_name.as_deref(),
+        limits,
+    )
+    .await
+    .map_err(Error::from)?;
+    settle(state, sync).await?;
+    let tenant = manage::get_tenant(pool(state), &req.id)
+        .await
+        .map_err(Error::from)?
+        .ok_or_else(|| no_tenant(&req.id))?;
+    Ok(Response::new(pb::PutTenantResponse {
+        tenant: Some(tenant_pb(tenant)),
+        created,
+    }))
+}
+
+pub(in crate::api) async fn get_tenant(
+    state: &AppState,
+    request: Request<pb::GetTenantRequest>,
+) -> Result<Response<pb::Tenant>, Status> {
+    let id = request.into_inner().id;
+    let tenant = manage::get_tenant(pool(state), &id)
+        .await
+        .map_err(Error::from)?
+        .ok_or_else(|| no_tenant(&id))?;
+    Ok(Response::new(tenant_pb(tenant)))
+}
+
+pub(in crate::api) async fn list_tenants(
+    state: &AppState,
+    request: Request<pb::ListTenantsRequest>,
+) -> Result<Response<pb::ListTenantsResponse>, Status> {
+    let req = request.into_inner();
+    let limit = limit(req.limit)?;
+    let after = Some(req.after).filter(|a| !a.is_empty());
+    let mut tenants = manage::list_tenants(pool(state), after.as_deref(), limit + 1)
+        .await
+        .map_err(Error::from)?;
+    let has_more = tenants.len() as i64 > limit;
+    tenants.truncate(limit as usize);
+    Ok(Response::new(pb::ListTenantsResponse {
+        tenants: tenants.into_iter().map(tenant_pb).collect(),
+        has_more,
+    }))
+}
+
+pub(in crate::api) async fn create_api_key(
+    state: &AppState,
+    request: Request<pb::CreateApiKeyRequest>,
+) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+    let actor = actor(request.extensions(), &state.region);
+    let sync = durability(state, &request)?;
+    let tenant = request.into_inner().tenant;
+    let (view, secret) = manage::create_key(pool(state), &actor, &tenant)
+        .await
+        .map_err(Error::from)?;
+    settle(state, sync).await?;
+    Ok(Response::new(pb::CreateApiKeyResponse {
+        key: Some(key_pb(view)),
+        secret,
+    }))
+}
+
+pub(in crate::api) async fn list_api_keys(
+    state: &AppState,
+    request: Request<pb::ListApiKeysRequest>,
+) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+    let tenant = request.into_inner().tenant;
+    if manage::get_tenant(pool(state), &tenant)
+        .await
+        .map_err(Error::from)?
+        .is_none()
+    {
+        return Err(no_tenant(&tenant).into());
+    }
+    let keys = manage::list_keys(pool(state), &tenant)
+        .await
+        .map_err(Error::from)?;
+    Ok(Response::new(pb::ListApiKeysResponse {
+        keys: keys.into_iter().map(key_pb).collect(),
+    }))
+}
+
+pub(in crate::api) async fn revoke_api_key(
+    state: &AppState,
+    request: Request<pb::RevokeApiKeyRequest>,
+) -> Result<Response<pb::ApiKey>, Status> {
+    let actor = actor(request.extensions(), &state.region);
+    let sync = durability(state, &request)?;
+    let id = request.into_inner().id;
+    let uuid = uuid::Uuid::parse_str(&id)
+        .map_err(|_| Error::invalid(format!("{id:?} is not a key id (a UUID)"), Some("id")))?;
+    let view = manage::revoke_key(pool(state), &actor, uuid)
+        .await
+        .map_err(Error::from)?
+        .ok_or_else(|| Error::NotFound(format!("no key {id}")))?;
+    settle(state, sync).await?;
+    Ok(Response::new(key_pb(view)))
+}
+
+pub(in crate::api) async fn list_audit(
+    state: &AppState,
+    request: Request<pb::ListAuditRequest>,
+) -> Result<Response<pb::ListAuditResponse>, Status> {
+    let req = request.into_inner();
+    let limit = limit(req.limit)?;
+    let after = Some(req.after)
+        .filter(|a| !a.is_empty())
+        .map(|a| uuid::Uuid::parse_str(&a))
+        .transpose()
+        .map_err(|_| Error::invalid("`after` must be an audit record id", Some("after")))?;
+    let mut records = manage::list_audit(pool(state), after, limit + 1)
+        .await
+        .map_err(Error::from)?;
+    let has_more = records.len() as i64 > limit;
+    records.truncate(limit as usize);
+    Ok(Response::new(pb::ListAuditResponse {
+        records: records.into_iter().map(audit_pb).collect(),
+        has_more,
+    }))
+}
