@@ -2,6 +2,7 @@
 //! one regional node or gateway from its config file.
 
 mod certs;
+mod manage;
 mod regional;
 mod up;
 
@@ -42,8 +43,16 @@ enum Command {
     /// Make a development CA and certificates for regions, gateways and
     /// operators (mutual TLS between Meridian's services).
     Certs(certs::Args),
-    /// Manage tenants' API keys (in any region's PostgreSQL; replication
-    /// carries them to every region).
+    /// Manage tenants and their API keys through a region's management API
+    /// (operators; every region, replicated everywhere, audited).
+    #[command(subcommand)]
+    Tenants(manage::Tenants),
+    /// The management API's audit log: who changed which tenant or key,
+    /// when and from where.
+    Audit(manage::AuditArgs),
+    /// Manage tenants' API keys directly in a region's PostgreSQL, without
+    /// the API (bootstrap and recovery; replication carries them to every
+    /// region, but nothing is audited).
     #[command(subcommand)]
     Keys(Keys),
     /// Serve the simulated LLM as an OpenAI-compatible server
@@ -177,6 +186,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up(args) => runtime()?.block_on(up::run(args)),
         Command::Regional { config, pid_file } => regional::run(&config, pid_file),
         Command::Keys(keys) => runtime()?.block_on(manage_keys(keys)),
+        Command::Tenants(command) => runtime()?.block_on(manage::tenants(command)),
+        Command::Audit(args) => runtime()?.block_on(manage::audit(args)),
         Command::Certs(args) => certs::run(args),
         Command::Sim(args) => runtime()?.block_on(sim(args)),
         Command::Gateway { config } => {

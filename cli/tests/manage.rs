@@ -1,0 +1,113 @@
+//! `meridian tenants` and `meridian audit` against a region over mutual
+//! TLS, with an operator certificate in the layout `meridian certs` writes:
+//! what they print, that the region audits the operator's identity, and
+//! that a refusal is one line naming the problem.
+
+use std::process::{Command, Output};
+
+use meridian_mesh::Identity;
+use meridian_tests::{RegionSandbox, TestPki, init_logging};
+use serde_json::Value;
+
+struct Cli {
+    args: Vec<String>,
+}
+
+impl Cli {
+    async fn run(&self, command: &[&str]) -> Output {
+        let args: Vec<String> = command
+            .iter()
+            .map(|s| s.to_string())
+            .chain(self.args.iter().cloned())
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_meridian"))
+                .args(args)
+                .output()
+                .expect("meridian runs")
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn json(&self, command: &[&str]) -> Value {
+        let mut command = command.to_vec();
+        command.push("--json");
+        let out = self.run(&command).await;
+        assert!(
+            out.status.success(),
+            "{command:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_manage_tenants_and_keys_with_the_cli_over_mtls() {
+    init_logging();
+    let pki = TestPki::new();
+    let region = RegionSandbox::start_with_config("eu-west", &pki.region_toml("eu-west")).await;
+    let operator = pki.write(&Identity::operator("admin").unwrap());
+    let certs = operator.ca_path.parent().unwrap().display().to_string();
+    let cli = Cli {
+        args: vec![
+            "--region".into(),
+            format!("https://{}", region.addr()),
+            "--region-name".into(),
+            "eu-west".into(),
+            "--certs".into(),
+            certs.clone(),
+        ],
+    };
+
+    let put = cli
+        .json(&["tenants", "put", "acme", "--rps", "5", "--name", "Acme"])
+        .await;
+    assert_eq!(put["created"], true, "{put}");
+    assert_eq!(put["tenant"]["requests_per_second"], 5);
+    let out = cli.run(&["tenants", "list"]).await;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.starts_with("ID") && table.contains("acme  Acme  5"),
+        "{table}"
+    );
+
+    // The key alone on stdout, for scripts.
+    let out = cli.run(&["tenants", "create-key", "acme"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(key.starts_with("mk-") && !key.contains(' '), "{key:?}");
+    let keys = cli.json(&["tenants", "keys", "acme"]).await;
+    let id = keys["data"][0]["id"].as_str().unwrap().to_string();
+    assert!(!keys.to_string().contains(&key));
+    let revoked = cli.json(&["tenants", "revoke-key", &id]).await;
+    assert!(revoked["revoked_at"].is_string(), "{revoked}");
+
+    // The region audited the operator's identity.
+    let audit = cli.json(&["audit"]).await;
+    let records = audit["data"].as_array().unwrap();
+    assert_eq!(records.len(), 3, "{audit}");
+    for r in records {
+        assert_eq!(r["actor"], "spiffe://meridian/operator/admin", "{r}");
+    }
+    assert_eq!(records[0]["action"], "key.revoke");
+
+    // Refusals: one line naming the problem, and a failing exit.
+    let out = cli.run(&["tenants", "get", "nobody"]).await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no tenant \"nobody\""), "{stderr}");
+    let out = Cli {
+        args: vec!["--region".into(), format!("https://{}", region.addr())],
+    }
+    .run(&["tenants", "list"])
+    .await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("`--certs DIR` is required"), "{stderr}");
+}
