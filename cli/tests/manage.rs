@@ -47,8 +47,13 @@ impl Cli {
 async fn operators_manage_tenants_and_keys_with_the_cli_over_mtls() {
     init_logging();
     let pki = TestPki::new();
-    let region = RegionSandbox::start_with_config("eu-west", &pki.region_toml("eu-west")).await;
+    let config = format!(
+        "{}[mesh.policy]\nread_only = [\"spiffe://meridian/operator/viewer\"]\n",
+        pki.region_toml("eu-west")
+    );
+    let region = RegionSandbox::start_with_config("eu-west", &config).await;
     let operator = pki.write(&Identity::operator("admin").unwrap());
+    pki.write(&Identity::operator("viewer").unwrap());
     let certs = operator.ca_path.parent().unwrap().display().to_string();
     let cli = Cli {
         args: vec![
@@ -96,6 +101,28 @@ async fn operators_manage_tenants_and_keys_with_the_cli_over_mtls() {
         assert_eq!(r["actor"], "spiffe://meridian/operator/admin", "{r}");
     }
     assert_eq!(records[0]["action"], "key.revoke");
+
+    // A read-only operator reads, and is refused any write, which leaves
+    // nothing behind.
+    let viewer = Cli {
+        args: [cli.args.clone(), vec!["--operator".into(), "viewer".into()]].concat(),
+    };
+    let listed = viewer.json(&["tenants", "list"]).await;
+    assert_eq!(listed["data"][0]["id"], "acme", "{listed}");
+    let out = viewer.run(&["tenants", "put", "mallory"]).await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("spiffe://meridian/operator/viewer may only read")
+            && stderr.contains("PermissionDenied"),
+        "{stderr}"
+    );
+    let out = viewer.run(&["tenants", "get", "mallory"]).await;
+    assert!(!out.status.success(), "the refused write happened");
+    assert_eq!(
+        cli.json(&["audit"]).await["data"].as_array().unwrap().len(),
+        3
+    );
 
     // Refusals: one line naming the problem, and a failing exit.
     let out = cli.run(&["tenants", "get", "nobody"]).await;

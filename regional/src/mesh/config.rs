@@ -51,6 +51,12 @@ impl Default for MeshConfig {
 pub struct PolicyConfig {
     /// The rules; giving `allow` replaces the defaults entirely.
     pub allow: Vec<AllowRule>,
+    /// Identities (or prefixes ending in `/*`) that may only read, whatever
+    /// `allow` lets them call: HTTP `GET` and `HEAD`, and the gRPC methods
+    /// that change nothing (`Admin/RegionStatus`, `GetTenant`,
+    /// `ListTenants`, `ListApiKeys`, `ListAudit`). For operators who watch
+    /// but do not change, e.g. `spiffe://meridian/operator/viewer`.
+    pub read_only: Vec<String>,
 }
 
 /// One row of the authorisation table.
@@ -75,6 +81,7 @@ fn rule(identity: &str, services: &[&str]) -> AllowRule {
 impl Default for PolicyConfig {
     fn default() -> Self {
         Self {
+            read_only: Vec::new(),
             allow: vec![
                 // Gateways carry client traffic, and health-check with
                 // RegionStatus; draining a region is an operator's call.
@@ -134,6 +141,12 @@ impl MeshConfig {
                     ));
                 }
             }
+        }
+        for (i, pattern) in self.policy.read_only.iter().enumerate() {
+            problems.check(
+                meridian_mesh::validate_pattern(pattern)
+                    .map_err(|e| format!("`mesh.policy.read_only[{i}]`: {e}")),
+            );
         }
         if self.plaintext {
             return Some(Mesh::Plaintext);

@@ -25,10 +25,21 @@ const OPEN: [&str; 3] = [
     "grpc.reflection.v1alpha.ServerReflection",
 ];
 
+/// gRPC methods that change nothing, which read-only identities may call
+/// (besides the [`OPEN`] services).
+const READS: [&str; 5] = [
+    "meridian.v1.Admin/RegionStatus",
+    "meridian.v1.Admin/GetTenant",
+    "meridian.v1.Admin/ListTenants",
+    "meridian.v1.Admin/ListApiKeys",
+    "meridian.v1.Admin/ListAudit",
+];
+
 /// The compiled `[mesh.policy]`.
 #[derive(Debug)]
 pub(crate) struct Policy {
     rules: Vec<(String, Vec<String>)>,
+    read_only: Vec<String>,
 }
 
 impl Policy {
@@ -39,6 +50,40 @@ impl Policy {
                 .iter()
                 .map(|r| (r.identity.clone(), r.services.clone()))
                 .collect(),
+            read_only: config.read_only.clone(),
+        }
+    }
+
+    /// Whether a call that `allows` let through is one `identity` may not
+    /// make because it may only read: reads are HTTP `GET`/`HEAD` and the
+    /// gRPC methods in [`READS`] (and the [`OPEN`] services).
+    pub(crate) fn refuses_write(
+        &self,
+        identity: &Identity,
+        path: &str,
+        http_method: &axum::http::Method,
+    ) -> bool {
+        if !self.read_only.iter().any(|p| identity.matches(p)) {
+            return false;
+        }
+        let (service, method) = classify(path);
+        if OPEN.contains(&service) {
+            return false;
+        }
+        // gRPC by path, as `classify` decides: a dotted first segment.
+        let grpc = path
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .is_some_and(|first| first.contains('.'));
+        if grpc {
+            let call = format!("{service}/{}", method.unwrap_or(""));
+            !READS.contains(&call.as_str())
+        } else {
+            !matches!(
+                *http_method,
+                axum::http::Method::GET | axum::http::Method::HEAD
+            )
         }
     }
 
@@ -100,6 +145,17 @@ pub(crate) async fn enforce(
             None => format!("HTTP {}", req.uri().path()),
         };
         return deny(grpc, &format!("{identity} may not call {what}"));
+    }
+    if policy.refuses_write(&identity, req.uri().path(), req.method()) {
+        tracing::warn!(caller = %identity, service, method = method.unwrap_or("-"), path = req.uri().path(), "a read-only identity's write refused");
+        return deny(
+            grpc,
+            &format!(
+                "{identity} may only read (`mesh.policy.read_only`): it may not call {} {}",
+                req.method(),
+                req.uri().path()
+            ),
+        );
     }
     if identity.role() != Role::Gateway && req.headers().contains_key(crate::tenancy::TENANT_HEADER)
     {
@@ -184,5 +240,31 @@ mod tests {
         assert!(call(&op, "/admin/v1/tenants/acme/keys"));
         assert_eq!(classify("/a.B/C/d"), ("a.B", Some("C/d")));
         assert!(!call(&gw, "/meridian.v1.Admin/RegionStatus/x"));
+    }
+
+    #[test]
+    fn read_only_identities_read_and_nothing_else() {
+        let p = Policy::new(&PolicyConfig {
+            read_only: vec!["spiffe://meridian/operator/viewer".into()],
+            ..PolicyConfig::default()
+        });
+        let viewer = Identity::operator("viewer").unwrap();
+        let admin = Identity::operator("admin").unwrap();
+        let (get, put, delete) = (
+            axum::http::Method::GET,
+            axum::http::Method::PUT,
+            axum::http::Method::DELETE,
+        );
+        let post = axum::http::Method::POST;
+        assert!(!p.refuses_write(&viewer, "/admin/v1/tenants", &get));
+        assert!(p.refuses_write(&viewer, "/admin/v1/tenants/acme", &put));
+        assert!(p.refuses_write(&viewer, "/admin/v1/keys/x", &delete));
+        assert!(p.refuses_write(&viewer, "/admin/reload", &post));
+        assert!(!p.refuses_write(&viewer, "/meridian.v1.Admin/ListTenants", &post));
+        assert!(!p.refuses_write(&viewer, "/meridian.v1.Admin/RegionStatus", &post));
+        assert!(p.refuses_write(&viewer, "/meridian.v1.Admin/PutTenant", &post));
+        assert!(p.refuses_write(&viewer, "/meridian.v1.Admin/Drain", &post));
+        assert!(!p.refuses_write(&viewer, "/grpc.health.v1.Health/Check", &post));
+        assert!(!p.refuses_write(&admin, "/meridian.v1.Admin/PutTenant", &post));
     }
 }
