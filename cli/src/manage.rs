@@ -59,6 +59,10 @@ pub(crate) enum Tenants {
         /// Tokens per minute.
         #[arg(long)]
         tpm: Option<u64>,
+        /// A region the tenant's requests may be served in (repeat for
+        /// several); none: any region.
+        #[arg(long = "allow-region")]
+        allowed_regions: Vec<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -178,6 +182,7 @@ pub(crate) async fn tenants(command: Tenants) -> anyhow::Result<()> {
             name,
             rps,
             tpm,
+            allowed_regions,
             api,
         } => {
             let request = api.request(pb::PutTenantRequest {
@@ -185,6 +190,7 @@ pub(crate) async fn tenants(command: Tenants) -> anyhow::Result<()> {
                 display_name: name,
                 requests_per_second: rps,
                 tokens_per_minute: tpm,
+                allowed_regions,
             });
             let put = api
                 .client()
@@ -359,7 +365,8 @@ pub(crate) async fn audit(args: AuditArgs) -> anyhow::Result<()> {
 fn tenant_json(t: &pb::Tenant) -> Value {
     json!({ "id": t.id, "display_name": t.display_name,
         "requests_per_second": t.requests_per_second, "tokens_per_minute": t.tokens_per_minute,
-        "live_keys": t.live_keys, "created_at": time(t.created_at.as_ref()),
+        "allowed_regions": t.allowed_regions, "live_keys": t.live_keys,
+        "created_at": time(t.created_at.as_ref()),
         "updated_at": time(t.updated_at.as_ref()) })
 }
 

@@ -92,14 +92,18 @@ pub(crate) struct Tenant {
     pub(crate) id: Arc<str>,
     pub(crate) header: HeaderValue,
     pub(crate) limits: Limits,
+    /// The regions the tenant may be served in (data residency); `None`:
+    /// any.
+    pub(crate) allowed_regions: Option<Vec<String>>,
 }
 
 impl Tenant {
-    fn new(id: &str, limits: Limits) -> Option<Self> {
+    fn new(id: &str, limits: Limits, allowed_regions: Option<Vec<String>>) -> Option<Self> {
         Some(Self {
             header: HeaderValue::from_str(id).ok()?,
             id: Arc::from(id),
             limits,
+            allowed_regions,
         })
     }
 }
@@ -160,7 +164,7 @@ pub(crate) struct KeyStore {
 impl Auth {
     pub(crate) fn new(auth: Option<&AuthConfig>, rate_limit: &RateLimitConfig) -> Self {
         let defaults = rate_limit.default_limits();
-        let default = Tenant::new(DEFAULT_TENANT, defaults)
+        let default = Tenant::new(DEFAULT_TENANT, defaults, None)
             .expect("the default tenant is a valid header value");
         Self {
             keys: auth.map(|config| {
@@ -227,12 +231,19 @@ fn bearer(value: &[u8]) -> Option<&[u8]> {
 /// Reloads the keys every `reload_interval_ms` (a Pingora background service).
 pub(crate) struct KeyLoader(Arc<KeyStore>);
 
-type KeyRow = (Vec<u8>, String, Option<i32>, Option<i64>);
+type KeyRow = (
+    Vec<u8>,
+    String,
+    Option<i32>,
+    Option<i64>,
+    Option<Vec<String>>,
+);
 
 impl KeyStore {
     async fn reload(&self, pool: &PgPool) -> Result<usize, sqlx::Error> {
         let rows: Vec<KeyRow> = sqlx::query_as(
-            "SELECT k.key_hash, t.id, t.requests_per_second, t.tokens_per_minute
+            "SELECT k.key_hash, t.id, t.requests_per_second, t.tokens_per_minute,
+                    t.allowed_regions
                FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
               WHERE k.revoked_at IS NULL",
         )
@@ -240,7 +251,7 @@ impl KeyStore {
         .await?;
         let mut map = KeyMap::with_capacity_and_hasher(rows.len(), Default::default());
         let mut tenants: HashMap<&str, Arc<Tenant>> = HashMap::new();
-        for (hash, id, rps, tpm) in &rows {
+        for (hash, id, rps, tpm, allowed) in &rows {
             let Ok(digest) = <[u8; 32]>::try_from(hash.as_slice()) else {
                 continue;
             };
@@ -255,7 +266,7 @@ impl KeyStore {
                             .and_then(|t| u64::try_from(t).ok())
                             .or(self.defaults.tokens_per_minute),
                     };
-                    let Some(tenant) = Tenant::new(id, limits) else {
+                    let Some(tenant) = Tenant::new(id, limits, allowed.clone()) else {
                         continue;
                     };
                     let tenant = Arc::new(tenant);

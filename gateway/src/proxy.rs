@@ -261,7 +261,38 @@ impl ProxyHttp for Proxy {
             location,
         };
         match self.router.plan(&self.regions, facts) {
-            Ok(plan) => {
+            Ok(mut plan) => {
+                if let Some(allowed) = ctx.admitted.allowed_regions() {
+                    // Data residency: the tenant's requests go only to its
+                    // regions, failover included.
+                    let names = &self.regions.list;
+                    plan.order
+                        .retain(|&i| allowed.iter().any(|r| *r == names[i].name));
+                    if !plan.order.iter().any(|&i| names[i].is_available()) {
+                        // A pin to another region asks for what the rule
+                        // forbids; otherwise the tenant's regions are down.
+                        let (class, why) = if plan.reason == Reason::Pin && plan.order.is_empty() {
+                            (
+                                ErrorClass::PermissionDenied,
+                                format!("not in the region {REGION_HEADER} names"),
+                            )
+                        } else {
+                            (
+                                ErrorClass::Unavailable,
+                                "and none of them is available now".to_string(),
+                            )
+                        };
+                        let message = format!(
+                            "tenant {} may be served only in {} (its allowed_regions), {why}",
+                            ctx.admitted.tenant().unwrap_or(DEFAULT_TENANT),
+                            allowed.join(", "),
+                        );
+                        ErrorReply::new(class, &message)
+                            .send(session, ctx.grpc)
+                            .await?;
+                        return Ok(true);
+                    }
+                }
                 ctx.reason = Some(plan.reason);
                 ctx.plan = Some(plan);
                 self.budget.deposit();

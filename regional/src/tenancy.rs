@@ -37,6 +37,9 @@ pub enum Error {
     /// Limits must be at least 1 (leave them out for the default).
     #[error("limits must be at least 1")]
     InvalidLimits,
+    /// Allowed regions must be region names, at least one.
+    #[error("{0}")]
+    InvalidRegions(String),
     /// No tenant with this id.
     #[error("no tenant {0:?}: create it first")]
     UnknownTenant(String),

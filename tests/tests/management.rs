@@ -328,6 +328,7 @@ async fn the_same_operations_are_admin_methods_over_grpc() {
         display_name: None,
         requests_per_second: rps,
         tokens_per_minute: None,
+        allowed_regions: vec![],
     };
     let made = admin
         .put_tenant(put("acme", Some(5)))
@@ -466,4 +467,146 @@ async fn the_same_operations_are_admin_methods_over_grpc() {
         ]
     );
     assert!(audit.records.iter().all(|r| r.region == "eu-west"));
+}
+
+/// Data residency at the gateway: a tenant allowed only eu-west is served
+/// there whatever region is nearest, refused (403) a pin to another region,
+/// and answered 503 naming the rule while eu-west is down, while other
+/// tenants fail over as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_bound_to_one_region_is_served_only_there() {
+    init_logging();
+    let mut cluster = ClusterSandbox::start_with_regions(&REGIONS, |regions, config| {
+        config.auth = Some(AuthConfig {
+            reload_interval_ms: 100,
+            ..AuthConfig::new(regions[0].postgres.url())
+        });
+        config.geo.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let api = Api {
+        http: reqwest::Client::new(),
+        urls: cluster.regions.iter().map(|r| r.url()).collect(),
+    };
+    let mut keys = Vec::new();
+    for (tenant, body) in [
+        ("eu-only", json!({ "allowed_regions": ["eu-west"] })),
+        ("anywhere", json!({})),
+    ] {
+        let (status, _, made) = api
+            .send(
+                0,
+                reqwest::Method::PUT,
+                &format!("tenants/{tenant}"),
+                Some(body),
+                &[],
+            )
+            .await;
+        assert_eq!(status, 201, "{made}");
+        let (_, _, key) = api
+            .send(
+                0,
+                reqwest::Method::POST,
+                &format!("tenants/{tenant}/keys"),
+                None,
+                &[],
+            )
+            .await;
+        keys.push(key["key"].as_str().unwrap().to_string());
+    }
+    let (_, tenant) = api.get(0, "tenants/eu-only").await;
+    assert_eq!(tenant["allowed_regions"], json!(["eu-west"]));
+    let (status, _, body) = api
+        .send(
+            0,
+            reqwest::Method::PUT,
+            "tenants/x",
+            Some(json!({ "allowed_regions": ["EU West"] })),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (status, &body["error"]["param"]),
+        (400, &json!("allowed_regions"))
+    );
+
+    let url = format!("{}/v1/chat/completions", cluster.gateway_url());
+    let http = api.http.clone();
+    let chat = |key: &str, headers: &[(&str, &str)]| {
+        let mut req = http
+            .post(&url)
+            .bearer_auth(key)
+            .json(&json!({ "model": TEST_MODEL, "max_tokens": 4,
+                "messages": [{ "role": "user", "content": "hello" }] }));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        async move {
+            let res = req.send().await.unwrap();
+            let status = res.status().as_u16();
+            let served = res
+                .headers()
+                .get("x-meridian-served-by")
+                .map(|v| v.to_str().unwrap().to_string());
+            let body: Value = res.json().await.unwrap_or(Value::Null);
+            (status, served, body)
+        }
+    };
+    until(PROMPT, "the keys loaded", || {
+        let chat = chat(&keys[1], &[]);
+        async move { chat.await.0 == 200 }
+    })
+    .await;
+
+    // From near us-east, eu-only is still served in eu-west; the other
+    // tenant nearby.
+    let near_us = [("x-meridian-client-country", "US")];
+    for _ in 0..5 {
+        let (status, served, body) = chat(&keys[0], &near_us).await;
+        assert_eq!(
+            (status, served.as_deref()),
+            (200, Some("eu-west")),
+            "{body}"
+        );
+    }
+    let (_, served, _) = chat(&keys[1], &near_us).await;
+    assert_eq!(served.as_deref(), Some("us-east"));
+    // A pin to another region is refused by the rule.
+    let (status, _, body) = chat(&keys[0], &[("x-meridian-region", "us-east")]).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tenant eu-only may be served only in eu-west"),
+        "{body}"
+    );
+
+    // eu-west down: the bound tenant gets a 503 naming the rule, never
+    // another region; the other tenant fails over.
+    cluster.region("eu-west").kill_node();
+    until(CONVERGE, "eu-only refused while eu-west is down", || {
+        let chat = chat(&keys[0], &near_us);
+        async move {
+            let (status, served, body) = chat.await;
+            assert_ne!(
+                served.as_deref(),
+                Some("us-east"),
+                "served outside its region"
+            );
+            assert_ne!(
+                served.as_deref(),
+                Some("ap-south"),
+                "served outside its region"
+            );
+            status == 503
+                && body["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("none of them is available"))
+        }
+    })
+    .await;
+    let (status, served, _) = chat(&keys[1], &[("x-meridian-client-country", "IE")]).await;
+    assert_eq!(status, 200);
+    assert_ne!(served.as_deref(), Some("eu-west"));
 }

@@ -48,6 +48,11 @@ impl Admitted {
         self.tenant.as_ref().map(|t| &*t.id)
     }
 
+    /// The regions the tenant may be served in, when it is bound to some.
+    pub(crate) fn allowed_regions(&self) -> Option<&[String]> {
+        self.tenant.as_ref()?.allowed_regions.as_deref()
+    }
+
     /// Whether the region's report of usage may come in a trailer.
     pub(crate) fn usage_in_trailers(&self) -> bool {
         self.usage_in_trailers

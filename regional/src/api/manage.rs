@@ -131,6 +131,8 @@ struct TenantBody {
     display_name: Option<String>,
     requests_per_second: Option<u32>,
     tokens_per_minute: Option<u64>,
+    /// Where the tenant's requests may be served; left out: anywhere.
+    allowed_regions: Option<Vec<String>>,
 }
 
 /// `PUT /admin/v1/tenants/{id}`: creates the tenant (201) or replaces its
@@ -144,18 +146,15 @@ async fn put_tenant(
 ) -> Result<Response, Error> {
     let body: TenantBody = serde_json::from_slice(&body)
         .map_err(|e| Error::invalid(format!("invalid request body: {e}"), None))?;
-    let limits = TenantLimits {
-        requests_per_second: body.requests_per_second,
-        tokens_per_minute: body.tokens_per_minute,
+    let spec = manage::TenantSpec {
+        display_name: body.display_name.as_deref(),
+        limits: TenantLimits {
+            requests_per_second: body.requests_per_second,
+            tokens_per_minute: body.tokens_per_minute,
+        },
+        allowed_regions: body.allowed_regions,
     };
-    let created = manage::put_tenant(
-        pool(&state),
-        &actor,
-        &id,
-        body.display_name.as_deref(),
-        limits,
-    )
-    .await?;
+    let created = manage::put_tenant(pool(&state), &actor, &id, spec).await?;
     let sync = durability.settle(&state).await?;
     let tenant = manage::get_tenant(pool(&state), &id)
         .await?
@@ -283,6 +282,7 @@ impl From<crate::tenancy::Error> for Error {
         match e {
             T::Database(e) => Self::Postgres(e),
             T::InvalidTenant(_) | T::InvalidLimits => Self::invalid(e.to_string(), None),
+            T::InvalidRegions(_) => Self::invalid(e.to_string(), Some("allowed_regions")),
             T::UnknownTenant(id) => no_tenant(&id),
             T::NotReplicated { waited_ms } => Self::SyncTimeout { waited_ms },
         }

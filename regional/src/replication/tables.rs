@@ -38,6 +38,7 @@ pub(crate) const TABLES: &[Table] = &[
             "tokens_per_minute",
             "created_at",
             "updated_at",
+            "allowed_regions",
         ],
         bytea: &[],
         fence: None,

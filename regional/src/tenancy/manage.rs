@@ -26,6 +26,8 @@ pub(crate) struct TenantView {
     pub display_name: String,
     pub requests_per_second: Option<i32>,
     pub tokens_per_minute: Option<i64>,
+    /// The regions its requests may be served in; `None`: any.
+    pub allowed_regions: Option<Vec<String>>,
     pub live_keys: i64,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
@@ -58,8 +60,8 @@ pub(crate) struct AuditView {
 /// stay static strings).
 macro_rules! tenant_columns {
     () => {
-        "t.id, t.display_name, t.requests_per_second, t.tokens_per_minute, t.created_at, \
-         t.updated_at, (SELECT count(*) FROM api_keys k \
+        "t.id, t.display_name, t.requests_per_second, t.tokens_per_minute, t.allowed_regions, \
+         t.created_at, t.updated_at, (SELECT count(*) FROM api_keys k \
          WHERE k.tenant_id = t.id AND k.revoked_at IS NULL) AS live_keys"
     };
 }
@@ -70,6 +72,7 @@ fn tenant(row: &sqlx::postgres::PgRow) -> TenantView {
         display_name: row.get("display_name"),
         requests_per_second: row.get("requests_per_second"),
         tokens_per_minute: row.get("tokens_per_minute"),
+        allowed_regions: row.get("allowed_regions"),
         live_keys: row.get("live_keys"),
         created_at: row.get("created_at"),
         updated_at: row.get("updated_at"),
@@ -106,15 +109,45 @@ pub(crate) async fn get_tenant(pool: &PgPool, id: &str) -> Result<Option<TenantV
     Ok(row.as_ref().map(tenant))
 }
 
-/// Creates tenant `id` or replaces its name and limits (a limit left
-/// `None` is the gateway's default); whether it was created.
+/// What a tenant is set to by [`put_tenant`].
+#[derive(Debug, Default)]
+pub(crate) struct TenantSpec<'a> {
+    /// `None` keeps the current name (the id for a new tenant).
+    pub display_name: Option<&'a str>,
+    /// A limit left `None` is the gateway's default.
+    pub limits: TenantLimits,
+    /// `None`: any region.
+    pub allowed_regions: Option<Vec<String>>,
+}
+
+/// Creates tenant `id` or replaces its name, limits and regions; whether it
+/// was created.
 pub(crate) async fn put_tenant(
     pool: &PgPool,
     actor: &Actor,
     id: &str,
-    display_name: Option<&str>,
-    limits: TenantLimits,
+    spec: TenantSpec<'_>,
 ) -> Result<bool, Error> {
+    let TenantSpec {
+        display_name,
+        limits,
+        allowed_regions,
+    } = spec;
+    if let Some(regions) = &allowed_regions {
+        if regions.is_empty() {
+            return Err(Error::InvalidRegions(
+                "`allowed_regions` must name at least one region; leave it out for any".into(),
+            ));
+        }
+        if let Some(bad) = regions
+            .iter()
+            .find(|r| !crate::config::valid_region_name(r))
+        {
+            return Err(Error::InvalidRegions(format!(
+                "`allowed_regions`: {bad:?} is not a region name (lowercase letters, digits, '-')"
+            )));
+        }
+    }
     if !meridian_proto::valid_tenant_id(id) {
         return Err(Error::InvalidTenant(id.to_string()));
     }
@@ -129,12 +162,14 @@ pub(crate) async fn put_tenant(
         .map(|t| i64::try_from(t).unwrap_or(i64::MAX));
     let mut tx = pool.begin().await?;
     let created: bool = sqlx::query_scalar(
-        "INSERT INTO tenants (id, display_name, requests_per_second, tokens_per_minute)
-         VALUES ($1, COALESCE($2, $1), $3, $4)
+        "INSERT INTO tenants (id, display_name, requests_per_second, tokens_per_minute,
+                              allowed_regions)
+         VALUES ($1, COALESCE($2, $1), $3, $4, $5)
          ON CONFLICT (id) DO UPDATE SET
              display_name = COALESCE($2, tenants.display_name),
              requests_per_second = EXCLUDED.requests_per_second,
              tokens_per_minute = EXCLUDED.tokens_per_minute,
+             allowed_regions = EXCLUDED.allowed_regions,
              updated_at = now()
          RETURNING (xmax = 0)",
     )
@@ -142,6 +177,7 @@ pub(crate) async fn put_tenant(
     .bind(display_name)
     .bind(rps)
     .bind(tpm)
+    .bind(&allowed_regions)
     .fetch_one(&mut *tx)
     .await?;
     let action = if created {
@@ -153,6 +189,7 @@ pub(crate) async fn put_tenant(
         "display_name": display_name,
         "requests_per_second": rps,
         "tokens_per_minute": tpm,
+        "allowed_regions": allowed_regions,
     });
     audit(&mut tx, actor, action, &format!("tenants/{id}"), detail).await?;
     tx.commit().await?;

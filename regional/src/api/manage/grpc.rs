@@ -22,6 +22,7 @@ fn tenant_pb(t: TenantView) -> pb::Tenant {
         display_name: t.display_name,
         requests_per_second: t.requests_per_second.and_then(|r| u32::try_from(r).ok()),
         tokens_per_minute: t.tokens_per_minute.and_then(|r| u64::try_from(r).ok()),
+        allowed_regions: t.allowed_regions.unwrap_or_default(),
         live_keys: u64::try_from(t.live_keys).unwrap_or(0),
         created_at: Some(timestamp(t.created_at)),
         updated_at: Some(timestamp(t.updated_at)),
@@ -80,19 +81,18 @@ pub(in crate::api) async fn put_tenant(
     let actor = actor(request.extensions(), &state.region);
     let sync = durability(state, &request)?;
     let req = request.into_inner();
-    let limits = TenantLimits {
-        requests_per_second: req.requests_per_second,
-        tokens_per_minute: req.tokens_per_minute,
+    let spec = manage::TenantSpec {
+        display_name: req.display_name.as_deref(),
+        limits: TenantLimits {
+            requests_per_second: req.requests_per_second,
+            tokens_per_minute: req.tokens_per_minute,
+        },
+        // Empty: anywhere, as proto3 cannot tell an empty list from none.
+        allowed_regions: Some(req.allowed_regions).filter(|r| !r.is_empty()),
     };
-    let created = manage::put_tenant(
-        pool(state),
-        &actor,
-        &req.id,
-        req.display_name.as_deref(),
-        limits,
-    )
-    .await
-    .map_err(Error::from)?;
+    let created = manage::put_tenant(pool(state), &actor, &req.id, spec)
+        .await
+        .map_err(Error::from)?;
     settle(state, sync).await?;
     let tenant = manage::get_tenant(pool(state), &req.id)
         .await
