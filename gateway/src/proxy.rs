@@ -643,6 +643,7 @@ fn needs(req: &RequestHeader) -> Stores {
         "/v1/telemetry",
         "/v1/conversations",
         "/v1/usage",
+        "/v1/tenant",
     ]
     .iter()
     .any(|p| {

@@ -472,11 +472,12 @@ async fn the_same_operations_are_admin_methods_over_grpc() {
 /// Data residency at the gateway: a tenant allowed only eu-west is served
 /// there whatever region is nearest, refused (403) a pin to another region,
 /// and answered 503 naming the rule while eu-west is down, while other
-/// tenants fail over as before.
+/// tenants fail over as before. And each tenant's key reads its own tenant
+/// and keys, never another's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_bound_to_one_region_is_served_only_there() {
     init_logging();
-    let mut cluster = ClusterSandbox::start_with_regions(&REGIONS, |regions, config| {
+    let mut cluster = ClusterSandbox::start_replicated(&REGIONS, "", |regions, config| {
         config.auth = Some(AuthConfig {
             reload_interval_ms: 100,
             ..AuthConfig::new(regions[0].postgres.url())
@@ -581,6 +582,38 @@ async fn a_tenant_bound_to_one_region_is_served_only_there() {
             .contains("tenant eu-only may be served only in eu-west"),
         "{body}"
     );
+
+    // Each key reads its own tenant and keys, and nothing can name another.
+    for (i, (key, tenant)) in keys.iter().zip(["eu-only", "anywhere"]).enumerate() {
+        let get = |path: &str| {
+            http.get(format!("{}/v1/{path}", cluster.gateway_url()))
+                .bearer_auth(key)
+                .send()
+        };
+        // Read in the region that serves the key, once the tenant made in
+        // us-east has replicated there.
+        until(CONVERGE, "the tenant readable with its own key", || {
+            let get = get("tenant");
+            async move { get.await.unwrap().status() == 200 }
+        })
+        .await;
+        let own: Value = get("tenant").await.unwrap().json().await.unwrap();
+        assert_eq!(own["id"], tenant, "{own}");
+        let listed: Value = get("tenant/keys").await.unwrap().json().await.unwrap();
+        let prefixes: Vec<&str> = listed["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["prefix"].as_str().unwrap())
+            .collect();
+        assert_eq!(prefixes.len(), 1, "{listed}");
+        assert!(key.starts_with(prefixes[0]), "{listed}");
+        assert!(
+            !keys[1 - i].starts_with(prefixes[0]),
+            "another tenant's key: {listed}"
+        );
+        assert!(!listed.to_string().contains(key.as_str()), "a key in clear");
+    }
 
     // eu-west down: the bound tenant gets a 503 naming the rule, never
     // another region; the other tenant fails over.

@@ -21,11 +21,12 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::AppState;
 use super::body::JsonBody;
+use super::{AppState, Tenant};
 use crate::error::Error;
 use crate::mesh::Peer;
 use crate::replication::{DURABILITY_HEADER, Durability};
+use crate::store::Store;
 use crate::tenancy::TenantLimits;
 use crate::tenancy::manage::{self, Actor};
 
@@ -43,7 +44,35 @@ pub(super) fn routes(state: Arc<AppState>) -> Router {
         )
         .route("/admin/v1/keys/{id}", delete(revoke_key))
         .route("/admin/v1/audit", get(list_audit))
+        // A tenant's own view, through the gateway with its API key: the
+        // tenant comes from the key, so no request can name another.
+        .route("/v1/tenant", get(own_tenant))
+        .route("/v1/tenant/keys", get(own_keys))
         .with_state(state)
+}
+
+/// `GET /v1/tenant`: the calling tenant's limits, regions and live keys.
+async fn own_tenant(
+    State(state): State<Arc<AppState>>,
+    tenant: Tenant,
+) -> Result<Json<Value>, Error> {
+    state.stores.require(Store::Postgres)?;
+    let id = tenant.as_str();
+    let view = manage::get_tenant(pool(&state), id)
+        .await?
+        .ok_or_else(|| no_tenant(id))?;
+    Ok(Json(json!(view)))
+}
+
+/// `GET /v1/tenant/keys`: the calling tenant's keys (ids and prefixes).
+async fn own_keys(
+    State(state): State<Arc<AppState>>,
+    tenant: Tenant,
+) -> Result<Json<Value>, Error> {
+    state.stores.require(Store::Postgres)?;
+    let keys = manage::list_keys(pool(&state), tenant.as_str()).await?;
+    let limit = keys.len() as i64;
+    Ok(Json(page(keys, limit, |k| k.id.to_string())))
 }
 
 /// The caller of a write, for the audit log.
