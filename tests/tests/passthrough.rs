@@ -481,6 +481,26 @@ async fn text_completions_pass_their_fields_on_and_refuse_what_chat_models_canno
     assert_eq!(pieces.first().map(String::as_str), Some("Once upon a time"));
     assert_eq!(pieces.concat(), "Once upon a timerecorded answer");
 
+    // With `stream_options.include_usage`, the usage comes last, in a chunk
+    // of its own with no choices, as OpenAI sends it.
+    let mut with_usage = sent.clone();
+    with_usage["stream"] = json!(true);
+    with_usage["stream_options"] = json!({"include_usage": true});
+    with_usage["user"] = json!("u-43"); // a new request, not the cached one
+    let (status, text) = complete(with_usage).await;
+    assert_eq!(status, 200, "{text}");
+    let chunks: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let (last, rest) = chunks.split_last().unwrap();
+    assert_eq!(last["choices"], json!([]), "{last}");
+    assert_eq!(last["usage"]["completion_tokens"], 7, "{last}");
+    assert!(rest.iter().all(|c| c.get("usage").is_none()), "{text}");
+    assert_eq!(rest.last().unwrap()["choices"][0]["finish_reason"], "stop");
+
     for (field, value, echo) in [
         ("logprobs", json!(6), false),
         ("logprobs", json!(1), true),
@@ -504,21 +524,21 @@ async fn text_completions_pass_their_fields_on_and_refuse_what_chat_models_canno
     }
     assert_eq!(
         upstream.bodies().len(),
-        2,
+        3,
         "a refused request reached the model"
     );
 
     // Without `max_tokens`, OpenAI's default for text completions: 16.
     let (status, text) = complete(json!({"model": MODEL, "prompt": "no limit given"})).await;
     assert_eq!(status, 200, "{text}");
-    assert_eq!(upstream.bodies()[2]["max_tokens"], 16);
+    assert_eq!(upstream.bodies()[3]["max_tokens"], 16);
 
     // `logprobs: k` asks the chat model for its log probabilities with k
     // alternatives, and its answer comes back in the legacy shape.
     let (status, text) =
         complete(json!({"model": MODEL, "prompt": "scored", "max_tokens": 4, "logprobs": 3})).await;
     assert_eq!(status, 200, "{text}");
-    let asked = &upstream.bodies()[3];
+    let asked = &upstream.bodies()[4];
     assert_eq!(
         (&asked["logprobs"], &asked["top_logprobs"]),
         (&json!(true), &json!(3))

@@ -287,8 +287,14 @@ async fn completions(
                 Ok(Chunk::Done { finish, usage, .. }) => {
                     record.completed(usage, ttft.unwrap_or_else(|| record.elapsed()), outcome.label());
                     settle.settle(usage, outcome);
-                    let usage = include_usage.then(|| usage.into());
-                    yield Event::default().data(object("", Value::Null, Some(finish.as_str()), usage).to_string());
+                    yield Event::default().data(object("", Value::Null, Some(finish.as_str()), None).to_string());
+                    if include_usage {
+                        // As OpenAI sends it: a last chunk of its own, with
+                        // no choices.
+                        let mut last = object("", Value::Null, None, Some(usage.into()));
+                        last["choices"] = json!([]);
+                        yield Event::default().data(last.to_string());
+                    }
                 }
             }
         }
