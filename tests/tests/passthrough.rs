@@ -33,6 +33,15 @@ async fn cluster_with(base_url: &str, pool: &str, upstream: &str) -> ClusterSand
     ClusterSandbox::start_configured(&["eu-west"], |_| model.clone(), |_, _| {}).await
 }
 
+/// The JSON chunks of a server-sent event stream, `[DONE]` left out.
+fn chunks(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
 async fn post(url: &str, body: &Value) -> reqwest::Response {
     reqwest::Client::new()
         .post(format!("{url}/v1/chat/completions"))
@@ -164,12 +173,7 @@ async fn every_field_meridian_does_not_own_reaches_the_upstream_and_comes_back()
     let res = post(&url, &streamed).await;
     assert_eq!(res.status(), 200);
     let text = res.text().await.unwrap();
-    let chunks: Vec<Value> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let chunks = chunks(&text);
     let fragments: Vec<&Value> = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
@@ -469,14 +473,9 @@ async fn text_completions_pass_their_fields_on_and_refuse_what_chat_models_canno
     streamed["stream"] = json!(true);
     let (status, text) = complete(streamed).await;
     assert_eq!(status, 200, "{text}");
-    let pieces: Vec<String> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .map(|d| {
-            let chunk: Value = serde_json::from_str(d).unwrap();
-            chunk["choices"][0]["text"].as_str().unwrap().to_string()
-        })
+    let pieces: Vec<String> = chunks(&text)
+        .iter()
+        .map(|chunk| chunk["choices"][0]["text"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(pieces.first().map(String::as_str), Some("Once upon a time"));
     assert_eq!(pieces.concat(), "Once upon a timerecorded answer");
@@ -489,12 +488,7 @@ async fn text_completions_pass_their_fields_on_and_refuse_what_chat_models_canno
     with_usage["user"] = json!("u-43"); // a new request, not the cached one
     let (status, text) = complete(with_usage).await;
     assert_eq!(status, 200, "{text}");
-    let chunks: Vec<Value> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let chunks = chunks(&text);
     let (last, rest) = chunks.split_last().unwrap();
     assert_eq!(last["choices"], json!([]), "{last}");
     assert_eq!(last["usage"]["completion_tokens"], 7, "{last}");

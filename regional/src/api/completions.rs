@@ -86,9 +86,7 @@ impl CompletionBody {
     /// Refuses, by name, what the chat models that serve completions cannot
     /// give.
     fn check_unserved(&self) -> Result<(), Error> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(Error::invalid("only `n` = 1 is supported", Some("n")));
-        }
+        super::openai::one_choice(self.n)?;
         // 0 is allowed by the description and, like 1, asks for no choice
         // among several.
         if self.best_of.is_some_and(|n| n > 1) {

@@ -70,7 +70,10 @@ async fn own_keys(
     tenant: Tenant,
 ) -> Result<Json<Value>, Error> {
     state.stores.require(Store::Postgres)?;
-    let keys = manage::list_keys(pool(&state), tenant.as_str()).await?;
+    // A tenant known to the gateway but without a row here has no keys.
+    let keys = manage::list_keys(pool(&state), tenant.as_str())
+        .await?
+        .unwrap_or_default();
     let limit = keys.len() as i64;
     Ok(Json(page(keys, limit, |k| k.id.to_string())))
 }
@@ -111,21 +114,41 @@ struct Page {
 
 impl Page {
     fn limit(&self) -> Result<i64, Error> {
-        match self.limit {
-            None => Ok(DEFAULT_PAGE),
-            Some(l) if (1..=MAX_PAGE).contains(&l) => Ok(l),
-            Some(l) => Err(Error::invalid(
-                format!("`limit` must be between 1 and {MAX_PAGE}, got {l}"),
-                Some("limit"),
-            )),
-        }
+        page_limit(self.limit)
     }
+}
+
+/// A page size: [`DEFAULT_PAGE`] when none is asked, else 1 to [`MAX_PAGE`].
+fn page_limit(asked: Option<i64>) -> Result<i64, Error> {
+    match asked {
+        None => Ok(DEFAULT_PAGE),
+        Some(l) if (1..=MAX_PAGE).contains(&l) => Ok(l),
+        Some(l) => Err(Error::invalid(
+            format!("`limit` must be between 1 and {MAX_PAGE}, got {l}"),
+            Some("limit"),
+        )),
+    }
+}
+
+/// Cuts `items`, read with one more than `limit` asked for, to the page;
+/// whether more follow.
+fn cut_page<T>(items: &mut Vec<T>, limit: i64) -> bool {
+    let has_more = items.len() as i64 > limit;
+    items.truncate(limit as usize);
+    has_more
+}
+
+/// The id after which an audit page starts (the last of the previous one).
+fn audit_after(after: Option<&str>) -> Result<Option<uuid::Uuid>, Error> {
+    after
+        .map(uuid::Uuid::parse_str)
+        .transpose()
+        .map_err(|_| Error::invalid("`after` must be an audit record id", Some("after")))
 }
 
 /// A page of `items`, asked for one more than shown so `has_more` is known.
 fn page<T: serde::Serialize>(mut items: Vec<T>, limit: i64, id: impl Fn(&T) -> String) -> Value {
-    let has_more = items.len() as i64 > limit;
-    items.truncate(limit as usize);
+    let has_more = cut_page(&mut items, limit);
     json!({
         "object": "list",
         "first_id": items.first().map(&id),
@@ -225,10 +248,9 @@ async fn list_keys(
     State(state): State<Arc<AppState>>,
     Path(tenant): Path<String>,
 ) -> Result<Json<Value>, Error> {
-    if manage::get_tenant(pool(&state), &tenant).await?.is_none() {
-        return Err(no_tenant(&tenant));
-    }
-    let keys = manage::list_keys(pool(&state), &tenant).await?;
+    let keys = manage::list_keys(pool(&state), &tenant)
+        .await?
+        .ok_or_else(|| no_tenant(&tenant))?;
     let limit = keys.len() as i64;
     Ok(Json(page(keys, limit, |k| k.id.to_string())))
 }
@@ -257,12 +279,7 @@ async fn list_audit(
     Query(q): Query<Page>,
 ) -> Result<Json<Value>, Error> {
     let limit = q.limit()?;
-    let after = q
-        .after
-        .as_deref()
-        .map(uuid::Uuid::parse_str)
-        .transpose()
-        .map_err(|_| Error::invalid("`after` must be an audit record id", Some("after")))?;
+    let after = audit_after(q.after.as_deref())?;
     let records = manage::list_audit(pool(&state), after, limit + 1).await?;
     Ok(Json(page(records, limit, |r| r.id.to_string())))
 }
@@ -275,11 +292,17 @@ impl FromRequestParts<Arc<AppState>> for Durable {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Error> {
-        let asked =
-            Durability::requested(parts.headers.get(DURABILITY_HEADER).map(|v| v.as_bytes()))?;
-        // Management writes have no tenant default: async unless asked.
-        Ok(Self(state.replication.durability("", asked)?))
+        let asked = parts.headers.get(DURABILITY_HEADER).map(|v| v.as_bytes());
+        durability(state, asked).map(Self)
     }
+}
+
+/// The durability a write asks for in its header (or metadata) `value`.
+/// Management writes have no tenant default: async unless asked.
+fn durability(state: &AppState, value: Option<&[u8]>) -> Result<Durability, Error> {
+    state
+        .replication
+        .durability("", Durability::requested(value)?)
 }
 
 impl Durable {

@@ -141,9 +141,7 @@ impl ChatCompletionBody {
                 Some("messages"),
             ));
         }
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(Error::invalid("only `n` = 1 is supported", Some("n")));
-        }
+        one_choice(self.n.map(i64::from))?;
         if self.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
             return Err(Error::invalid(
                 "`temperature` must be between 0 and 2",
@@ -237,6 +235,14 @@ pub(super) fn seed_bits(seed: i64) -> u64 {
 }
 
 /// Checks `max_tokens`: at least 1, and within u32.
+/// Refuses `n` other than 1: chat and completions answer one choice.
+pub(super) fn one_choice(n: Option<i64>) -> Result<(), Error> {
+    if n.is_some_and(|n| n != 1) {
+        return Err(Error::invalid("only `n` = 1 is supported", Some("n")));
+    }
+    Ok(())
+}
+
 pub(super) fn max_tokens(value: Option<i64>) -> Result<Option<u32>, Error> {
     match value {
         None => Ok(None),

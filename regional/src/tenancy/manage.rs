@@ -148,18 +148,7 @@ pub(crate) async fn put_tenant(
             )));
         }
     }
-    if !meridian_proto::valid_tenant_id(id) {
-        return Err(Error::InvalidTenant(id.to_string()));
-    }
-    if limits.requests_per_second == Some(0) || limits.tokens_per_minute == Some(0) {
-        return Err(Error::InvalidLimits);
-    }
-    let rps = limits
-        .requests_per_second
-        .map(|r| i32::try_from(r).unwrap_or(i32::MAX));
-    let tpm = limits
-        .tokens_per_minute
-        .map(|t| i64::try_from(t).unwrap_or(i64::MAX));
+    let (rps, tpm) = super::tenants::checked(id, limits)?;
     let mut tx = pool.begin().await?;
     let created: bool = sqlx::query_scalar(
         "INSERT INTO tenants (id, display_name, requests_per_second, tokens_per_minute,
@@ -232,8 +221,16 @@ pub(crate) async fn create_key(
     Ok((view, key))
 }
 
-/// The keys of `tenant`, newest first, revoked ones included.
-pub(crate) async fn list_keys(pool: &PgPool, tenant: &str) -> Result<Vec<KeyView>, Error> {
+/// The keys of `tenant`, newest first, revoked ones included; `None` when
+/// there is no such tenant.
+pub(crate) async fn list_keys(pool: &PgPool, tenant: &str) -> Result<Option<Vec<KeyView>>, Error> {
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tenants WHERE id = $1)")
+        .bind(tenant)
+        .fetch_one(pool)
+        .await?;
+    if !exists {
+        return Ok(None);
+    }
     let rows = sqlx::query(
         "SELECT id, tenant_id, prefix, created_at, revoked_at FROM api_keys
          WHERE tenant_id = $1 ORDER BY created_at DESC, id DESC",
@@ -241,7 +238,7 @@ pub(crate) async fn list_keys(pool: &PgPool, tenant: &str) -> Result<Vec<KeyView
     .bind(tenant)
     .fetch_all(pool)
     .await?;
-    Ok(rows.iter().map(key).collect())
+    Ok(Some(rows.iter().map(key).collect()))
 }
 
 fn key(row: &sqlx::postgres::PgRow) -> KeyView {

@@ -17,18 +17,7 @@ pub struct TenantLimits {
 /// replace the tenant's, limits left `None` keep what it had (a new tenant
 /// then gets the gateway's defaults).
 pub async fn create_tenant(pool: &PgPool, id: &str, limits: TenantLimits) -> Result<(), Error> {
-    if !meridian_proto::valid_tenant_id(id) {
-        return Err(Error::InvalidTenant(id.to_string()));
-    }
-    if limits.requests_per_second == Some(0) || limits.tokens_per_minute == Some(0) {
-        return Err(Error::InvalidLimits);
-    }
-    let rps = limits
-        .requests_per_second
-        .map(|r| i32::try_from(r).unwrap_or(i32::MAX));
-    let tpm = limits
-        .tokens_per_minute
-        .map(|t| i64::try_from(t).unwrap_or(i64::MAX));
+    let (rps, tpm) = checked(id, limits)?;
     sqlx::query(
         "INSERT INTO tenants (id, display_name, requests_per_second, tokens_per_minute)
          VALUES ($1, $1, $2, $3)
@@ -43,4 +32,23 @@ pub async fn create_tenant(pool: &PgPool, id: &str, limits: TenantLimits) -> Res
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// Checks tenant `id` and `limits`, and returns the limits as the `tenants`
+/// table stores them (requests per second, tokens per minute).
+pub(super) fn checked(id: &str, limits: TenantLimits) -> Result<(Option<i32>, Option<i64>), Error> {
+    if !meridian_proto::valid_tenant_id(id) {
+        return Err(Error::InvalidTenant(id.to_string()));
+    }
+    if limits.requests_per_second == Some(0) || limits.tokens_per_minute == Some(0) {
+        return Err(Error::InvalidLimits);
+    }
+    Ok((
+        limits
+            .requests_per_second
+            .map(|r| i32::try_from(r).unwrap_or(i32::MAX)),
+        limits
+            .tokens_per_minute
+            .map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
+    ))
 }

@@ -5,7 +5,7 @@
 use meridian_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use super::{DEFAULT_PAGE, MAX_PAGE, actor, no_tenant, pool, settle};
+use super::{actor, audit_after, cut_page, no_tenant, page_limit, pool, settle};
 use crate::api::AppState;
 use crate::error::Error;
 use crate::replication::{DURABILITY_HEADER, Durability};
@@ -52,26 +52,14 @@ fn audit_pb(r: AuditView) -> pb::AuditRecord {
     }
 }
 
-/// A page size: 0 is the default, else 1 to [`MAX_PAGE`].
+/// A page size: 0 (proto3's unset) is the default.
 fn limit(asked: u32) -> Result<i64, Error> {
-    match i64::from(asked) {
-        0 => Ok(DEFAULT_PAGE),
-        l if l <= MAX_PAGE => Ok(l),
-        l => Err(Error::invalid(
-            format!("`limit` must be between 1 and {MAX_PAGE}, got {l}"),
-            Some("limit"),
-        )),
-    }
+    page_limit((asked != 0).then_some(i64::from(asked)))
 }
 
 fn durability<T>(state: &AppState, request: &Request<T>) -> Result<Durability, Error> {
-    let asked = Durability::requested(
-        request
-            .metadata()
-            .get(DURABILITY_HEADER)
-            .map(|v| v.as_bytes()),
-    )?;
-    state.replication.durability("", asked)
+    let asked = request.metadata().get(DURABILITY_HEADER);
+    super::durability(state, asked.map(|v| v.as_bytes()))
 }
 
 pub(in crate::api) async fn put_tenant(
@@ -126,8 +114,7 @@ pub(in crate::api) async fn list_tenants(
     let mut tenants = manage::list_tenants(pool(state), after.as_deref(), limit + 1)
         .await
         .map_err(Error::from)?;
-    let has_more = tenants.len() as i64 > limit;
-    tenants.truncate(limit as usize);
+    let has_more = cut_page(&mut tenants, limit);
     Ok(Response::new(pb::ListTenantsResponse {
         tenants: tenants.into_iter().map(tenant_pb).collect(),
         has_more,
@@ -156,16 +143,10 @@ pub(in crate::api) async fn list_api_keys(
     request: Request<pb::ListApiKeysRequest>,
 ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
     let tenant = request.into_inner().tenant;
-    if manage::get_tenant(pool(state), &tenant)
-        .await
-        .map_err(Error::from)?
-        .is_none()
-    {
-        return Err(no_tenant(&tenant).into());
-    }
     let keys = manage::list_keys(pool(state), &tenant)
         .await
-        .map_err(Error::from)?;
+        .map_err(Error::from)?
+        .ok_or_else(|| no_tenant(&tenant))?;
     Ok(Response::new(pb::ListApiKeysResponse {
         keys: keys.into_iter().map(key_pb).collect(),
     }))
@@ -194,16 +175,11 @@ pub(in crate::api) async fn list_audit(
 ) -> Result<Response<pb::ListAuditResponse>, Status> {
     let req = request.into_inner();
     let limit = limit(req.limit)?;
-    let after = Some(req.after)
-        .filter(|a| !a.is_empty())
-        .map(|a| uuid::Uuid::parse_str(&a))
-        .transpose()
-        .map_err(|_| Error::invalid("`after` must be an audit record id", Some("after")))?;
+    let after = audit_after(Some(req.after.as_str()).filter(|a| !a.is_empty()))?;
     let mut records = manage::list_audit(pool(state), after, limit + 1)
         .await
         .map_err(Error::from)?;
-    let has_more = records.len() as i64 > limit;
-    records.truncate(limit as usize);
+    let has_more = cut_page(&mut records, limit);
     Ok(Response::new(pb::ListAuditResponse {
         records: records.into_iter().map(audit_pb).collect(),
         has_more,
