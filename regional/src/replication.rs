@@ -12,6 +12,7 @@ mod metrics;
 mod pull;
 mod readings;
 mod relay;
+mod residency;
 mod serve;
 mod snapshot;
 mod sync;

@@ -8,6 +8,8 @@
 use std::time::{Duration, Instant};
 
 use meridian_gateway::AuthConfig;
+use meridian_proto::v1::SnapshotRequest;
+use meridian_proto::v1::replication_client::ReplicationClient;
 use meridian_tests::replicated::until;
 use meridian_tests::{ClusterSandbox, TEST_MODEL, init_logging};
 use serde_json::{Value, json};
@@ -477,14 +479,25 @@ async fn the_same_operations_are_admin_methods_over_grpc() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_bound_to_one_region_is_served_only_there() {
     init_logging();
-    let mut cluster = ClusterSandbox::start_replicated(&REGIONS, "", |regions, config| {
-        config.auth = Some(AuthConfig {
-            reload_interval_ms: 100,
-            ..AuthConfig::new(regions[0].postgres.url())
-        });
-        config.geo.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
-    })
-    .await;
+    // Readings replicate to every peer, so that residency is what keeps
+    // the bound tenant's readings home.
+    let everyone = |me: &str| {
+        let others: Vec<String> = REGIONS
+            .iter()
+            .filter(|r| **r != me)
+            .map(|r| format!("{r:?}"))
+            .collect();
+        format!("telemetry_peers = [{}]\n", others.join(", "))
+    };
+    let mut cluster =
+        ClusterSandbox::start_replicated_each(&REGIONS, everyone, |regions, config| {
+            config.auth = Some(AuthConfig {
+                reload_interval_ms: 100,
+                ..AuthConfig::new(regions[0].postgres.url())
+            });
+            config.geo.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+        })
+        .await;
     let api = Api {
         http: reqwest::Client::new(),
         urls: cluster.regions.iter().map(|r| r.url()).collect(),
@@ -615,6 +628,101 @@ async fn a_tenant_bound_to_one_region_is_served_only_there() {
         assert!(!listed.to_string().contains(key.as_str()), "a key in clear");
     }
 
+    // The bound tenant's conversation, job and readings stay in eu-west.
+    // Its writes go first; the other tenant's, in eu-west too, follow in
+    // the same log: once they are everywhere, anything of the bound
+    // tenant's that replication would carry is everywhere too.
+    let eu_west = sqlx::PgPool::connect(&cluster.region("eu-west").postgres.url())
+        .await
+        .unwrap();
+    let at_eu = [("x-meridian-region", "eu-west")];
+    for (i, tenant) in ["eu-only", "anywhere"].into_iter().enumerate() {
+        let key = &keys[i];
+        let conversation = [
+            at_eu[0],
+            ("x-meridian-conversation", "trip-plans"),
+            ("x-meridian-durability", "async"),
+        ];
+        let (status, served, body) = chat(key, &conversation).await;
+        assert_eq!(
+            (status, served.as_deref()),
+            (200, Some("eu-west")),
+            "{body}"
+        );
+        let res = http
+            .post(format!("{}/v1/jobs", cluster.gateway_url()))
+            .bearer_auth(key)
+            .header(at_eu[0].0, at_eu[0].1)
+            .json(&json!({ "model": TEST_MODEL, "max_tokens": 4,
+                "messages": [{ "role": "user", "content": "later" }] }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 202);
+        let now = chrono::Utc::now();
+        let readings: Vec<Value> = (0..3)
+            .map(|n| {
+                json!({ "device_id": "thermo", "metric": "celsius", "value": n,
+                    "ts": (now - chrono::Duration::seconds(n)).to_rfc3339() })
+            })
+            .collect();
+        let res = http
+            .post(format!("{}/v1/telemetry", cluster.gateway_url()))
+            .bearer_auth(key)
+            .header(at_eu[0].0, at_eu[0].1)
+            .json(&readings)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+        // The job's last replicated write, its end, before the next
+        // tenant's writes.
+        until(CONVERGE, "the job finished in eu-west", || {
+            let eu_west = eu_west.clone();
+            async move {
+                let done: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM jobs WHERE tenant = $1 AND state = 'succeeded'",
+                )
+                .bind(tenant)
+                .fetch_one(&eu_west)
+                .await
+                .unwrap();
+                done == 1
+            }
+        })
+        .await;
+    }
+    // conversation, messages (a user turn, an answer), job, readings
+    let all = [1, 2, 1, 3];
+    assert_eq!(held(&eu_west, "eu-only").await, all);
+    for region in ["us-east", "ap-south"] {
+        let pool = sqlx::PgPool::connect(&cluster.region(region).postgres.url())
+            .await
+            .unwrap();
+        until(CONVERGE, "the other tenant's rows replicated", || {
+            let pool = pool.clone();
+            async move { held(&pool, "anywhere").await == all }
+        })
+        .await;
+        assert_eq!(
+            held(&pool, "eu-only").await,
+            [0, 0, 0, 0],
+            "eu-only's rows reached {region}"
+        );
+    }
+    // A snapshot eu-west serves to a peer leaves them out too.
+    let snapshot = snapshot_rows(&cluster.region("eu-west").url(), "us-east").await;
+    let of = |tenant: &str| {
+        snapshot
+            .iter()
+            .filter(|(table, payload)| {
+                ["conversations", "conversation_messages", "jobs"].contains(&table.as_str())
+                    && (payload["tenant_id"] == tenant || payload["tenant"] == tenant)
+            })
+            .count()
+    };
+    assert_eq!((of("eu-only"), of("anywhere")), (0, 4));
+
     // eu-west down: the bound tenant gets a 503 naming the rule, never
     // another region; the other tenant fails over.
     cluster.region("eu-west").kill_node();
@@ -642,4 +750,46 @@ async fn a_tenant_bound_to_one_region_is_served_only_there() {
     let (status, served, _) = chat(&keys[1], &[("x-meridian-client-country", "IE")]).await;
     assert_eq!(status, 200);
     assert_ne!(served.as_deref(), Some("eu-west"));
+}
+
+/// Rows of `tenant` in the database behind `pool`: conversations, their
+/// messages, jobs and telemetry readings.
+async fn held(pool: &sqlx::PgPool, tenant: &str) -> [i64; 4] {
+    let (c, m, j, r): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM conversations WHERE tenant_id = $1),
+                (SELECT count(*) FROM conversation_messages WHERE tenant_id = $1),
+                (SELECT count(*) FROM jobs WHERE tenant = $1),
+                (SELECT count(*) FROM telemetry_readings WHERE tenant = $1)",
+    )
+    .bind(tenant)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    [c, m, j, r]
+}
+
+/// Every row of the snapshot `url`'s region serves to `peer`, as (table,
+/// payload).
+async fn snapshot_rows(url: &str, peer: &str) -> Vec<(String, Value)> {
+    let mut client = ReplicationClient::connect(url.to_string()).await.unwrap();
+    let mut stream = client
+        .snapshot(SnapshotRequest {
+            peer_region: peer.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut rows = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        for change in chunk.changes {
+            if !change.payload.is_empty() {
+                rows.push((
+                    change.table,
+                    serde_json::from_slice(&change.payload).unwrap(),
+                ));
+            }
+        }
+    }
+    rows
 }

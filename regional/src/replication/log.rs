@@ -53,17 +53,27 @@ pub(crate) struct Read {
     pub full: bool,
 }
 
-/// Up to `limit` changes (and `max_bytes`, or one change) after `after` (telemetry readings only when the
-/// caller is to receive them), how far that reaches, and the log's high
-/// watermark. Fails with [`Error::LogTruncated`] when changes after `after`
-/// were trimmed.
+/// The peer a read is for, and so which changes it receives.
+#[derive(Debug)]
+pub(crate) struct Audience {
+    pub peer: String,
+    /// Whether telemetry readings go to it (`replication.telemetry_peers`).
+    pub with_readings: bool,
+}
+
+/// Up to `limit` changes (and `max_bytes`, or one change) after `after`
+/// that `audience` is to receive (readings only when it takes them; no
+/// rows of a tenant whose `allowed_regions` leave it out), how far that
+/// reaches, and the log's high watermark. Fails with
+/// [`Error::LogTruncated`] when changes after `after` were trimmed.
 pub(crate) async fn read(
     pool: &PgPool,
     after: u64,
     limit: u32,
     max_bytes: u64,
-    with_readings: bool,
+    audience: &Audience,
 ) -> Result<Read, Error> {
+    let withheld = super::residency::withheld(pool, &audience.peer).await?;
     // Read first: sequences commit in order (the clock's lock), so every
     // change up to `top` has committed and the page below sees all of them;
     // `through` may then pass the ones left out without skipping a change
@@ -83,11 +93,20 @@ pub(crate) async fn read(
                             + $7) OVER w AS bytes,
                         row_number() OVER w AS position,
                         count(*) OVER () AS page_rows
-                   FROM (SELECT sequence, table_name, key, op, payload, hlc, origin_region,
-                                committed_at
+                   FROM (SELECT sequence, table_name, key, op,
+                                CASE WHEN op = 'append' AND cardinality($8::text[]) > 0
+                                     THEN (SELECT coalesce(jsonb_agg(r), '[]'::jsonb)
+                                             FROM jsonb_array_elements(payload) r
+                                            WHERE NOT (r ->> 'tenant' = ANY($8)))
+                                     ELSE payload END AS payload,
+                                hlc, origin_region, committed_at
                            FROM replication_outbox
                           WHERE sequence > $1 AND sequence <= $2
                             AND ($3 OR table_name <> 'telemetry_readings')
+                            AND (cardinality($8::text[]) = 0 OR NOT (
+                                 table_name = ANY($9)
+                                 AND coalesce(payload ->> 'tenant_id', payload ->> 'tenant')
+                                     = ANY($8)))
                           ORDER BY sequence LIMIT $4) page
                  WINDOW w AS (ORDER BY sequence)) counted
           WHERE appends <= $5 AND (bytes <= $6 OR position = 1)
@@ -95,11 +114,13 @@ pub(crate) async fn read(
     )
     .bind(after_i)
     .bind(top.unwrap_or(after_i))
-    .bind(with_readings)
+    .bind(audience.with_readings)
     .bind(i64::from(limit))
     .bind(MAX_APPENDS_PER_BATCH)
     .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
     .bind(CHANGE_OVERHEAD_BYTES)
+    .bind(&withheld)
+    .bind(super::residency::tenant_tables())
     .fetch_all(pool)
     .await?;
     // Read after the rows: a trim that committed before the rows were read

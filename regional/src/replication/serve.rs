@@ -86,6 +86,7 @@ impl ReplicationApi for Service {
                 bytes: r.config.max_batch_bytes,
             },
             scope,
+            req.peer_region.clone(),
         );
         // A taker that stops reading would hold the snapshot's transaction
         // (and the vacuum horizon) open.
@@ -116,12 +117,15 @@ impl ReplicationApi for Service {
         let mut commits = r.commits.subscribe();
         // Readings go to the peers named for them only; the others are moved
         // past them by `through_sequence`.
-        let with_readings = r.config.sends_readings_to(&req.peer_region);
+        let audience = log::Audience {
+            peer: req.peer_region.clone(),
+            with_readings: r.config.sends_readings_to(&req.peer_region),
+        };
         // The first read answers the call itself, so a truncated log fails
         // the RPC with its status rather than a stream that ends at once.
-        let first = log::read(&r.pool, req.from_sequence, limit, max_bytes, with_readings).await?;
+        let first = log::read(&r.pool, req.from_sequence, limit, max_bytes, &audience).await?;
         let incarnation = snapshot::incarnation(&r.pool).await?;
-        tracing::info!(peer = %req.peer_region, from = req.from_sequence, with_readings, "replication pull started");
+        tracing::info!(peer = %req.peer_region, from = req.from_sequence, with_readings = audience.with_readings, "replication pull started");
         let heartbeat = Duration::from_millis(r.config.heartbeat_interval_ms);
         let stream = async_stream::try_stream! {
             let mut read = first;
@@ -150,7 +154,7 @@ impl ReplicationApi for Service {
                     break;
                 }
                 commits.borrow_and_update();
-                read = log::read(&r.pool, through, limit, max_bytes, with_readings).await?;
+                read = log::read(&r.pool, through, limit, max_bytes, &audience).await?;
             }
         };
         Ok(Response::new(Box::pin(stream)))

@@ -23,7 +23,7 @@ use tonic::transport::Channel;
 pub(super) use self::chunk::Budget;
 use self::chunk::Chunk;
 use super::hlc::{Hlc, check_drift, now_ms};
-use super::{Replication, apply, tables};
+use super::{Replication, apply, residency, tables};
 use crate::config::PeerConfig;
 use crate::error::Error;
 
@@ -58,6 +58,7 @@ pub(super) fn serve(
     pool: PgPool,
     budget: Budget,
     scope: Scope,
+    peer: String,
 ) -> BoxStream<'static, Result<SnapshotChunk, Status>> {
     Box::pin(async_stream::try_stream! {
         let mut tx = pool.begin().await.map_err(Error::from)?;
@@ -70,6 +71,8 @@ pub(super) fn serve(
             .execute(&mut *tx)
             .await
             .map_err(Error::from)?;
+        // Read in the rows' snapshot: the tenants it holds decide.
+        let withheld = residency::withheld(&mut *tx, &peer).await?;
         let mut chunk = Chunk::new(budget);
         for table in tables::TABLES {
             let sql = match &scope {
@@ -78,7 +81,8 @@ pub(super) fn serve(
             };
             let mut query = sqlx::query_as::<_, (String, serde_json::Value, i64, String)>(
                 sqlx::AssertSqlSafe(sql),
-            );
+            )
+            .bind(&withheld);
             if let Scope::Relay { origin, after_hlc } = &scope {
                 query = query.bind(origin.clone()).bind(*after_hlc);
             }

@@ -22,6 +22,9 @@ pub(crate) struct Table {
     /// over `t`); `None`: the whole row. For tables where some local changes
     /// do not replicate, only the replicated part can agree.
     pub digest: Option<&'static str>,
+    /// The column naming the tenant a row belongs to, for the tables whose
+    /// rows go only to the tenant's allowed regions (`residency.rs`).
+    pub tenant: Option<&'static str>,
 }
 
 /// In dependency order (keys refer to tenants; messages to conversations,
@@ -43,6 +46,7 @@ pub(crate) const TABLES: &[Table] = &[
         bytea: &[],
         fence: None,
         digest: None,
+        tenant: None,
     },
     Table {
         name: "api_keys",
@@ -59,6 +63,7 @@ pub(crate) const TABLES: &[Table] = &[
         bytea: &["key_hash"],
         fence: None,
         digest: None,
+        tenant: None,
     },
     // Keyed by tenant and id together (`0014_conversation_scope.sql`): a
     // computed column, so not among the columns a peer's row sets.
@@ -78,6 +83,7 @@ pub(crate) const TABLES: &[Table] = &[
         bytea: &[],
         fence: None,
         digest: None,
+        tenant: Some("tenant_id"),
     },
     // Append-only: a message's row never changes after its insert, so the
     // last-writer-wins upsert only ever meets its own copy.
@@ -98,6 +104,7 @@ pub(crate) const TABLES: &[Table] = &[
         bytea: &[],
         fence: None,
         digest: None,
+        tenant: Some("tenant_id"),
     },
     // Only the submission, an adoption and the terminal state replicate
     // (`0009_job_failover.sql`); the epoch decides before the clock, so an
@@ -139,6 +146,7 @@ pub(crate) const TABLES: &[Table] = &[
             "jsonb_build_object('owner_region', t.owner_region, 'owner_epoch', t.owner_epoch,
                  'completions', t.completions, 'result', t.result)::text",
         ),
+        tenant: Some("tenant"),
     },
     // Append-only, like the messages (`0015_audit.sql`).
     Table {
@@ -151,6 +159,7 @@ pub(crate) const TABLES: &[Table] = &[
         bytea: &[],
         fence: None,
         digest: None,
+        tenant: None,
     },
 ];
 
@@ -222,12 +231,21 @@ impl Table {
         let content = self
             .digest
             .unwrap_or("(to_jsonb(t) - 'hlc' - 'origin_region')::text");
+        // The rows of tenants bound to some regions are, by design, not in
+        // every region: the digest compares what all regions share.
+        let shared = match self.tenant {
+            Some(tenant) => format!(
+                " WHERE NOT EXISTS (SELECT 1 FROM tenants b
+                                     WHERE b.id = t.{tenant} AND b.allowed_regions IS NOT NULL)"
+            ),
+            None => String::new(),
+        };
         format!(
             "SELECT count(*), encode(sha256(convert_to(COALESCE(string_agg(
                  t.{key}::text || ' ' || t.hlc || ' ' || t.origin_region || ' '
                      || {content},
                  E'\\n' ORDER BY t.{key}::text COLLATE \"C\"), ''), 'UTF8')), 'hex')
-             FROM {name} t",
+             FROM {name} t{shared}",
             key = self.key,
             name = self.name,
         )
@@ -237,7 +255,8 @@ impl Table {
 impl Table {
     /// Every row as (key text, payload, hlc, origin): the payload shaped as
     /// the log trigger shapes it (bytea columns in base64), so a snapshot
-    /// row applies like a logged change.
+    /// row applies like a logged change. `$1` (`text[]`): the tenants whose
+    /// rows the taker may not hold.
     pub(crate) fn snapshot_sql(&self) -> String {
         let b64: Vec<String> = self
             .bytea
@@ -247,18 +266,23 @@ impl Table {
         format!(
             "SELECT t.{key}::text, (to_jsonb(t) - 'hlc' - 'origin_region')
                  || jsonb_build_object({b64}), t.hlc, t.origin_region::text
-             FROM {name} t",
+             FROM {name} t WHERE {resident}",
             key = self.key,
             name = self.name,
             b64 = b64.join(", "),
+            resident = match self.tenant {
+                Some(tenant) => format!("NOT (t.{tenant} = ANY($1::text[]))"),
+                // Referenced all the same: every table's query takes `$1`.
+                None => "$1::text[] IS NOT NULL".to_string(),
+            },
         )
     }
 
     /// The rows of a relay: as `snapshot_sql`, only those last written by
-    /// origin `$1` with a clock above `$2`.
+    /// origin `$2` with a clock above `$3`.
     pub(crate) fn relay_sql(&self) -> String {
         format!(
-            "{} WHERE t.origin_region = $1 AND t.hlc > $2",
+            "{} AND t.origin_region = $2 AND t.hlc > $3",
             self.snapshot_sql()
         )
     }
