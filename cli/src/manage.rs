@@ -63,6 +63,16 @@ pub(crate) enum Tenants {
         /// several); none: any region.
         #[arg(long = "allow-region")]
         allowed_regions: Vec<String>,
+        /// Budget in tokens (prompt and completion) per period, summed
+        /// over every region.
+        #[arg(long)]
+        budget_tokens: Option<u64>,
+        /// Budget in US dollars per period, at the model prices.
+        #[arg(long)]
+        budget_usd: Option<f64>,
+        /// The budget's period: `day` or `month` (UTC; default `month`).
+        #[arg(long)]
+        budget_period: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -183,14 +193,26 @@ pub(crate) async fn tenants(command: Tenants) -> anyhow::Result<()> {
             rps,
             tpm,
             allowed_regions,
+            budget_tokens,
+            budget_usd,
+            budget_period,
             api,
         } => {
+            let budget = (budget_tokens.is_some()
+                || budget_usd.is_some()
+                || budget_period.is_some())
+            .then(|| pb::Budget {
+                tokens: budget_tokens,
+                usd: budget_usd,
+                period: budget_period.unwrap_or_default(),
+            });
             let request = api.request(pb::PutTenantRequest {
                 id,
                 display_name: name,
                 requests_per_second: rps,
                 tokens_per_minute: tpm,
                 allowed_regions,
+                budget,
             });
             let put = api
                 .client()
@@ -366,6 +388,8 @@ fn tenant_json(t: &pb::Tenant) -> Value {
     json!({ "id": t.id, "display_name": t.display_name,
         "requests_per_second": t.requests_per_second, "tokens_per_minute": t.tokens_per_minute,
         "allowed_regions": t.allowed_regions, "live_keys": t.live_keys,
+        "budget": t.budget.as_ref().map(|b| json!({ "tokens": b.tokens, "usd": b.usd,
+            "period": b.period })),
         "created_at": time(t.created_at.as_ref()),
         "updated_at": time(t.updated_at.as_ref()) })
 }
@@ -384,10 +408,26 @@ fn print_tenants(tenants: &[pb::Tenant]) {
             t.display_name.clone(),
             limit(t.requests_per_second.map(|r| r.to_string())),
             limit(t.tokens_per_minute.map(|r| r.to_string())),
+            budget_text(t.budget.as_ref()),
             t.live_keys.to_string(),
         ]
     });
-    table(&["ID", "NAME", "RPS", "TPM", "KEYS"], rows);
+    table(&["ID", "NAME", "RPS", "TPM", "BUDGET", "KEYS"], rows);
+}
+
+/// `1000000 tokens + $50 / month`, or `none`.
+fn budget_text(budget: Option<&pb::Budget>) -> String {
+    let Some(b) = budget else {
+        return "none".into();
+    };
+    let mut parts = Vec::new();
+    if let Some(tokens) = b.tokens {
+        parts.push(format!("{tokens} tokens"));
+    }
+    if let Some(usd) = b.usd {
+        parts.push(format!("${usd}"));
+    }
+    format!("{} / {}", parts.join(" + "), b.period)
 }
 
 /// RFC 3339, or empty for none.

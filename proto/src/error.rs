@@ -38,6 +38,10 @@ pub mod reason {
     pub const STORE_UNAVAILABLE: &str = "STORE_UNAVAILABLE";
     /// A rate limit or quota was hit (RESOURCE_EXHAUSTED).
     pub const RATE_LIMITED: &str = "RATE_LIMITED";
+    /// The tenant's budget for the period is spent; retrying before the
+    /// period ends or the budget is raised will not help
+    /// (RESOURCE_EXHAUSTED).
+    pub const BUDGET_SPENT: &str = "BUDGET_SPENT";
     /// The job queue is full (RESOURCE_EXHAUSTED).
     pub const QUEUE_FULL: &str = "QUEUE_FULL";
     /// There is no job with the given id (NOT_FOUND).

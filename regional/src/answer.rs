@@ -42,6 +42,8 @@ pub(crate) struct Parts {
     pub inference: Arc<Inference>,
     pub cache: Arc<ResponseCache>,
     pub usage: UsageRecorder,
+    /// Budgets: a tenant whose budget is spent is refused before routing.
+    pub spend: Arc<crate::tenancy::spend::Spend>,
     /// Durability defaults and the wait for a peer's apply.
     pub replication: Arc<Replication>,
     /// Where a streamed miss stores its answer once the stream has ended.
@@ -224,6 +226,10 @@ impl Pipeline {
         hints: &Hints,
     ) -> Result<(Routed, UsageDraft), Error> {
         self.check_size(req)?;
+        self.parts
+            .spend
+            .check(tenant)
+            .inspect_err(|e| self.parts.usage.begin(tenant, &req.model).failed(e))?;
         let requested = self.parts.tracer.is_enabled().then(|| req.model.clone());
         let routed = self
             .parts

@@ -63,6 +63,8 @@ pub(crate) struct Parts {
     pub tracer: meridian_mesh::Tracer,
     /// This region's change log and its followers of peers' logs.
     pub replication: Arc<crate::replication::Replication>,
+    /// Spend and budgets: checks, and what `/v1/usage` adds to the rows.
+    pub spend: Arc<crate::tenancy::spend::Spend>,
     /// `server.max_body_bytes`: the largest JSON body (telemetry ingest
     /// has its own).
     pub max_body_bytes: usize,

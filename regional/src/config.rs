@@ -14,6 +14,7 @@ mod embeddings;
 pub(crate) mod inference;
 mod jobs;
 mod replication;
+pub(crate) mod spend;
 mod stores;
 mod task;
 pub(crate) mod telemetry;
@@ -25,6 +26,7 @@ pub use self::inference::{AliasConfig, InferenceConfig, OpenAiConfig};
 pub use self::jobs::JobsConfig;
 pub(crate) use self::replication::MAX_BATCH_BYTES;
 pub use self::replication::{PeerConfig, ReplicationConfig};
+pub use self::spend::SpendConfig;
 pub use self::stores::StoresConfig;
 pub use self::task::{EmbeddingModelConfig, Task};
 pub use self::telemetry::TelemetryConfig;
@@ -82,6 +84,8 @@ pub struct Config {
     pub(crate) replication: ReplicationConfig,
     /// Probes of this region's PostgreSQL and Redis (`[stores]`).
     pub(crate) stores: StoresConfig,
+    /// Spend accounting for budgets, and model prices (`[spend]`).
+    pub(crate) spend: SpendConfig,
 }
 
 /// The TOML shape of the configuration. Every field has a default except the
@@ -123,6 +127,8 @@ struct RawConfig {
     replication: ReplicationConfig,
     #[serde(default)]
     stores: StoresConfig,
+    #[serde(default)]
+    spend: SpendConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -366,6 +372,7 @@ impl RawConfig {
         inference::validate(&self.models, &self.aliases, &mut problems);
         task::validate(&self.models, &self.aliases, &mut problems);
         self.telemetry.validate(&mut problems);
+        self.spend.validate(&mut problems);
         self.jobs.validate(&mut problems);
         let embeddings = self.embeddings.filter(|e| e.enabled);
         if let Some(e) = &embeddings {
@@ -401,6 +408,7 @@ impl RawConfig {
             tracing: self.tracing,
             replication: self.replication,
             stores: self.stores,
+            spend: self.spend,
         })
     }
 }

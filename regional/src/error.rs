@@ -83,6 +83,18 @@ pub enum Error {
     #[error("{0}")]
     Unavailable(String),
     /// There is no such job for this tenant (or the id is malformed).
+    /// The tenant's budget for the period is spent.
+    #[error(
+        "tenant {tenant} has spent its budget of {budget} for this {period}; it resets on \
+         {resets} (UTC), or when an operator raises the budget"
+    )]
+    BudgetSpent {
+        tenant: String,
+        budget: String,
+        period: &'static str,
+        resets: chrono::NaiveDate,
+    },
+
     #[error("no job {0:?}")]
     JobNotFound(String),
     /// The job queue of the tenant or the region is full.
@@ -270,6 +282,7 @@ impl Error {
             Self::QueueFull { .. } | Self::Overloaded { .. } | Self::TooManyWatches { .. } => {
                 ErrorClass::RateLimited
             }
+            Self::BudgetSpent { .. } => ErrorClass::QuotaExceeded,
             Self::DeadlineExceeded => ErrorClass::Timeout,
             Self::UpstreamRefused { .. } => ErrorClass::BadGateway,
             Self::IdempotencyKeyReused(_) => ErrorClass::Conflict,
@@ -324,6 +337,7 @@ impl Error {
         match self {
             Self::ModelNotFound(_) => Some(openai_code::MODEL_NOT_FOUND),
             Self::ContextLengthExceeded { .. } => Some(openai_code::CONTEXT_LENGTH_EXCEEDED),
+            Self::BudgetSpent { .. } => Some(openai_code::INSUFFICIENT_QUOTA),
             _ => None,
         }
     }
@@ -336,6 +350,7 @@ impl Error {
         match self {
             Self::JobNotFound(_) => Some(reason::JOB_NOT_FOUND),
             Self::QueueFull { .. } => Some(reason::QUEUE_FULL),
+            Self::BudgetSpent { .. } => Some(reason::BUDGET_SPENT),
             Self::Overloaded { .. } | Self::TooManyWatches { .. } => Some(reason::RATE_LIMITED),
             Self::NoHealthyBackend { .. } => Some(reason::NO_HEALTHY_BACKEND),
             Self::IdempotencyKeyReused(_) => Some(reason::IDEMPOTENCY_KEY_REUSED),
@@ -455,6 +470,13 @@ impl IntoResponse for Error {
             res.headers_mut().insert(
                 meridian_proto::header::DURABILITY,
                 axum::http::HeaderValue::from_static("local"),
+            );
+        }
+        if matches!(self, Self::BudgetSpent { .. }) {
+            // The OpenAI SDKs retry a 429 unless told not to.
+            res.headers_mut().insert(
+                "x-should-retry",
+                axum::http::HeaderValue::from_static("false"),
             );
         }
         if let Some(store) = self.store_down() {

@@ -27,6 +27,7 @@ pub struct RegionalNode {
     health: tonic_health::server::HealthReporter,
     stores: Arc<store::StoreHealth>,
     tasks: TaskTracker,
+    spend: Arc<crate::tenancy::spend::Spend>,
     grace: std::time::Duration,
     tracer: meridian_mesh::Tracer,
     time_series: crate::telemetry::Mode,
@@ -84,11 +85,18 @@ impl RegionalNode {
 
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let spend = crate::tenancy::spend::Spend::start(
+            pool.clone(),
+            &config.region,
+            &config.spend,
+            &tasks,
+        );
         let telemetry = crate::telemetry::start(
             &pool,
             &config.region,
             &config.telemetry,
             !config.replication.telemetry_peers.is_empty(),
+            spend.clone(),
             &shutdown,
             &tasks,
         )
@@ -159,6 +167,7 @@ impl RegionalNode {
             inference: inference.clone(),
             cache: cache.clone(),
             usage: telemetry.usage.clone(),
+            spend: spend.clone(),
             replication: replication.clone(),
             tasks: tasks.clone(),
             tracer: tracer.clone(),
@@ -198,6 +207,7 @@ impl RegionalNode {
             cache,
             tracer: tracer.clone(),
             replication,
+            spend: spend.clone(),
             max_body_bytes: config.max_body_bytes,
             stream_write_timeout: config.stream_write_timeout,
         };
@@ -230,6 +240,7 @@ impl RegionalNode {
             health,
             stores,
             tasks,
+            spend,
             grace: config.shutdown_grace,
             tracer,
             time_series,
@@ -284,6 +295,8 @@ impl RegionalNode {
                 .unwrap_or_else(|e| Err(Error::Unavailable(format!("server task failed: {e}")))),
             None => Ok(()),
         };
+        // Every request has ended: its spend is counted, and written now.
+        self.spend.stop();
         // Background tasks saw the same cancellation; they get what is left
         // of the grace period to flush and hand back their work.
         self.tasks.close();

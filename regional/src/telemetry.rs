@@ -38,6 +38,7 @@ pub(crate) async fn start(
     region: &str,
     config: &TelemetryConfig,
     replicate_readings: bool,
+    spend: std::sync::Arc<crate::tenancy::spend::Spend>,
     shutdown: &CancellationToken,
     tasks: &TaskTracker,
 ) -> Result<Telemetry, Error> {
@@ -65,6 +66,7 @@ pub(crate) async fn start(
             pool.clone(),
             region,
             config.usage_buffer as usize,
+            spend,
             shutdown.clone(),
             tasks,
         ),

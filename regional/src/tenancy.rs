@@ -12,6 +12,8 @@
 
 mod keys;
 pub(crate) mod manage;
+pub(crate) mod prices;
+pub(crate) mod spend;
 mod tenant;
 mod tenants;
 
@@ -40,6 +42,14 @@ pub enum Error {
     /// Allowed regions must be region names, at least one.
     #[error("{0}")]
     InvalidRegions(String),
+    /// A budget must name tokens or dollars, each above zero, per `day`
+    /// or `month`.
+    #[error("{0}")]
+    InvalidBudget(String),
+    /// A price must be 0 to a million dollars per million tokens, for a
+    /// named model.
+    #[error("{0}")]
+    InvalidPrice(String),
     /// No tenant with this id.
     #[error("no tenant {0:?}: create it first")]
     UnknownTenant(String),

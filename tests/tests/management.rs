@@ -318,7 +318,7 @@ async fn tenants_and_keys_made_through_the_api_work_everywhere_and_are_audited()
 async fn the_same_operations_are_admin_methods_over_grpc() {
     use meridian_proto::v1::admin_client::AdminClient;
     use meridian_proto::v1::{
-        CreateApiKeyRequest, GetTenantRequest, ListApiKeysRequest, ListAuditRequest,
+        Budget, CreateApiKeyRequest, GetTenantRequest, ListApiKeysRequest, ListAuditRequest,
         ListTenantsRequest, PutTenantRequest, RevokeApiKeyRequest,
     };
     init_logging();
@@ -331,6 +331,7 @@ async fn the_same_operations_are_admin_methods_over_grpc() {
         requests_per_second: rps,
         tokens_per_minute: None,
         allowed_regions: vec![],
+        budget: None,
     };
     let made = admin
         .put_tenant(put("acme", Some(5)))
@@ -353,6 +354,34 @@ async fn the_same_operations_are_admin_methods_over_grpc() {
         .unwrap()
         .into_inner();
     assert!(!again.created);
+    // A budget, and one refused by name.
+    let budget = Budget {
+        tokens: Some(1_000_000),
+        usd: Some(25.5),
+        period: "day".into(),
+    };
+    let budgeted = admin
+        .put_tenant(PutTenantRequest {
+            budget: Some(budget.clone()),
+            ..put("beta", None)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(budgeted.tenant.unwrap().budget, Some(budget));
+    let refused = admin
+        .put_tenant(PutTenantRequest {
+            budget: Some(Budget {
+                tokens: None,
+                usd: Some(-1.0),
+                period: String::new(),
+            }),
+            ..put("beta", None)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("`budget.usd`"), "{refused:?}");
     admin.put_tenant(put("beta", None)).await.unwrap();
     let got = admin
         .get_tenant(GetTenantRequest { id: "acme".into() })
@@ -464,6 +493,7 @@ async fn the_same_operations_are_admin_methods_over_grpc() {
             ("tenant.create", "tenants/acme"),
             ("tenant.update", "tenants/acme"),
             ("tenant.create", "tenants/beta"),
+            ("tenant.update", "tenants/beta"),
             ("key.create", key_resource.as_str()),
             ("key.revoke", key_resource.as_str()),
         ]

@@ -37,6 +37,10 @@ pub enum ErrorClass {
     RequestsLimitExceeded,
     /// A tenant's tokens-per-minute limit refused the request.
     TokensLimitExceeded,
+    /// A tenant's budget for the period is spent: waiting a moment will
+    /// not help. OpenAI's `insufficient_quota`, which its SDKs do not
+    /// retry when told so (`x-should-retry: false`).
+    QuotaExceeded,
     /// The client went away.
     Cancelled,
     /// Not offered by this server.
@@ -60,7 +64,7 @@ struct Wire {
 
 impl ErrorClass {
     /// Every class, in table order.
-    pub const ALL: [Self; 17] = [
+    pub const ALL: [Self; 18] = [
         Self::InvalidRequest,
         Self::FailedPrecondition,
         Self::Unauthenticated,
@@ -72,6 +76,7 @@ impl ErrorClass {
         Self::RateLimited,
         Self::RequestsLimitExceeded,
         Self::TokensLimitExceeded,
+        Self::QuotaExceeded,
         Self::Cancelled,
         Self::NotImplemented,
         Self::BadGateway,
@@ -95,6 +100,7 @@ impl ErrorClass {
             Self::RateLimited => (429, Code::ResourceExhausted, "rate_limit_error"),
             Self::RequestsLimitExceeded => (429, Code::ResourceExhausted, "requests"),
             Self::TokensLimitExceeded => (429, Code::ResourceExhausted, "tokens"),
+            Self::QuotaExceeded => (429, Code::ResourceExhausted, "insufficient_quota"),
             Self::Cancelled => (499, Code::Cancelled, "request_cancelled_error"),
             Self::Internal => (500, Code::Internal, "server_error"),
             Self::NotImplemented => (501, Code::Unimplemented, "not_implemented_error"),
@@ -220,6 +226,12 @@ mod tests {
                 429,
                 Code::ResourceExhausted,
                 "tokens",
+            ),
+            (
+                ErrorClass::QuotaExceeded,
+                429,
+                Code::ResourceExhausted,
+                "insufficient_quota",
             ),
             (
                 ErrorClass::Cancelled,

@@ -16,3 +16,6 @@ pub const MESH_POLICY_DENIED: &str = "mesh_policy_denied";
 /// A request's token estimate is above its tenant's whole tokens-per-minute
 /// limit: no wait would let it through.
 pub const REQUEST_TOO_LARGE: &str = "request_too_large";
+/// A tenant's budget for the period is spent (OpenAI's code for a spent
+/// quota).
+pub const INSUFFICIENT_QUOTA: &str = "insufficient_quota";

@@ -278,6 +278,7 @@ pub(super) async fn run<T>(
     model: &str,
     work: impl Future<Output = Result<(T, Usage), Error>>,
 ) -> Result<(T, Usage), Error> {
+    state.spend.check(tenant.as_str())?;
     let _permit = state.inference.admit(tenant.as_str())?;
     let record = state.telemetry.usage.begin(tenant.as_str(), model);
     let (out, usage) = work.await.inspect_err(|e| record.failed(e))?;

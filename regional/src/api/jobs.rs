@@ -123,6 +123,7 @@ async fn submit(
     let (submission, charge) = submission(&state, &headers, &body)?;
     let requested = Durability::requested(headers.get(DURABILITY_HEADER).map(|v| v.as_bytes()))?;
     let durability = state.replication.durability(tenant.as_str(), requested)?;
+    state.spend.check(tenant.as_str())?;
     let submitted = state.jobs.submit(&tenant, submission).await?;
     if durability == Durability::Sync {
         state.replication.wait_logged(submitted.logged_as).await?;

@@ -8,6 +8,7 @@
 //! operations are `meridian.v1.Admin` methods ([`grpc`]).
 
 pub(super) mod grpc;
+mod spend;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,6 +49,7 @@ pub(super) fn routes(state: Arc<AppState>) -> Router {
         // tenant comes from the key, so no request can name another.
         .route("/v1/tenant", get(own_tenant))
         .route("/v1/tenant/keys", get(own_keys))
+        .merge(spend::routes())
         .with_state(state)
 }
 
@@ -185,6 +187,16 @@ struct TenantBody {
     tokens_per_minute: Option<u64>,
     /// Where the tenant's requests may be served; left out: anywhere.
     allowed_regions: Option<Vec<String>>,
+    /// What it may spend per period; left out: no budget.
+    budget: Option<BudgetBody>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BudgetBody {
+    tokens: Option<u64>,
+    usd: Option<f64>,
+    period: Option<String>,
 }
 
 /// `PUT /admin/v1/tenants/{id}`: creates the tenant (201) or replaces its
@@ -205,6 +217,11 @@ async fn put_tenant(
             tokens_per_minute: body.tokens_per_minute,
         },
         allowed_regions: body.allowed_regions,
+        budget: body.budget.map(|b| manage::BudgetSpec {
+            tokens: b.tokens,
+            usd: b.usd,
+            period: b.period,
+        }),
     };
     let created = manage::put_tenant(pool(&state), &actor, &id, spec).await?;
     let sync = durability.settle(&state).await?;
@@ -335,6 +352,8 @@ impl From<crate::tenancy::Error> for Error {
             T::Database(e) => Self::Postgres(e),
             T::InvalidTenant(_) | T::InvalidLimits => Self::invalid(e.to_string(), None),
             T::InvalidRegions(_) => Self::invalid(e.to_string(), Some("allowed_regions")),
+            T::InvalidBudget(_) => Self::invalid(e.to_string(), Some("budget")),
+            T::InvalidPrice(_) => Self::invalid(e.to_string(), None),
             T::UnknownTenant(id) => no_tenant(&id),
             T::NotReplicated { waited_ms } => Self::SyncTimeout { waited_ms },
         }

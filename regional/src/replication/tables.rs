@@ -42,6 +42,9 @@ pub(crate) const TABLES: &[Table] = &[
             "created_at",
             "updated_at",
             "allowed_regions",
+            "budget_tokens",
+            "budget_usd_micros",
+            "budget_period",
         ],
         bytea: &[],
         fence: None,
@@ -147,6 +150,47 @@ pub(crate) const TABLES: &[Table] = &[
                  'completions', t.completions, 'result', t.result)::text",
         ),
         tenant: Some("tenant"),
+    },
+    // Set through the management API (`0017_budgets.sql`).
+    Table {
+        name: "model_prices",
+        key: "model",
+        key_type: "text",
+        columns: &[
+            "model",
+            "input_micros_per_mtok",
+            "output_micros_per_mtok",
+            "updated_at",
+        ],
+        bytea: &[],
+        fence: None,
+        digest: None,
+        tenant: None,
+    },
+    // A grow-only counter per region: only its region writes a row, so the
+    // last write is always the largest. It goes to every region, a bound
+    // tenant's included: it is what budgets and billing add up, and holds
+    // counts, not content.
+    Table {
+        name: "spend",
+        key: "id",
+        key_type: "text",
+        columns: &[
+            "id",
+            "region",
+            "day",
+            "tenant_id",
+            "model",
+            "requests",
+            "input_tokens",
+            "output_tokens",
+            "cost_nanos",
+            "updated_at",
+        ],
+        bytea: &[],
+        fence: None,
+        digest: None,
+        tenant: None,
     },
     // Append-only, like the messages (`0015_audit.sql`).
     Table {

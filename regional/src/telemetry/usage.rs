@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::error::Error;
 use crate::inference::Usage;
+use crate::tenancy::spend::Spend;
 
 /// Records in one insert at most.
 const MAX_ROWS_PER_INSERT: usize = 1_000;
@@ -40,6 +41,8 @@ pub(crate) struct UsageRecord {
 pub(crate) struct UsageRecorder {
     queue: mpsc::Sender<UsageRecord>,
     dropped: Arc<AtomicU64>,
+    /// Budgets count every answered request, whatever the queue does.
+    spend: Arc<Spend>,
 }
 
 impl UsageRecorder {
@@ -47,6 +50,7 @@ impl UsageRecorder {
         pool: PgPool,
         region: &str,
         capacity: usize,
+        spend: Arc<Spend>,
         shutdown: CancellationToken,
         tasks: &TaskTracker,
     ) -> Self {
@@ -55,11 +59,21 @@ impl UsageRecorder {
         Self {
             queue,
             dropped: Arc::new(AtomicU64::new(0)),
+            spend,
         }
     }
 
     /// Queues `record` without waiting; drops it when the queue is full.
     pub(crate) fn record(&self, mut record: UsageRecord) {
+        // A cache hit generated nothing, and a failure used nothing.
+        if record.status == "ok" && !record.cache.starts_with("hit") {
+            self.spend.add(
+                &record.tenant,
+                &record.model,
+                record.prompt_tokens,
+                record.completion_tokens,
+            );
+        }
         // The model is the one the request named, found or not; PostgreSQL's
         // text cannot hold U+0000, and one such row would fail the insert of
         // its whole batch, other tenants' records with it.

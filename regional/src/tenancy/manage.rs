@@ -28,9 +28,66 @@ pub(crate) struct TenantView {
     pub tokens_per_minute: Option<i64>,
     /// The regions its requests may be served in; `None`: any.
     pub allowed_regions: Option<Vec<String>>,
+    /// What it may spend per period; `None`: no budget.
+    pub budget: Option<BudgetView>,
     pub live_keys: i64,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// A tenant's budget as the API shows it: tokens, dollars, or both, per
+/// UTC day or month.
+#[derive(Debug, Serialize)]
+pub(crate) struct BudgetView {
+    pub tokens: Option<i64>,
+    pub usd: Option<f64>,
+    pub period: String,
+}
+
+/// A budget as [`put_tenant`] sets it.
+#[derive(Debug, Clone)]
+pub(crate) struct BudgetSpec {
+    pub tokens: Option<u64>,
+    pub usd: Option<f64>,
+    /// `day` or `month`; `None`: `month`.
+    pub period: Option<String>,
+}
+
+/// The most a budget may be in dollars: its nano-dollar spend still fits.
+const MAX_BUDGET_USD: f64 = 1e9;
+
+impl BudgetSpec {
+    /// (tokens, micro-dollars, period) as stored, or what is wrong.
+    fn checked(&self) -> Result<(Option<i64>, Option<i64>, &'static str), Error> {
+        let bad = |m: String| Err(Error::InvalidBudget(m));
+        if self.tokens.is_none() && self.usd.is_none() {
+            return bad("a `budget` needs `tokens`, `usd` or both; leave it out for none".into());
+        }
+        let tokens = match self.tokens {
+            Some(0) => return bad("`budget.tokens` must be at least 1".into()),
+            Some(t) => Some(i64::try_from(t).unwrap_or(i64::MAX)),
+            None => None,
+        };
+        let micros = match self.usd {
+            Some(usd) if !(usd.is_finite() && usd > 0.0 && usd <= MAX_BUDGET_USD) => {
+                return bad(format!(
+                    "`budget.usd` must be more than 0 and at most {MAX_BUDGET_USD}, not {usd}"
+                ));
+            }
+            Some(usd) => Some(((usd * 1e6).round() as i64).max(1)),
+            None => None,
+        };
+        let period = match self.period.as_deref().unwrap_or("month") {
+            "day" => "day",
+            "month" => "month",
+            other => {
+                return bad(format!(
+                    "`budget.period` must be \"day\" or \"month\", not {other:?}"
+                ));
+            }
+        };
+        Ok((tokens, micros, period))
+    }
 }
 
 /// A key as the API shows it: never the key itself.
@@ -61,7 +118,7 @@ pub(crate) struct AuditView {
 macro_rules! tenant_columns {
     () => {
         "t.id, t.display_name, t.requests_per_second, t.tokens_per_minute, t.allowed_regions, \
-         t.created_at, t.updated_at, (SELECT count(*) FROM api_keys k \
+         t.budget_tokens, t.budget_usd_micros, t.budget_period, t.created_at, t.updated_at, (SELECT count(*) FROM api_keys k \
          WHERE k.tenant_id = t.id AND k.revoked_at IS NULL) AS live_keys"
     };
 }
@@ -73,10 +130,24 @@ fn tenant(row: &sqlx::postgres::PgRow) -> TenantView {
         requests_per_second: row.get("requests_per_second"),
         tokens_per_minute: row.get("tokens_per_minute"),
         allowed_regions: row.get("allowed_regions"),
+        budget: budget(row),
         live_keys: row.get("live_keys"),
         created_at: row.get("created_at"),
         updated_at: row.get("updated_at"),
     }
+}
+
+fn budget(row: &sqlx::postgres::PgRow) -> Option<BudgetView> {
+    let tokens: Option<i64> = row.get("budget_tokens");
+    let micros: Option<i64> = row.get("budget_usd_micros");
+    if tokens.is_none() && micros.is_none() {
+        return None;
+    }
+    Some(BudgetView {
+        tokens,
+        usd: micros.map(|m| m as f64 / 1e6),
+        period: row.get("budget_period"),
+    })
 }
 
 /// Up to `limit` tenants with ids after `after`, in id order.
@@ -118,6 +189,8 @@ pub(crate) struct TenantSpec<'a> {
     pub limits: TenantLimits,
     /// `None`: any region.
     pub allowed_regions: Option<Vec<String>>,
+    /// `None`: no budget.
+    pub budget: Option<BudgetSpec>,
 }
 
 /// Creates tenant `id` or replaces its name, limits and regions; whether it
@@ -132,7 +205,12 @@ pub(crate) async fn put_tenant(
         display_name,
         limits,
         allowed_regions,
+        budget,
     } = spec;
+    let (budget_tokens, budget_micros, budget_period) = match &budget {
+        Some(b) => b.checked()?,
+        None => (None, None, "month"),
+    };
     if let Some(regions) = &allowed_regions {
         if regions.is_empty() {
             return Err(Error::InvalidRegions(
@@ -152,13 +230,16 @@ pub(crate) async fn put_tenant(
     let mut tx = pool.begin().await?;
     let created: bool = sqlx::query_scalar(
         "INSERT INTO tenants (id, display_name, requests_per_second, tokens_per_minute,
-                              allowed_regions)
-         VALUES ($1, COALESCE($2, $1), $3, $4, $5)
+                              allowed_regions, budget_tokens, budget_usd_micros, budget_period)
+         VALUES ($1, COALESCE($2, $1), $3, $4, $5, $6, $7, $8)
          ON CONFLICT (id) DO UPDATE SET
              display_name = COALESCE($2, tenants.display_name),
              requests_per_second = EXCLUDED.requests_per_second,
              tokens_per_minute = EXCLUDED.tokens_per_minute,
              allowed_regions = EXCLUDED.allowed_regions,
+             budget_tokens = EXCLUDED.budget_tokens,
+             budget_usd_micros = EXCLUDED.budget_usd_micros,
+             budget_period = EXCLUDED.budget_period,
              updated_at = now()
          RETURNING (xmax = 0)",
     )
@@ -167,6 +248,9 @@ pub(crate) async fn put_tenant(
     .bind(rps)
     .bind(tpm)
     .bind(&allowed_regions)
+    .bind(budget_tokens)
+    .bind(budget_micros)
+    .bind(budget_period)
     .fetch_one(&mut *tx)
     .await?;
     let action = if created {
@@ -179,6 +263,11 @@ pub(crate) async fn put_tenant(
         "requests_per_second": rps,
         "tokens_per_minute": tpm,
         "allowed_regions": allowed_regions,
+        "budget": budget.as_ref().map(|_| serde_json::json!({
+            "tokens": budget_tokens,
+            "usd_micros": budget_micros,
+            "period": budget_period,
+        })),
     });
     audit(&mut tx, actor, action, &format!("tenants/{id}"), detail).await?;
     tx.commit().await?;
@@ -318,7 +407,7 @@ pub(crate) async fn list_audit(
         .collect())
 }
 
-async fn audit(
+pub(super) async fn audit(
     tx: &mut Transaction<'_, Postgres>,
     actor: &Actor,
     action: &str,

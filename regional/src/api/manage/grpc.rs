@@ -23,6 +23,11 @@ fn tenant_pb(t: TenantView) -> pb::Tenant {
         requests_per_second: t.requests_per_second.and_then(|r| u32::try_from(r).ok()),
         tokens_per_minute: t.tokens_per_minute.and_then(|r| u64::try_from(r).ok()),
         allowed_regions: t.allowed_regions.unwrap_or_default(),
+        budget: t.budget.map(|b| pb::Budget {
+            tokens: b.tokens.and_then(|t| u64::try_from(t).ok()),
+            usd: b.usd,
+            period: b.period,
+        }),
         live_keys: u64::try_from(t.live_keys).unwrap_or(0),
         created_at: Some(timestamp(t.created_at)),
         updated_at: Some(timestamp(t.updated_at)),
@@ -77,6 +82,11 @@ pub(in crate::api) async fn put_tenant(
         },
         // Empty: anywhere, as proto3 cannot tell an empty list from none.
         allowed_regions: Some(req.allowed_regions).filter(|r| !r.is_empty()),
+        budget: req.budget.map(|b| manage::BudgetSpec {
+            tokens: b.tokens,
+            usd: b.usd,
+            period: Some(b.period).filter(|p| !p.is_empty()),
+        }),
     };
     let created = manage::put_tenant(pool(state), &actor, &req.id, spec)
         .await
