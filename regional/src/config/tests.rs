@@ -329,3 +329,22 @@ fn latency_outlier_factor_is_off_or_above_one() {
         "{e}"
     );
 }
+
+#[test]
+fn spend_prices_and_interval_are_checked() {
+    let e = err(&format!(
+        "{MINIMAL}\n[spend]\nflush_interval_ms = 5\n[spend.prices.\"m\"]\ninput_per_million = -1\noutput_per_million = 1\n"
+    ));
+    assert!(
+        e.contains("`spend.flush_interval_ms` must be from 10 to 60000"),
+        "{e}"
+    );
+    assert!(
+        e.contains("`spend.prices.\"m\"`: `input_per_million` must be a number of dollars"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{MINIMAL}\n[spend.prices.\"m\"]\ninput_per_million = 1\n"
+    ));
+    assert!(e.contains("output_per_million"), "{e}");
+}
