@@ -413,6 +413,17 @@ impl RawConfig {
     }
 }
 
+/// What is wrong with routing `aliases` to `models` in this region, as
+/// config validation says it (the problems name `aliases[i]`); empty when
+/// nothing is. Routes set through the management API are checked with it
+/// against each region's own models.
+pub(crate) fn routing_problems(models: &[ModelConfig], aliases: &[AliasConfig]) -> Vec<String> {
+    let mut problems = Problems::new();
+    inference::validate(models, aliases, &mut problems);
+    task::validate(models, aliases, &mut problems);
+    problems.finish(|| ()).err().unwrap_or_default()
+}
+
 /// A region's name: 1 to 63 lowercase letters, digits and dashes (a DNS
 /// label, as region names become host and SRV names).
 pub(crate) fn valid_region_name(name: &str) -> bool {

@@ -17,6 +17,7 @@ mod openai;
 mod pool;
 mod reply;
 mod route;
+pub(crate) mod routes;
 mod sim;
 mod sse;
 
@@ -270,6 +271,8 @@ pub(crate) struct Inference {
     shutdown: CancellationToken,
     /// Where `reload` reads models and aliases from.
     source: Option<std::path::PathBuf>,
+    /// The config's aliases and the API's routes the table was built from.
+    routes: std::sync::Mutex<routes::RouteState>,
     /// Deadline of HTTP requests that name none.
     pub default_timeout: Duration,
 }
@@ -298,11 +301,71 @@ impl Inference {
             metrics,
             shutdown,
             source: config.source.clone(),
+            routes: std::sync::Mutex::new(routes::RouteState::default()),
             default_timeout: Duration::from_millis(config.inference.request_timeout_ms),
         };
         let table = inference.build(&config.models, &config.aliases, None)?;
         inference.table.store(Arc::new(table));
+        let (_, views) = routes::compose(&config.models, &config.aliases, &[]);
+        *inference.routes() = routes::RouteState {
+            config: config.aliases.clone(),
+            api: Vec::new(),
+            views,
+        };
         Ok(inference)
+    }
+
+    fn routes(&self) -> std::sync::MutexGuard<'_, routes::RouteState> {
+        self.routes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Serves the API's `routes` over the config's aliases, when they
+    /// changed; a route this region cannot serve is left out (see
+    /// [`Inference::route_views`]).
+    pub(crate) fn set_api_routes(&self, api: Vec<AliasConfig>) {
+        let mut state = self.routes();
+        if state.api == api {
+            return;
+        }
+        let table = self.table.load_full();
+        let (aliases, views) = routes::compose(&table.model_configs(), &state.config, &api);
+        self.table.store(Arc::new(table.with_aliases(&aliases)));
+        let applied = views
+            .iter()
+            .filter(|v| v.source == "api" && v.applied)
+            .count();
+        tracing::info!(
+            routes = api.len(),
+            applied,
+            "model routes from the API applied"
+        );
+        state.api = api;
+        state.views = views;
+    }
+
+    /// Every route, its source and whether this region serves it.
+    pub(crate) fn route_views(&self) -> Vec<routes::RouteView> {
+        self.routes().views.clone()
+    }
+
+    /// Why this region could not serve `route` with the routes it has, if
+    /// it could not.
+    pub(crate) fn route_problem(&self, route: &AliasConfig) -> Option<String> {
+        let state = self.routes();
+        let mut api: Vec<_> = state
+            .api
+            .iter()
+            .filter(|r| r.id != route.id)
+            .cloned()
+            .collect();
+        api.push(route.clone());
+        api.sort_by(|a, b| a.id.cmp(&b.id));
+        let models = self.table.load().model_configs();
+        let (_, views) = routes::compose(&models, &state.config, &api);
+        views
+            .into_iter()
+            .find(|v| v.id == route.id && v.source == "api")
+            .and_then(|v| v.problem)
     }
 
     /// Makes a table; backends whose config did not change are taken over
@@ -397,14 +460,19 @@ impl Inference {
         // A bad file is the operator's request gone wrong: say why, keep
         // serving the old table.
         let config = Config::from_file(path).map_err(|e| Error::invalid(e.to_string(), None))?;
+        let mut state = self.routes();
+        let (aliases, views) = routes::compose(&config.models, &config.aliases, &state.api);
         let old = self.table.load_full();
         let table = self
-            .build(&config.models, &config.aliases, Some(&old))
+            .build(&config.models, &aliases, Some(&old))
             .map_err(|e| match e {
                 Error::Config { .. } => Error::invalid(e.to_string(), None),
                 e => e,
             })?;
         self.table.store(Arc::new(table));
+        state.config = config.aliases;
+        state.views = views;
+        drop(state);
         tracing::info!(path = %path.display(), "models and aliases reloaded");
         Ok(self.models().collect())
     }

@@ -193,6 +193,11 @@ impl RegionalNode {
         }
         .start();
         tasks.spawn(cache.clone().follow(shutdown.clone()));
+        tasks.spawn(crate::inference::routes::follow(
+            inference.clone(),
+            pool.clone(),
+            shutdown.clone(),
+        ));
         let api = api::Parts {
             region: config.region.clone(),
             pipeline,

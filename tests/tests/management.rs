@@ -823,3 +823,201 @@ async fn snapshot_rows(url: &str, peer: &str) -> Vec<(String, Value)> {
     }
     rows
 }
+
+#[tokio::test]
+async fn a_route_changed_in_one_region_serves_from_all_three() {
+    use meridian_tests::TEST_SLOW_MODEL;
+    init_logging();
+    // us-east and eu-west also serve `sim-eu`; ap-south does not.
+    let cluster = ClusterSandbox::start_replicated_configured(
+        &REGIONS,
+        |name| match name {
+            "ap-south" => String::new(),
+            _ => "[[models]]\nid = \"sim-eu\"\nbackend = { kind = \"sim\" }\n".into(),
+        },
+        |_| String::new(),
+        |_, _| {},
+    )
+    .await;
+    let api = Api {
+        http: reqwest::Client::new(),
+        urls: cluster.regions.iter().map(|r| r.url()).collect(),
+    };
+    let http = api.http.clone();
+    let gateway = cluster.gateway_url();
+    // The model that answered `model` in `region`, or the refusal.
+    let served = |model: &str, region: &str| {
+        let req = http
+            .post(format!("{gateway}/v1/chat/completions"))
+            .header("x-meridian-region", region)
+            .json(&json!({ "model": model, "max_tokens": 2,
+                "messages": [{ "role": "user", "content": "hi" }] }));
+        async move {
+            let res = req.send().await.unwrap();
+            let status = res.status().as_u16();
+            let body: Value = res.json().await.unwrap();
+            (
+                status,
+                body["model"].as_str().unwrap_or_default().to_string(),
+            )
+        }
+    };
+    let everywhere = |model: &'static str, expect: &'static str| {
+        let served = &served;
+        async move {
+            until(
+                CONVERGE,
+                &format!("{model} served by {expect} everywhere"),
+                || async {
+                    let mut all = true;
+                    for region in REGIONS {
+                        all &= served(model, region).await == (200, expect.to_string());
+                    }
+                    all
+                },
+            )
+            .await;
+        }
+    };
+
+    let route = |id: &str, region: usize, body: Value| {
+        let path = format!("routes/{id}");
+        let api = &api;
+        async move {
+            api.send(region, reqwest::Method::PUT, &path, Some(body), &[])
+                .await
+        }
+    };
+    let (status, _, made) =
+        route("assistant", 0, json!({ "weights": { TEST_SLOW_MODEL: 1 } })).await;
+    assert_eq!(status, 201, "{made}");
+    assert_eq!(
+        (&made["source"], &made["applied"]),
+        (&json!("api"), &json!(true))
+    );
+    everywhere("assistant", TEST_SLOW_MODEL).await;
+    // Changed in eu-west: every region follows.
+    let (status, _, changed) = route(
+        "assistant",
+        1,
+        json!({ "weights": { TEST_MODEL: 1 }, "fallbacks": [TEST_SLOW_MODEL] }),
+    )
+    .await;
+    assert_eq!(status, 200, "{changed}");
+    everywhere("assistant", TEST_MODEL).await;
+    let (_, models) = api_models(&http, &cluster.regions[2].url()).await;
+    assert!(models.contains(&"assistant".to_string()), "{models:?}");
+
+    // A route one region cannot serve: the others serve it, that region
+    // says why and answers 404 for it, and refuses to take it itself.
+    let (status, _, made) = route("eu-special", 0, json!({ "weights": { "sim-eu": 1 } })).await;
+    assert_eq!(status, 201, "{made}");
+    until(CONVERGE, "eu-west serves eu-special", || async {
+        served("eu-special", "eu-west").await == (200, "sim-eu".to_string())
+    })
+    .await;
+    until(CONVERGE, "ap-south knows eu-special", || async {
+        api.get(2, "routes/eu-special").await.0 == 200
+    })
+    .await;
+    let (_, seen) = api.get(2, "routes/eu-special").await;
+    let view = &seen["data"][0];
+    assert_eq!(view["applied"], false, "{seen}");
+    assert!(
+        view["problem"]
+            .as_str()
+            .unwrap()
+            .contains("names \"sim-eu\", which is not a model of this region"),
+        "{seen}"
+    );
+    assert_eq!(served("eu-special", "ap-south").await.0, 404);
+    let (status, _, refused) = route("eu-special", 2, json!({ "weights": { "sim-eu": 2 } })).await;
+    assert_eq!(status, 400, "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("region ap-south cannot serve this route"),
+        "{refused}"
+    );
+    for (body, says) in [
+        (
+            json!({ "weights": { TEST_MODEL: 1 }, "small": TEST_MODEL }),
+            "not both",
+        ),
+        (
+            json!({ "id": "x", "weights": { TEST_MODEL: 1 } }),
+            "in its path",
+        ),
+        (
+            json!({ "weights": { TEST_MODEL: 1 }, "colour": "red" }),
+            "unknown field",
+        ),
+        (
+            json!({ "weights": { TEST_MODEL: 1 } }),
+            "is a model of this region",
+        ),
+    ] {
+        let id = if says.contains("is a model") {
+            TEST_MODEL
+        } else {
+            "bad"
+        };
+        let (status, _, refused) = route(id, 0, body).await;
+        assert_eq!(status, 400, "{refused}");
+        assert!(
+            refused["error"]["message"].as_str().unwrap().contains(says),
+            "{says}: {refused}"
+        );
+    }
+
+    // Deleted in ap-south: gone everywhere.
+    let (status, _, _) = api
+        .send(2, reqwest::Method::DELETE, "routes/assistant", None, &[])
+        .await;
+    assert_eq!(status, 200);
+    until(CONVERGE, "assistant gone everywhere", || async {
+        let mut gone = true;
+        for region in REGIONS {
+            gone &= served("assistant", region).await.0 == 404;
+        }
+        gone
+    })
+    .await;
+    let (_, audit) = api.get(0, "audit?limit=100").await;
+    let actions: Vec<(&str, &str)> = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap(),
+                r["resource"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    for expected in [
+        ("route.create", "routes/assistant"),
+        ("route.update", "routes/assistant"),
+        ("route.create", "routes/eu-special"),
+        ("route.delete", "routes/assistant"),
+    ] {
+        assert!(actions.contains(&expected), "{expected:?} in {actions:?}");
+    }
+}
+
+/// The model ids a region lists.
+async fn api_models(http: &reqwest::Client, url: &str) -> (u16, Vec<String>) {
+    let res = http.get(format!("{url}/v1/models")).send().await.unwrap();
+    let status = res.status().as_u16();
+    let body: Value = res.json().await.unwrap();
+    let ids = body["data"]
+        .as_array()
+        .map(|d| {
+            d.iter()
+                .map(|m| m["id"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    (status, ids)
+}

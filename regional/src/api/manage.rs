@@ -8,6 +8,7 @@
 //! operations are `meridian.v1.Admin` methods ([`grpc`]).
 
 pub(super) mod grpc;
+mod routes;
 mod spend;
 
 use std::net::SocketAddr;
@@ -50,6 +51,7 @@ pub(super) fn routes(state: Arc<AppState>) -> Router {
         .route("/v1/tenant", get(own_tenant))
         .route("/v1/tenant/keys", get(own_keys))
         .merge(spend::routes())
+        .merge(routes::routes())
         .with_state(state)
 }
 

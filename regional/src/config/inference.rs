@@ -184,7 +184,7 @@ fn default_outlier_min_ttft_ms() -> u64 {
 
 /// A model name that routes to real models: by request size (`small` and
 /// `large`) or by weight (`weights`), never both.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AliasConfig {
     /// The name clients send, e.g. `auto`.

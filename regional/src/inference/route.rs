@@ -154,6 +154,28 @@ impl Table {
         }
     }
 
+    /// The same models (their backends shared) with `aliases` instead.
+    pub(super) fn with_aliases(&self, aliases: &[AliasConfig]) -> Self {
+        let models = self
+            .model_configs()
+            .into_iter()
+            .map(|config| {
+                let backend = self.models[&config.id].backend.clone();
+                Model { config, backend }
+            })
+            .collect();
+        Self::new(models, aliases)
+    }
+
+    /// The models' configs, in config order.
+    pub(super) fn model_configs(&self) -> Vec<ModelConfig> {
+        self.order
+            .iter()
+            .filter_map(|id| self.models.get(id))
+            .map(|m| m.config.clone())
+            .collect()
+    }
+
     /// The fallbacks of a request to `asked` served first by `model`: the
     /// alias's own lists, else the model's.
     pub(super) fn fallbacks(&self, asked: &str, model: &Model) -> Arc<Fallbacks> {

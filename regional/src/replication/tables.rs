@@ -167,6 +167,17 @@ pub(crate) const TABLES: &[Table] = &[
         digest: None,
         tenant: None,
     },
+    // Aliases set through the management API (`0018_routes.sql`).
+    Table {
+        name: "model_routes",
+        key: "id",
+        key_type: "text",
+        columns: &["id", "route", "updated_at"],
+        bytea: &[],
+        fence: None,
+        digest: None,
+        tenant: None,
+    },
     // A grow-only counter per region: only its region writes a row, so the
     // last write is always the largest. It goes to every region, a bound
     // tenant's included: it is what budgets and billing add up, and holds

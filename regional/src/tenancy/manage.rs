@@ -407,7 +407,7 @@ pub(crate) async fn list_audit(
         .collect())
 }
 
-pub(super) async fn audit(
+pub(crate) async fn audit(
     tx: &mut Transaction<'_, Postgres>,
     actor: &Actor,
     action: &str,
