@@ -104,6 +104,9 @@ impl Admin {
                     })).collect::<Vec<_>>(),
                     "healthy": r.is_healthy(),
                     "draining": r.is_draining(),
+                    // An operator's control (`PUT /admin/v1/regions/...`).
+                    "operator": { "drained": r.is_held(), "weight": r.weight() },
+                    "available": r.is_available(),
                     "ewma_latency_ms": r.ewma_ms(),
                     "load": r.load(),
                     "location": r.location.map(|l| json!({ "lat": l.lat, "lon": l.lon })),

@@ -29,6 +29,7 @@ use tokio::sync::watch;
 use meridian_proto::api_key::hash_key;
 
 use crate::ratelimit::{Limits, RateLimitConfig};
+use crate::regions::Regions;
 
 pub(crate) mod gate;
 
@@ -186,7 +187,10 @@ impl Auth {
 
     /// The background service that reloads the keys, when auth is on.
     pub(crate) fn loader(&self) -> Option<KeyLoader> {
-        self.keys.clone().map(KeyLoader)
+        self.keys.clone().map(|store| KeyLoader {
+            store,
+            regions: None,
+        })
     }
 
     /// The SHA-256 of the key in an `authorization` value (`Bearer <key>`).
@@ -228,8 +232,44 @@ fn bearer(value: &[u8]) -> Option<&[u8]> {
     (!key.is_empty()).then_some(key)
 }
 
-/// Reloads the keys every `reload_interval_ms` (a Pingora background service).
-pub(crate) struct KeyLoader(Arc<KeyStore>);
+/// Reloads the keys every `reload_interval_ms` (a Pingora background
+/// service), and with them the operators' region controls.
+pub(crate) struct KeyLoader {
+    store: Arc<KeyStore>,
+    regions: Option<Arc<Regions>>,
+}
+
+impl KeyLoader {
+    /// Applies the operators' drains and weights (`region_controls`) to
+    /// `regions` at each reload.
+    pub(crate) fn with_regions(self, regions: Arc<Regions>) -> Self {
+        Self {
+            regions: Some(regions),
+            ..self
+        }
+    }
+}
+
+/// Reads the operators' region controls and applies them to `regions`: a
+/// region with none takes traffic as usual.
+async fn apply_controls(pool: &PgPool, regions: &Regions) -> Result<(), sqlx::Error> {
+    let rows: Vec<(String, bool, i32)> =
+        sqlx::query_as("SELECT region, drained, weight FROM region_controls")
+            .fetch_all(pool)
+            .await?;
+    for region in &regions.list {
+        let (drained, weight) = rows
+            .iter()
+            .find(|(name, _, _)| *name == region.name)
+            .map_or((false, 100), |(_, d, w)| {
+                (*d, u32::try_from(*w).unwrap_or(100))
+            });
+        if region.control(drained, weight) {
+            tracing::warn!(region = %region.name, drained, weight, "an operator's control of the region applied");
+        }
+    }
+    Ok(())
+}
 
 type KeyRow = (
     Vec<u8>,
@@ -286,7 +326,7 @@ impl KeyStore {
 #[async_trait]
 impl BackgroundService for KeyLoader {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let store = &self.0;
+        let store = &self.store;
         let interval = Duration::from_millis(store.config.reload_interval_ms);
         let pool = match PgPoolOptions::new()
             .max_connections(1)
@@ -302,6 +342,7 @@ impl BackgroundService for KeyLoader {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
+        let mut controls_failing = false;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
@@ -320,6 +361,17 @@ impl BackgroundService for KeyLoader {
                         tracing::warn!(error = %e, "cannot reload API keys; the last ones loaded stay in force");
                     }
                     failing = true;
+                }
+            }
+            if let Some(regions) = &self.regions {
+                match apply_controls(&pool, regions).await {
+                    Ok(()) => controls_failing = false,
+                    Err(e) => {
+                        if !controls_failing {
+                            tracing::warn!(error = %e, "cannot read the region controls; the last ones stay in force");
+                        }
+                        controls_failing = true;
+                    }
                 }
             }
         }

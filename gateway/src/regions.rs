@@ -35,6 +35,11 @@ pub(crate) struct Region {
     nodes: ArcSwap<Vec<Arc<Node>>>,
     healthy: AtomicBool,
     draining: AtomicBool,
+    /// Drained by an operator (`region_controls`), whatever its nodes say.
+    held: AtomicBool,
+    /// The share of traffic, 0 to 100, it takes when it comes first
+    /// (`region_controls`); 100 unless an operator set less.
+    weight: AtomicU32,
     /// Mean reported load of the available nodes, in thousandths.
     load_permille: AtomicU32,
     /// Observed latency of health checks, microseconds, exponentially weighted.
@@ -67,6 +72,8 @@ impl Region {
             nodes: ArcSwap::from_pointee(nodes.into_iter().map(Arc::new).collect()),
             healthy: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            held: AtomicBool::new(false),
+            weight: AtomicU32::new(100),
             load_permille: AtomicU32::new(0),
             ewma_us: AtomicU64::new(0),
             refreshed_ms: AtomicU64::new(0),
@@ -90,9 +97,27 @@ impl Region {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Healthy and not draining: may take new work.
+    /// Healthy, and drained neither by its nodes nor by an operator: may
+    /// take new work.
     pub(crate) fn is_available(&self) -> bool {
-        self.is_healthy() && !self.is_draining()
+        self.is_healthy() && !self.is_draining() && !self.is_held()
+    }
+
+    /// Drained by an operator.
+    pub(crate) fn is_held(&self) -> bool {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// The share of traffic, 0 to 100, it takes when it comes first.
+    pub(crate) fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Applies an operator's control; whether it changed anything.
+    pub(crate) fn control(&self, drained: bool, weight: u32) -> bool {
+        let was_held = self.held.swap(drained, Ordering::Relaxed);
+        let was_weight = self.weight.swap(weight.min(100), Ordering::Relaxed);
+        was_held != drained || was_weight != weight.min(100)
     }
 
     pub(crate) fn ewma_ms(&self) -> f64 {

@@ -53,6 +53,28 @@ pub(crate) struct RequestFacts<'a> {
     pub location: Option<LatLon>,
 }
 
+/// `order` with its first region moved behind the next available one
+/// when `draw` (0 to 99) is at or above the first's operator weight: a
+/// region of weight w takes w% of the requests it would come first for.
+/// Pins and session affinity are kept as they are.
+fn weighed(regions: &Regions, mut order: Vec<usize>, draw: u32) -> Vec<usize> {
+    let Some(&first) = order.first() else {
+        return order;
+    };
+    if draw < regions.list[first].weight() {
+        return order;
+    }
+    if let Some(next) = order
+        .iter()
+        .skip(1)
+        .position(|&i| regions.list[i].is_available())
+    {
+        order.remove(0);
+        order.insert(next + 1, first);
+    }
+    order
+}
+
 /// Routing policy; stateless apart from the config, so every gateway with the
 /// same config and the same view of health decides the same way.
 #[derive(Debug)]
@@ -100,7 +122,7 @@ impl Router {
         }
         if facts.location.is_some() {
             return Ok(Plan {
-                order: ranked,
+                order: weighed(regions, ranked, rand::random_range(0..100)),
                 reason: Reason::Nearest,
             });
         }
@@ -111,7 +133,7 @@ impl Router {
             ranked
         };
         Ok(Plan {
-            order,
+            order: weighed(regions, order, rand::random_range(0..100)),
             reason: Reason::Default,
         })
     }

@@ -108,7 +108,10 @@ impl Gateway {
             origin: "gateway config".into(),
             message,
         })?;
-        let key_loader = proxy.gate.key_loader();
+        let key_loader = proxy
+            .gate
+            .key_loader()
+            .map(|loader| loader.with_regions(regions.clone()));
         let mut service =
             http_proxy_service_with_name(&server.configuration, proxy, "meridian gateway");
         let mut options = HttpServerOptions::default();

@@ -13,6 +13,7 @@
 mod keys;
 pub(crate) mod manage;
 pub(crate) mod prices;
+pub(crate) mod regions;
 pub(crate) mod spend;
 mod tenant;
 mod tenants;
@@ -50,6 +51,9 @@ pub enum Error {
     /// named model.
     #[error("{0}")]
     InvalidPrice(String),
+    /// A region control's weight is 0 to 100, its reason short.
+    #[error("{0}")]
+    InvalidControl(String),
     /// No tenant with this id.
     #[error("no tenant {0:?}: create it first")]
     UnknownTenant(String),

@@ -1021,3 +1021,156 @@ async fn api_models(http: &reqwest::Client, url: &str) -> (u16, Vec<String>) {
         .unwrap_or_default();
     (status, ids)
 }
+
+#[tokio::test]
+async fn operators_drain_and_weigh_regions_for_every_gateway() {
+    init_logging();
+    let cluster = ClusterSandbox::start_replicated(&REGIONS, "", |regions, config| {
+        config.auth = Some(AuthConfig {
+            reload_interval_ms: 100,
+            ..AuthConfig::new(regions[0].postgres.url())
+        });
+        config.geo.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let api = Api {
+        http: reqwest::Client::new(),
+        urls: cluster.regions.iter().map(|r| r.url()).collect(),
+    };
+    let (_, _, _) = api
+        .send(0, reqwest::Method::PUT, "tenants/t", Some(json!({})), &[])
+        .await;
+    let (_, _, key) = api
+        .send(0, reqwest::Method::POST, "tenants/t/keys", None, &[])
+        .await;
+    let key = key["key"].as_str().unwrap().to_string();
+    let http = api.http.clone();
+    let gateway = cluster.gateway_url();
+    // The region that served a request from Ireland.
+    let from_ireland = || {
+        let req = http
+            .post(format!("{gateway}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .header("x-meridian-client-country", "IE")
+            .json(&json!({ "model": TEST_MODEL, "max_tokens": 2,
+                "messages": [{ "role": "user", "content": "hi" }] }));
+        async move {
+            let res = req.send().await.unwrap();
+            match res.headers().get("x-meridian-served-by") {
+                Some(region) if res.status() == 200 => region.to_str().unwrap().to_string(),
+                _ => format!("status {}", res.status()),
+            }
+        }
+    };
+    until(CONVERGE, "served in eu-west", || async {
+        from_ireland().await == "eu-west"
+    })
+    .await;
+    let routing = || async {
+        let body: Value = reqwest::get(format!("{}/routing", cluster.admin_url()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["regions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "eu-west")
+            .unwrap()
+            .clone()
+    };
+
+    // Drained through us-east's API: the gateway reads the control with
+    // its keys and stops sending eu-west new work.
+    let control = |body: Value| {
+        let api = &api;
+        async move {
+            api.send(
+                0,
+                reqwest::Method::PUT,
+                "regions/eu-west",
+                Some(body),
+                &[("x-meridian-durability", "sync")],
+            )
+            .await
+        }
+    };
+    let (status, _, drained) =
+        control(json!({ "drained": true, "reason": "kernel upgrade" })).await;
+    assert_eq!(status, 200, "{drained}");
+    assert_eq!(
+        (&drained["drained"], &drained["weight"]),
+        (&json!(true), &json!(100))
+    );
+    until(CONVERGE, "eu-west drained at the gateway", || async {
+        let r = routing().await;
+        r["operator"]["drained"] == true && r["available"] == false
+    })
+    .await;
+    for _ in 0..10 {
+        let served = from_ireland().await;
+        assert!(
+            ["us-east", "ap-south"].contains(&served.as_str()),
+            "{served}"
+        );
+    }
+    let (_, listed) = api.get(2, "regions").await;
+    assert_eq!(listed["data"][0]["reason"], "kernel upgrade", "{listed}");
+
+    // Undrained at half weight: about half of Ireland's requests.
+    let (status, _, _) = control(json!({ "drained": false, "weight": 50 })).await;
+    assert_eq!(status, 200);
+    until(CONVERGE, "eu-west back at weight 50", || async {
+        let r = routing().await;
+        r["operator"] == json!({ "drained": false, "weight": 50 })
+    })
+    .await;
+    let mut eu = 0;
+    for _ in 0..20 {
+        let served = futures::future::join_all((0..20).map(|_| from_ireland())).await;
+        eu += served.iter().filter(|s| *s == "eu-west").count();
+    }
+    assert!(
+        (140..=260).contains(&eu),
+        "eu-west served {eu} of 400 at weight 50"
+    );
+    let (status, _, _) = control(json!({ "weight": 100 })).await;
+    assert_eq!(status, 200);
+    until(CONVERGE, "eu-west takes all of Ireland again", || async {
+        routing().await["operator"]["weight"] == 100
+    })
+    .await;
+    for _ in 0..10 {
+        assert_eq!(from_ireland().await, "eu-west");
+    }
+
+    for (path, body, says) in [
+        ("regions/eu-west", json!({ "weight": 101 }), "from 0 to 100"),
+        (
+            "regions/EU",
+            json!({ "drained": true }),
+            "not a region name",
+        ),
+        ("regions/eu-west", json!({ "drain": true }), "unknown field"),
+    ] {
+        let (status, _, refused) = api
+            .send(1, reqwest::Method::PUT, path, Some(body), &[])
+            .await;
+        assert_eq!(status, 400, "{refused}");
+        assert!(
+            refused["error"]["message"].as_str().unwrap().contains(says),
+            "{refused}"
+        );
+    }
+    let (_, audit) = api.get(0, "audit?limit=100").await;
+    let actions: Vec<&str> = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["resource"] == "regions/eu-west")
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["region.update", "region.undrain", "region.drain"]);
+}

@@ -207,3 +207,44 @@ fn default_region_unless_it_is_down() {
     assert_ne!(plan.order[0], US);
     assert_eq!(plan.order.len(), 3);
 }
+
+#[test]
+fn operator_weights_and_drains_move_traffic_but_never_pins() {
+    let (router, regions) = setup();
+    // Weight 30: draws 0 to 29 keep eu-west first, the rest pass it on.
+    regions.list[EU].control(false, 30);
+    assert_eq!(weighed(&regions, vec![EU, US, AP], 29), [EU, US, AP]);
+    assert_eq!(weighed(&regions, vec![EU, US, AP], 30), [US, EU, AP]);
+    // With no other region available, it keeps its place.
+    eject(&regions, US);
+    eject(&regions, AP);
+    assert_eq!(weighed(&regions, vec![EU, US, AP], 99), [EU, US, AP]);
+    let (router_b, regions_b) = setup();
+    // Drained by an operator: last in line, though nearest.
+    regions_b.list[EU].control(true, 100);
+    assert!(!regions_b.list[EU].is_available());
+    let plan = router_b
+        .plan(
+            &regions_b,
+            RequestFacts {
+                location: Some(PARIS),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(plan.order.last(), Some(&EU), "{plan:?}");
+    // A pin is an instruction: the drained region is still the only one.
+    let pinned = router
+        .plan(
+            &regions,
+            RequestFacts {
+                pin: Some("eu-west"),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(pinned.order, [EU]);
+    // Undrained, it is first again.
+    assert!(regions_b.list[EU].control(false, 100));
+    assert!(!regions_b.list[EU].control(false, 100), "no change");
+}

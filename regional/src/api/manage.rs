@@ -8,6 +8,7 @@
 //! operations are `meridian.v1.Admin` methods ([`grpc`]).
 
 pub(super) mod grpc;
+mod regions;
 mod routes;
 mod spend;
 
@@ -52,6 +53,7 @@ pub(super) fn routes(state: Arc<AppState>) -> Router {
         .route("/v1/tenant/keys", get(own_keys))
         .merge(spend::routes())
         .merge(routes::routes())
+        .merge(regions::routes())
         .with_state(state)
 }
 
@@ -355,7 +357,7 @@ impl From<crate::tenancy::Error> for Error {
             T::InvalidTenant(_) | T::InvalidLimits => Self::invalid(e.to_string(), None),
             T::InvalidRegions(_) => Self::invalid(e.to_string(), Some("allowed_regions")),
             T::InvalidBudget(_) => Self::invalid(e.to_string(), Some("budget")),
-            T::InvalidPrice(_) => Self::invalid(e.to_string(), None),
+            T::InvalidPrice(_) | T::InvalidControl(_) => Self::invalid(e.to_string(), None),
             T::UnknownTenant(id) => no_tenant(&id),
             T::NotReplicated { waited_ms } => Self::SyncTimeout { waited_ms },
         }

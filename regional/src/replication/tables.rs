@@ -178,6 +178,18 @@ pub(crate) const TABLES: &[Table] = &[
         digest: None,
         tenant: None,
     },
+    // Operators' drains and weights, read by gateways
+    // (`0019_region_controls.sql`).
+    Table {
+        name: "region_controls",
+        key: "region",
+        key_type: "text",
+        columns: &["region", "drained", "weight", "reason", "updated_at"],
+        bytea: &[],
+        fence: None,
+        digest: None,
+        tenant: None,
+    },
     // A grow-only counter per region: only its region writes a row, so the
     // last write is always the largest. It goes to every region, a bound
     // tenant's included: it is what budgets and billing add up, and holds
