@@ -3,6 +3,7 @@
 
 mod certs;
 mod manage;
+mod operate;
 mod regional;
 mod up;
 
@@ -47,9 +48,21 @@ enum Command {
     /// (operators; every region, replicated everywhere, audited).
     #[command(subcommand)]
     Tenants(manage::Tenants),
-    /// The management API's audit log: who changed which tenant or key,
-    /// when and from where.
+    /// The management API's audit log: who changed which tenant, key,
+    /// route, region control or price, when and from where.
     Audit(manage::AuditArgs),
+    /// Model routes (aliases by weight or size, with fallbacks) for every
+    /// region, through a region's management API.
+    #[command(subcommand)]
+    Routes(operate::Routes),
+    /// Drain, undrain or weigh regions for every gateway.
+    #[command(subcommand)]
+    Regions(operate::Regions),
+    /// Model prices, in US dollars per million tokens, for budgets.
+    #[command(subcommand)]
+    Prices(operate::Prices),
+    /// Spend by day, tenant, region and model, summed over every region.
+    Usage(operate::UsageArgs),
     /// Manage tenants' API keys directly in a region's PostgreSQL, without
     /// the API (bootstrap and recovery; replication carries them to every
     /// region, but nothing is audited).
@@ -188,6 +201,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(keys) => runtime()?.block_on(manage_keys(keys)),
         Command::Tenants(command) => runtime()?.block_on(manage::tenants(command)),
         Command::Audit(args) => runtime()?.block_on(manage::audit(args)),
+        Command::Routes(command) => runtime()?.block_on(operate::routes(command)),
+        Command::Regions(command) => runtime()?.block_on(operate::regions(command)),
+        Command::Prices(command) => runtime()?.block_on(operate::prices(command)),
+        Command::Usage(args) => runtime()?.block_on(operate::usage(args)),
         Command::Certs(args) => certs::run(args),
         Command::Sim(args) => runtime()?.block_on(sim(args)),
         Command::Gateway { config } => {
@@ -299,4 +316,16 @@ pub(crate) fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Sen
         }
         tracing::info!("shutdown requested");
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap checks a command's arguments only when it is parsed: this
+    /// checks every subcommand's at once (a positional named like a flag
+    /// of `--region`'s group, a repeated short).
+    #[test]
+    fn every_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -40,7 +40,7 @@ pub(crate) struct ApiArgs {
     sync: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(clap::Subcommand)]
@@ -131,7 +131,7 @@ pub(crate) struct AuditArgs {
 }
 
 impl ApiArgs {
-    async fn client(&self) -> anyhow::Result<AdminClient<Channel>> {
+    pub(crate) async fn client(&self) -> anyhow::Result<AdminClient<Channel>> {
         let endpoint = Endpoint::from_shared(self.region.clone())
             .with_context(|| format!("`--region {}` is not a URL", self.region))?
             .connect_timeout(Duration::from_secs(5))
@@ -169,7 +169,7 @@ impl ApiArgs {
         Ok(AdminClient::new(channel))
     }
 
-    fn request<T>(&self, message: T) -> tonic::Request<T> {
+    pub(crate) fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         if self.sync {
             request
@@ -181,7 +181,7 @@ impl ApiArgs {
 }
 
 /// A refusal as one line: the status's message, which names the problem.
-fn refused(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn refused(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", status.message(), status.code())
 }
 
@@ -431,14 +431,14 @@ fn budget_text(budget: Option<&pb::Budget>) -> String {
 }
 
 /// RFC 3339, or empty for none.
-fn time(t: Option<&prost_types::Timestamp>) -> String {
+pub(crate) fn time(t: Option<&prost_types::Timestamp>) -> String {
     t.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
         .unwrap_or_default()
 }
 
 /// Columns padded to their widest cell.
-fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
+pub(crate) fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
     let rows: Vec<Vec<String>> = std::iter::once(header.iter().map(|h| h.to_string()).collect())
         .chain(rows)
         .collect();

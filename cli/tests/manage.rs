@@ -138,3 +138,161 @@ async fn operators_manage_tenants_and_keys_with_the_cli_over_mtls() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("`--certs DIR` is required"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_manage_routes_regions_prices_and_usage_with_the_cli() {
+    init_logging();
+    let pki = TestPki::new();
+    let config = format!(
+        "{}[mesh.policy]\nread_only = [\"spiffe://meridian/operator/viewer\"]\n",
+        pki.region_toml("eu-west")
+    );
+    let region = RegionSandbox::start_with_config("eu-west", &config).await;
+    let operator = pki.write(&Identity::operator("admin").unwrap());
+    pki.write(&Identity::operator("viewer").unwrap());
+    let certs = operator.ca_path.parent().unwrap().display().to_string();
+    let cli = Cli {
+        args: vec![
+            "--region".into(),
+            format!("https://{}", region.addr()),
+            "--region-name".into(),
+            "eu-west".into(),
+            "--certs".into(),
+            certs,
+        ],
+    };
+    let fails = |out: Output, says: &str| {
+        assert!(!out.status.success(), "succeeded: {says}");
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(stderr.contains(says), "{stderr}");
+    };
+
+    // Routes.
+    let put = cli
+        .json(&[
+            "routes",
+            "put",
+            "assistant",
+            "--weight",
+            "sim-fast=3",
+            "--weight",
+            "sim-slow=1",
+            "--fallback",
+            "sim-slow",
+        ])
+        .await;
+    assert_eq!(
+        (
+            &put["created"],
+            &put["route"]["applied"],
+            &put["route"]["source"]
+        ),
+        (&Value::Bool(true), &Value::Bool(true), &Value::from("api")),
+        "{put}"
+    );
+    assert_eq!(put["route"]["weights"]["sim-fast"], 3, "{put}");
+    let out = cli.run(&["routes", "list"]).await;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("assistant  api     sim-fast=3 sim-slow=1  sim-slow   yes"),
+        "{table}"
+    );
+    fails(
+        cli.run(&["routes", "put", "bad", "--weight", "nope=1"])
+            .await,
+        "region eu-west cannot serve this route",
+    );
+    fails(
+        cli.run(&["routes", "put", "bad", "--weight", "nope"]).await,
+        "is not MODEL=WEIGHT",
+    );
+    let deleted = cli.json(&["routes", "delete", "assistant"]).await;
+    assert_eq!(deleted["deleted"], true);
+    assert_eq!(
+        cli.json(&["routes", "list"]).await["data"],
+        Value::Array(vec![])
+    );
+
+    // Region controls.
+    let drained = cli
+        .json(&["regions", "drain", "us-east", "--reason", "disk swap"])
+        .await;
+    assert_eq!(
+        (&drained["drained"], &drained["reason"]),
+        (&Value::Bool(true), &Value::from("disk swap"))
+    );
+    let weighed = cli.json(&["regions", "weight", "us-east", "40"]).await;
+    assert_eq!(
+        (&weighed["drained"], &weighed["weight"]),
+        (&Value::Bool(true), &Value::from(40))
+    );
+    let undrained = cli.json(&["regions", "undrain", "us-east"]).await;
+    assert_eq!(
+        (
+            &undrained["drained"],
+            &undrained["weight"],
+            &undrained["reason"]
+        ),
+        (&Value::Bool(false), &Value::from(40), &Value::from(""))
+    );
+    let out = cli.run(&["regions", "list"]).await;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("us-east  serving  40"), "{table}");
+    fails(
+        cli.run(&["regions", "weight", "us-east", "140"]).await,
+        "from 0 to 100",
+    );
+
+    // Prices and usage.
+    let priced = cli
+        .json(&[
+            "prices", "put", "sim-fast", "--input", "1.5", "--output", "6",
+        ])
+        .await;
+    assert_eq!(
+        priced["data"][0],
+        serde_json::json!({ "model": "sim-fast", "input_per_million": 1.5,
+            "output_per_million": 6.0, "source": "api" })
+    );
+    assert_eq!(cli.json(&["prices", "list"]).await, priced);
+    let usage = cli.json(&["usage", "--tenant", "acme"]).await;
+    assert_eq!(
+        (&usage["data"], &usage["truncated"]),
+        (&Value::Array(vec![]), &Value::Bool(false))
+    );
+    fails(
+        cli.run(&["usage", "--start", "2026-13-01"]).await,
+        "`start` must be a date as YYYY-MM-DD",
+    );
+
+    // A viewer reads all of it and changes none.
+    let viewer = Cli {
+        args: [cli.args.clone(), vec!["--operator".into(), "viewer".into()]].concat(),
+    };
+    viewer.json(&["routes", "list"]).await;
+    viewer.json(&["regions", "list"]).await;
+    viewer.json(&["prices", "list"]).await;
+    viewer.json(&["usage"]).await;
+    fails(
+        viewer.run(&["regions", "drain", "eu-west"]).await,
+        "may only read",
+    );
+    let audit = cli.json(&["audit"]).await;
+    let actions: Vec<&str> = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "price.set",
+            "region.undrain",
+            "region.update",
+            "region.drain",
+            "route.delete",
+            "route.create"
+        ]
+    );
+}

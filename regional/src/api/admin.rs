@@ -19,6 +19,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use super::manage::grpc as manage;
+use super::manage::grpc_ops as ops;
 use super::{AppState, Tenant};
 use crate::error::Error;
 use meridian_proto::v1 as pb;
@@ -230,6 +231,62 @@ impl Admin for AdminApi {
         request: Request<pb::ListAuditRequest>,
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
         manage::list_audit(&self.state, request).await
+    }
+
+    async fn put_route(
+        &self,
+        request: Request<pb::PutRouteRequest>,
+    ) -> Result<Response<pb::PutRouteResponse>, Status> {
+        ops::put_route(&self.state, request).await
+    }
+
+    async fn list_routes(
+        &self,
+        _: Request<pb::ListRoutesRequest>,
+    ) -> Result<Response<pb::ListRoutesResponse>, Status> {
+        ops::list_routes(&self.state).await
+    }
+
+    async fn delete_route(
+        &self,
+        request: Request<pb::DeleteRouteRequest>,
+    ) -> Result<Response<pb::DeleteRouteResponse>, Status> {
+        ops::delete_route(&self.state, request).await
+    }
+
+    async fn control_region(
+        &self,
+        request: Request<pb::ControlRegionRequest>,
+    ) -> Result<Response<pb::RegionControl>, Status> {
+        ops::control_region(&self.state, request).await
+    }
+
+    async fn list_region_controls(
+        &self,
+        _: Request<pb::ListRegionControlsRequest>,
+    ) -> Result<Response<pb::ListRegionControlsResponse>, Status> {
+        ops::list_region_controls(&self.state).await
+    }
+
+    async fn put_price(
+        &self,
+        request: Request<pb::PutPriceRequest>,
+    ) -> Result<Response<pb::ModelPrice>, Status> {
+        ops::put_price(&self.state, request).await
+    }
+
+    async fn list_prices(
+        &self,
+        _: Request<pb::ListPricesRequest>,
+    ) -> Result<Response<pb::ListPricesResponse>, Status> {
+        ops::list_prices(&self.state).await
+    }
+
+    async fn get_usage(
+        &self,
+        request: Request<pb::GetUsageRequest>,
+    ) -> Result<Response<pb::GetUsageResponse>, Status> {
+        ops::get_usage(&self.state, request).await
     }
 
     async fn purge_cache(

@@ -8,6 +8,7 @@
 //! operations are `meridian.v1.Admin` methods ([`grpc`]).
 
 pub(super) mod grpc;
+pub(super) mod grpc_ops;
 mod regions;
 mod routes;
 mod spend;

@@ -54,7 +54,8 @@ pub struct PolicyConfig {
     /// Identities (or prefixes ending in `/*`) that may only read, whatever
     /// `allow` lets them call: HTTP `GET` and `HEAD`, and the gRPC methods
     /// that change nothing (`Admin/RegionStatus`, `GetTenant`,
-    /// `ListTenants`, `ListApiKeys`, `ListAudit`). For operators who watch
+    /// `ListTenants`, `ListApiKeys`, `ListAudit`, `ListRoutes`,
+    /// `ListRegionControls`, `ListPrices`, `GetUsage`). For operators who watch
     /// but do not change, e.g. `spiffe://meridian/operator/viewer`.
     pub read_only: Vec<String>,
 }

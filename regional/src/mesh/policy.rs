@@ -27,12 +27,16 @@ const OPEN: [&str; 3] = [
 
 /// gRPC methods that change nothing, which read-only identities may call
 /// (besides the [`OPEN`] services).
-const READS: [&str; 5] = [
+const READS: [&str; 9] = [
     "meridian.v1.Admin/RegionStatus",
     "meridian.v1.Admin/GetTenant",
     "meridian.v1.Admin/ListTenants",
     "meridian.v1.Admin/ListApiKeys",
     "meridian.v1.Admin/ListAudit",
+    "meridian.v1.Admin/ListRoutes",
+    "meridian.v1.Admin/ListRegionControls",
+    "meridian.v1.Admin/ListPrices",
+    "meridian.v1.Admin/GetUsage",
 ];
 
 /// The compiled `[mesh.policy]`.

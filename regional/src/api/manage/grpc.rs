@@ -12,7 +12,7 @@ use crate::replication::{DURABILITY_HEADER, Durability};
 use crate::tenancy::TenantLimits;
 use crate::tenancy::manage::{self, AuditView, KeyView, TenantView};
 
-fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+pub(super) fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
     std::time::SystemTime::from(t).into()
 }
 
@@ -62,7 +62,7 @@ fn limit(asked: u32) -> Result<i64, Error> {
     page_limit((asked != 0).then_some(i64::from(asked)))
 }
 
-fn durability<T>(state: &AppState, request: &Request<T>) -> Result<Durability, Error> {
+pub(super) fn durability<T>(state: &AppState, request: &Request<T>) -> Result<Durability, Error> {
     let asked = request.metadata().get(DURABILITY_HEADER);
     super::durability(state, asked.map(|v| v.as_bytes()))
 }

@@ -13,9 +13,11 @@ use serde_json::{Value, json};
 use super::super::AppState;
 use super::super::body::JsonBody;
 use super::{Caller, Durable, pool};
+use crate::config::AliasConfig;
 use crate::error::Error;
 use crate::inference::routes;
 use crate::replication::DURABILITY_HEADER;
+use crate::tenancy::manage::Actor;
 
 pub(super) fn routes() -> Router<Arc<AppState>> {
     Router::new()
@@ -60,44 +62,68 @@ async fn put_route(
     durability: Durable,
     JsonBody(body): JsonBody,
 ) -> Result<Response, Error> {
-    if id.is_empty() || id.len() > 256 || id.contains('\0') {
-        return Err(Error::invalid(
-            "a route id is 1 to 256 bytes with no NUL",
-            None,
-        ));
-    }
     let body: Value = serde_json::from_slice(&body)
         .map_err(|e| Error::invalid(format!("invalid request body: {e}"), None))?;
     let route = routes::parse(&id, body)
         .map_err(|e| Error::invalid(format!("invalid route: {e}"), None))?;
-    if let Some(problem) = state.inference.route_problem(&route) {
-        return Err(Error::invalid(
-            format!("region {} cannot serve this route: {problem}", state.region),
-            None,
-        ));
-    }
-    let created = routes::put(pool(&state), &actor, &route).await?;
-    // Served here at once; other regions once it has replicated to them.
-    state
-        .inference
-        .set_api_routes(routes::load(pool(&state)).await?);
+    let (created, view) = set(&state, &actor, &route).await?;
     let sync = durability.settle(&state).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    let view = state
-        .inference
-        .route_views()
-        .into_iter()
-        .find(|v| v.id == id && v.source == "api");
     Ok((
         status,
         [(DURABILITY_HEADER, sync.header())],
         Json(json!(view)),
     )
         .into_response())
+}
+
+/// Stores `route` once this region can serve it, and serves it here at
+/// once (other regions once it has replicated to them): whether it was
+/// new, and how this region serves it.
+pub(super) async fn set(
+    state: &AppState,
+    actor: &Actor,
+    route: &AliasConfig,
+) -> Result<(bool, routes::RouteView), Error> {
+    let id = &route.id;
+    if id.is_empty() || id.len() > 256 || id.contains('\0') {
+        return Err(Error::invalid(
+            "a route id is 1 to 256 bytes with no NUL",
+            None,
+        ));
+    }
+    if let Some(problem) = state.inference.route_problem(route) {
+        return Err(Error::invalid(
+            format!("region {} cannot serve this route: {problem}", state.region),
+            None,
+        ));
+    }
+    let created = routes::put(pool(state), actor, route).await?;
+    state
+        .inference
+        .set_api_routes(routes::load(pool(state)).await?);
+    let view = state
+        .inference
+        .route_views()
+        .into_iter()
+        .find(|v| &v.id == id && v.source == "api")
+        .ok_or_else(|| Error::Unavailable(format!("route {id:?} was stored but is not listed")))?;
+    Ok((created, view))
+}
+
+/// Removes the API's route `id` in every region, and here at once.
+pub(super) async fn remove(state: &AppState, actor: &Actor, id: &str) -> Result<(), Error> {
+    if !routes::delete(pool(state), actor, id).await? {
+        return Err(no_route(id));
+    }
+    state
+        .inference
+        .set_api_routes(routes::load(pool(state)).await?);
+    Ok(())
 }
 
 /// `DELETE /admin/v1/routes/{id}`: the API's route goes in every region;
@@ -108,12 +134,7 @@ async fn delete_route(
     Path(id): Path<String>,
     durability: Durable,
 ) -> Result<Response, Error> {
-    if !routes::delete(pool(&state), &actor, &id).await? {
-        return Err(no_route(&id));
-    }
-    state
-        .inference
-        .set_api_routes(routes::load(pool(&state)).await?);
+    remove(&state, &actor, &id).await?;
     let sync = durability.settle(&state).await?;
     Ok((
         [(DURABILITY_HEADER, sync.header())],
@@ -122,6 +143,6 @@ async fn delete_route(
         .into_response())
 }
 
-fn no_route(id: &str) -> Error {
+pub(super) fn no_route(id: &str) -> Error {
     Error::NotFound(format!("no route {id:?}"))
 }

@@ -40,6 +40,14 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
 /// `GET /admin/v1/prices`: every price this region charges, from the API
 /// (replicated) over its `[spend.prices]`.
 async fn list_prices(State(state): State<Arc<AppState>>) -> Result<Json<Value>, Error> {
+    Ok(Json(json!({
+        "object": "list",
+        "data": price_list(&state).await?,
+    })))
+}
+
+/// Every price this region charges, by model.
+pub(super) async fn price_list(state: &AppState) -> Result<Vec<PriceView>, Error> {
     let mut all: BTreeMap<String, PriceView> = state
         .spend
         .configured_prices()
@@ -51,13 +59,10 @@ async fn list_prices(State(state): State<Arc<AppState>>) -> Result<Json<Value>, 
             )
         })
         .collect();
-    for (model, price) in prices::api_prices(pool(&state)).await? {
+    for (model, price) in prices::api_prices(pool(state)).await? {
         all.insert(model.clone(), PriceView::new(model, price, "api"));
     }
-    Ok(Json(json!({
-        "object": "list",
-        "data": all.into_values().collect::<Vec<_>>(),
-    })))
+    Ok(all.into_values().collect())
 }
 
 /// `PUT /admin/v1/prices/{model}`: sets a model's price in every region.
@@ -103,18 +108,18 @@ async fn delete_price(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Range {
+pub(super) struct Range {
     /// First day (UTC, `YYYY-MM-DD`), inclusive; default: the first of
     /// this month.
-    start: Option<String>,
+    pub start: Option<String>,
     /// Last day, inclusive; default: today.
-    end: Option<String>,
+    pub end: Option<String>,
     /// Admin only: one tenant; default: all.
-    tenant: Option<String>,
+    pub tenant: Option<String>,
 }
 
 impl Range {
-    fn days(&self) -> Result<(NaiveDate, NaiveDate), Error> {
+    pub(super) fn days(&self) -> Result<(NaiveDate, NaiveDate), Error> {
         let day = |name: &'static str, text: &Option<String>, default: NaiveDate| match text {
             None => Ok(default),
             Some(t) => NaiveDate::parse_from_str(t, "%Y-%m-%d").map_err(|_| {
