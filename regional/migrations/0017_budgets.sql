@@ -8,8 +8,9 @@
 ALTER TABLE tenants
     ADD COLUMN budget_tokens     bigint CHECK (budget_tokens > 0),
     ADD COLUMN budget_usd_micros bigint CHECK (budget_usd_micros > 0),
-    ADD COLUMN budget_period     text   NOT NULL DEFAULT 'month'
-        CHECK (budget_period IN ('day', 'month'));
+    -- NULL: 'month'. Nullable like every column added to a replicated
+    -- table: a peer not yet upgraded sends rows without it.
+    ADD COLUMN budget_period     text   CHECK (budget_period IN ('day', 'month'));
 
 -- Prices set through the management API; they take precedence over a
 -- region's `[spend.prices]`. Replicated, so every region charges alike.

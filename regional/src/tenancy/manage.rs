@@ -146,7 +146,9 @@ fn budget(row: &sqlx::postgres::PgRow) -> Option<BudgetView> {
     Some(BudgetView {
         tokens,
         usd: micros.map(|m| m as f64 / 1e6),
-        period: row.get("budget_period"),
+        period: row
+            .get::<Option<String>, _>("budget_period")
+            .unwrap_or_else(|| "month".into()),
     })
 }
 
@@ -208,8 +210,11 @@ pub(crate) async fn put_tenant(
         budget,
     } = spec;
     let (budget_tokens, budget_micros, budget_period) = match &budget {
-        Some(b) => b.checked()?,
-        None => (None, None, "month"),
+        Some(b) => {
+            let (tokens, micros, period) = b.checked()?;
+            (tokens, micros, Some(period))
+        }
+        None => (None, None, None),
     };
     if let Some(regions) = &allowed_regions {
         if regions.is_empty() {

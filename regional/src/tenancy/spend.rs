@@ -376,7 +376,7 @@ type BudgetRow = (
     String,
     Option<i64>,
     Option<i64>,
-    String,
+    Option<String>,
     i64,
     i64,
     i64,
@@ -408,7 +408,10 @@ async fn read(pool: &PgPool) -> Result<(HashMap<String, Budget>, Prices), Error>
         .into_iter()
         .map(
             |(id, tokens, usd_micros, period, requests, input, output, cost, _)| {
-                let period = Period::parse(&period).unwrap_or(Period::Month);
+                let period = period
+                    .as_deref()
+                    .and_then(Period::parse)
+                    .unwrap_or(Period::Month);
                 let budget = Budget {
                     tokens,
                     usd_micros,
