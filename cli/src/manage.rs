@@ -73,6 +73,10 @@ pub(crate) enum Tenants {
         /// The budget's period: `day` or `month` (UTC; default `month`).
         #[arg(long)]
         budget_period: Option<String>,
+        /// A model (or route) its keys may use (repeat for several); none:
+        /// any.
+        #[arg(long = "allow-model")]
+        allowed_models: Vec<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -98,6 +102,19 @@ pub(crate) enum Tenants {
         /// Tenant id.
         tenant: String,
         #[command(flatten)]
+        key: KeyArgs,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Make a new key like an old one; the old one keeps working for the
+    /// grace period, so clients can move without a failed call.
+    RotateKey {
+        /// Key id (from `create-key` or `keys`).
+        id: String,
+        /// Seconds the old key keeps working (default 3600; 0: none).
+        #[arg(long)]
+        grace: Option<u64>,
+        #[command(flatten)]
         api: ApiArgs,
     },
     /// List a tenant's keys (ids and prefixes, never the keys).
@@ -115,6 +132,30 @@ pub(crate) enum Tenants {
         #[command(flatten)]
         api: ApiArgs,
     },
+}
+
+/// What a new key is.
+#[derive(clap::Args)]
+pub(crate) struct KeyArgs {
+    /// A name for people.
+    #[arg(long)]
+    name: Option<String>,
+    /// A label, `KEY=VALUE` (repeat for several).
+    #[arg(long = "label", value_parser = label)]
+    labels: Vec<(String, String)>,
+    /// When it stops working, RFC 3339 (e.g. 2027-01-31T00:00:00Z).
+    #[arg(long)]
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// A model (or route) it may use (repeat for several); none: any its
+    /// tenant may.
+    #[arg(long = "allow-model")]
+    allowed_models: Vec<String>,
+}
+
+fn label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
 }
 
 /// The audit log's page.
@@ -196,6 +237,7 @@ pub(crate) async fn tenants(command: Tenants) -> anyhow::Result<()> {
             budget_tokens,
             budget_usd,
             budget_period,
+            allowed_models,
             api,
         } => {
             let budget = (budget_tokens.is_some()
@@ -213,6 +255,7 @@ pub(crate) async fn tenants(command: Tenants) -> anyhow::Result<()> {
                 tokens_per_minute: tpm,
                 allowed_regions,
                 budget,
+                allowed_models,
             });
             let put = api
                 .client()
@@ -265,7 +308,8 @@ pub(crate) async fn tenants(command: Tenants) -> anyhow::Result<()> {
                 }
             }
         }
-        Tenants::CreateKey { tenant, api } => create_key(tenant, api).await?,
+        Tenants::CreateKey { tenant, key, api } => create_key(tenant, key, api).await?,
+        Tenants::RotateKey { id, grace, api } => rotate_key(id, grace, api).await?,
         Tenants::Keys { tenant, api } => list_keys(tenant, api).await?,
         Tenants::RevokeKey { id, api } => revoke_key(id, api).await?,
     }
@@ -273,26 +317,63 @@ pub(crate) async fn tenants(command: Tenants) -> anyhow::Result<()> {
 }
 
 /// A new key, printed once.
-async fn create_key(tenant: String, api: ApiArgs) -> anyhow::Result<()> {
+async fn create_key(tenant: String, spec: KeyArgs, api: ApiArgs) -> anyhow::Result<()> {
+    let request = pb::CreateApiKeyRequest {
+        tenant,
+        name: spec.name,
+        labels: spec.labels.into_iter().collect(),
+        expires_at: spec
+            .expires_at
+            .map(|t| std::time::SystemTime::from(t).into()),
+        allowed_models: spec.allowed_models,
+    };
     let made = api
         .client()
         .await?
-        .create_api_key(api.request(pb::CreateApiKeyRequest { tenant }))
+        .create_api_key(api.request(request))
         .await
         .map_err(refused)?
         .into_inner();
-    let key = made.key.unwrap_or_default();
+    print_secret(made.key.unwrap_or_default(), made.secret, &api);
+    Ok(())
+}
+
+/// A rotated key: the new one printed once.
+async fn rotate_key(id: String, grace: Option<u64>, api: ApiArgs) -> anyhow::Result<()> {
+    let rotated = api
+        .client()
+        .await?
+        .rotate_api_key(api.request(pb::RotateApiKeyRequest {
+            id,
+            grace_seconds: grace,
+        }))
+        .await
+        .map_err(refused)?
+        .into_inner();
+    let old = rotated.rotated.unwrap_or_default();
+    if !api.json {
+        eprintln!(
+            "key {} works until {}",
+            old.id,
+            time(old.expires_at.as_ref())
+        );
+    }
+    print_secret(rotated.key.unwrap_or_default(), rotated.secret, &api);
+    Ok(())
+}
+
+/// A new key and its secret: JSON, or the secret alone on stdout.
+fn print_secret(key: pb::ApiKey, secret: String, api: &ApiArgs) {
     if api.json {
         let mut out = key_json(&key);
-        out["key"] = Value::String(made.secret);
+        out["key"] = Value::String(secret);
         println!("{out}");
     } else {
         // The key alone on stdout, as `meridian keys create` prints it:
         // scripts read it.
-        println!("{}", made.secret);
+        println!("{secret}");
         eprintln!("key id {} (for `meridian tenants revoke-key`)", key.id);
     }
-    Ok(())
 }
 
 async fn list_keys(tenant: String, api: ApiArgs) -> anyhow::Result<()> {
@@ -312,11 +393,19 @@ async fn list_keys(tenant: String, api: ApiArgs) -> anyhow::Result<()> {
             vec![
                 k.id.clone(),
                 k.prefix.clone(),
+                k.name.clone(),
                 time(k.created_at.as_ref()),
+                time(k.expires_at.as_ref()),
                 time(k.revoked_at.as_ref()),
+                k.allowed_models.join(" "),
             ]
         });
-        table(&["ID", "PREFIX", "CREATED", "REVOKED"], rows);
+        table(
+            &[
+                "ID", "PREFIX", "NAME", "CREATED", "EXPIRES", "REVOKED", "MODELS",
+            ],
+            rows,
+        );
     }
     Ok(())
 }
@@ -387,7 +476,8 @@ pub(crate) async fn audit(args: AuditArgs) -> anyhow::Result<()> {
 fn tenant_json(t: &pb::Tenant) -> Value {
     json!({ "id": t.id, "display_name": t.display_name,
         "requests_per_second": t.requests_per_second, "tokens_per_minute": t.tokens_per_minute,
-        "allowed_regions": t.allowed_regions, "live_keys": t.live_keys,
+        "allowed_regions": t.allowed_regions, "allowed_models": t.allowed_models,
+        "live_keys": t.live_keys,
         "budget": t.budget.as_ref().map(|b| json!({ "tokens": b.tokens, "usd": b.usd,
             "period": b.period })),
         "created_at": time(t.created_at.as_ref()),
@@ -396,8 +486,12 @@ fn tenant_json(t: &pb::Tenant) -> Value {
 
 fn key_json(k: &pb::ApiKey) -> Value {
     json!({ "id": k.id, "tenant": k.tenant, "prefix": k.prefix,
+        "name": Some(&k.name).filter(|n| !n.is_empty()),
+        "labels": k.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
         "created_at": time(k.created_at.as_ref()),
-        "revoked_at": k.revoked_at.as_ref().map(|t| time(Some(t))) })
+        "expires_at": k.expires_at.as_ref().map(|t| time(Some(t))),
+        "revoked_at": k.revoked_at.as_ref().map(|t| time(Some(t))),
+        "allowed_models": k.allowed_models })
 }
 
 fn print_tenants(tenants: &[pb::Tenant]) {

@@ -109,6 +109,37 @@ impl Tenant {
     }
 }
 
+/// One API key as the proxy sees it: its tenant, and what the key itself
+/// adds (an id for regions, an expiry, the models it may use).
+pub(crate) struct Key {
+    pub(crate) tenant: Arc<Tenant>,
+    /// The key's id, as sent to regions; `None` when auth is off.
+    pub(crate) id: Option<HeaderValue>,
+    /// When it stops working; `None`: never. Checked on every request, as
+    /// keys reload only every interval; keys that expired in the last week
+    /// stay loaded, so their callers are told why.
+    expires_at: Option<std::time::SystemTime>,
+    /// The models (or routes) the key and its tenant allow, comma-joined,
+    /// for regions to enforce; `None`: any.
+    pub(crate) models: Option<HeaderValue>,
+}
+
+/// The models a key may use: its own list within its tenant's.
+fn allowed_models(tenant: Option<&[String]>, key: Option<&[String]>) -> Option<String> {
+    let list: Vec<&String> = match (tenant, key) {
+        (None, None) => return None,
+        (Some(t), None) => t.iter().collect(),
+        (None, Some(k)) => k.iter().collect(),
+        (Some(t), Some(k)) => k.iter().filter(|m| t.contains(m)).collect(),
+    };
+    Some(
+        list.iter()
+            .map(|m| m.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+}
+
 /// SHA-256 digests are uniformly distributed already: their first bytes are
 /// a good hash, no need to run SipHash over them.
 #[derive(Default)]
@@ -125,7 +156,7 @@ impl Hasher for DigestHasher {
     }
 }
 
-type KeyMap = HashMap<[u8; 32], Arc<Tenant>, BuildHasherDefault<DigestHasher>>;
+type KeyMap = HashMap<[u8; 32], Arc<Key>, BuildHasherDefault<DigestHasher>>;
 
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy)]
@@ -133,6 +164,8 @@ pub(crate) enum Refusal {
     Missing,
     Invalid,
     NotLoaded,
+    /// The key's expiry has passed (its reload has not dropped it yet).
+    Expired,
 }
 
 impl Refusal {
@@ -141,6 +174,7 @@ impl Refusal {
             Self::Missing => "missing",
             Self::Invalid => "invalid",
             Self::NotLoaded => "not_loaded",
+            Self::Expired => "expired",
         }
     }
 }
@@ -152,7 +186,7 @@ const FIRST_LOAD_WAIT: Duration = Duration::from_secs(5);
 pub(crate) struct Auth {
     keys: Option<Arc<KeyStore>>,
     /// The tenant of every request when auth is off.
-    default: Arc<Tenant>,
+    default: Arc<Key>,
 }
 
 pub(crate) struct KeyStore {
@@ -176,7 +210,12 @@ impl Auth {
                     defaults,
                 })
             }),
-            default: Arc::new(default),
+            default: Arc::new(Key {
+                tenant: Arc::new(default),
+                id: None,
+                expires_at: None,
+                models: None,
+            }),
         }
     }
 
@@ -198,11 +237,9 @@ impl Auth {
         authorization.and_then(bearer).map(hash_key)
     }
 
-    /// The tenant of a request, from the digest of its key.
-    pub(crate) async fn authenticate(
-        &self,
-        digest: Option<[u8; 32]>,
-    ) -> Result<Arc<Tenant>, Refusal> {
+    /// The key of a request (and so its tenant), from the digest of its
+    /// key.
+    pub(crate) async fn authenticate(&self, digest: Option<[u8; 32]>) -> Result<Arc<Key>, Refusal> {
         let Some(keys) = &self.keys else {
             return Ok(self.default.clone());
         };
@@ -214,11 +251,19 @@ impl Auth {
                 _ => return Err(Refusal::NotLoaded),
             }
         }
-        keys.snapshot
+        let key = keys
+            .snapshot
             .load()
             .get(&digest)
             .cloned()
-            .ok_or(Refusal::Invalid)
+            .ok_or(Refusal::Invalid)?;
+        if key
+            .expires_at
+            .is_some_and(|at| at <= std::time::SystemTime::now())
+        {
+            return Err(Refusal::Expired);
+        }
+        Ok(key)
     }
 }
 
@@ -271,50 +316,73 @@ async fn apply_controls(pool: &PgPool, regions: &Regions) -> Result<(), sqlx::Er
     Ok(())
 }
 
-type KeyRow = (
-    Vec<u8>,
-    String,
-    Option<i32>,
-    Option<i64>,
-    Option<Vec<String>>,
-);
+#[derive(sqlx::FromRow)]
+struct KeyRow {
+    key_hash: Vec<u8>,
+    tenant: String,
+    requests_per_second: Option<i32>,
+    tokens_per_minute: Option<i64>,
+    allowed_regions: Option<Vec<String>>,
+    tenant_models: Option<Vec<String>>,
+    id: String,
+    /// Unix milliseconds.
+    expires_ms: Option<i64>,
+    key_models: Option<Vec<String>>,
+}
 
 impl KeyStore {
     async fn reload(&self, pool: &PgPool) -> Result<usize, sqlx::Error> {
         let rows: Vec<KeyRow> = sqlx::query_as(
-            "SELECT k.key_hash, t.id, t.requests_per_second, t.tokens_per_minute,
-                    t.allowed_regions
+            "SELECT k.key_hash, t.id AS tenant, t.requests_per_second, t.tokens_per_minute,
+                    t.allowed_regions, t.allowed_models AS tenant_models, k.id::text AS id,
+                    (extract(epoch FROM k.expires_at) * 1000)::int8 AS expires_ms,
+                    k.allowed_models AS key_models
                FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
-              WHERE k.revoked_at IS NULL",
+              WHERE k.revoked_at IS NULL
+                AND (k.expires_at IS NULL OR k.expires_at > now() - interval '7 days')",
         )
         .fetch_all(pool)
         .await?;
         let mut map = KeyMap::with_capacity_and_hasher(rows.len(), Default::default());
         let mut tenants: HashMap<&str, Arc<Tenant>> = HashMap::new();
-        for (hash, id, rps, tpm, allowed) in &rows {
-            let Ok(digest) = <[u8; 32]>::try_from(hash.as_slice()) else {
+        for row in &rows {
+            let Ok(digest) = <[u8; 32]>::try_from(row.key_hash.as_slice()) else {
                 continue;
             };
-            let tenant = match tenants.get(id.as_str()) {
+            let tenant = match tenants.get(row.tenant.as_str()) {
                 Some(t) => t.clone(),
                 None => {
                     let limits = Limits {
-                        requests_per_second: rps
+                        requests_per_second: row
+                            .requests_per_second
                             .and_then(|r| u32::try_from(r).ok())
                             .or(self.defaults.requests_per_second),
-                        tokens_per_minute: tpm
+                        tokens_per_minute: row
+                            .tokens_per_minute
                             .and_then(|t| u64::try_from(t).ok())
                             .or(self.defaults.tokens_per_minute),
                     };
-                    let Some(tenant) = Tenant::new(id, limits, allowed.clone()) else {
+                    let Some(tenant) =
+                        Tenant::new(&row.tenant, limits, row.allowed_regions.clone())
+                    else {
                         continue;
                     };
                     let tenant = Arc::new(tenant);
-                    tenants.insert(id, tenant.clone());
+                    tenants.insert(&row.tenant, tenant.clone());
                     tenant
                 }
             };
-            map.insert(digest, tenant);
+            let models = allowed_models(row.tenant_models.as_deref(), row.key_models.as_deref())
+                .and_then(|m| HeaderValue::from_str(&m).ok());
+            let key = Key {
+                tenant,
+                id: HeaderValue::from_str(&row.id).ok(),
+                expires_at: row.expires_ms.map(|ms| {
+                    std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+                }),
+                models,
+            };
+            map.insert(digest, Arc::new(key));
         }
         let count = map.len();
         self.snapshot.store(Arc::new(map));
@@ -381,6 +449,25 @@ impl BackgroundService for KeyLoader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_keys_models_are_narrowed_by_its_tenants() {
+        let list = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(allowed_models(None, None), None);
+        assert_eq!(
+            allowed_models(Some(&list(&["a", "b"])), None).as_deref(),
+            Some("a,b")
+        );
+        assert_eq!(
+            allowed_models(Some(&list(&["a", "b"])), Some(&list(&["b", "c"]))).as_deref(),
+            Some("b")
+        );
+        // Nothing in common: nothing allowed, not anything.
+        assert_eq!(
+            allowed_models(Some(&list(&["a"])), Some(&list(&["c"]))).as_deref(),
+            Some("")
+        );
+    }
 
     #[test]
     fn bearer_values() {

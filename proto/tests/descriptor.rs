@@ -129,6 +129,13 @@ const SERVICES: &[(&str, &str, &[Rpc])] = &[
                 false,
             ),
             (
+                "RotateApiKey",
+                "RotateApiKeyRequest",
+                "RotateApiKeyResponse",
+                false,
+                false,
+            ),
+            (
                 "ListAudit",
                 "ListAuditRequest",
                 "ListAuditResponse",

@@ -139,6 +139,7 @@ impl Pipeline {
             deadline,
             turn,
         } = ask;
+        tenant.may_use(&req.model)?;
         let durability = self
             .parts
             .replication

@@ -83,6 +83,10 @@ pub enum Error {
     #[error("{0}")]
     Unavailable(String),
     /// There is no such job for this tenant (or the id is malformed).
+    /// The caller's key or tenant may not use this model.
+    #[error("this API key may not use model {model:?}: its key or tenant allows only [{allowed}]")]
+    ModelNotAllowed { model: String, allowed: String },
+
     /// The tenant's budget for the period is spent.
     #[error(
         "tenant {tenant} has spent its budget of {budget} for this {period}; it resets on \
@@ -283,6 +287,7 @@ impl Error {
                 ErrorClass::RateLimited
             }
             Self::BudgetSpent { .. } => ErrorClass::QuotaExceeded,
+            Self::ModelNotAllowed { .. } => ErrorClass::PermissionDenied,
             Self::DeadlineExceeded => ErrorClass::Timeout,
             Self::UpstreamRefused { .. } => ErrorClass::BadGateway,
             Self::IdempotencyKeyReused(_) => ErrorClass::Conflict,
@@ -338,6 +343,7 @@ impl Error {
             Self::ModelNotFound(_) => Some(openai_code::MODEL_NOT_FOUND),
             Self::ContextLengthExceeded { .. } => Some(openai_code::CONTEXT_LENGTH_EXCEEDED),
             Self::BudgetSpent { .. } => Some(openai_code::INSUFFICIENT_QUOTA),
+            Self::ModelNotAllowed { .. } => Some(openai_code::MODEL_NOT_ALLOWED),
             _ => None,
         }
     }

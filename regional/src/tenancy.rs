@@ -54,6 +54,12 @@ pub enum Error {
     /// A region control's weight is 0 to 100, its reason short.
     #[error("{0}")]
     InvalidControl(String),
+    /// A key's name, labels, expiry or models are not valid.
+    #[error("{0}")]
+    InvalidKey(String),
+    /// A tenant's allowed models are not valid.
+    #[error("{0}")]
+    InvalidModels(String),
     /// No tenant with this id.
     #[error("no tenant {0:?}: create it first")]
     UnknownTenant(String),

@@ -332,6 +332,7 @@ async fn the_same_operations_are_admin_methods_over_grpc() {
         tokens_per_minute: None,
         allowed_regions: vec![],
         budget: None,
+        allowed_models: vec![],
     };
     let made = admin
         .put_tenant(put("acme", Some(5)))
@@ -412,6 +413,7 @@ async fn the_same_operations_are_admin_methods_over_grpc() {
     let key = admin
         .create_api_key(CreateApiKeyRequest {
             tenant: "acme".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -449,6 +451,7 @@ async fn the_same_operations_are_admin_methods_over_grpc() {
     let status = admin
         .create_api_key(CreateApiKeyRequest {
             tenant: "nobody".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -1173,4 +1176,221 @@ async fn operators_drain_and_weigh_regions_for_every_gateway() {
         .map(|r| r["action"].as_str().unwrap())
         .collect();
     assert_eq!(actions, ["region.update", "region.undrain", "region.drain"]);
+}
+
+#[tokio::test]
+async fn keys_carry_names_expiry_and_models_and_rotate_with_a_grace_period() {
+    use meridian_tests::TEST_SLOW_MODEL;
+    init_logging();
+    let cluster = ClusterSandbox::start_configured(
+        &["eu-west"],
+        |_| String::new(),
+        |regions, config| {
+            config.auth = Some(AuthConfig {
+                reload_interval_ms: 100,
+                ..AuthConfig::new(regions[0].postgres.url())
+            });
+        },
+    )
+    .await;
+    let api = Api {
+        http: reqwest::Client::new(),
+        urls: vec![cluster.regions[0].url()],
+    };
+    let (status, _, tenant) = api
+        .send(
+            0,
+            reqwest::Method::PUT,
+            "tenants/scoped",
+            Some(json!({ "allowed_models": [TEST_MODEL, TEST_SLOW_MODEL] })),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 201, "{tenant}");
+    assert_eq!(
+        tenant["allowed_models"],
+        json!([TEST_MODEL, TEST_SLOW_MODEL])
+    );
+    let new_key = |body: Value| {
+        let api = &api;
+        async move {
+            let (status, _, key) = api
+                .send(
+                    0,
+                    reqwest::Method::POST,
+                    "tenants/scoped/keys",
+                    Some(body),
+                    &[],
+                )
+                .await;
+            assert_eq!(status, 201, "{key}");
+            key
+        }
+    };
+    let expires = chrono::Utc::now() + chrono::Duration::seconds(4);
+    let narrow = new_key(json!({ "name": "ci", "labels": { "team": "search" },
+        "allowed_models": [TEST_MODEL], "expires_at": expires.to_rfc3339() }))
+    .await;
+    assert_eq!(
+        (
+            &narrow["name"],
+            &narrow["labels"],
+            &narrow["allowed_models"]
+        ),
+        (
+            &json!("ci"),
+            &json!({ "team": "search" }),
+            &json!([TEST_MODEL])
+        )
+    );
+    let wide = new_key(json!({})).await;
+    let http = api.http.clone();
+    let gateway = cluster.gateway_url();
+    let chat = |key: &Value, model: &str, claim: Option<&str>| {
+        let mut req = http
+            .post(format!("{gateway}/v1/chat/completions"))
+            .bearer_auth(key["key"].as_str().unwrap())
+            .json(&json!({ "model": model, "max_tokens": 2,
+                "messages": [{ "role": "user", "content": "hi" }] }));
+        if let Some(claim) = claim {
+            req = req.header("x-meridian-allowed-models", claim);
+        }
+        async move {
+            let res = req.send().await.unwrap();
+            let status = res.status().as_u16();
+            (status, res.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    until(PROMPT, "the keys loaded", || async {
+        chat(&wide, TEST_MODEL, None).await.0 == 200
+    })
+    .await;
+    assert_eq!(chat(&narrow, TEST_MODEL, None).await.0, 200);
+    // A model outside the key's list, even when the client claims more.
+    for claim in [None, Some(TEST_SLOW_MODEL)] {
+        let (status, refused) = chat(&narrow, TEST_SLOW_MODEL, claim).await;
+        assert_eq!(status, 403, "{refused}");
+        assert_eq!(refused["error"]["code"], "model_not_allowed", "{refused}");
+        assert!(
+            refused["error"]["message"].as_str().unwrap().contains(
+                "may not use model \"sim-slow\": its key or tenant allows only [sim-fast]"
+            ),
+            "{refused}"
+        );
+    }
+    let res = http
+        .post(format!("{gateway}/v1/jobs"))
+        .bearer_auth(narrow["key"].as_str().unwrap())
+        .json(&json!({ "model": TEST_SLOW_MODEL, "max_tokens": 2,
+            "messages": [{ "role": "user", "content": "later" }] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403, "a job for a model the key may not use");
+    // The tenant's list bounds a key without one of its own.
+    assert_eq!(chat(&wide, TEST_SLOW_MODEL, None).await.0, 200);
+    assert_eq!(chat(&wide, "sim-other", None).await.0, 403);
+
+    // Rotation: the new key works at once, the old one for its grace.
+    let (status, _, rotated) = api
+        .send(
+            0,
+            reqwest::Method::POST,
+            &format!("keys/{}/rotate", wide["id"].as_str().unwrap()),
+            Some(json!({ "grace_seconds": 2 })),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 201, "{rotated}");
+    assert!(rotated["rotated"]["expires_at"].is_string(), "{rotated}");
+    until(PROMPT, "the rotated key works", || async {
+        chat(&rotated, TEST_MODEL, None).await.0 == 200
+    })
+    .await;
+    assert_eq!(
+        chat(&wide, TEST_MODEL, None).await.0,
+        200,
+        "within its grace"
+    );
+    until(CONVERGE, "the old key stops after its grace", || async {
+        chat(&wide, TEST_MODEL, None).await.0 == 401
+    })
+    .await;
+    let (_, refused) = chat(&wide, TEST_MODEL, None).await;
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("has expired"),
+        "{refused}"
+    );
+    // The narrow key expires on its own.
+    until(CONVERGE, "the key expires", || async {
+        let (status, body) = chat(&narrow, TEST_MODEL, None).await;
+        status == 401
+            && body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("This API key has expired"))
+    })
+    .await;
+    assert_eq!(chat(&rotated, TEST_MODEL, None).await.0, 200);
+
+    let (_, listed) = api.get(0, "tenants/scoped/keys").await;
+    let ci = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "ci")
+        .unwrap()
+        .clone();
+    assert_eq!(ci["labels"]["team"], "search", "{listed}");
+    assert!(ci["expires_at"].is_string(), "{listed}");
+    for (path, body, says) in [
+        (
+            "tenants/scoped/keys",
+            json!({ "expires_at": "2020-01-01T00:00:00Z" }),
+            "is not in the future",
+        ),
+        (
+            "tenants/scoped/keys",
+            json!({ "allowed_models": [] }),
+            "1 to 256 models",
+        ),
+        (
+            "tenants/scoped/keys",
+            json!({ "colour": "red" }),
+            "unknown field",
+        ),
+    ] {
+        let (status, _, refused) = api
+            .send(0, reqwest::Method::POST, path, Some(body), &[])
+            .await;
+        assert_eq!(status, 400, "{refused}");
+        assert!(
+            refused["error"]["message"].as_str().unwrap().contains(says),
+            "{says}: {refused}"
+        );
+    }
+    let (status, _, refused) = api
+        .send(
+            0,
+            reqwest::Method::PUT,
+            "tenants/scoped",
+            Some(json!({ "allowed_models": ["a,b"] })),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (status, &refused["error"]["param"]),
+        (400, &json!("allowed_models"))
+    );
+    let (_, audit) = api.get(0, "audit?limit=100").await;
+    assert!(
+        audit["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["action"] == "key.rotate"),
+        "{audit}"
+    );
 }

@@ -13,12 +13,12 @@ use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
-use super::{Auth, KeyLoader, Refusal, TENANT_HEADER, Tenant};
+use super::{Auth, Key, KeyLoader, Refusal, TENANT_HEADER, Tenant};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::ratelimit::{self, Decision, Limiter, SCAN_BODY_LIMIT};
 use crate::respond::ErrorReply;
-use meridian_proto::header::{MAX_TOKENS, PROMPT_TOKENS, USAGE_TOKENS};
+use meridian_proto::header::{ALLOWED_MODELS, KEY_ID, MAX_TOKENS, PROMPT_TOKENS, USAGE_TOKENS};
 
 /// Paths open without a key: health checks and server reflection.
 const OPEN_PREFIXES: [&str; 3] = [
@@ -32,6 +32,8 @@ const OPEN_PREFIXES: [&str; 3] = [
 pub(crate) struct Admitted {
     /// None on open paths.
     tenant: Option<Arc<Tenant>>,
+    /// The key the request came with; None on open paths.
+    key: Option<Arc<Key>>,
     /// None when the tenant has no limits.
     decision: Option<Decision>,
     /// Tokens charged so far: the estimate, then what the region reported.
@@ -96,8 +98,8 @@ impl Gate {
                 .get(header::AUTHORIZATION)
                 .map(HeaderValue::as_bytes),
         );
-        let tenant = match self.auth.authenticate(digest).await {
-            Ok(tenant) => tenant,
+        let key = match self.auth.authenticate(digest).await {
+            Ok(key) => key,
             Err(refusal) => {
                 self.metrics
                     .auth_failures
@@ -120,6 +122,12 @@ impl Gate {
                         openai_code::KEYS_UNAVAILABLE,
                         "API keys are not loaded yet; try again shortly.",
                     ),
+                    Refusal::Expired => (
+                        ErrorClass::InvalidApiKey,
+                        openai_code::INVALID_API_KEY,
+                        "This API key has expired: ask for a new one (a rotated key works \
+                         only until its grace period ends).",
+                    ),
                 };
                 ErrorReply {
                     code: Some(code),
@@ -130,9 +138,11 @@ impl Gate {
                 return Ok(None);
             }
         };
+        let tenant = key.tenant.clone();
         if !Limiter::applies(&tenant.limits) {
             return Ok(Some(Admitted {
                 tenant: Some(tenant),
+                key: Some(key),
                 ..Admitted::default()
             }));
         }
@@ -213,6 +223,7 @@ impl Gate {
         }
         Ok(Some(Admitted {
             tenant: Some(tenant),
+            key: Some(key),
             charged: decision.tokens,
             decision: Some(decision),
             usage_in_trailers,
@@ -273,10 +284,18 @@ impl Gate {
     ) -> Result<()> {
         request.remove_header(&header::AUTHORIZATION);
         request.remove_header(TENANT_HEADER);
+        request.remove_header(ALLOWED_MODELS);
+        request.remove_header(KEY_ID);
         if self.auth.enabled()
-            && let Some(tenant) = &admitted.tenant
+            && let Some(key) = &admitted.key
         {
-            request.insert_header(TENANT_HEADER, tenant.header.clone())?;
+            request.insert_header(TENANT_HEADER, key.tenant.header.clone())?;
+            if let Some(models) = &key.models {
+                request.insert_header(ALLOWED_MODELS, models.clone())?;
+            }
+            if let Some(id) = &key.id {
+                request.insert_header(KEY_ID, id.clone())?;
+            }
         }
         Ok(())
     }

@@ -6,6 +6,13 @@
 /// sets it towards regions (whatever a client sends is discarded); a region
 /// treats a request without it as the [`DEFAULT_TENANT`](super::DEFAULT_TENANT)'s.
 pub const TENANT: &str = "x-meridian-tenant";
+/// The models (or route names) the caller's key and tenant may use,
+/// comma-separated, as the gateway sets it from the key; absent: any. Only
+/// gateways may set it, as [`TENANT`].
+pub const ALLOWED_MODELS: &str = "x-meridian-allowed-models";
+/// The id of the API key a request came with, as the gateway sets it.
+/// Only gateways may set it, as [`TENANT`].
+pub const KEY_ID: &str = "x-meridian-key-id";
 
 /// Request header pinning a request to a region, and the response header in
 /// which the gateway names the region it chose.

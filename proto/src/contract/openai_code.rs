@@ -19,3 +19,5 @@ pub const REQUEST_TOO_LARGE: &str = "request_too_large";
 /// A tenant's budget for the period is spent (OpenAI's code for a spent
 /// quota).
 pub const INSUFFICIENT_QUOTA: &str = "insufficient_quota";
+/// The caller's key or tenant may not use the model it named.
+pub const MODEL_NOT_ALLOWED: &str = "model_not_allowed";

@@ -21,6 +21,7 @@ impl Pipeline {
         req: &mut ChatRequest,
         mut ask: Ask<'_>,
     ) -> Result<Streamed, Error> {
+        ask.tenant.may_use(&req.model)?;
         let durability = self
             .parts
             .replication

@@ -226,6 +226,13 @@ impl Admin for AdminApi {
         manage::revoke_api_key(&self.state, request).await
     }
 
+    async fn rotate_api_key(
+        &self,
+        request: Request<pb::RotateApiKeyRequest>,
+    ) -> Result<Response<pb::RotateApiKeyResponse>, Status> {
+        manage::rotate_api_key(&self.state, request).await
+    }
+
     async fn list_audit(
         &self,
         request: Request<pb::ListAuditRequest>,

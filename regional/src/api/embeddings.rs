@@ -278,6 +278,7 @@ pub(super) async fn run<T>(
     model: &str,
     work: impl Future<Output = Result<(T, Usage), Error>>,
 ) -> Result<(T, Usage), Error> {
+    tenant.may_use(model)?;
     state.spend.check(tenant.as_str())?;
     let _permit = state.inference.admit(tenant.as_str())?;
     let record = state.telemetry.usage.begin(tenant.as_str(), model);

@@ -123,6 +123,7 @@ async fn submit(
     let (submission, charge) = submission(&state, &headers, &body)?;
     let requested = Durability::requested(headers.get(DURABILITY_HEADER).map(|v| v.as_bytes()))?;
     let durability = state.replication.durability(tenant.as_str(), requested)?;
+    tenant.may_use(&submission.request.model)?;
     state.spend.check(tenant.as_str())?;
     let submitted = state.jobs.submit(&tenant, submission).await?;
     if durability == Durability::Sync {

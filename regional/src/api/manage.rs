@@ -47,6 +47,7 @@ pub(super) fn routes(state: Arc<AppState>) -> Router {
             post(create_key).get(list_keys),
         )
         .route("/admin/v1/keys/{id}", delete(revoke_key))
+        .route("/admin/v1/keys/{id}/rotate", post(rotate_key))
         .route("/admin/v1/audit", get(list_audit))
         // A tenant's own view, through the gateway with its API key: the
         // tenant comes from the key, so no request can name another.
@@ -194,6 +195,8 @@ struct TenantBody {
     allowed_regions: Option<Vec<String>>,
     /// What it may spend per period; left out: no budget.
     budget: Option<BudgetBody>,
+    /// The models (or routes) its keys may use; left out: any.
+    allowed_models: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -227,6 +230,7 @@ async fn put_tenant(
             usd: b.usd,
             period: b.period,
         }),
+        allowed_models: body.allowed_models,
     };
     let created = manage::put_tenant(pool(&state), &actor, &id, spec).await?;
     let sync = durability.settle(&state).await?;
@@ -246,15 +250,40 @@ async fn put_tenant(
         .into_response())
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct KeyBody {
+    name: Option<String>,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+    /// RFC 3339.
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    allowed_models: Option<Vec<String>>,
+}
+
 /// `POST /admin/v1/tenants/{id}/keys`: a new key, in clear in this answer
-/// only.
+/// only. The body (optional) names it, labels it, and bounds its life and
+/// models.
 async fn create_key(
     State(state): State<Arc<AppState>>,
     Caller(actor): Caller,
     Path(tenant): Path<String>,
     durability: Durable,
+    body: axum::body::Bytes,
 ) -> Result<Response, Error> {
-    let (view, key) = manage::create_key(pool(&state), &actor, &tenant).await?;
+    let body: KeyBody = if body.is_empty() {
+        KeyBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| Error::invalid(format!("invalid request body: {e}"), None))?
+    };
+    let spec = manage::KeySpec {
+        name: body.name,
+        labels: body.labels,
+        expires_at: body.expires_at,
+        allowed_models: body.allowed_models,
+    };
+    let (view, key) = manage::create_key(pool(&state), &actor, &tenant, &spec).await?;
     let sync = durability.settle(&state).await?;
     let mut body = json!(view);
     body["key"] = Value::String(key);
@@ -292,6 +321,51 @@ async fn revoke_key(
         .ok_or_else(|| Error::NotFound(format!("no key {id}")))?;
     let sync = durability.settle(&state).await?;
     Ok(([(DURABILITY_HEADER, sync.header())], Json(json!(view))).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    grace_seconds: Option<u64>,
+}
+
+/// How long a rotated key's old secret works unless the request says.
+const DEFAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// `POST /admin/v1/keys/{id}/rotate`: a new key like this one, in clear in
+/// this answer only; the old one works for `grace_seconds` more (default
+/// one hour; 0 stops it at once).
+async fn rotate_key(
+    State(state): State<Arc<AppState>>,
+    Caller(actor): Caller,
+    Path(id): Path<String>,
+    durability: Durable,
+    body: axum::body::Bytes,
+) -> Result<Response, Error> {
+    let id = uuid::Uuid::parse_str(&id)
+        .map_err(|_| Error::invalid(format!("{id:?} is not a key id (a UUID)"), None))?;
+    let body: RotateBody = if body.is_empty() {
+        RotateBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| Error::invalid(format!("invalid request body: {e}"), None))?
+    };
+    let grace = body
+        .grace_seconds
+        .map_or(DEFAULT_GRACE, std::time::Duration::from_secs);
+    let (new, secret, old) = manage::rotate_key(pool(&state), &actor, id, grace)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("no key {id}")))?;
+    let sync = durability.settle(&state).await?;
+    let mut body = json!(new);
+    body["key"] = Value::String(secret);
+    body["rotated"] = json!(old);
+    Ok((
+        StatusCode::CREATED,
+        [(DURABILITY_HEADER, sync.header())],
+        Json(body),
+    )
+        .into_response())
 }
 
 /// `GET /admin/v1/audit`: the audit log, newest first; `after` is the id of
@@ -358,7 +432,10 @@ impl From<crate::tenancy::Error> for Error {
             T::InvalidTenant(_) | T::InvalidLimits => Self::invalid(e.to_string(), None),
             T::InvalidRegions(_) => Self::invalid(e.to_string(), Some("allowed_regions")),
             T::InvalidBudget(_) => Self::invalid(e.to_string(), Some("budget")),
-            T::InvalidPrice(_) | T::InvalidControl(_) => Self::invalid(e.to_string(), None),
+            T::InvalidPrice(_) | T::InvalidControl(_) | T::InvalidKey(_) => {
+                Self::invalid(e.to_string(), None)
+            }
+            T::InvalidModels(_) => Self::invalid(e.to_string(), Some("allowed_models")),
             T::UnknownTenant(id) => no_tenant(&id),
             T::NotReplicated { waited_ms } => Self::SyncTimeout { waited_ms },
         }

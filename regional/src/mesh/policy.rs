@@ -161,14 +161,22 @@ pub(crate) async fn enforce(
             ),
         );
     }
-    if identity.role() != Role::Gateway && req.headers().contains_key(crate::tenancy::TENANT_HEADER)
-    {
+    let names_tenant = [
+        crate::tenancy::TENANT_HEADER,
+        meridian_proto::header::ALLOWED_MODELS,
+        meridian_proto::header::KEY_ID,
+    ]
+    .iter()
+    .any(|h| req.headers().contains_key(*h));
+    if identity.role() != Role::Gateway && names_tenant {
         tracing::warn!(caller = %identity, path = req.uri().path(), "tenant header from a caller that is not a gateway refused");
         return deny(
             grpc,
             &format!(
-                "{identity} may not name a tenant: only gateways set `{}`",
-                crate::tenancy::TENANT_HEADER
+                "{identity} may not name a tenant: only gateways set `{}`, `{}` and `{}`",
+                crate::tenancy::TENANT_HEADER,
+                meridian_proto::header::ALLOWED_MODELS,
+                meridian_proto::header::KEY_ID,
             ),
         );
     }

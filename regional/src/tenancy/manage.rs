@@ -2,6 +2,8 @@
 //! (`/admin/v1/...`): each write and its audit record are one transaction,
 //! so the log never misses a change nor records one that did not happen.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::{PgPool, Postgres, Row, Transaction};
@@ -30,6 +32,8 @@ pub(crate) struct TenantView {
     pub allowed_regions: Option<Vec<String>>,
     /// What it may spend per period; `None`: no budget.
     pub budget: Option<BudgetView>,
+    /// The models (or routes) its keys may use; `None`: any.
+    pub allowed_models: Option<Vec<String>>,
     pub live_keys: i64,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
@@ -96,8 +100,71 @@ pub(crate) struct KeyView {
     pub id: uuid::Uuid,
     pub tenant: String,
     pub prefix: String,
+    pub name: Option<String>,
+    pub labels: BTreeMap<String, String>,
     pub created_at: chrono::DateTime<chrono::Utc>,
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
     pub revoked_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The models (or routes) it may use; `None`: any its tenant may.
+    pub allowed_models: Option<Vec<String>>,
+}
+
+/// What a new key is: every field may be left out.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct KeySpec {
+    pub name: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub allowed_models: Option<Vec<String>>,
+}
+
+impl KeySpec {
+    fn check(&self) -> Result<(), Error> {
+        let bad = |m: String| Err(Error::InvalidKey(m));
+        let clean = |t: &str, most: usize| !t.is_empty() && t.len() <= most && !t.contains('\0');
+        if let Some(name) = &self.name
+            && !clean(name, 128)
+        {
+            return bad("a key's `name` is 1 to 128 bytes with no NUL".into());
+        }
+        if self.labels.len() > 32 {
+            return bad("a key has at most 32 `labels`".into());
+        }
+        if let Some((k, _)) = self
+            .labels
+            .iter()
+            .find(|(k, v)| !clean(k, 64) || v.len() > 256 || v.contains('\0'))
+        {
+            return bad(format!(
+                "label {k:?}: keys are 1 to 64 bytes, values at most 256, with no NUL"
+            ));
+        }
+        if let Some(at) = self.expires_at
+            && at <= chrono::Utc::now()
+        {
+            return bad(format!("`expires_at` {at} is not in the future"));
+        }
+        check_models(self.allowed_models.as_deref()).map_err(Error::InvalidKey)
+    }
+}
+
+/// What is wrong with a list of allowed models, if anything.
+fn check_models(models: Option<&[String]>) -> Result<(), String> {
+    let Some(models) = models else {
+        return Ok(());
+    };
+    if models.is_empty() || models.len() > 256 {
+        return Err("`allowed_models` names 1 to 256 models; leave it out for any".into());
+    }
+    match models
+        .iter()
+        .find(|m| m.is_empty() || m.len() > 256 || m.contains(',') || m.contains('\0'))
+    {
+        Some(m) => Err(format!(
+            "`allowed_models`: {m:?} is not a model name (1 to 256 bytes, no ',' or NUL)"
+        )),
+        None => Ok(()),
+    }
 }
 
 /// One audit record.
@@ -118,7 +185,8 @@ pub(crate) struct AuditView {
 macro_rules! tenant_columns {
     () => {
         "t.id, t.display_name, t.requests_per_second, t.tokens_per_minute, t.allowed_regions, \
-         t.budget_tokens, t.budget_usd_micros, t.budget_period, t.created_at, t.updated_at, (SELECT count(*) FROM api_keys k \
+         t.budget_tokens, t.budget_usd_micros, t.budget_period, t.allowed_models, \
+         t.created_at, t.updated_at, (SELECT count(*) FROM api_keys k \
          WHERE k.tenant_id = t.id AND k.revoked_at IS NULL) AS live_keys"
     };
 }
@@ -131,6 +199,7 @@ fn tenant(row: &sqlx::postgres::PgRow) -> TenantView {
         tokens_per_minute: row.get("tokens_per_minute"),
         allowed_regions: row.get("allowed_regions"),
         budget: budget(row),
+        allowed_models: row.get("allowed_models"),
         live_keys: row.get("live_keys"),
         created_at: row.get("created_at"),
         updated_at: row.get("updated_at"),
@@ -193,6 +262,8 @@ pub(crate) struct TenantSpec<'a> {
     pub allowed_regions: Option<Vec<String>>,
     /// `None`: no budget.
     pub budget: Option<BudgetSpec>,
+    /// `None`: any model.
+    pub allowed_models: Option<Vec<String>>,
 }
 
 /// Creates tenant `id` or replaces its name, limits and regions; whether it
@@ -208,7 +279,9 @@ pub(crate) async fn put_tenant(
         limits,
         allowed_regions,
         budget,
+        allowed_models,
     } = spec;
+    check_models(allowed_models.as_deref()).map_err(Error::InvalidModels)?;
     let (budget_tokens, budget_micros, budget_period) = match &budget {
         Some(b) => {
             let (tokens, micros, period) = b.checked()?;
@@ -235,8 +308,9 @@ pub(crate) async fn put_tenant(
     let mut tx = pool.begin().await?;
     let created: bool = sqlx::query_scalar(
         "INSERT INTO tenants (id, display_name, requests_per_second, tokens_per_minute,
-                              allowed_regions, budget_tokens, budget_usd_micros, budget_period)
-         VALUES ($1, COALESCE($2, $1), $3, $4, $5, $6, $7, $8)
+                              allowed_regions, budget_tokens, budget_usd_micros, budget_period,
+                              allowed_models)
+         VALUES ($1, COALESCE($2, $1), $3, $4, $5, $6, $7, $8, $9)
          ON CONFLICT (id) DO UPDATE SET
              display_name = COALESCE($2, tenants.display_name),
              requests_per_second = EXCLUDED.requests_per_second,
@@ -245,6 +319,7 @@ pub(crate) async fn put_tenant(
              budget_tokens = EXCLUDED.budget_tokens,
              budget_usd_micros = EXCLUDED.budget_usd_micros,
              budget_period = EXCLUDED.budget_period,
+             allowed_models = EXCLUDED.allowed_models,
              updated_at = now()
          RETURNING (xmax = 0)",
     )
@@ -256,6 +331,7 @@ pub(crate) async fn put_tenant(
     .bind(budget_tokens)
     .bind(budget_micros)
     .bind(budget_period)
+    .bind(&allowed_models)
     .fetch_one(&mut *tx)
     .await?;
     let action = if created {
@@ -268,6 +344,7 @@ pub(crate) async fn put_tenant(
         "requests_per_second": rps,
         "tokens_per_minute": tpm,
         "allowed_regions": allowed_regions,
+        "allowed_models": allowed_models,
         "budget": budget.as_ref().map(|_| serde_json::json!({
             "tokens": budget_tokens,
             "usd_micros": budget_micros,
@@ -279,40 +356,118 @@ pub(crate) async fn put_tenant(
     Ok(created)
 }
 
+/// The columns of a key's view, from `api_keys`.
+const KEY_COLUMNS: &str =
+    "id, tenant_id, prefix, name, labels, created_at, expires_at, revoked_at, allowed_models";
+
 /// A new key for `tenant`: its view and the key in clear, the only time it
 /// exists so.
 pub(crate) async fn create_key(
     pool: &PgPool,
     actor: &Actor,
     tenant: &str,
+    spec: &KeySpec,
 ) -> Result<(KeyView, String), Error> {
-    let (id, key, prefix) = super::keys::new_key();
+    spec.check()?;
     let mut tx = pool.begin().await?;
-    let row = sqlx::query(
-        "INSERT INTO api_keys (id, tenant_id, prefix, key_hash)
-         SELECT $1, id, $3, $4 FROM tenants WHERE id = $2
-         RETURNING created_at",
+    let made = insert_key(&mut tx, tenant, spec).await?;
+    let Some((view, key)) = made else {
+        return Err(Error::UnknownTenant(tenant.to_string()));
+    };
+    let detail = serde_json::json!({ "tenant": tenant, "prefix": view.prefix,
+        "name": view.name, "labels": view.labels, "expires_at": view.expires_at,
+        "allowed_models": view.allowed_models });
+    audit(
+        &mut tx,
+        actor,
+        "key.create",
+        &format!("keys/{}", view.id),
+        detail,
     )
+    .await?;
+    tx.commit().await?;
+    Ok((view, key))
+}
+
+/// Inserts a new key of `tenant`; `None` when there is no such tenant.
+async fn insert_key(
+    tx: &mut Transaction<'_, Postgres>,
+    tenant: &str,
+    spec: &KeySpec,
+) -> Result<Option<(KeyView, String)>, Error> {
+    let (id, key, prefix) = super::keys::new_key();
+    let labels = (!spec.labels.is_empty()).then(|| serde_json::json!(spec.labels));
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO api_keys (id, tenant_id, prefix, key_hash, name, labels, expires_at,
+                               allowed_models)
+         SELECT $1, id, $3, $4, $5, $6, $7, $8 FROM tenants WHERE id = $2
+         RETURNING {KEY_COLUMNS}"
+    )))
     .bind(id)
     .bind(tenant)
     .bind(&prefix)
     .bind(&meridian_proto::api_key::hash_key(key.as_bytes())[..])
+    .bind(&spec.name)
+    .bind(labels)
+    .bind(spec.expires_at)
+    .bind(&spec.allowed_models)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row.map(|row| (self::key(&row), key)))
+}
+
+/// Rotates key `id`: a new key with its tenant, name, labels, expiry and
+/// models, while the old one keeps working for `grace` (or until its own
+/// expiry, if sooner). The new key's view and secret, and the old key's
+/// view; `None` when there is no such key. A revoked key is not rotated.
+pub(crate) async fn rotate_key(
+    pool: &PgPool,
+    actor: &Actor,
+    id: uuid::Uuid,
+    grace: std::time::Duration,
+) -> Result<Option<(KeyView, String, KeyView)>, Error> {
+    let grace_s = i64::try_from(grace.as_secs()).unwrap_or(i64::MAX);
+    let mut tx = pool.begin().await?;
+    let old = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE api_keys
+            SET expires_at = LEAST(COALESCE(expires_at, 'infinity'),
+                                   now() + make_interval(secs => $2))
+          WHERE id = $1 AND revoked_at IS NULL
+            AND (expires_at IS NULL OR expires_at > now())
+         RETURNING {KEY_COLUMNS}"
+    )))
+    .bind(id)
+    .bind(grace_s as f64)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some(row) = row else {
-        return Err(Error::UnknownTenant(tenant.to_string()));
+    let Some(old) = old.as_ref().map(key) else {
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM api_keys WHERE id = $1)")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+        return if exists {
+            Err(Error::InvalidKey(format!(
+                "key {id} is revoked or expired: make a new one instead"
+            )))
+        } else {
+            Ok(None)
+        };
     };
-    let detail = serde_json::json!({ "tenant": tenant, "prefix": prefix });
-    audit(&mut tx, actor, "key.create", &format!("keys/{id}"), detail).await?;
+    let spec = KeySpec {
+        name: old.name.clone(),
+        labels: old.labels.clone(),
+        expires_at: None,
+        allowed_models: old.allowed_models.clone(),
+    };
+    let Some((new, secret)) = insert_key(&mut tx, &old.tenant, &spec).await? else {
+        return Err(Error::UnknownTenant(old.tenant.clone()));
+    };
+    let detail = serde_json::json!({ "tenant": old.tenant, "prefix": old.prefix,
+        "new_key": new.id, "new_prefix": new.prefix, "old_expires_at": old.expires_at });
+    audit(&mut tx, actor, "key.rotate", &format!("keys/{id}"), detail).await?;
     tx.commit().await?;
-    let view = KeyView {
-        id,
-        tenant: tenant.to_string(),
-        prefix,
-        created_at: row.get("created_at"),
-        revoked_at: None,
-    };
-    Ok((view, key))
+    Ok(Some((new, secret, old)))
 }
 
 /// The keys of `tenant`, newest first, revoked ones included; `None` when
@@ -325,10 +480,10 @@ pub(crate) async fn list_keys(pool: &PgPool, tenant: &str) -> Result<Option<Vec<
     if !exists {
         return Ok(None);
     }
-    let rows = sqlx::query(
-        "SELECT id, tenant_id, prefix, created_at, revoked_at FROM api_keys
-         WHERE tenant_id = $1 ORDER BY created_at DESC, id DESC",
-    )
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {KEY_COLUMNS} FROM api_keys
+         WHERE tenant_id = $1 ORDER BY created_at DESC, id DESC"
+    )))
     .bind(tenant)
     .fetch_all(pool)
     .await?;
@@ -336,12 +491,19 @@ pub(crate) async fn list_keys(pool: &PgPool, tenant: &str) -> Result<Option<Vec<
 }
 
 fn key(row: &sqlx::postgres::PgRow) -> KeyView {
+    let labels: Option<Value> = row.get("labels");
     KeyView {
         id: row.get("id"),
         tenant: row.get("tenant_id"),
         prefix: row.get("prefix"),
+        name: row.get("name"),
+        labels: labels
+            .and_then(|l| serde_json::from_value(l).ok())
+            .unwrap_or_default(),
         created_at: row.get("created_at"),
+        expires_at: row.get("expires_at"),
         revoked_at: row.get("revoked_at"),
+        allowed_models: row.get("allowed_models"),
     }
 }
 
@@ -353,10 +515,10 @@ pub(crate) async fn revoke_key(
     id: uuid::Uuid,
 ) -> Result<Option<KeyView>, Error> {
     let mut tx = pool.begin().await?;
-    let revoked = sqlx::query(
+    let revoked = sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL
-         RETURNING id, tenant_id, prefix, created_at, revoked_at",
-    )
+         RETURNING {KEY_COLUMNS}"
+    )))
     .bind(id)
     .fetch_optional(&mut *tx)
     .await?;
@@ -367,9 +529,9 @@ pub(crate) async fn revoke_key(
             audit(&mut tx, actor, "key.revoke", &format!("keys/{id}"), detail).await?;
             Some(view)
         }
-        None => sqlx::query(
-            "SELECT id, tenant_id, prefix, created_at, revoked_at FROM api_keys WHERE id = $1",
-        )
+        None => sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"
+        )))
         .bind(id)
         .fetch_optional(&mut *tx)
         .await?

@@ -10,17 +10,41 @@ use tonic::metadata::MetadataMap;
 use crate::error::Error;
 
 pub(crate) use meridian_proto::DEFAULT_TENANT;
+use meridian_proto::header::ALLOWED_MODELS;
 /// Header (and gRPC metadata key) naming the tenant.
 pub(crate) use meridian_proto::header::TENANT as TENANT_HEADER;
 
-/// A validated tenant id ([`meridian_proto::valid_tenant_id`]).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) struct Tenant(String);
+/// A validated tenant id ([`meridian_proto::valid_tenant_id`]), and the
+/// models its key may use when the gateway said
+/// ([`meridian_proto::header::ALLOWED_MODELS`]). Equal, and hashed, by id.
+#[derive(Debug, Clone)]
+pub(crate) struct Tenant {
+    id: String,
+    /// Comma-separated names; `None`: any model.
+    models: Option<std::sync::Arc<str>>,
+}
+
+impl PartialEq for Tenant {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for Tenant {}
+
+impl std::hash::Hash for Tenant {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.id.hash(state);
+    }
+}
 
 impl Tenant {
     pub(crate) fn parse(value: Option<&str>) -> Result<Self, Error> {
         let Some(v) = value else {
-            return Ok(Self(DEFAULT_TENANT.to_string()));
+            return Ok(Self {
+                id: DEFAULT_TENANT.to_string(),
+                models: None,
+            });
         };
         if !meridian_proto::valid_tenant_id(v) {
             return Err(Error::invalid(
@@ -28,21 +52,56 @@ impl Tenant {
                 None,
             ));
         }
-        Ok(Self(v.to_string()))
+        Ok(Self {
+            id: v.to_string(),
+            models: None,
+        })
+    }
+
+    /// The tenant of a request's headers (or gRPC metadata, by the same
+    /// names).
+    fn from_values(tenant: Option<&[u8]>, models: Option<&[u8]>) -> Result<Self, Error> {
+        let text = |name: &str, v: &[u8]| {
+            std::str::from_utf8(v)
+                .ok()
+                .filter(|t| t.is_ascii())
+                .map(str::to_string)
+                .ok_or_else(|| Error::invalid(format!("`{name}` must be ASCII"), None))
+        };
+        let mut tenant = match tenant {
+            None => Self::parse(None)?,
+            Some(v) => Self::parse(Some(&text(TENANT_HEADER, v)?))?,
+        };
+        if let Some(v) = models {
+            tenant.models = Some(text(ALLOWED_MODELS, v)?.into());
+        }
+        Ok(tenant)
     }
 
     /// Reads the tenant from gRPC request metadata.
     pub(crate) fn from_metadata(metadata: &MetadataMap) -> Result<Self, Error> {
-        match metadata.get(TENANT_HEADER) {
-            None => Self::parse(None),
-            Some(v) => Self::parse(Some(v.to_str().map_err(|_| {
-                Error::invalid(format!("`{TENANT_HEADER}` must be ASCII"), None)
-            })?)),
-        }
+        Self::from_values(
+            metadata.get(TENANT_HEADER).map(|v| v.as_bytes()),
+            metadata.get(ALLOWED_MODELS).map(|v| v.as_bytes()),
+        )
     }
 
     pub(crate) fn as_str(&self) -> &str {
-        &self.0
+        &self.id
+    }
+
+    /// Refuses `model` (as the request names it: a model or a route) when
+    /// the caller's key or tenant may not use it.
+    pub(crate) fn may_use(&self, model: &str) -> Result<(), Error> {
+        match &self.models {
+            Some(allowed) if !allowed.split(',').any(|m| m == model) => {
+                Err(Error::ModelNotAllowed {
+                    model: model.to_string(),
+                    allowed: allowed.to_string(),
+                })
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -50,12 +109,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Tenant {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Error> {
-        match parts.headers.get(TENANT_HEADER) {
-            None => Self::parse(None),
-            Some(v) => Self::parse(Some(v.to_str().map_err(|_| {
-                Error::invalid(format!("`{TENANT_HEADER}` must be ASCII"), None)
-            })?)),
-        }
+        Self::from_values(
+            parts.headers.get(TENANT_HEADER).map(|v| v.as_bytes()),
+            parts.headers.get(ALLOWED_MODELS).map(|v| v.as_bytes()),
+        )
     }
 }
 
@@ -73,5 +130,29 @@ mod tests {
         assert!(Tenant::parse(Some("")).is_err());
         assert!(Tenant::parse(Some("a b")).is_err());
         assert!(Tenant::parse(Some(&"x".repeat(65))).is_err());
+    }
+
+    #[test]
+    fn a_key_limited_to_some_models_may_use_only_those() {
+        let t = Tenant::from_values(Some(b"acme"), Some(b"sim-fast,assistant")).unwrap();
+        assert!(t.may_use("sim-fast").is_ok() && t.may_use("assistant").is_ok());
+        let e = t.may_use("sim").unwrap_err().to_string();
+        assert!(
+            e.contains("may not use model \"sim\"") && e.contains("sim-fast,assistant"),
+            "{e}"
+        );
+        // An empty list allows nothing; no list, anything.
+        assert!(
+            Tenant::from_values(Some(b"acme"), Some(b""))
+                .unwrap()
+                .may_use("sim-fast")
+                .is_err()
+        );
+        assert!(
+            Tenant::from_values(Some(b"acme"), None)
+                .unwrap()
+                .may_use("x")
+                .is_ok()
+        );
     }
 }

@@ -83,6 +83,7 @@ impl Jobs for JobsApi {
             .state
             .replication
             .durability(tenant.as_str(), requested)?;
+        tenant.may_use(&submission.request.model)?;
         self.state.spend.check(tenant.as_str())?;
         let submitted = self.state.jobs.submit(&tenant, submission).await?;
         if durability == Durability::Sync {

@@ -28,6 +28,7 @@ fn tenant_pb(t: TenantView) -> pb::Tenant {
             usd: b.usd,
             period: b.period,
         }),
+        allowed_models: t.allowed_models.unwrap_or_default(),
         live_keys: u64::try_from(t.live_keys).unwrap_or(0),
         created_at: Some(timestamp(t.created_at)),
         updated_at: Some(timestamp(t.updated_at)),
@@ -41,6 +42,10 @@ fn key_pb(k: KeyView) -> pb::ApiKey {
         prefix: k.prefix,
         created_at: Some(timestamp(k.created_at)),
         revoked_at: k.revoked_at.map(timestamp),
+        name: k.name.unwrap_or_default(),
+        labels: k.labels.into_iter().collect(),
+        expires_at: k.expires_at.map(timestamp),
+        allowed_models: k.allowed_models.unwrap_or_default(),
     }
 }
 
@@ -87,6 +92,7 @@ pub(in crate::api) async fn put_tenant(
             usd: b.usd,
             period: Some(b.period).filter(|p| !p.is_empty()),
         }),
+        allowed_models: Some(req.allowed_models).filter(|m| !m.is_empty()),
     };
     let created = manage::put_tenant(pool(state), &actor, &req.id, spec)
         .await
@@ -137,14 +143,53 @@ pub(in crate::api) async fn create_api_key(
 ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
     let actor = actor(request.extensions(), &state.region);
     let sync = durability(state, &request)?;
-    let tenant = request.into_inner().tenant;
-    let (view, secret) = manage::create_key(pool(state), &actor, &tenant)
+    let req = request.into_inner();
+    let expires_at = match req.expires_at {
+        None => None,
+        Some(t) => Some(
+            chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
+                .ok_or_else(|| {
+                    Error::invalid("`expires_at` is out of range", Some("expires_at"))
+                })?,
+        ),
+    };
+    let spec = manage::KeySpec {
+        name: req.name,
+        labels: req.labels.into_iter().collect(),
+        expires_at,
+        allowed_models: Some(req.allowed_models).filter(|m| !m.is_empty()),
+    };
+    let (view, secret) = manage::create_key(pool(state), &actor, &req.tenant, &spec)
         .await
         .map_err(Error::from)?;
     settle(state, sync).await?;
     Ok(Response::new(pb::CreateApiKeyResponse {
         key: Some(key_pb(view)),
         secret,
+    }))
+}
+
+pub(in crate::api) async fn rotate_api_key(
+    state: &AppState,
+    request: Request<pb::RotateApiKeyRequest>,
+) -> Result<Response<pb::RotateApiKeyResponse>, Status> {
+    let actor = actor(request.extensions(), &state.region);
+    let sync = durability(state, &request)?;
+    let req = request.into_inner();
+    let id = uuid::Uuid::parse_str(&req.id)
+        .map_err(|_| Error::invalid(format!("{:?} is not a key id (a UUID)", req.id), None))?;
+    let grace = req
+        .grace_seconds
+        .map_or(super::DEFAULT_GRACE, std::time::Duration::from_secs);
+    let (new, secret, old) = manage::rotate_key(pool(state), &actor, id, grace)
+        .await
+        .map_err(Error::from)?
+        .ok_or_else(|| Error::NotFound(format!("no key {id}")))?;
+    settle(state, sync).await?;
+    Ok(Response::new(pb::RotateApiKeyResponse {
+        key: Some(key_pb(new)),
+        secret,
+        rotated: Some(key_pb(old)),
     }))
 }
 
