@@ -63,6 +63,10 @@ enum Command {
     Prices(operate::Prices),
     /// Spend by day, tenant, region and model, summed over every region.
     Usage(operate::UsageArgs),
+    /// Bearer tokens for the management API (for Terraform, CI and calls
+    /// through a gateway), made and revoked through a region.
+    #[command(subcommand)]
+    OperatorTokens(operate::OperatorTokens),
     /// Manage tenants' API keys directly in a region's PostgreSQL, without
     /// the API (bootstrap and recovery; replication carries them to every
     /// region, but nothing is audited).
@@ -205,6 +209,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Regions(command) => runtime()?.block_on(operate::regions(command)),
         Command::Prices(command) => runtime()?.block_on(operate::prices(command)),
         Command::Usage(args) => runtime()?.block_on(operate::usage(args)),
+        Command::OperatorTokens(command) => runtime()?.block_on(operate::operator_tokens(command)),
         Command::Certs(args) => certs::run(args),
         Command::Sim(args) => runtime()?.block_on(sim(args)),
         Command::Gateway { config } => {

@@ -429,3 +429,132 @@ pub(crate) async fn usage(args: UsageArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(clap::Subcommand)]
+pub(crate) enum OperatorTokens {
+    /// Make a bearer token for the management API; prints it, shown only
+    /// this once.
+    Create {
+        /// Who or what holds it (the audit log names it).
+        name: String,
+        /// `admin` or `read-only`.
+        #[arg(long, default_value = "read-only")]
+        role: String,
+        /// When it stops working, RFC 3339 (default: never).
+        #[arg(long)]
+        expires_at: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Every token (ids and prefixes, never the tokens).
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Revoke a token in every region.
+    Revoke {
+        /// Token id (from `create` or `list`).
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+fn token_json(t: &pb::OperatorToken) -> Value {
+    json!({ "id": t.id, "name": t.name, "role": t.role, "prefix": t.prefix,
+        "created_at": time(t.created_at.as_ref()), "expires_at": time(t.expires_at.as_ref()),
+        "revoked_at": time(t.revoked_at.as_ref()) })
+}
+
+fn print_tokens(tokens: &[pb::OperatorToken]) {
+    let rows = tokens.iter().map(|t| {
+        vec![
+            t.id.clone(),
+            t.name.clone(),
+            t.role.clone(),
+            t.prefix.clone(),
+            time(t.expires_at.as_ref()),
+            time(t.revoked_at.as_ref()),
+        ]
+    });
+    table(
+        &["ID", "NAME", "ROLE", "PREFIX", "EXPIRES", "REVOKED"],
+        rows,
+    );
+}
+
+pub(crate) async fn operator_tokens(command: OperatorTokens) -> anyhow::Result<()> {
+    match command {
+        OperatorTokens::Create {
+            name,
+            role,
+            expires_at,
+            api,
+        } => {
+            let expires_at = expires_at
+                .map(|at| {
+                    chrono::DateTime::parse_from_rfc3339(&at)
+                        .with_context(|| format!("--expires-at {at:?} is not RFC 3339"))
+                        .map(|t| prost_types::Timestamp {
+                            seconds: t.timestamp(),
+                            nanos: 0,
+                        })
+                })
+                .transpose()?;
+            let made = api
+                .client()
+                .await?
+                .create_operator_token(api.request(pb::CreateOperatorTokenRequest {
+                    name,
+                    role,
+                    expires_at,
+                }))
+                .await
+                .map_err(refused)?
+                .into_inner();
+            let token = made.token.unwrap_or_default();
+            if api.json {
+                let mut out = token_json(&token);
+                out["token"] = Value::String(made.secret);
+                println!("{out}");
+            } else {
+                println!("{}", made.secret);
+                eprintln!(
+                    "token {} ({}, {}): shown only this once; send it as \
+                     `Authorization: Bearer <token>`",
+                    token.id, token.name, token.role
+                );
+            }
+        }
+        OperatorTokens::List { api } => {
+            let list = api
+                .client()
+                .await?
+                .list_operator_tokens(pb::ListOperatorTokensRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner();
+            if api.json {
+                let data: Vec<Value> = list.tokens.iter().map(token_json).collect();
+                println!("{}", json!({ "data": data }));
+            } else {
+                print_tokens(&list.tokens);
+            }
+        }
+        OperatorTokens::Revoke { id, api } => {
+            let token = api
+                .client()
+                .await?
+                .revoke_operator_token(api.request(pb::RevokeOperatorTokenRequest { id }))
+                .await
+                .map_err(refused)?
+                .into_inner();
+            if api.json {
+                println!("{}", token_json(&token));
+            } else {
+                print_tokens(&[token]);
+            }
+        }
+    }
+    Ok(())
+}

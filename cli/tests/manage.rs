@@ -265,10 +265,44 @@ async fn operators_manage_routes_regions_prices_and_usage_with_the_cli() {
         "`start` must be a date as YYYY-MM-DD",
     );
 
+    // Operator tokens: made (shown once), listed, revoked.
+    let made = cli
+        .json(&["operator-tokens", "create", "terraform", "--role", "admin"])
+        .await;
+    let token = made["token"].as_str().unwrap();
+    assert!(token.starts_with("mop-") && token.starts_with(made["prefix"].as_str().unwrap()));
+    let id = made["id"].as_str().unwrap();
+    let listed = cli.json(&["operator-tokens", "list"]).await;
+    assert_eq!(listed["data"][0]["name"], "terraform", "{listed}");
+    assert!(!listed.to_string().contains(token), "{listed}");
+    let out = cli.run(&["operator-tokens", "list"]).await;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.starts_with("ID") && table.contains("terraform  admin"),
+        "{table}"
+    );
+    let revoked = cli.json(&["operator-tokens", "revoke", id]).await;
+    assert!(
+        revoked["revoked_at"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty()),
+        "{revoked}"
+    );
+    fails(
+        cli.run(&["operator-tokens", "create", "ci", "--role", "root"])
+            .await,
+        "role \"root\" is not one of",
+    );
+
     // A viewer reads all of it and changes none.
     let viewer = Cli {
         args: [cli.args.clone(), vec!["--operator".into(), "viewer".into()]].concat(),
     };
+    viewer.json(&["operator-tokens", "list"]).await;
+    fails(
+        viewer.run(&["operator-tokens", "create", "ci"]).await,
+        "may only read",
+    );
     viewer.json(&["routes", "list"]).await;
     viewer.json(&["regions", "list"]).await;
     viewer.json(&["prices", "list"]).await;
@@ -287,6 +321,8 @@ async fn operators_manage_routes_regions_prices_and_usage_with_the_cli() {
     assert_eq!(
         actions,
         [
+            "operator_token.revoke",
+            "operator_token.create",
             "price.set",
             "region.undrain",
             "region.update",

@@ -221,11 +221,12 @@ impl ProxyHttp for Proxy {
         ctx.needs = needs(session.req_header());
         // Regions' operator endpoints are for operators on the mesh, never
         // for clients at the edge.
-        if crate::admin::is_operator_path(session.req_header().uri.path()) {
+        let path = session.req_header().uri.path();
+        if crate::admin::is_operator_path(path) && !path.starts_with(crate::auth::OPERATOR_API) {
             ErrorReply::new(
                 ErrorClass::NotFound,
-                "no such route at the edge: a region's /admin/, /metrics, Admin and Replication \
-                 are for operators and peers on the mesh",
+                "no such route at the edge: a region's /admin/ (but /admin/v1/, with an operator \
+                 token), /metrics, Admin and Replication are for operators and peers on the mesh",
             )
             .send(session, ctx.grpc)
             .await?;

@@ -12,3 +12,8 @@ pub const KEY_PREFIX: &str = "mk-";
 pub fn hash_key(key: &[u8]) -> [u8; 32] {
     Sha256::digest(key).into()
 }
+
+/// What every operator token starts with (`operator_tokens`): a gateway
+/// tells one from an API key by it, and passes it on to a region instead
+/// of checking it as a key.
+pub const OPERATOR_TOKEN_PREFIX: &str = "mop-";

@@ -192,6 +192,27 @@ const SERVICES: &[(&str, &str, &[Rpc])] = &[
                 false,
                 false,
             ),
+            (
+                "CreateOperatorToken",
+                "CreateOperatorTokenRequest",
+                "CreateOperatorTokenResponse",
+                false,
+                false,
+            ),
+            (
+                "ListOperatorTokens",
+                "ListOperatorTokensRequest",
+                "ListOperatorTokensResponse",
+                false,
+                false,
+            ),
+            (
+                "RevokeOperatorToken",
+                "RevokeOperatorTokenRequest",
+                "OperatorToken",
+                false,
+                false,
+            ),
         ],
     ),
     (

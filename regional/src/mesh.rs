@@ -4,6 +4,7 @@
 //! `meridian-mesh`, shared with the gateway and the CLI.
 
 mod config;
+mod operator;
 mod policy;
 mod serve;
 
@@ -61,13 +62,19 @@ pub(crate) fn server_tls(
     Ok(Some(tls))
 }
 
-/// Puts the authorisation table in front of `app` when identities exist.
-pub(crate) fn protect(app: Router, mesh: &Mesh) -> Router {
-    match mesh {
+/// Puts the authorisation table in front of `app` when identities exist,
+/// and in front of that the check of operator tokens (with or without a
+/// mesh: a token holder's role holds either way).
+pub(crate) fn protect(app: Router, mesh: &Mesh, pool: sqlx::PgPool) -> Router {
+    let app = match mesh {
         Mesh::Plaintext => app,
         Mesh::Tls { policy, .. } => app.layer(axum::middleware::from_fn_with_state(
             Arc::new(policy::Policy::new(policy)),
             policy::enforce,
         )),
-    }
+    };
+    app.layer(axum::middleware::from_fn_with_state(
+        pool,
+        operator::authenticate,
+    ))
 }

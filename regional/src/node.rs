@@ -216,7 +216,7 @@ impl RegionalNode {
             max_body_bytes: config.max_body_bytes,
             stream_write_timeout: config.stream_write_timeout,
         };
-        let app = crate::mesh::protect(api::app(api, health_service), &config.mesh);
+        let app = crate::mesh::protect(api::app(api, health_service), &config.mesh, pool.clone());
 
         let token = shutdown.clone();
         let grace = config.shutdown_grace;

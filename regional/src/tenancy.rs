@@ -12,6 +12,7 @@
 
 mod keys;
 pub(crate) mod manage;
+pub(crate) mod operators;
 pub(crate) mod prices;
 pub(crate) mod regions;
 pub(crate) mod spend;
@@ -57,6 +58,9 @@ pub enum Error {
     /// A key's name, labels, expiry or models are not valid.
     #[error("{0}")]
     InvalidKey(String),
+    /// An operator token's name, role or expiry is not valid.
+    #[error("{0}")]
+    InvalidToken(String),
     /// A tenant's allowed models are not valid.
     #[error("{0}")]
     InvalidModels(String),

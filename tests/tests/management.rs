@@ -1394,3 +1394,147 @@ async fn keys_carry_names_expiry_and_models_and_rotate_with_a_grace_period() {
         "{audit}"
     );
 }
+
+/// Operators reach the management API through the gateway with an
+/// operator token: made in us-east, it works on calls the gateway sends to
+/// every region once replicated; the gateway refuses a call with no token
+/// or with an API key before any region sees it; revoked in ap-south, the
+/// token stops everywhere within the replication lag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_reach_the_management_api_through_the_gateway_with_a_token() {
+    init_logging();
+    let cluster = ClusterSandbox::start_replicated(&REGIONS, "", |regions, config| {
+        config.auth = Some(AuthConfig {
+            reload_interval_ms: 100,
+            ..AuthConfig::new(regions[1].postgres.url())
+        });
+    })
+    .await;
+    let api = Api {
+        http: reqwest::Client::new(),
+        urls: cluster.regions.iter().map(|r| r.url()).collect(),
+    };
+    let (status, _, made) = api
+        .send(
+            0,
+            reqwest::Method::POST,
+            "operator-tokens",
+            Some(json!({ "name": "terraform", "role": "admin" })),
+            &[("x-meridian-durability", "sync")],
+        )
+        .await;
+    assert_eq!(status, 201, "{made}");
+    let token = made["token"].as_str().unwrap().to_string();
+    let edge = |method: reqwest::Method, path: &str, bearer: Option<&str>, region: &str| {
+        let mut req = api
+            .http
+            .request(method, format!("{}/admin/v1/{path}", cluster.gateway_url()))
+            .header("x-meridian-region", region);
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
+        }
+        async move {
+            let res = req.send().await.unwrap();
+            let served = res
+                .headers()
+                .get("x-meridian-region")
+                .map(|v| v.to_str().unwrap().to_string());
+            (
+                res.status().as_u16(),
+                served,
+                res.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+
+    // The token works on calls to every region, each checking it itself.
+    for region in REGIONS {
+        let token = token.clone();
+        until(CONVERGE, &format!("the token accepted in {region}"), || {
+            let call = edge(reqwest::Method::GET, "tenants", Some(&token), region);
+            async move { call.await.0 == 200 }
+        })
+        .await;
+    }
+    let res = api
+        .http
+        .put(format!("{}/admin/v1/tenants/acme", cluster.gateway_url()))
+        .header("x-meridian-region", "eu-west")
+        .bearer_auth(&token)
+        .json(&json!({ "display_name": "Acme" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    assert_eq!(res.headers()["x-meridian-region"], "eu-west");
+    let (_, audit) = api.get(1, "audit?limit=1").await;
+    let actor = audit["data"][0]["actor"].as_str().unwrap();
+    assert!(actor.starts_with("token:terraform via "), "{audit}");
+    assert_eq!(audit["data"][0]["region"], "eu-west");
+
+    // No token, or an API key: the gateway refuses, naming what it takes.
+    let (status, _, body) = edge(reqwest::Method::GET, "tenants", None, "us-east").await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (401, &json!("invalid_operator_token")),
+        "{body}"
+    );
+    let (_, _, key) = api
+        .send(1, reqwest::Method::POST, "tenants/acme/keys", None, &[])
+        .await;
+    let key = key["key"].as_str().unwrap();
+    let (status, _, body) = edge(reqwest::Method::GET, "tenants", Some(key), "us-east").await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("operator token"),
+        "{body}"
+    );
+    // A region's other operator endpoints stay off the edge, token or not.
+    let res = api
+        .http
+        .post(format!("{}/admin/reload", cluster.gateway_url()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+
+    // Revoked in ap-south, it stops in every region within the lag.
+    let id = made["id"].as_str().unwrap();
+    let (status, _, _) = api
+        .send(
+            2,
+            reqwest::Method::DELETE,
+            &format!("operator-tokens/{id}"),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200);
+    for region in REGIONS {
+        let token = token.clone();
+        until(
+            CONVERGE,
+            &format!("the revoked token refused in {region}"),
+            || {
+                let call = edge(reqwest::Method::GET, "tenants", Some(&token), region);
+                async move { call.await.0 == 401 }
+            },
+        )
+        .await;
+    }
+    let (_, audit) = api.get(0, "audit?limit=20").await;
+    let actions: Vec<&str> = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert!(
+        actions.contains(&"operator_token.create") && actions.contains(&"operator_token.revoke"),
+        "{actions:?}"
+    );
+}

@@ -425,3 +425,154 @@ async fn gateway_proxies_and_checks_health_over_mtls() {
     assert_eq!(drain(op, true).await, Code::Ok);
     until(&sandbox, "eu-west", |r| r["draining"] == true).await;
 }
+
+/// Operator tokens stand in for an operator's certificate on the
+/// management API, over any mesh connection (a gateway passes operators'
+/// calls on): an admin token writes and is audited by name, a read-only
+/// one only reads, and an unknown, revoked or API-key bearer is refused
+/// with 401 / `UNAUTHENTICATED`. Without a token the policy holds as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_tokens_stand_in_for_an_operator_certificate() {
+    init_logging();
+    let pki = TestPki::new();
+    let region = RegionSandbox::start_with_config("eu-west", &pki.region_toml("eu-west")).await;
+    let base = format!("https://localhost:{}/admin/v1", region.addr().port());
+    let op = https(pki.client(&operator(), &[]));
+    let gw = https(pki.client(&gateway(), &[]));
+    let make = |role: &'static str, name: &'static str| {
+        let (op, base) = (op.clone(), base.clone());
+        async move {
+            let res = op
+                .post(format!("{base}/operator-tokens"))
+                .json(&json!({ "name": name, "role": role }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 201);
+            res.json::<Value>().await.unwrap()
+        }
+    };
+    let admin = make("admin", "terraform").await;
+    let viewer = make("read-only", "dashboards").await;
+    let admin_token = admin["token"].as_str().unwrap().to_string();
+    let viewer_token = viewer["token"].as_str().unwrap().to_string();
+    assert!(
+        admin_token.starts_with("mop-")
+            && admin_token.starts_with(admin["prefix"].as_str().unwrap())
+    );
+    let put = |bearer: Option<String>| {
+        let (gw, base) = (gw.clone(), base.clone());
+        async move {
+            let mut req = gw
+                .put(format!("{base}/tenants/acme"))
+                .json(&json!({ "display_name": "Acme" }));
+            if let Some(b) = bearer {
+                req = req.bearer_auth(b);
+            }
+            let res = req.send().await.unwrap();
+            (res.status().as_u16(), res.json::<Value>().await.unwrap())
+        }
+    };
+
+    // The gateway's identity alone may not call the management API.
+    let (status, body) = put(None).await;
+    assert_eq!(status, 403, "{body}");
+    // With an admin token it may, and the audit log names the token.
+    let (status, body) = put(Some(admin_token.clone())).await;
+    assert_eq!(status, 201, "{body}");
+    let audit: Value = op
+        .get(format!("{base}/audit?limit=1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        audit["data"][0]["actor"], "token:terraform via spiffe://meridian/gateway/edge-1",
+        "{audit}"
+    );
+    // A read-only token reads and may not write.
+    let res = gw
+        .get(format!("{base}/tenants/acme"))
+        .bearer_auth(&viewer_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let (status, body) = put(Some(viewer_token.clone())).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("may only read"),
+        "{body}"
+    );
+    // Unknown tokens and API keys are 401s naming the problem.
+    let (status, body) = put(Some(format!("{}x", &admin_token[..admin_token.len() - 1]))).await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (401, &json!("invalid_operator_token")),
+        "{body}"
+    );
+    let (status, body) = put(Some("mk-not-an-operator-token".into())).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("API keys may not"),
+        "{body}"
+    );
+
+    // The same over gRPC: the token as metadata.
+    let grpc = |token: &str| {
+        let mut req = tonic::Request::new(meridian_proto::v1::PutTenantRequest {
+            id: "globex".into(),
+            ..Default::default()
+        });
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        req
+    };
+    let admin_client = || AdminClient::new(channel(&region, pki.client(&gateway(), &[b"h2"])));
+    admin_client().put_tenant(grpc(&admin_token)).await.unwrap();
+    let e = admin_client()
+        .put_tenant(grpc(&viewer_token))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    let e = admin_client()
+        .put_tenant(grpc("mop-unknown"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+
+    // Revoked, a token stops at once in the region that checks it.
+    let id = admin["id"].as_str().unwrap();
+    let res = op
+        .delete(format!("{base}/operator-tokens/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let (status, body) = put(Some(admin_token)).await;
+    assert_eq!(status, 401, "{body}");
+    let listed: Value = op
+        .get(format!("{base}/operator-tokens"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<(&str, bool)> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["name"].as_str().unwrap(), t["revoked_at"].is_string()))
+        .collect();
+    assert_eq!(names, [("dashboards", false), ("terraform", true)]);
+    assert!(!listed.to_string().contains(&viewer_token), "{listed}");
+}

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, header};
 use meridian_proto::ErrorClass;
+use meridian_proto::api_key::OPERATOR_TOKEN_PREFIX;
 use meridian_proto::contract::openai_code;
 use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -27,6 +28,10 @@ const OPEN_PREFIXES: [&str; 3] = [
     "/grpc.reflection.v1alpha.ServerReflection/",
 ];
 
+/// The management API, which operators reach through a gateway with an
+/// operator token; the region checks the token.
+pub(crate) const OPERATOR_API: &str = "/admin/v1/";
+
 /// What the gate decided for one request.
 #[derive(Default)]
 pub(crate) struct Admitted {
@@ -42,6 +47,9 @@ pub(crate) struct Admitted {
     /// to the region, whatever `http_upstream` says (HTTP/1.1 has no
     /// trailers through Pingora).
     usage_in_trailers: bool,
+    /// A management call with an operator token, which goes to the region
+    /// as it came (no tenant, no limits).
+    operator: bool,
 }
 
 impl Admitted {
@@ -92,6 +100,9 @@ impl Gate {
         let path = req.uri.path();
         if OPEN_PREFIXES.iter().any(|p| path.starts_with(p)) {
             return Ok(Some(Admitted::default()));
+        }
+        if path.starts_with(OPERATOR_API) {
+            return self.admit_operator(session, grpc).await;
         }
         let digest = Auth::digest(
             req.headers
@@ -227,6 +238,7 @@ impl Gate {
             charged: decision.tokens,
             decision: Some(decision),
             usage_in_trailers,
+            operator: false,
         }))
     }
 
@@ -275,6 +287,43 @@ impl Gate {
         Ok((tokens, scan))
     }
 
+    /// A management call: it must carry an operator token, which the
+    /// region checks (gateways hold no operator secrets); an API key is
+    /// refused here, before any region sees it.
+    async fn admit_operator(&self, session: &mut Session, grpc: bool) -> Result<Option<Admitted>> {
+        let has_token = session
+            .req_header()
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| t.trim().starts_with(OPERATOR_TOKEN_PREFIX));
+        if has_token {
+            return Ok(Some(Admitted {
+                operator: true,
+                ..Admitted::default()
+            }));
+        }
+        self.metrics
+            .auth_failures
+            .with_label_values(&["operator_token"])
+            .inc();
+        ErrorReply {
+            code: Some(openai_code::INVALID_OPERATOR_TOKEN),
+            ..ErrorReply::new(
+                ErrorClass::Unauthenticated,
+                &format!(
+                    "{OPERATOR_API} takes an operator token: `Authorization: Bearer \
+                     {OPERATOR_TOKEN_PREFIX}...` (made with POST /admin/v1/operator-tokens); \
+                     API keys may not call it"
+                ),
+            )
+        }
+        .send(session, grpc)
+        .await?;
+        Ok(None)
+    }
+
     /// The request to the region: the tenant the gateway established, never
     /// the client's own claim, and never the key.
     pub(crate) fn upstream_request(
@@ -282,7 +331,9 @@ impl Gate {
         admitted: &Admitted,
         request: &mut RequestHeader,
     ) -> Result<()> {
-        request.remove_header(&header::AUTHORIZATION);
+        if !admitted.operator {
+            request.remove_header(&header::AUTHORIZATION);
+        }
         request.remove_header(TENANT_HEADER);
         request.remove_header(ALLOWED_MODELS);
         request.remove_header(KEY_ID);

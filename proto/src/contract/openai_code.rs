@@ -21,3 +21,6 @@ pub const REQUEST_TOO_LARGE: &str = "request_too_large";
 pub const INSUFFICIENT_QUOTA: &str = "insufficient_quota";
 /// The caller's key or tenant may not use the model it named.
 pub const MODEL_NOT_ALLOWED: &str = "model_not_allowed";
+/// The management API's operator token is missing where one is needed,
+/// unknown, revoked or expired.
+pub const INVALID_OPERATOR_TOKEN: &str = "invalid_operator_token";

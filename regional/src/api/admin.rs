@@ -233,6 +233,27 @@ impl Admin for AdminApi {
         manage::rotate_api_key(&self.state, request).await
     }
 
+    async fn create_operator_token(
+        &self,
+        request: Request<pb::CreateOperatorTokenRequest>,
+    ) -> Result<Response<pb::CreateOperatorTokenResponse>, Status> {
+        manage::create_operator_token(&self.state, request).await
+    }
+
+    async fn list_operator_tokens(
+        &self,
+        request: Request<pb::ListOperatorTokensRequest>,
+    ) -> Result<Response<pb::ListOperatorTokensResponse>, Status> {
+        manage::list_operator_tokens(&self.state, request).await
+    }
+
+    async fn revoke_operator_token(
+        &self,
+        request: Request<pb::RevokeOperatorTokenRequest>,
+    ) -> Result<Response<pb::OperatorToken>, Status> {
+        manage::revoke_operator_token(&self.state, request).await
+    }
+
     async fn list_audit(
         &self,
         request: Request<pb::ListAuditRequest>,

@@ -9,6 +9,7 @@
 
 pub(super) mod grpc;
 pub(super) mod grpc_ops;
+mod operators;
 mod regions;
 mod routes;
 mod spend;
@@ -56,6 +57,7 @@ pub(super) fn routes(state: Arc<AppState>) -> Router {
         .merge(spend::routes())
         .merge(routes::routes())
         .merge(regions::routes())
+        .merge(operators::routes())
         .with_state(state)
 }
 
@@ -100,10 +102,15 @@ impl FromRequestParts<Arc<AppState>> for Caller {
 /// The caller as the mesh and the accept loop left it in the request's
 /// extensions (HTTP and gRPC alike).
 fn actor(extensions: &axum::http::Extensions, region: &str) -> Actor {
-    let who = extensions.get::<Peer>().map_or_else(
+    let peer = extensions.get::<Peer>().map_or_else(
         || "unauthenticated".to_string(),
         |Peer(identity)| identity.to_string(),
     );
+    // A token holder is who acted; the connection it came on is how.
+    let who = match extensions.get::<crate::tenancy::operators::Operator>() {
+        Some(operator) => format!("token:{} via {peer}", operator.name),
+        None => peer,
+    };
     let source = extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map_or_else(|| "unknown".to_string(), |c| c.0.to_string());
@@ -432,7 +439,7 @@ impl From<crate::tenancy::Error> for Error {
             T::InvalidTenant(_) | T::InvalidLimits => Self::invalid(e.to_string(), None),
             T::InvalidRegions(_) => Self::invalid(e.to_string(), Some("allowed_regions")),
             T::InvalidBudget(_) => Self::invalid(e.to_string(), Some("budget")),
-            T::InvalidPrice(_) | T::InvalidControl(_) | T::InvalidKey(_) => {
+            T::InvalidPrice(_) | T::InvalidControl(_) | T::InvalidKey(_) | T::InvalidToken(_) => {
                 Self::invalid(e.to_string(), None)
             }
             T::InvalidModels(_) => Self::invalid(e.to_string(), Some("allowed_models")),

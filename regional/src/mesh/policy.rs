@@ -12,6 +12,7 @@ use meridian_mesh::{Identity, Role};
 use meridian_proto::ErrorClass;
 
 use super::config::PolicyConfig;
+use crate::tenancy::operators::Operator;
 
 /// The verified identity of the connection a request came on.
 #[derive(Debug, Clone)]
@@ -27,8 +28,9 @@ const OPEN: [&str; 3] = [
 
 /// gRPC methods that change nothing, which read-only identities may call
 /// (besides the [`OPEN`] services).
-const READS: [&str; 9] = [
+const READS: [&str; 10] = [
     "meridian.v1.Admin/RegionStatus",
+    "meridian.v1.Admin/ListOperatorTokens",
     "meridian.v1.Admin/GetTenant",
     "meridian.v1.Admin/ListTenants",
     "meridian.v1.Admin/ListApiKeys",
@@ -67,28 +69,7 @@ impl Policy {
         path: &str,
         http_method: &axum::http::Method,
     ) -> bool {
-        if !self.read_only.iter().any(|p| identity.matches(p)) {
-            return false;
-        }
-        let (service, method) = classify(path);
-        if OPEN.contains(&service) {
-            return false;
-        }
-        // gRPC by path, as `classify` decides: a dotted first segment.
-        let grpc = path
-            .trim_start_matches('/')
-            .split('/')
-            .next()
-            .is_some_and(|first| first.contains('.'));
-        if grpc {
-            let call = format!("{service}/{}", method.unwrap_or(""));
-            !READS.contains(&call.as_str())
-        } else {
-            !matches!(
-                *http_method,
-                axum::http::Method::GET | axum::http::Method::HEAD
-            )
-        }
+        self.read_only.iter().any(|p| identity.matches(p)) && !is_read(path, http_method)
     }
 
     /// Whether `identity` may call `service` (and `method`, for gRPC).
@@ -108,6 +89,33 @@ impl Policy {
     }
 }
 
+/// The service `/admin/*` routes count as.
+pub(crate) const ADMIN: &str = "meridian.v1.Admin";
+
+/// Whether a call changes nothing: HTTP `GET`/`HEAD`, the gRPC methods in
+/// [`READS`], and the [`OPEN`] services.
+pub(crate) fn is_read(path: &str, http_method: &axum::http::Method) -> bool {
+    let (service, method) = classify(path);
+    if OPEN.contains(&service) {
+        return true;
+    }
+    // gRPC by path, as `classify` decides: a dotted first segment.
+    let grpc = path
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .is_some_and(|first| first.contains('.'));
+    if grpc {
+        let call = format!("{service}/{}", method.unwrap_or(""));
+        READS.contains(&call.as_str())
+    } else {
+        matches!(
+            *http_method,
+            axum::http::Method::GET | axum::http::Method::HEAD
+        )
+    }
+}
+
 /// The service a request path addresses: `/package.Service/Method` is
 /// gRPC (by path, not content type: the router sends such paths to the
 /// gRPC service whatever the content type says); anything else is `http`.
@@ -121,7 +129,7 @@ pub(crate) fn classify(path: &str) -> (&str, Option<&str>) {
         (Some(service), method) if service.contains('.') => (service, Some(method.unwrap_or(""))),
         // Operator actions over HTTP (`/admin/reload`) are Admin methods, so
         // the table governs them like `Admin/Drain`, never as plain `http`.
-        (Some("admin"), method) => ("meridian.v1.Admin", Some(method.unwrap_or(""))),
+        (Some("admin"), method) => (ADMIN, Some(method.unwrap_or(""))),
         _ => ("http", None),
     }
 }
@@ -142,7 +150,11 @@ pub(crate) async fn enforce(
         return deny(grpc, "no verified peer identity on this connection");
     };
     let (service, method) = classify(req.uri().path());
-    if !policy.allows(&identity, service, method) {
+    // An operator token's holder (checked, and its role applied, by
+    // `operator::authenticate`) may call the management API over any
+    // connection: a gateway passes operators' calls on.
+    let by_token = service == ADMIN && req.extensions().get::<Operator>().is_some();
+    if !by_token && !policy.allows(&identity, service, method) {
         tracing::warn!(caller = %identity, service, method = method.unwrap_or("-"), path = req.uri().path(), "mesh policy denied a call");
         let what = match method {
             Some(m) => format!("{service}/{m}"),
@@ -150,7 +162,7 @@ pub(crate) async fn enforce(
         };
         return deny(grpc, &format!("{identity} may not call {what}"));
     }
-    if policy.refuses_write(&identity, req.uri().path(), req.method()) {
+    if !by_token && policy.refuses_write(&identity, req.uri().path(), req.method()) {
         tracing::warn!(caller = %identity, service, method = method.unwrap_or("-"), path = req.uri().path(), "a read-only identity's write refused");
         return deny(
             grpc,
@@ -183,7 +195,7 @@ pub(crate) async fn enforce(
     next.run(req).await
 }
 
-fn is_grpc(req: &Request) -> bool {
+pub(crate) fn is_grpc(req: &Request) -> bool {
     req.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -191,19 +203,30 @@ fn is_grpc(req: &Request) -> bool {
 }
 
 fn deny(grpc: bool, message: &str) -> Response {
+    refuse(
+        grpc,
+        ErrorClass::PermissionDenied,
+        meridian_proto::contract::openai_code::MESH_POLICY_DENIED,
+        message,
+    )
+}
+
+/// A refusal as the caller speaks: a gRPC status, or an OpenAI-style JSON
+/// error.
+pub(crate) fn refuse(grpc: bool, class: ErrorClass, code: &str, message: &str) -> Response {
     if grpc {
-        return tonic::Status::new(ErrorClass::PermissionDenied.grpc_code(), message)
+        return tonic::Status::new(class.grpc_code(), message)
             .into_http::<Body>()
             .into_response();
     }
     let body = serde_json::json!({ "error": {
         "message": message,
-        "type": ErrorClass::PermissionDenied.openai_type(),
+        "type": class.openai_type(),
         "param": null,
-        "code": meridian_proto::contract::openai_code::MESH_POLICY_DENIED,
+        "code": code,
     }});
-    let status = StatusCode::from_u16(ErrorClass::PermissionDenied.http_status())
-        .unwrap_or(StatusCode::FORBIDDEN);
+    let status =
+        StatusCode::from_u16(class.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut res = (status, body.to_string()).into_response();
     res.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -73,6 +73,27 @@ pub(crate) const TABLES: &[Table] = &[
         digest: None,
         tenant: None,
     },
+    // Bearer tokens for the management API (`0021_operator_tokens.sql`),
+    // everywhere like the keys, so any region checks any token.
+    Table {
+        name: "operator_tokens",
+        key: "id",
+        key_type: "uuid",
+        columns: &[
+            "id",
+            "name",
+            "role",
+            "prefix",
+            "token_hash",
+            "created_at",
+            "expires_at",
+            "revoked_at",
+        ],
+        bytea: &["token_hash"],
+        fence: None,
+        digest: None,
+        tenant: None,
+    },
     // Keyed by tenant and id together (`0014_conversation_scope.sql`): a
     // computed column, so not among the columns a peer's row sets.
     Table {

@@ -11,6 +11,7 @@ use crate::error::Error;
 use crate::replication::{DURABILITY_HEADER, Durability};
 use crate::tenancy::TenantLimits;
 use crate::tenancy::manage::{self, AuditView, KeyView, TenantView};
+use crate::tenancy::operators::{self, Role, TokenView};
 
 pub(super) fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
     std::time::SystemTime::from(t).into()
@@ -239,4 +240,68 @@ pub(in crate::api) async fn list_audit(
         records: records.into_iter().map(audit_pb).collect(),
         has_more,
     }))
+}
+
+fn operator_token_pb(t: TokenView) -> pb::OperatorToken {
+    pb::OperatorToken {
+        id: t.id.to_string(),
+        name: t.name,
+        role: t.role,
+        prefix: t.prefix,
+        created_at: Some(timestamp(t.created_at)),
+        expires_at: t.expires_at.map(timestamp),
+        revoked_at: t.revoked_at.map(timestamp),
+    }
+}
+
+pub(in crate::api) async fn create_operator_token(
+    state: &AppState,
+    request: Request<pb::CreateOperatorTokenRequest>,
+) -> Result<Response<pb::CreateOperatorTokenResponse>, Status> {
+    let actor = actor(request.extensions(), &state.region);
+    let sync = durability(state, &request)?;
+    let req = request.into_inner();
+    let role = Role::parse(&req.role).map_err(Error::from)?;
+    let expires_at = req
+        .expires_at
+        .map(|t| {
+            chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
+                .ok_or_else(|| Error::invalid("expires_at is out of range", Some("expires_at")))
+        })
+        .transpose()?;
+    let (view, secret) = operators::create(pool(state), &actor, &req.name, role, expires_at)
+        .await
+        .map_err(Error::from)?;
+    settle(state, sync).await?;
+    Ok(Response::new(pb::CreateOperatorTokenResponse {
+        token: Some(operator_token_pb(view)),
+        secret,
+    }))
+}
+
+pub(in crate::api) async fn list_operator_tokens(
+    state: &AppState,
+    _request: Request<pb::ListOperatorTokensRequest>,
+) -> Result<Response<pb::ListOperatorTokensResponse>, Status> {
+    let tokens = operators::list(pool(state)).await.map_err(Error::from)?;
+    Ok(Response::new(pb::ListOperatorTokensResponse {
+        tokens: tokens.into_iter().map(operator_token_pb).collect(),
+    }))
+}
+
+pub(in crate::api) async fn revoke_operator_token(
+    state: &AppState,
+    request: Request<pb::RevokeOperatorTokenRequest>,
+) -> Result<Response<pb::OperatorToken>, Status> {
+    let actor = actor(request.extensions(), &state.region);
+    let sync = durability(state, &request)?;
+    let id = request.into_inner().id;
+    let uuid = uuid::Uuid::parse_str(&id)
+        .map_err(|_| Error::invalid(format!("{id:?} is not a token id (a UUID)"), Some("id")))?;
+    let view = operators::revoke(pool(state), &actor, uuid)
+        .await
+        .map_err(Error::from)?
+        .ok_or_else(|| Error::NotFound(format!("no operator token {id}")))?;
+    settle(state, sync).await?;
+    Ok(Response::new(operator_token_pb(view)))
 }
