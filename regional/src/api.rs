@@ -147,6 +147,10 @@ where
         .fallback(fallback)
         .layer(axum::middleware::map_response(charge::trailing_usage))
         .layer(axum::middleware::from_fn_with_state(
+            state.replication.clone(),
+            manage::say_how_far_behind,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
             state.status.clone(),
             crate::status::track_in_flight,
         ))

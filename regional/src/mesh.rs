@@ -14,7 +14,7 @@ use axum::Router;
 use meridian_mesh::{ArcSwap, rustls::ServerConfig};
 
 pub use self::config::{AllowRule, Mesh, MeshConfig, PolicyConfig};
-pub(crate) use self::policy::Peer;
+pub(crate) use self::policy::{ADMIN, Peer, classify, is_read};
 pub(crate) use self::serve::serve;
 
 use crate::error::Error;

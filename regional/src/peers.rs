@@ -78,6 +78,16 @@ impl Peers {
         }
     }
 
+    /// How long ago `peer` last answered, when this node has caught up
+    /// with it since it started; `None` before that (or for no such peer).
+    pub(crate) fn caught_up_and_heard(&self, peer: &str) -> Option<Duration> {
+        let p = self.peer(peer)?;
+        if !p.caught_up.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(p.heard.lock().expect("not poisoned").at.elapsed())
+    }
+
     /// `peer` answered, reporting `lost_view` as the regions it has lost.
     pub(crate) fn heard(&self, peer: &str, lost_view: Vec<String>) {
         if let Some(p) = self.peer(peer) {

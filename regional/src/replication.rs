@@ -155,6 +155,23 @@ impl Replication {
         lag
     }
 
+    /// How far behind each peer this region's reads may be, sorted by
+    /// peer: the silence since the peer last answered, plus the age of its
+    /// changes still waiting here. `None` for a peer not yet caught up with
+    /// since the node started, whose writes may all be missing.
+    pub(crate) fn behind(&self) -> Vec<(String, Option<Duration>)> {
+        self.lag()
+            .into_iter()
+            .map(|lag| {
+                let behind = self
+                    .liveness
+                    .caught_up_and_heard(&lag.peer)
+                    .map(|silence| silence + Duration::from_millis(u64::from(lag.lag_ms)));
+                (lag.peer, behind)
+            })
+            .collect()
+    }
+
     /// The Prometheus text of replication, with each peer's lost gauge
     /// read from the liveness as it is now.
     pub(crate) fn render_metrics(&self) -> String {

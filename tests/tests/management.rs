@@ -1538,3 +1538,97 @@ async fn operators_reach_the_management_api_through_the_gateway_with_a_token() {
         "{actions:?}"
     );
 }
+
+/// The peers a management read's answer may be behind, as the region
+/// reports it: each by name, in milliseconds, small while replication
+/// flows; a region killed grows while the live one stays small. Writes
+/// carry no such header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn management_reads_say_how_far_behind_each_region_they_may_be() {
+    use meridian_proto::v1::ListTenantsRequest;
+    use meridian_proto::v1::admin_client::AdminClient;
+    init_logging();
+    let mut cluster = ClusterSandbox::start_replicated(&REGIONS, "", |_, _| {}).await;
+    let api = Api {
+        http: reqwest::Client::new(),
+        urls: cluster.regions.iter().map(|r| r.url()).collect(),
+    };
+    let behind = |headers: &reqwest::header::HeaderMap| -> Vec<(String, Option<u64>)> {
+        headers
+            .get("x-meridian-replication-behind")
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
+            .split(", ")
+            .filter(|p| !p.is_empty())
+            .map(|pair| {
+                let (peer, ms) = pair.split_once('=').unwrap();
+                (peer.to_string(), ms.parse().ok())
+            })
+            .collect()
+    };
+    let read = || {
+        let (http, url) = (api.http.clone(), api.urls[0].clone());
+        async move {
+            let res = http
+                .get(format!("{url}/admin/v1/tenants"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200);
+            res.headers().clone()
+        }
+    };
+    // Caught up with both peers, each read says so in small figures.
+    until(CONVERGE, "us-east caught up with both peers", || {
+        let read = read();
+        async move {
+            let b = behind(&read.await);
+            b.len() == 2 && b.iter().all(|(_, ms)| ms.is_some_and(|ms| ms < 2_000))
+        }
+    })
+    .await;
+    let peers: Vec<String> = behind(&read().await).into_iter().map(|(p, _)| p).collect();
+    assert_eq!(peers, ["ap-south", "eu-west"]);
+    let (status, headers, _) = api
+        .send(
+            0,
+            reqwest::Method::PUT,
+            "tenants/acme",
+            Some(json!({ "display_name": "Acme" })),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 201);
+    assert!(headers.get("x-meridian-replication-behind").is_none());
+    // The same as gRPC metadata on the Admin reads.
+    let mut admin = AdminClient::connect(api.urls[0].clone()).await.unwrap();
+    let listed = admin
+        .list_tenants(ListTenantsRequest {
+            limit: 0,
+            after: String::new(),
+        })
+        .await
+        .unwrap();
+    let value = listed
+        .metadata()
+        .get("x-meridian-replication-behind")
+        .expect("the header as metadata")
+        .to_str()
+        .unwrap();
+    assert!(
+        value.starts_with("ap-south=") && value.contains(", eu-west="),
+        "{value}"
+    );
+
+    // ap-south killed: what us-east says of it grows past what it can have
+    // missed, while eu-west stays fresh.
+    cluster.region("ap-south").kill_node();
+    until(CONVERGE, "ap-south reported stale", || {
+        let read = read();
+        async move {
+            let b = behind(&read.await);
+            b[0].1.is_some_and(|ms| ms >= 3_000) && b[1].1.is_some_and(|ms| ms < 2_000)
+        }
+    })
+    .await;
+}

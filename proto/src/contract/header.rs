@@ -129,3 +129,10 @@ pub const UNAVAILABLE: &str = "x-meridian-unavailable";
 /// serves its other models, so the gateway counts the answer against no
 /// region; a 503 is replayed in another region, whose upstreams may answer.
 pub const MODEL_FAILED: &str = "x-meridian-model-failed";
+
+/// Response header of the management API's reads: how far behind each peer
+/// region this region's answer may be, as `peer=milliseconds` pairs
+/// (`peer=unknown` until the region has caught up with the peer since it
+/// started). A write made in another region within that time may be
+/// missing from the answer.
+pub const REPLICATION_BEHIND: &str = "x-meridian-replication-behind";

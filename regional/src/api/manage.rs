@@ -88,6 +88,40 @@ async fn own_keys(
     Ok(Json(page(keys, limit, |k| k.id.to_string())))
 }
 
+/// Says on every management read (HTTP `GET`, the Admin methods that
+/// change nothing) how far behind each peer region the answer may be
+/// ([`REPLICATION_BEHIND`](meridian_proto::header::REPLICATION_BEHIND)):
+/// reads are this region's, consistent within it, and a write made
+/// elsewhere arrives with replication.
+pub(super) async fn say_how_far_behind(
+    State(replication): State<Arc<crate::replication::Replication>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path();
+    let read = crate::mesh::classify(path).0 == crate::mesh::ADMIN
+        && crate::mesh::is_read(path, req.method());
+    let mut res = next.run(req).await;
+    if read {
+        let behind = replication
+            .behind()
+            .into_iter()
+            .map(|(peer, behind)| match behind {
+                Some(d) => format!("{peer}={}", d.as_millis()),
+                None => format!("{peer}=unknown"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        if !behind.is_empty()
+            && let Ok(value) = axum::http::HeaderValue::from_str(&behind)
+        {
+            res.headers_mut()
+                .insert(meridian_proto::header::REPLICATION_BEHIND, value);
+        }
+    }
+    res
+}
+
 /// The caller of a write, for the audit log.
 struct Caller(Actor);
 
