@@ -94,6 +94,19 @@ pub(crate) enum Tenants {
         /// Start after this id (the last of the previous page).
         #[arg(long, default_value = "")]
         after: String,
+        /// Deleted tenants too.
+        #[arg(long)]
+        include_deleted: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Delete a tenant: its keys stop at once, its stored data is erased in
+    /// every region after the retention; `put` restores it until then.
+    Delete {
+        id: String,
+        /// Days its data is kept before it is erased.
+        #[arg(long, default_value_t = 30)]
+        retention_days: u64,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -289,11 +302,46 @@ pub(crate) async fn tenants(command: Tenants) -> anyhow::Result<()> {
                 print_tenants(&[tenant]);
             }
         }
-        Tenants::List { limit, after, api } => {
+        Tenants::Delete {
+            id,
+            retention_days,
+            api,
+        } => {
+            let tenant = api
+                .client()
+                .await?
+                .delete_tenant(api.request(pb::DeleteTenantRequest {
+                    id,
+                    retention_seconds: Some(retention_days.saturating_mul(86_400)),
+                }))
+                .await
+                .map_err(refused)?
+                .into_inner();
+            if api.json {
+                println!("{}", tenant_json(&tenant));
+            } else {
+                print_tenants(std::slice::from_ref(&tenant));
+                eprintln!(
+                    "deleted; its data is erased at {} unless `tenants put {}` restores it",
+                    time(tenant.purge_at.as_ref()),
+                    tenant.id
+                );
+            }
+        }
+        Tenants::List {
+            limit,
+            after,
+            include_deleted,
+            api,
+        } => {
             let page = api
                 .client()
                 .await?
-                .list_tenants(pb::ListTenantsRequest { limit, after })
+                .list_tenants(pb::ListTenantsRequest {
+                    limit,
+                    after,
+                    include_deleted,
+                })
                 .await
                 .map_err(refused)?
                 .into_inner();
@@ -481,7 +529,9 @@ fn tenant_json(t: &pb::Tenant) -> Value {
         "budget": t.budget.as_ref().map(|b| json!({ "tokens": b.tokens, "usd": b.usd,
             "period": b.period })),
         "created_at": time(t.created_at.as_ref()),
-        "updated_at": time(t.updated_at.as_ref()) })
+        "updated_at": time(t.updated_at.as_ref()),
+        "deleted_at": t.deleted_at.as_ref().map(|t| time(Some(t))),
+        "purge_at": t.purge_at.as_ref().map(|t| time(Some(t))) })
 }
 
 fn key_json(k: &pb::ApiKey) -> Value {

@@ -137,6 +137,26 @@ async fn operators_manage_tenants_and_keys_with_the_cli_over_mtls() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("`--certs DIR` is required"), "{stderr}");
+
+    // Deleted, a tenant leaves the list unless asked for, and `put`
+    // restores it.
+    let deleted = cli
+        .json(&["tenants", "delete", "acme", "--retention-days", "7"])
+        .await;
+    assert!(
+        deleted["deleted_at"].is_string() && deleted["purge_at"].is_string(),
+        "{deleted}"
+    );
+    let listed = cli.json(&["tenants", "list"]).await;
+    assert_eq!(listed["data"], serde_json::json!([]), "{listed}");
+    let listed = cli.json(&["tenants", "list", "--include-deleted"]).await;
+    assert_eq!(listed["data"][0]["id"], "acme", "{listed}");
+    let restored = cli.json(&["tenants", "put", "acme"]).await;
+    assert_eq!(
+        restored["tenant"]["deleted_at"],
+        serde_json::Value::Null,
+        "{restored}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -108,6 +108,13 @@ const SERVICES: &[(&str, &str, &[Rpc])] = &[
                 false,
             ),
             (
+                "DeleteTenant",
+                "DeleteTenantRequest",
+                "Tenant",
+                false,
+                false,
+            ),
+            (
                 "CreateApiKey",
                 "CreateApiKeyRequest",
                 "CreateApiKeyResponse",

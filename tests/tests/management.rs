@@ -394,6 +394,7 @@ async fn the_same_operations_are_admin_methods_over_grpc() {
         .list_tenants(ListTenantsRequest {
             limit: 1,
             after: String::new(),
+            include_deleted: false,
         })
         .await
         .unwrap()
@@ -403,6 +404,7 @@ async fn the_same_operations_are_admin_methods_over_grpc() {
         .list_tenants(ListTenantsRequest {
             limit: 0,
             after: "acme".into(),
+            include_deleted: false,
         })
         .await
         .unwrap()
@@ -475,6 +477,34 @@ async fn the_same_operations_are_admin_methods_over_grpc() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
 
+    // A tenant deleted over gRPC is left out of lists unless asked.
+    let deleted = admin
+        .delete_tenant(meridian_proto::v1::DeleteTenantRequest {
+            id: "beta".into(),
+            retention_seconds: Some(60),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(deleted.deleted_at.is_some() && deleted.purge_at.is_some());
+    let listed = |include_deleted| {
+        let mut admin = admin.clone();
+        async move {
+            let page = admin
+                .list_tenants(ListTenantsRequest {
+                    limit: 0,
+                    after: String::new(),
+                    include_deleted,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            page.tenants.into_iter().map(|t| t.id).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(listed(false).await, ["acme"]);
+    assert_eq!(listed(true).await, ["acme", "beta"]);
+
     let audit = admin
         .list_audit(ListAuditRequest {
             limit: 100,
@@ -499,6 +529,7 @@ async fn the_same_operations_are_admin_methods_over_grpc() {
             ("tenant.update", "tenants/beta"),
             ("key.create", key_resource.as_str()),
             ("key.revoke", key_resource.as_str()),
+            ("tenant.delete", "tenants/beta"),
         ]
     );
     assert!(audit.records.iter().all(|r| r.region == "eu-west"));
@@ -1606,6 +1637,7 @@ async fn management_reads_say_how_far_behind_each_region_they_may_be() {
         .list_tenants(ListTenantsRequest {
             limit: 0,
             after: String::new(),
+            include_deleted: false,
         })
         .await
         .unwrap();
@@ -1631,4 +1663,195 @@ async fn management_reads_say_how_far_behind_each_region_they_may_be() {
         }
     })
     .await;
+}
+
+/// A tenant deleted through the API stops at once (its keys are refused
+/// by the gateway within 2 s), is left out of lists unless asked, may be
+/// restored by a `PUT` until its retention ends (without its old keys),
+/// and once the retention has passed every region erases its keys,
+/// conversations, messages, jobs and readings, while another tenant's stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_tenant_stops_at_once_and_every_region_erases_its_data_after_retention() {
+    init_logging();
+    let cluster = ClusterSandbox::start_replicated(
+        &REGIONS,
+        "prune_interval_ms = 200\n",
+        |regions, config| {
+            config.auth = Some(AuthConfig {
+                reload_interval_ms: 100,
+                ..AuthConfig::new(regions[1].postgres.url())
+            });
+        },
+    )
+    .await;
+    let api = Api {
+        http: reqwest::Client::new(),
+        urls: cluster.regions.iter().map(|r| r.url()).collect(),
+    };
+    let sync = [("x-meridian-durability", "sync")];
+    let mut keys = Vec::new();
+    for tenant in ["gone", "stays"] {
+        let (status, _, _) = api
+            .send(
+                0,
+                reqwest::Method::PUT,
+                &format!("tenants/{tenant}"),
+                Some(json!({})),
+                &sync,
+            )
+            .await;
+        assert_eq!(status, 201);
+        let (_, _, key) = api
+            .send(
+                0,
+                reqwest::Method::POST,
+                &format!("tenants/{tenant}/keys"),
+                None,
+                &sync,
+            )
+            .await;
+        keys.push(key["key"].as_str().unwrap().to_string());
+    }
+    let http = api.http.clone();
+    let gateway = cluster.gateway_url();
+    let chat = |key: &str, conversation: Option<&str>| {
+        let mut req = http
+            .post(format!("{gateway}/v1/chat/completions"))
+            .bearer_auth(key)
+            .header("x-meridian-region", "us-east")
+            .json(&json!({ "model": TEST_MODEL, "max_tokens": 4,
+                "messages": [{ "role": "user", "content": "hello" }] }));
+        if let Some(c) = conversation {
+            req = req
+                .header("x-meridian-conversation", c)
+                .header("x-meridian-durability", "sync");
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    for key in &keys {
+        until(PROMPT, "the key loaded", || {
+            let chat = chat(key, None);
+            async move { chat.await == 200 }
+        })
+        .await;
+        // A stored conversation (a user turn and an answer), replicated.
+        assert_eq!(chat(key, Some("notes")).await, 200);
+    }
+    let pools: Vec<sqlx::PgPool> = {
+        let mut pools = Vec::new();
+        for region in &cluster.regions {
+            pools.push(sqlx::PgPool::connect(&region.postgres.url()).await.unwrap());
+        }
+        pools
+    };
+    for pool in &pools {
+        until(CONVERGE, "both tenants' conversations everywhere", || {
+            let pool = pool.clone();
+            async move {
+                held(&pool, "gone").await[..2] == [1, 2]
+                    && held(&pool, "stays").await[..2] == [1, 2]
+            }
+        })
+        .await;
+    }
+
+    // Deleted in ap-south with a long retention: refused within 2 s,
+    // listed only when asked, restored by a PUT without its old key.
+    let (status, _, deleted) = api
+        .send(
+            2,
+            reqwest::Method::DELETE,
+            "tenants/gone?retention_seconds=3600",
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200, "{deleted}");
+    assert!(
+        deleted["deleted_at"].is_string() && deleted["purge_at"].is_string(),
+        "{deleted}"
+    );
+    assert_eq!(deleted["live_keys"], 0);
+    let at = Instant::now();
+    until(PROMPT, "the deleted tenant's key refused", || {
+        let chat = chat(&keys[0], None);
+        async move { chat.await == 401 }
+    })
+    .await;
+    eprintln!("deleted tenant refused after {:?}", at.elapsed());
+    assert_eq!(chat(&keys[1], None).await, 200);
+    let (_, listed) = api.get(2, "tenants").await;
+    let ids: Vec<&str> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["stays"]);
+    let (_, listed) = api.get(2, "tenants?include_deleted=true").await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 2);
+    let (status, _, _) = api
+        .send(2, reqwest::Method::POST, "tenants/gone/keys", None, &[])
+        .await;
+    assert_eq!(status, 404, "a deleted tenant takes no new key");
+    let (status, _, restored) = api
+        .send(
+            2,
+            reqwest::Method::PUT,
+            "tenants/gone",
+            Some(json!({})),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200, "{restored}");
+    assert_eq!(
+        (&restored["deleted_at"], &restored["live_keys"]),
+        (&Value::Null, &json!(0))
+    );
+    assert_eq!(
+        chat(&keys[0], None).await,
+        401,
+        "a restored tenant's old key came back"
+    );
+
+    // Deleted again, in the region that restored it (a delete elsewhere
+    // could arrive before the restore and be a no-op there), with a 1 s
+    // retention: every region erases its rows.
+    let (status, _, _) = api
+        .send(
+            2,
+            reqwest::Method::DELETE,
+            "tenants/gone?retention_seconds=1",
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200);
+    for (pool, region) in pools.iter().zip(REGIONS) {
+        until(CONVERGE, &format!("gone's data erased in {region}"), || {
+            let pool = pool.clone();
+            async move {
+                let keys: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE tenant_id = 'gone'")
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap();
+                held(&pool, "gone").await == [0, 0, 0, 0] && keys == 0
+            }
+        })
+        .await;
+        assert_eq!(held(pool, "stays").await[..2], [1, 2], "{region}");
+    }
+    let (_, audit) = api.get(0, "audit?limit=20").await;
+    let actions: Vec<&str> = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .filter(|a| a.starts_with("tenant."))
+        .collect();
+    assert_eq!(
+        actions[..3],
+        ["tenant.delete", "tenant.restore", "tenant.delete"]
+    );
 }

@@ -233,6 +233,13 @@ impl Admin for AdminApi {
         manage::rotate_api_key(&self.state, request).await
     }
 
+    async fn delete_tenant(
+        &self,
+        request: Request<pb::DeleteTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        manage::delete_tenant(&self.state, request).await
+    }
+
     async fn create_operator_token(
         &self,
         request: Request<pb::CreateOperatorTokenRequest>,

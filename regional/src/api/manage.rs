@@ -42,7 +42,10 @@ const MAX_PAGE: i64 = 100;
 pub(super) fn routes(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/admin/v1/tenants", get(list_tenants))
-        .route("/admin/v1/tenants/{id}", get(get_tenant).put(put_tenant))
+        .route(
+            "/admin/v1/tenants/{id}",
+            get(get_tenant).put(put_tenant).delete(delete_tenant),
+        )
         .route(
             "/admin/v1/tenants/{id}/keys",
             post(create_key).get(list_keys),
@@ -159,6 +162,8 @@ fn actor(extensions: &axum::http::Extensions, region: &str) -> Actor {
 struct Page {
     limit: Option<i64>,
     after: Option<String>,
+    /// Tenants only: deleted ones too.
+    include_deleted: Option<bool>,
 }
 
 impl Page {
@@ -212,8 +217,43 @@ async fn list_tenants(
     Query(q): Query<Page>,
 ) -> Result<Json<Value>, Error> {
     let limit = q.limit()?;
-    let tenants = manage::list_tenants(pool(&state), q.after.as_deref(), limit + 1).await?;
+    let tenants = manage::list_tenants(
+        pool(&state),
+        q.after.as_deref(),
+        limit + 1,
+        q.include_deleted.unwrap_or(false),
+    )
+    .await?;
     Ok(Json(page(tenants, limit, |t| t.id.clone())))
+}
+
+/// How long a deleted tenant's data is kept unless the request says.
+const DEFAULT_RETENTION: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteQuery {
+    retention_seconds: Option<u64>,
+}
+
+/// `DELETE /admin/v1/tenants/{id}`: stops the tenant at once (its keys are
+/// revoked) and erases its stored data in every region after
+/// `retention_seconds` (default 30 days); a `PUT` restores it until then.
+async fn delete_tenant(
+    State(state): State<Arc<AppState>>,
+    Caller(actor): Caller,
+    Path(id): Path<String>,
+    Query(q): Query<DeleteQuery>,
+    durability: Durable,
+) -> Result<Response, Error> {
+    let retention = q
+        .retention_seconds
+        .map_or(DEFAULT_RETENTION, std::time::Duration::from_secs);
+    let tenant = manage::delete_tenant(pool(&state), &actor, &id, retention)
+        .await?
+        .ok_or_else(|| no_tenant(&id))?;
+    let sync = durability.settle(&state).await?;
+    Ok(([(DURABILITY_HEADER, sync.header())], Json(json!(tenant))).into_response())
 }
 
 async fn get_tenant(

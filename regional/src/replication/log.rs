@@ -252,7 +252,8 @@ pub(crate) async fn listen(pool: PgPool, commits: watch::Sender<u64>, shutdown: 
 /// Trims the log every `prune_interval_ms`: through the lowest sequence every
 /// configured peer acknowledged, and never keeping more than
 /// `max_retained_changes` (a peer left behind then needs a snapshot); and
-/// the tombstones no peer can still need.
+/// the tombstones no peer can still need; and erases deleted tenants'
+/// data once their retention has passed.
 pub(crate) async fn prune_periodically(
     pool: PgPool,
     config: ReplicationConfig,
@@ -273,6 +274,11 @@ pub(crate) async fn prune_periodically(
         match trim_tombstones(&pool, &config).await {
             Ok(n) => metrics.trimmed_tombstones.inc_by(n),
             Err(e) => tracing::warn!(error = %e, "cannot trim tombstones"),
+        }
+        // Deleted tenants past their retention: every region erases its
+        // own copy on this same housekeeping tick.
+        if let Err(e) = crate::tenancy::manage::purge_deleted(&pool).await {
+            tracing::warn!(error = %e, "cannot erase deleted tenants' data");
         }
     }
 }

@@ -46,6 +46,8 @@ pub(crate) const TABLES: &[Table] = &[
             "budget_usd_micros",
             "budget_period",
             "allowed_models",
+            "deleted_at",
+            "purge_at",
         ],
         bytea: &[],
         fence: None,

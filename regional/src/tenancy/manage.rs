@@ -37,6 +37,10 @@ pub(crate) struct TenantView {
     pub live_keys: i64,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
+    /// When it was deleted; `None` while it lives.
+    pub deleted_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When its stored data is erased in every region.
+    pub purge_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// A tenant's budget as the API shows it: tokens, dollars, or both, per
@@ -186,7 +190,7 @@ macro_rules! tenant_columns {
     () => {
         "t.id, t.display_name, t.requests_per_second, t.tokens_per_minute, t.allowed_regions, \
          t.budget_tokens, t.budget_usd_micros, t.budget_period, t.allowed_models, \
-         t.created_at, t.updated_at, (SELECT count(*) FROM api_keys k \
+         t.created_at, t.updated_at, t.deleted_at, t.purge_at, (SELECT count(*) FROM api_keys k \
          WHERE k.tenant_id = t.id AND k.revoked_at IS NULL) AS live_keys"
     };
 }
@@ -203,6 +207,8 @@ fn tenant(row: &sqlx::postgres::PgRow) -> TenantView {
         live_keys: row.get("live_keys"),
         created_at: row.get("created_at"),
         updated_at: row.get("updated_at"),
+        deleted_at: row.get("deleted_at"),
+        purge_at: row.get("purge_at"),
     }
 }
 
@@ -226,14 +232,17 @@ pub(crate) async fn list_tenants(
     pool: &PgPool,
     after: Option<&str>,
     limit: i64,
+    include_deleted: bool,
 ) -> Result<Vec<TenantView>, Error> {
     let rows = sqlx::query(concat!(
         "SELECT ",
         tenant_columns!(),
-        " FROM tenants t WHERE $1::text IS NULL OR t.id > $1 ORDER BY t.id LIMIT $2"
+        " FROM tenants t WHERE ($1::text IS NULL OR t.id > $1)
+            AND ($3 OR t.deleted_at IS NULL) ORDER BY t.id LIMIT $2"
     ))
     .bind(after)
     .bind(limit)
+    .bind(include_deleted)
     .fetch_all(pool)
     .await?;
     Ok(rows.iter().map(tenant).collect())
@@ -306,6 +315,12 @@ pub(crate) async fn put_tenant(
     }
     let (rps, tpm) = super::tenants::checked(id, limits)?;
     let mut tx = pool.begin().await?;
+    let deleted: Option<Option<chrono::DateTime<chrono::Utc>>> =
+        sqlx::query_scalar("SELECT deleted_at FROM tenants WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let restored = matches!(deleted, Some(Some(_)));
     let created: bool = sqlx::query_scalar(
         "INSERT INTO tenants (id, display_name, requests_per_second, tokens_per_minute,
                               allowed_regions, budget_tokens, budget_usd_micros, budget_period,
@@ -320,6 +335,8 @@ pub(crate) async fn put_tenant(
              budget_usd_micros = EXCLUDED.budget_usd_micros,
              budget_period = EXCLUDED.budget_period,
              allowed_models = EXCLUDED.allowed_models,
+             deleted_at = NULL,
+             purge_at = NULL,
              updated_at = now()
          RETURNING (xmax = 0)",
     )
@@ -336,6 +353,8 @@ pub(crate) async fn put_tenant(
     .await?;
     let action = if created {
         "tenant.create"
+    } else if restored {
+        "tenant.restore"
     } else {
         "tenant.update"
     };
@@ -354,6 +373,110 @@ pub(crate) async fn put_tenant(
     audit(&mut tx, actor, action, &format!("tenants/{id}"), detail).await?;
     tx.commit().await?;
     Ok(created)
+}
+
+/// Deletes tenant `id` softly: it stops at once (its keys are revoked in
+/// the same transaction, so every gateway refuses them at its next reload),
+/// and its stored data is erased in every region once `retention` has
+/// passed ([`purge_deleted`]); until then a `PUT` restores it. Its view;
+/// `None` when there is no such tenant. Deleting a deleted tenant changes
+/// nothing and records nothing.
+pub(crate) async fn delete_tenant(
+    pool: &PgPool,
+    actor: &Actor,
+    id: &str,
+    retention: std::time::Duration,
+) -> Result<Option<TenantView>, Error> {
+    let retention_s = i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
+    let mut tx = pool.begin().await?;
+    let deleted = sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>(
+        "UPDATE tenants SET deleted_at = now(),
+                purge_at = now() + make_interval(secs => $2), updated_at = now()
+          WHERE id = $1 AND deleted_at IS NULL
+         RETURNING purge_at",
+    )
+    .bind(id)
+    .bind(retention_s as f64)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(purge_at) = deleted {
+        let revoked = sqlx::query(
+            "UPDATE api_keys SET revoked_at = now() WHERE tenant_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let detail = serde_json::json!({ "purge_at": purge_at, "keys_revoked": revoked,
+            "retention_seconds": retention_s });
+        audit(
+            &mut tx,
+            actor,
+            "tenant.delete",
+            &format!("tenants/{id}"),
+            detail,
+        )
+        .await?;
+    }
+    let view = sqlx::query(concat!(
+        "SELECT ",
+        tenant_columns!(),
+        " FROM tenants t WHERE t.id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(view.as_ref().map(tenant))
+}
+
+/// Erases the stored data of every tenant whose retention has passed:
+/// keys, conversations and their messages, jobs and telemetry readings.
+/// Each region erases its own copy (`meridian.applying` keeps the deletes
+/// out of the replication log: every region holds the same `purge_at`),
+/// so nothing crosses regions and a bound tenant's regions erase what only
+/// they hold. Spend and usage counts stay, for billing. The rows erased.
+pub(crate) async fn purge_deleted(pool: &PgPool) -> Result<u64, Error> {
+    let due: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM tenants WHERE purge_at IS NOT NULL AND purge_at <= now()",
+    )
+    .fetch_all(pool)
+    .await?;
+    if due.is_empty() {
+        return Ok(0);
+    }
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL meridian.applying = on")
+        .execute(&mut *tx)
+        .await?;
+    let mut erased = 0;
+    for sql in [
+        "DELETE FROM api_keys WHERE tenant_id = ANY($1)",
+        "DELETE FROM conversation_messages WHERE tenant_id = ANY($1)",
+        "DELETE FROM conversations WHERE tenant_id = ANY($1)",
+        "DELETE FROM jobs WHERE tenant = ANY($1)",
+    ] {
+        erased += sqlx::query(sql)
+            .bind(&due)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    }
+    let readings: bool = sqlx::query_scalar("SELECT to_regclass('telemetry_readings') IS NOT NULL")
+        .fetch_one(&mut *tx)
+        .await?;
+    if readings {
+        erased += sqlx::query("DELETE FROM telemetry_readings WHERE tenant = ANY($1)")
+            .bind(&due)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    }
+    tx.commit().await?;
+    if erased > 0 {
+        tracing::info!(tenants = ?due, rows = erased, "erased deleted tenants' data");
+    }
+    Ok(erased)
 }
 
 /// The columns of a key's view, from `api_keys`.
@@ -400,7 +523,8 @@ async fn insert_key(
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO api_keys (id, tenant_id, prefix, key_hash, name, labels, expires_at,
                                allowed_models)
-         SELECT $1, id, $3, $4, $5, $6, $7, $8 FROM tenants WHERE id = $2
+         SELECT $1, id, $3, $4, $5, $6, $7, $8 FROM tenants
+          WHERE id = $2 AND deleted_at IS NULL
          RETURNING {KEY_COLUMNS}"
     )))
     .bind(id)

@@ -33,6 +33,8 @@ fn tenant_pb(t: TenantView) -> pb::Tenant {
         live_keys: u64::try_from(t.live_keys).unwrap_or(0),
         created_at: Some(timestamp(t.created_at)),
         updated_at: Some(timestamp(t.updated_at)),
+        deleted_at: t.deleted_at.map(timestamp),
+        purge_at: t.purge_at.map(timestamp),
     }
 }
 
@@ -128,14 +130,37 @@ pub(in crate::api) async fn list_tenants(
     let req = request.into_inner();
     let limit = limit(req.limit)?;
     let after = Some(req.after).filter(|a| !a.is_empty());
-    let mut tenants = manage::list_tenants(pool(state), after.as_deref(), limit + 1)
-        .await
-        .map_err(Error::from)?;
+    let mut tenants = manage::list_tenants(
+        pool(state),
+        after.as_deref(),
+        limit + 1,
+        req.include_deleted,
+    )
+    .await
+    .map_err(Error::from)?;
     let has_more = cut_page(&mut tenants, limit);
     Ok(Response::new(pb::ListTenantsResponse {
         tenants: tenants.into_iter().map(tenant_pb).collect(),
         has_more,
     }))
+}
+
+pub(in crate::api) async fn delete_tenant(
+    state: &AppState,
+    request: Request<pb::DeleteTenantRequest>,
+) -> Result<Response<pb::Tenant>, Status> {
+    let actor = actor(request.extensions(), &state.region);
+    let sync = durability(state, &request)?;
+    let req = request.into_inner();
+    let retention = req
+        .retention_seconds
+        .map_or(super::DEFAULT_RETENTION, std::time::Duration::from_secs);
+    let tenant = manage::delete_tenant(pool(state), &actor, &req.id, retention)
+        .await
+        .map_err(Error::from)?
+        .ok_or_else(|| no_tenant(&req.id))?;
+    settle(state, sync).await?;
+    Ok(Response::new(tenant_pb(tenant)))
 }
 
 pub(in crate::api) async fn create_api_key(
