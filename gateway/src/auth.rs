@@ -32,7 +32,7 @@ use crate::ratelimit::{Limits, RateLimitConfig};
 use crate::regions::Regions;
 
 pub(crate) mod gate;
-pub(crate) use self::gate::OPERATOR_API;
+pub(crate) use self::gate::is_management;
 
 /// Tenant of every request when `[auth]` is not configured.
 pub use meridian_proto::DEFAULT_TENANT;

@@ -222,11 +222,11 @@ impl ProxyHttp for Proxy {
         // Regions' operator endpoints are for operators on the mesh, never
         // for clients at the edge.
         let path = session.req_header().uri.path();
-        if crate::admin::is_operator_path(path) && !path.starts_with(crate::auth::OPERATOR_API) {
+        if crate::admin::is_operator_path(path) && !crate::auth::is_management(path) {
             ErrorReply::new(
                 ErrorClass::NotFound,
                 "no such route at the edge: a region's /admin/ (but /admin/v1/, with an operator \
-                 token), /metrics, Admin and Replication are for operators and peers on the mesh",
+                 token), /metrics and Replication are for operators and peers on the mesh",
             )
             .send(session, ctx.grpc)
             .await?;

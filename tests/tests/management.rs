@@ -1523,6 +1523,39 @@ async fn operators_reach_the_management_api_through_the_gateway_with_a_token() {
             .contains("operator token"),
         "{body}"
     );
+    // The same over gRPC: the Admin service through the gateway, with the
+    // token as metadata.
+    let mut admin = meridian_proto::v1::admin_client::AdminClient::connect(cluster.gateway_url())
+        .await
+        .unwrap();
+    let list = |bearer: Option<&str>| {
+        let mut req = tonic::Request::new(meridian_proto::v1::ListTenantsRequest {
+            limit: 0,
+            after: String::new(),
+            include_deleted: false,
+        });
+        req.metadata_mut()
+            .insert("x-meridian-region", "eu-west".parse().unwrap());
+        if let Some(b) = bearer {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {b}").parse().unwrap());
+        }
+        req
+    };
+    let page = admin.list_tenants(list(Some(&token))).await.unwrap();
+    assert_eq!(
+        page.metadata().get("x-meridian-served-by").unwrap(),
+        "eu-west"
+    );
+    assert_eq!(page.into_inner().tenants[0].id, "acme");
+    let e = admin.list_tenants(list(None)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let e = admin
+        .list_tenants(list(Some("mop-unknown")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+
     // A region's other operator endpoints stay off the edge, token or not.
     let res = api
         .http

@@ -29,8 +29,15 @@ const OPEN_PREFIXES: [&str; 3] = [
 ];
 
 /// The management API, which operators reach through a gateway with an
-/// operator token; the region checks the token.
+/// operator token, over HTTP and gRPC; the region checks the token.
 pub(crate) const OPERATOR_API: &str = "/admin/v1/";
+pub(crate) const OPERATOR_GRPC: &str = "/meridian.v1.Admin/";
+
+/// Whether `path` is the management API, which the gate admits with an
+/// operator token.
+pub(crate) fn is_management(path: &str) -> bool {
+    path.starts_with(OPERATOR_API) || path.starts_with(OPERATOR_GRPC)
+}
 
 /// What the gate decided for one request.
 #[derive(Default)]
@@ -101,7 +108,7 @@ impl Gate {
         if OPEN_PREFIXES.iter().any(|p| path.starts_with(p)) {
             return Ok(Some(Admitted::default()));
         }
-        if path.starts_with(OPERATOR_API) {
+        if is_management(path) {
             return self.admit_operator(session, grpc).await;
         }
         let digest = Auth::digest(
@@ -313,9 +320,9 @@ impl Gate {
             ..ErrorReply::new(
                 ErrorClass::Unauthenticated,
                 &format!(
-                    "{OPERATOR_API} takes an operator token: `Authorization: Bearer \
-                     {OPERATOR_TOKEN_PREFIX}...` (made with POST /admin/v1/operator-tokens); \
-                     API keys may not call it"
+                    "the management API ({OPERATOR_API}, meridian.v1.Admin) takes an operator \
+                     token: `Authorization: Bearer {OPERATOR_TOKEN_PREFIX}...` (made with POST \
+                     /admin/v1/operator-tokens); API keys may not call it"
                 ),
             )
         }
