@@ -61,7 +61,7 @@ enum Command {
     /// Model prices, in US dollars per million tokens, for budgets.
     #[command(subcommand)]
     Prices(operate::Prices),
-    /// Spend by day, tenant, region and model, summed over every region.
+    /// Spend by day, tenant, region, model and key, summed over every region.
     Usage(operate::UsageArgs),
     /// Bearer tokens for the management API (for Terraform, CI and calls
     /// through a gateway), made and revoked through a region.

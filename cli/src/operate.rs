@@ -119,7 +119,7 @@ pub(crate) enum Prices {
     },
 }
 
-/// Spend by day, tenant, region and model, summed over every region.
+/// Spend by day, tenant, region, model and key, summed over every region.
 #[derive(clap::Args)]
 pub(crate) struct UsageArgs {
     /// One tenant (default: all).
@@ -400,7 +400,8 @@ pub(crate) async fn usage(args: UsageArgs) -> anyhow::Result<()> {
             .map(|l| {
                 json!({ "tenant": l.tenant, "day": l.day, "region": l.region,
                     "model": l.model, "requests": l.requests, "input_tokens": l.input_tokens,
-                    "output_tokens": l.output_tokens, "cost_usd": l.cost_usd })
+                    "output_tokens": l.output_tokens, "cost_usd": l.cost_usd,
+                    "key_id": Some(&l.key_id).filter(|k| !k.is_empty()) })
             })
             .collect();
         println!("{}", json!({ "data": data, "truncated": report.truncated }));
@@ -416,11 +417,16 @@ pub(crate) async fn usage(args: UsageArgs) -> anyhow::Result<()> {
             l.input_tokens.to_string(),
             l.output_tokens.to_string(),
             format!("{:.6}", l.cost_usd),
+            if l.key_id.is_empty() {
+                "-".to_string()
+            } else {
+                l.key_id.clone()
+            },
         ]
     });
     table(
         &[
-            "DAY", "TENANT", "REGION", "MODEL", "REQUESTS", "INPUT", "OUTPUT", "USD",
+            "DAY", "TENANT", "REGION", "MODEL", "REQUESTS", "INPUT", "OUTPUT", "USD", "KEY",
         ],
         rows,
     );

@@ -149,7 +149,7 @@ impl Pipeline {
             Some(Begun::Turn(turn)) => Some(turn),
             None => None,
         };
-        let (routed, mut record) = self.route(tenant.as_str(), req, &hints)?;
+        let (routed, mut record) = self.route(tenant.as_str(), tenant.key(), req, &hints)?;
         let asked = &*req;
         let policy = self.parts.cache.policy(asked, directives);
         let mut ttft = Duration::ZERO;
@@ -197,10 +197,11 @@ impl Pipeline {
     pub(crate) async fn attempt(
         &self,
         tenant: &str,
+        key: Option<&str>,
         req: &ChatRequest,
     ) -> Result<Completion, Error> {
         let mut req = req.clone();
-        let (routed, mut record) = self.route(tenant, &mut req, &Hints::default())?;
+        let (routed, mut record) = self.route(tenant, key, &mut req, &Hints::default())?;
         let _permit = self.parts.inference.admit_waiting(tenant).await;
         let done = routed
             .complete(&req, None)
@@ -223,6 +224,7 @@ impl Pipeline {
     fn route(
         &self,
         tenant: &str,
+        key: Option<&str>,
         req: &mut ChatRequest,
         hints: &Hints,
     ) -> Result<(Routed, UsageDraft), Error> {
@@ -230,17 +232,17 @@ impl Pipeline {
         self.parts
             .spend
             .check(tenant)
-            .inspect_err(|e| self.parts.usage.begin(tenant, &req.model).failed(e))?;
+            .inspect_err(|e| self.parts.usage.begin(tenant, key, &req.model).failed(e))?;
         let requested = self.parts.tracer.is_enabled().then(|| req.model.clone());
         let routed = self
             .parts
             .inference
             .route(req, hints)
-            .inspect_err(|e| self.parts.usage.begin(tenant, &req.model).failed(e))?;
+            .inspect_err(|e| self.parts.usage.begin(tenant, key, &req.model).failed(e))?;
         if let Some(requested) = requested {
             trace::note_model(&requested, &req.model);
         }
-        Ok((routed, self.parts.usage.begin(tenant, &req.model)))
+        Ok((routed, self.parts.usage.begin(tenant, key, &req.model)))
     }
 
     /// Refuses a request with more messages than a model call may carry;

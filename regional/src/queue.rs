@@ -243,6 +243,7 @@ impl Queue {
             Uuid::now_v7(),
             &self.region,
             tenant.as_str(),
+            tenant.key(),
             key.as_deref(),
             priority,
             &request,

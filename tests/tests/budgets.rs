@@ -474,3 +474,112 @@ async fn money_budgets_use_the_prices_set_through_the_api_and_every_region_repor
         "{actions:?}"
     );
 }
+
+/// Spend is reported by API key: answers and jobs count against the key
+/// they came with (a job's, the key that submitted it, whichever worker
+/// runs it), and the report's lines per key add up to the tenant's total.
+#[tokio::test]
+async fn spend_is_reported_by_key_for_answers_and_jobs() {
+    init_logging();
+    let (cluster, api) = cluster().await;
+    let first = api.tenant_with_key("teams", json!({})).await;
+    let (status, second) = api
+        .send(0, reqwest::Method::POST, "tenants/teams/keys", None)
+        .await;
+    assert_eq!(status, 201, "{second}");
+    let second_id = second["id"].as_str().unwrap().to_string();
+    let second = second["key"].as_str().unwrap().to_string();
+    let (_, keys) = api
+        .send(0, reqwest::Method::GET, "tenants/teams/keys", None)
+        .await;
+    let first_id = keys["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap().to_string())
+        .find(|id| *id != second_id)
+        .unwrap();
+
+    let gateway = cluster.gateway_url();
+    let http = reqwest::Client::new();
+    // Answers served per key, counted as they come (the first ones wait
+    // for the gateway to load the keys).
+    let served = [
+        std::sync::atomic::AtomicI64::new(0),
+        std::sync::atomic::AtomicI64::new(0),
+    ];
+    // Every prompt its own, so that no answer is a cache hit (which spends
+    // nothing).
+    let prompts = AtomicU64::new(0);
+    let ask = |i: usize, region: &'static str| {
+        let (http, gateway, served) = (&http, &gateway, &served);
+        let n = prompts.fetch_add(1, Ordering::Relaxed);
+        let key = if i == 0 {
+            first.clone()
+        } else {
+            second.clone()
+        };
+        async move {
+            let ok = chat(http, gateway, &key, region, n).await.0 == 200;
+            if ok {
+                served[i].fetch_add(1, Ordering::Relaxed);
+            }
+            ok
+        }
+    };
+    until(CONVERGE, "both keys loaded", || async {
+        ask(0, "eu-west").await && ask(1, "us-east").await
+    })
+    .await;
+    // One more answer with each; then a job with the second key.
+    assert!(ask(0, "ap-south").await);
+    assert!(ask(1, "eu-west").await);
+    let res = http
+        .post(format!("{gateway}/v1/jobs"))
+        .bearer_auth(&second)
+        .header("x-meridian-region", "eu-west")
+        .json(&json!({ "model": TEST_MODEL, "max_tokens": 8,
+            "messages": [{ "role": "user", "content": "a job of the second key" }] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    let job: Value = res.json().await.unwrap();
+    let job_id = job["id"].as_str().unwrap().to_string();
+    until(CONVERGE, "the job done", || async {
+        let job: Value = http
+            .get(format!("{gateway}/v1/jobs/{job_id}"))
+            .bearer_auth(&second)
+            .header("x-meridian-region", "eu-west")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        job["state"] == "succeeded"
+    })
+    .await;
+    let answered = [
+        served[0].load(Ordering::Relaxed),
+        served[1].load(Ordering::Relaxed) + 1,
+    ];
+    let (requests, _, _) = settled_spend(&cluster, "teams", answered[0] + answered[1]).await;
+    let (status, report) = api
+        .send(2, reqwest::Method::GET, "usage?tenant=teams", None)
+        .await;
+    assert_eq!(status, 200, "{report}");
+    let mut by_key = std::collections::BTreeMap::<String, i64>::new();
+    for line in report["data"].as_array().unwrap() {
+        let key = line["key_id"].as_str().unwrap_or("none").to_string();
+        *by_key.entry(key).or_default() += line["requests"].as_i64().unwrap();
+    }
+    assert_eq!(by_key.values().sum::<i64>(), requests, "{report}");
+    assert_eq!(
+        by_key,
+        [(first_id, answered[0]), (second_id, answered[1])]
+            .into_iter()
+            .collect(),
+        "answers {answered:?}"
+    );
+}

@@ -33,7 +33,11 @@ impl Pipeline {
                     fallback: None,
                     chunks: std::sync::Arc::new(repeated_answer(text)).stream(),
                     outcome: Outcome::Bypass,
-                    record: self.parts.usage.begin(ask.tenant.as_str(), &req.model),
+                    record: self.parts.usage.begin(
+                        ask.tenant.as_str(),
+                        ask.tenant.key(),
+                        &req.model,
+                    ),
                     permit: None,
                     durability: Some(Durability::Async),
                 });
@@ -85,7 +89,7 @@ impl Pipeline {
 
     async fn stream_answer(&self, req: &mut ChatRequest, ask: &Ask<'_>) -> Result<Streamed, Error> {
         let (tenant, deadline) = (ask.tenant, ask.deadline);
-        let (routed, record) = self.route(tenant.as_str(), req, &ask.hints)?;
+        let (routed, record) = self.route(tenant.as_str(), tenant.key(), req, &ask.hints)?;
         let policy = self.parts.cache.policy(req, ask.cache);
         let looked = self.parts.cache.lookup(tenant.as_str(), req, policy).await;
         let mut record = record;

@@ -281,7 +281,10 @@ pub(super) async fn run<T>(
     tenant.may_use(model)?;
     state.spend.check(tenant.as_str())?;
     let _permit = state.inference.admit(tenant.as_str())?;
-    let record = state.telemetry.usage.begin(tenant.as_str(), model);
+    let record = state
+        .telemetry
+        .usage
+        .begin(tenant.as_str(), tenant.key(), model);
     let (out, usage) = work.await.inspect_err(|e| record.failed(e))?;
     // An embedding has no first token: the whole call stands for it.
     record.completed(usage, record.elapsed(), "bypass");

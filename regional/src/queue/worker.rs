@@ -404,7 +404,7 @@ async fn attempt(
         () = fence.cancelled() => Outcome::Fenced,
         () = token.cancelled() => Outcome::Lost,
         () = renew => Outcome::Lost,
-        done = state.pipeline.attempt(&claim.tenant, &request) => match done {
+        done = state.pipeline.attempt(&claim.tenant, claim.key.as_deref(), &request) => match done {
             Ok(done) => Outcome::Done(Box::new(done), started.elapsed()),
             Err(e) => Outcome::Failed(e),
         },

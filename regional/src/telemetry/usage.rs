@@ -24,6 +24,8 @@ const MAX_ROWS_PER_INSERT: usize = 1_000;
 #[derive(Debug, Clone)]
 pub(crate) struct UsageRecord {
     pub tenant: String,
+    /// The API key's id, when the gateway named it.
+    pub key: Option<String>,
     pub model: String,
     pub ts: DateTime<Utc>,
     pub prompt_tokens: u32,
@@ -69,6 +71,7 @@ impl UsageRecorder {
         if record.status == "ok" && !record.cache.starts_with("hit") {
             self.spend.add(
                 &record.tenant,
+                record.key.as_deref(),
                 &record.model,
                 record.prompt_tokens,
                 record.completion_tokens,
@@ -97,10 +100,11 @@ impl UsageRecorder {
     }
 
     /// Starts timing one request of `tenant` for `model`.
-    pub(crate) fn begin(&self, tenant: &str, model: &str) -> UsageDraft {
+    pub(crate) fn begin(&self, tenant: &str, key: Option<&str>, model: &str) -> UsageDraft {
         UsageDraft {
             recorder: self.clone(),
             tenant: tenant.to_string(),
+            key: key.map(str::to_string),
             model: model.to_string(),
             started: Instant::now(),
             at: Utc::now(),
@@ -113,6 +117,7 @@ impl UsageRecorder {
 pub(crate) struct UsageDraft {
     recorder: UsageRecorder,
     tenant: String,
+    key: Option<String>,
     model: String,
     started: Instant,
     at: DateTime<Utc>,
@@ -142,6 +147,7 @@ impl UsageDraft {
     fn finish(&self, usage: Usage, ttft: Duration, cache: &'static str, status: String) {
         self.recorder.record(UsageRecord {
             tenant: self.tenant.clone(),
+            key: self.key.clone(),
             model: self.model.clone(),
             ts: self.at,
             prompt_tokens: usage.prompt_tokens,

@@ -116,6 +116,8 @@ pub(crate) async fn api_prices(pool: &PgPool) -> Result<Vec<(String, (i64, i64))
 #[derive(Debug, Serialize)]
 pub(crate) struct UsageLine {
     pub tenant: String,
+    /// The API key's id; `None`: requests without one.
+    pub key_id: Option<String>,
     pub day: NaiveDate,
     pub region: String,
     pub model: String,
@@ -125,8 +127,18 @@ pub(crate) struct UsageLine {
     pub cost_usd: f64,
 }
 
-/// (tenant, day, region, model, requests, input, output, nano-dollars)
-type UsageRow = (String, NaiveDate, String, String, i64, i64, i64, i64);
+/// (tenant, day, region, model, requests, input, output, nano-dollars, key)
+type UsageRow = (
+    String,
+    NaiveDate,
+    String,
+    String,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<String>,
+);
 
 /// Most lines one report holds: a range or a tenant filter narrows it.
 pub(crate) const MAX_USAGE_LINES: i64 = 10_000;
@@ -143,10 +155,11 @@ pub(crate) async fn usage(
     limit: i64,
 ) -> Result<Vec<UsageLine>, Error> {
     let rows: Vec<UsageRow> = sqlx::query_as(
-        "SELECT tenant_id, day, region, model, requests, input_tokens, output_tokens, cost_nanos
+        "SELECT tenant_id, day, region, model, requests, input_tokens, output_tokens, cost_nanos,
+                key_id
            FROM spend
           WHERE ($1::text IS NULL OR tenant_id = $1) AND day BETWEEN $2 AND $3
-          ORDER BY day, tenant_id, region, model
+          ORDER BY day, tenant_id, region, model, key_id NULLS FIRST
           LIMIT $4",
     )
     .bind(tenant)
@@ -158,8 +171,9 @@ pub(crate) async fn usage(
     Ok(rows
         .into_iter()
         .map(
-            |(tenant, day, region, model, requests, input, output, cost)| UsageLine {
+            |(tenant, day, region, model, requests, input, output, cost, key_id)| UsageLine {
                 tenant,
+                key_id,
                 day,
                 region,
                 model,

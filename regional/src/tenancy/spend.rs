@@ -27,6 +27,8 @@ use crate::error::Error;
 struct Counter {
     day: NaiveDate,
     tenant: String,
+    /// The API key's id; `None` without one.
+    key: Option<String>,
     model: String,
 }
 
@@ -178,10 +180,18 @@ impl Spend {
     }
 
     /// Counts one answered request of `tenant` on `model`.
-    pub(crate) fn add(&self, tenant: &str, model: &str, input_tokens: u32, output_tokens: u32) {
+    pub(crate) fn add(
+        &self,
+        tenant: &str,
+        key: Option<&str>,
+        model: &str,
+        input_tokens: u32,
+        output_tokens: u32,
+    ) {
         let counter = Counter {
             day: Utc::now().date_naive(),
             tenant: tenant.to_string(),
+            key: key.map(str::to_string),
             model: model.to_string(),
         };
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -331,16 +341,23 @@ fn next_period(period: Period, start: NaiveDate) -> NaiveDate {
 async fn write(pool: &PgPool, region: &str, counters: &[(Counter, Amount)]) -> Result<(), Error> {
     let ids: Vec<String> = counters
         .iter()
-        .map(|(c, _)| format!("{region}/{}/{}/{}", c.day, c.tenant, c.model))
+        .map(|(c, _)| match &c.key {
+            // Counters without a key keep the id they had before keys were
+            // counted; a key (a UUID, no '/') goes before the model, which
+            // may hold '/'s.
+            None => format!("{region}/{}/{}/{}", c.day, c.tenant, c.model),
+            Some(key) => format!("{region}/{}/{}/key:{key}/{}", c.day, c.tenant, c.model),
+        })
         .collect();
     let column = |f: fn(&Amount) -> i64| counters.iter().map(|(_, a)| f(a)).collect::<Vec<_>>();
     sqlx::query(
         "INSERT INTO spend (id, region, day, tenant_id, model, requests, input_tokens,
-                            output_tokens, cost_nanos)
-         SELECT u.id, $2, u.day, u.tenant, u.model, u.requests, u.input, u.output, u.cost
+                            output_tokens, cost_nanos, key_id)
+         SELECT u.id, $2, u.day, u.tenant, u.model, u.requests, u.input, u.output, u.cost,
+                u.key
            FROM UNNEST($1::text[], $3::date[], $4::text[], $5::text[], $6::int8[], $7::int8[],
-                       $8::int8[], $9::int8[])
-                AS u(id, day, tenant, model, requests, input, output, cost)
+                       $8::int8[], $9::int8[], $10::text[])
+                AS u(id, day, tenant, model, requests, input, output, cost, key)
          ON CONFLICT (id) DO UPDATE SET
              requests = spend.requests + EXCLUDED.requests,
              input_tokens = spend.input_tokens + EXCLUDED.input_tokens,
@@ -367,6 +384,12 @@ async fn write(pool: &PgPool, region: &str, counters: &[(Counter, Amount)]) -> R
     .bind(column(|a| a.input_tokens))
     .bind(column(|a| a.output_tokens))
     .bind(column(|a| a.cost_nanos))
+    .bind(
+        counters
+            .iter()
+            .map(|(c, _)| c.key.as_deref())
+            .collect::<Vec<_>>(),
+    )
     .execute(pool)
     .await?;
     Ok(())

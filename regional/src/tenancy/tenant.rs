@@ -10,9 +10,9 @@ use tonic::metadata::MetadataMap;
 use crate::error::Error;
 
 pub(crate) use meridian_proto::DEFAULT_TENANT;
-use meridian_proto::header::ALLOWED_MODELS;
 /// Header (and gRPC metadata key) naming the tenant.
 pub(crate) use meridian_proto::header::TENANT as TENANT_HEADER;
+use meridian_proto::header::{ALLOWED_MODELS, KEY_ID};
 
 /// A validated tenant id ([`meridian_proto::valid_tenant_id`]), and the
 /// models its key may use when the gateway said
@@ -22,6 +22,9 @@ pub(crate) struct Tenant {
     id: String,
     /// Comma-separated names; `None`: any model.
     models: Option<std::sync::Arc<str>>,
+    /// The id of the API key the gateway admitted the request with
+    /// ([`meridian_proto::header::KEY_ID`]), for spend by key.
+    key: Option<std::sync::Arc<str>>,
 }
 
 impl PartialEq for Tenant {
@@ -44,6 +47,7 @@ impl Tenant {
             return Ok(Self {
                 id: DEFAULT_TENANT.to_string(),
                 models: None,
+                key: None,
             });
         };
         if !meridian_proto::valid_tenant_id(v) {
@@ -55,12 +59,17 @@ impl Tenant {
         Ok(Self {
             id: v.to_string(),
             models: None,
+            key: None,
         })
     }
 
     /// The tenant of a request's headers (or gRPC metadata, by the same
     /// names).
-    fn from_values(tenant: Option<&[u8]>, models: Option<&[u8]>) -> Result<Self, Error> {
+    fn from_values(
+        tenant: Option<&[u8]>,
+        models: Option<&[u8]>,
+        key: Option<&[u8]>,
+    ) -> Result<Self, Error> {
         let text = |name: &str, v: &[u8]| {
             std::str::from_utf8(v)
                 .ok()
@@ -75,6 +84,16 @@ impl Tenant {
         if let Some(v) = models {
             tenant.models = Some(text(ALLOWED_MODELS, v)?.into());
         }
+        if let Some(v) = key {
+            let key = text(KEY_ID, v)?;
+            if key.is_empty() || key.len() > 64 {
+                return Err(Error::invalid(
+                    format!("`{KEY_ID}` must be 1 to 64 characters"),
+                    None,
+                ));
+            }
+            tenant.key = Some(key.into());
+        }
         Ok(tenant)
     }
 
@@ -83,7 +102,13 @@ impl Tenant {
         Self::from_values(
             metadata.get(TENANT_HEADER).map(|v| v.as_bytes()),
             metadata.get(ALLOWED_MODELS).map(|v| v.as_bytes()),
+            metadata.get(KEY_ID).map(|v| v.as_bytes()),
         )
+    }
+
+    /// The id of the key the request came with, when the gateway said.
+    pub(crate) fn key(&self) -> Option<&str> {
+        self.key.as_deref()
     }
 
     pub(crate) fn as_str(&self) -> &str {
@@ -112,6 +137,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Tenant {
         Self::from_values(
             parts.headers.get(TENANT_HEADER).map(|v| v.as_bytes()),
             parts.headers.get(ALLOWED_MODELS).map(|v| v.as_bytes()),
+            parts.headers.get(KEY_ID).map(|v| v.as_bytes()),
         )
     }
 }
@@ -134,7 +160,7 @@ mod tests {
 
     #[test]
     fn a_key_limited_to_some_models_may_use_only_those() {
-        let t = Tenant::from_values(Some(b"acme"), Some(b"sim-fast,assistant")).unwrap();
+        let t = Tenant::from_values(Some(b"acme"), Some(b"sim-fast,assistant"), None).unwrap();
         assert!(t.may_use("sim-fast").is_ok() && t.may_use("assistant").is_ok());
         let e = t.may_use("sim").unwrap_err().to_string();
         assert!(
@@ -143,16 +169,30 @@ mod tests {
         );
         // An empty list allows nothing; no list, anything.
         assert!(
-            Tenant::from_values(Some(b"acme"), Some(b""))
+            Tenant::from_values(Some(b"acme"), Some(b""), None)
                 .unwrap()
                 .may_use("sim-fast")
                 .is_err()
         );
         assert!(
-            Tenant::from_values(Some(b"acme"), None)
+            Tenant::from_values(Some(b"acme"), None, None)
                 .unwrap()
                 .may_use("x")
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn the_key_id_is_kept_and_bad_ones_are_refused() {
+        let t = Tenant::from_values(Some(b"acme"), None, Some(b"0190-key")).unwrap();
+        assert_eq!(t.key(), Some("0190-key"));
+        assert_eq!(
+            Tenant::from_values(Some(b"acme"), None, None)
+                .unwrap()
+                .key(),
+            None
+        );
+        assert!(Tenant::from_values(Some(b"acme"), None, Some(b"")).is_err());
+        assert!(Tenant::from_values(Some(b"acme"), None, Some("caf\u{e9}".as_bytes())).is_err());
     }
 }

@@ -205,6 +205,7 @@ pub(in crate::api) async fn get_usage(
                 input_tokens: count(l.input_tokens),
                 output_tokens: count(l.output_tokens),
                 cost_usd: l.cost_usd,
+                key_id: l.key_id.unwrap_or_default(),
             })
             .collect(),
         truncated,

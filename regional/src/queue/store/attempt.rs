@@ -21,6 +21,8 @@ pub(crate) struct Lease {
 /// A job an attempt now owns.
 pub(crate) struct Claim {
     pub tenant: String,
+    /// The API key that submitted the job, when the gateway said.
+    pub key: Option<String>,
     pub request: JobRequest,
     /// The submitting request's trace context.
     pub traceparent: Option<String>,
@@ -42,7 +44,15 @@ pub(crate) async fn claim(
     owner: Uuid,
     lease_ms: i64,
 ) -> Result<Option<Claim>, Error> {
-    type Row = (String, Json<JobRequest>, Option<String>, i32, i64, f64);
+    type Row = (
+        String,
+        Json<JobRequest>,
+        Option<String>,
+        i32,
+        i64,
+        f64,
+        Option<String>,
+    );
     let row: Option<Row> = sqlx::query_as(concat!(
         "UPDATE jobs SET state = 'running', attempts = attempts + 1,
            lease_owner = $2, lease_expires_at = now() + $3::bigint * interval '1 millisecond',
@@ -57,7 +67,7 @@ pub(crate) async fn claim(
            AND ((state = 'queued' AND run_after <= now())
              OR (state = 'running' AND lease_expires_at < now()))
          RETURNING tenant, request, traceparent, attempts, owner_epoch,
-           extract(epoch FROM now() - created_at)::float8"
+           extract(epoch FROM now() - created_at)::float8, key_id"
     ))
     .bind(id)
     .bind(owner)
@@ -66,8 +76,9 @@ pub(crate) async fn claim(
     .fetch_optional(pool)
     .await?;
     Ok(row.map(
-        |(tenant, request, traceparent, attempts, epoch, wait)| Claim {
+        |(tenant, request, traceparent, attempts, epoch, wait, key)| Claim {
             tenant,
+            key,
             request: request.0,
             traceparent,
             attempts: u32::try_from(attempts).unwrap_or(0),

@@ -17,6 +17,7 @@ pub(crate) async fn insert(
     id: Uuid,
     region: &str,
     tenant: &str,
+    api_key: Option<&str>,
     key: Option<&str>,
     priority: Priority,
     request: &JobRequest,
@@ -24,8 +25,8 @@ pub(crate) async fn insert(
 ) -> Result<Option<Job>, Error> {
     let row = sqlx::query_as::<_, JobRow>(
         "INSERT INTO jobs (id, tenant, idempotency_key, priority, state, request, queued_since,
-                           traceparent, home_region, owner_region)
-         VALUES ($1, $2, $3, $4, 'queued', $5, now(), $6, $7, $7)
+                           traceparent, home_region, owner_region, key_id)
+         VALUES ($1, $2, $3, $4, 'queued', $5, now(), $6, $7, $7, $8)
          ON CONFLICT (tenant, idempotency_key, home_region) DO NOTHING
          RETURNING *, now() AS now",
     )
@@ -36,6 +37,7 @@ pub(crate) async fn insert(
     .bind(Json(request))
     .bind(traceparent)
     .bind(region)
+    .bind(api_key)
     .fetch_optional(&mut **tx)
     .await?;
     job(row)
