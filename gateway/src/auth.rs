@@ -26,7 +26,7 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::sync::watch;
 
-use meridian_proto::api_key::hash_key;
+use meridian_proto::api_key::{bearer, hash_key};
 
 use crate::ratelimit::{Limits, RateLimitConfig};
 use crate::regions::Regions;
@@ -268,16 +268,6 @@ impl Auth {
     }
 }
 
-/// The key of `Bearer <key>` (scheme case-insensitive).
-fn bearer(value: &[u8]) -> Option<&[u8]> {
-    let (scheme, rest) = value.split_at_checked(7)?;
-    if !scheme.eq_ignore_ascii_case(b"bearer ") {
-        return None;
-    }
-    let key = rest.trim_ascii();
-    (!key.is_empty()).then_some(key)
-}
-
 /// Reloads the keys every `reload_interval_ms` (a Pingora background
 /// service), and with them the operators' region controls.
 pub(crate) struct KeyLoader {
@@ -468,14 +458,5 @@ mod tests {
             allowed_models(Some(&list(&["a"])), Some(&list(&["c"]))).as_deref(),
             Some("")
         );
-    }
-
-    #[test]
-    fn bearer_values() {
-        assert_eq!(bearer(b"Bearer mk-abc"), Some(&b"mk-abc"[..]));
-        assert_eq!(bearer(b"bearer  mk-abc "), Some(&b"mk-abc"[..]));
-        assert_eq!(bearer(b"Basic mk-abc"), None);
-        assert_eq!(bearer(b"Bearer "), None);
-        assert_eq!(bearer(b"mk-abc"), None);
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, header};
 use meridian_proto::ErrorClass;
-use meridian_proto::api_key::OPERATOR_TOKEN_PREFIX;
+use meridian_proto::api_key::{OPERATOR_TOKEN_PREFIX, bearer};
 use meridian_proto::contract::openai_code;
 use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -302,9 +302,8 @@ impl Gate {
             .req_header()
             .headers
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| t.trim().starts_with(OPERATOR_TOKEN_PREFIX));
+            .and_then(|v| bearer(v.as_bytes()))
+            .is_some_and(|t| t.starts_with(OPERATOR_TOKEN_PREFIX.as_bytes()));
         if has_token {
             return Ok(Some(Admitted {
                 operator: true,

@@ -11,7 +11,7 @@ use axum::http::header;
 use axum::middleware::Next;
 use axum::response::Response;
 use meridian_proto::ErrorClass;
-use meridian_proto::api_key::OPERATOR_TOKEN_PREFIX;
+use meridian_proto::api_key::{OPERATOR_TOKEN_PREFIX, bearer};
 use meridian_proto::contract::openai_code;
 use sqlx::PgPool;
 
@@ -27,12 +27,13 @@ pub(crate) async fn authenticate(
     if classify(path).0 != ADMIN {
         return next.run(req).await;
     }
+    // Read as the gateway reads it (`api_key::bearer`): what it passed on
+    // as a token is one here.
     let Some(bearer) = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(|v| bearer(v.as_bytes()))
+        .map(|b| String::from_utf8_lossy(b).into_owned())
     else {
         return next.run(req).await;
     };
@@ -52,7 +53,7 @@ pub(crate) async fn authenticate(
              call it"
         ));
     }
-    let operator = match operators::verify(&pool, bearer).await {
+    let operator = match operators::verify(&pool, &bearer).await {
         Ok(Some(operator)) => operator,
         Ok(None) => {
             tracing::warn!(
