@@ -6,8 +6,8 @@ use sqlx::PgPool;
 
 use super::Error;
 
-/// Random characters after [`KEY_PREFIX`].
-const KEY_RANDOM_CHARS: usize = 40;
+/// Random characters after the prefix of a key or an operator token.
+const RANDOM_CHARS: usize = 40;
 /// Characters of a key stored in clear (`mk-` and six more): enough to tell
 /// keys apart in a listing, 36 of 240 random bits.
 const DISPLAY_PREFIX_CHARS: usize = 9;
@@ -35,14 +35,22 @@ pub async fn create_api_key(pool: &PgPool, tenant: &str) -> Result<String, Error
 
 /// A new key: its row id, the key in clear, and the prefix kept for display.
 pub(super) fn new_key() -> (uuid::Uuid, String, String) {
-    let mut rng = rand::rng();
-    let mut key = String::with_capacity(KEY_PREFIX.len() + KEY_RANDOM_CHARS);
-    key.push_str(KEY_PREFIX);
-    for _ in 0..KEY_RANDOM_CHARS {
-        key.push(URL_SAFE[rng.random_range(0..URL_SAFE.len())] as char);
-    }
-    let prefix = key[..DISPLAY_PREFIX_CHARS].to_string();
+    let (key, prefix) = new_secret(KEY_PREFIX, DISPLAY_PREFIX_CHARS);
     (uuid::Uuid::now_v7(), key, prefix)
+}
+
+/// A fresh secret (`prefix` and [`RANDOM_CHARS`] random URL-safe
+/// characters) in clear, and its first `display_chars` kept for display.
+/// Not async, so the thread-local generator is never held across an await.
+pub(super) fn new_secret(prefix: &str, display_chars: usize) -> (String, String) {
+    let mut rng = rand::rng();
+    let mut secret = String::with_capacity(prefix.len() + RANDOM_CHARS);
+    secret.push_str(prefix);
+    for _ in 0..RANDOM_CHARS {
+        secret.push(URL_SAFE[rng.random_range(0..URL_SAFE.len())] as char);
+    }
+    let shown = secret[..display_chars].to_string();
+    (secret, shown)
 }
 
 /// Revokes `key`; returns whether a live key was revoked (false when it was

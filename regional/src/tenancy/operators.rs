@@ -5,17 +5,14 @@
 //! region that serves the call ([`verify`]).
 
 use meridian_proto::api_key::{OPERATOR_TOKEN_PREFIX, hash_key};
-use rand::Rng;
 use serde::Serialize;
 use sqlx::{PgPool, Row};
 
 use super::Error;
 use super::manage::{Actor, audit};
 
-const TOKEN_RANDOM_CHARS: usize = 40;
 /// `mop-` and six more characters, to tell tokens apart in a listing.
 const DISPLAY_PREFIX_CHARS: usize = 10;
-const URL_SAFE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -95,18 +92,6 @@ fn check_name(name: &str) -> Result<(), Error> {
     }
 }
 
-/// A fresh token in clear. Its own function so that the thread-local
-/// generator is never held across an await.
-fn new_token() -> String {
-    let mut token = String::with_capacity(OPERATOR_TOKEN_PREFIX.len() + TOKEN_RANDOM_CHARS);
-    token.push_str(OPERATOR_TOKEN_PREFIX);
-    let mut rng = rand::rng();
-    for _ in 0..TOKEN_RANDOM_CHARS {
-        token.push(URL_SAFE[rng.random_range(0..URL_SAFE.len())] as char);
-    }
-    token
-}
-
 /// A new token: its view and the token in clear, the only time it exists
 /// so.
 pub(crate) async fn create(
@@ -122,7 +107,7 @@ pub(crate) async fn create(
             "expires_at is in the past: leave it out for a token that does not expire".into(),
         ));
     }
-    let token = new_token();
+    let (token, prefix) = super::keys::new_secret(OPERATOR_TOKEN_PREFIX, DISPLAY_PREFIX_CHARS);
     let id = uuid::Uuid::now_v7();
     let mut tx = pool.begin().await?;
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -132,7 +117,7 @@ pub(crate) async fn create(
     .bind(id)
     .bind(name)
     .bind(role.as_str())
-    .bind(&token[..DISPLAY_PREFIX_CHARS])
+    .bind(&prefix)
     .bind(&hash_key(token.as_bytes())[..])
     .bind(expires_at)
     .fetch_one(&mut *tx)
