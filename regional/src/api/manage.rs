@@ -395,8 +395,7 @@ async fn revoke_key(
     Path(id): Path<String>,
     durability: Durable,
 ) -> Result<Response, Error> {
-    let id = uuid::Uuid::parse_str(&id)
-        .map_err(|_| Error::invalid(format!("{id:?} is not a key id (a UUID)"), None))?;
+    let id = parse_id(&id, "key", None)?;
     let view = manage::revoke_key(pool(&state), &actor, id)
         .await?
         .ok_or_else(|| Error::NotFound(format!("no key {id}")))?;
@@ -423,8 +422,7 @@ async fn rotate_key(
     durability: Durable,
     body: axum::body::Bytes,
 ) -> Result<Response, Error> {
-    let id = uuid::Uuid::parse_str(&id)
-        .map_err(|_| Error::invalid(format!("{id:?} is not a key id (a UUID)"), None))?;
+    let id = parse_id(&id, "key", None)?;
     let body: RotateBody = if body.is_empty() {
         RotateBody::default()
     } else {
@@ -499,6 +497,14 @@ async fn settle(state: &AppState, durability: Durability) -> Result<Durability, 
 
 fn pool(state: &AppState) -> &sqlx::PgPool {
     state.replication.pool()
+}
+
+/// The id of a key, token or record in a path or request: a UUID, or a
+/// 400 naming `what` it should have been (and `param`, when the request
+/// has fields).
+fn parse_id(id: &str, what: &str, param: Option<&'static str>) -> Result<uuid::Uuid, Error> {
+    uuid::Uuid::parse_str(id)
+        .map_err(|_| Error::invalid(format!("{id:?} is not a {what} id (a UUID)"), param))
 }
 
 fn no_tenant(id: &str) -> Error {

@@ -5,7 +5,7 @@
 use meridian_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use super::{actor, audit_after, cut_page, no_tenant, page_limit, pool, settle};
+use super::{actor, audit_after, cut_page, no_tenant, page_limit, parse_id, pool, settle};
 use crate::api::AppState;
 use crate::error::Error;
 use crate::replication::{DURABILITY_HEADER, Durability};
@@ -202,8 +202,7 @@ pub(in crate::api) async fn rotate_api_key(
     let actor = actor(request.extensions(), &state.region);
     let sync = durability(state, &request)?;
     let req = request.into_inner();
-    let id = uuid::Uuid::parse_str(&req.id)
-        .map_err(|_| Error::invalid(format!("{:?} is not a key id (a UUID)", req.id), None))?;
+    let id = parse_id(&req.id, "key", None)?;
     let grace = req
         .grace_seconds
         .map_or(super::DEFAULT_GRACE, std::time::Duration::from_secs);
@@ -240,8 +239,7 @@ pub(in crate::api) async fn revoke_api_key(
     let actor = actor(request.extensions(), &state.region);
     let sync = durability(state, &request)?;
     let id = request.into_inner().id;
-    let uuid = uuid::Uuid::parse_str(&id)
-        .map_err(|_| Error::invalid(format!("{id:?} is not a key id (a UUID)"), Some("id")))?;
+    let uuid = parse_id(&id, "key", Some("id"))?;
     let view = manage::revoke_key(pool(state), &actor, uuid)
         .await
         .map_err(Error::from)?
@@ -321,8 +319,7 @@ pub(in crate::api) async fn revoke_operator_token(
     let actor = actor(request.extensions(), &state.region);
     let sync = durability(state, &request)?;
     let id = request.into_inner().id;
-    let uuid = uuid::Uuid::parse_str(&id)
-        .map_err(|_| Error::invalid(format!("{id:?} is not a token id (a UUID)"), Some("id")))?;
+    let uuid = parse_id(&id, "token", Some("id"))?;
     let view = operators::revoke(pool(state), &actor, uuid)
         .await
         .map_err(Error::from)?

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use super::super::AppState;
 use super::super::body::JsonBody;
-use super::{Caller, Durable, pool};
+use super::{Caller, Durable, parse_id, pool};
 use crate::error::Error;
 use crate::replication::DURABILITY_HEADER;
 use crate::tenancy::operators::{self, Role};
@@ -73,8 +73,7 @@ async fn revoke(
     Path(id): Path<String>,
     durability: Durable,
 ) -> Result<Response, Error> {
-    let id = uuid::Uuid::parse_str(&id)
-        .map_err(|_| Error::invalid(format!("{id:?} is not a token id (a UUID)"), None))?;
+    let id = parse_id(&id, "token", None)?;
     let view = operators::revoke(pool(&state), &actor, id)
         .await?
         .ok_or_else(|| Error::NotFound(format!("no operator token {id}")))?;
