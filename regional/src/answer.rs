@@ -245,6 +245,11 @@ impl Pipeline {
         Ok((routed, self.parts.usage.begin(tenant, key, &req.model)))
     }
 
+    /// The request sizes the pipeline takes.
+    pub(crate) fn limits(&self) -> Limits {
+        self.parts.limits
+    }
+
     /// Refuses a request with more messages than a model call may carry;
     /// job submissions ask before they are queued.
     pub(crate) fn check_size(&self, req: &ChatRequest) -> Result<(), Error> {

@@ -14,6 +14,7 @@ mod jobs;
 mod manage;
 mod moderations;
 mod openai;
+mod responses;
 mod telemetry;
 mod trace;
 
@@ -126,6 +127,7 @@ where
         .merge(embeddings::routes(state.clone()))
         .merge(moderations::routes(state.clone()))
         .merge(completions::routes(state.clone()))
+        .merge(responses::routes(state.clone()))
         .merge(admin::routes(state.clone()))
         .merge(manage::routes(state.clone()));
     let router = grpc_service(router, grpc::inference(state.clone()));

@@ -101,6 +101,16 @@ pub enum Error {
 
     #[error("no job {0:?}")]
     JobNotFound(String),
+    /// No stored response of this tenant has the id; `param` names the
+    /// field that named it (`previous_response_id`), if any.
+    #[error(
+        "response {id:?} not found: never stored, deleted, not this tenant's, or not yet \
+         replicated to this region"
+    )]
+    UnknownResponse {
+        id: String,
+        param: Option<&'static str>,
+    },
     /// The job queue of the tenant or the region is full.
     #[error("the {scope} job queue is full: retry later")]
     QueueFull {
@@ -279,9 +289,10 @@ impl Error {
             Self::InvalidRequest { .. } | Self::ContextLengthExceeded { .. } => {
                 ErrorClass::InvalidRequest
             }
-            Self::ModelNotFound(_) | Self::NotFound(_) | Self::JobNotFound(_) => {
-                ErrorClass::NotFound
-            }
+            Self::ModelNotFound(_)
+            | Self::NotFound(_)
+            | Self::JobNotFound(_)
+            | Self::UnknownResponse { .. } => ErrorClass::NotFound,
             Self::TooLarge { .. } => ErrorClass::PayloadTooLarge,
             Self::QueueFull { .. } | Self::Overloaded { .. } | Self::TooManyWatches { .. } => {
                 ErrorClass::RateLimited
@@ -433,7 +444,9 @@ impl Error {
     /// The OpenAI error object, for a response body or a last stream event.
     pub(crate) fn openai_body(&self) -> serde_json::Value {
         let param = match self {
-            Self::InvalidRequest { param, .. } | Self::TooLarge { param, .. } => *param,
+            Self::InvalidRequest { param, .. }
+            | Self::TooLarge { param, .. }
+            | Self::UnknownResponse { param, .. } => *param,
             _ => None,
         };
         serde_json::json!({

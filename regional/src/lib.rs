@@ -21,6 +21,7 @@ mod node;
 mod peers;
 mod queue;
 pub mod replication;
+mod responses;
 mod slow_reader;
 mod status;
 mod store;

@@ -70,6 +70,13 @@ impl RequestFacts {
     }
 }
 
+impl RequestFacts {
+    /// `x-meridian-durability` as asked, for a write outside a conversation.
+    pub(super) fn durability(&self) -> Option<Durability> {
+        self.durability
+    }
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for RequestFacts {
     type Rejection = Error;
 

@@ -137,6 +137,29 @@ pub(crate) const TABLES: &[Table] = &[
         digest: None,
         tenant: Some("tenant_id"),
     },
+    // Stored responses (`0024_responses.sql`): written once by the region
+    // that answered, then only blanked by a delete, which wins by the clock.
+    Table {
+        name: "responses",
+        key: "id",
+        key_type: "text",
+        columns: &[
+            "id",
+            "tenant_id",
+            "model",
+            "status",
+            "previous_response_id",
+            "body",
+            "input_items",
+            "created_at",
+            "updated_at",
+            "deleted_at",
+        ],
+        bytea: &[],
+        fence: None,
+        digest: None,
+        tenant: Some("tenant_id"),
+    },
     // Only the submission, an adoption and the terminal state replicate
     // (`0009_job_failover.sql`); the epoch decides before the clock, so an
     // old owner's late result never replaces the adopter's.

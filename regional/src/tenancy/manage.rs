@@ -431,7 +431,8 @@ pub(crate) async fn delete_tenant(
 }
 
 /// Erases the stored data of every tenant whose retention has passed:
-/// keys, conversations and their messages, jobs and telemetry readings.
+/// keys, conversations and their messages, stored responses, jobs and
+/// telemetry readings.
 /// Each region erases its own copy (`meridian.applying` keeps the deletes
 /// out of the replication log: every region holds the same `purge_at`),
 /// so nothing crosses regions and a bound tenant's regions erase what only
@@ -454,6 +455,7 @@ pub(crate) async fn purge_deleted(pool: &PgPool) -> Result<u64, Error> {
         "DELETE FROM api_keys WHERE tenant_id = ANY($1)",
         "DELETE FROM conversation_messages WHERE tenant_id = ANY($1)",
         "DELETE FROM conversations WHERE tenant_id = ANY($1)",
+        "DELETE FROM responses WHERE tenant_id = ANY($1)",
         "DELETE FROM jobs WHERE tenant = ANY($1)",
     ] {
         erased += sqlx::query(sql)

@@ -1,0 +1,193 @@
+//! Stored responses of the Responses API: written once by the region that
+//! answered, replicated to the tenant's regions (`0024_responses.sql`), and
+//! read back as a whole (`GET /v1/responses/{id}`), as the input items of
+//! one request, or as the chain a `previous_response_id` continues.
+//!
+//! The chain is always rebuilt from these rows, never taken from a client,
+//! and a response of another tenant is as absent as one never stored.
+
+use serde_json::Value;
+use sqlx::PgPool;
+
+use crate::error::Error;
+
+/// A response as stored: its object (without input) and the input items
+/// its request added.
+pub(crate) struct NewResponse<'a> {
+    pub id: &'a str,
+    pub tenant: &'a str,
+    pub model: &'a str,
+    pub status: &'a str,
+    pub previous: Option<&'a str>,
+    pub body: &'a Value,
+    pub input_items: &'a Value,
+}
+
+/// One response of a chain: what it added to the context, oldest first
+/// when returned by [`chain`].
+pub(crate) struct Link {
+    pub input_items: Vec<Value>,
+    pub output: Vec<Value>,
+}
+
+/// What a walk back from a `previous_response_id` found.
+pub(crate) struct Chain {
+    /// Oldest first.
+    pub links: Vec<Link>,
+    /// Whether older responses were left out at the depth limit.
+    pub cut: bool,
+}
+
+fn unknown(id: &str, param: Option<&'static str>) -> Error {
+    Error::UnknownResponse {
+        id: id.to_string(),
+        param,
+    }
+}
+
+/// Stores a finished response. Returns the last sequence of the
+/// replication log it wrote, for a writer that waits for a peer's apply.
+pub(crate) async fn insert(pool: &PgPool, r: NewResponse<'_>) -> Result<u64, Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO responses
+             (id, tenant_id, model, status, previous_response_id, body, input_items)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(r.id)
+    .bind(r.tenant)
+    .bind(r.model)
+    .bind(r.status)
+    .bind(r.previous)
+    .bind(r.body)
+    .bind(r.input_items)
+    .execute(&mut *tx)
+    .await?;
+    // The outbox trigger drew from the sequence in this session, so
+    // `currval` is this transaction's change whatever else commits.
+    let sequence: i64 = sqlx::query_scalar(
+        "SELECT currval(pg_get_serial_sequence('replication_outbox', 'sequence'))",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(u64::try_from(sequence).unwrap_or(0))
+}
+
+/// The response object of `id`, as returned when it was created.
+pub(crate) async fn get(pool: &PgPool, tenant: &str, id: &str) -> Result<Value, Error> {
+    sqlx::query_scalar(
+        "SELECT body FROM responses
+          WHERE id = $1 AND tenant_id = $2 AND deleted_at IS NULL",
+    )
+    .bind(id)
+    .bind(tenant)
+    .fetch_optional(pool)
+    .await?
+    .ok_or_else(|| unknown(id, None))
+}
+
+/// Blanks `id`: its content is erased here and, through replication, in
+/// every region that holds it; the id stays taken.
+pub(crate) async fn delete(pool: &PgPool, tenant: &str, id: &str) -> Result<u64, Error> {
+    let mut tx = pool.begin().await?;
+    let done = sqlx::query(
+        "UPDATE responses
+            SET body = '{}', input_items = '[]', deleted_at = now(), updated_at = now()
+          WHERE id = $1 AND tenant_id = $2 AND deleted_at IS NULL",
+    )
+    .bind(id)
+    .bind(tenant)
+    .execute(&mut *tx)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Err(unknown(id, None));
+    }
+    let sequence: i64 = sqlx::query_scalar(
+        "SELECT currval(pg_get_serial_sequence('replication_outbox', 'sequence'))",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(u64::try_from(sequence).unwrap_or(0))
+}
+
+/// The chain that ends at `last`, oldest first, at most `depth` responses
+/// long (`cut` says whether older ones were left out). Every response of
+/// it must be stored here for `tenant` and not deleted: a response missing
+/// from the middle (deleted, or not yet replicated) fails the request
+/// rather than leave a hole in the model's context.
+pub(crate) async fn chain(
+    pool: &PgPool,
+    tenant: &str,
+    last: &str,
+    depth: usize,
+) -> Result<Chain, Error> {
+    let depth = i32::try_from(depth.max(1)).unwrap_or(i32::MAX);
+    // `deleted` rows are walked through so that the error can name them.
+    let rows: Vec<(String, Option<String>, bool, Value, Value)> = sqlx::query_as(
+        "WITH RECURSIVE chain (id, previous_response_id, deleted, input_items, output, depth) AS (
+             SELECT id, previous_response_id, deleted_at IS NOT NULL, input_items,
+                    COALESCE(body -> 'output', '[]'), 1
+               FROM responses WHERE id = $1 AND tenant_id = $2
+             UNION ALL
+             SELECT r.id, r.previous_response_id, r.deleted_at IS NOT NULL, r.input_items,
+                    COALESCE(r.body -> 'output', '[]'), c.depth + 1
+               FROM responses r JOIN chain c ON r.id = c.previous_response_id
+              WHERE r.tenant_id = $2 AND c.depth < $3 AND NOT c.deleted
+         )
+         SELECT id, previous_response_id, deleted, input_items, output
+           FROM chain ORDER BY depth DESC",
+    )
+    .bind(last)
+    .bind(tenant)
+    .bind(depth)
+    .fetch_all(pool)
+    .await?;
+    let Some(newest) = rows.last() else {
+        return Err(unknown(last, Some("previous_response_id")));
+    };
+    if newest.2 {
+        return Err(unknown(last, Some("previous_response_id")));
+    }
+    if let Some(deleted) = rows.iter().find(|r| r.2) {
+        return Err(Error::invalid(
+            format!(
+                "the chain of `previous_response_id` {last:?} goes through response {:?}, \
+                 which was deleted",
+                deleted.0
+            ),
+            Some("previous_response_id"),
+        ));
+    }
+    let oldest = &rows[0];
+    let mut cut = false;
+    if let Some(before) = &oldest.1 {
+        if rows.len() < depth as usize {
+            return Err(Error::invalid(
+                format!(
+                    "the chain of `previous_response_id` {last:?} goes through response \
+                     {before:?}, which is not stored in this region (deleted, or not yet \
+                     replicated here)"
+                ),
+                Some("previous_response_id"),
+            ));
+        }
+        cut = true;
+    }
+    let links = rows
+        .into_iter()
+        .map(|(_, _, _, input_items, output)| Link {
+            input_items: array(input_items),
+            output: array(output),
+        })
+        .collect();
+    Ok(Chain { links, cut })
+}
+
+fn array(v: Value) -> Vec<Value> {
+    match v {
+        Value::Array(items) => items,
+        _ => Vec::new(),
+    }
+}
