@@ -634,8 +634,9 @@ fn store_down(response: &ResponseHeader) -> Option<&'static str> {
 }
 
 /// The stores a request needs, from its head: job and telemetry calls,
-/// conversation reads, and turns that name their conversation in a header
-/// need the region's PostgreSQL. A turn that names it only in its body is
+/// conversation reads, stored responses (a create is stored unless it
+/// says `store: false`, which the head does not show), and turns that name
+/// their conversation in a header need the region's PostgreSQL. A turn that names it only in its body is
 /// not known here; the region refuses it if it must, and it is replayed.
 fn needs(req: &RequestHeader) -> Stores {
     let path = req.uri.path();
@@ -643,6 +644,7 @@ fn needs(req: &RequestHeader) -> Stores {
         "/v1/jobs",
         "/v1/telemetry",
         "/v1/conversations",
+        "/v1/responses",
         "/v1/usage",
         "/v1/tenant",
     ]

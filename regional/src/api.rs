@@ -6,6 +6,7 @@ mod admin;
 mod body;
 mod charge;
 mod completions;
+mod conversations;
 mod embeddings;
 mod grpc;
 mod http;
@@ -128,6 +129,7 @@ where
         .merge(moderations::routes(state.clone()))
         .merge(completions::routes(state.clone()))
         .merge(responses::routes(state.clone()))
+        .merge(conversations::routes(state.clone()))
         .merge(admin::routes(state.clone()))
         .merge(manage::routes(state.clone()));
     let router = grpc_service(router, grpc::inference(state.clone()));

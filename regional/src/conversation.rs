@@ -9,6 +9,8 @@
 //!
 //! See `docs/ARCHITECTURE.md` (Conversations).
 
+pub(crate) mod items;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
@@ -179,8 +181,8 @@ pub(crate) async fn begin(
             Some("messages"),
         ));
     }
-    let history: Vec<(String, String)> = sqlx::query_as(
-        "SELECT role, content FROM conversation_messages
+    let history: Vec<(String, String, Option<serde_json::Value>)> = sqlx::query_as(
+        "SELECT role, content, item FROM conversation_messages
           WHERE conversation_id = $1 AND tenant_id = $2 ORDER BY turn, id",
     )
     .bind(id.as_str())
@@ -189,11 +191,21 @@ pub(crate) async fn begin(
     .await?;
     let new = std::mem::take(&mut req.messages);
     req.messages = Vec::with_capacity(history.len() + new.len());
-    req.messages.extend(
-        history
-            .into_iter()
-            .map(|(role, content)| Message::text(role, content)),
-    );
+    // Items the Responses and Conversations APIs stored (function calls,
+    // their outputs, content parts) go to the model as chat carries them;
+    // a chat turn's row is its role and text.
+    let mut items = Vec::new();
+    for (role, content, item) in history {
+        match item {
+            Some(item) => items.push(item),
+            None => {
+                crate::responses::items::append_messages(&mut req.messages, items.iter());
+                items.clear();
+                req.messages.push(Message::text(role, content));
+            }
+        }
+    }
+    crate::responses::items::append_messages(&mut req.messages, items.iter());
     req.messages.extend(new.iter().cloned());
     Ok(Begun::Turn(Turn {
         id,
@@ -290,7 +302,7 @@ impl Turn {
         // conversation in this region number their turns one after the other.
         sqlx::query(
             "INSERT INTO conversations (id, tenant_id, home_region) VALUES ($1, $2, $3)
-             ON CONFLICT (scoped_id) DO UPDATE SET updated_at = now()",
+             ON CONFLICT (scoped_id) DO UPDATE SET updated_at = now(), deleted_at = NULL",
         )
         .bind(self.id.as_str())
         .bind(&self.tenant)
@@ -380,7 +392,7 @@ pub(crate) async fn transcript(pool: &PgPool, tenant: &str, id: &str) -> Result<
     let id = ConversationId::parse(id)?;
     let row: Option<(String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
         "SELECT home_region, created_at, updated_at FROM conversations
-          WHERE tenant_id = $1 AND id = $2",
+          WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL",
     )
     .bind(tenant)
     .bind(id.as_str())

@@ -6,6 +6,8 @@
 //! The chain is always rebuilt from these rows, never taken from a client,
 //! and a response of another tenant is as absent as one never stored.
 
+pub(crate) mod items;
+
 use serde_json::Value;
 use sqlx::PgPool;
 

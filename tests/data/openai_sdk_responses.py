@@ -3,7 +3,8 @@ OpenAI Python SDK, unchanged but for its base URL and key (OPENAI_BASE_URL,
 OPENAI_API_KEY), against the model MODEL: plain and streamed responses, the
 SDK's stream and parse helpers, a function tool round trip, structured
 output, conversation state by previous_response_id, input items, retrieval,
-deletion and the errors around them. Each step records what it saw; a step
+deletion and the errors around them; conversations with their items, and
+responses appended to them. Each step records what it saw; a step
 that fails unexpectedly records its error and the rest still run, so the test
 shows every failure at once. Prints one JSON object. Run by
 tests/tests/responses.rs."""
@@ -242,6 +243,40 @@ def unknown_previous():
     return refusal(lambda: client.responses.create(model=model, input="x", previous_response_id="resp_doesnotexist"))
 
 
+def conversations():
+    conv = client.conversations.create(metadata={"topic": "trip"})
+    r1 = client.responses.create(model=model, input="I want to see fjords.", conversation=conv.id)
+    r2 = client.responses.create(model=model, input="Where should I go?", conversation={"id": conv.id})
+    listed = client.conversations.items.list(conv.id, order="asc")
+    items = listed.data
+    first = items[0].id if items else None
+    added = client.conversations.items.create(conv.id, items=[{"type": "message", "role": "user", "content": "Thanks!"}])
+    got = client.conversations.items.retrieve(first, conversation_id=conv.id) if first else None
+    client.conversations.items.delete(added.data[0].id, conversation_id=conv.id)
+    after_delete = client.conversations.items.list(conv.id, order="asc").data
+    updated = client.conversations.update(conv.id, metadata={"topic": "norway"})
+    retrieved = client.conversations.retrieve(conv.id)
+    deleted = client.conversations.delete(conv.id)
+    return {
+        "id_prefix_ok": conv.id.startswith("conv_"),
+        "object": conv.object,
+        "metadata": conv.metadata,
+        "response_conversation": [getattr(r.conversation, "id", None) == conv.id for r in (r1, r2)],
+        "second_input_tokens_larger": r2.usage.input_tokens > r1.usage.input_tokens,
+        "items": [[i.type, getattr(i, "role", None)] for i in items],
+        "first_text": first_text(items[0]) if items else None,
+        "has_more": listed.has_more,
+        "retrieved_item_matches": got is not None and got.id == first,
+        "added": len(added.data),
+        "count_after_delete": len(after_delete),
+        "updated_metadata": updated.metadata,
+        "retrieved_metadata": retrieved.metadata,
+        "deleted": deleted.deleted,
+        "retrieve_after_delete": refusal(lambda: client.conversations.retrieve(conv.id)),
+        "respond_after_delete": refusal(lambda: client.responses.create(model=model, input="x", conversation=conv.id)),
+    }
+
+
 steps = {
     "plain": plain,
     "streamed": streamed,
@@ -253,6 +288,7 @@ steps = {
     "delete": delete,
     "not_stored": not_stored,
     "unknown_previous": unknown_previous,
+    "conversations": conversations,
 }
 for name, step in steps.items():
     try:

@@ -31,7 +31,6 @@ pub(super) fn routes(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{model}", get(retrieve_model))
-        .route("/v1/conversations/{id}", get(get_conversation))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .with_state(state)
@@ -212,18 +211,6 @@ fn sse(
         yield Ok(Event::default().data("[DONE]"));
     };
     body
-}
-
-/// `GET /v1/conversations/{id}`: the tenant's conversation as stored in
-/// this region, turns in order.
-async fn get_conversation(
-    State(state): State<Arc<AppState>>,
-    tenant: Tenant,
-    axum::extract::Path(id): axum::extract::Path<String>,
-) -> Result<Response, Error> {
-    state.stores.require(crate::store::Store::Postgres)?;
-    let transcript = crate::conversation::transcript(&state.pool, tenant.as_str(), &id).await?;
-    Ok(axum::Json(transcript).into_response())
 }
 
 /// `GET /readyz`: 200 while the node takes requests, 503 once it shuts

@@ -15,23 +15,25 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
-use serde::Deserialize;
 use serde_json::{Value, json};
 
 use self::events::Writer;
 use self::object::{Shell, State as ResponseState, output_items};
 use self::request::CreateBody;
+pub(super) use self::request::{check_items, check_metadata};
 use super::body::JsonBody;
 use super::charge::{self, Charge};
 use super::infer::{RequestFacts, durability_header, model_header};
 use super::{AppState, Tenant};
 use crate::answer::{Streamed, TurnOptions};
 use crate::cache::RESULT_HEADER;
+use crate::conversation::items as conversation;
 use crate::error::Error;
 use crate::inference::{ChatRequest, Chunk};
 use crate::replication::Durability;
@@ -71,12 +73,19 @@ async fn respond(
     let durability = state
         .replication
         .durability(tenant.as_str(), facts.durability())?;
-    if store || checked.body.previous_response_id.is_some() {
+    let stored = store || checked.conversation.is_some();
+    if stored || checked.body.previous_response_id.is_some() {
         state.stores.require(Store::Postgres)?;
     }
     let limit = state.pipeline.limits().messages;
     let (chain, cut) = match &checked.body.previous_response_id {
-        None => (Vec::new(), false),
+        None => match &checked.conversation {
+            Some(conversation) => (
+                conversation::items(&state.pool, tenant.as_str(), conversation).await?,
+                false,
+            ),
+            None => (Vec::new(), false),
+        },
         Some(previous) => {
             let chain = stored::chain(&state.pool, tenant.as_str(), previous, limit).await?;
             let items = chain
@@ -108,6 +117,7 @@ async fn respond(
         state: state.clone(),
         tenant: tenant.as_str().to_string(),
         store,
+        conversation: checked.conversation.clone(),
         durability,
         previous: checked.body.previous_response_id.clone(),
         input_items: Value::Array(checked.input_items.clone()),
@@ -119,7 +129,7 @@ async fn respond(
         let headers = (
             model_header(&req.model, streamed.fallback.as_ref()),
             [(RESULT_HEADER, streamed.outcome.header())],
-            durability_header(store.then_some(durability)),
+            durability_header(stored.then_some(durability)),
             charge.head_headers(streamed.outcome.is_hit()),
         );
         let events = stream(
@@ -157,7 +167,7 @@ async fn respond(
             (meridian_proto::header::USAGE_TOKENS, total.to_string()),
             (RESULT_HEADER, done.outcome.header().to_string()),
         ],
-        durability_header(store.then_some(durability)),
+        durability_header(stored.then_some(durability)),
         axum::Json(object),
     )
         .into_response())
@@ -193,19 +203,38 @@ struct Save {
     state: Arc<AppState>,
     tenant: String,
     store: bool,
+    /// The conversation the input and output are appended to.
+    conversation: Option<String>,
     durability: Durability,
     previous: Option<String>,
     input_items: Value,
 }
 
 impl Save {
-    /// Stores `object` (when the request asked to) and, when synchronous,
-    /// waits until a peer region has applied it.
+    /// Appends the input and output to the conversation, stores `object`
+    /// (when the request asked to) and, when synchronous, waits until a peer
+    /// region has applied both.
     async fn store(&self, shell: &Shell, object: &Value) -> Result<(), Error> {
-        if !self.store {
-            return Ok(());
+        let mut sequence = None;
+        if let Some(id) = &self.conversation {
+            let mut items = self.input_items.as_array().cloned().unwrap_or_default();
+            items.extend(object["output"].as_array().into_iter().flatten().cloned());
+            sequence =
+                Some(conversation::append(&self.state.pool, &self.tenant, id, &items).await?);
         }
-        let sequence = stored::insert(
+        if self.store {
+            sequence = Some(self.insert(shell, object).await?);
+        }
+        if let Some(sequence) = sequence
+            && self.durability == Durability::Sync
+        {
+            self.state.replication.wait_applied(sequence).await?;
+        }
+        Ok(())
+    }
+
+    async fn insert(&self, shell: &Shell, object: &Value) -> Result<u64, Error> {
+        stored::insert(
             &self.state.pool,
             NewResponse {
                 id: &shell.id,
@@ -217,11 +246,7 @@ impl Save {
                 input_items: &self.input_items,
             },
         )
-        .await?;
-        if self.durability == Durability::Sync {
-            self.state.replication.wait_applied(sequence).await?;
-        }
-        Ok(())
+        .await
     }
 }
 
@@ -335,14 +360,33 @@ async fn cancel(
     ))
 }
 
-#[derive(Debug, Deserialize)]
-struct ListQuery {
-    #[serde(default)]
+/// The list parameters of `input_items`, read from the query's pairs
+/// (a repeated one counts once, its last value), so that any query string
+/// gets an OpenAI error rather than the extractor's plain-text one.
+#[derive(Debug, Default)]
+pub(super) struct ListQuery {
     after: Option<String>,
-    #[serde(default)]
     limit: Option<String>,
-    #[serde(default)]
     order: Option<String>,
+}
+
+impl ListQuery {
+    pub(super) fn read(
+        pairs: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    ) -> Result<Self, Error> {
+        let Query(pairs) =
+            pairs.map_err(|e| Error::invalid(format!("invalid query string: {e}"), None))?;
+        let mut query = Self::default();
+        for (key, value) in pairs {
+            match key.as_str() {
+                "after" => query.after = Some(value),
+                "limit" => query.limit = Some(value),
+                "order" => query.order = Some(value),
+                _ => {}
+            }
+        }
+        Ok(query)
+    }
 }
 
 /// `GET /v1/responses/{id}/input_items`: what the model was given for the
@@ -351,8 +395,32 @@ async fn input_items(
     State(state): State<Arc<AppState>>,
     tenant: Tenant,
     Path(id): Path<String>,
-    Query(query): Query<ListQuery>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Response, Error> {
+    let query = ListQuery::read(query)?;
+    state.stores.require(Store::Postgres)?;
+    let limit_chain = state.pipeline.limits().messages;
+    let chain = stored::chain(&state.pool, tenant.as_str(), &id, limit_chain)
+        .await
+        .map_err(|e| match e {
+            Error::UnknownResponse { id, .. } => Error::UnknownResponse { id, param: None },
+            e => e,
+        })?;
+    let last = chain.links.len().saturating_sub(1);
+    let mut items: Vec<Value> = Vec::new();
+    for (i, link) in chain.links.into_iter().enumerate() {
+        items.extend(link.input_items);
+        if i < last {
+            items.extend(link.output);
+        }
+    }
+    Ok(axum::Json(list(items, &query)?).into_response())
+}
+
+/// One page of `items` (oldest first) as an OpenAI list: newest first
+/// unless `order=asc`, `limit` items (20 by default, at most 100) after
+/// the item `after` names.
+pub(super) fn list(mut items: Vec<Value>, query: &ListQuery) -> Result<Value, Error> {
     let limit = match query.limit.as_deref() {
         None => 20,
         Some(l) => l
@@ -371,22 +439,6 @@ async fn input_items(
             ));
         }
     };
-    state.stores.require(Store::Postgres)?;
-    let limit_chain = state.pipeline.limits().messages;
-    let chain = stored::chain(&state.pool, tenant.as_str(), &id, limit_chain)
-        .await
-        .map_err(|e| match e {
-            Error::UnknownResponse { id, .. } => Error::UnknownResponse { id, param: None },
-            e => e,
-        })?;
-    let last = chain.links.len().saturating_sub(1);
-    let mut items: Vec<Value> = Vec::new();
-    for (i, link) in chain.links.into_iter().enumerate() {
-        items.extend(link.input_items);
-        if i < last {
-            items.extend(link.output);
-        }
-    }
     if !ascending {
         items.reverse();
     }
@@ -407,12 +459,11 @@ async fn input_items(
     };
     let page: Vec<Value> = items.iter().skip(start).take(limit).cloned().collect();
     let has_more = start + page.len() < items.len();
-    Ok(axum::Json(json!({
+    Ok(json!({
         "object": "list",
         "data": page,
         "first_id": page.first().map(|i| i["id"].clone()),
         "last_id": page.last().map(|i| i["id"].clone()),
         "has_more": has_more,
     }))
-    .into_response())
 }

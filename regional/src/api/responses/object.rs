@@ -8,7 +8,7 @@ use crate::cache::Answer;
 use meridian_proto::ErrorClass;
 
 use crate::error::Error;
-use crate::inference::{Extras, Finish, Meta, Usage};
+use crate::inference::{Extras, Finish, Meta, Usage, json_f32};
 
 /// What every state of one response shares: its id, its creation time, the
 /// model that serves it, and the request's settings.
@@ -25,6 +25,13 @@ impl Shell {
         let or = |v: Option<Value>, default: Value| v.filter(|v| !v.is_null()).unwrap_or(default);
         let mut echo = Map::new();
         echo.insert("background".into(), json!(false));
+        echo.insert(
+            "conversation".into(),
+            checked
+                .conversation
+                .as_ref()
+                .map_or(Value::Null, |id| json!({"id": id})),
+        );
         echo.insert("instructions".into(), json!(b.instructions));
         echo.insert("max_output_tokens".into(), json!(b.max_output_tokens));
         echo.insert(
@@ -44,7 +51,7 @@ impl Shell {
             ),
         );
         echo.insert("store".into(), json!(b.store.unwrap_or(true)));
-        echo.insert("temperature".into(), json!(b.temperature.unwrap_or(1.0)));
+        echo.insert("temperature".into(), json_f32(b.temperature.unwrap_or(1.0)));
         echo.insert(
             "text".into(),
             or(b.text.clone(), json!({"format": {"type": "text"}})),
@@ -55,7 +62,7 @@ impl Shell {
         );
         echo.insert("tools".into(), json!(b.tools.clone().unwrap_or_default()));
         echo.insert("top_logprobs".into(), json!(b.top_logprobs.unwrap_or(0)));
-        echo.insert("top_p".into(), json!(b.top_p.unwrap_or(1.0)));
+        echo.insert("top_p".into(), json_f32(b.top_p.unwrap_or(1.0)));
         echo.insert(
             "truncation".into(),
             json!(b.truncation.as_deref().unwrap_or("disabled")),

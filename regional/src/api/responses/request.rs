@@ -13,7 +13,8 @@ use serde_json::{Map, Value, json};
 
 use crate::api::openai::{integer, max_tokens};
 use crate::error::Error;
-use crate::inference::{ChatRequest, Message};
+use crate::inference::{ChatRequest, Message, json_f32};
+use crate::responses::items::append_messages;
 
 /// `POST /v1/responses` as sent. Fields Meridian reads are typed; the
 /// rest are checked against the lists below.
@@ -103,6 +104,8 @@ const INCLUDE_LOGPROBS: &str = "message.output_text.logprobs";
 /// The request, checked: what goes to the model and what is stored.
 pub(super) struct Checked {
     pub body: CreateBody,
+    /// The conversation the response reads and appends to.
+    pub conversation: Option<String>,
     /// This request's input items, each with an id, as stored and listed.
     pub input_items: Vec<Value>,
     /// Fields for the chat request beyond messages.
@@ -129,9 +132,28 @@ impl CreateBody {
                 Some("background"),
             ));
         }
-        if self.conversation.as_ref().is_some_and(|c| !c.is_null()) {
+        let conversation = match self.conversation.take() {
+            None | Some(Value::Null) => None,
+            Some(Value::String(id)) => Some(id),
+            Some(Value::Object(o)) => match o.get("id") {
+                Some(Value::String(id)) => Some(id.clone()),
+                _ => {
+                    return Err(Error::invalid(
+                        "`conversation.id` must name the conversation",
+                        Some("conversation"),
+                    ));
+                }
+            },
+            Some(_) => {
+                return Err(Error::invalid(
+                    "`conversation` must be an id or an object with an `id`",
+                    Some("conversation"),
+                ));
+            }
+        };
+        if conversation.is_some() && self.previous_response_id.is_some() {
             return Err(Error::invalid(
-                "`conversation` is not served yet: chain responses with `previous_response_id`",
+                "`conversation` and `previous_response_id` cannot be used together",
                 Some("conversation"),
             ));
         }
@@ -182,7 +204,7 @@ impl CreateBody {
             }
         }
         if let Some(p) = self.top_p {
-            chat_extra.insert("top_p".into(), json!(p));
+            chat_extra.insert("top_p".into(), json_f32(p));
         }
         if let Some(p) = self.parallel_tool_calls {
             chat_extra.insert("parallel_tool_calls".into(), json!(p));
@@ -229,13 +251,9 @@ impl CreateBody {
                 "status": "completed",
                 "content": [{"type": "input_text", "text": text}],
             })],
-            Some(Input::Items(items)) => items
-                .into_iter()
-                .enumerate()
-                .map(|(i, item)| input_item(i, item))
-                .collect::<Result<_, _>>()?,
+            Some(Input::Items(items)) => check_items(items, "input")?,
         };
-        if input_items.is_empty() && self.previous_response_id.is_none() {
+        if input_items.is_empty() && self.previous_response_id.is_none() && conversation.is_none() {
             return Err(Error::invalid(
                 "`input` must hold at least one item",
                 Some("input"),
@@ -243,6 +261,7 @@ impl CreateBody {
         }
         Ok(Checked {
             body: self,
+            conversation,
             input_items,
             chat_extra,
             max_tokens,
@@ -259,7 +278,7 @@ impl Checked {
         if let Some(instructions) = self.body.instructions.as_deref().filter(|i| !i.is_empty()) {
             messages.push(Message::text("system", instructions));
         }
-        append_messages(&mut messages, chain.iter().chain(&self.input_items))?;
+        append_messages(&mut messages, chain.iter().chain(&self.input_items));
         Ok(ChatRequest {
             model: self.body.model.clone().unwrap_or_default(),
             messages,
@@ -278,7 +297,21 @@ pub(super) fn item_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
 }
 
-fn check_metadata(m: &Map<String, Value>) -> Result<(), Error> {
+/// Items of `field` checked and given the shape they are stored in.
+pub(in crate::api) fn check_items(
+    items: Vec<Value>,
+    field: &'static str,
+) -> Result<Vec<Value>, Error> {
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| input_item(field, i, item))
+        .collect()
+}
+
+/// OpenAI's metadata rule: up to 16 pairs, keys up to 64 characters,
+/// string values up to 512.
+pub(in crate::api) fn check_metadata(m: &Map<String, Value>) -> Result<(), Error> {
     let bad = |what: String| Error::invalid(what, Some("metadata"));
     if m.len() > 16 {
         return Err(bad(format!(
@@ -433,15 +466,19 @@ const MESSAGE_ROLES: &[&str] = &["user", "assistant", "system", "developer"];
 
 /// `input[i]` checked and given the shape it is stored and listed in: an
 /// id, a type, a status, and a message's string content as a part.
-fn input_item(i: usize, item: Value) -> Result<Value, Error> {
-    let bad = |what: String| Error::invalid(what, Some("input"));
+fn input_item(field: &'static str, i: usize, item: Value) -> Result<Value, Error> {
+    let bad = |what: String| Error::invalid(what, Some(field));
     let Value::Object(mut item) = item else {
-        return Err(bad(format!("`input[{i}]` must be an object")));
+        return Err(bad(format!("`{field}[{i}]` must be an object")));
     };
     let kind = match item.get("type") {
         None | Some(Value::Null) if item.contains_key("role") => "message".to_string(),
         Some(Value::String(t)) => t.clone(),
-        _ => return Err(bad(format!("`input[{i}].type` must name the item's type"))),
+        _ => {
+            return Err(bad(format!(
+                "`{field}[{i}].type` must name the item's type"
+            )));
+        }
     };
     match kind.as_str() {
         "message" => {
@@ -449,7 +486,7 @@ fn input_item(i: usize, item: Value) -> Result<Value, Error> {
                 Some(r) if MESSAGE_ROLES.contains(&r) => r.to_string(),
                 other => {
                     return Err(bad(format!(
-                        "`input[{i}].role` must be one of {}, got {}",
+                        "`{field}[{i}].role` must be one of {}, got {}",
                         MESSAGE_ROLES.join(", "),
                         other.map_or("nothing".to_string(), |r| format!("{r:?}"))
                     )));
@@ -471,12 +508,12 @@ fn input_item(i: usize, item: Value) -> Result<Value, Error> {
                 Some(Value::Array(parts)) => parts,
                 _ => {
                     return Err(bad(format!(
-                        "`input[{i}].content` must be a string or a list of content parts"
+                        "`{field}[{i}].content` must be a string or a list of content parts"
                     )));
                 }
             };
             for (j, p) in content.iter().enumerate() {
-                check_part(i, j, p)?;
+                check_part(field, i, j, p)?;
             }
             item.insert("content".into(), Value::Array(content));
             item.insert("role".into(), json!(role));
@@ -485,25 +522,25 @@ fn input_item(i: usize, item: Value) -> Result<Value, Error> {
         "function_call" => {
             for key in ["call_id", "name", "arguments"] {
                 if !item.get(key).is_some_and(Value::is_string) {
-                    return Err(bad(format!("`input[{i}].{key}` must be a string")));
+                    return Err(bad(format!("`{field}[{i}].{key}` must be a string")));
                 }
             }
             item.entry("id").or_insert_with(|| json!(item_id("fc")));
         }
         "function_call_output" => {
             if !item.get("call_id").is_some_and(Value::is_string) {
-                return Err(bad(format!("`input[{i}].call_id` must be a string")));
+                return Err(bad(format!("`{field}[{i}].call_id` must be a string")));
             }
             match item.get("output") {
                 Some(Value::String(_)) => {}
                 Some(Value::Array(parts)) => {
                     for (j, p) in parts.iter().enumerate() {
-                        check_part(i, j, p)?;
+                        check_part(field, i, j, p)?;
                     }
                 }
                 _ => {
                     return Err(bad(format!(
-                        "`input[{i}].output` must be a string or a list of content parts"
+                        "`{field}[{i}].output` must be a string or a list of content parts"
                     )));
                 }
             }
@@ -516,13 +553,13 @@ fn input_item(i: usize, item: Value) -> Result<Value, Error> {
         }
         "item_reference" => {
             return Err(bad(format!(
-                "`input[{i}]`: item references are not served; send the item, or chain with \
+                "`{field}[{i}]`: item references are not served; send the item, or chain with \
                  `previous_response_id`"
             )));
         }
         other => {
             return Err(bad(format!(
-                "`input[{i}].type` {other:?} is not served: Meridian takes messages, \
+                "`{field}[{i}].type` {other:?} is not served: Meridian takes messages, \
                  function calls and their outputs"
             )));
         }
@@ -532,196 +569,41 @@ fn input_item(i: usize, item: Value) -> Result<Value, Error> {
     Ok(Value::Object(item))
 }
 
-fn check_part(i: usize, j: usize, part: &Value) -> Result<(), Error> {
-    let bad = |what: String| Error::invalid(what, Some("input"));
+fn check_part(field: &'static str, i: usize, j: usize, part: &Value) -> Result<(), Error> {
+    let bad = |what: String| Error::invalid(what, Some(field));
     match part.get("type").and_then(Value::as_str) {
         Some("input_text" | "output_text") => {
             if !part.get("text").is_some_and(Value::is_string) {
                 return Err(bad(format!(
-                    "`input[{i}].content[{j}].text` must be a string"
+                    "`{field}[{i}].content[{j}].text` must be a string"
                 )));
             }
         }
         Some("refusal") => {
             if !part.get("refusal").is_some_and(Value::is_string) {
                 return Err(bad(format!(
-                    "`input[{i}].content[{j}].refusal` must be a string"
+                    "`{field}[{i}].content[{j}].refusal` must be a string"
                 )));
             }
         }
         Some("input_image" | "input_file" | "input_audio") => {
             if part.get("file_id").is_some_and(|f| !f.is_null()) {
                 return Err(bad(format!(
-                    "`input[{i}].content[{j}].file_id`: files are not served yet; send the \
+                    "`{field}[{i}].content[{j}].file_id`: files are not served yet; send the \
                      content inline (`image_url` as a URL or data URL, `file_data`)"
                 )));
             }
         }
         Some(other) => {
             return Err(bad(format!(
-                "`input[{i}].content[{j}].type` {other:?} is not a content part Meridian takes"
+                "`{field}[{i}].content[{j}].type` {other:?} is not a content part Meridian takes"
             )));
         }
         None => {
             return Err(bad(format!(
-                "`input[{i}].content[{j}].type` must name the part"
+                "`{field}[{i}].content[{j}].type` must name the part"
             )));
         }
     }
     Ok(())
-}
-
-/// Appends `items` (stored or checked, so well formed) as chat messages:
-/// a message as a message; function calls joined to the assistant message
-/// before them (a chat assistant message carries its calls); a call's
-/// output as a `tool` message; reasoning left out.
-fn append_messages<'a>(
-    messages: &mut Vec<Message>,
-    items: impl Iterator<Item = &'a Value>,
-) -> Result<(), Error> {
-    // Whether the last message is an assistant's that calls can join.
-    let mut open_assistant = false;
-    for item in items {
-        match item.get("type").and_then(Value::as_str) {
-            Some("message") => {
-                let role = item["role"].as_str().unwrap_or("user");
-                let message = chat_message(role, item.get("content"));
-                open_assistant = role == "assistant";
-                messages.push(message);
-            }
-            Some("function_call") => {
-                let call = json!({
-                    "id": item["call_id"],
-                    "type": "function",
-                    "function": {"name": item["name"], "arguments": item["arguments"]},
-                });
-                if !open_assistant {
-                    messages.push(Message {
-                        role: "assistant".into(),
-                        content: String::new(),
-                        raw: Some(Arc::new(
-                            json!({"role": "assistant", "content": null})
-                                .as_object()
-                                .cloned()
-                                .unwrap_or_default(),
-                        )),
-                    });
-                    open_assistant = true;
-                }
-                let last = messages
-                    .last_mut()
-                    .expect("an assistant message was pushed");
-                let mut raw = last.raw.as_deref().cloned().unwrap_or_else(|| {
-                    let mut m = Map::new();
-                    m.insert("role".into(), json!("assistant"));
-                    m.insert("content".into(), json!(last.content));
-                    m
-                });
-                if raw.get("content").is_some_and(|c| c.as_str() == Some("")) {
-                    raw.insert("content".into(), Value::Null);
-                }
-                match raw.get_mut("tool_calls") {
-                    Some(Value::Array(calls)) => calls.push(call),
-                    _ => {
-                        raw.insert("tool_calls".into(), json!([call]));
-                    }
-                }
-                last.raw = Some(Arc::new(raw));
-            }
-            Some("function_call_output") => {
-                let output = match &item["output"] {
-                    Value::String(s) => s.clone(),
-                    Value::Array(parts) => texts(parts).join("\n"),
-                    _ => String::new(),
-                };
-                let mut raw = Map::new();
-                raw.insert("role".into(), json!("tool"));
-                raw.insert("tool_call_id".into(), item["call_id"].clone());
-                raw.insert("content".into(), json!(output));
-                messages.push(Message {
-                    role: "tool".into(),
-                    content: output,
-                    raw: Some(Arc::new(raw)),
-                });
-                open_assistant = false;
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-fn texts(parts: &[Value]) -> Vec<&str> {
-    parts
-        .iter()
-        .filter(|p| matches!(p["type"].as_str(), Some("input_text" | "output_text")))
-        .filter_map(|p| p["text"].as_str())
-        .collect()
-}
-
-/// A message item's content as a chat message: plain text when it is only
-/// text, else chat's content parts (images, files, audio) with the text.
-fn chat_message(role: &str, content: Option<&Value>) -> Message {
-    let parts: &[Value] = content.and_then(Value::as_array).map_or(&[], Vec::as_slice);
-    let text = texts(parts).join("\n");
-    let refusal: Option<String> = parts
-        .iter()
-        .filter_map(|p| {
-            (p["type"] == "refusal")
-                .then(|| p["refusal"].as_str())
-                .flatten()
-        })
-        .reduce(|a, _| a)
-        .map(str::to_string);
-    let media: Vec<Value> = parts.iter().filter_map(chat_part).collect();
-    if media.is_empty() && refusal.is_none() {
-        return Message::text(role, text);
-    }
-    let mut raw = Map::new();
-    raw.insert("role".into(), json!(role));
-    if media.is_empty() {
-        raw.insert("content".into(), json!(text));
-    } else {
-        let mut chat_parts: Vec<Value> = texts(parts)
-            .into_iter()
-            .map(|t| json!({"type": "text", "text": t}))
-            .collect();
-        chat_parts.extend(media);
-        raw.insert("content".into(), Value::Array(chat_parts));
-    }
-    if let Some(r) = refusal {
-        raw.insert("refusal".into(), json!(r));
-    }
-    Message {
-        role: role.into(),
-        content: text,
-        raw: Some(Arc::new(raw)),
-    }
-}
-
-/// An image, file or audio part in chat's shape.
-fn chat_part(part: &Value) -> Option<Value> {
-    match part["type"].as_str()? {
-        "input_image" => {
-            let mut image = Map::new();
-            image.insert("url".into(), part.get("image_url")?.clone());
-            if let Some(d) = part.get("detail").filter(|d| !d.is_null()) {
-                image.insert("detail".into(), d.clone());
-            }
-            Some(json!({"type": "image_url", "image_url": image}))
-        }
-        "input_file" => {
-            let mut file = Map::new();
-            for key in ["file_data", "filename"] {
-                if let Some(v) = part.get(key).filter(|v| !v.is_null()) {
-                    file.insert(key.into(), v.clone());
-                }
-            }
-            Some(json!({"type": "file", "file": file}))
-        }
-        "input_audio" => {
-            Some(json!({"type": "input_audio", "input_audio": part.get("input_audio")?}))
-        }
-        _ => None,
-    }
 }
