@@ -23,6 +23,10 @@ CREATE TABLE responses (
     -- (each region's log is pulled on its own stream).
     previous_response_id text,
     body                 jsonb       NOT NULL,
+    -- A background response's job (`background: true`): its state and
+    -- result are read from the job, which replicates and is adopted like
+    -- any job, until the response is settled into `body`.
+    job_id               uuid,
     input_items          jsonb       NOT NULL,
     created_at           timestamptz NOT NULL DEFAULT now(),
     updated_at           timestamptz NOT NULL DEFAULT now(),

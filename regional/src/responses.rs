@@ -10,6 +10,7 @@ pub(crate) mod items;
 
 use serde_json::Value;
 use sqlx::PgPool;
+use uuid::Uuid;
 
 use crate::error::Error;
 
@@ -23,6 +24,15 @@ pub(crate) struct NewResponse<'a> {
     pub previous: Option<&'a str>,
     pub body: &'a Value,
     pub input_items: &'a Value,
+    /// A background response's job.
+    pub job: Option<Uuid>,
+}
+
+/// A stored response: its object as last settled, and a background
+/// response's job.
+pub(crate) struct Stored {
+    pub body: Value,
+    pub job: Option<Uuid>,
 }
 
 /// One response of a chain: what it added to the context, oldest first
@@ -53,8 +63,8 @@ pub(crate) async fn insert(pool: &PgPool, r: NewResponse<'_>) -> Result<u64, Err
     let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO responses
-             (id, tenant_id, model, status, previous_response_id, body, input_items)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+             (id, tenant_id, model, status, previous_response_id, body, input_items, job_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(r.id)
     .bind(r.tenant)
@@ -63,6 +73,7 @@ pub(crate) async fn insert(pool: &PgPool, r: NewResponse<'_>) -> Result<u64, Err
     .bind(r.previous)
     .bind(r.body)
     .bind(r.input_items)
+    .bind(r.job)
     .execute(&mut *tx)
     .await?;
     // The outbox trigger drew from the sequence in this session, so
@@ -76,17 +87,42 @@ pub(crate) async fn insert(pool: &PgPool, r: NewResponse<'_>) -> Result<u64, Err
     Ok(u64::try_from(sequence).unwrap_or(0))
 }
 
-/// The response object of `id`, as returned when it was created.
-pub(crate) async fn get(pool: &PgPool, tenant: &str, id: &str) -> Result<Value, Error> {
-    sqlx::query_scalar(
-        "SELECT body FROM responses
+/// The response `id`, as returned when it was created or last settled.
+pub(crate) async fn get(pool: &PgPool, tenant: &str, id: &str) -> Result<Stored, Error> {
+    sqlx::query_as(
+        "SELECT body, job_id FROM responses
           WHERE id = $1 AND tenant_id = $2 AND deleted_at IS NULL",
     )
     .bind(id)
     .bind(tenant)
     .fetch_optional(pool)
     .await?
+    .map(|(body, job)| Stored { body, job })
     .ok_or_else(|| unknown(id, None))
+}
+
+/// Settles a background response whose job has ended: its final object
+/// replaces the queued one. Any region may settle it, from the replicated
+/// job, and all write the same object (its item ids come from the job), so
+/// which write wins does not matter.
+pub(crate) async fn settle(
+    pool: &PgPool,
+    tenant: &str,
+    id: &str,
+    body: &Value,
+) -> Result<(), Error> {
+    sqlx::query(
+        "UPDATE responses SET body = $3, status = $4, updated_at = now()
+          WHERE id = $1 AND tenant_id = $2 AND deleted_at IS NULL
+            AND status IN ('queued', 'in_progress')",
+    )
+    .bind(id)
+    .bind(tenant)
+    .bind(body)
+    .bind(body["status"].as_str().unwrap_or("completed"))
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// Blanks `id`: its content is erased here and, through replication, in

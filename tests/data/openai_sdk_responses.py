@@ -4,13 +4,14 @@ OPENAI_API_KEY), against the model MODEL: plain and streamed responses, the
 SDK's stream and parse helpers, a function tool round trip, structured
 output, conversation state by previous_response_id, input items, retrieval,
 deletion and the errors around them; conversations with their items, and
-responses appended to them. Each step records what it saw; a step
+responses appended to them; background responses polled and cancelled. Each step records what it saw; a step
 that fails unexpectedly records its error and the rest still run, so the test
 shows every failure at once. Prints one JSON object. Run by
 tests/tests/responses.rs."""
 
 import json
 import os
+import time
 
 import jsonschema
 import openai
@@ -19,6 +20,8 @@ from openai import OpenAI
 
 client = OpenAI(max_retries=0)
 model = os.environ["MODEL"]
+# A model that takes seconds per answer, for a background response to cancel.
+slow_model = os.environ["SLOW_MODEL"]
 seen = {}
 # Responses made by one step and reused by later ones.
 kept = {}
@@ -277,6 +280,32 @@ def conversations():
     }
 
 
+def background():
+    r = client.responses.create(model=model, input="Write a haiku.", background=True)
+    first = {"status": r.status, "background": r.background}
+    # Polled as the SDK's users poll: the job runs without the client.
+    deadline = time.time() + 30
+    while r.status in ("queued", "in_progress") and time.time() < deadline:
+        time.sleep(0.1)
+        r = client.responses.retrieve(r.id)
+    follow = client.responses.create(model=model, input="Another one.", previous_response_id=r.id)
+    # The slow model takes seconds per answer: cancelled while it runs.
+    slow = client.responses.create(model=slow_model, input="A long story.", background=True, max_output_tokens=200)
+    cancelled = client.responses.cancel(slow.id)
+    later = client.responses.retrieve(slow.id)
+    return {
+        "first": first,
+        "status": r.status,
+        "output_text_nonempty": r.output_text != "",
+        "usage_ok": r.usage is not None and r.usage.output_tokens > 0,
+        "same_when_retrieved_again": client.responses.retrieve(r.id).output[0].id == r.output[0].id,
+        "follow_input_tokens_larger": follow.usage.input_tokens > r.usage.input_tokens,
+        "cancelled": cancelled.status,
+        "cancelled_later": later.status,
+        "cancel_foreground": refusal(lambda: client.responses.cancel(follow.id)),
+    }
+
+
 steps = {
     "plain": plain,
     "streamed": streamed,
@@ -289,6 +318,7 @@ steps = {
     "not_stored": not_stored,
     "unknown_previous": unknown_previous,
     "conversations": conversations,
+    "background": background,
 }
 for name, step in steps.items():
     try:

@@ -5,7 +5,7 @@
 //! around stored responses, tenant isolation, and a chain that continues in
 //! another region after the first is killed.
 
-use meridian_tests::{ClusterSandbox, init_logging, run_data_script};
+use meridian_tests::{ClusterSandbox, TEST_SLOW_MODEL, init_logging, run_data_script};
 use serde_json::{Value, json};
 
 const MODEL: &str = "sim-fast";
@@ -21,6 +21,7 @@ async fn the_official_sdk_creates_streams_chains_and_deletes_responses() {
             ("OPENAI_BASE_URL", format!("{}/v1", sandbox.gateway_url())),
             ("OPENAI_API_KEY", "sk-unused".into()),
             ("MODEL", MODEL.into()),
+            ("SLOW_MODEL", TEST_SLOW_MODEL.into()),
         ],
     )
     .await;
@@ -197,6 +198,25 @@ async fn the_official_sdk_creates_streams_chains_and_deletes_responses() {
     assert_eq!(conversations["deleted"], yes);
     assert_eq!(conversations["retrieve_after_delete"]["status_code"], 404);
     assert_eq!(conversations["respond_after_delete"]["status_code"], 404);
+
+    let background = &seen["background"];
+    assert_eq!(background["first"]["background"], yes, "{background}");
+    assert!(
+        ["queued", "in_progress"].contains(&background["first"]["status"].as_str().unwrap_or("")),
+        "{background}"
+    );
+    assert_eq!(background["status"], "completed", "{background}");
+    for key in [
+        "output_text_nonempty",
+        "usage_ok",
+        "same_when_retrieved_again",
+        "follow_input_tokens_larger",
+    ] {
+        assert_eq!(background[key], yes, "background {key}: {background}");
+    }
+    assert_eq!(background["cancelled"], "cancelled", "{background}");
+    assert_eq!(background["cancelled_later"], "cancelled");
+    assert_eq!(background["cancel_foreground"]["status_code"], 400);
 
     let unknown = &seen["unknown_previous"];
     assert_eq!(unknown["exception"], "NotFoundError", "{unknown}");

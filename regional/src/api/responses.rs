@@ -7,6 +7,7 @@
 //! replicate to the tenant's regions, so a `previous_response_id` resolves
 //! wherever the next request lands.
 
+mod background;
 mod events;
 mod object;
 mod request;
@@ -36,6 +37,7 @@ use crate::cache::RESULT_HEADER;
 use crate::conversation::items as conversation;
 use crate::error::Error;
 use crate::inference::{ChatRequest, Chunk};
+use crate::queue::{Priority, Submission};
 use crate::replication::Durability;
 use crate::responses::{self as stored, NewResponse};
 use crate::slow_reader::cut_after;
@@ -87,6 +89,25 @@ async fn respond(
             None => (Vec::new(), false),
         },
         Some(previous) => {
+            let last = background::current(&state, tenant, previous)
+                .await
+                .map_err(|e| match e {
+                    Error::UnknownResponse { id, .. } => Error::UnknownResponse {
+                        id,
+                        param: Some("previous_response_id"),
+                    },
+                    e => e,
+                })?;
+            if background::pending(&last) {
+                return Err(Error::invalid(
+                    format!(
+                        "`previous_response_id` {previous:?} is still {}: continue it once it \
+                         has completed",
+                        last["status"].as_str().unwrap_or("running")
+                    ),
+                    Some("previous_response_id"),
+                ));
+            }
             let chain = stored::chain(&state.pool, tenant.as_str(), previous, limit).await?;
             let items = chain
                 .links
@@ -108,6 +129,9 @@ async fn respond(
             ),
             Some("previous_response_id"),
         ));
+    }
+    if checked.body.background == Some(true) {
+        return run_in_background(&state, tenant, &checked, req, durability).await;
     }
     let has_tools = req.extra.contains_key("tools");
     let mut ask = facts.ask(&state, tenant, has_tools, None)?;
@@ -152,7 +176,7 @@ async fn respond(
     let done = state.pipeline.answer(&mut req, ask).await?;
     let answer = &done.answer;
     let shell = Shell::new(&checked, &req.model);
-    let output = output_items(answer, checked.logprobs);
+    let output = output_items(answer, checked.logprobs, &mut request::item_id);
     let object = shell.object(ResponseState::finished(
         &output,
         answer.finish,
@@ -171,6 +195,54 @@ async fn respond(
         axum::Json(object),
     )
         .into_response())
+}
+
+/// Submits a background response's request as a job (checked as a job
+/// submission is, so a refusal comes now, not from the queue) and stores
+/// the response as queued, naming the job.
+async fn run_in_background(
+    state: &AppState,
+    tenant: &Tenant,
+    checked: &request::Checked,
+    req: ChatRequest,
+    durability: Durability,
+) -> Result<Response, Error> {
+    super::jobs::check_model(state, &req.model)?;
+    state.pipeline.check_size(&req)?;
+    tenant.may_use(&req.model)?;
+    state.spend.check(tenant.as_str())?;
+    let mut shell = Shell::new(checked, &req.model);
+    shell.background();
+    let submitted = state
+        .jobs
+        .submit(
+            tenant,
+            Submission {
+                request: req.into(),
+                priority: Priority::Interactive,
+                idempotency_key: None,
+            },
+        )
+        .await?;
+    let object = shell.object(ResponseState::pending("queued"));
+    let sequence = stored::insert(
+        &state.pool,
+        NewResponse {
+            id: &shell.id,
+            tenant: tenant.as_str(),
+            model: &shell.model,
+            status: "queued",
+            previous: checked.body.previous_response_id.as_deref(),
+            body: &object,
+            input_items: &Value::Array(checked.input_items.clone()),
+            job: Some(submitted.job.id),
+        },
+    )
+    .await?;
+    if durability == Durability::Sync {
+        state.replication.wait_applied(sequence).await?;
+    }
+    Ok((durability_header(Some(durability)), axum::Json(object)).into_response())
 }
 
 /// Drops the oldest items of the context (after the instructions) until
@@ -244,6 +316,7 @@ impl Save {
                 previous: self.previous.as_deref(),
                 body: object,
                 input_items: &self.input_items,
+                job: None,
             },
         )
         .await
@@ -318,7 +391,7 @@ async fn retrieve(
     Path(id): Path<String>,
 ) -> Result<Response, Error> {
     state.stores.require(Store::Postgres)?;
-    let body = stored::get(&state.pool, tenant.as_str(), &id).await?;
+    let body = background::current(&state, &tenant, &id).await?;
     Ok(axum::Json(body).into_response())
 }
 
@@ -334,6 +407,17 @@ async fn delete(
     let durability = state
         .replication
         .durability(tenant.as_str(), facts.durability())?;
+    // A pending background response's job stops first: nobody could read
+    // its answer.
+    let found = stored::get(&state.pool, tenant.as_str(), &id).await?;
+    if let Some(job) = found.job
+        && background::pending(&found.body)
+    {
+        match state.jobs.cancel(&tenant, &job.to_string()).await {
+            Ok(_) | Err(Error::JobAlreadyFinished { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
     let sequence = stored::delete(&state.pool, tenant.as_str(), &id).await?;
     if durability == Durability::Sync {
         state.replication.wait_applied(sequence).await?;
@@ -345,19 +429,16 @@ async fn delete(
         .into_response())
 }
 
-/// `POST /v1/responses/{id}/cancel`: only a background response can be
-/// cancelled, and every response Meridian stores ran in the foreground.
+/// `POST /v1/responses/{id}/cancel`: cancels a background response's
+/// job; a foreground response cannot be cancelled.
 async fn cancel(
     State(state): State<Arc<AppState>>,
     tenant: Tenant,
     Path(id): Path<String>,
 ) -> Result<Response, Error> {
     state.stores.require(Store::Postgres)?;
-    stored::get(&state.pool, tenant.as_str(), &id).await?;
-    Err(Error::invalid(
-        "only a response created with `background: true` can be cancelled",
-        None,
-    ))
+    let body = background::cancel(&state, &tenant, &id).await?;
+    Ok(axum::Json(body).into_response())
 }
 
 /// The list parameters of `input_items`, read from the query's pairs

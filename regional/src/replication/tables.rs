@@ -153,6 +153,7 @@ pub(crate) const TABLES: &[Table] = &[
             "status",
             "previous_response_id",
             "body",
+            "job_id",
             "input_items",
             "created_at",
             "updated_at",

@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value, json};
 
-use super::request::{Checked, item_id};
+use super::request::Checked;
 use crate::cache::Answer;
 use meridian_proto::ErrorClass;
 
@@ -91,29 +91,18 @@ impl Shell {
         o.insert("id".into(), json!(self.id));
         o.insert("object".into(), json!("response"));
         o.insert("created_at".into(), json!(self.created_at));
-        o.insert("status".into(), json!(state.status));
-        o.insert(
-            "completed_at".into(),
-            if state.status == "completed" {
-                json!(chrono::Utc::now().timestamp())
-            } else {
-                Value::Null
-            },
-        );
-        o.insert("error".into(), state.error.unwrap_or(Value::Null));
-        o.insert(
-            "incomplete_details".into(),
-            state
-                .incomplete
-                .map_or(Value::Null, |reason| json!({"reason": reason})),
-        );
         o.insert("model".into(), json!(self.model));
-        o.insert("output".into(), Value::Array(state.output.to_vec()));
-        o.insert("usage".into(), state.usage.unwrap_or(Value::Null));
         for (k, v) in &self.echo {
             o.insert(k.clone(), v.clone());
         }
-        Value::Object(o)
+        let mut o = Value::Object(o);
+        state.apply(&mut o);
+        o
+    }
+
+    /// Marks the object as run in the background.
+    pub(super) fn background(&mut self) {
+        self.echo.insert("background".into(), json!(true));
     }
 }
 
@@ -127,14 +116,35 @@ pub(super) struct State<'a> {
 }
 
 impl<'a> State<'a> {
-    pub(super) fn in_progress() -> Self {
+    /// Nothing produced yet: `queued` or `in_progress`, or `cancelled`.
+    pub(super) fn pending(status: &'static str) -> Self {
         Self {
-            status: "in_progress",
+            status,
             output: &[],
             usage: None,
             incomplete: None,
             error: None,
         }
+    }
+
+    pub(super) fn in_progress() -> Self {
+        Self::pending("in_progress")
+    }
+
+    /// Writes this state's fields into a Response object.
+    pub(super) fn apply(self, object: &mut Value) {
+        object["status"] = json!(self.status);
+        object["completed_at"] = if self.status == "completed" {
+            json!(chrono::Utc::now().timestamp())
+        } else {
+            Value::Null
+        };
+        object["error"] = self.error.unwrap_or(Value::Null);
+        object["incomplete_details"] = self
+            .incomplete
+            .map_or(Value::Null, |reason| json!({"reason": reason}));
+        object["output"] = Value::Array(self.output.to_vec());
+        object["usage"] = self.usage.unwrap_or(Value::Null);
     }
 
     /// The end of an answer that finished with `finish`.
@@ -211,7 +221,11 @@ pub(super) fn usage_object(usage: Usage, meta: &Meta) -> Value {
 
 /// A whole answer as output items: a message with its text (or refusal)
 /// unless the model only called tools, then each call.
-pub(super) fn output_items(answer: &Answer, logprobs: bool) -> Vec<Value> {
+pub(super) fn output_items(
+    answer: &Answer,
+    logprobs: bool,
+    ids: &mut dyn FnMut(&'static str) -> String,
+) -> Vec<Value> {
     let extras = &answer.extras;
     let mut items = Vec::new();
     let status = if incomplete(answer.finish).is_some() {
@@ -228,7 +242,7 @@ pub(super) fn output_items(answer: &Answer, logprobs: bool) -> Vec<Value> {
             content.push(json!({"type": "refusal", "refusal": r}));
         }
         items.push(json!({
-            "id": item_id("msg"),
+            "id": ids("msg"),
             "type": "message",
             "status": status,
             "role": "assistant",
@@ -237,7 +251,7 @@ pub(super) fn output_items(answer: &Answer, logprobs: bool) -> Vec<Value> {
     }
     for call in &extras.tool_calls {
         items.push(json!({
-            "id": item_id("fc"),
+            "id": ids("fc"),
             "type": "function_call",
             "status": "completed",
             "call_id": call.id,

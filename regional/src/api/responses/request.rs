@@ -33,7 +33,7 @@ pub(super) struct CreateBody {
     #[serde(default)]
     pub stream: Option<bool>,
     #[serde(default)]
-    background: Option<bool>,
+    pub background: Option<bool>,
     #[serde(default)]
     conversation: Option<Value>,
     #[serde(default)]
@@ -126,11 +126,26 @@ impl CreateBody {
             return Err(Error::invalid("`model` is required", Some("model")));
         }
         if self.background == Some(true) {
-            return Err(Error::invalid(
-                "`background` responses are not served yet: call without it (streamed or not), \
-                 or submit the request to /v1/jobs",
-                Some("background"),
-            ));
+            if self.store == Some(false) {
+                return Err(Error::invalid(
+                    "a `background` response is stored: it cannot have `store: false`",
+                    Some("background"),
+                ));
+            }
+            if self.stream == Some(true) {
+                return Err(Error::invalid(
+                    "a `background` response cannot be streamed yet: create it without `stream` \
+                     and poll GET /v1/responses/{id}",
+                    Some("stream"),
+                ));
+            }
+            if self.conversation.as_ref().is_some_and(|c| !c.is_null()) {
+                return Err(Error::invalid(
+                    "a `background` response cannot append to a `conversation` yet: chain it \
+                     with `previous_response_id`",
+                    Some("conversation"),
+                ));
+            }
         }
         let conversation = match self.conversation.take() {
             None | Some(Value::Null) => None,
