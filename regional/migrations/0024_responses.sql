@@ -36,6 +36,8 @@ CREATE TABLE responses (
 );
 
 CREATE INDEX responses_by_tenant ON responses (tenant_id, created_at);
+-- Expiry (`inference.response_retention_days`) reads by age alone.
+CREATE INDEX responses_by_age ON responses (created_at);
 CREATE INDEX responses_origin_hlc ON responses (origin_region, hlc);
 
 CREATE TRIGGER replication_lock BEFORE INSERT OR UPDATE OR DELETE ON responses

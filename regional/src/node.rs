@@ -192,6 +192,13 @@ impl RegionalNode {
             tracer: tracer.clone(),
         }
         .start();
+        if config.inference.response_retention_days > 0 {
+            tasks.spawn(crate::responses::expire_periodically(
+                pool.clone(),
+                u64::from(config.inference.response_retention_days),
+                shutdown.clone(),
+            ));
+        }
         tasks.spawn(cache.clone().follow(shutdown.clone()));
         tasks.spawn(crate::inference::routes::follow(
             inference.clone(),

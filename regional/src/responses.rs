@@ -229,3 +229,50 @@ fn array(v: Value) -> Vec<Value> {
         _ => Vec::new(),
     }
 }
+
+/// How often expired responses are looked for.
+const EXPIRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Erases, every [`EXPIRY_INTERVAL`], the responses created more than
+/// `days` days ago, until `shutdown`.
+pub(crate) async fn expire_periodically(
+    pool: PgPool,
+    days: u64,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(EXPIRY_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        if let Err(e) = expire(&pool, days).await {
+            tracing::warn!(error = %e, "cannot erase expired responses");
+        }
+    }
+}
+
+/// Erases the responses created more than `days` days ago, blanked ones
+/// included. Each region erases its own copy (`meridian.applying` keeps
+/// the deletes out of the replication log): every region holds the same
+/// `created_at`, so none needs another's word, and a delete never crosses
+/// regions. The rows erased.
+async fn expire(pool: &PgPool, days: u64) -> Result<u64, Error> {
+    let days = i32::try_from(days).unwrap_or(i32::MAX);
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL meridian.applying = on")
+        .execute(&mut *tx)
+        .await?;
+    let erased =
+        sqlx::query("DELETE FROM responses WHERE created_at < now() - make_interval(days => $1)")
+            .bind(days)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    tx.commit().await?;
+    if erased > 0 {
+        tracing::info!(erased, "expired responses erased");
+    }
+    Ok(erased)
+}

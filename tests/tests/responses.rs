@@ -780,3 +780,38 @@ async fn a_conversation_of_items_continues_through_chat_completions() {
     let (status, _) = get(&url, "globex", &format!("/v1/conversations/{id}")).await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_responses_expire_after_the_retention() {
+    use meridian_tests::RegionSandbox;
+    use meridian_tests::replicated::until;
+    use std::time::Duration;
+    init_logging();
+    let region =
+        RegionSandbox::start_with_config("eu-west", "[inference]\nresponse_retention_days = 30\n")
+            .await;
+    let url = region.url();
+    let (_, old) = create(&url, "acme", &json!({"model": MODEL, "input": "old"})).await;
+    let (_, young) = create(&url, "acme", &json!({"model": MODEL, "input": "young"})).await;
+    let (old, young) = (old["id"].as_str().unwrap(), young["id"].as_str().unwrap());
+    let pool = sqlx::PgPool::connect(&region.postgres.url()).await.unwrap();
+    sqlx::query("UPDATE responses SET created_at = now() - interval '31 days' WHERE id = $1")
+        .bind(old)
+        .execute(&pool)
+        .await
+        .unwrap();
+    until(
+        Duration::from_secs(30),
+        "the old response expires",
+        || async { get(&url, "acme", &format!("/v1/responses/{old}")).await.0 == 404 },
+    )
+    .await;
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM responses WHERE id = $1")
+        .bind(old)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the row is erased, not blanked");
+    let (status, _) = get(&url, "acme", &format!("/v1/responses/{young}")).await;
+    assert_eq!(status, 200, "a response within the retention stays");
+}

@@ -29,6 +29,10 @@ pub struct InferenceConfig {
     /// Bytes of message content a conversation may store; a turn that
     /// would grow it past this is refused (413) and stores nothing.
     pub max_conversation_bytes: u64,
+    /// Days a stored response (`/v1/responses`) is kept after its
+    /// creation; each region then erases its own copy. 0 keeps responses
+    /// until they are deleted. 30, as OpenAI keeps them.
+    pub response_retention_days: u32,
 }
 
 impl Default for InferenceConfig {
@@ -39,6 +43,7 @@ impl Default for InferenceConfig {
             retry_after_ms: 1_000,
             max_messages: 2_048,
             max_conversation_bytes: 4 << 20,
+            response_retention_days: 30,
         }
     }
 }
