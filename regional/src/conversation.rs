@@ -145,14 +145,11 @@ pub(crate) async fn begin(
     {
         return Ok(Begun::Repeated(answer));
     }
-    let (stored, bytes): (i64, i64) = sqlx::query_as(
-        "SELECT count(*), COALESCE(sum(octet_length(content)), 0)::bigint
-           FROM conversation_messages WHERE conversation_id = $1 AND tenant_id = $2",
-    )
-    .bind(id.as_str())
-    .bind(tenant)
-    .fetch_one(pool)
-    .await?;
+    let (stored, bytes): (i64, i64) = sqlx::query_as(items::HELD)
+        .bind(tenant)
+        .bind(id.as_str())
+        .fetch_one(pool)
+        .await?;
     let stored = usize::try_from(stored).unwrap_or(usize::MAX);
     let messages = stored.saturating_add(req.messages.len());
     if messages > limits.messages {

@@ -815,3 +815,84 @@ async fn stored_responses_expire_after_the_retention() {
     let (status, _) = get(&url, "acme", &format!("/v1/responses/{young}")).await;
     assert_eq!(status, 200, "a response within the retention stays");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_grown_through_items_keeps_its_limits() {
+    use meridian_tests::RegionSandbox;
+    init_logging();
+    let region = RegionSandbox::start_with_config(
+        "eu-west",
+        "[inference]\nmax_conversation_bytes = 4000\nmax_messages = 6\n",
+    )
+    .await;
+    let url = region.url();
+    let client = reqwest::Client::new();
+    let post = |path: String, body: Value| {
+        client
+            .post(format!("{url}{path}"))
+            .header(TENANT, "acme")
+            .json(&body)
+            .send()
+    };
+    let conv: Value = post("/v1/conversations".into(), json!({}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = conv["id"].as_str().unwrap();
+    let items = format!("/v1/conversations/{id}/items");
+    let message = |text: &str| json!({"items": [{"role": "user", "content": text}]});
+    // Bytes count the whole item: an image's data URL as much as text.
+    let image = json!({"items": [{"role": "user", "content": [
+        {"type": "input_image", "image_url": format!("data:image/png;base64,{}", "A".repeat(5000))}]}]});
+    let res = post(items.clone(), image).await.unwrap();
+    assert_eq!(res.status(), 413);
+    let error: Value = res.json().await.unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_conversation_bytes"),
+        "{error}"
+    );
+    for n in 0..4 {
+        let res = post(items.clone(), message(&format!("item {n}")))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "item {n}");
+    }
+    // Four held: a response's input and its answer make six, a seventh
+    // would not fit, and the refusal comes before the model runs.
+    let (status, body) = create(
+        &url,
+        "acme",
+        &json!({"model": MODEL, "conversation": id, "input": [
+            {"role": "user", "content": "one"}, {"role": "user", "content": "two"}]}),
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_messages"),
+        "{body}"
+    );
+    let (status, body) = create(
+        &url,
+        "acme",
+        &json!({"model": MODEL, "conversation": id, "input": "one"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let res = post(items, message("one too many")).await.unwrap();
+    assert_eq!(res.status(), 413);
+    let (status, listed) = get(&url, "acme", &format!("/v1/conversations/{id}/items")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        listed["data"].as_array().unwrap().len(),
+        6,
+        "nothing refused was stored"
+    );
+}

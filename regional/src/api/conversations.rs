@@ -113,6 +113,7 @@ async fn create(
         tenant.as_str(),
         &metadata,
         &items,
+        &state.pipeline.limits(),
     )
     .await?;
     let durability = settle(&state, &tenant, &facts, sequence).await?;
@@ -187,7 +188,8 @@ async fn add_items(
     let body: ItemsBody = parse(&body)?;
     let added = checked(body.items)?;
     state.stores.require(Store::Postgres)?;
-    let sequence = items::append(&state.pool, tenant.as_str(), &id, &added).await?;
+    let limits = state.pipeline.limits();
+    let sequence = items::append(&state.pool, tenant.as_str(), &id, &added, &limits).await?;
     let durability = settle(&state, &tenant, &facts, sequence).await?;
     Ok((
         durability_header(Some(durability)),

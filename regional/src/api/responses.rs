@@ -82,10 +82,20 @@ async fn respond(
     let limit = state.pipeline.limits().messages;
     let (chain, cut) = match &checked.body.previous_response_id {
         None => match &checked.conversation {
-            Some(conversation) => (
-                conversation::items(&state.pool, tenant.as_str(), conversation).await?,
-                false,
-            ),
+            Some(conversation) => {
+                let items = conversation::items(&state.pool, tenant.as_str(), conversation).await?;
+                // Refused before the model runs, room left for an answer.
+                conversation::has_room(
+                    &state.pool,
+                    tenant.as_str(),
+                    conversation,
+                    &checked.input_items,
+                    1,
+                    &state.pipeline.limits(),
+                )
+                .await?;
+                (items, false)
+            }
             None => (Vec::new(), false),
         },
         Some(previous) => {
@@ -291,8 +301,10 @@ impl Save {
         if let Some(id) = &self.conversation {
             let mut items = self.input_items.as_array().cloned().unwrap_or_default();
             items.extend(object["output"].as_array().into_iter().flatten().cloned());
-            sequence =
-                Some(conversation::append(&self.state.pool, &self.tenant, id, &items).await?);
+            let limits = self.state.pipeline.limits();
+            sequence = Some(
+                conversation::append(&self.state.pool, &self.tenant, id, &items, &limits).await?,
+            );
         }
         if self.store {
             sequence = Some(self.insert(shell, object).await?);

@@ -9,6 +9,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::ConversationId;
+use crate::answer::Limits;
 use crate::error::Error;
 use crate::responses::items::texts;
 
@@ -51,8 +52,10 @@ pub(crate) async fn create(
     tenant: &str,
     metadata: &Map<String, Value>,
     items: &[Value],
+    limits: &Limits,
 ) -> Result<(Value, u64), Error> {
     let id = format!("conv_{}", Uuid::now_v7().simple());
+    fits(&id, 0, 0, items, limits)?;
     let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO conversations (id, tenant_id, home_region, metadata) VALUES ($1, $2, $3, $4)",
@@ -139,6 +142,7 @@ pub(crate) async fn append(
     tenant: &str,
     id: &str,
     items: &[Value],
+    limits: &Limits,
 ) -> Result<u64, Error> {
     let mut tx = pool.begin().await?;
     // The row lock orders two appends of one conversation in this region.
@@ -153,6 +157,9 @@ pub(crate) async fn append(
     if found.rows_affected() == 0 {
         return Err(not_found(id));
     }
+    // Under the row lock: a concurrent append is counted.
+    let (count, bytes) = held(&mut *tx, tenant, id).await?;
+    fits(id, count, bytes, items, limits)?;
     insert_items(&mut tx, tenant, id, items).await?;
     let sequence = sequence(&mut tx).await?;
     tx.commit().await?;
@@ -315,4 +322,79 @@ fn row_id(item_id: &str) -> Option<Uuid> {
     item_id
         .strip_prefix(ROW_PREFIX)
         .and_then(|hex| Uuid::try_parse(hex).ok())
+}
+
+/// What a conversation's rows hold, as its limits count it: rows, and the
+/// bytes of their text and whole items. Chat turns count the same way.
+pub(crate) const HELD: &str =
+    "SELECT count(*), COALESCE(sum(octet_length(content) + COALESCE(octet_length(item::text), 0)), 0)::bigint
+       FROM conversation_messages WHERE tenant_id = $1 AND conversation_id = $2";
+
+async fn held<'c, E>(executor: E, tenant: &str, id: &str) -> Result<(usize, u64), Error>
+where
+    E: sqlx::PgExecutor<'c>,
+{
+    let (count, bytes): (i64, i64) = sqlx::query_as(HELD)
+        .bind(tenant)
+        .bind(id)
+        .fetch_one(executor)
+        .await?;
+    Ok((
+        usize::try_from(count).unwrap_or(usize::MAX),
+        u64::try_from(bytes).unwrap_or(0),
+    ))
+}
+
+/// Refuses before anything runs a request whose `adding` items (and
+/// `answers` more to come) would take conversation `id` past its limits.
+pub(crate) async fn has_room(
+    pool: &PgPool,
+    tenant: &str,
+    id: &str,
+    adding: &[Value],
+    answers: usize,
+    limits: &Limits,
+) -> Result<(), Error> {
+    let (count, bytes) = held(pool, tenant, id).await?;
+    fits(id, count.saturating_add(answers), bytes, adding, limits)
+}
+
+/// Whether `adding` fits beside `count` rows and `bytes` bytes: the limits
+/// of chat turns, `inference.max_messages` and
+/// `inference.max_conversation_bytes`, refused with 413 like theirs.
+fn fits(
+    id: &str,
+    count: usize,
+    bytes: u64,
+    adding: &[Value],
+    limits: &Limits,
+) -> Result<(), Error> {
+    let rows = count.saturating_add(adding.len());
+    if rows > limits.messages {
+        return Err(Error::too_large(
+            format!(
+                "conversation {id:?} holds {count} items; with {} more it would pass the limit \
+                 of {} set by `inference.max_messages`: start a new conversation",
+                adding.len(),
+                limits.messages
+            ),
+            Some("items"),
+        ));
+    }
+    let new: u64 = adding
+        .iter()
+        .map(|item| (summary(item).1.len() + item.to_string().len()) as u64)
+        .sum();
+    let total = bytes.saturating_add(new);
+    if total > limits.conversation_bytes {
+        return Err(Error::too_large(
+            format!(
+                "conversation {id:?} would hold {total} bytes with these items, over the limit of \
+                 {} set by `inference.max_conversation_bytes`: start a new conversation",
+                limits.conversation_bytes
+            ),
+            Some("items"),
+        ));
+    }
+    Ok(())
 }
