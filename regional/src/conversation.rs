@@ -347,15 +347,9 @@ impl Turn {
             .execute(&mut *tx)
             .await?;
         }
-        // The outbox triggers drew from the sequence in this session, so
-        // `currval` is this transaction's last change whatever else commits.
-        let sequence: i64 = sqlx::query_scalar(
-            "SELECT currval(pg_get_serial_sequence('replication_outbox', 'sequence'))",
-        )
-        .fetch_one(&mut *tx)
-        .await?;
+        let sequence = crate::replication::logged_sequence(&mut tx).await?;
         tx.commit().await?;
-        Ok(Some(u64::try_from(sequence).unwrap_or(0)))
+        Ok(Some(sequence))
     }
 }
 

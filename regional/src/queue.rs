@@ -280,13 +280,8 @@ impl Queue {
                 retry_after,
             });
         }
-        // The insert's trigger drew from the log's sequence in this session:
-        // a synchronous submitter waits until a peer applied through it.
-        let logged_as: i64 = sqlx::query_scalar(
-            "SELECT currval(pg_get_serial_sequence('replication_outbox', 'sequence'))",
-        )
-        .fetch_one(&mut *tx)
-        .await?;
+        // A synchronous submitter waits until a peer applied through it.
+        let logged_as = crate::replication::logged_sequence(&mut tx).await?;
         tx.commit().await?;
         self.metrics.submitted.inc();
         // Committed means accepted: if Redis fails now, the sweeper enqueues
@@ -308,7 +303,7 @@ impl Queue {
         self.wake.notify_one();
         Ok(Submitted {
             job,
-            logged_as: u64::try_from(logged_as).ok(),
+            logged_as: Some(logged_as),
         })
     }
 

@@ -297,3 +297,16 @@ fn channel(
     .map_err(config_error)?;
     Ok(endpoint.connect_with_connector_lazy(connector))
 }
+
+/// The last change this transaction wrote to this region's replication
+/// log, for a writer that answers only once a peer has applied it. The
+/// outbox triggers drew from the log's sequence in this session, so
+/// `currval` is this transaction's whatever else commits.
+pub(crate) async fn logged_sequence(tx: &mut sqlx::PgConnection) -> Result<u64, Error> {
+    let sequence: i64 = sqlx::query_scalar(
+        "SELECT currval(pg_get_serial_sequence('replication_outbox', 'sequence'))",
+    )
+    .fetch_one(tx)
+    .await?;
+    Ok(u64::try_from(sequence).unwrap_or(0))
+}

@@ -13,6 +13,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::error::Error;
+use crate::replication::logged_sequence;
 
 /// A response as stored: its object (without input) and the input items
 /// its request added.
@@ -76,15 +77,9 @@ pub(crate) async fn insert(pool: &PgPool, r: NewResponse<'_>) -> Result<u64, Err
     .bind(r.job)
     .execute(&mut *tx)
     .await?;
-    // The outbox trigger drew from the sequence in this session, so
-    // `currval` is this transaction's change whatever else commits.
-    let sequence: i64 = sqlx::query_scalar(
-        "SELECT currval(pg_get_serial_sequence('replication_outbox', 'sequence'))",
-    )
-    .fetch_one(&mut *tx)
-    .await?;
+    let sequence = logged_sequence(&mut tx).await?;
     tx.commit().await?;
-    Ok(u64::try_from(sequence).unwrap_or(0))
+    Ok(sequence)
 }
 
 /// The response `id`, as returned when it was created or last settled.
@@ -141,13 +136,9 @@ pub(crate) async fn delete(pool: &PgPool, tenant: &str, id: &str) -> Result<u64,
     if done.rows_affected() == 0 {
         return Err(unknown(id, None));
     }
-    let sequence: i64 = sqlx::query_scalar(
-        "SELECT currval(pg_get_serial_sequence('replication_outbox', 'sequence'))",
-    )
-    .fetch_one(&mut *tx)
-    .await?;
+    let sequence = logged_sequence(&mut tx).await?;
     tx.commit().await?;
-    Ok(u64::try_from(sequence).unwrap_or(0))
+    Ok(sequence)
 }
 
 /// The chain that ends at `last`, oldest first, at most `depth` responses

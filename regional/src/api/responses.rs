@@ -422,13 +422,8 @@ async fn delete(
     // A pending background response's job stops first: nobody could read
     // its answer.
     let found = stored::get(&state.pool, tenant.as_str(), &id).await?;
-    if let Some(job) = found.job
-        && background::pending(&found.body)
-    {
-        match state.jobs.cancel(&tenant, &job.to_string()).await {
-            Ok(_) | Err(Error::JobAlreadyFinished { .. }) => {}
-            Err(e) => return Err(e),
-        }
+    if let Some(job) = found.job {
+        background::stop(&state, &tenant, job, &found.body).await?;
     }
     let sequence = stored::delete(&state.pool, tenant.as_str(), &id).await?;
     if durability == Durability::Sync {

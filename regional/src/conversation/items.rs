@@ -11,6 +11,7 @@ use uuid::Uuid;
 use super::ConversationId;
 use crate::answer::Limits;
 use crate::error::Error;
+use crate::replication::logged_sequence;
 use crate::responses::items::texts;
 
 /// The item prefix of a chat turn's row: `msg_` and the row's UUID.
@@ -67,7 +68,7 @@ pub(crate) async fn create(
     .execute(&mut *tx)
     .await?;
     insert_items(&mut tx, tenant, &id, items).await?;
-    let sequence = sequence(&mut tx).await?;
+    let sequence = logged_sequence(&mut tx).await?;
     tx.commit().await?;
     Ok((object(pool, tenant, &id).await?, sequence))
 }
@@ -92,7 +93,7 @@ pub(crate) async fn update(
     if done.rows_affected() == 0 {
         return Err(not_found(id));
     }
-    let sequence = sequence(&mut tx).await?;
+    let sequence = logged_sequence(&mut tx).await?;
     tx.commit().await?;
     Ok((object(pool, tenant, id).await?, sequence))
 }
@@ -116,7 +117,7 @@ pub(crate) async fn delete(pool: &PgPool, tenant: &str, id: &str) -> Result<u64,
         .bind(id)
         .execute(&mut *tx)
         .await?;
-    let sequence = sequence(&mut tx).await?;
+    let sequence = logged_sequence(&mut tx).await?;
     tx.commit().await?;
     Ok(sequence)
 }
@@ -161,7 +162,7 @@ pub(crate) async fn append(
     let (count, bytes) = held(&mut *tx, tenant, id).await?;
     fits(id, count, bytes, items, limits)?;
     insert_items(&mut tx, tenant, id, items).await?;
-    let sequence = sequence(&mut tx).await?;
+    let sequence = logged_sequence(&mut tx).await?;
     tx.commit().await?;
     Ok(sequence)
 }
@@ -213,7 +214,7 @@ pub(crate) async fn delete_item(
             "no item {item_id:?} in conversation {id:?}"
         )));
     }
-    let sequence = sequence(&mut tx).await?;
+    let sequence = logged_sequence(&mut tx).await?;
     tx.commit().await?;
     Ok(sequence)
 }
@@ -263,17 +264,6 @@ async fn insert_items(
         .await?;
     }
     Ok(())
-}
-
-async fn sequence(tx: &mut Transaction<'_, Postgres>) -> Result<u64, Error> {
-    // The outbox triggers drew from the sequence in this session, so
-    // `currval` is this transaction's last change whatever else commits.
-    let sequence: i64 = sqlx::query_scalar(
-        "SELECT currval(pg_get_serial_sequence('replication_outbox', 'sequence'))",
-    )
-    .fetch_one(&mut **tx)
-    .await?;
-    Ok(u64::try_from(sequence).unwrap_or(0))
 }
 
 /// The role (or, for other items, the type) and the text a row keeps

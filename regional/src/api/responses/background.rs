@@ -46,13 +46,25 @@ pub(super) async fn cancel(state: &AppState, tenant: &Tenant, id: &str) -> Resul
             None,
         ));
     };
-    if pending(&found.body) {
-        match state.jobs.cancel(tenant, &job_id.to_string()).await {
-            Ok(_) | Err(Error::JobAlreadyFinished { .. }) => {}
-            Err(e) => return Err(e),
-        }
-    }
+    stop(state, tenant, job_id, &found.body).await?;
     current(state, tenant, id).await
+}
+
+/// Cancels the job of a response still pending (`body`); a job that ended
+/// meanwhile keeps its end.
+pub(super) async fn stop(
+    state: &AppState,
+    tenant: &Tenant,
+    job: uuid::Uuid,
+    body: &Value,
+) -> Result<(), Error> {
+    if !pending(body) {
+        return Ok(());
+    }
+    match state.jobs.cancel(tenant, &job.to_string()).await {
+        Ok(_) | Err(Error::JobAlreadyFinished { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// `body` with the state of its job.
